@@ -1,0 +1,38 @@
+# Two commands for a fresh machine:
+#   make run    set up .venv and run the main job (today: the attention kernel demo)
+#   make test   set up .venv and run the test suite
+#
+# torch: by default pip installs torch==2.13.0 from the configured index. For the CPU-only build
+# (no GPU, a few hundred MB instead of several GB), point pip at PyTorch's CPU wheel index:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# On a GPU machine whose Python already has a CUDA torch >= 2.11, use it instead of a new venv:
+#   make run VENV_FLAGS=--system-site-packages TORCH_SPEC=
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
+	# Triton 3.6's interpreter (used for tests on CPU) breaks on numpy >= 2.3.
+	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.3"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(PY) scripts/attention_demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,9 @@
+"""flashtrain's attention kernels: ``flash_attention`` (Triton) and ``attention_reference`` (PyTorch).
+
+Imports only torch and triton. See ``flash_attention.py`` for features and limits.
+"""
+
+from .flash_attention import flash_attention
+from .reference import attention_reference, causal_mask
+
+__all__ = ["flash_attention", "attention_reference", "causal_mask"]

@@ -1,0 +1,112 @@
+"""What every launcher shares: where the kernels can run, tile sizes, and the problem's geometry."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# triton.jit reads TRITON_INTERPRET when a kernel is defined, so the kernels of this process run in
+# the interpreter exactly when it was set before this package was imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _teach_interpreter_bf16_dot() -> None:
+    """Triton 3.6's interpreter keeps bf16 as raw uint16 bits and multiplies those as integers in
+    tl.dot. Widen bf16 operands to float32 first (exact), which is what the tensor cores compute."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    plain_dot = InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        bits = handle.data.astype(np.uint32) << 16
+        return TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return plain_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    if not getattr(InterpreterBuilder, "_flashtrain_bf16_dot", False):
+        InterpreterBuilder.create_dot = create_dot
+        InterpreterBuilder._flashtrain_bf16_dot = True
+
+
+if INTERPRETED:
+    _teach_interpreter_bf16_dot()
+
+
+def check_runnable(device: torch.device) -> None:
+    """CUDA runs the compiled kernels; the CPU only the interpreter (slow, for tests)."""
+    if device.type == "cuda" or INTERPRETED:
+        return
+    raise RuntimeError(
+        f"flash_attention runs its Triton kernels on CUDA; the inputs are on '{device}'. On a machine "
+        "without a GPU, set TRITON_INTERPRET=1 before importing triton or kernels (slow: tests only), "
+        "or use another attention path (torch.nn.functional.scaled_dot_product_attention, "
+        "kernels.attention_reference).")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one call. For variable-length input, ``batch`` is the number of sequences and
+    ``seqlen_q``/``seqlen_k`` are ``max_seqlen``: the extent of the grid and of the dropout layout."""
+    batch: int
+    heads_q: int
+    heads_k: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    varlen: bool
+
+    @property
+    def group_size(self) -> int:
+        return self.heads_q // self.heads_k
+
+    @property
+    def block_d(self) -> int:
+        # tl.dot needs every dimension >= 16 and a power of two; extra columns are masked to zero.
+        return max(16, triton.next_power_of_2(self.head_dim))
+
+
+def batched_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; a packed variable-length tensor has no batch axis."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs are for tests and references: keep them exact instead of tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def forward_tiles(head_dim: int, device: torch.device) -> Tiles:
+    if device.type != "cuda":
+        return Tiles(16, 16, 1, 1)   # the interpreter: small tiles run fastest in numpy
+    if head_dim <= 64:
+        return Tiles(128, 64, 4, 3)
+    if head_dim <= 128:
+        return Tiles(128, 64, 8, 3)
+    return Tiles(64, 32, 4, 2)
+
+
+def backward_tiles(head_dim: int, device: torch.device) -> Tiles:
+    """Tiles of the dK/dV pass (block_m: queries streamed, block_n: keys held); dQ swaps them."""
+    if device.type != "cuda":
+        return Tiles(16, 16, 1, 1)
+    if head_dim <= 64:
+        return Tiles(32, 128, 4, 3)
+    if head_dim <= 128:
+        return Tiles(32, 128, 8, 2)
+    return Tiles(32, 64, 8, 1)

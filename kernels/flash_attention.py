@@ -1,0 +1,142 @@
+"""Exact FlashAttention in Triton: tiled, online softmax, fused forward, recomputing backward.
+
+Features
+  * Layout (batch, seqlen, heads, head_dim) for q, k, v; strided views (e.g. slices of a fused QKV
+    projection) are read in place as long as the last dimension is contiguous.
+  * Multi-/grouped-query attention: k and v may have fewer heads than q (heads_q % heads_k == 0).
+  * Causal masking aligned bottom-right when Nq != Nk (query i sees keys j <= i + Nk - Nq), which
+    makes KV-cache decoding exact. A query that sees no key outputs 0.
+  * Variable length: packed (total_tokens, heads, head_dim) with int32 ``cu_seqlens``; no token
+    attends across a sequence boundary.
+  * Dropout whose mask is never stored: the forward draws (seed, offset) from PyTorch's generator
+    for the device, and the backward regenerates the same Philox mask (see ``_philox.py``).
+  * Memory: the forward saves O and the row log-sum-exp, O(N); the backward (FlashAttention-2
+    algorithm) recomputes score tiles, never an N x N tensor. No atomics: deterministic gradients.
+  * A ``torch.library`` custom op with autograd, so ``torch.compile`` traces it without graph breaks.
+
+Limits
+  * fp16, bf16 (fast path) and fp32 (exact dots, for tests); head_dim 1..256 (padded internally to a
+    power of two >= 16, so 80 costs as much as 128); any sequence length >= 1.
+  * CUDA runs the compiled kernels. CPU runs them only under the Triton interpreter
+    (TRITON_INTERPRET=1 set before import), which is slow and meant for tests.
+  * Dropout offsets are read from the generator on the host: not CUDA-graph-capture safe.
+
+Tested on: NVIDIA H100 80GB HBM3 (PyTorch 2.11, Triton 3.6); CPU via the Triton 3.6 interpreter.
+Tile sizes per head dimension are in ``_launch.py``.
+"""
+
+import math
+
+import torch
+
+from . import _backward, _forward
+from ._checks import check_inputs
+from ._debug_mask import keep_mask
+from ._launch import Geometry, check_runnable
+from ._philox import drop_threshold, next_seed_offset, philox_counters
+
+
+def _geometry(q, k, cu_seqlens, max_seqlen) -> Geometry:
+    if cu_seqlens is None:
+        return Geometry(q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[3],
+                        varlen=False)
+    return Geometry(cu_seqlens.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen, max_seqlen,
+                    q.shape[2], varlen=True)
+
+
+@torch.library.custom_op("flashtrain::flash_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
+    check_runnable(q.device)
+    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    seed, offset = 0, 0
+    if dropout_p > 0:
+        counters = philox_counters(geometry.batch, geometry.heads_q, geometry.seqlen_q,
+                                   geometry.seqlen_k)
+        seed, offset = next_seed_offset(q.device, counters)
+    out, lse = _forward.forward(q, k, v, cu_seqlens, geometry, softmax_scale, causal, dropout_p,
+                                seed, offset, drop_threshold(dropout_p))
+    return out, lse, torch.tensor([seed, offset], dtype=torch.int64)
+
+
+@_forward_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
+    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    lse = q.new_empty(_forward.lse_shape(geometry, q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), lse, torch.empty(2, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("flashtrain::flash_attention_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, rng_state: torch.Tensor,
+                 cu_seqlens: torch.Tensor | None, max_seqlen: int, softmax_scale: float,
+                 causal: bool, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    return _backward.backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry, softmax_scale,
+                              causal, dropout_p, seed, offset, drop_threshold(dropout_p))
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale, causal,
+      dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p = inputs
+    out, lse, rng_state = output
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, cu_seqlens)
+    ctx.max_seqlen, ctx.softmax_scale, ctx.causal, ctx.dropout_p = (max_seqlen, softmax_scale,
+                                                                     causal, dropout_p)
+    ctx.mark_non_differentiable(lse, rng_state)
+
+
+def _backward_fn(ctx, grad_out, _grad_lse, _grad_rng_state):
+    q, k, v, out, lse, rng_state, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, ctx.max_seqlen,
+                              ctx.softmax_scale, ctx.causal, ctx.dropout_p)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd("flashtrain::flash_attention_forward", _backward_fn,
+                                setup_context=_setup_context)
+
+
+def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None, cu_seqlens=None,
+                    max_seqlen=None, return_debug_mask=False):
+    """Exact scaled-dot-product attention, ``softmax(q kᵀ · scale) v``, with optional dropout.
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim), or (total_tokens, heads_q, head_dim) with cu_seqlens.
+        k, v: (batch, seqlen_k, heads_k, head_dim); heads_q must be a multiple of heads_k.
+        causal: mask keys after the query; aligned bottom-right when seqlen_q != seqlen_k.
+        dropout_p: probability of dropping an attention weight (pass 0.0 in evaluation).
+        softmax_scale: defaults to 1/sqrt(head_dim).
+        cu_seqlens: int32 (batch+1,) cumulative sequence offsets into the packed token axis.
+        max_seqlen: the longest sequence in cu_seqlens (required with it).
+        return_debug_mask: testing aid; also return the boolean keep-mask this call used,
+            (batch, heads_q, seqlen_q, seqlen_k) (max_seqlen for packed input). ``out`` is unchanged.
+
+    Returns:
+        out in q's shape and dtype (contiguous), or ``(out, keep_mask)``.
+    """
+    check_inputs(q, k, v, dropout_p, softmax_scale, cu_seqlens, max_seqlen)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    # The kernels take any strides but need unit stride along head_dim for vector loads.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, _lse, rng_state = _forward_op(q, k, v, cu_seqlens, max_seqlen if cu_seqlens is not None
+                                       else 0, float(softmax_scale), bool(causal), float(dropout_p))
+    if not return_debug_mask:
+        return out
+    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    if dropout_p == 0:
+        shape = (geometry.batch, geometry.heads_q, geometry.seqlen_q, geometry.seqlen_k)
+        return out, torch.ones(shape, dtype=torch.bool, device=q.device)
+    seed, offset = rng_state.tolist()
+    return out, keep_mask(geometry, seed, offset, drop_threshold(dropout_p), q.device)

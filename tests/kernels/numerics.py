@@ -1,0 +1,59 @@
+"""Helpers for comparing the kernel with the float64 reference (DESIGN.md, Tests)."""
+
+import torch
+
+from kernels import attention_reference, flash_attention
+
+# Added to twice PyTorch's own error in the same dtype: room for the kernel's different summation
+# order when PyTorch happens to be very accurate on a small case.
+FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def rel_err(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.double(), reference.double()
+    assert torch.isfinite(value).all(), "non-finite values"
+    return ((value - reference).norm() / reference.norm()).item()
+
+
+def random_qkv(shape_q, shape_kv, dtype, device, requires_grad=True, generator=None):
+    tensors = [torch.randn(shape, dtype=torch.float32, device=device, generator=generator)
+               for shape in (shape_q, shape_kv, shape_kv)]
+    return [t.to(dtype).requires_grad_(requires_grad) for t in tensors]
+
+
+def outputs_and_grads(fn, q, k, v, grad_out=None):
+    out = fn(q, k, v)
+    if grad_out is None:
+        grad_out = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+    return out, grads, grad_out
+
+
+def check_against_reference(q, k, v, **kwargs):
+    """Kernel forward and gradients vs float64; error at most 2x PyTorch's own in the same dtype."""
+    mask_kwargs = {key: kwargs.pop(key) for key in ("dropout_mask",) if key in kwargs}
+    dropout_p = kwargs.get("dropout_p", 0.0)
+    kernel = lambda q, k, v: flash_attention(q, k, v, **kwargs)
+    reference_kwargs = {key: value for key, value in kwargs.items() if key != "max_seqlen"}
+    reference_kwargs.update(mask_kwargs)
+    if dropout_p == 0:
+        reference_kwargs.pop("dropout_p", None)
+    exact = lambda q, k, v: attention_reference(q, k, v, compute_dtype=torch.float64,
+                                                **reference_kwargs)
+    in_dtype = lambda q, k, v: attention_reference(q, k, v, **reference_kwargs)
+
+    out, grads, grad_out = outputs_and_grads(kernel, q, k, v)
+    out_exact, grads_exact, _ = outputs_and_grads(exact, q, k, v, grad_out.double())
+    out_torch, grads_torch, _ = outputs_and_grads(in_dtype, q, k, v, grad_out)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    floor = FLOOR[q.dtype]
+    for name, mine, theirs, truth in zip(("out", "dq", "dk", "dv"), (out, *grads),
+                                         (out_torch, *grads_torch), (out_exact, *grads_exact)):
+        if truth.norm() < 1e-9:
+            # Exactly zero in exact arithmetic (dq with a single key: the softmax is constant); the
+            # kernel's dS = P * (dP - delta) leaves rounding noise of the inputs' magnitude x eps.
+            assert mine.abs().max().item() < 100 * torch.finfo(q.dtype).eps, name
+            continue
+        error, torch_error = rel_err(mine, truth), rel_err(theirs, truth)
+        assert error <= 2 * torch_error + floor, (
+            f"{name}: kernel error {error:.3e} > 2 x PyTorch's {torch_error:.3e} + {floor:.0e}")

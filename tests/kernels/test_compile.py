@@ -1,0 +1,29 @@
+"""torch.compile sees flash_attention as one custom op with autograd: no graph breaks."""
+
+import torch
+
+from kernels import flash_attention
+
+from .numerics import random_qkv
+
+
+def _layer(q, k, v):
+    return (flash_attention(q * 2.0, k, v, causal=True) + 1.0).sum()
+
+
+def test_compiles_without_graph_breaks(device):
+    torch._dynamo.reset()
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(_layer, fullgraph=True, backend=backend)
+    q, k, v = random_qkv((1, 24, 2, 32), (1, 24, 2, 32), torch.float32, device)
+    eager_grads = torch.autograd.grad(_layer(q, k, v), (q, k, v))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for eager, compiled_grad in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(compiled_grad, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_op_registration_is_consistent(device):
+    q, k, v = random_qkv((1, 16, 2, 16), (1, 16, 1, 16), torch.float32, device)
+    torch.library.opcheck(torch.ops.flashtrain.flash_attention_forward.default,
+                          (q, k, v, None, 0, 0.25, True, 0.0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

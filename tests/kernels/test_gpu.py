@@ -1,0 +1,67 @@
+"""GPU-only checks at real sizes: bf16/fp16, sequences up to 16K (64K for memory), head dims 64-256."""
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from kernels import flash_attention
+
+from .numerics import check_against_reference, random_qkv
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("seqlen", [1000, 4096, 16384])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference_at_scale(dtype, head_dim, seqlen, causal):
+    heads_q = 2 if seqlen <= 4096 else 1     # the float64 reference holds N x N per head
+    q, k, v = random_qkv((1, seqlen, heads_q, head_dim), (1, seqlen, 1, head_dim), dtype, "cuda")
+    check_against_reference(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dropout_matches_reference_on_gpu(head_dim):
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 2, head_dim), torch.bfloat16, "cuda")
+    torch.manual_seed(123)
+    _, keep = flash_attention(q, k, v, causal=True, dropout_p=0.1, return_debug_mask=True)
+    kept = keep.float().mean().item()
+    assert abs(kept - 0.9) < 5 * (0.09 / keep.numel()) ** 0.5
+    torch.manual_seed(123)
+    check_against_reference(q, k, v, causal=True, dropout_p=0.1, dropout_mask=keep)
+
+
+def test_cuda_generator_offset_advances_and_checkpoint_replays():
+    q, k, v = random_qkv((1, 512, 4, 64), (1, 512, 4, 64), torch.bfloat16, "cuda")
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    torch.manual_seed(0)
+    before = generator.get_offset()
+    flash_attention(q, k, v, dropout_p=0.1)
+    assert generator.get_offset() > before
+    grad_out = torch.randn_like(q)
+    torch.manual_seed(7)
+    plain = torch.autograd.grad(flash_attention(q, k, v, dropout_p=0.1), (q, k, v), grad_out)
+    torch.manual_seed(7)
+    replayed = torch.autograd.grad(
+        checkpoint(lambda q, k, v: flash_attention(q, k, v, dropout_p=0.1), q, k, v,
+                   use_reentrant=False), (q, k, v), grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(plain, replayed))
+
+
+def test_64k_tokens_forward_backward_in_linear_memory():
+    seqlen, heads, head_dim = 65536, 16, 64
+    q, k, v = random_qkv((1, seqlen, heads, head_dim), (1, seqlen, heads, head_dim), torch.bfloat16,
+                         "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    out = flash_attention(q, k, v, causal=True)
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - baseline
+    tensor_bytes = q.numel() * q.element_size()
+    # out, grad_out, dq, dk, dv, lse and delta: a handful of (N, H, D) tensors, never N x N
+    # (which would be 65536^2 * 16 heads * 2 bytes = 137 GB).
+    assert extra < 8 * tensor_bytes, f"{extra / 2**30:.2f} GiB extra"
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -1,0 +1,1 @@
+"""flashtrain's trainer: Hydra entry point, data pipeline, training loop, checkpoints, logging."""
