@@ -3,8 +3,9 @@
 Three launches, no atomics (so the result is deterministic):
   1. ``delta = rowsum(dO * O)`` per query row;
   2. one program per (key block, kv-head, sequence) accumulates dK and dV over every query block of
-     every query head that shares this kv-head (GQA), holding K and V in registers;
+     every query head that shares this kv-head (GQA), holding K and V on chip;
   3. one program per (query block, head, sequence) accumulates dQ over the key blocks.
+As in the forward, tiles that need no mask (fully visible, fully in range) run a mask-free loop.
 The dropout mask of each tile is regenerated from the forward's seed and offset.
 """
 
@@ -12,9 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._forward import LOG2E, lse_strides, sequence_bounds
-from ._launch import Geometry, backward_tiles, batched_strides, dot_precision
-from ._philox import PHILOX_ROUNDS, dropout_keep_tile
+from ._forward import LOG2E, lse_strides
+from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
+from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile
+from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
+                     visible_tile)
 
 
 @triton.jit
@@ -40,6 +43,48 @@ def _delta_kernel(Out, GradOut, Delta, cu_seqlens,
 
 
 @triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_ptr, delta_ptr,
+                       lo, hi, n0, cols, offs_m, d_ok, len_q, len_k, diagonal, qk_scale,
+                       seed, counter_base, dropout_row0, counters_per_row, drop_threshold,
+                       drop_rescale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                       DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < len_q
+        q = load_rows(q_ptrs + m0 * stride_qn, row_ok, d_ok, MASKED, EVEN_D)
+        do = load_rows(do_ptrs + m0 * stride_gn, row_ok, d_ok, MASKED, EVEN_D)
+        if MASKED:
+            # Padding rows get lse = +inf, so their probabilities are exactly 0.
+            lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            lse = tl.load(lse_ptr + rows)
+            delta = tl.load(delta_ptr + rows)
+        # Transposed scores, (BLOCK_N, BLOCK_M), so dK and dV accumulate without a transpose.
+        scoresT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        pT = tl.math.exp2(scoresT * qk_scale - lse[None, :])
+        if MASKED:
+            visibleT = cols[:, None] < len_k
+            if CAUSAL:
+                visibleT = visibleT & (cols[:, None] <= rows[None, :] + diagonal)
+            pT = tl.where(visibleT, pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            keepT = tl.trans(dropout_keep_tile(seed, counter_base, dropout_row0 + rows, n0,
+                                               counters_per_row, drop_threshold, BLOCK_M, BLOCK_N,
+                                               N_ROUNDS))
+            pT_dropped = tl.where(keepT, pT * drop_rescale, 0.0)
+            dpT = tl.where(keepT, dpT * drop_rescale, 0.0)
+        else:
+            pT_dropped = pT
+        dv = tl.dot(pT_dropped.to(do.dtype), do, dv, input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, cu_seqlens,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
@@ -47,7 +92,7 @@ def _dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size,
-    softmax_scale, qk_scale, seed, counter_base, drop_threshold, drop_rescale,
+    softmax_scale, qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
@@ -59,74 +104,97 @@ def _dkdv_kernel(
     n0 = block_n * BLOCK_N
     if n0 >= len_k:
         return
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     batch64 = batch.to(tl.int64)
     start64 = start.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)       # key index inside the sequence
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    cols = n0 + offs_n                  # key index inside the sequence
     col_ok = cols < len_k
     d_ok = offs_d < HEAD_DIM
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    key_tokens = (start64 + cols)[:, None]
-    k = tl.load(K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh + key_tokens * stride_kn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh + key_tokens * stride_vn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
+    key_tokens = (start64 + n0 + offs_n)[:, None]
+    k = load_rows(K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh
+                  + key_tokens * stride_kn + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
+    v = load_rows(V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh
+                  + key_tokens * stride_vn + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
 
+    # Which query blocks see this key block: none before the first query that sees key n0
+    # (causal, aligned bottom-right); partly up to the first block that sees all of it; entirely
+    # from there to the last full query block, unless the key block itself is ragged.
     diagonal = len_k - len_q
     if CAUSAL:
-        # The first query that sees key n0 is n0 - diagonal; start at the block holding it.
         lo = tl.maximum(n0 - diagonal, 0) // BLOCK_M * BLOCK_M
+        partial_end = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diagonal, 0), BLOCK_M) * BLOCK_M, lo)
     else:
         lo = 0
-    if DROPOUT:
-        counters_per_row = (seqlen_k + 3) // 4
+        partial_end = 0
+    if n0 + BLOCK_N <= len_k:
+        full_end = tl.maximum(len_q // BLOCK_M * BLOCK_M, partial_end)
+    else:
+        full_end = partial_end
+    partial_end = tl.minimum(partial_end, len_q)
+    full_end = tl.minimum(full_end, len_q)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for g in range(0, group_size):
         head = head_k * group_size + g
-        q_ptr = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + start64 * stride_qn
-        do_ptr = GradOut + batch64 * stride_gb + head.to(tl.int64) * stride_gh + start64 * stride_gn
+        q_ptrs = (Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + start64 * stride_qn
+                  + offs_m[:, None] * stride_qn + offs_d[None, :])
+        do_ptrs = (GradOut + batch64 * stride_gb + head.to(tl.int64) * stride_gh
+                   + start64 * stride_gn + offs_m[:, None] * stride_gn + offs_d[None, :])
         row_stats = batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + start
-        for m0 in range(lo, len_q, BLOCK_M):
-            rows = m0 + offs_m
-            row_ok = rows < len_q
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
-                        mask=q_mask, other=0.0)
-            do = tl.load(do_ptr + rows.to(tl.int64)[:, None] * stride_gn + offs_d[None, :],
-                         mask=q_mask, other=0.0)
-            # Padding rows get lse = +inf, so their probabilities are exactly 0.
-            lse = tl.load(Lse + row_stats + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + row_stats + rows, mask=row_ok, other=0.0)
-            # Scores transposed, (BLOCK_N, BLOCK_M), so dK and dV accumulate without a transpose.
-            scoresT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            pT = tl.math.exp2(scoresT - lse[None, :])
-            visible = col_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[:, None] <= rows[None, :] + diagonal)
-            pT = tl.where(visible, pT, 0.0)
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            if DROPOUT:
-                dropout_rows = ((batch64 * heads_q + head) * seqlen_q + rows).to(tl.int64)
-                keepT = tl.trans(dropout_keep_tile(seed, counter_base, dropout_rows, n0,
-                                                   counters_per_row, drop_threshold,
-                                                   BLOCK_M, BLOCK_N, N_ROUNDS))
-                pT_dropped = tl.where(keepT, pT * drop_rescale, 0.0)
-                dpT = tl.where(keepT, dpT * drop_rescale, 0.0)
+        dropout_row0 = (batch64 * heads_q + head) * seqlen_q
+        for stage in tl.static_range(3):
+            if stage == 0:
+                stage_lo = lo
+                stage_hi = partial_end
+            elif stage == 1:
+                stage_lo = partial_end
+                stage_hi = full_end
             else:
-                pT_dropped = pT
-            dv += tl.dot(pT_dropped.to(do.dtype), do, input_precision=PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PRECISION)
+                stage_lo = full_end
+                stage_hi = len_q
+            dk, dv = _dkdv_query_blocks(
+                dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, Lse + row_stats,
+                Delta + row_stats, stage_lo, stage_hi, n0, cols, offs_m, d_ok, len_q, len_k,
+                diagonal, qk_scale, seed, counter_base, dropout_row0, counters_per_row,
+                drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, stage != 1, CAUSAL,
+                DROPOUT, PRECISION, N_ROUNDS)
 
     dk *= softmax_scale
-    out_mask = col_ok[:, None] & d_ok[None, :]
-    tl.store(GradK + batch64 * stride_dkb + head_k.to(tl.int64) * stride_dkh
-             + key_tokens * stride_dkn + offs_d[None, :], dk.to(GradK.dtype.element_ty), mask=out_mask)
-    tl.store(GradV + batch64 * stride_dvb + head_k.to(tl.int64) * stride_dvh
-             + key_tokens * stride_dvn + offs_d[None, :], dv.to(GradV.dtype.element_ty), mask=out_mask)
+    store_rows(GradK + batch64 * stride_dkb + head_k.to(tl.int64) * stride_dkh
+               + key_tokens * stride_dkn + offs_d[None, :], dk.to(GradK.dtype.element_ty),
+               col_ok, d_ok, EVEN_D)
+    store_rows(GradV + batch64 * stride_dvb + head_k.to(tl.int64) * stride_dvh
+               + key_tokens * stride_dvn + offs_d[None, :], dv.to(GradV.dtype.element_ty),
+               col_ok, d_ok, EVEN_D)
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi, rows,
+                   offs_n, d_ok, len_k, diagonal, qk_scale, seed, counter_base, dropout_rows,
+                   counters_per_row, drop_threshold, drop_rescale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        k = load_rows(k_ptrs + n0 * stride_kn, cols < len_k, d_ok, MASKED, EVEN_D)
+        v = load_rows(v_ptrs + n0 * stride_vn, cols < len_k, d_ok, MASKED, EVEN_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(scores * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(visible_tile(rows, cols, len_k, diagonal, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = dropout_keep_tile(seed, counter_base, dropout_rows, n0, counters_per_row,
+                                     drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
+            dp = tl.where(keep, dp * drop_rescale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -136,7 +204,7 @@ def _dq_kernel(
     stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
     stride_dqb, stride_dqn, stride_dqh, stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size,
-    softmax_scale, qk_scale, seed, counter_base, drop_threshold, drop_rescale,
+    softmax_scale, qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
@@ -149,67 +217,56 @@ def _dq_kernel(
     m0 = block_m * BLOCK_M
     if m0 >= len_q:
         return
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     batch64 = batch.to(tl.int64)
     start64 = start.to(tl.int64)
-    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    rows = m0 + offs_m
     row_ok = rows < len_q
     d_ok = offs_d < HEAD_DIM
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    query_tokens = (start64 + rows)[:, None]
-    q = tl.load(Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + query_tokens * stride_qn
-                + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(GradOut + batch64 * stride_gb + head.to(tl.int64) * stride_gh
-                 + query_tokens * stride_gn + offs_d[None, :], mask=q_mask, other=0.0)
+    query_tokens = (start64 + m0 + offs_m)[:, None]
+    q = load_rows(Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh
+                  + query_tokens * stride_qn + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    do = load_rows(GradOut + batch64 * stride_gb + head.to(tl.int64) * stride_gh
+                   + query_tokens * stride_gn + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
     row_stats = batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + start + rows
     lse = tl.load(Lse + row_stats, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + row_stats, mask=row_ok, other=0.0)
-    k_ptr = K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh + start64 * stride_kn
-    v_ptr = V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh + start64 * stride_vn
+    k_ptrs = (K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh + start64 * stride_kn
+              + offs_n[:, None] * stride_kn + offs_d[None, :])
+    v_ptrs = (V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh + start64 * stride_vn
+              + offs_n[:, None] * stride_vn + offs_d[None, :])
 
     diagonal = len_k - len_q
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(len_k, m0 + BLOCK_M + diagonal), 0)
-    else:
-        hi = len_k
-    if DROPOUT:
-        dropout_rows = ((batch64 * heads_q + head) * seqlen_q + rows).to(tl.int64)
-        counters_per_row = (seqlen_k + 3) // 4
-
+    dropout_rows = ((batch64 * heads_q + head) * seqlen_q + rows).to(tl.int64)
+    full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + offs_n
-        col_ok = cols < len_k
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(scores - lse[:, None])
-        visible = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
-        p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if DROPOUT:
-            keep = dropout_keep_tile(seed, counter_base, dropout_rows, n0, counters_per_row,
-                                     drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
-            dp = tl.where(keep, dp * drop_rescale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
+    dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end,
+                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, counter_base,
+                        dropout_rows, counters_per_row, drop_threshold, drop_rescale,
+                        BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
+    dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
+                        causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL),
+                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, counter_base,
+                        dropout_rows, counters_per_row, drop_threshold, drop_rescale,
+                        BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
     dq *= softmax_scale
-    tl.store(GradQ + batch64 * stride_dqb + head.to(tl.int64) * stride_dqh
-             + query_tokens * stride_dqn + offs_d[None, :], dq.to(GradQ.dtype.element_ty), mask=q_mask)
+    store_rows(GradQ + batch64 * stride_dqb + head.to(tl.int64) * stride_dqh
+               + query_tokens * stride_dqn + offs_d[None, :], dq.to(GradQ.dtype.element_ty),
+               row_ok, d_ok, EVEN_D)
 
 
 def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softmax_scale: float,
-             causal: bool, dropout_p: float, seed: int, offset: int, drop_threshold: int):
-    """Gradients ``(dq, dk, dv)``, contiguous, in the shapes of q, k and v."""
+             causal: bool, dropout_p: float, seed: int, offset: int, drop_threshold: int,
+             tiles: tuple[Tiles, Tiles] | None = None):
+    """Gradients ``(dq, dk, dv)``, contiguous, in the shapes of q, k and v.
+
+    ``tiles`` = (dK/dV tiles, dQ tiles) overrides the tuned sizes (for tuning scripts)."""
     varlen = geometry.varlen
-    tiles = backward_tiles(geometry.head_dim, q.device)
+    kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype),
+                                  dq_tiles(geometry.head_dim, q.device, q.dtype))
     common = dict(HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d, VARLEN=varlen)
 
     delta = torch.empty_like(lse)
@@ -225,19 +282,19 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
-               softmax_scale, softmax_scale * LOG2E, seed, offset // 4, drop_threshold,
-               1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
+               softmax_scale, softmax_scale * LOG2E, seed, offset // 4,
+               counters_per_row(geometry.seqlen_k), drop_threshold, 1.0 / (1.0 - dropout_p))
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype),
-                 N_ROUNDS=PHILOX_ROUNDS, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                 **common)
+                 N_ROUNDS=PHILOX_ROUNDS, **common)
 
-    _dkdv_kernel[(triton.cdiv(geometry.seqlen_k, tiles.block_n), geometry.heads_k, geometry.batch)](
+    _dkdv_kernel[(triton.cdiv(geometry.seqlen_k, kv_tiles.block_n), geometry.heads_k, geometry.batch)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *inputs,
         *batched_strides(dk, varlen), *batched_strides(dv, varlen), *lse_strides(lse, varlen),
-        *scalars, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **flags)
-    # dQ streams keys instead of queries: the roles of the two tile sides swap.
-    _dq_kernel[(triton.cdiv(geometry.seqlen_q, tiles.block_n), geometry.heads_q, geometry.batch)](
+        *scalars, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n,
+        num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags)
+    _dq_kernel[(triton.cdiv(geometry.seqlen_q, q_tiles.block_m), geometry.heads_q, geometry.batch)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, *inputs,
         *batched_strides(dq, varlen), *lse_strides(lse, varlen),
-        *scalars, BLOCK_M=tiles.block_n, BLOCK_N=tiles.block_m, **flags)
+        *scalars, BLOCK_M=q_tiles.block_m, BLOCK_N=q_tiles.block_n,
+        num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages, **flags)
     return dq, dk, dv

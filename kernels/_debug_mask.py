@@ -5,18 +5,19 @@ import triton
 import triton.language as tl
 
 from ._launch import Geometry
-from ._philox import PHILOX_ROUNDS, dropout_keep_tile
+from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile
 
 
 @triton.jit
-def _keep_mask_kernel(Mask, seqlen_q, seqlen_k, heads_q, seed, counter_base, drop_threshold,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
+def _keep_mask_kernel(Mask, seqlen_q, seqlen_k, seed, counter_base, counters_per_row,
+                      drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      N_ROUNDS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n0 = tl.program_id(1) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     batch_head = tl.program_id(2).to(tl.int64)      # b * heads_q + h
     global_rows = batch_head * seqlen_q + rows
-    keep = dropout_keep_tile(seed, counter_base, global_rows, n0, (seqlen_k + 3) // 4,
+    keep = dropout_keep_tile(seed, counter_base, global_rows, n0, counters_per_row,
                              drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
     ptrs = Mask + global_rows[:, None] * seqlen_k + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
@@ -30,7 +31,8 @@ def keep_mask(geometry: Geometry, seed: int, offset: int, drop_threshold: int,
     block = 32 if device.type == "cuda" else 16
     grid = (triton.cdiv(geometry.seqlen_q, block), triton.cdiv(geometry.seqlen_k, block),
             geometry.batch * geometry.heads_q)
-    _keep_mask_kernel[grid](mask, geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, seed,
-                            offset // 4, drop_threshold, BLOCK_M=block, BLOCK_N=block,
+    _keep_mask_kernel[grid](mask, geometry.seqlen_q, geometry.seqlen_k, seed, offset // 4,
+                            counters_per_row(geometry.seqlen_k), drop_threshold,
+                            BLOCK_M=block, BLOCK_N=block,
                             N_ROUNDS=PHILOX_ROUNDS)
     return mask.bool()

@@ -1,7 +1,8 @@
 """Forward pass: one program per (query block, head, sequence); K/V streamed with an online softmax.
 
 Writes O and the row log-sum-exp (base 2, of the scaled scores) and nothing else; the backward
-recomputes the score tiles from them.
+recomputes the score tiles from them. The key loop runs in two stages: blocks every query of the
+block sees entirely (no masks), then the causal diagonal and the ragged end (masked).
 """
 
 import math
@@ -10,21 +11,45 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Geometry, batched_strides, dot_precision, forward_tiles
-from ._philox import PHILOX_ROUNDS, dropout_keep_tile
+from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
+from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile
+from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
+                     visible_tile)
 
 LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def sequence_bounds(cu_seqlens, batch_index, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
-    """(first token, query length, key length) of one sequence."""
-    if VARLEN:
-        start = tl.load(cu_seqlens + batch_index)
-        length = tl.load(cu_seqlens + batch_index + 1) - start
-        return start, length, length
-    # A tensor zero (not the literal 0) so callers can cast it like the loaded start.
-    return tl.zeros((), dtype=tl.int32), seqlen_q, seqlen_k
+def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi,
+                       rows, offs_n, d_ok, len_k, diagonal, qk_scale,
+                       seed, counter_base, dropout_rows, counters_per_row, drop_threshold, drop_rescale,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                       PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        k = load_rows(k_ptrs + n0 * stride_kn, cols < len_k, d_ok, MASKED, EVEN_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            scores = tl.where(visible_tile(rows, cols, len_k, diagonal, CAUSAL), scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            # A row that has seen no visible key yet keeps m = -inf; shift it by 0, not inf - inf.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            m_shift = m_new
+        p = tl.math.exp2(scores * qk_scale - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = dropout_keep_tile(seed, counter_base, dropout_rows, n0, counters_per_row,
+                                     drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
+            p = tl.where(keep, p * drop_rescale, 0.0)
+        v = load_rows(v_ptrs + n0 * stride_vn, cols < len_k, d_ok, MASKED, EVEN_D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -36,7 +61,7 @@ def _forward_kernel(
     stride_ob, stride_on, stride_oh,
     stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size,
-    qk_scale, seed, counter_base, drop_threshold, drop_rescale,
+    qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
@@ -50,72 +75,55 @@ def _forward_kernel(
     m0 = block_m * BLOCK_M
     if m0 >= len_q:
         return
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     batch64 = batch.to(tl.int64)
-    row0 = start.to(tl.int64) + m0
-    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + row0 * stride_qn
-    k_ptr = K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh + start.to(tl.int64) * stride_kn
-    v_ptr = V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh + start.to(tl.int64) * stride_vn
+    start64 = start.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + (start64 + m0) * stride_qn
+    k_base = K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh + start64 * stride_kn
+    v_base = V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh + start64 * stride_vn
 
-    offs_m = tl.arange(0, BLOCK_M)          # query rows, relative to m0
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = m0 + offs_m                      # query index inside the sequence
     row_ok = rows < len_q
     d_ok = offs_d < HEAD_DIM
-
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    kT_ptrs = k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None]    # (BLOCK_D, BLOCK_N)
-    v_ptrs = v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :]     # (BLOCK_N, BLOCK_D)
+    q = load_rows(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
 
     # Causal, aligned bottom-right: query i sees keys j <= i + (len_k - len_q).
     diagonal = len_k - len_q
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(len_k, m0 + BLOCK_M + diagonal), 0)
-    else:
-        hi = len_k
-    if DROPOUT:
-        dropout_rows = ((batch64 * heads_q + head) * seqlen_q + rows).to(tl.int64)
-        counters_per_row = (seqlen_k + 3) // 4
+    dropout_rows = ((batch64 * heads_q + head) * seqlen_q + rows).to(tl.int64)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)   # running row max (scaled, base 2)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                 # running softmax denominator
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + offs_n
-        col_ok = cols < len_k
-        kT = tl.load(kT_ptrs + n0 * stride_kn, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        scores = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(scores - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = dropout_keep_tile(seed, counter_base, dropout_rows, n0, counters_per_row,
-                                     drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
-            p = tl.where(keep, p * drop_rescale, 0.0)
-        v = tl.load(v_ptrs + n0 * stride_vn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _attend_key_blocks(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end, rows, offs_n, d_ok,
+        len_k, diagonal, qk_scale, seed, counter_base, dropout_rows, counters_per_row,
+        drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT,
+        PRECISION, N_ROUNDS)
+    acc, l_i, m_i = _attend_key_blocks(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
+        causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL), rows, offs_n, d_ok,
+        len_k, diagonal, qk_scale, seed, counter_base, dropout_rows, counters_per_row,
+        drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT,
+        PRECISION, N_ROUNDS)
 
     # Rows that see no key at all (causal with len_q > len_k) output zeros; their lse is +inf so
     # the backward's exp2(score - lse) is 0 for them.
     empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + row0 * stride_on
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    lse_ptr = Lse + batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + start + rows
-    tl.store(lse_ptr, lse, mask=row_ok)
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + (start64 + m0) * stride_on
+    store_rows(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
+               row_ok, d_ok, EVEN_D)
+    tl.store(Lse + batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + start + rows, lse,
+             mask=row_ok)
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -130,11 +138,13 @@ def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
 
 
 def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causal: bool,
-            dropout_p: float, seed: int, offset: int, drop_threshold: int):
-    """Launch the forward kernel; returns ``(out, lse)`` with ``out`` contiguous in q's shape."""
+            dropout_p: float, seed: int, offset: int, drop_threshold: int, tiles: Tiles | None = None):
+    """Launch the forward kernel; returns ``(out, lse)`` with ``out`` contiguous in q's shape.
+
+    ``tiles`` overrides the tuned tile sizes (for tuning scripts)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape(geometry, q.shape[0]), dtype=torch.float32, device=q.device)
-    tiles = forward_tiles(geometry.head_dim, q.device)
+    tiles = tiles or forward_tiles(geometry.head_dim, q.device, q.dtype)
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
     _forward_kernel[grid](
         q, k, v, out, lse, cu_seqlens,
@@ -142,8 +152,8 @@ def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causa
         *batched_strides(v, geometry.varlen), *batched_strides(out, geometry.varlen),
         *lse_strides(lse, geometry.varlen),
         geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
-        softmax_scale * LOG2E, seed, offset // 4, drop_threshold,
-        1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
+        softmax_scale * LOG2E, seed, offset // 4, counters_per_row(geometry.seqlen_k),
+        drop_threshold, 1.0 / (1.0 - dropout_p),
         HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         CAUSAL=causal, DROPOUT=dropout_p > 0, VARLEN=geometry.varlen,

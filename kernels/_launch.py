@@ -79,8 +79,12 @@ def batched_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs are for tests and references: keep them exact instead of tf32.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """float32 inputs are for tests and references, so their products must not drop to tf32. On the
+    GPU, tf32x3 (three tf32 products, ~float32 accurate) keeps them on the tensor cores; a plain
+    float32 FMA dot of a 128x64x256 tile compiles for minutes. The interpreter is exact anyway."""
+    if dtype != torch.float32:
+        return "tf32"     # ignored for fp16/bf16 operands
+    return "ieee" if INTERPRETED else "tf32x3"
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,11 @@ class Tiles:
     num_stages: int
 
 
-def forward_tiles(head_dim: int, device: torch.device) -> Tiles:
+def forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
     if device.type != "cuda":
         return Tiles(16, 16, 1, 1)   # the interpreter: small tiles run fastest in numpy
+    if dtype == torch.float32:
+        return Tiles(64, 32, 4, 2)   # twice the bytes per element: halve the tiles
     if head_dim <= 64:
         return Tiles(128, 64, 4, 3)
     if head_dim <= 128:
@@ -101,12 +107,27 @@ def forward_tiles(head_dim: int, device: torch.device) -> Tiles:
     return Tiles(64, 32, 4, 2)
 
 
-def backward_tiles(head_dim: int, device: torch.device) -> Tiles:
-    """Tiles of the dK/dV pass (block_m: queries streamed, block_n: keys held); dQ swaps them."""
+def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
+    """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed."""
     if device.type != "cuda":
         return Tiles(16, 16, 1, 1)
+    if dtype == torch.float32:
+        return Tiles(32, 32, 4, 1)
     if head_dim <= 64:
         return Tiles(32, 128, 4, 3)
     if head_dim <= 128:
         return Tiles(32, 128, 8, 2)
     return Tiles(32, 64, 8, 1)
+
+
+def dq_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
+    """Tiles of the dQ pass: block_m queries held on chip, block_n keys streamed."""
+    if device.type != "cuda":
+        return Tiles(16, 16, 1, 1)
+    if dtype == torch.float32:
+        return Tiles(32, 32, 4, 1)
+    if head_dim <= 64:
+        return Tiles(128, 32, 4, 3)
+    if head_dim <= 128:
+        return Tiles(128, 32, 8, 2)
+    return Tiles(64, 32, 8, 1)

@@ -1,0 +1,101 @@
+"""Sweep tile sizes, warps and pipeline stages of the three attention kernels on this GPU.
+
+    python scripts/tune_attention.py --head-dims 64 128 --out tune.json
+
+Times each candidate with the FlashAttention-2 benchmark shape (16384 tokens, hidden 2048) and
+prints the fastest per kernel, head dim and mask; the chosen values go into ``kernels/_launch.py``.
+Candidates that do not compile (e.g. too much shared memory) are recorded as such.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import _backward, _forward  # noqa: E402
+from kernels._launch import Geometry, Tiles  # noqa: E402
+
+FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                               (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
+                               (128, 64, 4, 4)]]
+DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
+                            (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2)]]
+DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+                          (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2)]]
+
+
+def measure(fn):
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=10, rep=40, return_mode="median")
+    except Exception as error:  # noqa: BLE001 - a candidate that cannot run is a result, not a crash
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+
+
+def sweep(head_dim, seqlen, causal, dropout_p, dtype):
+    heads = 2048 // head_dim
+    batch = 16384 // seqlen
+    shape = (batch, seqlen, heads, head_dim)
+    q, k, v, grad_out = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(4))
+    geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
+    scale = 1 / math.sqrt(head_dim)
+    args = dict(geometry=geometry, softmax_scale=scale, causal=causal, dropout_p=dropout_p,
+                seed=1, offset=0, drop_threshold=int(dropout_p * 65536))
+    flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+    out, lse = _forward.forward(q, k, v, None, **args)
+    rows = []
+    for tiles in FORWARD:
+        ms = measure(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args))
+        rows.append(("forward", tiles, ms, flops))
+    default_dq = Tiles(128, 32, 4, 3)
+    default_dkdv = Tiles(32, 128, 4, 3)
+    dq_ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
+                                               tiles=(default_dkdv, DQ[0]), **args))
+    for tiles in DKDV:   # timed as the whole backward with a fixed dQ pass, then differenced
+        ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
+                                                tiles=(tiles, default_dq), **args))
+        rows.append(("dkdv(+fixed dq)", tiles, ms, 2.5 * flops))
+    for tiles in DQ:
+        ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
+                                                tiles=(default_dkdv, tiles), **args))
+        rows.append(("dq(+fixed dkdv)", tiles, ms, 2.5 * flops))
+    del dq_ms
+    return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
+                 block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
+                 num_stages=t.num_stages, ms=ms if isinstance(ms, float) else None,
+                 tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
+                 error=None if isinstance(ms, float) else ms)
+            for kernel, t, ms, flops_ in rows]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seqlen", type=int, default=4096)
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--out", type=Path, default=Path("tune.json"))
+    args = parser.parse_args()
+    records = []
+    for head_dim in args.head_dims:
+        for causal in (False, True):
+            for dropout_p in args.dropout:
+                found = sweep(head_dim, args.seqlen, causal, dropout_p, torch.bfloat16)
+                records += found
+                for kernel in ("forward", "dkdv(+fixed dq)", "dq(+fixed dkdv)"):
+                    ok = [r for r in found if r["kernel"] == kernel and r["ms"]]
+                    ok.sort(key=lambda r: r["ms"])
+                    print(f"d={head_dim} causal={causal} p={dropout_p} {kernel:>16}: " + "  ".join(
+                        f"({r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}) "
+                        f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
+    args.out.write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
