@@ -1,0 +1,216 @@
+"""Attention benchmark, FlashAttention-2 protocol: flashtrain against PyTorch's backends, one process.
+
+    python scripts/bench_attention.py --out docs/results/attention_h100.json
+
+Grid: bf16 and fp16; batch x seqlen = 16384 tokens; hidden 2048 (head dim 64 -> 32 heads,
+128 -> 16 heads); seqlen 512 ... 16384; causal or not; dropout 0 and 0.1. Forward, backward and
+forward+backward TFLOP/s (4·B·H·N²·D forward, halved when causal, x2.5 backward) from
+``triton.testing.do_bench`` medians, and peak memory of one forward+backward. Then a memory sweep:
+forward+backward, head dim 64, 16 heads, batch 1, seqlen 128 ... 65536, flashtrain against standard
+(materialized) attention. A provider that cannot run a cell records why. Writes JSON, then the
+Markdown tables and PNG plots beside it (scripts/report_attention.py).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import flash_attention  # noqa: E402
+
+SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
+
+
+def flashtrain_fn(batch, seqlen, heads, head_dim, dtype, causal, dropout_p):
+    """(B, N, H, D): the layout of a fused QKV projection, which the kernel reads in place."""
+    q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype,
+                           requires_grad=True) for _ in range(3))
+    return (q, k, v), lambda: flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+
+
+def sdpa_fn(backend):
+    def make(batch, seqlen, heads, head_dim, dtype, causal, dropout_p):
+        # (B, H, N, D): SDPA's native layout, so no provider pays for a transpose.
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
+                               requires_grad=True) for _ in range(3))
+
+        def run():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=causal, dropout_p=dropout_p)
+        return (q, k, v), run
+    return make
+
+
+_FLEX_CACHE = {}
+
+
+def flex_fn(batch, seqlen, heads, head_dim, dtype, causal, dropout_p):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if dropout_p > 0:
+        raise NotImplementedError("FlexAttention has no attention dropout")
+    if "compiled" not in _FLEX_CACHE:
+        _FLEX_CACHE["compiled"] = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None,
+                                       seqlen, seqlen, device="cuda")
+    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
+                           requires_grad=True) for _ in range(3))
+    return (q, k, v), lambda: _FLEX_CACHE["compiled"](q, k, v, block_mask=block_mask)
+
+
+PROVIDERS = {"flashtrain": flashtrain_fn, **{name: sdpa_fn(b) for name, b in SDPA_BACKENDS.items()},
+             "flex": flex_fn}
+
+
+def attention_flops(batch, seqlen, heads, head_dim, causal):
+    return 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+
+
+def _error_text(error):
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}" if str(error) \
+        else type(error).__name__
+
+
+def measure(provider, batch, seqlen, heads, head_dim, dtype, causal, dropout_p, timing=True):
+    """One cell: TFLOP/s of forward, backward, forward+backward and peak GB, or an error."""
+    record = dict(provider=provider, dtype=str(dtype).replace("torch.", ""), head_dim=head_dim,
+                  seqlen=seqlen, batch=batch, heads=heads, causal=causal, dropout_p=dropout_p)
+    inputs = None
+    try:
+        inputs, fn = PROVIDERS[provider](batch, seqlen, heads, head_dim, dtype, causal, dropout_p)
+        grad_out = torch.randn_like(inputs[0])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        out.backward(grad_out)          # warm-up (compiles) and the memory measurement
+        torch.cuda.synchronize()
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if timing:
+            flops = attention_flops(batch, seqlen, heads, head_dim, causal)
+            reps = dict(warmup=5, rep=30, return_mode="median")
+            fwd_ms = do_bench(fn, **reps)
+            out = fn()
+            bwd_ms = do_bench(lambda: out.backward(grad_out, retain_graph=True),
+                              grad_to_none=list(inputs), **reps)
+            both_ms = do_bench(lambda: fn().backward(grad_out), grad_to_none=list(inputs), **reps)
+            record.update(fwd_tflops=flops / fwd_ms / 1e9, bwd_tflops=2.5 * flops / bwd_ms / 1e9,
+                          fwdbwd_tflops=3.5 * flops / both_ms / 1e9,
+                          fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwdbwd_ms=both_ms)
+    except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as error:
+        record["error"] = _error_text(error)
+    finally:
+        del inputs
+        torch.cuda.empty_cache()
+    return record
+
+
+def _skip_reason(provider, seqlen, dropout_p):
+    """Cells left out to keep the whole run under ten minutes, and why."""
+    if provider == "sdpa_math" and seqlen > 4096:
+        return "not run: materializes N x N scores; too slow for this grid (see the memory sweep)"
+    if provider == "flex" and dropout_p > 0:
+        return "not supported: FlexAttention has no attention dropout"
+    if provider == "flex" and seqlen not in (2048, 8192):
+        return "not run: each shape is a fresh torch.compile; measured at 2048 and 8192 only"
+    return None
+
+
+def run_grid(dtypes, head_dims, seqlens, providers, log):
+    records = []
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            heads = 2048 // head_dim
+            for seqlen in seqlens:
+                batch = 16384 // seqlen
+                for causal in (False, True):
+                    for dropout_p in (0.0, 0.1):
+                        for provider in providers:
+                            skipped = _skip_reason(provider, seqlen, dropout_p)
+                            if skipped:
+                                records.append(dict(provider=provider, dtype=str(dtype)[6:],
+                                                    head_dim=head_dim, seqlen=seqlen, batch=batch,
+                                                    heads=heads, causal=causal, dropout_p=dropout_p,
+                                                    error=skipped))
+                                continue
+                            record = measure(provider, batch, seqlen, heads, head_dim, dtype, causal,
+                                             dropout_p)
+                            records.append(record)
+                            log(record)
+    return records
+
+
+def run_memory_sweep(log):
+    records = []
+    for provider in ("flashtrain", "sdpa_math"):
+        for power in range(7, 17):
+            seqlen = 2 ** power
+            record = measure(provider, 1, seqlen, 16, 64, torch.bfloat16, True, 0.0, timing=False)
+            record["sweep"] = "memory"
+            records.append(record)
+            log(record)
+    return records
+
+
+def environment():
+    return dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/results/attention_h100.json"))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
+    parser.add_argument("--fp16-providers", nargs="+", default=["flashtrain", "sdpa_flash", "sdpa_cudnn"],
+                        help="providers measured for float16 (the bf16 grid runs all of them)")
+    parser.add_argument("--skip-memory-sweep", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py measures GPU speed; no CUDA device is visible.")
+
+    started = time.time()
+
+    def log(record):
+        speed = (f"{record['fwd_tflops']:6.1f} / {record['bwd_tflops']:6.1f} / "
+                 f"{record['fwdbwd_tflops']:6.1f} TF/s" if "fwd_tflops" in record else "")
+        memory = f"{record['peak_mem_gb']:7.2f} GB" if "peak_mem_gb" in record else ""
+        print(f"[{time.time() - started:6.0f}s] {record['provider']:>14} {record['dtype']:>8} "
+              f"d={record['head_dim']:<3} N={record['seqlen']:<5} causal={record['causal']:d} "
+              f"p={record['dropout_p']} {speed} {memory} {record.get('error', '')}", flush=True)
+
+    records = []
+    for dtype_name in args.dtypes:
+        providers = args.providers if dtype_name == "bfloat16" else args.fp16_providers
+        records += run_grid([getattr(torch, dtype_name)], args.head_dims, args.seqlens, providers, log)
+    if not args.skip_memory_sweep:
+        records += run_memory_sweep(log)
+    result = dict(environment(), seconds=round(time.time() - started), records=records)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.out.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result, indent=1))
+    temporary.replace(args.out)
+    print(f"wrote {args.out} ({len(records)} records, {time.time() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
