@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._forward import LOG2E, lse_strides
 from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
-from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile
+from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, row_counter_base
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -71,9 +71,9 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
             pT = tl.where(visibleT, pT, 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
-            keepT = tl.trans(dropout_keep_tile(seed, counter_base, dropout_row0 + rows, n0,
-                                               counters_per_row, drop_threshold, BLOCK_M, BLOCK_N,
-                                               N_ROUNDS))
+            row_counters = row_counter_base(counter_base, dropout_row0 + rows, counters_per_row)
+            keepT = tl.trans(dropout_keep_tile(seed, row_counters, n0, drop_threshold,
+                                               BLOCK_M, BLOCK_N, N_ROUNDS))
             pT_dropped = tl.where(keepT, pT * drop_rescale, 0.0)
             dpT = tl.where(keepT, dpT * drop_rescale, 0.0)
         else:
@@ -174,8 +174,8 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi, rows,
-                   offs_n, d_ok, len_k, diagonal, qk_scale, seed, counter_base, dropout_rows,
-                   counters_per_row, drop_threshold, drop_rescale,
+                   offs_n, d_ok, len_k, diagonal, qk_scale, seed, row_counters, drop_threshold,
+                   drop_rescale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
@@ -189,8 +189,8 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
             p = tl.where(visible_tile(rows, cols, len_k, diagonal, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = dropout_keep_tile(seed, counter_base, dropout_rows, n0, counters_per_row,
-                                     drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
+            keep = dropout_keep_tile(seed, row_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
+                                     N_ROUNDS)
             dp = tl.where(keep, dp * drop_rescale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -240,17 +240,18 @@ def _dq_kernel(
               + offs_n[:, None] * stride_vn + offs_d[None, :])
 
     diagonal = len_k - len_q
-    dropout_rows = ((batch64 * heads_q + head) * seqlen_q + rows).to(tl.int64)
+    row_counters = row_counter_base(counter_base, (batch64 * heads_q + head) * seqlen_q + rows,
+                                    counters_per_row)
     full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end,
-                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, counter_base,
-                        dropout_rows, counters_per_row, drop_threshold, drop_rescale,
+                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, row_counters,
+                        drop_threshold, drop_rescale,
                         BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
                         causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL),
-                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, counter_base,
-                        dropout_rows, counters_per_row, drop_threshold, drop_rescale,
+                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, row_counters,
+                        drop_threshold, drop_rescale,
                         BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
     dq *= softmax_scale
     store_rows(GradQ + batch64 * stride_dqb + head.to(tl.int64) * stride_dqh

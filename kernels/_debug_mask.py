@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Geometry
-from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile
+from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, row_counter_base
 
 
 @triton.jit
@@ -17,7 +17,7 @@ def _keep_mask_kernel(Mask, seqlen_q, seqlen_k, seed, counter_base, counters_per
     cols = n0 + tl.arange(0, BLOCK_N)
     batch_head = tl.program_id(2).to(tl.int64)      # b * heads_q + h
     global_rows = batch_head * seqlen_q + rows
-    keep = dropout_keep_tile(seed, counter_base, global_rows, n0, counters_per_row,
+    keep = dropout_keep_tile(seed, row_counter_base(counter_base, global_rows, counters_per_row), n0,
                              drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
     ptrs = Mask + global_rows[:, None] * seqlen_k + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])

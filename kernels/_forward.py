@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
-from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile
+from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, row_counter_base
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -22,7 +22,7 @@ LOG2E = math.log2(math.e)
 @triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi,
                        rows, offs_n, d_ok, len_k, diagonal, qk_scale,
-                       seed, counter_base, dropout_rows, counters_per_row, drop_threshold, drop_rescale,
+                       seed, row_counters, drop_threshold, drop_rescale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                        PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
@@ -43,8 +43,8 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, l
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = dropout_keep_tile(seed, counter_base, dropout_rows, n0, counters_per_row,
-                                     drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
+            keep = dropout_keep_tile(seed, row_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
+                                     N_ROUNDS)
             p = tl.where(keep, p * drop_rescale, 0.0)
         v = load_rows(v_ptrs + n0 * stride_vn, cols < len_k, d_ok, MASKED, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -95,7 +95,8 @@ def _forward_kernel(
 
     # Causal, aligned bottom-right: query i sees keys j <= i + (len_k - len_q).
     diagonal = len_k - len_q
-    dropout_rows = ((batch64 * heads_q + head) * seqlen_q + rows).to(tl.int64)
+    row_counters = row_counter_base(counter_base, (batch64 * heads_q + head) * seqlen_q + rows,
+                                    counters_per_row)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)   # running row max (scaled, base 2)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                 # running softmax denominator
@@ -103,14 +104,12 @@ def _forward_kernel(
     full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend_key_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end, rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, counter_base, dropout_rows, counters_per_row,
-        drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT,
+        len_k, diagonal, qk_scale, seed, row_counters, drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT,
         PRECISION, N_ROUNDS)
     acc, l_i, m_i = _attend_key_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
         causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL), rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, counter_base, dropout_rows, counters_per_row,
-        drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT,
+        len_k, diagonal, qk_scale, seed, row_counters, drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT,
         PRECISION, N_ROUNDS)
 
     # Rows that see no key at all (causal with len_q > len_k) output zeros; their lse is +inf so

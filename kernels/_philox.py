@@ -27,29 +27,37 @@ _THRESHOLD_BITS = 16
 
 
 @triton.jit
-def _halves(word):
-    return (word & 0xFFFF).to(tl.int32), (word >> 16).to(tl.int32)
+def _kept_halves(word, drop_threshold):
+    """Keep decisions of the low and high 16-bit halves of a 32-bit word."""
+    return (word & 0xFFFF).to(tl.int32) >= drop_threshold, (word >> 16).to(tl.int32) >= drop_threshold
 
 
 @triton.jit
-def dropout_keep_tile(seed, counter_base, rows, col_start, counters_per_row, drop_threshold,
+def dropout_keep_tile(seed, row_counters, col_start, drop_threshold,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
-    """Keep-mask of one (BLOCK_M, BLOCK_N) tile; ``rows`` are global int64 row ids (BLOCK_M,).
+    """Keep-mask of one (BLOCK_M, BLOCK_N) tile.
 
+    ``row_counters`` (BLOCK_M,) int64 is each row's first counter (see ``row_counter_base``);
     ``col_start`` must be a multiple of 8 (tiles always start on one).
     """
-    groups = col_start // 8 + tl.arange(0, BLOCK_N // 8)
-    counters = counter_base + rows[:, None] * counters_per_row + groups[None, :]
+    counters = row_counters[:, None] + (col_start // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
     w0, w1, w2, w3 = tl.randint4x(seed, counters, N_ROUNDS)
-    lo0, hi0 = _halves(w0)
-    lo1, hi1 = _halves(w1)
-    lo2, hi2 = _halves(w2)
-    lo3, hi3 = _halves(w3)
+    lo0, hi0 = _kept_halves(w0, drop_threshold)
+    lo1, hi1 = _kept_halves(w1, drop_threshold)
+    lo2, hi2 = _kept_halves(w2, drop_threshold)
+    lo3, hi3 = _kept_halves(w3, drop_threshold)
     # Three nested joins add minor axes (i, j, k) that flatten to column 4i + 2j + k, holding the
     # k-th operand's j-th operand's i-th operand. Column c must hold half c % 2 of word c // 2.
-    halves = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)),
-                     tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
-    return tl.reshape(halves, (BLOCK_M, BLOCK_N)) >= drop_threshold
+    # Joining booleans rather than words keeps the final layout change small.
+    kept = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)),
+                   tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
+    return tl.reshape(kept, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def row_counter_base(counter_base, global_rows, counters_per_row):
+    """First Philox counter of each global row ``(b * heads_q + h) * seqlen_q + i`` (int64)."""
+    return counter_base + global_rows.to(tl.int64) * counters_per_row
 
 
 def drop_threshold(dropout_p: float) -> int:

@@ -73,13 +73,39 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype):
             for kernel, t, ms, flops_ in rows]
 
 
+def rounds_study(head_dim, seqlen, dtype=torch.bfloat16):
+    """Time forward and backward with dropout as the Philox rounds vary: 0 rounds leaves every
+    cost of dropout except the generator itself (its masks are not random: diagnosis only)."""
+    heads, batch = 2048 // head_dim, 16384 // seqlen
+    shape = (batch, seqlen, heads, head_dim)
+    q, k, v, grad_out = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(4))
+    geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
+    flops = 4 * batch * heads * seqlen * seqlen * head_dim
+    for dropout_p, rounds in ((0.0, 7), (0.1, 7), (0.1, 3), (0.1, 0)):
+        _forward.PHILOX_ROUNDS = _backward.PHILOX_ROUNDS = rounds
+        args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=False,
+                    dropout_p=dropout_p, seed=1, offset=0, drop_threshold=int(dropout_p * 65536))
+        out, lse = _forward.forward(q, k, v, None, **args)
+        fwd = measure(lambda: _forward.forward(q, k, v, None, **args))
+        bwd = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None, **args))
+        print(f"d={head_dim} N={seqlen} p={dropout_p} rounds={rounds}: forward {flops / fwd / 1e9:.0f} "
+              f"TF/s, backward {2.5 * flops / bwd / 1e9:.0f} TF/s", flush=True)
+    _forward.PHILOX_ROUNDS = _backward.PHILOX_ROUNDS = 7
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0])
     parser.add_argument("--out", type=Path, default=Path("tune.json"))
+    parser.add_argument("--rounds-study", action="store_true",
+                        help="only time dropout against the number of Philox rounds")
     args = parser.parse_args()
+    if args.rounds_study:
+        for head_dim in args.head_dims:
+            rounds_study(head_dim, args.seqlen)
+        return
     records = []
     for head_dim in args.head_dims:
         for causal in (False, True):
