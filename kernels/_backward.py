@@ -15,9 +15,15 @@ import triton.language as tl
 
 from ._forward import LOG2E, lse_strides
 from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
-from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, row_counter_base
+from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, dropout_keep_tile_compact,
+                      row_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
+
+# The dK/dV pass consumes dropout tiles transposed, so no thread holds all eight columns of a Philox
+# counter. Either each thread recomputes the counters it touches (False) or each counter is computed
+# once and the boolean tile is shuffled (True); see docs/results/attention_notes.md for the timing.
+DKDV_COMPACT_MASK = True
 
 
 @triton.jit
@@ -48,7 +54,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
                        seed, counter_base, dropout_row0, counters_per_row, drop_threshold,
                        drop_rescale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                       DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
+                       DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+                       COMPACT_MASK: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
         row_ok = rows < len_q
@@ -72,8 +79,13 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             row_counters = row_counter_base(counter_base, dropout_row0 + rows, counters_per_row)
-            keepT = tl.trans(dropout_keep_tile(seed, row_counters, n0, drop_threshold,
-                                               BLOCK_M, BLOCK_N, N_ROUNDS))
+            if COMPACT_MASK:
+                keep = dropout_keep_tile_compact(seed, row_counters, n0, drop_threshold,
+                                                 BLOCK_M, BLOCK_N, N_ROUNDS)
+            else:
+                keep = dropout_keep_tile(seed, row_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
+                                         N_ROUNDS)
+            keepT = tl.trans(keep)
             pT_dropped = tl.where(keepT, pT * drop_rescale, 0.0)
             dpT = tl.where(keepT, dpT * drop_rescale, 0.0)
         else:
@@ -95,7 +107,7 @@ def _dkdv_kernel(
     softmax_scale, qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, COMPACT_MASK: tl.constexpr,
 ):
     block_n = tl.program_id(0)
     head_k = tl.program_id(1)
@@ -161,7 +173,7 @@ def _dkdv_kernel(
                 Delta + row_stats, stage_lo, stage_hi, n0, cols, offs_m, d_ok, len_q, len_k,
                 diagonal, qk_scale, seed, counter_base, dropout_row0, counters_per_row,
                 drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, stage != 1, CAUSAL,
-                DROPOUT, PRECISION, N_ROUNDS)
+                DROPOUT, PRECISION, N_ROUNDS, COMPACT_MASK)
 
     dk *= softmax_scale
     store_rows(GradK + batch64 * stride_dkb + head_k.to(tl.int64) * stride_dkh
@@ -292,7 +304,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *inputs,
         *batched_strides(dk, varlen), *batched_strides(dv, varlen), *lse_strides(lse, varlen),
         *scalars, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n,
-        num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags)
+        COMPACT_MASK=DKDV_COMPACT_MASK, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags)
     _dq_kernel[(triton.cdiv(geometry.seqlen_q, q_tiles.block_m), geometry.heads_q, geometry.batch)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, *inputs,
         *batched_strides(dq, varlen), *lse_strides(lse, varlen),

@@ -28,7 +28,7 @@ def keep_mask(geometry: Geometry, seed: int, offset: int, drop_threshold: int,
     """Boolean (batch, heads_q, seqlen_q, seqlen_k): the mask the kernels regenerate tile by tile."""
     shape = (geometry.batch, geometry.heads_q, geometry.seqlen_q, geometry.seqlen_k)
     mask = torch.empty(shape, dtype=torch.int8, device=device)
-    block = 32 if device.type == "cuda" else 16
+    block = 32
     grid = (triton.cdiv(geometry.seqlen_q, block), triton.cdiv(geometry.seqlen_k, block),
             geometry.batch * geometry.heads_q)
     _keep_mask_kernel[grid](mask, geometry.seqlen_q, geometry.seqlen_k, seed, offset // 4,

@@ -94,13 +94,18 @@ class Tiles:
     num_warps: int
     num_stages: int
 
+    def __post_init__(self):
+        # Dropout tiles are built from whole 32-column groups of Philox counters (_philox.py).
+        if self.block_n % 32 or self.block_m < 16:
+            raise ValueError(f"tiles need block_n a multiple of 32 and block_m >= 16; got {self}")
+
 
 # Chosen on an H100 80GB HBM3 (bf16, 16384 tokens, hidden 2048) with scripts/tune_attention.py;
 # the sweep and its numbers are in docs/results/attention_notes.md. Head dims above 128 are sized to
 # fit shared memory and registers. float32 (tests only) uses small tiles: twice the bytes per element.
 def forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
     if device.type != "cuda":
-        return Tiles(16, 16, 1, 1)   # the interpreter: small tiles run fastest in numpy
+        return Tiles(16, 32, 1, 1)   # the interpreter: small tiles run fastest in numpy
     if dtype == torch.float32:
         return Tiles(64, 32, 4, 2) if head_dim <= 128 else Tiles(32, 32, 4, 1)
     if head_dim <= 128:
@@ -111,7 +116,7 @@ def forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Ti
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
     """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed."""
     if device.type != "cuda":
-        return Tiles(16, 16, 1, 1)
+        return Tiles(16, 32, 1, 1)
     if dtype == torch.float32:
         return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
     if head_dim <= 64:
@@ -124,9 +129,9 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles
 def dq_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
     """Tiles of the dQ pass: block_m queries held on chip, block_n keys streamed."""
     if device.type != "cuda":
-        return Tiles(16, 16, 1, 1)
+        return Tiles(16, 32, 1, 1)
     if dtype == torch.float32:
-        return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(32, 16, 4, 1)
+        return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
     if head_dim <= 64:
         return Tiles(64, 64, 4, 3)
     if head_dim <= 128:

@@ -3,14 +3,15 @@
 The forward never stores a dropout mask. It draws a ``(seed, offset)`` pair from PyTorch's generator
 for the device (advancing the generator's offset so the next random op sees fresh numbers), and every
 kernel that needs the mask regenerates it from that pair. The element ``(b, h, i, j)`` of the
-``(batch, heads_q, seqlen_q, seqlen_k)`` attention matrix uses Philox counter
+``(batch, heads_q, seqlen_q, seqlen_k)`` attention matrix, with ``j = 32a + 8w + 2t + h``
+(``w, t < 4``, ``h < 2``), takes the 16-bit half ``h`` of the 32-bit word ``w`` that Philox
+produces for counter
 
-    offset // 4  +  ((b * heads_q + h) * seqlen_q + i) * ceil(seqlen_k / 8)  +  j // 8
+    offset // 4  +  ((b * heads_q + h) * seqlen_q + i) * ceil(seqlen_k / 32) * 4  +  4a + t.
 
-which yields four 32-bit words, i.e. eight 16-bit halves; column ``j`` takes half ``j % 2`` of word
-``(j % 8) // 2``. One Philox call thus serves eight neighbouring columns: Philox is integer work that
-competes with the softmax for the ALUs, so this halves the cost of dropout against one word per
-column. All counter arithmetic is 64-bit (B·H·N² overflows 32 bits at long context). An element is
+One Philox call thus serves eight columns: Philox is integer work that competes with the softmax for
+the ALUs, so this halves its cost against one word per column (see ``dropout_keep_tile`` for why
+these eight). All counter arithmetic is 64-bit (B·H·N² overflows 32 bits at long context). An element is
 kept when its 16-bit half is >= ``round(dropout_p * 2**16)``: the keep probability is exact to
 1/65536 (kept values are scaled by the nominal 1/(1 - dropout_p)).
 """
@@ -27,31 +28,60 @@ _THRESHOLD_BITS = 16
 
 
 @triton.jit
-def _kept_halves(word, drop_threshold):
-    """Keep decisions of the low and high 16-bit halves of a 32-bit word."""
-    return (word & 0xFFFF).to(tl.int32) >= drop_threshold, (word >> 16).to(tl.int32) >= drop_threshold
-
-
-@triton.jit
 def dropout_keep_tile(seed, row_counters, col_start, drop_threshold,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
     """Keep-mask of one (BLOCK_M, BLOCK_N) tile.
 
     ``row_counters`` (BLOCK_M,) int64 is each row's first counter (see ``row_counter_base``);
-    ``col_start`` must be a multiple of 8 (tiles always start on one).
+    ``col_start`` must be a multiple of 32 (tiles always start on one).
+
+    Column c = 32a + 8w + 2t + h (a block, w word, t pair, h half) takes half h of word w of counter
+    4a + t. The eight columns of one counter are then the ones a thread of a Hopper MMA tile holds
+    (pairs 2t, 2t + 1 repeating every 8 columns), so the compiler can place each Philox call in the
+    thread that consumes its output instead of shuffling the mask through shared memory.
+    """
+    BLOCKS: tl.constexpr = BLOCK_N // 32
+    # (BLOCK_M, BLOCKS, 1, 4, 1) counters, broadcast over the word and half axes.
+    a = tl.arange(0, BLOCKS)[None, :, None, None, None]
+    t = tl.arange(0, 4)[None, None, None, :, None]
+    counters = row_counters[:, None, None, None, None] + (col_start // 8 + 4 * a + t)
+    w0, w1, w2, w3 = tl.randint4x(seed, counters, N_ROUNDS)
+    word = tl.arange(0, 4)[None, None, :, None, None]
+    chosen = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+    half = tl.arange(0, 2)[None, None, None, None, :]
+    bits = tl.where(half == 0, chosen & 0xFFFF, chosen >> 16).to(tl.int32)
+    return tl.reshape(bits >= drop_threshold, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _kept_halves(word, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N // 32, 4, 2): keep decisions of the low and high halves of each word."""
+    kept = tl.join((word & 0xFFFF).to(tl.int32) >= drop_threshold,
+                   (word >> 16).to(tl.int32) >= drop_threshold)
+    return tl.reshape(kept, (BLOCK_M, BLOCK_N // 32, 4, 2))
+
+
+@triton.jit
+def dropout_keep_tile_compact(seed, row_counters, col_start, drop_threshold,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
+    """The same mask as ``dropout_keep_tile``, built by computing each counter once on a compact
+    (BLOCK_M, BLOCK_N // 8) tile and interleaving the results with joins.
+
+    For tiles that are consumed transposed (the dK/dV pass): there no thread holds a counter's
+    eight columns, and the broadcast form would make the compiler recompute Philox in every thread
+    that needs one of them; moving the small boolean tile is cheaper.
     """
     counters = row_counters[:, None] + (col_start // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
     w0, w1, w2, w3 = tl.randint4x(seed, counters, N_ROUNDS)
-    lo0, hi0 = _kept_halves(w0, drop_threshold)
-    lo1, hi1 = _kept_halves(w1, drop_threshold)
-    lo2, hi2 = _kept_halves(w2, drop_threshold)
-    lo3, hi3 = _kept_halves(w3, drop_threshold)
-    # Three nested joins add minor axes (i, j, k) that flatten to column 4i + 2j + k, holding the
-    # k-th operand's j-th operand's i-th operand. Column c must hold half c % 2 of word c // 2.
-    # Joining booleans rather than words keeps the final layout change small.
-    kept = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)),
-                   tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
-    return tl.reshape(kept, (BLOCK_M, BLOCK_N))
+    # Counter 4a + t of a row: view the compact tile as (BLOCK_M, BLOCK_N // 32, 4) over (a, t).
+    h0 = _kept_halves(w0, drop_threshold, BLOCK_M, BLOCK_N)
+    h1 = _kept_halves(w1, drop_threshold, BLOCK_M, BLOCK_N)
+    h2 = _kept_halves(w2, drop_threshold, BLOCK_M, BLOCK_N)
+    h3 = _kept_halves(w3, drop_threshold, BLOCK_M, BLOCK_N)
+    # join(join(H0, H2), join(H1, H3)) adds axes (i, k) holding word 2i + k: (M, A, T, H, I, K).
+    words = tl.join(tl.join(h0, h2), tl.join(h1, h3))
+    ordered = tl.permute(words, (0, 1, 4, 5, 2, 3))          # (M, A, I, K, T, H): column order
+    return tl.reshape(ordered, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
@@ -66,7 +96,8 @@ def drop_threshold(dropout_p: float) -> int:
 
 
 def counters_per_row(seqlen_k: int) -> int:
-    return triton.cdiv(seqlen_k, COLUMNS_PER_COUNTER)
+    # Whole blocks of 32 columns, so a row's counters never run into the next row's.
+    return triton.cdiv(seqlen_k, 32) * 4
 
 
 def philox_counters(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int) -> int:

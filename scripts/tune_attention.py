@@ -81,16 +81,18 @@ def rounds_study(head_dim, seqlen, dtype=torch.bfloat16):
     q, k, v, grad_out = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(4))
     geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
     flops = 4 * batch * heads * seqlen * seqlen * head_dim
-    for dropout_p, rounds in ((0.0, 7), (0.1, 7), (0.1, 3), (0.1, 0)):
+    for dropout_p, rounds, compact in ((0.0, 7, True), (0.1, 7, True), (0.1, 7, False), (0.1, 0, True)):
         _forward.PHILOX_ROUNDS = _backward.PHILOX_ROUNDS = rounds
+        _backward.DKDV_COMPACT_MASK = compact
         args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=False,
                     dropout_p=dropout_p, seed=1, offset=0, drop_threshold=int(dropout_p * 65536))
         out, lse = _forward.forward(q, k, v, None, **args)
         fwd = measure(lambda: _forward.forward(q, k, v, None, **args))
         bwd = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None, **args))
-        print(f"d={head_dim} N={seqlen} p={dropout_p} rounds={rounds}: forward {flops / fwd / 1e9:.0f} "
+        print(f"d={head_dim} N={seqlen} p={dropout_p} rounds={rounds} compact dK/dV mask={compact}: forward {flops / fwd / 1e9:.0f} "
               f"TF/s, backward {2.5 * flops / bwd / 1e9:.0f} TF/s", flush=True)
     _forward.PHILOX_ROUNDS = _backward.PHILOX_ROUNDS = 7
+    _backward.DKDV_COMPACT_MASK = True
 
 
 def main():
