@@ -278,7 +278,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
 
     ``tiles`` = (dK/dV tiles, dQ tiles) overrides the tuned sizes (for tuning scripts)."""
     varlen = geometry.varlen
-    kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype),
+    kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal),
                                   dq_tiles(geometry.head_dim, q.device, q.dtype))
     common = dict(HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d, VARLEN=varlen)
 

@@ -113,14 +113,14 @@ def forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Ti
     return Tiles(64, 32, 4, 2)
 
 
-def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
+def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool) -> Tiles:
     """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed."""
     if device.type != "cuda":
         return Tiles(16, 32, 1, 1)
     if dtype == torch.float32:
         return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
     if head_dim <= 64:
-        return Tiles(32, 128, 4, 3)
+        return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
         return Tiles(32, 64, 4, 3)
     return Tiles(32, 32, 4, 2)

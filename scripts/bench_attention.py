@@ -105,7 +105,7 @@ def measure(provider, batch, seqlen, heads, head_dim, dtype, causal, dropout_p, 
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if timing:
             flops = attention_flops(batch, seqlen, heads, head_dim, causal)
-            reps = dict(warmup=5, rep=30, return_mode="median")
+            reps = dict(warmup=10, rep=50, return_mode="median")
             fwd_ms = do_bench(fn, **reps)
             out = fn()
             bwd_ms = do_bench(lambda: out.backward(grad_out, retain_graph=True),

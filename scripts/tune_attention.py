@@ -56,7 +56,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype):
         rows.append(("forward", tiles, ms, flops))
     # Each backward pass is timed as the whole backward with the other pass at its tuned tiles.
     default_dq = dq_tiles(head_dim, q.device, dtype)
-    default_dkdv = dkdv_tiles(head_dim, q.device, dtype)
+    default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal)
     for tiles in DKDV:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(tiles, default_dq), **args))
