@@ -1,0 +1,75 @@
+"""The three ways a model can compute attention, behind one function.
+
+``flash``: ``kernels.flash_attention`` (Triton; CUDA, or the interpreter on CPU), reading q/k/v as
+views of the fused projection; padding is removed and the sequences packed (``cu_seqlens``), so no
+N x N mask exists. ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``. ``eager``: the
+score matrix materialized, softmax(QKᵀ)V with an explicit mask, as Hugging Face's GPT-2 does: the
+baseline of the FlashAttention paper. All take (batch, seqlen, heads, head_dim) tensors.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kernels import causal_mask, flash_attention
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    if impl == "auto":
+        return "flash" if device.type == "cuda" else "sdpa"
+    return impl
+
+
+def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding=None):
+    """q (B, Nq, Hq, D), k/v (B, Nk, Hk, D) -> (B, Nq, Hq, D).
+
+    ``key_padding`` (B, Nk) bool, True for real tokens (only with Nq == Nk: padded encoder input).
+    Causal masks are aligned bottom-right, so a query block at the end of a KV cache is exact.
+    """
+    impl = resolve(impl, q.device)
+    if impl == "flash":
+        if key_padding is not None:
+            return _flash_unpadded(q, k, v, causal, dropout_p, key_padding)
+        return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    mask = _mask(q.shape[1], k.shape[1], causal, key_padding, q.device)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # (B, H, N, D)
+    if impl == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    elif impl == "eager":
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(F.dropout(probs, dropout_p, training=dropout_p > 0), v)
+    else:
+        raise ValueError(f"unknown attention implementation {impl!r}; use auto, flash, sdpa or eager")
+    return out.transpose(1, 2)
+
+
+def _mask(seqlen_q, seqlen_k, causal, key_padding, device):
+    """Boolean mask broadcastable to (B, H, Nq, Nk), True where attention is allowed, or None."""
+    mask = None
+    if causal:
+        mask = causal_mask(seqlen_q, seqlen_k, device)[None, None]
+    if key_padding is not None:
+        padding = key_padding[:, None, None, :]
+        mask = padding if mask is None else mask & padding
+    return mask
+
+
+def _flash_unpadded(q, k, v, causal, dropout_p, key_padding):
+    """Pack the real tokens of each sequence and run the variable-length kernel."""
+    batch, seqlen = key_padding.shape
+    lengths = key_padding.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    # Each row's real tokens must come first (right padding), as tokenizers produce them.
+    index = key_padding.flatten().nonzero().squeeze(1)
+    pack = lambda t: t.flatten(0, 1).index_select(0, index)
+    out = flash_attention(pack(q), pack(k), pack(v), causal=causal, dropout_p=dropout_p,
+                          cu_seqlens=cu_seqlens, max_seqlen=seqlen)
+    full = out.new_zeros(batch * seqlen, *out.shape[1:])
+    return full.index_copy(0, index, out).view(batch, seqlen, *out.shape[1:])

@@ -1,0 +1,52 @@
+"""Decoder-only language models: GPT-2 (learned positions, LayerNorm, GELU) and the rotary decoder
+(no position table, RMSNorm, SwiGLU, grouped-query attention). One class, chosen by ``config.arch``."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import LayerCache
+from .config import ModelConfig
+from .flops import flops_per_token
+from .layers import Block, make_norm, run_blocks
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch not in ("gpt2", "rope"):
+            raise ValueError(f"CausalLM builds gpt2 or rope models, not {config.arch!r}")
+        self.config = config
+        self.embed = nn.Embedding(config.padded_vocab, config.d_model)
+        self.positions = nn.Embedding(config.max_seqlen, config.d_model) if config.arch == "gpt2" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+
+    def forward(self, input_ids, attention_mask=None, *, caches=None):
+        """input_ids (B, N) -> logits (B, N, vocab). ``attention_mask`` (B, N), 1 for real tokens
+        and 0 for right padding; ``caches`` (from ``make_caches``) for incremental decoding."""
+        batch, seqlen = input_ids.shape
+        offset = caches[0].length if caches else 0
+        x = self.embed(input_ids)
+        if self.positions is not None:
+            if offset + seqlen > self.config.max_seqlen:
+                raise ValueError(f"sequence of {offset + seqlen} tokens exceeds the model's "
+                                 f"{self.config.max_seqlen} positions (see models.extend_context)")
+            x = x + self.positions(torch.arange(offset, offset + seqlen, device=input_ids.device))
+        x = self.dropout(x)
+        key_padding = None
+        if attention_mask is not None and caches is None and not bool(attention_mask.all()):
+            key_padding = attention_mask.bool()
+        x = run_blocks(self.blocks, x, self.config, self.training, key_padding, caches)
+        # Tied output embedding (GPT-2); padded vocabulary rows are dropped from the logits.
+        return F.linear(self.norm(x), self.embed.weight)[..., :self.config.vocab_size]
+
+    def make_caches(self, batch: int, max_len: int, dtype=None) -> list[LayerCache]:
+        config = self.config
+        dtype = dtype or self.embed.weight.dtype
+        return [LayerCache(batch, max_len, config.kv_heads, config.head_dim, dtype,
+                           self.embed.weight.device) for _ in range(config.n_layer)]
+
+    def flops_per_token(self, seqlen: int) -> float:
+        return flops_per_token(self.config, seqlen)

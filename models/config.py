@@ -1,0 +1,73 @@
+"""Model configuration: one dataclass describes every model of the zoo."""
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Arch = Literal["gpt2", "bert", "rope"]
+AttentionImpl = Literal["auto", "flash", "sdpa", "eager"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Arch                      # gpt2: causal, learned positions; bert: MLM encoder; rope: rotary decoder
+    vocab_size: int
+    max_seqlen: int                 # learned position table size (gpt2/bert); rope: trained context
+    d_model: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int | None = None    # grouped-query attention (rope); None = n_head
+    d_ff: int | None = None         # MLP width; None = 4·d_model (gpt2/bert), ~8/3·d_model (rope, SwiGLU)
+    dropout: float = 0.1            # embedding and residual dropout
+    attn_dropout: float = 0.1       # dropout on attention probabilities (in the kernel)
+    norm_eps: float | None = None   # None = 1e-5 (gpt2, rope) or 1e-12 (bert)
+    attention: AttentionImpl = "auto"   # auto = flash on CUDA, sdpa elsewhere
+    type_vocab_size: int = 2        # bert token types
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0       # position interpolation factor for context extension
+    pad_vocab_multiple: int = 1     # round the embedding table up (64 helps matmul speed)
+    checkpoint_blocks: bool = False  # recompute each block in the backward (activation checkpointing)
+    extra: dict = field(default_factory=dict, compare=False)   # unused keys kept for round trips
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads})")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+        if self.arch != "rope" and self.kv_heads != self.n_head:
+            raise ValueError(f"{self.arch} uses multi-head attention: n_kv_head must equal n_head")
+        if min(self.vocab_size, self.max_seqlen, self.n_layer, self.pad_vocab_multiple) < 1:
+            raise ValueError("vocab_size, max_seqlen, n_layer and pad_vocab_multiple must be >= 1")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def causal(self) -> bool:
+        return self.arch != "bert"
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.arch == "rope":   # SwiGLU keeps the parameter count of a 4x MLP: 2/3 of 4x, rounded
+            return (int(8 * self.d_model / 3) + 63) // 64 * 64
+        return 4 * self.d_model
+
+    @property
+    def eps(self) -> float:
+        return self.norm_eps if self.norm_eps is not None else (1e-12 if self.arch == "bert" else 1e-5)
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
+
+    def with_(self, **changes) -> "ModelConfig":
+        return replace(self, **changes)

@@ -1,0 +1,21 @@
+"""Training FLOPs per token, for MFU."""
+
+from .config import ModelConfig
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters that multiply each token once: blocks and the (tied) output projection; position
+    and token-type tables are lookups and cost no FLOPs."""
+    d, ff, head_dim = config.d_model, config.ff_dim, config.head_dim
+    attention = d * (config.n_head + 2 * config.kv_heads) * head_dim + d * d
+    mlp = d * ff * (3 if config.arch == "rope" else 2)
+    head = config.padded_vocab * d + (d * d if config.arch == "bert" else 0)
+    return config.n_layer * (attention + mlp) + head
+
+
+def flops_per_token(config: ModelConfig, seqlen: int) -> float:
+    """6 · matmul parameters (forward + backward) plus attention's score and value products:
+    2 matmuls x 2 FLOPs x d_model per key a query sees, x3 for forward + backward. A causal query
+    sees (seqlen + 1) / 2 keys on average, counted as such (not as a full square)."""
+    keys_seen = (seqlen + 1) / 2 if config.causal else seqlen
+    return 6 * matmul_params(config) + 3 * 2 * 2 * config.n_layer * config.d_model * keys_seen

@@ -1,0 +1,180 @@
+"""Hugging Face interchange: build a flashtrain model from a local GPT-2 or BERT directory
+(``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``), and write one back that
+``transformers`` loads (``AutoModelForCausalLM`` / ``AutoModelForMaskedLM``) with identical logits.
+Local files only: to start from the hub, download a directory first (``huggingface-cli download``).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .build import build_model
+from .config import ModelConfig
+
+
+def _gpt2_config(hf: dict) -> ModelConfig:
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPT-2 checkpoints with activation {activation!r} are not supported (tanh GELU only)")
+    return ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], max_seqlen=hf["n_positions"],
+                       d_model=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                       d_ff=hf.get("n_inner") or 4 * hf["n_embd"], dropout=hf.get("resid_pdrop", 0.1),
+                       attn_dropout=hf.get("attn_pdrop", 0.1),
+                       norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def _bert_config(hf: dict) -> ModelConfig:
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only BERT checkpoints with erf GELU and absolute positions are supported")
+    return ModelConfig(arch="bert", vocab_size=hf["vocab_size"], max_seqlen=hf["max_position_embeddings"],
+                       d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+                       n_head=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+                       dropout=hf.get("hidden_dropout_prob", 0.1),
+                       attn_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+                       norm_eps=hf.get("layer_norm_eps", 1e-12),
+                       type_vocab_size=hf.get("type_vocab_size", 2))
+
+
+def _gpt2_names(config: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(ours, theirs, transposed): GPT-2 stores Linear weights as Conv1D, (in, out)."""
+    names = [("embed.weight", "transformer.wte.weight", False),
+             ("positions.weight", "transformer.wpe.weight", False),
+             ("norm.weight", "transformer.ln_f.weight", False), ("norm.bias", "transformer.ln_f.bias", False)]
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for a, b, conv in (("norm_attn", "ln_1", False), ("norm_mlp", "ln_2", False),
+                           ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+                           ("mlp.fc", "mlp.c_fc", True), ("mlp.out", "mlp.c_proj", True)):
+            names += [(ours + a + ".weight", theirs + b + ".weight", conv),
+                      (ours + a + ".bias", theirs + b + ".bias", False)]
+    return names
+
+
+def _bert_names(config: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(ours, theirs, _); the fused qkv is handled separately (HF keeps query/key/value apart)."""
+    names = [("embed.weight", "bert.embeddings.word_embeddings.weight", False),
+             ("positions.weight", "bert.embeddings.position_embeddings.weight", False),
+             ("token_types.weight", "bert.embeddings.token_type_embeddings.weight", False),
+             ("embed_norm.weight", "bert.embeddings.LayerNorm.weight", False),
+             ("embed_norm.bias", "bert.embeddings.LayerNorm.bias", False),
+             ("head_dense.weight", "cls.predictions.transform.dense.weight", False),
+             ("head_dense.bias", "cls.predictions.transform.dense.bias", False),
+             ("head_norm.weight", "cls.predictions.transform.LayerNorm.weight", False),
+             ("head_norm.bias", "cls.predictions.transform.LayerNorm.bias", False),
+             ("head_bias", "cls.predictions.bias", False)]
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"bert.encoder.layer.{i}."
+        for a, b in (("attn.proj", "attention.output.dense"), ("norm_attn", "attention.output.LayerNorm"),
+                     ("mlp.fc", "intermediate.dense"), ("mlp.out", "output.dense"),
+                     ("norm_mlp", "output.LayerNorm")):
+            names += [(ours + a + ".weight", theirs + b + ".weight", False),
+                      (ours + a + ".bias", theirs + b + ".bias", False)]
+    return names
+
+
+_QKV = ("query", "key", "value")
+
+
+def _read_weights(path: Path) -> dict:
+    if (path / "model.safetensors").exists():
+        from safetensors.torch import load_file
+        return load_file(path / "model.safetensors")
+    if (path / "pytorch_model.bin").exists():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def load_hf(path, **overrides):
+    """A flashtrain model with the weights of a local Hugging Face GPT-2 or BERT directory.
+    ``overrides`` change config fields (e.g. ``attention="sdpa"``)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    hf = json.loads((path / "config.json").read_text())
+    kind = hf.get("model_type")
+    if kind not in ("gpt2", "bert"):
+        raise ValueError(f"{path}: model_type {kind!r} is not supported; load_hf reads gpt2 and bert")
+    config = (_gpt2_config if kind == "gpt2" else _bert_config)(hf).with_(**overrides)
+    weights = _read_weights(path)
+    if kind == "gpt2" and not any(k.startswith("transformer.") for k in weights):
+        weights = {"transformer." + k: v for k, v in weights.items()}   # a bare GPT2Model
+    model = build_model(config, init=False)
+    state = {}
+    names = _gpt2_names(config) if kind == "gpt2" else _bert_names(config)
+    missing = [theirs for _, theirs, _ in names if theirs not in weights]
+    if kind == "bert":
+        for i in range(config.n_layer):
+            parts = [f"bert.encoder.layer.{i}.attention.self.{p}.{w}" for p in _QKV for w in ("weight", "bias")]
+            missing += [p for p in parts if p not in weights]
+            if all(p in weights for p in parts):
+                state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([weights[p] for p in parts[0::2]])
+                state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([weights[p] for p in parts[1::2]])
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    for ours, theirs, transposed in names:
+        state[ours] = weights[theirs].t() if transposed else weights[theirs]
+    _check_shapes(model, state, path)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _check_shapes(model, state, path):
+    expected = model.state_dict()
+    wrong = [f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(expected[name].shape)}"
+             for name, value in state.items() if name in expected and value.shape != expected[name].shape]
+    if wrong:
+        raise ValueError(f"{path}: {len(wrong)} tensor shapes differ from config.json:\n  " + "\n  ".join(wrong[:10]))
+
+
+def save_hf(model, path) -> None:
+    """Write ``model`` as a Hugging Face directory (config.json + model.safetensors), atomically."""
+    from safetensors.torch import save_file
+    config: ModelConfig = model.config
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    vocab = config.vocab_size
+    if config.arch == "gpt2":
+        hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=vocab,
+                  n_positions=config.max_seqlen, n_embd=config.d_model, n_layer=config.n_layer,
+                  n_head=config.n_head, n_inner=config.ff_dim, activation_function="gelu_new",
+                  layer_norm_epsilon=config.eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+                  attn_pdrop=config.attn_dropout, tie_word_embeddings=True,
+                  bos_token_id=None, eos_token_id=None)
+        names = _gpt2_names(config)
+    elif config.arch == "bert":
+        hf = dict(model_type="bert", architectures=["BertForMaskedLM"], vocab_size=vocab,
+                  hidden_size=config.d_model, num_hidden_layers=config.n_layer,
+                  num_attention_heads=config.n_head, intermediate_size=config.ff_dim, hidden_act="gelu",
+                  hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.attn_dropout,
+                  max_position_embeddings=config.max_seqlen, type_vocab_size=config.type_vocab_size,
+                  layer_norm_eps=config.eps, position_embedding_type="absolute", tie_word_embeddings=True)
+        names = _bert_names(config)
+        for i in range(config.n_layer):
+            weight = ours[f"blocks.{i}.attn.qkv.weight"].chunk(3)
+            bias = ours[f"blocks.{i}.attn.qkv.bias"].chunk(3)
+            for part, w, b in zip(_QKV, weight, bias):
+                ours[f"_hf.bert.encoder.layer.{i}.attention.self.{part}.weight"] = w
+                ours[f"_hf.bert.encoder.layer.{i}.attention.self.{part}.bias"] = b
+    else:
+        raise ValueError(f"save_hf writes gpt2 and bert models; {config.arch!r} has no Hugging Face twin here")
+    tensors = {k[4:]: v for k, v in ours.items() if k.startswith("_hf.")}
+    for mine, theirs, transposed in names:
+        value = ours[mine]
+        if mine in ("embed.weight", "head_bias"):
+            value = value[:vocab]          # drop vocabulary padding rows
+        tensors[theirs] = (value.t() if transposed else value).contiguous().clone()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (staging / "config.json").write_text(json.dumps(hf, indent=2))
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

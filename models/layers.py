@@ -1,0 +1,135 @@
+"""Building blocks shared by every model: attention, MLP, norms, rotary embedding, one Block.
+
+Compose, don't inherit: GPT-2 (pre-LN), BERT (post-LN) and the rotary decoder are the same Block
+with different norm placement, norm type and MLP.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.arch == "rope":
+        return RMSNorm(config.d_model, config.eps)
+    return nn.LayerNorm(config.d_model, eps=config.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), half-split layout; ``scaling`` > 1 interpolates
+    positions (Chen et al. 2023) to extend a trained context."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scaling = scaling
+
+    def forward(self, x, offset: int):
+        """x (B, N, H, D) rotated for positions offset..offset+N-1."""
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
+        angles = torch.outer(positions / self.scaling, self.inv_freq)          # (N, D/2)
+        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        first, second = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        return rotated.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        heads = config.n_head + 2 * config.kv_heads
+        bias = config.arch != "rope"
+        # One fused projection: q, k and v are views of its output, read in place by the kernel.
+        self.qkv = nn.Linear(config.d_model, heads * config.head_dim, bias=bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=bias)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling) \
+            if config.arch == "rope" else None
+
+    def forward(self, x, key_padding=None, cache=None):
+        config = self.config
+        batch, seqlen, _ = x.shape
+        qkv = self.qkv(x).view(batch, seqlen, config.n_head + 2 * config.kv_heads, config.head_dim)
+        q, k, v = qkv.split([config.n_head, config.kv_heads, config.kv_heads], dim=2)
+        offset = cache.length if cache is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        dropout_p = config.attn_dropout if self.training else 0.0
+        out = attention(q, k, v, impl=config.attention, causal=config.causal, dropout_p=dropout_p,
+                        key_padding=key_padding)
+        return self.proj(out.reshape(batch, seqlen, config.d_model))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.arch = config.arch
+        if config.arch == "rope":   # SwiGLU (Shazeer 2020): gate and up projections fused
+            self.fc = nn.Linear(config.d_model, 2 * config.ff_dim, bias=False)
+            self.out = nn.Linear(config.ff_dim, config.d_model, bias=False)
+        else:
+            self.fc = nn.Linear(config.d_model, config.ff_dim)
+            self.out = nn.Linear(config.ff_dim, config.d_model)
+
+    def forward(self, x):
+        hidden = self.fc(x)
+        if self.arch == "rope":
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        elif self.arch == "gpt2":
+            hidden = F.gelu(hidden, approximate="tanh")    # GPT-2's "gelu_new"
+        else:
+            hidden = F.gelu(hidden)                        # BERT: exact erf GELU
+        return self.out(hidden)
+
+
+class Block(nn.Module):
+    """x + Attn(norm(x)), x + MLP(norm(x)) (pre-norm), or norm(x + Attn(x)), ... (post-norm, BERT)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.pre_norm = config.arch != "bert"
+        self.attn = SelfAttention(config)
+        self.mlp = MLP(config)
+        self.norm_attn = make_norm(config)
+        self.norm_mlp = make_norm(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, key_padding=None, cache=None):
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.norm_attn(x), key_padding, cache))
+            return x + self.dropout(self.mlp(self.norm_mlp(x)))
+        x = self.norm_attn(x + self.dropout(self.attn(x, key_padding, cache)))
+        return self.norm_mlp(x + self.dropout(self.mlp(x)))
+
+
+def run_blocks(blocks, x, config: ModelConfig, training: bool, key_padding=None, caches=None):
+    """Apply the blocks, recomputing each in the backward when activation checkpointing is on.
+
+    Checkpointing replays the block's forward, dropout included: torch.utils.checkpoint restores the
+    RNG state, and the attention kernel draws its dropout seed from it, so the masks are identical.
+    """
+    for index, block in enumerate(blocks):
+        cache = caches[index] if caches is not None else None
+        if config.checkpoint_blocks and training and cache is None:
+            x = torch.utils.checkpoint.checkpoint(block, x, key_padding, use_reentrant=False)
+        else:
+            x = block(x, key_padding, cache)
+    return x

@@ -1,0 +1,164 @@
+"""Model behaviour: attention paths agree, causality, padding, KV cache, init, sizes, FLOPs."""
+
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+from models import build_model, extend_context, flops_per_token, generate, lm_loss, named_config
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "rope"])
+def test_attention_paths_agree(arch, tiny, tokens):
+    mask = torch.ones_like(tokens)
+    mask[1, 15:] = 0
+    real = mask.bool()
+    outputs, grads = {}, {}
+    for impl in ("eager", "sdpa", "flash"):
+        model = tiny(arch, attention=impl).eval()     # eval: no dropout, deterministic paths
+        logits = model(tokens, mask)
+        loss = (logits[real] ** 2).mean()
+        loss.backward()
+        outputs[impl] = logits[real].detach()
+        grads[impl] = model.blocks[0].attn.qkv.weight.grad
+    for impl in ("sdpa", "flash"):
+        torch.testing.assert_close(outputs[impl], outputs["eager"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grads[impl], grads["eager"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "rope"])
+def test_future_tokens_never_change_past_logits(arch, tiny, tokens):
+    model = tiny(arch, attention="flash").eval()
+    changed = tokens.clone()
+    changed[:, 12:] = (changed[:, 12:] + 5) % 97
+    torch.testing.assert_close(model(changed)[:, :12], model(tokens)[:, :12], rtol=0, atol=1e-6)
+    assert not torch.allclose(model(changed)[:, 12:], model(tokens)[:, 12:])
+
+
+@pytest.mark.parametrize("impl", ["flash", "sdpa"])
+def test_bert_padding_changes_nothing_for_real_tokens(impl, tiny, tokens):
+    model = tiny("bert", attention=impl).eval()
+    short = tokens[:1, :15]
+    padded = torch.cat([short, torch.zeros(1, 8, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 15), torch.zeros(1, 8)], dim=1).long()
+    torch.testing.assert_close(model(padded, mask)[:, :15], model(short), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "rope"])
+@pytest.mark.parametrize("impl", ["flash", "sdpa"])
+def test_kv_cache_generation_equals_recomputation(arch, impl, tiny, tokens):
+    model = tiny(arch, attention=impl)
+    cached = generate(model, tokens[:, :9], 12, temperature=0)
+    recomputed = generate(model, tokens[:, :9], 12, temperature=0, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    # And the cached logits themselves match a full forward pass.
+    model.eval()
+    caches = model.make_caches(2, 21)
+    step_logits = [model(cached[:, :9], caches=caches)[:, -1]]
+    for position in range(9, 20):
+        step_logits.append(model(cached[:, position:position + 1], caches=caches)[:, -1])
+    full = model(cached[:, :20])[:, 8:]
+    torch.testing.assert_close(torch.stack(step_logits, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_controls(tiny, tokens):
+    model = tiny("gpt2", attention="sdpa")
+    generator = torch.Generator().manual_seed(0)
+    out = generate(model, tokens[:, :5], 6, temperature=0.8, top_k=5, top_p=0.9, generator=generator)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], tokens[:, :5])
+    greedy = generate(model, tokens[:, :5], 6, temperature=0)
+    eos = int(greedy[0, 5])
+    stopped = generate(model, tokens[:1, :5], 6, temperature=0, eos_token_id=eos)
+    assert stopped.shape[1] == 6 and int(stopped[0, -1]) == eos
+
+
+def test_init_statistics_and_determinism():
+    model = build_model("gpt2_small", seed=3, n_layer=4)
+    twin = build_model("gpt2_small", seed=3, n_layer=4)
+    assert torch.equal(model.blocks[0].mlp.fc.weight, twin.blocks[0].mlp.fc.weight)
+    assert not torch.equal(model.blocks[0].mlp.fc.weight, build_model("gpt2_small", seed=4, n_layer=4)
+                           .blocks[0].mlp.fc.weight)
+    assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 5e-4
+    assert abs(model.blocks[0].attn.proj.weight.std().item() - 0.02 / math.sqrt(8)) < 5e-4
+    assert model.blocks[0].mlp.fc.bias.abs().max() == 0 and torch.all(model.norm.weight == 1)
+    bert = build_model("bert_tiny", seed=3)
+    assert abs(bert.blocks[0].attn.proj.weight.std().item() - 0.02) < 2e-3
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name, nominal, hf_config", [
+    ("gpt2_small", 124e6, dict(n_embd=768, n_layer=12, n_head=12)),
+    ("gpt2_medium", 355e6, dict(n_embd=1024, n_layer=24, n_head=16)),
+    ("gpt2_large", 774e6, dict(n_embd=1280, n_layer=36, n_head=20)),
+    ("gpt2_xl", 1558e6, dict(n_embd=1600, n_layer=48, n_head=25)),
+    ("bert_base", 110e6, dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072)),
+    ("bert_large", 335e6, dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                               intermediate_size=4096)),
+])
+def test_parameter_counts(name, nominal, hf_config):
+    """Exactly Hugging Face's count for the same config, and within 1% of the published size.
+    (GPT-2 XL is 1.56B, called "1.5B"; BERT-large's MLM model is 335M, the paper rounds to 340M.)"""
+    with torch.device("meta"):
+        ours = _count(build_model(name, init=False))
+        if name.startswith("gpt2"):
+            theirs = _count(GPT2LMHeadModel(GPT2Config(**hf_config)))
+        else:
+            theirs = _count(BertForMaskedLM(BertConfig(**hf_config)))
+    assert ours == theirs
+    assert abs(ours - nominal) / nominal < 0.01
+
+
+def test_flops_per_token_counts_causal_attention_honestly():
+    config = named_config("gpt2_small")
+    # Every weight matrix multiplies each token once: all 124,439,808 parameters but the position
+    # table (lookups) and the 121,344 biases and LayerNorm gains (no matmul).
+    dense = 6 * (124_439_808 - 1024 * 768 - 121_344)
+    assert flops_per_token(config, 1) == pytest.approx(dense + 12 * 12 * 768 * 1, rel=1e-12)
+    causal_term = flops_per_token(config, 4096) - flops_per_token(config, 1)
+    assert causal_term == pytest.approx(12 * 12 * 768 * (4097 / 2 - 1), rel=1e-12)
+
+
+def test_extend_context(tiny, tokens):
+    model = tiny("gpt2", attention="sdpa").eval()
+    before = model(tokens)
+    extend_context(model, 256, method="copy")
+    assert model.config.max_seqlen == 256 and model.positions.weight.shape[0] == 256
+    torch.testing.assert_close(model(tokens), before)          # the first 64 positions are unchanged
+    assert model(torch.randint(0, 97, (1, 200))).shape == (1, 200, 97)
+    rope = tiny("rope", attention="sdpa")
+    extend_context(rope, 256)
+    assert rope.config.rope_scaling == 4.0
+    with pytest.raises(ValueError, match="exceeds"):
+        tiny("gpt2")(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_checkpointing_replays_dropout_exactly(tiny, tokens):
+    grads = []
+    for checkpoint_blocks in (False, True):
+        model = tiny("gpt2", attention="flash", checkpoint_blocks=checkpoint_blocks, dropout=0.1,
+                     attn_dropout=0.1).train()
+        torch.manual_seed(5)
+        lm_loss(model(tokens), tokens).backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_compiles_without_graph_breaks(tiny, tokens):
+    torch._dynamo.reset()
+    model = tiny("rope", attention="flash")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="divisible"):
+        build_model("gpt2_tiny", d_model=100, n_head=3)
+    with pytest.raises(ValueError, match="unknown model size"):
+        build_model("gpt5")
+    with pytest.raises(ValueError, match="n_kv_head"):
+        build_model("gpt2_tiny", n_kv_head=2)
