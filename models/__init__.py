@@ -5,6 +5,7 @@
 """
 
 from .build import build_model
+from .checkpoint import load_model, save_model
 from .config import ModelConfig
 from .extend import extend_context
 from .flops import flops_per_token
@@ -15,4 +16,4 @@ from .loss import IGNORE_INDEX, lm_loss
 from .sizes import named_config, size_names
 
 __all__ = ["ModelConfig", "build_model", "named_config", "size_names", "init_weights", "load_hf",
-           "save_hf", "generate", "extend_context", "flops_per_token", "lm_loss", "IGNORE_INDEX"]
+           "save_hf", "save_model", "load_model", "generate", "extend_context", "flops_per_token", "lm_loss", "IGNORE_INDEX"]

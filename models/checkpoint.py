@@ -1,0 +1,47 @@
+"""A flashtrain model file: config and weights in one ``torch.save`` payload, written atomically."""
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .build import build_model
+from .config import ModelConfig
+
+
+def save_model(model, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": "flashtrain-model-v1", "config": dataclasses.asdict(model.config),
+               "model": model.state_dict()}
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def load_model(path, **overrides):
+    """Rebuild a model saved by ``save_model`` (or the ``model`` part of a training checkpoint)."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:   # truncated or foreign file: say which, not a pickle traceback
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise ValueError(f"{path}: not a readable flashtrain model file, corrupt or of another kind "
+                         f"({type(error).__name__}: {reason})") from None
+    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
+        raise ValueError(f"{path}: not a flashtrain model file (no 'config' and 'model' entries)")
+    config = ModelConfig(**{**payload["config"], **overrides})
+    model = build_model(config, init=False)
+    model.load_state_dict(payload["model"])
+    return model

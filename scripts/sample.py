@@ -1,0 +1,53 @@
+"""Generate text from a flashtrain model file or a local Hugging Face GPT-2 directory.
+
+    python scripts/sample.py model.pt --tokenizer tokenizer.json --prompt "def main(" --max-new-tokens 100
+    python scripts/sample.py path/to/hf_gpt2_dir --prompt "Hello"       # uses the dir's tokenizer.json
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import generate, load_hf, load_model  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("model", type=Path, help="a flashtrain model file (.pt) or a Hugging Face directory")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the model directory's)")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    from tokenizers import Tokenizer
+    tokenizer_path = args.tokenizer or (args.model / "tokenizer.json" if args.model.is_dir() else None)
+    if tokenizer_path is None or not tokenizer_path.exists():
+        sys.exit(f"sample: no tokenizer: pass --tokenizer path/to/tokenizer.json (looked for {tokenizer_path})")
+    try:
+        model = load_hf(args.model) if args.model.is_dir() else load_model(args.model)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"sample: {error}")
+    if model.config.arch == "bert":
+        sys.exit("sample: BERT is a masked LM; sampling needs a causal model (gpt2 or rope)")
+    model.to(args.device)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    ids = tokenizer.encode(args.prompt).ids or [0]
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+        out = generate(model, torch.tensor([ids], device=args.device), args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       eos_token_id=eos, generator=generator)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main()
