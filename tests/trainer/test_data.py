@@ -1,0 +1,190 @@
+"""The data pipeline on tiny corpora made here: sources, tokenizers, shards, samplers, errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.data import DataConfig, DataError, build_data, load_tokenizer
+from trainer.data import shards as shards_module
+from trainer.data.samplers import CausalWindows, IGNORE_INDEX
+from trainer.data.shards import shard_fingerprint, token_dtype
+from trainer.data.sources import load_corpus
+from trainer.data.tokenizer import get_tokenizer
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+
+
+def make_corpus(root: Path, documents=40, words=60, seed=0):
+    generator = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(documents):
+        text = " ".join(generator.choice(WORDS, size=words)) + f"\n# doc {index}\n"
+        (root / f"doc{index:03d}.txt").write_text(text)
+    return root
+
+
+def config(tmp_path, **overrides):
+    settings = dict(source="files", path=str(make_corpus(tmp_path / "corpus")), vocab_size=300,
+                    seqlen=16, cache_dir=str(tmp_path / "cache"), num_proc=1, validation_fraction=0.2,
+                    val_windows=4)
+    settings.update(overrides)
+    return DataConfig(**settings)
+
+
+def test_round_trip_and_eos_placement(tmp_path):
+    cfg = config(tmp_path)
+    data = build_data(cfg, batch_size=2, log=lambda *_: None)
+    corpus = load_corpus(cfg)
+    split = data.splits["train"]
+    eos = data.special["eos"]
+    assert split.num_documents == len(corpus.splits["train"])
+    for index in (0, 5, split.num_documents - 1):
+        start, end = split.offsets[index], split.offsets[index + 1]
+        assert split.tokens[end - 1] == eos and eos not in split.tokens[start:end - 1]
+        text = data.tokenizer.decode(split.tokens[start:end - 1].tolist())
+        assert text == corpus.splits["train"][index]["text"]
+    assert split.tokens.dtype == np.uint16
+
+
+def test_fingerprint_follows_settings(tmp_path):
+    cfg = config(tmp_path)
+    corpus = load_corpus(cfg)
+    _, key = get_tokenizer(cfg, corpus)
+    _, same_key = get_tokenizer(cfg, load_corpus(cfg))
+    assert key == same_key
+    assert shard_fingerprint(corpus, key, 0) == shard_fingerprint(load_corpus(cfg), key, 0)
+    _, other_key = get_tokenizer(config(tmp_path, vocab_size=280), corpus)
+    assert other_key != key
+    (Path(cfg.path) / "doc000.txt").write_text("changed text entirely\n")
+    assert load_corpus(cfg).fingerprint != corpus.fingerprint
+
+
+def test_interrupted_shard_writing_leaves_no_cache(tmp_path, monkeypatch):
+    cfg = config(tmp_path)
+    real = shards_module._write_split
+
+    def fail_on_validation(table, tokenizer, eos, dtype, directory, split, num_proc):
+        if split == "validation":
+            raise KeyboardInterrupt
+        return real(table, tokenizer, eos, dtype, directory, split, num_proc)
+
+    monkeypatch.setattr(shards_module, "_write_split", fail_on_validation)
+    with pytest.raises(KeyboardInterrupt):
+        build_data(cfg, batch_size=2, log=lambda *_: None)
+    shard_root = Path(cfg.cache_dir) / "shards"
+    assert not any(shard_root.iterdir()), "a partial cache entry was left behind"
+    monkeypatch.setattr(shards_module, "_write_split", real)
+    assert build_data(cfg, batch_size=2, log=lambda *_: None).splits["validation"].num_documents > 0
+
+
+def test_windows_cover_the_data_without_overlap(tmp_path):
+    data = build_data(config(tmp_path), batch_size=3, log=lambda *_: None)
+    windows = CausalWindows(data.splits["train"], 16, batch_size=1, seed=3)
+    starts = []
+    for _ in range(windows.batches_per_epoch):
+        windows_indices = windows._order.next_indices()
+        starts.extend(int(i) * 16 for i in windows_indices)
+    assert sorted(starts) == list(range(0, windows.num_windows * 16, 16))
+    batch = windows.window_batch([2])
+    tokens = data.splits["train"].tokens
+    assert np.array_equal(batch.input_ids[0].numpy(), tokens[32:48])
+    assert np.array_equal(batch.targets[0].numpy(), tokens[33:49])
+
+
+def test_document_cu_seqlens(tmp_path):
+    data = build_data(config(tmp_path, document_aware=True), batch_size=4, log=lambda *_: None)
+    batch = next(data.train)
+    eos = data.special["eos"]
+    flat = batch.input_ids.flatten().numpy()
+    bounds = batch.cu_seqlens.numpy()
+    assert bounds[0] == 0 and bounds[-1] == flat.size and np.all(np.diff(bounds) > 0)
+    assert batch.max_seqlen == int(np.diff(bounds).max())
+    for cut in bounds[1:-1]:
+        # every cut is either a window edge or right after an end-of-document token
+        assert cut % 16 == 0 or flat[cut - 1] == eos
+    after_eos = [i + 1 for i in np.flatnonzero(flat == eos) if (i + 1) % 16]
+    assert set(after_eos) <= set(bounds.tolist())
+
+
+def test_mlm_statistics(tmp_path):
+    cfg = config(tmp_path, tokenizer="wordpiece", objective="mlm", seqlen=64)
+    data = build_data(cfg, batch_size=8, log=lambda *_: None)
+    special = data.special
+    selected = masked = randomized = kept = real = 0
+    for _ in range(data.train._order.batches_per_epoch * 3):
+        batch = next(data.train)
+        labels, inputs = batch.targets, batch.input_ids
+        is_real = (batch.attention_mask == 1) & (inputs != special["cls"]) & (inputs != special["sep"])
+        chosen = labels != IGNORE_INDEX
+        assert not (chosen & ~(batch.attention_mask == 1)).any()
+        real += int(is_real.sum()) + int((chosen & ~is_real).sum())
+        selected += int(chosen.sum())
+        masked += int((inputs[chosen] == special["mask"]).sum())
+        kept += int((inputs[chosen] == labels[chosen]).sum())
+        randomized += int(chosen.sum()) - int((inputs[chosen] == special["mask"]).sum()) \
+            - int((inputs[chosen] == labels[chosen]).sum())
+        assert inputs[0, 0] == special["cls"]
+    assert abs(selected / real - 0.15) < 0.02
+    assert abs(masked / selected - 0.8) < 0.04
+    assert abs((kept + randomized) / selected - 0.2) < 0.04
+
+
+def test_resume_gives_identical_next_batches(tmp_path):
+    cfg = config(tmp_path)
+    data = build_data(cfg, batch_size=2, seed=7, log=lambda *_: None)
+    for _ in range(5):
+        next(data.train)
+    state = json.loads(json.dumps(data.train.state_dict()))     # survives serialization
+    expected = [next(data.train).input_ids for _ in range(8)]
+    fresh = build_data(cfg, batch_size=2, seed=7, log=lambda *_: None)
+    fresh.train.load_state_dict(state)
+    for want in expected:
+        assert np.array_equal(next(fresh.train).input_ids.numpy(), want.numpy())
+
+
+def test_rank_shards_are_disjoint_and_complete(tmp_path):
+    data = build_data(config(tmp_path), batch_size=1, log=lambda *_: None)
+    split = data.splits["train"]
+    total = CausalWindows(split, 16, 1).num_windows
+    shares = []
+    for rank in range(3):
+        windows = CausalWindows(split, 16, 1, seed=1, rank=rank, world_size=3)
+        shares.append({int(windows._order.next_indices()[0]) for _ in range(windows.batches_per_epoch)})
+    assert not (shares[0] & shares[1]) and not (shares[1] & shares[2]) and not (shares[0] & shares[2])
+    assert set().union(*shares) == set(range(total))
+
+
+def test_validation_is_fixed(tmp_path):
+    first = build_data(config(tmp_path), batch_size=2, log=lambda *_: None).validation
+    second = build_data(config(tmp_path), batch_size=2, seed=99, log=lambda *_: None).validation
+    assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(first, second))
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+    root = make_corpus(tmp_path / "corpus")
+    (root / "broken.txt").write_bytes(b"valid text \xff\xfe more text\n")
+    corpus = load_corpus(config(tmp_path, path=str(root)))
+    assert corpus.replaced_bytes == 2
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_corpus(config(tmp_path, path=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no documents found"):
+        load_corpus(config(tmp_path, path=str(tmp_path / "empty")))
+    with pytest.raises(DataError, match="no documents found|does not exist"):
+        load_corpus(config(tmp_path, path=str(tmp_path / "corpus" / "*.nothing")))
+    with pytest.raises(DataError, match="fewer than one window"):
+        build_data(config(tmp_path, seqlen=100_000), batch_size=1, log=lambda *_: None)
+    with pytest.raises(DataError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="does not parse"):
+        load_tokenizer(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="does not fit"):
+        token_dtype(70_000, "uint16")
+    with pytest.raises(ValueError, match="data.path is required"):
+        DataConfig(source="files")

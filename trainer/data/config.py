@@ -1,0 +1,52 @@
+"""Settings of the data pipeline (filled from configs/data/*.yaml by Hydra)."""
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+TEXT_EXTENSIONS = [".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go",
+                   ".java", ".js", ".ts", ".sh", ".S", ".tex", ".html", ".css", ".json", ".yaml", ".toml"]
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("FLASHTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flashtrain"))
+
+
+@dataclass
+class DataConfig:
+    # Where documents come from: the running Python's standard library (built in, no download),
+    # local files, the Linux-kernel parquet corpus, or a Hugging Face hub dataset.
+    source: Literal["python_stdlib", "files", "linux", "hub"] = "python_stdlib"
+    # files: a file, directory or glob (text files, .jsonl/.json, .parquet); linux: the corpus directory.
+    path: str | None = None
+    hub_name: str | None = None          # hub: dataset name, e.g. "openwebtext"
+    hub_config: str | None = None        # hub: dataset configuration, if it has several
+    text_field: str = "text"             # the column/field holding a document's text
+    extensions: list[str] = field(default_factory=lambda: list(TEXT_EXTENSIONS))
+    validation_fraction: float = 0.05    # files/python_stdlib/hub-without-validation: share held out
+    # Tokenizer: train a byte-level BPE ("bpe", GPT) or WordPiece ("wordpiece", BERT) on the training
+    # split, or load an existing tokenizer.json (tokenizer_file).
+    tokenizer: Literal["bpe", "wordpiece"] = "bpe"
+    tokenizer_file: str | None = None
+    vocab_size: int = 8192
+    tokenizer_train_bytes: int = 50_000_000   # at most this much training text feeds the trainer
+    # Samples
+    seqlen: int = 256                    # tokens per training window (model context)
+    document_aware: bool = False         # windows carry cu_seqlens: no attention across documents
+    objective: Literal["causal", "mlm"] = "causal"
+    mlm_probability: float = 0.15
+    val_windows: int = 64                # fixed validation windows, the same at every evaluation
+    num_proc: int = 2                    # tokenization processes
+    cache_dir: str = field(default_factory=default_cache_dir)
+
+    def __post_init__(self):
+        if self.seqlen < 2:
+            raise ValueError(f"data.seqlen must be >= 2; got {self.seqlen}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction must be in (0, 1); got {self.validation_fraction}")
+        if self.source in ("files", "linux") and not self.path:
+            raise ValueError(f"data.path is required with data.source={self.source}")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("data.hub_name is required with data.source=hub")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"data.mlm_probability must be in (0, 1); got {self.mlm_probability}")

@@ -1,0 +1,198 @@
+"""Samplers: deterministic, resumable, shardable batches from token shards.
+
+``CausalWindows``: non-overlapping windows of seqlen + 1 tokens (inputs and targets shifted by one),
+shuffled per epoch from a seed; optionally with ``cu_seqlens`` marking document boundaries so the
+kernel's variable-length mode keeps attention inside documents.
+``MaskedSequences``: BERT MLM sequences ([CLS] document chunk [SEP], padded), 15% of tokens selected,
+80/10/10 mask/random/keep, labels -100 elsewhere.
+Both expose ``state_dict()``/``load_state_dict()`` (epoch and position), and with ``rank``/``world_size``
+each rank reads a disjoint share of every epoch.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .shards import TokenSplit
+from .sources import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor                  # (B, L) int64
+    targets: torch.Tensor                    # (B, L) int64, IGNORE_INDEX where no loss
+    attention_mask: torch.Tensor | None = None   # (B, L), 1 for real tokens (MLM padding)
+    cu_seqlens: torch.Tensor | None = None   # int32 document offsets into the flattened B·L tokens
+    max_seqlen: int | None = None
+
+    def to(self, device):
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None
+        return Batch(move(self.input_ids), move(self.targets), move(self.attention_mask),
+                     move(self.cu_seqlens), self.max_seqlen)
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+class _Shuffled:
+    """Epoch-wise shuffled order over ``count`` items, this rank's share, with an exact position."""
+
+    def __init__(self, count, batch_size, seed, rank, world_size, what):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.count, self.batch_size, self.seed = count, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        per_rank = len(range(rank, count, world_size))
+        self.batches_per_epoch = per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{what}: {count} samples make no full batch of {batch_size} per rank "
+                            f"({world_size} ranks); use less batch or more data")
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def order(self):
+        if self._order_epoch != self.epoch:
+            generator = np.random.default_rng([self.seed, self.epoch])
+            self._order = generator.permutation(self.count)[self.rank::self.world_size]
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_indices(self):
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.batch_size
+        self.position += 1
+        return self.order()[start:start + self.batch_size]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "world_size": self.world_size, "rank": self.rank}
+
+    def load_state_dict(self, state):
+        if state["world_size"] != self.world_size or state["seed"] != self.seed:
+            raise ValueError(f"sampler state was saved with seed {state['seed']} and world size "
+                             f"{state['world_size']}; this run has {self.seed} and {self.world_size}")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+class CausalWindows:
+    def __init__(self, split: TokenSplit, seqlen: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, document_aware: bool = False, name: str = "train"):
+        self.split, self.seqlen, self.document_aware = split, seqlen, document_aware
+        count = (len(split.tokens) - 1) // seqlen
+        if count < 1:
+            raise DataError(f"the {name} split has {len(split.tokens)} tokens, fewer than one window of "
+                            f"{seqlen + 1}; lower data.seqlen or add data")
+        self.num_windows = count
+        self._order = _Shuffled(count, batch_size, seed, rank, world_size, f"the {name} split")
+
+    @property
+    def epoch(self):
+        return self._order.epoch
+
+    @property
+    def batches_per_epoch(self):
+        return self._order.batches_per_epoch
+
+    def window_batch(self, window_indices) -> Batch:
+        length = self.seqlen
+        rows = np.stack([np.asarray(self.split.tokens[i * length:i * length + length + 1], dtype=np.int64)
+                         for i in window_indices])
+        batch = Batch(torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy()))
+        if self.document_aware:
+            batch.cu_seqlens, batch.max_seqlen = self._document_bounds(window_indices)
+        return batch
+
+    def _document_bounds(self, window_indices):
+        """cu_seqlens over the flattened batch: a boundary wherever a document starts in a window."""
+        length, offsets = self.seqlen, self.split.offsets
+        bounds, longest = [0], 0
+        for row, index in enumerate(window_indices):
+            start = index * length
+            inside = offsets[(offsets > start) & (offsets < start + length)] - start
+            cuts = np.concatenate([[0], inside, [length]])
+            longest = max(longest, int(np.diff(cuts).max()))
+            bounds.extend((row * length + cuts[1:]).tolist())
+        return torch.tensor(bounds, dtype=torch.int32), longest
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        return self.window_batch(self._order.next_indices())
+
+    def state_dict(self):
+        return self._order.state_dict()
+
+    def load_state_dict(self, state):
+        self._order.load_state_dict(state)
+
+
+def validation_windows(split: TokenSplit, seqlen: int, count: int, batch_size: int,
+                       document_aware: bool = False) -> list[Batch]:
+    """A fixed set of evenly spaced windows: every evaluation sees exactly the same tokens."""
+    windows = CausalWindows(split, seqlen, 1, document_aware=document_aware, name="validation")
+    chosen = np.unique(np.linspace(0, windows.num_windows - 1, num=min(count, windows.num_windows)).astype(int))
+    return [windows.window_batch(chosen[i:i + batch_size]) for i in range(0, len(chosen), batch_size)]
+
+
+class MaskedSequences:
+    """BERT MLM samples: each sequence is [CLS] + a chunk of one document + [SEP], padded."""
+
+    def __init__(self, split: TokenSplit, seqlen: int, batch_size: int, special: dict, vocab_size: int,
+                 mlm_probability: float = 0.15, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 name: str = "train"):
+        missing = [k for k in ("cls", "sep", "pad", "mask") if special.get(k) is None]
+        if missing:
+            raise DataError(f"MLM needs a tokenizer with [CLS] [SEP] [PAD] [MASK]; missing {missing} "
+                            "(use data.tokenizer=wordpiece)")
+        self.split, self.seqlen, self.special = split, seqlen, special
+        self.vocab_size, self.mlm_probability, self.seed = vocab_size, mlm_probability, seed
+        body = seqlen - 2
+        starts, lengths = [], []
+        for first, end in zip(split.offsets[:-1], split.offsets[1:]):
+            end -= 1                                    # drop the separator appended to every document
+            for chunk in range(int(first), int(end), body):
+                starts.append(chunk)
+                lengths.append(min(body, int(end) - chunk))
+        if not starts:
+            raise DataError(f"the {name} split has no tokens for MLM sequences")
+        self.starts, self.lengths = np.asarray(starts), np.asarray(lengths)
+        self._order = _Shuffled(len(starts), batch_size, seed, rank, world_size, f"the {name} split")
+
+    def sequence_batch(self, indices, epoch) -> Batch:
+        special, seqlen = self.special, self.seqlen
+        inputs = np.full((len(indices), seqlen), special["pad"], dtype=np.int64)
+        targets = np.full_like(inputs, IGNORE_INDEX)
+        mask = np.zeros_like(inputs)
+        for row, index in enumerate(indices):
+            start, length = self.starts[index], self.lengths[index]
+            tokens = np.asarray(self.split.tokens[start:start + length], dtype=np.int64)
+            inputs[row, 0], inputs[row, 1:length + 1], inputs[row, length + 1] = special["cls"], tokens, special["sep"]
+            mask[row, :length + 2] = 1
+            # One generator per (seed, epoch, sequence): the same masking whatever the batch layout.
+            generator = np.random.default_rng([self.seed, epoch, int(index)])
+            chosen = np.flatnonzero(generator.random(length) < self.mlm_probability) + 1
+            targets[row, chosen] = inputs[row, chosen]
+            action = generator.random(len(chosen))
+            inputs[row, chosen[action < 0.8]] = special["mask"]
+            randomized = chosen[(action >= 0.8) & (action < 0.9)]
+            inputs[row, randomized] = generator.integers(0, self.vocab_size, len(randomized))
+        return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(mask))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        indices = self._order.next_indices()
+        return self.sequence_batch(indices, self._order.epoch)
+
+    def state_dict(self):
+        return self._order.state_dict()
+
+    def load_state_dict(self, state):
+        self._order.load_state_dict(state)

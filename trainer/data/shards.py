@@ -1,0 +1,118 @@
+"""Token shards: each split tokenized once into a flat memory-mapped array plus document offsets.
+
+Layout of a cache entry ``<cache>/shards/<fingerprint>/``: ``<split>.bin`` (uint16 when the
+vocabulary fits, else uint32), ``<split>.offsets.npy`` (int64, n_docs + 1) and ``meta.json``,
+written last. The entry is assembled in a temporary directory and renamed into place, so an
+interrupted run never leaves something that looks complete.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import DataConfig
+from .sources import Corpus, DataError
+
+FORMAT = "flashtrain-shards-v1"
+
+
+def token_dtype(vocab_size: int, requested: str | None = None) -> np.dtype:
+    needed = np.uint16 if vocab_size <= 2**16 else np.uint32
+    if requested is not None:
+        dtype = np.dtype(requested)
+        if vocab_size > np.iinfo(dtype).max + 1:
+            raise DataError(f"vocabulary of {vocab_size} tokens does not fit in {dtype} token ids")
+        return dtype
+    return np.dtype(needed)
+
+
+@dataclass
+class TokenSplit:
+    tokens: np.ndarray      # flat memmap of token ids, documents separated by EOS
+    offsets: np.ndarray     # offsets[i] = first token of document i; offsets[-1] = len(tokens)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+
+def shard_fingerprint(corpus: Corpus, tokenizer_key: str, eos_id: int) -> str:
+    return hashlib.sha1(f"{FORMAT}|{corpus.fingerprint}|{tokenizer_key}|{eos_id}".encode()).hexdigest()[:20]
+
+
+def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, num_proc: int):
+    def encode(batch):
+        ids = [encoding.ids + [eos_id] for encoding in tokenizer.encode_batch(batch["text"])]
+        return {"ids": ids, "length": [len(x) for x in ids]}
+
+    encoded = table.map(encode, batched=True, batch_size=64, remove_columns=table.column_names,
+                        num_proc=num_proc if len(table) >= 4 * num_proc else None,
+                        desc=f"tokenizing {split}")
+    lengths = np.asarray(encoded["length"], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.lib.format.open_memmap(directory / f"{split}.npy", mode="w+", dtype=dtype,
+                                       shape=(int(offsets[-1]),))
+    position = 0
+    for batch in tqdm(encoded.iter(batch_size=1024), total=-(-len(encoded) // 1024),
+                      desc=f"writing {split}", leave=False):
+        for ids in batch["ids"]:
+            tokens[position:position + len(ids)] = ids
+            position += len(ids)
+    tokens.flush()
+    del tokens
+    np.save(directory / f"{split}.offsets.npy", offsets)
+    return int(offsets[-1]), len(lengths)
+
+
+def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: str, eos_id: int,
+                 log=print) -> dict[str, TokenSplit]:
+    """Tokenize every split into the cache (or reuse it) and map the result."""
+    fingerprint = shard_fingerprint(corpus, tokenizer_key, eos_id)
+    final = Path(config.cache_dir) / "shards" / fingerprint
+    if not (final / "meta.json").exists():
+        started = time.time()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=final.parent))
+        try:
+            dtype = token_dtype(tokenizer.get_vocab_size())
+            summary = {}
+            for split, table in corpus.splits.items():
+                summary[split] = _write_split(table, tokenizer, eos_id, dtype, staging, split, config.num_proc)
+            meta = {"format": FORMAT, "dtype": str(dtype), "splits": {
+                s: {"tokens": t, "documents": d} for s, (t, d) in summary.items()}}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            os.replace(staging, final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        seconds = time.time() - started
+        text_bytes = sum(sum(len(t) for t in table["text"]) for table in corpus.splits.values())
+        tokens = sum(t for t, _ in summary.values())
+        documents = sum(d for _, d in summary.values())
+        log(f"data: tokenized {documents} documents, {text_bytes / 1e6:.1f} MB of text -> {tokens:,} tokens "
+            f"in {seconds:.1f} s ({text_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s)"
+            + (f"; {corpus.replaced_bytes} undecodable bytes replaced" if corpus.replaced_bytes else ""))
+    return load_shards(final)
+
+
+def load_shards(directory: Path) -> dict[str, TokenSplit]:
+    meta_path = Path(directory) / "meta.json"
+    if not meta_path.exists():
+        raise DataError(f"{directory}: not a complete token cache (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    splits = {}
+    for split, info in meta["splits"].items():
+        tokens = np.load(Path(directory) / f"{split}.npy", mmap_mode="r")
+        offsets = np.load(Path(directory) / f"{split}.offsets.npy")
+        if len(tokens) != info["tokens"] or len(offsets) != info["documents"] + 1:
+            raise DataError(f"{directory}: {split} does not match meta.json (corrupt cache; delete it)")
+        splits[split] = TokenSplit(tokens, offsets)
+    return splits

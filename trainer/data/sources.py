@@ -1,0 +1,149 @@
+"""Document sources: every one ends as ``{split: datasets.Dataset}`` with a ``text`` column.
+
+Besides the splits, each source returns a fingerprint (what identifies its content, cheaply) so
+tokenizers and token shards can be cached, and a count of undecodable bytes replaced.
+"""
+
+import glob
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from .config import DataConfig
+
+
+class DataError(ValueError):
+    """Bad data input: a missing path, no documents, an empty split. The message names it."""
+
+
+@dataclass
+class Corpus:
+    splits: dict                      # "train" / "validation" -> datasets.Dataset with "text"
+    fingerprint: str
+    replaced_bytes: int = 0
+    description: str = ""
+
+
+def _held_out(relative_path: str, fraction: float) -> bool:
+    """A stable train/validation split by a hash of the path, not by order or randomness."""
+    bucket = int(hashlib.sha1(relative_path.encode()).hexdigest()[:8], 16) % 10_000
+    return bucket < fraction * 10_000
+
+
+def _stat_fingerprint(paths) -> str:
+    digest = hashlib.sha1()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _text_files(paths: list[str], root: str, fraction: float, label: str) -> Corpus:
+    texts = {"train": [], "validation": []}
+    replaced = 0
+    for path in paths:
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-8", errors="replace")
+        if "\ufffd" in text:
+            # Count only replacements the decoder made, not U+FFFD characters the file really holds.
+            replaced += text.count("\ufffd") - raw.count("\ufffd".encode())
+        if text.strip():
+            split = "validation" if _held_out(os.path.relpath(path, root), fraction) else "train"
+            texts[split].append(text)
+    splits = {name: datasets.Dataset.from_dict({"text": docs}) for name, docs in texts.items()}
+    return Corpus(splits, _stat_fingerprint(paths) + f"-{fraction}", replaced, label)
+
+
+def python_stdlib(config: DataConfig) -> Corpus:
+    """The .py files of the running interpreter's standard library: real, on every machine."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = sorted(p for p in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                   if "site-packages" not in p and os.path.isfile(p))
+    if not paths:
+        raise DataError(f"no .py files under the standard library at {root}")
+    return _text_files(paths, root, config.validation_fraction, f"python stdlib at {root}")
+
+
+def local_files(config: DataConfig) -> Corpus:
+    """A file, a directory (searched recursively) or a glob: text files are one document each;
+    .jsonl/.json and .parquet files hold a document per record, in ``config.text_field``."""
+    pattern = os.path.expanduser(config.path)
+    if any(ch in pattern for ch in "*?["):
+        paths = sorted(glob.glob(pattern, recursive=True))
+        root = os.path.dirname(pattern.split("*")[0]) or "."
+    elif os.path.isdir(pattern):
+        paths = sorted(str(p) for p in Path(pattern).rglob("*"))
+        root = pattern
+    elif os.path.isfile(pattern):
+        paths, root = [pattern], os.path.dirname(pattern) or "."
+    else:
+        raise DataError(f"data.path {config.path!r} does not exist")
+    paths = [p for p in paths if os.path.isfile(p)]
+    records = [p for p in paths if p.endswith((".jsonl", ".json", ".parquet"))]
+    if records:
+        kind = "parquet" if records[0].endswith(".parquet") else "json"
+        table = datasets.load_dataset(kind, data_files=records, split="train")
+        if config.text_field not in table.column_names:
+            raise DataError(f"{records[0]}: no field {config.text_field!r} (fields: {table.column_names}); "
+                            "set data.text_field")
+        table = table.select_columns([config.text_field]).rename_column(config.text_field, "text") \
+            if config.text_field != "text" else table.select_columns(["text"])
+        table = table.filter(lambda row: bool(row["text"] and row["text"].strip()))
+        if len(table) < 2:
+            raise DataError(f"data.path {config.path!r}: fewer than 2 non-empty records")
+        parts = table.train_test_split(test_size=config.validation_fraction, seed=0)
+        return Corpus({"train": parts["train"], "validation": parts["test"]},
+                      _stat_fingerprint(records) + f"-{config.text_field}-{config.validation_fraction}",
+                      0, f"{len(records)} record files under {config.path}")
+    texts = [p for p in paths if p.endswith(tuple(config.extensions))]
+    if not texts:
+        raise DataError(f"data.path {config.path!r}: no documents found (no files ending in "
+                        f"{', '.join(config.extensions[:6])}, ... or .jsonl/.json/.parquet)")
+    corpus = _text_files(texts, root, config.validation_fraction, f"{len(texts)} files under {config.path}")
+    if len(corpus.splits["train"]) == 0:
+        raise DataError(f"data.path {config.path!r}: every document was empty or held out for validation")
+    return corpus
+
+
+def linux(config: DataConfig) -> Corpus:
+    """The Linux-kernel corpus layout: train/validation(/test).parquet with ``path`` and ``text``."""
+    root = Path(os.path.expanduser(config.path))
+    files = {split: root / f"{split}.parquet" for split in ("train", "validation")}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise DataError(f"data.path {config.path!r}: missing {', '.join(missing)}")
+    splits = {split: datasets.load_dataset("parquet", data_files=str(path), split="train")
+              .select_columns(["text"]) for split, path in files.items()}
+    return Corpus(splits, _stat_fingerprint([str(p) for p in files.values()]), 0, f"linux corpus at {root}")
+
+
+def hub(config: DataConfig) -> Corpus:
+    """A Hugging Face hub dataset by name (needs network the first time; then datasets' cache)."""
+    loaded = datasets.load_dataset(config.hub_name, config.hub_config)
+    train = loaded["train"]
+    if config.text_field not in train.column_names:
+        raise DataError(f"hub dataset {config.hub_name}: no field {config.text_field!r}; set data.text_field")
+    if "validation" in loaded:
+        splits = {"train": train, "validation": loaded["validation"]}
+    else:
+        parts = train.train_test_split(test_size=config.validation_fraction, seed=0)
+        splits = {"train": parts["train"], "validation": parts["test"]}
+    splits = {k: v.select_columns([config.text_field]).rename_column(config.text_field, "text")
+              if config.text_field != "text" else v.select_columns(["text"]) for k, v in splits.items()}
+    return Corpus(splits, f"hub-{config.hub_name}-{config.hub_config}-{train._fingerprint}", 0,
+                  f"hub dataset {config.hub_name}")
+
+
+SOURCES = {"python_stdlib": python_stdlib, "files": local_files, "linux": linux, "hub": hub}
+
+
+def load_corpus(config: DataConfig) -> Corpus:
+    corpus = SOURCES[config.source](config)
+    for split, table in corpus.splits.items():
+        if len(table) == 0:
+            raise DataError(f"{corpus.description}: the {split} split has no documents")
+    return corpus

@@ -1,0 +1,84 @@
+"""Tokenizers: train a byte-level BPE (GPT) or a WordPiece (BERT) on the training split, cached by
+corpus fingerprint and settings, or load any ``tokenizer.json``."""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .config import DataConfig
+from .sources import Corpus, DataError
+
+EOS = "<|endoftext|>"
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def load_tokenizer(path) -> Tokenizer:
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise DataError(f"tokenizer file {path} does not exist")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises plain Exceptions on bad JSON
+        raise DataError(f"tokenizer file {path} does not parse as a tokenizer.json: "
+                        f"{str(error).splitlines()[0][:160]}") from None
+
+
+def _training_texts(corpus: Corpus, budget_bytes: int):
+    used = 0
+    for batch in corpus.splits["train"].iter(batch_size=256):
+        for text in batch["text"]:
+            if used >= budget_bytes:
+                return
+            used += len(text)
+            yield text
+
+
+def _new_tokenizer(kind: str, vocab_size: int):
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        # Every byte is in the initial alphabet: no text is ever unknown.
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=True,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS,
+                                            show_progress=True)
+    return tokenizer, trainer
+
+
+def get_tokenizer(config: DataConfig, corpus: Corpus) -> tuple[Tokenizer, str]:
+    """The tokenizer and its fingerprint (which the token-shard cache keys on)."""
+    if config.tokenizer_file:
+        tokenizer = load_tokenizer(config.tokenizer_file)
+        digest = hashlib.sha1(tokenizer.to_str().encode()).hexdigest()[:16]
+        return tokenizer, digest
+    key = hashlib.sha1(f"{corpus.fingerprint}|{config.tokenizer}|{config.vocab_size}|"
+                       f"{config.tokenizer_train_bytes}".encode()).hexdigest()[:16]
+    path = Path(config.cache_dir) / "tokenizers" / f"{config.tokenizer}-{config.vocab_size}-{key}.json"
+    if path.exists():
+        return load_tokenizer(path), key
+    tokenizer, trainer = _new_tokenizer(config.tokenizer, config.vocab_size)
+    tokenizer.train_from_iterator(_training_texts(corpus, config.tokenizer_train_bytes), trainer=trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tokenizer.", dir=path.parent)
+    os.close(handle)
+    tokenizer.save(temporary)
+    os.replace(temporary, path)
+    return tokenizer, key
+
+
+def special_ids(tokenizer: Tokenizer) -> dict:
+    """Ids of the special tokens the samplers need (None where the tokenizer has none)."""
+    names = {"eos": EOS, "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+    ids = {key: tokenizer.token_to_id(token) for key, token in names.items()}
+    if ids["eos"] is None:   # a loaded GPT-2 style tokenizer may name it differently; BERT uses [SEP]
+        ids["eos"] = ids["sep"]
+    return ids
