@@ -1,5 +1,6 @@
 # Two commands for a fresh machine:
-#   make run    set up .venv and run the main job (today: the attention kernel demo)
+#   make run    set up .venv and run the main job: the quickstart training run
+#   make demo   the attention kernel against the reference (and SDPA timings on a GPU)
 #   make test   set up .venv and run the test suite
 #
 # torch: by default pip installs torch==2.13.0 from the configured index. For the CPU-only build
@@ -15,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test clean
+.PHONY: setup run demo test clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +30,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup
+	$(PY) -m trainer $(ARGS)
+
+demo: setup
 	$(PY) scripts/attention_demo.py
 
 test: setup

@@ -21,13 +21,23 @@ def resolve(impl: str, device: torch.device) -> str:
     return impl
 
 
-def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding=None):
+def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding=None, documents=None):
     """q (B, Nq, Hq, D), k/v (B, Nk, Hk, D) -> (B, Nq, Hq, D).
 
     ``key_padding`` (B, Nk) bool, True for real tokens (only with Nq == Nk: padded encoder input).
+    ``documents`` = (cu_seqlens, max_seqlen): documents packed along the flattened B·N tokens; no
+    token attends across a document boundary (flash only: the others would need an N x N mask).
     Causal masks are aligned bottom-right, so a query block at the end of a KV cache is exact.
     """
     impl = resolve(impl, q.device)
+    if documents is not None:
+        if impl != "flash":
+            raise ValueError(f"packed documents (cu_seqlens) need attention=flash, not {impl!r}")
+        cu_seqlens, max_seqlen = documents
+        flat = lambda t: t.reshape(-1, *t.shape[2:])
+        out = flash_attention(flat(q), flat(k), flat(v), causal=causal, dropout_p=dropout_p,
+                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return out.view(q.shape)
     if impl == "flash":
         if key_padding is not None:
             return _flash_unpadded(q, k, v, causal, dropout_p, key_padding)

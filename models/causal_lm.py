@@ -23,9 +23,11 @@ class CausalLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
 
-    def forward(self, input_ids, attention_mask=None, *, caches=None):
+    def forward(self, input_ids, attention_mask=None, *, caches=None, cu_seqlens=None, max_seqlen=None):
         """input_ids (B, N) -> logits (B, N, vocab). ``attention_mask`` (B, N), 1 for real tokens
-        and 0 for right padding; ``caches`` (from ``make_caches``) for incremental decoding."""
+        and 0 for right padding; ``caches`` (from ``make_caches``) for incremental decoding;
+        ``cu_seqlens``/``max_seqlen``: documents packed along the flattened B·N tokens, attended
+        separately (flash attention's variable-length mode)."""
         batch, seqlen = input_ids.shape
         offset = caches[0].length if caches else 0
         x = self.embed(input_ids)
@@ -38,7 +40,8 @@ class CausalLM(nn.Module):
         key_padding = None
         if attention_mask is not None and caches is None and not bool(attention_mask.all()):
             key_padding = attention_mask.bool()
-        x = run_blocks(self.blocks, x, self.config, self.training, key_padding, caches)
+        documents = (cu_seqlens, max_seqlen) if cu_seqlens is not None else None
+        x = run_blocks(self.blocks, x, self.config, self.training, key_padding, caches, documents)
         # Tied output embedding (GPT-2); padded vocabulary rows are dropped from the logits.
         return F.linear(self.norm(x), self.embed.weight)[..., :self.config.vocab_size]
 

@@ -61,7 +61,7 @@ class SelfAttention(nn.Module):
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling) \
             if config.arch == "rope" else None
 
-    def forward(self, x, key_padding=None, cache=None):
+    def forward(self, x, key_padding=None, cache=None, documents=None):
         config = self.config
         batch, seqlen, _ = x.shape
         qkv = self.qkv(x).view(batch, seqlen, config.n_head + 2 * config.kv_heads, config.head_dim)
@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
             k, v = cache.append(k, v)
         dropout_p = config.attn_dropout if self.training else 0.0
         out = attention(q, k, v, impl=config.attention, causal=config.causal, dropout_p=dropout_p,
-                        key_padding=key_padding)
+                        key_padding=key_padding, documents=documents)
         return self.proj(out.reshape(batch, seqlen, config.d_model))
 
 
@@ -112,15 +112,16 @@ class Block(nn.Module):
         self.norm_mlp = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, key_padding=None, cache=None):
+    def forward(self, x, key_padding=None, cache=None, documents=None):
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.norm_attn(x), key_padding, cache))
+            x = x + self.dropout(self.attn(self.norm_attn(x), key_padding, cache, documents))
             return x + self.dropout(self.mlp(self.norm_mlp(x)))
-        x = self.norm_attn(x + self.dropout(self.attn(x, key_padding, cache)))
+        x = self.norm_attn(x + self.dropout(self.attn(x, key_padding, cache, documents)))
         return self.norm_mlp(x + self.dropout(self.mlp(x)))
 
 
-def run_blocks(blocks, x, config: ModelConfig, training: bool, key_padding=None, caches=None):
+def run_blocks(blocks, x, config: ModelConfig, training: bool, key_padding=None, caches=None,
+               documents=None):
     """Apply the blocks, recomputing each in the backward when activation checkpointing is on.
 
     Checkpointing replays the block's forward, dropout included: torch.utils.checkpoint restores the
@@ -129,7 +130,8 @@ def run_blocks(blocks, x, config: ModelConfig, training: bool, key_padding=None,
     for index, block in enumerate(blocks):
         cache = caches[index] if caches is not None else None
         if config.checkpoint_blocks and training and cache is None:
-            x = torch.utils.checkpoint.checkpoint(block, x, key_padding, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(block, x, key_padding, None, documents,
+                                                  use_reentrant=False)
         else:
-            x = block(x, key_padding, cache)
+            x = block(x, key_padding, cache, documents)
     return x

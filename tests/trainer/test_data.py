@@ -153,7 +153,8 @@ def test_rank_shards_are_disjoint_and_complete(tmp_path):
         windows = CausalWindows(split, 16, 1, seed=1, rank=rank, world_size=3)
         shares.append({int(windows._order.next_indices()[0]) for _ in range(windows.batches_per_epoch)})
     assert not (shares[0] & shares[1]) and not (shares[1] & shares[2]) and not (shares[0] & shares[2])
-    assert set().union(*shares) == set(range(total))
+    covered = set().union(*shares)
+    assert len(covered) == 3 * (total // 3) and covered <= set(range(total))
 
 
 def test_validation_is_fixed(tmp_path):

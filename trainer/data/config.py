@@ -2,7 +2,6 @@
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
 
 TEXT_EXTENSIONS = [".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go",
                    ".java", ".js", ".ts", ".sh", ".S", ".tex", ".html", ".css", ".json", ".yaml", ".toml"]
@@ -16,7 +15,7 @@ def default_cache_dir() -> str:
 class DataConfig:
     # Where documents come from: the running Python's standard library (built in, no download),
     # local files, the Linux-kernel parquet corpus, or a Hugging Face hub dataset.
-    source: Literal["python_stdlib", "files", "linux", "hub"] = "python_stdlib"
+    source: str = "python_stdlib"        # python_stdlib | files | linux | hub
     # files: a file, directory or glob (text files, .jsonl/.json, .parquet); linux: the corpus directory.
     path: str | None = None
     hub_name: str | None = None          # hub: dataset name, e.g. "openwebtext"
@@ -26,20 +25,25 @@ class DataConfig:
     validation_fraction: float = 0.05    # files/python_stdlib/hub-without-validation: share held out
     # Tokenizer: train a byte-level BPE ("bpe", GPT) or WordPiece ("wordpiece", BERT) on the training
     # split, or load an existing tokenizer.json (tokenizer_file).
-    tokenizer: Literal["bpe", "wordpiece"] = "bpe"
+    tokenizer: str = "bpe"               # bpe | wordpiece
     tokenizer_file: str | None = None
     vocab_size: int = 8192
     tokenizer_train_bytes: int = 50_000_000   # at most this much training text feeds the trainer
     # Samples
     seqlen: int = 256                    # tokens per training window (model context)
     document_aware: bool = False         # windows carry cu_seqlens: no attention across documents
-    objective: Literal["causal", "mlm"] = "causal"
+    objective: str = "causal"            # causal (GPT windows) | mlm (BERT)
     mlm_probability: float = 0.15
     val_windows: int = 64                # fixed validation windows, the same at every evaluation
     num_proc: int = 2                    # tokenization processes
     cache_dir: str = field(default_factory=default_cache_dir)
 
     def __post_init__(self):
+        # Checked here (not with Literal types) because Hydra's structured configs accept str only.
+        for key, allowed in (("source", ("python_stdlib", "files", "linux", "hub")),
+                             ("tokenizer", ("bpe", "wordpiece")), ("objective", ("causal", "mlm"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"data.{key}={getattr(self, key)!r}; expected one of {', '.join(allowed)}")
         if self.seqlen < 2:
             raise ValueError(f"data.seqlen must be >= 2; got {self.seqlen}")
         if not 0.0 < self.validation_fraction < 1.0:

@@ -39,15 +39,19 @@ class Batch:
 
 
 class _Shuffled:
-    """Epoch-wise shuffled order over ``count`` items, this rank's share, with an exact position."""
+    """Epoch-wise shuffled order over ``count`` items and this rank's exact position in it.
+
+    Micro-batch k of rank r is slice ``(k * world_size + r) * batch_size`` of the epoch's
+    permutation: at every step the ranks together read one contiguous stretch of it, so a run on
+    N ranks sees the same samples per optimizer step as one rank accumulating N micro-batches.
+    """
 
     def __init__(self, count, batch_size, seed, rank, world_size, what):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.count, self.batch_size, self.seed = count, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        per_rank = len(range(rank, count, world_size))
-        self.batches_per_epoch = per_rank // batch_size
+        self.batches_per_epoch = count // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise DataError(f"{what}: {count} samples make no full batch of {batch_size} per rank "
                             f"({world_size} ranks); use less batch or more data")
@@ -57,14 +61,14 @@ class _Shuffled:
     def order(self):
         if self._order_epoch != self.epoch:
             generator = np.random.default_rng([self.seed, self.epoch])
-            self._order = generator.permutation(self.count)[self.rank::self.world_size]
+            self._order = generator.permutation(self.count)
             self._order_epoch = self.epoch
         return self._order
 
     def next_indices(self):
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        start = self.position * self.batch_size
+        start = (self.position * self.world_size + self.rank) * self.batch_size
         self.position += 1
         return self.order()[start:start + self.batch_size]
 

@@ -1,0 +1,177 @@
+"""The training loop end to end on CPU: configs, resume, checkpoints, failures, DDP, logging."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as checkpoint_module
+from trainer import loop as loop_module
+from trainer.checkpoint import CheckpointError
+from trainer.loop import NonFiniteLoss, Trainer, run
+
+from .helpers import ROOT, compose_run, run_cli, tiny_overrides
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def read_metrics(run_dir: Path):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r], [r for r in lines if "val_loss" in r]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    config = compose_run([f"experiment={experiment}"])
+    assert config.experiment == experiment
+    assert config.trainer.max_steps >= 1 and config.data.seqlen >= 2
+
+
+def test_paper_setups_have_the_paper_numbers():
+    one_k, four_k = compose_run(["experiment=gpt2s_owt_1k"]), compose_run(["experiment=gpt2s_owt_4k"])
+    assert one_k.model.name == "gpt2_small" and one_k.data.seqlen == 1024 and one_k.optim.lr == 6e-4
+    assert one_k.trainer.micro_batch_size * one_k.trainer.grad_accum == 512
+    tokens = lambda c: c.trainer.micro_batch_size * c.trainer.grad_accum * c.data.seqlen
+    assert tokens(one_k) == tokens(four_k) and four_k.data.seqlen == 4096
+    assert compose_run(["experiment=gpt2m_owt_1k"]).optim.lr == 1.5e-4
+
+
+def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path):
+    summary = run(compose_run(tiny_overrides(tmp_path)), tmp_path / "run")
+    train, evals = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert set(train[0]) >= {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb"}
+    assert [r["step"] for r in evals] == [3, 6] and evals[-1]["val_ppl"] > 1
+    assert summary["val_loss"] == evals[-1]["val_loss"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert (tmp_path / "run" / "train.log").exists()
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 8, "trainer.save_interval": 4})
+    run(compose_run(overrides), tmp_path / "whole")
+    whole, _ = read_metrics(tmp_path / "whole")
+
+    interrupted = Trainer(compose_run(overrides), tmp_path / "split")
+    for _ in range(4):
+        interrupted.train_step()
+    interrupted.save()
+    interrupted.close()                      # the process "dies" after its step-4 checkpoint
+    run(compose_run(overrides + ["resume=true"]), tmp_path / "split")
+    resumed, _ = read_metrics(tmp_path / "split")
+    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[4:]]
+    final = lambda d: torch.load(d / "checkpoints" / "step_00000008" / "state.pt", weights_only=False)["model"]
+    for name, tensor in final(tmp_path / "whole").items():
+        assert torch.equal(tensor, final(tmp_path / "split")[name]), name
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(compose_run(tiny_overrides(tmp_path)), tmp_path / "run")
+    trainer.train_step()
+    trainer.save()
+    trainer.train_step()
+    real_save = checkpoint_module._save
+
+    def dies_mid_write(obj, path):
+        if path.name == "state.pt":
+            path.write_bytes(b"half a checkpoint")
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint_module, "_save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    trainer.close()
+    latest = checkpoint_module.latest_checkpoint(tmp_path / "run")
+    assert latest.name == "step_00000001"
+    state, _ = checkpoint_module.load_checkpoint(latest, 0)
+    assert state["step"] == 1
+
+
+def test_corrupt_and_incompatible_checkpoints_are_named(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 3})
+    run(compose_run(overrides), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="d_model: checkpoint 32, this run 64"):
+        Trainer(compose_run(overrides + ["resume=true", "model.d_model=64"]), tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "step_00000003" / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(compose_run(overrides + ["resume=true"]), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="resume=true"):
+        Trainer(compose_run(overrides), tmp_path / "run")
+
+
+def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
+    real_loss = loop_module.lm_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = real_loss(logits, targets)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(loop_module, "lm_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        run(compose_run(tiny_overrides(tmp_path)), tmp_path / "stop")
+    calls["n"] = 0
+    summary = run(compose_run(tiny_overrides(tmp_path, **{"trainer.skip_nonfinite": "true"})), tmp_path / "skip")
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 6
+
+
+def test_wandb_offline_files_are_written(tmp_path):
+    overrides = tiny_overrides(tmp_path, logger="wandb", **{"trainer.max_steps": 2})
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    run(compose_run(overrides), tmp_path / "run")
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("trainer.no_such_key=1", "no_such_key"),
+    ("trainer.max_steps=many", "max_steps"),
+    ("model=bert_tiny", "objective"),
+    ("trainer.precision=fp8", "trainer.precision"),
+])
+def test_bad_configs_exit_with_a_short_message(override, words):
+    result = run_cli([override, "logger=none"])
+    assert result.returncode != 0
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_path_is_named(tmp_path):
+    result = run_cli(["data=files", f"data.path={tmp_path / 'absent'}", "logger=none",
+                      f"hydra.run.dir={tmp_path / 'run'}"])
+    assert result.returncode != 0 and "absent" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_quickstart_command_runs(tmp_path):
+    """The README's main command, shortened: the stdlib corpus, its own BPE, train, eval, sample."""
+    result = run_cli(["trainer.max_steps=4", "trainer.eval_interval=2", "trainer.sample_tokens=8",
+                      "data.tokenizer_train_bytes=2000000", "logger=none", f"hydra.run.dir={tmp_path / 'qs'}"],
+                     env_extra={"FLASHTRAIN_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "val_ppl" in (tmp_path / "qs" / "metrics.jsonl").read_text()
+    assert "sample:" in result.stderr
+    assert (tmp_path / "qs" / ".hydra" / "config.yaml").exists()
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """Global batch 4 either way: 1 process x 2 micro-batches of 2, or 2 processes x 1 of 2."""
+    common = tiny_overrides(tmp_path, **{"trainer.max_steps": 3, "model.dropout": 0.0,
+                                          "model.attn_dropout": 0.0})
+    single = run_cli(common + ["trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}"])
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29533", "-m", "trainer", *common, "trainer.grad_accum=1",
+                          f"hydra.run.dir={tmp_path / 'two'}"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=dict(os.environ, WANDB_SILENT="true"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, _ = read_metrics(tmp_path / "one")
+    two, _ = read_metrics(tmp_path / "two")
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)

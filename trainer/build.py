@@ -1,0 +1,56 @@
+"""Turn a RunConfig into the objects a run needs: device, model (new or loaded)."""
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from models import build_model, extend_context, load_hf, load_model
+
+from .config import RunConfig
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={name} but no CUDA device is visible")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def model_overrides(config: RunConfig, vocab_size: int) -> dict:
+    section = config.model
+    overrides = {"vocab_size": vocab_size, "attention": section.attention,
+                 "checkpoint_blocks": section.checkpoint_blocks,
+                 "pad_vocab_multiple": section.pad_vocab_multiple}
+    for key in ("dropout", "attn_dropout", "d_model", "n_layer", "n_head"):
+        if getattr(section, key) is not None:
+            overrides[key] = getattr(section, key)
+    return overrides
+
+
+def make_model(config: RunConfig, vocab_size: int, seed: int):
+    """A fresh model of the named size (positions sized to the context), or one loaded from
+    ``model.init_from`` with its context extended when the data's windows are longer."""
+    section = config.model
+    seqlen = config.data.seqlen
+    if section.init_from:
+        source = Path(section.init_from)
+        runtime = {"attention": section.attention, "checkpoint_blocks": section.checkpoint_blocks}
+        model = load_hf(source, **runtime) if source.is_dir() else load_model(source, **runtime)
+        if model.config.vocab_size != vocab_size:
+            raise ValueError(f"model.init_from has vocabulary {model.config.vocab_size}, the data's "
+                             f"tokenizer {vocab_size}: use the model's tokenizer (data.tokenizer_file)")
+        if seqlen > model.config.max_seqlen:
+            extend_context(model, seqlen)
+        return model
+    overrides = model_overrides(config, vocab_size)
+    overrides["max_seqlen"] = seqlen   # a new model's position table (or rope context) = the context
+    return build_model(section.name, seed=seed, **overrides)
+
+
+def model_config_dict(model) -> dict:
+    return dataclasses.asdict(model.config)

@@ -1,0 +1,117 @@
+"""Typed run configuration. Hydra fills these dataclasses from configs/*.yaml; unknown keys and
+wrong types are rejected by Hydra, impossible combinations by ``RunConfig.__post_init__``.
+
+(Fields that take one of a few strings are ``str`` checked here: Hydra's structured configs do not
+accept ``typing.Literal``.)
+"""
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from .data.config import DataConfig
+
+
+def _one_of(key: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}; expected one of {', '.join(allowed)}")
+
+
+@dataclass
+class ModelSection:
+    name: str = "gpt2_tiny"              # a size from models.size_names(): gpt2_small, bert_large, ...
+    attention: str = "auto"              # auto (flash on CUDA, sdpa elsewhere) | flash | sdpa | eager
+    dropout: float | None = None         # residual/embedding dropout; None keeps the size's default
+    attn_dropout: float | None = None    # attention-probability dropout; None keeps the default
+    checkpoint_blocks: bool = False      # activation checkpointing per block
+    pad_vocab_multiple: int = 64         # pad the embedding table for faster matmuls
+    d_model: int | None = None           # optional overrides of the named size
+    n_layer: int | None = None
+    n_head: int | None = None
+    init_from: str | None = None         # start from a Hugging Face directory or a flashtrain model file
+
+    def __post_init__(self):
+        _one_of("model.attention", self.attention, ("auto", "flash", "sdpa", "eager"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4                     # peak learning rate
+    min_lr_ratio: float = 0.1            # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1            # applied to matrices only (not biases, norms, embeddings' rows? all 2-D)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"             # cosine | linear | constant (after warmup)
+    grad_clip: float = 1.0               # max global gradient norm; 0 disables clipping
+
+    def __post_init__(self):
+        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim: lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300                 # optimizer steps
+    micro_batch_size: int = 8            # sequences per forward pass on each process
+    grad_accum: int = 1                  # micro-batches per optimizer step (global batch = micro x accum x world)
+    log_interval: int = 10               # steps between train metric lines
+    eval_interval: int = 100             # steps between evaluations (and one at the end)
+    save_interval: int = 100             # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2            # newest checkpoints kept
+    seed: int = 1337
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    precision: str = "bf16"              # bf16 | fp16 | fp32 (bf16/fp16: autocast; fp16 adds a grad scaler)
+    compile: bool = False                # torch.compile the model
+    skip_nonfinite: bool = False         # skip (and count) steps whose loss is not finite instead of stopping
+    sample_tokens: int = 64              # tokens generated from the final model (causal models), 0 = none
+    peak_tflops: float | None = None     # for MFU; None = the card's dense bf16 rate when known
+
+    def __post_init__(self):
+        _one_of("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_interval", "eval_interval",
+                    "save_interval", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"trainer.{key} must be >= 1; got {getattr(self, key)}")
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"                  # wandb | none (metrics.jsonl and the console are always written)
+    project: str = "flashtrain"
+    mode: str = "offline"                # offline (sync later with `wandb sync`) | online; WANDB_MODE wins
+    name: str | None = None
+
+    def __post_init__(self):
+        _one_of("logger.kind", self.kind, ("wandb", "none"))
+        _one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    resume: bool = False                 # continue from the run directory's latest checkpoint
+    experiment: str = "quickstart"       # the experiment's name (set by configs/experiment/*.yaml)
+
+    def __post_init__(self):
+        bert = self.model.name.startswith("bert")
+        if bert != (self.data.objective == "mlm"):
+            raise ValueError(f"model.name={self.model.name} needs data.objective="
+                             f"{'mlm' if bert else 'causal'} (got {self.data.objective})")
+        if bert and self.data.tokenizer == "bpe" and not self.data.tokenizer_file:
+            raise ValueError("BERT needs a WordPiece tokenizer: set data.tokenizer=wordpiece")
+        if self.trainer.precision == "fp16" and self.trainer.device == "cpu":
+            raise ValueError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        if self.data.document_aware and self.model.attention not in ("auto", "flash"):
+            raise ValueError("data.document_aware=true packs documents with cu_seqlens, which only "
+                             "model.attention=flash (or auto on CUDA) supports")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

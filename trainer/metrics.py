@@ -1,0 +1,63 @@
+"""Metrics: one JSON object per line in metrics.jsonl, the train.log, and Weights & Biases."""
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from .config import LoggerConfig
+
+log = logging.getLogger("flashtrain")
+
+
+def setup_logging(run_dir: Path, is_main: bool):
+    """train.log in the run directory (rank 0) and the console; idempotent."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not is_main or any(getattr(h, "_flashtrain", False) for h in log.handlers):
+        return
+    file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    for handler in (file_handler, console):
+        handler._flashtrain = True
+        log.addHandler(handler)
+
+
+def close_logging():
+    for handler in [h for h in log.handlers if getattr(h, "_flashtrain", False)]:
+        handler.close()
+        log.removeHandler(handler)
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, config: LoggerConfig, run_config: dict, is_main: bool):
+        self.is_main = is_main
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if is_main else None
+        self.wandb = None
+        if is_main and config.kind == "wandb":
+            import wandb
+            id_file = Path(run_dir) / "wandb_id"
+            # A stable id per run directory, so a resumed run continues the same wandb run.
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=config.project, name=config.name, id=run_id, resume="allow",
+                                    dir=str(run_dir), config=run_config,
+                                    mode=os.environ.get("WANDB_MODE", config.mode))
+
+    def write(self, record: dict):
+        if not self.is_main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                           step=record["step"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
