@@ -16,7 +16,7 @@ import triton.language as tl
 from ._forward import LOG2E, lse_strides
 from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
 from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, dropout_keep_tile_compact,
-                      row_counter_base)
+                      kernel_counter_base, kernel_seed, row_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -96,7 +96,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "counter_base"])
 def _dkdv_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, cu_seqlens,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
@@ -209,7 +209,7 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "counter_base"])
 def _dq_kernel(
     Q, K, V, GradOut, Lse, Delta, GradQ, cu_seqlens,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
@@ -295,7 +295,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
-               softmax_scale, softmax_scale * LOG2E, seed, offset // 4,
+               softmax_scale, softmax_scale * LOG2E, kernel_seed(seed), kernel_counter_base(offset),
                counters_per_row(geometry.seqlen_k), drop_threshold, 1.0 / (1.0 - dropout_p))
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype),
                  N_ROUNDS=PHILOX_ROUNDS, **common)

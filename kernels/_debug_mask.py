@@ -5,10 +5,11 @@ import triton
 import triton.language as tl
 
 from ._launch import Geometry
-from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, row_counter_base
+from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, kernel_counter_base,
+                      kernel_seed, row_counter_base)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "counter_base"])
 def _keep_mask_kernel(Mask, seqlen_q, seqlen_k, seed, counter_base, counters_per_row,
                       drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       N_ROUNDS: tl.constexpr):
@@ -31,7 +32,8 @@ def keep_mask(geometry: Geometry, seed: int, offset: int, drop_threshold: int,
     block = 32
     grid = (triton.cdiv(geometry.seqlen_q, block), triton.cdiv(geometry.seqlen_k, block),
             geometry.batch * geometry.heads_q)
-    _keep_mask_kernel[grid](mask, geometry.seqlen_q, geometry.seqlen_k, seed, offset // 4,
+    _keep_mask_kernel[grid](mask, geometry.seqlen_q, geometry.seqlen_k, kernel_seed(seed),
+                            kernel_counter_base(offset),
                             counters_per_row(geometry.seqlen_k), drop_threshold,
                             BLOCK_M=block, BLOCK_N=block,
                             N_ROUNDS=PHILOX_ROUNDS)

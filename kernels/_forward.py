@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
-from ._philox import PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, row_counter_base
+from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, kernel_counter_base,
+                      kernel_seed, row_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -52,7 +53,8 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, l
     return acc, l_i, m_i
 
 
-@triton.jit
+# seed and counter_base change every call: no value specialization (it would recompile).
+@triton.jit(do_not_specialize=["seed", "counter_base"])
 def _forward_kernel(
     Q, K, V, Out, Lse, cu_seqlens,
     stride_qb, stride_qn, stride_qh,
@@ -151,7 +153,8 @@ def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causa
         *batched_strides(v, geometry.varlen), *batched_strides(out, geometry.varlen),
         *lse_strides(lse, geometry.varlen),
         geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
-        softmax_scale * LOG2E, seed, offset // 4, counters_per_row(geometry.seqlen_k),
+        softmax_scale * LOG2E, kernel_seed(seed), kernel_counter_base(offset),
+        counters_per_row(geometry.seqlen_k),
         drop_threshold, 1.0 / (1.0 - dropout_p),
         HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,

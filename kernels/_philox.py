@@ -105,6 +105,18 @@ def philox_counters(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int) -> i
     return batch * heads_q * seqlen_q * counters_per_row(seqlen_k)
 
 
+def kernel_seed(seed: int) -> int:
+    """The seed as the kernels take it: bit 62 set, so it is always a 64-bit kernel argument."""
+    return (seed & (2**62 - 1)) | 2**62
+
+
+def kernel_counter_base(offset: int) -> int:
+    """First Philox counter of a call. Offset by 2**40 so it is always a 64-bit kernel argument:
+    Triton compiles a kernel per argument type, and an offset that grows past 2**31 mid-run would
+    otherwise trigger a recompilation (a full second) in the middle of training."""
+    return offset // 4 + 2**40
+
+
 def next_seed_offset(device: torch.device, counters: int) -> tuple[int, int]:
     """Take ``(seed, offset)`` from the device's default generator and advance it past this call.
 

@@ -45,11 +45,10 @@ class CausalLM(nn.Module):
         # Tied output embedding (GPT-2); padded vocabulary rows are dropped from the logits.
         return F.linear(self.norm(x), self.embed.weight)[..., :self.config.vocab_size]
 
-    def make_caches(self, batch: int, max_len: int, dtype=None) -> list[LayerCache]:
+    def make_caches(self, batch: int, max_len: int) -> list[LayerCache]:
         config = self.config
-        dtype = dtype or self.embed.weight.dtype
-        return [LayerCache(batch, max_len, config.kv_heads, config.head_dim, dtype,
-                           self.embed.weight.device) for _ in range(config.n_layer)]
+        return [LayerCache(batch, max_len, config.kv_heads, config.head_dim, self.embed.weight.device)
+                for _ in range(config.n_layer)]
 
     def flops_per_token(self, seqlen: int) -> float:
         return flops_per_token(self.config, seqlen)

@@ -174,3 +174,10 @@ def test_packed_documents_attend_separately(tiny):
     # rotary positions continue across the window; attention alone is split, so compare the first
     # document only and check the second differs from attending over the whole window
     assert not torch.allclose(logits[:, 10:], model(packed)[:, 10:])
+
+
+def test_kv_cache_under_autocast_matches_the_autocast_dtype(tiny, tokens):
+    model = tiny("gpt2", attention="flash")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, tokens[:, :5], 3, temperature=0)
+    assert out.shape == (2, 8)
