@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from models import generate, lm_loss
+from models import generate, lm_loss, save_model
 from models.attention import resolve as resolve_attention
 
 from .build import make_model, model_config_dict, resolve_device
@@ -225,6 +225,10 @@ class Trainer:
             if self.step % trainer.save_interval == 0 or self.step == trainer.max_steps:
                 self.save()
         bar.close()
+        if self.context.is_main:
+            # The trained model and its tokenizer, ready for scripts/sample.py and model.init_from.
+            save_model(self.model, self.run_dir / "model.pt")
+            self.data.tokenizer.save(str(self.run_dir / "tokenizer.json"))
         summary = {"steps": self.step, "tokens": self.tokens, "seconds": time.time() - started,
                    "final_loss": losses[-1] if losses else None,
                    "val_loss": last_eval["val_loss"] if last_eval else None,

@@ -49,6 +49,7 @@ def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path):
     assert summary["val_loss"] == evals[-1]["val_loss"]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert (tmp_path / "run" / "train.log").exists()
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "tokenizer.json").exists()
 
 
 def test_stop_and_resume_is_bit_identical(tmp_path):
@@ -175,3 +176,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_fine_tune_from_a_run_at_longer_context(tmp_path):
+    """Long-document fine-tuning: start from a finished run's model and tokenizer, double the context."""
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 2})), tmp_path / "base")
+    overrides = tiny_overrides(tmp_path, **{
+        "trainer.max_steps": 2, "data.seqlen": 64, "model.init_from": str(tmp_path / "base" / "model.pt"),
+        "data.tokenizer_file": str(tmp_path / "base" / "tokenizer.json")})
+    summary = run(compose_run(overrides), tmp_path / "long")
+    state = torch.load(tmp_path / "long" / "model.pt", weights_only=True)
+    assert state["config"]["max_seqlen"] == 64 and summary["steps"] == 2
