@@ -170,6 +170,17 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     assert corpus.replaced_bytes == 2
 
 
+def _big_tokenizer(path):
+    """A word-level tokenizer with 300 entries: too many for uint8 ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"w{i}": i for i in range(299)}
+    vocab["<|endoftext|>"] = 299
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return True
+
+
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_corpus(config(tmp_path, path=str(tmp_path / "missing")))
@@ -187,5 +198,8 @@ def test_bad_inputs_are_named(tmp_path):
         load_tokenizer(tmp_path / "bad.json")
     with pytest.raises(DataError, match="does not fit"):
         token_dtype(70_000, "uint16")
+    with pytest.raises(DataError, match="does not fit"):
+        build_data(config(tmp_path, tokenizer_file=str(tmp_path / "big.json"), token_dtype="uint8"),
+                   batch_size=1, log=lambda *_: None) if _big_tokenizer(tmp_path / "big.json") else None
     with pytest.raises(ValueError, match="data.path is required"):
         DataConfig(source="files")

@@ -36,6 +36,7 @@ class DataConfig:
     mlm_probability: float = 0.15
     val_windows: int = 64                # fixed validation windows, the same at every evaluation
     num_proc: int = 2                    # tokenization processes
+    token_dtype: str | None = None       # uint16 | uint32 token ids on disk; None = smallest that fits
     cache_dir: str = field(default_factory=default_cache_dir)
 
     def __post_init__(self):

@@ -44,8 +44,8 @@ class TokenSplit:
         return len(self.offsets) - 1
 
 
-def shard_fingerprint(corpus: Corpus, tokenizer_key: str, eos_id: int) -> str:
-    return hashlib.sha1(f"{FORMAT}|{corpus.fingerprint}|{tokenizer_key}|{eos_id}".encode()).hexdigest()[:20]
+def shard_fingerprint(corpus: Corpus, tokenizer_key: str, eos_id: int, dtype: str | None = None) -> str:
+    return hashlib.sha1(f"{FORMAT}|{corpus.fingerprint}|{tokenizer_key}|{eos_id}|{dtype}".encode()).hexdigest()[:20]
 
 
 def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, num_proc: int):
@@ -75,14 +75,14 @@ def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, n
 def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: str, eos_id: int,
                  log=print) -> dict[str, TokenSplit]:
     """Tokenize every split into the cache (or reuse it) and map the result."""
-    fingerprint = shard_fingerprint(corpus, tokenizer_key, eos_id)
+    fingerprint = shard_fingerprint(corpus, tokenizer_key, eos_id, config.token_dtype)
     final = Path(config.cache_dir) / "shards" / fingerprint
     if not (final / "meta.json").exists():
         started = time.time()
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=final.parent))
         try:
-            dtype = token_dtype(tokenizer.get_vocab_size())
+            dtype = token_dtype(tokenizer.get_vocab_size(), config.token_dtype)
             summary = {}
             for split, table in corpus.splits.items():
                 summary[split] = _write_split(table, tokenizer, eos_id, dtype, staging, split, config.num_proc)
