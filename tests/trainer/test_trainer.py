@@ -187,3 +187,11 @@ def test_fine_tune_from_a_run_at_longer_context(tmp_path):
     summary = run(compose_run(overrides), tmp_path / "long")
     state = torch.load(tmp_path / "long" / "model.pt", weights_only=True)
     assert state["config"]["max_seqlen"] == 64 and summary["steps"] == 2
+
+
+def test_multirun_sweep(tmp_path):
+    overrides = [o for o in tiny_overrides(tmp_path, **{"trainer.max_steps": 2}) if not o.startswith("data.seqlen=")]
+    result = run_cli(["-m", *overrides, "data.seqlen=16,32", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "metrics.jsonl").exists()
