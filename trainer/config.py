@@ -38,7 +38,7 @@ class ModelSection:
 class OptimConfig:
     lr: float = 6e-4                     # peak learning rate
     min_lr_ratio: float = 0.1            # final lr = lr * min_lr_ratio
-    weight_decay: float = 0.1            # applied to matrices only (not biases, norms, embeddings' rows? all 2-D)
+    weight_decay: float = 0.1            # applied to 2-D weights only (matmuls, embeddings), not biases or norms
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
