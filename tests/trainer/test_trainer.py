@@ -195,3 +195,12 @@ def test_multirun_sweep(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "metrics.jsonl").exists()
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 6, "trainer.save_interval": 2,
+                                            "trainer.keep_checkpoints": 2})
+    run(compose_run(overrides), tmp_path / "run")
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000006"]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
