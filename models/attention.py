@@ -76,7 +76,7 @@ def _flash_unpadded(q, k, v, causal, dropout_p, key_padding):
     batch, seqlen = key_padding.shape
     lengths = key_padding.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    # Each row's real tokens must come first (right padding), as tokenizers produce them.
+    # Real tokens in order, row by row (any padding pattern packs the same way).
     index = key_padding.flatten().nonzero().squeeze(1)
     pack = lambda t: t.flatten(0, 1).index_select(0, index)
     out = flash_attention(pack(q), pack(k), pack(v), causal=causal, dropout_p=dropout_p,
