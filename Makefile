@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)))
-	# Triton 3.6's interpreter (used for tests on CPU) breaks on numpy >= 2.3.
-	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.3"
+	# A CUDA build of torch brings its own matching Triton; keep it. The CPU build brings none: add
+	# Triton 3.6 (its interpreter runs the kernels in the tests). That interpreter breaks on numpy >= 2.3.
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==3.6.0"
+	$(PY) -m pip install -q "numpy<2.3"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

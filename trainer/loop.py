@@ -1,6 +1,8 @@
 """The training loop: one explicit step function, evaluation, checkpoints, logging."""
 
 import contextlib
+import os
+import shutil
 import dataclasses
 import math
 import random
@@ -56,9 +58,13 @@ class Trainer:
         self.context = init_distributed(self.device)
         if self.context.enabled and self.device.type == "cuda":
             self.device = torch.device(f"cuda:{self.context.local_rank}")
-        # One run directory for all ranks: rank 0's.
+        # One run directory for all ranks: rank 0's. Without an explicit hydra.run.dir, the other
+        # ranks' Hydra may have made timestamped directories of their own; drop them if that is all.
         self.run_dir = Path(self.context.broadcast(str(run_dir)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if Path(run_dir) != self.run_dir and Path(run_dir).is_dir() \
+                and set(os.listdir(run_dir)) <= {".hydra"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
         setup_logging(self.run_dir, self.context.is_main)
         seed_everything(trainer.seed + self.context.rank)   # dropout differs per rank; weights do not
 
