@@ -14,7 +14,6 @@ Markdown tables and PNG plots beside it (scripts/report_attention.py).
 import argparse
 import datetime
 import json
-import math
 import platform
 import shlex
 import sys

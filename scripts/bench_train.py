@@ -67,7 +67,7 @@ def one_setting(seqlen, batch, attention, compiled, steps, warmup):
     except Exception as error:  # noqa: BLE001 - record why a setting could not run, keep going
         record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     finally:
-        del model, optimizer
+        model = optimizer = None    # free this setting's memory before the next one
         torch.cuda.empty_cache()
     return record
 

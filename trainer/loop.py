@@ -1,11 +1,10 @@
 """The training loop: one explicit step function, evaluation, checkpoints, logging."""
 
 import contextlib
-import os
-import shutil
-import dataclasses
 import math
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 
