@@ -31,7 +31,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became NaN or infinite; the message names the step."""
 
 
 def _peak_flops(config: RunConfig, device: torch.device) -> float | None:
