@@ -12,7 +12,8 @@ Features
     for the device, and the backward regenerates the same Philox mask (see ``_philox.py``).
   * Memory: the forward saves O and the row log-sum-exp, O(N); the backward (FlashAttention-2
     algorithm) recomputes score tiles, never an N x N tensor. No atomics: deterministic gradients.
-  * A ``torch.library`` custom op with autograd, so ``torch.compile`` traces it without graph breaks.
+  * A ``torch.library`` custom op with autograd, so ``torch.compile`` traces it without graph breaks;
+    eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead).
 
 Limits
   * fp16, bf16 (fast path) and fp32 (exact dots, for tests); head_dim 1..256 (padded internally to a
@@ -44,10 +45,7 @@ def _geometry(q, k, cu_seqlens, max_seqlen) -> Geometry:
                     q.shape[2], varlen=True)
 
 
-@torch.library.custom_op("flashtrain::flash_attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
     """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
     check_runnable(q.device)
     geometry = _geometry(q, k, cu_seqlens, max_seqlen)
@@ -59,6 +57,28 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
     out, lse = _forward.forward(q, k, v, cu_seqlens, geometry, softmax_scale, causal, dropout_p,
                                 seed, offset, drop_threshold(dropout_p))
     return out, lse, torch.tensor([seed, offset], dtype=torch.int64)
+
+
+def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale,
+                   causal, dropout_p):
+    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    return _backward.backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry, softmax_scale,
+                              causal, dropout_p, seed, offset, drop_threshold(dropout_p))
+
+
+# Two entry points to the same kernels. torch.compile needs an operator it can trace: the custom ops
+# below. In eager mode their dispatch (schema checks, aliasing checks, the autograd wrapper) costs
+# several hundred microseconds of host time per forward+backward on an H100 host, more than the
+# kernels themselves at short sequences, so eager calls go through a plain autograd.Function.
+@torch.library.custom_op("flashtrain::flash_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
+    return _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p)
 
 
 @_forward_op.register_fake
@@ -73,12 +93,8 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  out: torch.Tensor, lse: torch.Tensor, rng_state: torch.Tensor,
                  cu_seqlens: torch.Tensor | None, max_seqlen: int, softmax_scale: float,
                  causal: bool, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
-    seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
-    return _backward.backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry, softmax_scale,
-                              causal, dropout_p, seed, offset, drop_threshold(dropout_p))
+    return _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen,
+                          softmax_scale, causal, dropout_p)
 
 
 @_backward_op.register_fake
@@ -87,7 +103,7 @@ def _(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_sc
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
+def _save_for_backward(ctx, inputs, output):
     q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p = inputs
     out, lse, rng_state = output
     ctx.save_for_backward(q, k, v, out, lse, rng_state, cu_seqlens)
@@ -96,15 +112,35 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, rng_state)
 
 
-def _backward_fn(ctx, grad_out, _grad_lse, _grad_rng_state):
+def _saved_backward_args(ctx, grad_out):
     q, k, v, out, lse, rng_state, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, ctx.max_seqlen,
-                              ctx.softmax_scale, ctx.causal, ctx.dropout_p)
+    return (grad_out, q, k, v, out, lse, rng_state, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale,
+            ctx.causal, ctx.dropout_p)
+
+
+def _op_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
+    dq, dk, dv = _backward_op(*_saved_backward_args(ctx, grad_out))
     return dq, dk, dv, None, None, None, None, None
 
 
-torch.library.register_autograd("flashtrain::flash_attention_forward", _backward_fn,
-                                setup_context=_setup_context)
+torch.library.register_autograd("flashtrain::flash_attention_forward", _op_backward,
+                                setup_context=_save_for_backward)
+
+
+class _EagerFlashAttention(torch.autograd.Function):
+    """The eager-mode path: the same forward and backward as the custom ops, less dispatch."""
+
+    @staticmethod
+    def forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
+        return _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p)
+
+    setup_context = staticmethod(_save_for_backward)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse, _grad_rng_state):
+        dq, dk, dv = _backward_impl(*_saved_backward_args(ctx, grad_out))
+        return dq, dk, dv, None, None, None, None, None
 
 
 def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None, cu_seqlens=None,
@@ -130,8 +166,12 @@ def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None,
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     # The kernels take any strides but need unit stride along head_dim for vector loads.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _lse, rng_state = _forward_op(q, k, v, cu_seqlens, max_seqlen if cu_seqlens is not None
-                                       else 0, float(softmax_scale), bool(causal), float(dropout_p))
+    args = (q, k, v, cu_seqlens, max_seqlen if cu_seqlens is not None else 0, float(softmax_scale),
+            bool(causal), float(dropout_p))
+    if torch.compiler.is_compiling():
+        out, _lse, rng_state = _forward_op(*args)
+    else:
+        out, _lse, rng_state = _EagerFlashAttention.apply(*args)
     if not return_debug_mask:
         return out
     geometry = _geometry(q, k, cu_seqlens, max_seqlen)
