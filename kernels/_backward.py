@@ -278,8 +278,9 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
 
     ``tiles`` = (dK/dV tiles, dQ tiles) overrides the tuned sizes (for tuning scripts)."""
     varlen = geometry.varlen
-    kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal),
-                                  dq_tiles(geometry.head_dim, q.device, q.dtype))
+    dropout = dropout_p > 0
+    kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout),
+                                  dq_tiles(geometry.head_dim, q.device, q.dtype, dropout))
     common = dict(HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d, VARLEN=varlen)
 
     delta = torch.empty_like(lse)

@@ -113,7 +113,8 @@ def forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Ti
     return Tiles(64, 32, 4, 2)
 
 
-def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool) -> Tiles:
+def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
+               dropout: bool = False) -> Tiles:
     """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed."""
     if device.type != "cuda":
         return Tiles(16, 32, 1, 1)
@@ -126,7 +127,7 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
     return Tiles(32, 32, 4, 2)
 
 
-def dq_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
+def dq_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, dropout: bool = False) -> Tiles:
     """Tiles of the dQ pass: block_m queries held on chip, block_n keys streamed."""
     if device.type != "cuda":
         return Tiles(16, 32, 1, 1)

@@ -25,9 +25,11 @@ FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3
                                (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
                                (128, 64, 4, 4)]]
 DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
-                            (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2)]]
+                            (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2),
+                            (16, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3), (128, 64, 8, 2)]]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-                          (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2)]]
+                          (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
+                          (32, 128, 4, 3), (64, 64, 8, 3)]]
 
 
 def measure(fn):
@@ -39,7 +41,7 @@ def measure(fn):
         return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-def sweep(head_dim, seqlen, causal, dropout_p, dtype):
+def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv", "dq")):
     heads = 2048 // head_dim
     batch = 16384 // seqlen
     shape = (batch, seqlen, heads, head_dim)
@@ -51,17 +53,17 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype):
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     out, lse = _forward.forward(q, k, v, None, **args)
     rows = []
-    for tiles in FORWARD:
+    for tiles in FORWARD if "forward" in kernels else []:
         ms = measure(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args))
         rows.append(("forward", tiles, ms, flops))
     # Each backward pass is timed as the whole backward with the other pass at its tuned tiles.
-    default_dq = dq_tiles(head_dim, q.device, dtype)
-    default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal)
-    for tiles in DKDV:
+    default_dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
+    default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0)
+    for tiles in DKDV if "dkdv" in kernels else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(tiles, default_dq), **args))
         rows.append(("dkdv(+fixed dq)", tiles, ms, 2.5 * flops))
-    for tiles in DQ:
+    for tiles in DQ if "dq" in kernels else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(default_dkdv, tiles), **args))
         rows.append(("dq(+fixed dkdv)", tiles, ms, 2.5 * flops))
@@ -100,6 +102,9 @@ def main():
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--kernels", nargs="+", choices=["forward", "dkdv", "dq"],
+                        default=["forward", "dkdv", "dq"], help="which kernels to sweep")
+    parser.add_argument("--causal", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("tune.json"))
     parser.add_argument("--rounds-study", action="store_true",
                         help="only time dropout against the number of Philox rounds")
@@ -110,9 +115,9 @@ def main():
         return
     records = []
     for head_dim in args.head_dims:
-        for causal in (False, True):
+        for causal in map(bool, args.causal):
             for dropout_p in args.dropout:
-                found = sweep(head_dim, args.seqlen, causal, dropout_p, torch.bfloat16)
+                found = sweep(head_dim, args.seqlen, causal, dropout_p, torch.bfloat16, args.kernels)
                 records += found
                 for kernel in ("forward", "dkdv(+fixed dq)", "dq(+fixed dkdv)"):
                     ok = [r for r in found if r["kernel"] == kernel and r["ms"]]
