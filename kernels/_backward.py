@@ -16,14 +16,18 @@ import triton.language as tl
 from ._forward import LOG2E, lse_strides
 from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
 from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, dropout_keep_tile_compact,
-                      kernel_counter_base, kernel_seed, row_counter_base)
+                      drop_rescale, head_first_pair, kernel_counter_base, kernel_seed,
+                      pair_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
-# The dK/dV pass consumes dropout tiles transposed, so no thread holds all eight columns of a Philox
-# counter. Either each thread recomputes the counters it touches (False) or each counter is computed
-# once and the boolean tile is shuffled (True); see docs/results/attention_notes.md for the timing.
-DKDV_COMPACT_MASK = True
+# How the dK/dV pass, whose tiles are transposed against the forward's, applies the dropout mask:
+#   "untransposed": compute that tile in the forward's orientation (each thread generates its own
+#                   counters) and pass P and dS to the transposed products through shared memory;
+#   "compact":      keep the transposed tiles, compute each counter once, shuffle the boolean mask;
+#   "broadcast":    keep the transposed tiles, each thread recomputes every counter it touches.
+# See docs/results/attention_notes.md for the timings.
+DKDV_MASK_LAYOUT = "untransposed"
 
 
 @triton.jit
@@ -51,11 +55,11 @@ def _delta_kernel(Out, GradOut, Delta, cu_seqlens,
 @triton.jit
 def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_ptr, delta_ptr,
                        lo, hi, n0, cols, offs_m, d_ok, len_q, len_k, diagonal, qk_scale,
-                       seed, counter_base, dropout_row0, counters_per_row, drop_threshold,
+                       seed, counter_base, dropout_first_pair, counters_per_row, drop_threshold,
                        drop_rescale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
-                       COMPACT_MASK: tl.constexpr):
+                       MASK_LAYOUT: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
         row_ok = rows < len_q
@@ -68,31 +72,54 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
         else:
             lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
-        # Transposed scores, (BLOCK_N, BLOCK_M), so dK and dV accumulate without a transpose.
-        scoresT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        pT = tl.math.exp2(scoresT * qk_scale - lse[None, :])
-        if MASKED:
-            visibleT = cols[:, None] < len_k
-            if CAUSAL:
-                visibleT = visibleT & (cols[:, None] <= rows[None, :] + diagonal)
-            pT = tl.where(visibleT, pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if DROPOUT:
-            row_counters = row_counter_base(counter_base, dropout_row0 + rows, counters_per_row)
-            if COMPACT_MASK:
-                keep = dropout_keep_tile_compact(seed, row_counters, n0, drop_threshold,
-                                                 BLOCK_M, BLOCK_N, N_ROUNDS)
-            else:
-                keep = dropout_keep_tile(seed, row_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
-                                         N_ROUNDS)
-            keepT = tl.trans(keep)
-            pT_dropped = tl.where(keepT, pT * drop_rescale, 0.0)
-            dpT = tl.where(keepT, dpT * drop_rescale, 0.0)
+        if DROPOUT and MASK_LAYOUT == "untransposed":
+            # Scores in the forward's orientation, (BLOCK_M, BLOCK_N): each thread generates
+            # exactly the dropout counters it holds (as in the forward), and P and dS reach the
+            # transposed products through shared memory instead.
+            pair_counters = pair_counter_base(counter_base, dropout_first_pair + m0 // 2,
+                                              counters_per_row, BLOCK_M)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            p = tl.math.exp2(scores * qk_scale - lse[:, None])
+            if MASKED:
+                visible = cols[None, :] < len_k
+                if CAUSAL:
+                    visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
+                p = tl.where(visible, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
+                                     N_ROUNDS)
+            p_dropped = tl.where(keep, p * drop_rescale, 0.0)
+            dp = tl.where(keep, dp * drop_rescale, 0.0)
+            dv = tl.dot(tl.trans(p_dropped.to(do.dtype)), do, dv, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
         else:
-            pT_dropped = pT
-        dv = tl.dot(pT_dropped.to(do.dtype), do, dv, input_precision=PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+            # Transposed scores, (BLOCK_N, BLOCK_M), so dK and dV accumulate without a transpose.
+            scoresT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            pT = tl.math.exp2(scoresT * qk_scale - lse[None, :])
+            if MASKED:
+                visibleT = cols[:, None] < len_k
+                if CAUSAL:
+                    visibleT = visibleT & (cols[:, None] <= rows[None, :] + diagonal)
+                pT = tl.where(visibleT, pT, 0.0)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if DROPOUT:
+                pair_counters = pair_counter_base(counter_base, dropout_first_pair + m0 // 2,
+                                                  counters_per_row, BLOCK_M)
+                if MASK_LAYOUT == "compact":
+                    keep = dropout_keep_tile_compact(seed, pair_counters, n0, drop_threshold,
+                                                     BLOCK_M, BLOCK_N, N_ROUNDS)
+                else:
+                    keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M,
+                                             BLOCK_N, N_ROUNDS)
+                keepT = tl.trans(keep)
+                pT_dropped = tl.where(keepT, pT * drop_rescale, 0.0)
+                dpT = tl.where(keepT, dpT * drop_rescale, 0.0)
+            else:
+                pT_dropped = pT
+            dv = tl.dot(pT_dropped.to(do.dtype), do, dv, input_precision=PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -107,7 +134,7 @@ def _dkdv_kernel(
     softmax_scale, qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, COMPACT_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASK_LAYOUT: tl.constexpr,
 ):
     block_n = tl.program_id(0)
     head_k = tl.program_id(1)
@@ -157,7 +184,7 @@ def _dkdv_kernel(
         do_ptrs = (GradOut + batch64 * stride_gb + head.to(tl.int64) * stride_gh
                    + start64 * stride_gn + offs_m[:, None] * stride_gn + offs_d[None, :])
         row_stats = batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + start
-        dropout_row0 = (batch64 * heads_q + head) * seqlen_q
+        dropout_first_pair = head_first_pair(batch64 * heads_q + head, seqlen_q)
         for stage in tl.static_range(3):
             if stage == 0:
                 stage_lo = lo
@@ -171,9 +198,9 @@ def _dkdv_kernel(
             dk, dv = _dkdv_query_blocks(
                 dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, Lse + row_stats,
                 Delta + row_stats, stage_lo, stage_hi, n0, cols, offs_m, d_ok, len_q, len_k,
-                diagonal, qk_scale, seed, counter_base, dropout_row0, counters_per_row,
+                diagonal, qk_scale, seed, counter_base, dropout_first_pair, counters_per_row,
                 drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, stage != 1, CAUSAL,
-                DROPOUT, PRECISION, N_ROUNDS, COMPACT_MASK)
+                DROPOUT, PRECISION, N_ROUNDS, MASK_LAYOUT)
 
     dk *= softmax_scale
     store_rows(GradK + batch64 * stride_dkb + head_k.to(tl.int64) * stride_dkh
@@ -186,7 +213,7 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi, rows,
-                   offs_n, d_ok, len_k, diagonal, qk_scale, seed, row_counters, drop_threshold,
+                   offs_n, d_ok, len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold,
                    drop_rescale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -201,7 +228,7 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
             p = tl.where(visible_tile(rows, cols, len_k, diagonal, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = dropout_keep_tile(seed, row_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
+            keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
                                      N_ROUNDS)
             dp = tl.where(keep, dp * drop_rescale, 0.0)
         ds = p * (dp - delta[:, None])
@@ -252,17 +279,18 @@ def _dq_kernel(
               + offs_n[:, None] * stride_vn + offs_d[None, :])
 
     diagonal = len_k - len_q
-    row_counters = row_counter_base(counter_base, (batch64 * heads_q + head) * seqlen_q + rows,
-                                    counters_per_row)
+    pair_counters = pair_counter_base(
+        counter_base, head_first_pair(batch64 * heads_q + head, seqlen_q) + m0 // 2, counters_per_row,
+        BLOCK_M)
     full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end,
-                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, row_counters,
+                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, pair_counters,
                         drop_threshold, drop_rescale,
                         BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
                         causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL),
-                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, row_counters,
+                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, pair_counters,
                         drop_threshold, drop_rescale,
                         BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
     dq *= softmax_scale
@@ -297,7 +325,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
                softmax_scale, softmax_scale * LOG2E, kernel_seed(seed), kernel_counter_base(offset),
-               counters_per_row(geometry.seqlen_k), drop_threshold, 1.0 / (1.0 - dropout_p))
+               counters_per_row(geometry.seqlen_k), drop_threshold, drop_rescale(dropout_p))
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype),
                  N_ROUNDS=PHILOX_ROUNDS, **common)
 
@@ -305,7 +333,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *inputs,
         *batched_strides(dk, varlen), *batched_strides(dv, varlen), *lse_strides(lse, varlen),
         *scalars, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n,
-        COMPACT_MASK=DKDV_COMPACT_MASK, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags)
+        MASK_LAYOUT=DKDV_MASK_LAYOUT, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags)
     _dq_kernel[(triton.cdiv(geometry.seqlen_q, q_tiles.block_m), geometry.heads_q, geometry.batch)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, *inputs,
         *batched_strides(dq, varlen), *lse_strides(lse, varlen),

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from ._launch import Geometry
 from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, kernel_counter_base,
-                      kernel_seed, row_counter_base)
+                      kernel_seed, pair_counter_base, head_first_pair)
 
 
 @triton.jit(do_not_specialize=["seed", "counter_base"])
@@ -17,10 +17,11 @@ def _keep_mask_kernel(Mask, seqlen_q, seqlen_k, seed, counter_base, counters_per
     n0 = tl.program_id(1) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     batch_head = tl.program_id(2).to(tl.int64)      # b * heads_q + h
-    global_rows = batch_head * seqlen_q + rows
-    keep = dropout_keep_tile(seed, row_counter_base(counter_base, global_rows, counters_per_row), n0,
-                             drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
-    ptrs = Mask + global_rows[:, None] * seqlen_k + cols[None, :]
+    first_pair = head_first_pair(batch_head, seqlen_q) + tl.program_id(0) * (BLOCK_M // 2)
+    keep = dropout_keep_tile(seed, pair_counter_base(counter_base, first_pair, counters_per_row,
+                                                     BLOCK_M),
+                             n0, drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
+    ptrs = Mask + (batch_head * seqlen_q + rows)[:, None] * seqlen_k + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
 
 

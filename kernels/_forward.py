@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
-from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, kernel_counter_base,
-                      kernel_seed, row_counter_base)
+from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile, kernel_counter_base,
+                      kernel_seed, pair_counter_base, head_first_pair)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -23,7 +23,7 @@ LOG2E = math.log2(math.e)
 @triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi,
                        rows, offs_n, d_ok, len_k, diagonal, qk_scale,
-                       seed, row_counters, drop_threshold, drop_rescale,
+                       seed, pair_counters, drop_threshold, drop_rescale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                        PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
@@ -44,7 +44,7 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, l
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = dropout_keep_tile(seed, row_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
+            keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
                                      N_ROUNDS)
             p = tl.where(keep, p * drop_rescale, 0.0)
         v = load_rows(v_ptrs + n0 * stride_vn, cols < len_k, d_ok, MASKED, EVEN_D)
@@ -97,8 +97,9 @@ def _forward_kernel(
 
     # Causal, aligned bottom-right: query i sees keys j <= i + (len_k - len_q).
     diagonal = len_k - len_q
-    row_counters = row_counter_base(counter_base, (batch64 * heads_q + head) * seqlen_q + rows,
-                                    counters_per_row)
+    pair_counters = pair_counter_base(
+        counter_base, head_first_pair(batch64 * heads_q + head, seqlen_q) + m0 // 2, counters_per_row,
+        BLOCK_M)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)   # running row max (scaled, base 2)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                 # running softmax denominator
@@ -106,12 +107,12 @@ def _forward_kernel(
     full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend_key_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end, rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, row_counters, drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT,
+        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT,
         PRECISION, N_ROUNDS)
     acc, l_i, m_i = _attend_key_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
         causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL), rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, row_counters, drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT,
+        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT,
         PRECISION, N_ROUNDS)
 
     # Rows that see no key at all (causal with len_q > len_k) output zeros; their lse is +inf so
@@ -155,7 +156,7 @@ def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causa
         geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
         softmax_scale * LOG2E, kernel_seed(seed), kernel_counter_base(offset),
         counters_per_row(geometry.seqlen_k),
-        drop_threshold, 1.0 / (1.0 - dropout_p),
+        drop_threshold, drop_rescale(dropout_p),
         HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         CAUSAL=causal, DROPOUT=dropout_p > 0, VARLEN=geometry.varlen,

@@ -95,9 +95,9 @@ class Tiles:
     num_stages: int
 
     def __post_init__(self):
-        # Dropout tiles are built from whole 32-column groups of Philox counters (_philox.py).
-        if self.block_n % 32 or self.block_m < 16:
-            raise ValueError(f"tiles need block_n a multiple of 32 and block_m >= 16; got {self}")
+        # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).
+        if self.block_n % 32 or self.block_m % 16 or self.block_m < 16:
+            raise ValueError(f"tiles need block_n a multiple of 32 and block_m of 16; got {self}")
 
 
 # Chosen on an H100 80GB HBM3 (bf16, 16384 tokens, hidden 2048) with scripts/tune_attention.py;
@@ -121,7 +121,8 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
     if dtype == torch.float32:
         return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
     if head_dim <= 64:
-        return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
+        # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).
+        return Tiles(64, 64, 4, 3) if causal or dropout else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
         return Tiles(32, 64, 4, 3)
     return Tiles(32, 32, 4, 2)

@@ -2,18 +2,25 @@
 
 The forward never stores a dropout mask. It draws a ``(seed, offset)`` pair from PyTorch's generator
 for the device (advancing the generator's offset so the next random op sees fresh numbers), and every
-kernel that needs the mask regenerates it from that pair. The element ``(b, h, i, j)`` of the
-``(batch, heads_q, seqlen_q, seqlen_k)`` attention matrix, with ``j = 32a + 8w + 2t + h``
-(``w, t < 4``, ``h < 2``), takes the 16-bit half ``h`` of the 32-bit word ``w`` that Philox
-produces for counter
+kernel that needs the mask regenerates it from that pair.
 
-    offset // 4  +  ((b * heads_q + h) * seqlen_q + i) * ceil(seqlen_k / 32) * 4  +  4a + t.
+Layout. Rows come in pairs ``(16u + g, 16u + 8 + g)`` (``g < 8``), pair index ``p = 8u + g``. The
+element ``(b, h, i, j)`` of the ``(batch, heads_q, seqlen_q, seqlen_k)`` attention matrix, with
+``i = 16u + 8s + g`` and ``j = 32a + 8w + 2t + c`` (``s, c < 2``; ``w, t < 4``), takes byte ``2s + c``
+of the 32-bit word ``w`` that Philox produces for counter
 
-One Philox call thus serves eight columns: Philox is integer work that competes with the softmax for
-the ALUs, so this halves its cost against one word per column (see ``dropout_keep_tile`` for why
-these eight). All counter arithmetic is 64-bit (B·H·N² overflows 32 bits at long context). An element is
-kept when its 16-bit half is >= ``round(dropout_p * 2**16)``: the keep probability is exact to
-1/65536 (kept values are scaled by the nominal 1/(1 - dropout_p)).
+    offset // 4  +  ((b * heads_q + h) * P + p) * ceil(seqlen_k / 32) * 4  +  4a + t,
+
+with ``P = ceil(seqlen_q / 16) * 8`` pairs per head. One Philox call thus serves sixteen elements,
+the sixteen a thread of a Hopper MMA tile holds in two rows and one 32-column block (rows g and
+g + 8, columns 2t, 2t + 1 repeating every 8): the compiler places each call in the thread that
+consumes it, no shuffles. Philox is integer work that competes with the softmax for the ALUs, so
+sixteen elements per call cost half of eight (16-bit thresholds) and a quarter of four.
+
+An element is kept when its byte is >= ``round(dropout_p * 256)``: the drop probability is
+``dropout_p`` rounded to a multiple of 1/256 (as in FlashAttention), and kept values are scaled by
+``1 / (1 - that probability)`` so the expectation stays exact. All counter arithmetic is 64-bit
+(B·H·N² overflows 32 bits at long context).
 """
 
 import torch
@@ -23,86 +30,106 @@ import triton.language as tl
 # Philox4x32 with 7 rounds passes BigCrush (Salmon et al., "Parallel random numbers: as easy as
 # 1, 2, 3", SC'11); 10 is Triton's conservative default. Each round costs ALU time in the hot loop.
 PHILOX_ROUNDS = 7
-COLUMNS_PER_COUNTER = 8
-_THRESHOLD_BITS = 16
+_THRESHOLD_BITS = 8
 
 
 @triton.jit
-def dropout_keep_tile(seed, row_counters, col_start, drop_threshold,
+def dropout_keep_tile(seed, pair_counters, col_start, drop_threshold,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
-    """Keep-mask of one (BLOCK_M, BLOCK_N) tile.
+    """Keep-mask of one (BLOCK_M, BLOCK_N) tile whose first row is a multiple of 16.
 
-    ``row_counters`` (BLOCK_M,) int64 is each row's first counter (see ``row_counter_base``);
-    ``col_start`` must be a multiple of 32 (tiles always start on one).
+    ``pair_counters`` (BLOCK_M // 2,) int64 is the first counter of each row pair of the tile, in
+    pair order (see ``pair_counter_base``); ``col_start`` is a multiple of 32.
 
-    Column c = 32a + 8w + 2t + h (a block, w word, t pair, h half) takes half h of word w of counter
-    4a + t. The eight columns of one counter are then the ones a thread of a Hopper MMA tile holds
-    (pairs 2t, 2t + 1 repeating every 8 columns), so the compiler can place each Philox call in the
-    thread that consumes its output instead of shuffling the mask through shared memory.
+    Built by broadcasting each counter over the (s, w, c) axes it serves and reshaping: the eight
+    (w, c) columns and the two rows s of a counter are what one MMA thread holds, so the reshape
+    is a register relabelling and each thread computes only its own counters.
     """
+    PAIR_BLOCKS: tl.constexpr = BLOCK_M // 16
     BLOCKS: tl.constexpr = BLOCK_N // 32
-    # (BLOCK_M, BLOCKS, 1, 4, 1) counters, broadcast over the word and half axes.
-    a = tl.arange(0, BLOCKS)[None, :, None, None, None]
-    t = tl.arange(0, 4)[None, None, None, :, None]
-    counters = row_counters[:, None, None, None, None] + (col_start // 8 + 4 * a + t)
+    # Axes (u, s, g, a, w, t, c): row 16u + 8s + g, column 32a + 8w + 2t + c.
+    pairs = tl.reshape(pair_counters, (PAIR_BLOCKS, 1, 8, 1, 1, 1, 1))
+    a = tl.arange(0, BLOCKS)[None, None, None, :, None, None, None]
+    t = tl.arange(0, 4)[None, None, None, None, None, :, None]
+    counters = pairs + (col_start // 8 + 4 * a + t)
     w0, w1, w2, w3 = tl.randint4x(seed, counters, N_ROUNDS)
-    word = tl.arange(0, 4)[None, None, :, None, None]
+    word = tl.arange(0, 4)[None, None, None, None, :, None, None]
     chosen = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
-    half = tl.arange(0, 2)[None, None, None, None, :]
-    bits = tl.where(half == 0, chosen & 0xFFFF, chosen >> 16).to(tl.int32)
-    return tl.reshape(bits >= drop_threshold, (BLOCK_M, BLOCK_N))
+    s = tl.arange(0, 2)[None, :, None, None, None, None, None]
+    c = tl.arange(0, 2)[None, None, None, None, None, None, :]
+    byte = ((chosen >> (16 * s + 8 * c)) & 0xFF).to(tl.int32)
+    return tl.reshape(byte >= drop_threshold, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
-def _kept_halves(word, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N // 32, 4, 2): keep decisions of the low and high halves of each word."""
-    kept = tl.join((word & 0xFFFF).to(tl.int32) >= drop_threshold,
-                   (word >> 16).to(tl.int32) >= drop_threshold)
-    return tl.reshape(kept, (BLOCK_M, BLOCK_N // 32, 4, 2))
+def _kept_bytes(word, drop_threshold):
+    """(PAIR_BLOCKS, 8, A, 4) words -> (PAIR_BLOCKS, 8, A, 4, c, s): keep decision of byte 2s + c."""
+    low = tl.join(((word & 0xFF).to(tl.int32) >= drop_threshold),
+                  (((word >> 8) & 0xFF).to(tl.int32) >= drop_threshold))
+    high = tl.join((((word >> 16) & 0xFF).to(tl.int32) >= drop_threshold),
+                   ((word >> 24).to(tl.int32) >= drop_threshold))
+    return tl.join(low, high)
 
 
 @triton.jit
-def dropout_keep_tile_compact(seed, row_counters, col_start, drop_threshold,
+def dropout_keep_tile_compact(seed, pair_counters, col_start, drop_threshold,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
     """The same mask as ``dropout_keep_tile``, built by computing each counter once on a compact
-    (BLOCK_M, BLOCK_N // 8) tile and interleaving the results with joins.
+    (BLOCK_M // 2, BLOCK_N // 8) tile and interleaving the results with joins.
 
     For tiles that are consumed transposed (the dK/dV pass): there no thread holds a counter's
-    eight columns, and the broadcast form would make the compiler recompute Philox in every thread
-    that needs one of them; moving the small boolean tile is cheaper.
+    sixteen elements, and the broadcast form would make the compiler recompute Philox in every
+    thread that needs one of them; moving the small boolean tile is cheaper.
     """
-    counters = row_counters[:, None] + (col_start // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, counters, N_ROUNDS)
-    # Counter 4a + t of a row: view the compact tile as (BLOCK_M, BLOCK_N // 32, 4) over (a, t).
-    h0 = _kept_halves(w0, drop_threshold, BLOCK_M, BLOCK_N)
-    h1 = _kept_halves(w1, drop_threshold, BLOCK_M, BLOCK_N)
-    h2 = _kept_halves(w2, drop_threshold, BLOCK_M, BLOCK_N)
-    h3 = _kept_halves(w3, drop_threshold, BLOCK_M, BLOCK_N)
-    # join(join(H0, H2), join(H1, H3)) adds axes (i, k) holding word 2i + k: (M, A, T, H, I, K).
-    words = tl.join(tl.join(h0, h2), tl.join(h1, h3))
-    ordered = tl.permute(words, (0, 1, 4, 5, 2, 3))          # (M, A, I, K, T, H): column order
+    PAIR_BLOCKS: tl.constexpr = BLOCK_M // 16
+    BLOCKS: tl.constexpr = BLOCK_N // 32
+    counters = pair_counters[:, None] + (col_start // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, tl.reshape(counters, (PAIR_BLOCKS, 8, BLOCKS, 4)), N_ROUNDS)
+    # join(join(B0, B2), join(B1, B3)) adds axes (i, k) holding word 2i + k.
+    words = tl.join(tl.join(_kept_bytes(w0, drop_threshold), _kept_bytes(w2, drop_threshold)),
+                    tl.join(_kept_bytes(w1, drop_threshold), _kept_bytes(w3, drop_threshold)))
+    # (u, g, a, t, c, s, i, k) -> (u, s, g, a, i, k, t, c): row and column order.
+    ordered = tl.permute(words, (0, 5, 1, 2, 6, 7, 3, 4))
     return tl.reshape(ordered, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
-def row_counter_base(counter_base, global_rows, counters_per_row):
-    """First Philox counter of each global row ``(b * heads_q + h) * seqlen_q + i`` (int64)."""
-    return counter_base + global_rows.to(tl.int64) * counters_per_row
+def head_first_pair(head_index, seqlen_q):
+    """Index of the first row pair of head ``b * heads_q + h`` (int64)."""
+    return head_index.to(tl.int64) * (tl.cdiv(seqlen_q, 16) * 8)
+
+
+@triton.jit
+def pair_counter_base(counter_base, first_pair, counters_per_row, BLOCK_M: tl.constexpr):
+    """First Philox counter of each row pair of a tile whose pairs start at ``first_pair``
+    (``head_first_pair(...) + m0 // 2``, m0 a multiple of 16): (BLOCK_M // 2,) int64."""
+    return counter_base + (first_pair + tl.arange(0, BLOCK_M // 2)) * counters_per_row
 
 
 def drop_threshold(dropout_p: float) -> int:
-    """Integer threshold on a 16-bit uniform value: kept with probability ``1 - dropout_p``."""
-    return int(round(dropout_p * (1 << _THRESHOLD_BITS)))
+    """Integer threshold on a uniform byte: dropped with probability ``threshold / 256``."""
+    levels = 1 << _THRESHOLD_BITS
+    return min(int(round(dropout_p * levels)), levels - 1)
+
+
+def effective_dropout_p(dropout_p: float) -> float:
+    """The drop probability the kernels realize: ``dropout_p`` rounded to a multiple of 1/256."""
+    return drop_threshold(dropout_p) / (1 << _THRESHOLD_BITS)
+
+
+def drop_rescale(dropout_p: float) -> float:
+    """Scale of kept values, ``1 / (1 - effective p)``: keeps the expectation exact."""
+    return 1.0 / (1.0 - effective_dropout_p(dropout_p))
 
 
 def counters_per_row(seqlen_k: int) -> int:
-    # Whole blocks of 32 columns, so a row's counters never run into the next row's.
+    """Counters of one row pair: whole blocks of 32 columns, so pairs never share a counter."""
     return triton.cdiv(seqlen_k, 32) * 4
 
 
 def philox_counters(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int) -> int:
     """How many Philox counters one attention call consumes."""
-    return batch * heads_q * seqlen_q * counters_per_row(seqlen_k)
+    return batch * heads_q * triton.cdiv(seqlen_q, 16) * 8 * counters_per_row(seqlen_k)
 
 
 def kernel_seed(seed: int) -> int:

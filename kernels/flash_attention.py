@@ -151,7 +151,8 @@ def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None,
         q: (batch, seqlen_q, heads_q, head_dim), or (total_tokens, heads_q, head_dim) with cu_seqlens.
         k, v: (batch, seqlen_k, heads_k, head_dim); heads_q must be a multiple of heads_k.
         causal: mask keys after the query; aligned bottom-right when seqlen_q != seqlen_k.
-        dropout_p: probability of dropping an attention weight (pass 0.0 in evaluation).
+        dropout_p: probability of dropping an attention weight (pass 0.0 in evaluation); realized
+            rounded to a multiple of 1/256, kept weights scaled by 1/(1 - that), as in FlashAttention.
         softmax_scale: defaults to 1/sqrt(head_dim).
         cu_seqlens: int32 (batch+1,) cumulative sequence offsets into the packed token axis.
         max_seqlen: the longest sequence in cu_seqlens (required with it).

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import _backward, _forward  # noqa: E402
 from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles  # noqa: E402
+from kernels._philox import drop_threshold  # noqa: E402
 
 FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
@@ -49,7 +50,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
     scale = 1 / math.sqrt(head_dim)
     args = dict(geometry=geometry, softmax_scale=scale, causal=causal, dropout_p=dropout_p,
-                seed=1, offset=0, drop_threshold=int(dropout_p * 65536))
+                seed=1, offset=0, drop_threshold=drop_threshold(dropout_p))
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     out, lse = _forward.forward(q, k, v, None, **args)
     rows = []
@@ -76,25 +77,30 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
 
 
 def rounds_study(head_dim, seqlen, dtype=torch.bfloat16):
-    """Time forward and backward with dropout as the Philox rounds vary: 0 rounds leaves every
-    cost of dropout except the generator itself (its masks are not random: diagnosis only)."""
+    """Time forward and backward with dropout as the Philox rounds and the dK/dV mask layout vary:
+    0 rounds leaves every cost of dropout except the generator itself (its masks are not random:
+    diagnosis only)."""
     heads, batch = 2048 // head_dim, 16384 // seqlen
     shape = (batch, seqlen, heads, head_dim)
     q, k, v, grad_out = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(4))
     geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
     flops = 4 * batch * heads * seqlen * seqlen * head_dim
-    for dropout_p, rounds, compact in ((0.0, 7, True), (0.1, 7, True), (0.1, 7, False), (0.1, 0, True)):
+    chosen = _backward.DKDV_MASK_LAYOUT
+    settings = [(0.0, 7, chosen)] + [(0.1, 7, layout) for layout in
+                                     ("untransposed", "compact", "broadcast")] + [(0.1, 0, chosen)]
+    for dropout_p, rounds, layout in settings:
         _forward.PHILOX_ROUNDS = _backward.PHILOX_ROUNDS = rounds
-        _backward.DKDV_COMPACT_MASK = compact
+        _backward.DKDV_MASK_LAYOUT = layout
         args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=False,
-                    dropout_p=dropout_p, seed=1, offset=0, drop_threshold=int(dropout_p * 65536))
+                    dropout_p=dropout_p, seed=1, offset=0, drop_threshold=drop_threshold(dropout_p))
         out, lse = _forward.forward(q, k, v, None, **args)
         fwd = measure(lambda: _forward.forward(q, k, v, None, **args))
         bwd = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None, **args))
-        print(f"d={head_dim} N={seqlen} p={dropout_p} rounds={rounds} compact dK/dV mask={compact}: forward {flops / fwd / 1e9:.0f} "
-              f"TF/s, backward {2.5 * flops / bwd / 1e9:.0f} TF/s", flush=True)
+        print(f"d={head_dim} N={seqlen} p={dropout_p} rounds={rounds} dK/dV mask {layout}: "
+              f"forward {flops / fwd / 1e9:.0f} TF/s, backward {2.5 * flops / bwd / 1e9:.0f} TF/s",
+              flush=True)
     _forward.PHILOX_ROUNDS = _backward.PHILOX_ROUNDS = 7
-    _backward.DKDV_COMPACT_MASK = True
+    _backward.DKDV_MASK_LAYOUT = chosen
 
 
 def main():

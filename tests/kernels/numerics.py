@@ -3,6 +3,7 @@
 import torch
 
 from kernels import attention_reference, flash_attention
+from kernels._philox import effective_dropout_p
 
 # Added to twice PyTorch's own error in the same dtype: room for the kernel's different summation
 # order when PyTorch happens to be very accurate on a small case.
@@ -38,6 +39,8 @@ def check_against_reference(q, k, v, **kwargs):
     reference_kwargs.update(mask_kwargs)
     if dropout_p == 0:
         reference_kwargs.pop("dropout_p", None)
+    else:   # the kernels realize p rounded to a multiple of 1/256 and rescale by that
+        reference_kwargs["dropout_p"] = effective_dropout_p(dropout_p)
     exact = lambda q, k, v: attention_reference(q, k, v, compute_dtype=torch.float64,
                                                 **reference_kwargs)
     in_dtype = lambda q, k, v: attention_reference(q, k, v, **reference_kwargs)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kernels import flash_attention
+from kernels._philox import effective_dropout_p
 
 from .numerics import check_against_reference, random_qkv
 
@@ -42,16 +43,19 @@ def test_varlen_dropout_matches_reference(device):
                             max_seqlen=23, dropout_mask=keep)
 
 
-@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])   # 0.1 is realized as 26/256
 def test_kept_fraction_is_one_minus_p(dropout_p, device):
     q, k, v = random_qkv((2, 128, 4, 16), (2, 128, 4, 16), torch.float32, device, requires_grad=False)
     _, keep = _seeded_call(3, q, k, v, dropout_p=dropout_p)
+    dropout_p = effective_dropout_p(dropout_p)     # rounded to a multiple of 1/256
     n = keep.numel()
     sigma = math.sqrt(dropout_p * (1 - dropout_p) / n)
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 5 * sigma
-    # No structure: every head, row block and column phase (j % 8 picks a Philox half-word) keeps
-    # ~1-p.
-    phases = [keep[..., phase::8] for phase in range(8)]
+    # No structure: every head, row block and byte position of a Philox word keeps ~1-p. Element
+    # (i, j) takes byte 2 * ((i // 8) % 2) + j % 2 of word (j % 32) // 8 (see kernels/_philox.py).
+    rows, cols = torch.arange(keep.shape[2], device=device), torch.arange(keep.shape[3], device=device)
+    phases = [keep[:, :, (rows // 8) % 2 == s][..., ((cols % 32) // 8 == w) & (cols % 2 == c)]
+              for s in range(2) for w in range(4) for c in range(2)]
     for part in (keep[:, 0], keep[:, 3], keep[:, :, :16], *phases):
         part_sigma = math.sqrt(dropout_p * (1 - dropout_p) / part.numel())
         assert abs(part.float().mean().item() - (1 - dropout_p)) < 5 * part_sigma
@@ -111,3 +115,21 @@ def test_activation_checkpointing_replays_the_mask(device):
                                      grad_out)
     for a, b in zip(plain, recomputed):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["compact", "broadcast"])
+def test_dkdv_mask_layouts_give_the_same_gradients(layout, device, monkeypatch):
+    """The dK/dV pass can apply the mask three ways (kernels/_backward.py); all are one mask."""
+    from kernels import _backward
+    q, k, v = random_qkv((1, 50, 2, 32), (1, 50, 2, 32), torch.float32, device)
+    grad_out = torch.randn(1, 50, 2, 32, device=device)
+
+    def grads():
+        torch.manual_seed(8)
+        out = flash_attention(q, k, v, causal=True, dropout_p=0.3)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    chosen = grads()
+    monkeypatch.setattr(_backward, "DKDV_MASK_LAYOUT", layout)
+    for mine, theirs in zip(grads(), chosen):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
