@@ -58,6 +58,7 @@ _FLEX_CACHE = {}
 
 
 def flex_fn(batch, seqlen, heads, head_dim, dtype, causal, dropout_p):
+    import torch._functorch.config    # not loaded until something compiles
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if dropout_p > 0:
         raise NotImplementedError("FlexAttention has no attention dropout")
