@@ -1,10 +1,10 @@
 """Backward pass (FlashAttention-2): recompute score tiles from Q, K and the saved log-sum-exp.
 
-Three launches, no atomics (so the result is deterministic):
-  1. ``delta = rowsum(dO * O)`` per query row;
+Two launches, no atomics (so the result is deterministic):
+  1. one program per (query block, head, sequence) computes ``delta = rowsum(dO * O)`` for its rows
+     (stored for pass 2) and accumulates dQ over the key blocks;
   2. one program per (key block, kv-head, sequence) accumulates dK and dV over every query block of
-     every query head that shares this kv-head (GQA), holding K and V on chip;
-  3. one program per (query block, head, sequence) accumulates dQ over the key blocks.
+     every query head that shares this kv-head (GQA), holding K and V on chip.
 As in the forward, tiles that need no mask (fully visible, fully in range) run a mask-free loop.
 The dropout mask of each tile is regenerated from the forward's seed and offset.
 """
@@ -28,28 +28,6 @@ from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bo
 #   "broadcast":    keep the transposed tiles, each thread recomputes every counter it touches.
 # See docs/results/attention_notes.md for the timings.
 DKDV_MASK_LAYOUT = "untransposed"
-
-
-@triton.jit
-def _delta_kernel(Out, GradOut, Delta, cu_seqlens,
-                  stride_ob, stride_on, stride_oh, stride_gb, stride_gn, stride_gh,
-                  stride_delta_b, stride_delta_h, seqlen_q,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  VARLEN: tl.constexpr):
-    block_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    batch = tl.program_id(2).to(tl.int64)
-    start, len_q, _ = sequence_bounds(cu_seqlens, batch, seqlen_q, seqlen_q, VARLEN)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    token = (start + rows).to(tl.int64)[:, None]
-    o = tl.load(Out + batch * stride_ob + head * stride_oh + token * stride_on + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(GradOut + batch * stride_gb + head * stride_gh + token * stride_gn + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + batch * stride_delta_b + head * stride_delta_h + start + rows,
-             tl.sum(o * do, 1), mask=rows < len_q)
 
 
 @triton.jit
@@ -238,9 +216,10 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
 
 @triton.jit(do_not_specialize=["seed", "counter_base"])
 def _dq_kernel(
-    Q, K, V, GradOut, Lse, Delta, GradQ, cu_seqlens,
+    Q, K, V, GradOut, Out, Lse, Delta, GradQ, cu_seqlens,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
+    stride_ob, stride_on, stride_oh,
     stride_dqb, stride_dqn, stride_dqh, stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size,
     softmax_scale, qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
@@ -272,7 +251,11 @@ def _dq_kernel(
                    + query_tokens * stride_gn + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
     row_stats = batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + start + rows
     lse = tl.load(Lse + row_stats, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + row_stats, mask=row_ok, other=0.0)
+    # delta = rowsum(dO * O), which the dK/dV pass (launched after this one) reads back.
+    o = load_rows(Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh
+                  + query_tokens * stride_on + offs_d[None, :], row_ok, d_ok, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + row_stats, delta, mask=row_ok)
     k_ptrs = (K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh + start64 * stride_kn
               + offs_n[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = (V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh + start64 * stride_vn
@@ -312,12 +295,6 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
     common = dict(HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d, VARLEN=varlen)
 
     delta = torch.empty_like(lse)
-    delta_block = 64 if q.device.type == "cuda" else 16
-    _delta_kernel[(triton.cdiv(geometry.seqlen_q, delta_block), geometry.heads_q, geometry.batch)](
-        out, grad_out, delta, cu_seqlens,
-        *batched_strides(out, varlen), *batched_strides(grad_out, varlen), *lse_strides(lse, varlen),
-        geometry.seqlen_q, BLOCK_M=delta_block, **common)
-
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -329,14 +306,15 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
     flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype),
                  N_ROUNDS=PHILOX_ROUNDS, **common)
 
+    # dQ first: it also writes delta, which dK/dV reads.
+    _dq_kernel[(triton.cdiv(geometry.seqlen_q, q_tiles.block_m), geometry.heads_q, geometry.batch)](
+        q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, *inputs,
+        *batched_strides(out, varlen), *batched_strides(dq, varlen), *lse_strides(lse, varlen),
+        *scalars, BLOCK_M=q_tiles.block_m, BLOCK_N=q_tiles.block_n,
+        num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages, **flags)
     _dkdv_kernel[(triton.cdiv(geometry.seqlen_k, kv_tiles.block_n), geometry.heads_k, geometry.batch)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *inputs,
         *batched_strides(dk, varlen), *batched_strides(dv, varlen), *lse_strides(lse, varlen),
         *scalars, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n,
         MASK_LAYOUT=DKDV_MASK_LAYOUT, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags)
-    _dq_kernel[(triton.cdiv(geometry.seqlen_q, q_tiles.block_m), geometry.heads_q, geometry.batch)](
-        q, k, v, grad_out, lse, delta, dq, cu_seqlens, *inputs,
-        *batched_strides(dq, varlen), *lse_strides(lse, varlen),
-        *scalars, BLOCK_M=q_tiles.block_m, BLOCK_N=q_tiles.block_n,
-        num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages, **flags)
     return dq, dk, dv

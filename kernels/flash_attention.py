@@ -128,13 +128,16 @@ torch.library.register_autograd("flashtrain::flash_attention_forward", _op_backw
 
 
 class _EagerFlashAttention(torch.autograd.Function):
-    """The eager-mode path: the same forward and backward as the custom ops, less dispatch."""
+    """The eager-mode path: the same forward and backward as the custom ops, less dispatch. (The
+    classic ``forward(ctx, ...)`` form: with a separate ``setup_context``, ``apply`` binds its
+    arguments through ``inspect.signature`` on every call.)"""
 
     @staticmethod
-    def forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
-        return _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p)
-
-    setup_context = staticmethod(_save_for_backward)
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
+        inputs = (q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p)
+        output = _forward_impl(*inputs)
+        _save_for_backward(ctx, inputs, output)
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
