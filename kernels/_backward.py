@@ -316,5 +316,6 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *inputs,
         *batched_strides(dk, varlen), *batched_strides(dv, varlen), *lse_strides(lse, varlen),
         *scalars, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n,
-        MASK_LAYOUT=DKDV_MASK_LAYOUT, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags)
+        MASK_LAYOUT=DKDV_MASK_LAYOUT, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages,
+        **flags)
     return dq, dk, dv

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from ._launch import Geometry
 from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, kernel_counter_base,
-                      kernel_seed, pair_counter_base, head_first_pair)
+                      head_first_pair, kernel_seed, pair_counter_base)
 
 
 @triton.jit(do_not_specialize=["seed", "counter_base"])

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
-from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile, kernel_counter_base,
-                      kernel_seed, pair_counter_base, head_first_pair)
+from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile,
+                      head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -107,13 +107,13 @@ def _forward_kernel(
     full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend_key_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end, rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT,
-        PRECISION, N_ROUNDS)
+        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, drop_rescale, BLOCK_M,
+        BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
     acc, l_i, m_i = _attend_key_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
         causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL), rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, drop_rescale, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT,
-        PRECISION, N_ROUNDS)
+        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, drop_rescale, BLOCK_M,
+        BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
 
     # Rows that see no key at all (causal with len_q > len_k) output zeros; their lse is +inf so
     # the backward's exp2(score - lse) is 0 for them.

@@ -168,7 +168,9 @@ def main():
               "forward+backward; `triton.testing.do_bench` medians. flashtrain reads (B, N, H, D) "
               "inputs; SDPA and flex get their native (B, H, N, D). ✗ marks a cell where flashtrain "
               "is slower than sdpa_flash (FlashAttention-2). Cells a provider could not run say why "
-              "in the JSON.\n")
+              "in the JSON. Each timing is the median over ~50 ms of repetitions: a 16K-token "
+              "forward+backward takes ~10 ms, so those cells rest on ~5 runs and move by a few "
+              "percent between runs; 512- and 1024-token cells are sensitive to host overhead.\n")
     dtypes = sorted({k[0] for k in cells})
     body = "\n\n".join(speed_table(cells, dtype) for dtype in dtypes)
     memory = ("## Memory sweep (forward+backward)\n\n" + memory_table(result["records"]))
