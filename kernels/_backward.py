@@ -15,8 +15,7 @@ import triton.language as tl
 
 from ._forward import LOG2E, lse_strides
 from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
-from ._philox import (PHILOX_ROUNDS, counters_per_row, dropout_keep_tile, dropout_keep_tile_compact,
-                      drop_rescale, head_first_pair, kernel_counter_base, kernel_seed,
+from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
                       pair_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
@@ -24,8 +23,8 @@ from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bo
 # How the dK/dV pass, whose tiles are transposed against the forward's, applies the dropout mask:
 #   "untransposed": compute that tile in the forward's orientation (each thread generates its own
 #                   counters) and pass P and dS to the transposed products through shared memory;
-#   "compact":      keep the transposed tiles, compute each counter once, shuffle the boolean mask;
 #   "broadcast":    keep the transposed tiles, each thread recomputes every counter it touches.
+# (A third way, each counter once and the boolean tile shuffled, measured slower than both.)
 # See docs/results/attention_notes.md for the timings.
 DKDV_MASK_LAYOUT = "untransposed"
 
@@ -84,12 +83,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
             if DROPOUT:
                 pair_counters = pair_counter_base(counter_base, dropout_first_pair + m0 // 2,
                                                   counters_per_row, BLOCK_M)
-                if MASK_LAYOUT == "compact":
-                    keep = dropout_keep_tile_compact(seed, pair_counters, n0, drop_threshold,
-                                                     BLOCK_M, BLOCK_N, N_ROUNDS)
-                else:
-                    keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M,
-                                             BLOCK_N, N_ROUNDS)
+                keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M,
+                                         BLOCK_N, N_ROUNDS)
                 keepT = tl.trans(keep)
                 pT_dropped = tl.where(keepT, pT * drop_rescale, 0.0)
                 dpT = tl.where(keepT, dpT * drop_rescale, 0.0)
@@ -303,7 +298,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
                softmax_scale, softmax_scale * LOG2E, kernel_seed(seed), kernel_counter_base(offset),
                counters_per_row(geometry.seqlen_k), drop_threshold, drop_rescale(dropout_p))
-    flags = dict(CAUSAL=causal, DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype),
+    flags = dict(CAUSAL=causal, DROPOUT=dropout, PRECISION=dot_precision(q.dtype),
                  N_ROUNDS=PHILOX_ROUNDS, **common)
 
     # dQ first: it also writes delta, which dK/dV reads.

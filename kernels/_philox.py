@@ -62,38 +62,6 @@ def dropout_keep_tile(seed, pair_counters, col_start, drop_threshold,
 
 
 @triton.jit
-def _kept_bytes(word, drop_threshold):
-    """(PAIR_BLOCKS, 8, A, 4) words -> (PAIR_BLOCKS, 8, A, 4, c, s): keep decision of byte 2s + c."""
-    low = tl.join(((word & 0xFF).to(tl.int32) >= drop_threshold),
-                  (((word >> 8) & 0xFF).to(tl.int32) >= drop_threshold))
-    high = tl.join((((word >> 16) & 0xFF).to(tl.int32) >= drop_threshold),
-                   ((word >> 24).to(tl.int32) >= drop_threshold))
-    return tl.join(low, high)
-
-
-@triton.jit
-def dropout_keep_tile_compact(seed, pair_counters, col_start, drop_threshold,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_ROUNDS: tl.constexpr):
-    """The same mask as ``dropout_keep_tile``, built by computing each counter once on a compact
-    (BLOCK_M // 2, BLOCK_N // 8) tile and interleaving the results with joins.
-
-    For tiles that are consumed transposed (the dK/dV pass): there no thread holds a counter's
-    sixteen elements, and the broadcast form would make the compiler recompute Philox in every
-    thread that needs one of them; moving the small boolean tile is cheaper.
-    """
-    PAIR_BLOCKS: tl.constexpr = BLOCK_M // 16
-    BLOCKS: tl.constexpr = BLOCK_N // 32
-    counters = pair_counters[:, None] + (col_start // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, tl.reshape(counters, (PAIR_BLOCKS, 8, BLOCKS, 4)), N_ROUNDS)
-    # join(join(B0, B2), join(B1, B3)) adds axes (i, k) holding word 2i + k.
-    words = tl.join(tl.join(_kept_bytes(w0, drop_threshold), _kept_bytes(w2, drop_threshold)),
-                    tl.join(_kept_bytes(w1, drop_threshold), _kept_bytes(w3, drop_threshold)))
-    # (u, g, a, t, c, s, i, k) -> (u, s, g, a, i, k, t, c): row and column order.
-    ordered = tl.permute(words, (0, 5, 1, 2, 6, 7, 3, 4))
-    return tl.reshape(ordered, (BLOCK_M, BLOCK_N))
-
-
-@triton.jit
 def head_first_pair(head_index, seqlen_q):
     """Index of the first row pair of head ``b * heads_q + h`` (int64)."""
     return head_index.to(tl.int64) * (tl.cdiv(seqlen_q, 16) * 8)
