@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._direct_launch import DirectLauncher
 from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile,
                       head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
@@ -23,7 +24,7 @@ LOG2E = math.log2(math.e)
 @triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi,
                        rows, offs_n, d_ok, len_k, diagonal, qk_scale,
-                       seed, pair_counters, drop_threshold, drop_rescale,
+                       seed, pair_counters, drop_threshold,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                        PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
@@ -46,7 +47,8 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, l
         if DROPOUT:
             keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
                                      N_ROUNDS)
-            p = tl.where(keep, p * drop_rescale, 0.0)
+            # Kept weights enter unscaled; the rescale 1 / (1 - p) is applied once to the output.
+            p = tl.where(keep, p, 0.0)
         v = load_rows(v_ptrs + n0 * stride_vn, cols < len_k, d_ok, MASKED, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -107,25 +109,31 @@ def _forward_kernel(
     full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend_key_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end, rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, drop_rescale, BLOCK_M,
+        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
         BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
     acc, l_i, m_i = _attend_key_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
         causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL), rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, drop_rescale, BLOCK_M,
+        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
         BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
 
     # Rows that see no key at all (causal with len_q > len_k) output zeros; their lse is +inf so
     # the backward's exp2(score - lse) is 0 for them.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    if DROPOUT:
+        acc = acc * (drop_rescale / l_safe)[:, None]
+    else:
+        acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + (start64 + m0) * stride_on
     store_rows(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
                row_ok, d_ok, EVEN_D)
     tl.store(Lse + batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + start + rows, lse,
              mask=row_ok)
+
+
+_FORWARD = DirectLauncher(_forward_kernel)
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -148,7 +156,7 @@ def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causa
     lse = torch.empty(lse_shape(geometry, q.shape[0]), dtype=torch.float32, device=q.device)
     tiles = tiles or forward_tiles(geometry.head_dim, q.device, q.dtype)
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
-    _forward_kernel[grid](
+    _FORWARD[grid](
         q, k, v, out, lse, cu_seqlens,
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),
         *batched_strides(v, geometry.varlen), *batched_strides(out, geometry.varlen),
