@@ -1,0 +1,67 @@
+"""Launch compiled Triton kernels with less host time than ``kernel[grid](...)``.
+
+On every launch Triton's JIT binds the ~45 arguments, derives the call's specialization (type and
+alignment of each argument), builds a string cache key and launch metadata, and only then calls the
+compiled kernel's launcher. On the H100 host that costs ~60-100 µs per launch, three launches per
+forward+backward: at 512-token sequences the GPU work of a forward+backward (~0.5-1 ms) then waits
+on the host (docs/results/attention_notes.md, "host").
+
+``DirectLauncher`` keeps, per kernel, the compiled kernels under a key that holds everything Triton
+specializes on (Triton 3.6: a tensor's dtype and 16-byte alignment; an integer's 32/64-bit range,
+divisibility by 16 and equality to 1; the type of other scalars; the constexprs and launch options;
+the device), and launches them directly. A key seen for the first time goes through Triton's own
+path, which compiles (or finds in its cache) exactly the kernel it would have run, so the direct
+path never chooses a kernel Triton would not. Under the interpreter, or while a launch hook is
+installed (profilers such as proton use them), every launch takes Triton's path.
+"""
+
+import torch
+import triton
+from triton import knobs
+from triton.runtime import driver
+
+from ._launch import INTERPRETED
+
+
+def _specialization(arg):
+    """What Triton's specialization reads of one argument (a refinement of it, never coarser)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, -2**63 <= arg < 2**63
+    return type(arg)
+
+
+class DirectLauncher:
+    """``DirectLauncher(kernel)[grid](*args, **constexprs_and_options)`` launches like
+    ``kernel[grid](...)``. Runtime arguments must be positional, constexprs by keyword."""
+
+    def __init__(self, kernel: triton.runtime.JITFunction):
+        self.kernel = kernel
+        self.compiled = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args, kwargs):
+        hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        if INTERPRETED or any(hook.calls for hook in hooks):
+            self.kernel[grid](*args, **kwargs)
+            return
+        device = driver.active.get_current_device()
+        key = (device, tuple(kwargs.items()), tuple(map(_specialization, args)))
+        entry = self.compiled.get(key)
+        if entry is None:
+            compiled = self.kernel[grid](*args, **kwargs)
+            if hasattr(compiled, "result"):    # Triton's asynchronous compile mode
+                compiled = compiled.result()
+            # The launcher takes every parameter in signature order, constexprs included.
+            trailing = self.kernel.params[len(args):]
+            constexprs = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in trailing)
+            self.compiled[key] = (compiled, constexprs)
+            return
+        compiled, constexprs = entry
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        compiled.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device),
+                     compiled.function, compiled.packed_metadata, None, None, None, *args,
+                     *constexprs)
