@@ -5,7 +5,10 @@
 Grid: bf16 and fp16; batch x seqlen = 16384 tokens; hidden 2048 (head dim 64 -> 32 heads,
 128 -> 16 heads); seqlen 512 ... 16384; causal or not; dropout 0 and 0.1. Forward, backward and
 forward+backward TFLOP/s (4·B·H·N²·D forward, halved when causal, x2.5 backward) from
-``triton.testing.do_bench`` medians, and peak memory of one forward+backward. Then a memory sweep:
+``triton.testing.do_bench`` medians, and peak memory of one forward+backward. Each flashtrain cell is
+also checked against a float32 reference (one head of one sequence, under the call's own dropout
+mask; at most twice PyTorch's own error in that dtype, as in the tests): the run exits non-zero if
+any cell fails. Then a memory sweep:
 forward+backward, head dim 64, 16 heads, batch 1, seqlen 128 ... 65536, flashtrain against standard
 (materialized) attention. A provider that cannot run a cell records why. Writes JSON, then the
 Markdown tables and PNG plots beside it (scripts/report_attention.py).
@@ -27,7 +30,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import flash_attention  # noqa: E402
+from kernels import attention_reference, flash_attention  # noqa: E402
+from kernels._philox import effective_dropout_p  # noqa: E402
 
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
@@ -80,6 +84,41 @@ PROVIDERS = {"flashtrain": flashtrain_fn, **{name: sdpa_fn(b) for name, b in SDP
              "flex": flex_fn}
 
 
+# The numerics check's rule is the tests' (DESIGN.md, Tests): the kernel's relative error against a
+# float32 reference may be at most twice that of PyTorch's own attention in the same dtype, plus a floor.
+CHECK_FLOOR = {torch.bfloat16: 2e-3, torch.float16: 2e-4}
+
+
+def timing_repetitions(seqlen):
+    """do_bench's warm-up and repetition budgets (ms). A 16K-token forward+backward takes ~10 ms:
+    250 ms gives it ~25 timed runs, as 100 ms gives the shorter cells."""
+    return dict(warmup=25, rep=250 if seqlen >= 16384 else 100, return_mode="median")
+
+
+def flashtrain_errors(inputs, grad_out, causal, dropout_p):
+    """Relative errors of flashtrain's and of PyTorch's attention (in the inputs' dtype) against
+    float32 attention, output and gradients, on head 0 of sequence 0 (heads are independent; the
+    references hold an N x N matrix), under the call's own dropout mask. Returns (ours, PyTorch's)
+    for out, dq, dk, dv."""
+    q, k, v = inputs
+    out, keep = flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, return_debug_mask=True)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    mask = keep[:1, :1].clone() if dropout_p > 0 else None
+    del keep                # (B, H, N, N): free it before the references allocate their own N x N
+    head = lambda t, dtype: t[:1, :, :1].detach().to(dtype).requires_grad_()
+
+    def reference(dtype):
+        q1, k1, v1 = head(q, dtype), head(k, dtype), head(v, dtype)
+        o = attention_reference(q1, k1, v1, causal=causal, dropout_mask=mask,
+                                dropout_p=effective_dropout_p(dropout_p))
+        return (o, *torch.autograd.grad(o, (q1, k1, v1), head(grad_out, dtype)))
+
+    truth, theirs = reference(torch.float32), reference(q.dtype)
+    relative = lambda value, exact: ((value.float() - exact).norm() / exact.norm()).item()
+    ours = [relative(mine[:1, :, :1], exact) for mine, exact in zip((out, *grads), truth)]
+    return ours, [relative(value, exact) for value, exact in zip(theirs, truth)]
+
+
 def attention_flops(batch, seqlen, heads, head_dim, causal):
     return 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
 
@@ -105,7 +144,7 @@ def measure(provider, batch, seqlen, heads, head_dim, dtype, causal, dropout_p, 
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if timing:
             flops = attention_flops(batch, seqlen, heads, head_dim, causal)
-            reps = dict(warmup=10, rep=50, return_mode="median")
+            reps = timing_repetitions(seqlen)
             fwd_ms = do_bench(fn, **reps)
             out = fn()
             bwd_ms = do_bench(lambda: out.backward(grad_out, retain_graph=True),
@@ -113,7 +152,11 @@ def measure(provider, batch, seqlen, heads, head_dim, dtype, causal, dropout_p, 
             both_ms = do_bench(lambda: fn().backward(grad_out), grad_to_none=list(inputs), **reps)
             record.update(fwd_tflops=flops / fwd_ms / 1e9, bwd_tflops=2.5 * flops / bwd_ms / 1e9,
                           fwdbwd_tflops=3.5 * flops / both_ms / 1e9,
-                          fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwdbwd_ms=both_ms)
+                          fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwdbwd_ms=both_ms, rep_ms=reps["rep"])
+        if timing and provider == "flashtrain":
+            ours, theirs = flashtrain_errors(inputs, grad_out, causal, dropout_p)
+            record.update(rel_err=ours, torch_rel_err=theirs, check_passed=all(
+                mine <= 2 * torch_error + CHECK_FLOOR[dtype] for mine, torch_error in zip(ours, theirs)))
     except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as error:
         record["error"] = _error_text(error)
     finally:
@@ -199,7 +242,9 @@ def main():
         memory = f"{record['peak_mem_gb']:7.2f} GB" if "peak_mem_gb" in record else ""
         print(f"[{time.time() - started:6.0f}s] {record['provider']:>14} {record['dtype']:>8} "
               f"d={record['head_dim']:<3} N={record['seqlen']:<5} causal={record['causal']:d} "
-              f"p={record['dropout_p']} {speed} {memory} {record.get('error', '')}", flush=True)
+              f"p={record['dropout_p']} {speed} {memory} {record.get('error', '')}"
+              + (f" err {max(record['rel_err']):.1e} (PyTorch {max(record['torch_rel_err']):.1e})"
+                 if "rel_err" in record else ""), flush=True)
 
     records = []
     for dtype_name in args.dtypes:
@@ -213,6 +258,13 @@ def main():
     temporary.write_text(json.dumps(result, indent=1))
     temporary.replace(args.out)
     print(f"wrote {args.out} ({len(records)} records, {time.time() - started:.0f}s)")
+    wrong = [r for r in records if r.get("check_passed") is False]
+    for record in wrong:
+        print(f"NUMERICS CHECK FAILED: {record['dtype']} d={record['head_dim']} N={record['seqlen']} "
+              f"causal={record['causal']:d} p={record['dropout_p']}: relative errors of out, dq, dk, "
+              f"dv {record['rel_err']}, PyTorch's {record['torch_rel_err']}")
+    if wrong:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -65,12 +65,36 @@ def memory_table(records):
     return "\n".join(lines)
 
 
+def _repetitions(records):
+    """How long each cell was timed, from the records (older records carry no rep_ms)."""
+    reps = sorted({r["rep_ms"] for r in records if "rep_ms" in r})
+    if not reps:
+        return "Each timing is the median over ~50 ms of repetitions."
+    return (f"Each timing is the median over {' or '.join(f'{r:.0f}' for r in reps)} ms of repetitions "
+            "(the longer budget at 16K tokens, where one forward+backward takes ~10 ms).")
+
+
+def numerics(records):
+    """The benchmark's own correctness check of every flashtrain cell, summarized."""
+    checked = [r for r in records if "check_passed" in r]
+    if not checked:
+        return []
+    passed = sum(r["check_passed"] for r in checked)
+    worst = ", ".join(
+        f"{dtype} {max(max(r['rel_err']) for r in checked if r['dtype'] == dtype):.1e} (PyTorch's own "
+        f"{max(max(r['torch_rel_err']) for r in checked if r['dtype'] == dtype):.1e})"
+        for dtype in sorted({r["dtype"] for r in checked}))
+    return [f"- Numerics: {passed} of {len(checked)} flashtrain cells pass the check against float32 "
+            f"(output and gradients of one head, at most 2x PyTorch's own error in the dtype); largest "
+            f"relative error {worst}."]
+
+
 def targets(cells, records):
     """Where the project's speed targets stand, computed from the records (not typed by hand)."""
     def fwdbwd(row, provider):
         return row.get(provider, {}).get("fwdbwd_tflops")
 
-    lines = ["## Targets, cell by cell (computed from the records)", ""]
+    lines = ["## Targets, cell by cell (computed from the records)", ""] + numerics(records)
     for dropout_p in (0.0, 0.1):
         keys = [k for k in sorted(cells) if k[4] == dropout_p]
         misses = [k for k in keys if (fwdbwd(cells[k], "flashtrain") or 0) < (fwdbwd(cells[k], "sdpa_flash") or 0)]
@@ -168,9 +192,9 @@ def main():
               "forward+backward; `triton.testing.do_bench` medians. flashtrain reads (B, N, H, D) "
               "inputs; SDPA and flex get their native (B, H, N, D). ✗ marks a cell where flashtrain "
               "is slower than sdpa_flash (FlashAttention-2). Cells a provider could not run say why "
-              "in the JSON. Each timing is the median over ~50 ms of repetitions: a 16K-token "
-              "forward+backward takes ~10 ms, so those cells rest on ~5 runs and move by a few "
-              "percent between runs; 512- and 1024-token cells are sensitive to host overhead.\n")
+              f"in the JSON. {_repetitions(result['records'])} 512- and 1024-token cells are "
+              "sensitive to host overhead: there a forward+backward's GPU work (~0.5–1 ms) is close "
+              "to the time the host takes to issue it.\n")
     dtypes = sorted({k[0] for k in cells})
     body = "\n\n".join(speed_table(cells, dtype) for dtype in dtypes)
     memory = ("## Memory sweep (forward+backward)\n\n" + memory_table(result["records"]))
@@ -179,8 +203,10 @@ def main():
     # Everything below this marker is written by hand (analysis, targets) and kept.
     marker = "<!-- analysis -->"
     analysis = existing[existing.index(marker):] if marker in existing else marker + "\n"
-    out.write_text(header + "\n" + targets(cells, result["records"]) + "\n\n## Speed\n\n" + body
-                   + "\n\n" + memory + "\n\n" + analysis)
+    temporary = out.with_suffix(".md.tmp")
+    temporary.write_text(header + "\n" + targets(cells, result["records"]) + "\n\n## Speed\n\n"
+                         + body + "\n\n" + memory + "\n\n" + analysis)
+    temporary.replace(out)
     plots(result, args.json.parent, stem)
     print(f"wrote {out} and plots")
 
