@@ -4,12 +4,12 @@
 
 Grid: bf16 and fp16; batch x seqlen = 16384 tokens; hidden 2048 (head dim 64 -> 32 heads,
 128 -> 16 heads); seqlen 512 ... 16384; causal or not; dropout 0 and 0.1. Forward, backward and
-forward+backward TFLOP/s (4·B·H·N²·D forward, halved when causal, x2.5 backward) from
-``triton.testing.do_bench`` medians, and peak memory of one forward+backward. Each flashtrain cell is
+forward+backward TFLOP/s (4·B·H·N²·D forward, halved when causal, x2.5 backward): the median of
+three rounds that alternate between a cell's providers, each round a ``triton.testing.do_bench``
+median; and peak memory of one forward+backward. Each flashtrain cell is
 also checked against a float32 reference (one head of one sequence, under the call's own dropout
 mask; at most twice PyTorch's own error in that dtype, as in the tests): the run exits non-zero if
-any cell fails. Then a memory sweep:
-forward+backward, head dim 64, 16 heads, batch 1, seqlen 128 ... 65536, flashtrain against standard
+any cell fails. Then a memory sweep: forward+backward, head dim 64, 16 heads, batch 1, seqlen 128 ... 65536, flashtrain against standard
 (materialized) attention. A provider that cannot run a cell records why. Writes JSON, then the
 Markdown tables and PNG plots beside it (scripts/report_attention.py).
 """
@@ -19,6 +19,7 @@ import datetime
 import json
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -89,10 +90,16 @@ PROVIDERS = {"flashtrain": flashtrain_fn, **{name: sdpa_fn(b) for name, b in SDP
 CHECK_FLOOR = {torch.bfloat16: 2e-3, torch.float16: 2e-4}
 
 
+# Each cell is timed in rounds that alternate between its providers, and each provider's time is
+# the median of its rounds: a slow stretch of the card (clocks, power, a host stall) then falls on
+# one round of every provider instead of on one provider's whole measurement.
+ROUNDS = 3
+
+
 def timing_repetitions(seqlen):
-    """do_bench's warm-up and repetition budgets (ms). A 16K-token forward+backward takes ~10 ms:
-    250 ms gives it ~25 timed runs, as 100 ms gives the shorter cells."""
-    return dict(warmup=25, rep=250 if seqlen >= 16384 else 100, return_mode="median")
+    """do_bench's warm-up and repetition budgets (ms) for one round. A 16K-token forward+backward
+    takes ~10 ms: 100 ms gives it ~10 timed runs per round, as 40 ms gives the shorter cells."""
+    return dict(warmup=10, rep=100 if seqlen >= 16384 else 40, return_mode="median")
 
 
 def flashtrain_errors(inputs, grad_out, causal, dropout_p):
@@ -128,40 +135,88 @@ def _error_text(error):
         else type(error).__name__
 
 
-def measure(provider, batch, seqlen, heads, head_dim, dtype, causal, dropout_p, timing=True):
-    """One cell: TFLOP/s of forward, backward, forward+backward and peak GB, or an error."""
-    record = dict(provider=provider, dtype=str(dtype).replace("torch.", ""), head_dim=head_dim,
-                  seqlen=seqlen, batch=batch, heads=heads, causal=causal, dropout_p=dropout_p)
-    inputs = None
-    try:
-        inputs, fn = PROVIDERS[provider](batch, seqlen, heads, head_dim, dtype, causal, dropout_p)
-        grad_out = torch.randn_like(inputs[0])
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        out.backward(grad_out)          # warm-up (compiles) and the memory measurement
-        torch.cuda.synchronize()
-        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        if timing:
-            flops = attention_flops(batch, seqlen, heads, head_dim, causal)
-            reps = timing_repetitions(seqlen)
-            fwd_ms = do_bench(fn, **reps)
-            out = fn()
-            bwd_ms = do_bench(lambda: out.backward(grad_out, retain_graph=True),
-                              grad_to_none=list(inputs), **reps)
-            both_ms = do_bench(lambda: fn().backward(grad_out), grad_to_none=list(inputs), **reps)
-            record.update(fwd_tflops=flops / fwd_ms / 1e9, bwd_tflops=2.5 * flops / bwd_ms / 1e9,
-                          fwdbwd_tflops=3.5 * flops / both_ms / 1e9,
-                          fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwdbwd_ms=both_ms, rep_ms=reps["rep"])
-        if timing and provider == "flashtrain":
+ERRORS = (RuntimeError, NotImplementedError, torch.OutOfMemoryError)
+
+
+def prepare(provider, batch, seqlen, heads, head_dim, dtype, causal, dropout_p, record):
+    """A provider's inputs, call and output gradient, after one forward+backward (the warm-up, which
+    compiles) whose peak memory, inputs included, goes into ``record``."""
+    before = torch.cuda.memory_allocated()
+    inputs, fn = PROVIDERS[provider](batch, seqlen, heads, head_dim, dtype, causal, dropout_p)
+    grad_out = torch.randn_like(inputs[0])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn().backward(grad_out)
+    torch.cuda.synchronize()
+    record["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - before) / 1e9
+    for tensor in inputs:
+        tensor.grad = None
+    return inputs, fn, grad_out
+
+
+def time_round(inputs, fn, grad_out, reps):
+    """Forward, backward and forward+backward milliseconds (do_bench medians)."""
+    fwd_ms = do_bench(fn, **reps)
+    out = fn()
+    bwd_ms = do_bench(lambda: out.backward(grad_out, retain_graph=True), grad_to_none=list(inputs),
+                      **reps)
+    both_ms = do_bench(lambda: fn().backward(grad_out), grad_to_none=list(inputs), **reps)
+    return fwd_ms, bwd_ms, both_ms
+
+
+def base_record(provider, batch, seqlen, heads, head_dim, dtype, causal, dropout_p):
+    return dict(provider=provider, dtype=str(dtype).replace("torch.", ""), head_dim=head_dim,
+                seqlen=seqlen, batch=batch, heads=heads, causal=causal, dropout_p=dropout_p)
+
+
+def measure_cell(providers, batch, seqlen, heads, head_dim, dtype, causal, dropout_p):
+    """One cell, every provider: TFLOP/s of forward, backward, forward+backward (median of the
+    rounds) and peak GB, or the error that stopped it; flashtrain's numerics checked."""
+    shape = (batch, seqlen, heads, head_dim, dtype, causal, dropout_p)
+    records = {provider: base_record(provider, *shape) for provider in providers}
+    ready, rounds = {}, {provider: [] for provider in providers}
+    for provider in providers:
+        try:
+            ready[provider] = prepare(provider, *shape, records[provider])
+        except ERRORS as error:
+            records[provider]["error"] = _error_text(error)
+            torch.cuda.empty_cache()
+    reps = timing_repetitions(seqlen)
+    for _ in range(ROUNDS):
+        for provider in list(ready):
+            try:
+                rounds[provider].append(time_round(*ready[provider], reps))
+            except ERRORS as error:
+                records[provider]["error"] = _error_text(error)
+                del ready[provider]
+    flops = attention_flops(batch, seqlen, heads, head_dim, causal)
+    for provider in ready:
+        fwd_ms, bwd_ms, both_ms = (statistics.median(times) for times in zip(*rounds[provider]))
+        records[provider].update(
+            fwd_tflops=flops / fwd_ms / 1e9, bwd_tflops=2.5 * flops / bwd_ms / 1e9,
+            fwdbwd_tflops=3.5 * flops / both_ms / 1e9, fwd_ms=fwd_ms, bwd_ms=bwd_ms,
+            fwdbwd_ms=both_ms, rounds_ms=rounds[provider], rep_ms=reps["rep"])
+    if "flashtrain" in ready:
+        inputs, _, grad_out = ready["flashtrain"]
+        try:
             ours, theirs = flashtrain_errors(inputs, grad_out, causal, dropout_p)
-            record.update(rel_err=ours, torch_rel_err=theirs, check_passed=all(
+            records["flashtrain"].update(rel_err=ours, torch_rel_err=theirs, check_passed=all(
                 mine <= 2 * torch_error + CHECK_FLOOR[dtype] for mine, torch_error in zip(ours, theirs)))
-    except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as error:
+        except ERRORS as error:
+            records["flashtrain"].update(check_error=_error_text(error), check_passed=False)
+    del ready
+    torch.cuda.empty_cache()
+    return [records[provider] for provider in providers]
+
+
+def measure_memory(provider, seqlen):
+    """Peak memory of one forward+backward: batch 1, 16 heads, head dim 64, causal, bf16."""
+    record = base_record(provider, 1, seqlen, 16, 64, torch.bfloat16, True, 0.0)
+    try:
+        prepare(provider, 1, seqlen, 16, 64, torch.bfloat16, True, 0.0, record)
+    except ERRORS as error:
         record["error"] = _error_text(error)
-    finally:
-        del inputs
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     return record
 
 
@@ -185,18 +240,14 @@ def run_grid(dtypes, head_dims, seqlens, providers, log):
                 batch = 16384 // seqlen
                 for causal in (False, True):
                     for dropout_p in (0.0, 0.1):
-                        for provider in providers:
-                            skipped = _skip_reason(provider, seqlen, dropout_p)
-                            if skipped:
-                                records.append(dict(provider=provider, dtype=str(dtype)[6:],
-                                                    head_dim=head_dim, seqlen=seqlen, batch=batch,
-                                                    heads=heads, causal=causal, dropout_p=dropout_p,
-                                                    error=skipped))
-                                continue
-                            record = measure(provider, batch, seqlen, heads, head_dim, dtype, causal,
-                                             dropout_p)
-                            records.append(record)
+                        shape = (batch, seqlen, heads, head_dim, dtype, causal, dropout_p)
+                        skipped = {p: _skip_reason(p, seqlen, dropout_p) for p in providers}
+                        measured = measure_cell([p for p in providers if not skipped[p]], *shape)
+                        for record in measured:
                             log(record)
+                        measured = iter(measured)
+                        records += [dict(base_record(p, *shape), error=skipped[p]) if skipped[p]
+                                    else next(measured) for p in providers]
     return records
 
 
@@ -205,7 +256,7 @@ def run_memory_sweep(log):
     for provider in ("flashtrain", "sdpa_math"):
         for power in range(7, 17):
             seqlen = 2 ** power
-            record = measure(provider, 1, seqlen, 16, 64, torch.bfloat16, True, 0.0, timing=False)
+            record = measure_memory(provider, seqlen)
             record["sweep"] = "memory"
             records.append(record)
             log(record)
@@ -262,7 +313,8 @@ def main():
     for record in wrong:
         print(f"NUMERICS CHECK FAILED: {record['dtype']} d={record['head_dim']} N={record['seqlen']} "
               f"causal={record['causal']:d} p={record['dropout_p']}: relative errors of out, dq, dk, "
-              f"dv {record['rel_err']}, PyTorch's {record['torch_rel_err']}")
+              f"dv {record.get('rel_err')}, PyTorch's {record.get('torch_rel_err')} "
+              f"{record.get('check_error', '')}")
     if wrong:
         sys.exit(1)
 

@@ -70,6 +70,12 @@ def _repetitions(records):
     reps = sorted({r["rep_ms"] for r in records if "rep_ms" in r})
     if not reps:
         return "Each timing is the median over ~50 ms of repetitions."
+    rounds = max((len(r.get("rounds_ms", [])) for r in records), default=0)
+    if rounds:
+        return (f"Each timing is the median of {rounds} rounds that alternate between the cell's "
+                f"providers, each round a do_bench median over {' or '.join(f'{r:.0f}' for r in reps)} "
+                "ms of repetitions (the longer budget at 16K tokens, where one forward+backward "
+                "takes ~10 ms).")
     return (f"Each timing is the median over {' or '.join(f'{r:.0f}' for r in reps)} ms of repetitions "
             "(the longer budget at 16K tokens, where one forward+backward takes ~10 ms).")
 
