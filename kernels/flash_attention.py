@@ -137,11 +137,16 @@ class _EagerFlashAttention(torch.autograd.Function):
         inputs = (q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p)
         output = _forward_impl(*inputs)
         _save_for_backward(ctx, inputs, output)
+        # lse and rng_state never receive gradients: don't have autograd fill zeros for them
+        # (two extra kernel launches per backward).
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_lse, _grad_rng_state):
+        if grad_out is None:
+            return None, None, None, None, None, None, None, None
         dq, dk, dv = _backward_impl(*_saved_backward_args(ctx, grad_out))
         return dq, dk, dv, None, None, None, None, None
 
