@@ -13,7 +13,9 @@ Features
   * Memory: the forward saves O and the row log-sum-exp, O(N); the backward (FlashAttention-2
     algorithm) recomputes score tiles, never an N x N tensor. No atomics: deterministic gradients.
   * A ``torch.library`` custom op with autograd, so ``torch.compile`` traces it without graph breaks;
-    eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead).
+    eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead), and
+    a kernel already launched with the same argument specialization is called directly, past
+    Triton's launch path (``_direct_launch.py``).
 
 Limits
   * fp16, bf16 (fast path) and fp32 (exact dots, for tests); head_dim 1..256 (padded internally to a
