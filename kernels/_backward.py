@@ -21,8 +21,8 @@ import triton.language as tl
 from ._direct_launch import DirectLauncher
 from ._forward import LOG2E, lse_strides
 from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
-from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
-                      pair_counter_base)
+from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile,
+                      head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -276,11 +276,13 @@ def _dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end,
                         rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, pair_counters,
-                        drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
+                        drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION,
+                        N_ROUNDS)
     dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
                         causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL),
                         rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, pair_counters,
-                        drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
+                        drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION,
+                        N_ROUNDS)
     if DROPOUT:
         dq *= softmax_scale * drop_rescale
     else:

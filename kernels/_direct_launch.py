@@ -44,8 +44,8 @@ class DirectLauncher:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
-        hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        if INTERPRETED or any(hook.calls for hook in hooks):
+        runtime = knobs.runtime
+        if INTERPRETED or runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls:
             self.kernel[grid](*args, **kwargs)
             return
         device = driver.active.get_current_device()

@@ -66,18 +66,15 @@ def memory_table(records):
 
 
 def _repetitions(records):
-    """How long each cell was timed, from the records (older records carry no rep_ms)."""
-    reps = sorted({r["rep_ms"] for r in records if "rep_ms" in r})
-    if not reps:
-        return "Each timing is the median over ~50 ms of repetitions."
+    """How each cell was timed, from the records (older records carry no rep_ms or rounds)."""
+    reps = " or ".join(f"{r:.0f}" for r in sorted({r["rep_ms"] for r in records if "rep_ms" in r}))
     rounds = max((len(r.get("rounds_ms", [])) for r in records), default=0)
+    window = f"a do_bench median over {reps or '~50'} ms of repetitions"
     if rounds:
         return (f"Each timing is the median of {rounds} rounds that alternate between the cell's "
-                f"providers, each round a do_bench median over {' or '.join(f'{r:.0f}' for r in reps)} "
-                "ms of repetitions (the longer budget at 16K tokens, where one forward+backward "
-                "takes ~10 ms).")
-    return (f"Each timing is the median over {' or '.join(f'{r:.0f}' for r in reps)} ms of repetitions "
-            "(the longer budget at 16K tokens, where one forward+backward takes ~10 ms).")
+                f"providers, each round {window} (the longer budget at 16K tokens, where one "
+                "forward+backward takes ~10 ms).")
+    return f"Each timing is {window}."
 
 
 def numerics(records):
