@@ -134,6 +134,9 @@ def plots(result, out_dir: Path, stem: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Every figure says where, when and how it was measured; the baselines are in the same run.
+    provenance = (f"{result['card']}, PyTorch {result['torch']}, Triton {result['triton']}, "
+                  f"{result['date']}; baselines measured in the same process. {result['command']}")
     cells = _cells(result["records"])
     dtype = "bfloat16"
     head_dims = sorted({k[1] for k in cells})
@@ -155,7 +158,8 @@ def plots(result, out_dir: Path, stem: str):
             axis.grid(alpha=0.3)
     axes[0][0].legend()
     figure.suptitle(f"Attention forward+backward, {dtype}, {result['card']}, 16k tokens per batch")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.text(0.5, 0.005, provenance, ha="center", fontsize=9)
     figure.savefig(out_dir / f"{stem}_speed.png", dpi=80)
     plt.close(figure)
 
@@ -172,7 +176,8 @@ def plots(result, out_dir: Path, stem: str):
     axis.set_title("Memory: linear (flashtrain) vs quadratic (standard attention)")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.text(0.5, 0.005, provenance.replace("; ", "\n", 1), ha="center", fontsize=7)
     figure.savefig(out_dir / f"{stem}_memory.png", dpi=80)
     plt.close(figure)
 
