@@ -21,8 +21,9 @@ import triton.language as tl
 from ._direct_launch import DirectLauncher
 from ._forward import LOG2E, lse_strides
 from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
-from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile,
-                      head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
+from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
+                      dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
+                      pair_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -104,13 +105,13 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
 
 @triton.jit(do_not_specialize=["seed", "counter_base"])
 def _dkdv_kernel(
-    Q, K, V, GradOut, Lse, Delta, GradK, GradV, cu_seqlens,
+    Q, K, V, GradOut, Lse, Delta, GradK, GradV, cu_seqlens, seed, counter_base,   # per call
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size,
-    softmax_scale, qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
+    softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASK_LAYOUT: tl.constexpr,
@@ -220,13 +221,13 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
 
 @triton.jit(do_not_specialize=["seed", "counter_base"])
 def _dq_kernel(
-    Q, K, V, GradOut, Out, Lse, Delta, GradQ, cu_seqlens,
+    Q, K, V, GradOut, Out, Lse, Delta, GradQ, cu_seqlens, seed, counter_base,     # per call
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
     stride_ob, stride_on, stride_oh,
     stride_dqb, stride_dqn, stride_dqh, stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size,
-    softmax_scale, qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
+    softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
@@ -292,44 +293,63 @@ def _dq_kernel(
                row_ok, d_ok, EVEN_D)
 
 
-_DQ = DirectLauncher(_dq_kernel)
-_DKDV = DirectLauncher(_dkdv_kernel)
+DQ = DirectLauncher(_dq_kernel)
+DKDV = DirectLauncher(_dkdv_kernel)
 
 
-def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softmax_scale: float,
-             causal: bool, dropout_p: float, seed: int, offset: int, drop_threshold: int,
-             tiles: tuple[Tiles, Tiles] | None = None):
-    """Gradients ``(dq, dk, dv)``, contiguous, in the shapes of q, k and v.
+def new_gradients(q, k, v, lse):
+    """Uninitialized ``(delta, dq, dk, dv)``: the gradients contiguous in q's, k's and v's shapes."""
+    return (torch.empty_like(lse), torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
-    ``tiles`` = (dK/dV tiles, dQ tiles) overrides the tuned sizes (for tuning scripts)."""
+
+def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
+                   softmax_scale: float, causal: bool, dropout_p: float,
+                   tiles: tuple[Tiles, Tiles] | None = None):
+    """``(grid, static arguments, constexprs and options)`` of the dQ launch, then of the dK/dV
+    launch: everything but the leading per-call arguments (tensors, cu_seqlens, seed, counter
+    base), which is fixed by the tensors' shapes and strides, the dtype and the options."""
     varlen = geometry.varlen
     dropout = dropout_p > 0
     kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout),
                                   dq_tiles(geometry.head_dim, q.device, q.dtype, dropout))
-    common = dict(HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d, VARLEN=varlen)
-
-    delta = torch.empty_like(lse)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
-               softmax_scale, softmax_scale * LOG2E, kernel_seed(seed), kernel_counter_base(offset),
-               counters_per_row(geometry.seqlen_k), drop_threshold, drop_rescale(dropout_p))
-    flags = dict(CAUSAL=causal, DROPOUT=dropout, PRECISION=dot_precision(q.dtype),
-                 N_ROUNDS=PHILOX_ROUNDS, **common)
+               softmax_scale, softmax_scale * LOG2E, counters_per_row(geometry.seqlen_k),
+               drop_threshold(dropout_p), drop_rescale(dropout_p))
+    flags = dict(HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d, VARLEN=varlen,
+                 CAUSAL=causal, DROPOUT=dropout, PRECISION=dot_precision(q.dtype),
+                 N_ROUNDS=PHILOX_ROUNDS)
+    dq_config = (
+        (triton.cdiv(geometry.seqlen_q, q_tiles.block_m), geometry.heads_q, geometry.batch),
+        (*inputs, *batched_strides(out, varlen), *batched_strides(dq, varlen),
+         *lse_strides(lse, varlen), *scalars),
+        dict(BLOCK_M=q_tiles.block_m, BLOCK_N=q_tiles.block_n, num_warps=q_tiles.num_warps,
+             num_stages=q_tiles.num_stages, **flags))
+    dkdv_config = (
+        (triton.cdiv(geometry.seqlen_k, kv_tiles.block_n), geometry.heads_k, geometry.batch),
+        (*inputs, *batched_strides(dk, varlen), *batched_strides(dv, varlen),
+         *lse_strides(lse, varlen), *scalars),
+        dict(BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, MASK_LAYOUT=DKDV_MASK_LAYOUT,
+             num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags))
+    return dq_config, dkdv_config
 
+
+def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softmax_scale: float,
+             causal: bool, dropout_p: float, seed: int, offset: int,
+             tiles: tuple[Tiles, Tiles] | None = None):
+    """Gradients ``(dq, dk, dv)``, contiguous, in the shapes of q, k and v.
+
+    ``tiles`` = (dK/dV tiles, dQ tiles) overrides the tuned sizes (for tuning scripts)."""
+    delta, dq, dk, dv = new_gradients(q, k, v, lse)
+    (dq_grid, dq_static, dq_options), (dkdv_grid, dkdv_static, dkdv_options) = launch_configs(
+        grad_out, q, k, v, out, lse, dq, dk, dv, geometry, softmax_scale, causal, dropout_p, tiles)
+    seed, counter_base = kernel_seed(seed), kernel_counter_base(offset)
     # dQ first: it also writes delta, which dK/dV reads.
-    _DQ[(triton.cdiv(geometry.seqlen_q, q_tiles.block_m), geometry.heads_q, geometry.batch)](
-        q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, *inputs,
-        *batched_strides(out, varlen), *batched_strides(dq, varlen), *lse_strides(lse, varlen),
-        *scalars, BLOCK_M=q_tiles.block_m, BLOCK_N=q_tiles.block_n,
-        num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages, **flags)
-    _DKDV[(triton.cdiv(geometry.seqlen_k, kv_tiles.block_n), geometry.heads_k, geometry.batch)](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *inputs,
-        *batched_strides(dk, varlen), *batched_strides(dv, varlen), *lse_strides(lse, varlen),
-        *scalars, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n,
-        MASK_LAYOUT=DKDV_MASK_LAYOUT, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages,
-        **flags)
+    DQ.launch(dq_grid, (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, seed, counter_base,
+                        *dq_static), dq_options)
+    DKDV.launch(dkdv_grid, (q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seed, counter_base,
+                            *dkdv_static), dkdv_options)
     return dq, dk, dv

@@ -2,9 +2,10 @@
 
 On every launch Triton's JIT binds the ~45 arguments, derives the call's specialization (type and
 alignment of each argument), builds a string cache key and launch metadata, and only then calls the
-compiled kernel's launcher. On the H100 host that costs ~60-100 µs per launch, three launches per
-forward+backward: at 512-token sequences the GPU work of a forward+backward (~0.5-1 ms) then waits
-on the host (docs/results/attention_notes.md, "host").
+compiled kernel's launcher, whose C code then reads each tensor's ``data_ptr()`` and asks the CUDA
+driver about it (``cuPointerGetAttribute``). On the H100 host that costs ~60-100 µs per launch,
+three launches per forward+backward: at 512-token sequences the GPU work of a forward+backward
+(~0.5-1 ms) then waits on the host (docs/results/attention_notes.md, "host").
 
 ``DirectLauncher`` keeps, per kernel, the compiled kernels under a key that holds everything Triton
 specializes on (Triton 3.6: a tensor's dtype and 16-byte alignment; an integer's 32/64-bit range,
@@ -13,6 +14,11 @@ the device), and launches them directly. A key seen for the first time goes thro
 path, which compiles (or finds in its cache) exactly the kernel it would have run, so the direct
 path never chooses a kernel Triton would not. Under the interpreter, or while a launch hook is
 installed (profilers such as proton use them), every launch takes Triton's path.
+
+A launch returns its ``BoundKernel``: the compiled kernel with its constexprs and options fixed. Callers
+that know the next launch specializes the same way (``_eager_plan.py``: same shapes, strides,
+dtypes, alignment and scalar arguments) call it directly and pass tensor addresses as integers,
+which the C launcher takes as they are.
 """
 
 import torch
@@ -32,6 +38,43 @@ def _specialization(arg):
     return type(arg)
 
 
+def hooks_installed() -> bool:
+    """Whether a launch hook (a profiler) wants to see every launch through Triton's path."""
+    runtime = knobs.runtime
+    return bool(runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls)
+
+
+class BoundKernel:
+    """A compiled kernel with its launch options and constexprs fixed. Call it with a 3-D grid, the
+    current stream and the runtime arguments in signature order; tensors may be passed as their
+    ``data_ptr()`` integers."""
+
+    def __init__(self, compiled, constexprs):
+        launcher = compiled.run
+        # Triton's launcher object only adds scratch-buffer allocation around the C launch function;
+        # a kernel that needs no scratch is launched through the C function itself.
+        if getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1):
+            self._launch, self._options = launcher, ()
+        else:
+            self._launch = launcher.launch
+            self._options = (launcher.launch_cooperative_grid, launcher.launch_pdl, None, None)
+        self._function = compiled.function
+        self._metadata = compiled.packed_metadata
+        self._constexprs = constexprs
+
+    def __call__(self, grid, stream, *args):
+        self._launch(grid[0], grid[1], grid[2], stream, self._function, *self._options,
+                     self._metadata, None, None, None, *args, *self._constexprs)
+
+
+def grid3(grid) -> tuple[int, int, int]:
+    return tuple(grid) + (1,) * (3 - len(grid))
+
+
+def current_stream(device_index: int) -> int:
+    return driver.active.get_current_stream(device_index)
+
+
 class DirectLauncher:
     """``DirectLauncher(kernel)[grid](*args, **constexprs_and_options)`` launches like
     ``kernel[grid](...)``. Runtime arguments must be positional, constexprs by keyword."""
@@ -43,25 +86,22 @@ class DirectLauncher:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def launch(self, grid, args, kwargs):
-        runtime = knobs.runtime
-        if INTERPRETED or runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls:
+    def launch(self, grid, args, kwargs) -> BoundKernel | None:
+        """Launch; returns the bound kernel that ran, or None where Triton's path had to."""
+        if INTERPRETED or hooks_installed():
             self.kernel[grid](*args, **kwargs)
-            return
+            return None
         device = driver.active.get_current_device()
         key = (device, tuple(kwargs.items()), tuple(map(_specialization, args)))
-        entry = self.compiled.get(key)
-        if entry is None:
+        bound = self.compiled.get(key)
+        if bound is None:
             compiled = self.kernel[grid](*args, **kwargs)
             if hasattr(compiled, "result"):    # Triton's asynchronous compile mode
                 compiled = compiled.result()
             # The launcher takes every parameter in signature order, constexprs included.
             trailing = self.kernel.params[len(args):]
             constexprs = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in trailing)
-            self.compiled[key] = (compiled, constexprs)
-            return
-        compiled, constexprs = entry
-        grid = tuple(grid) + (1,) * (3 - len(grid))
-        compiled.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device),
-                     compiled.function, compiled.packed_metadata, None, None, None, *args,
-                     *constexprs)
+            bound = self.compiled[key] = BoundKernel(compiled, constexprs)
+            return bound
+        bound(grid3(grid), current_stream(device), *args)
+        return bound

@@ -13,8 +13,9 @@ import triton.language as tl
 
 from ._direct_launch import DirectLauncher
 from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
-from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, dropout_keep_tile,
-                      head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
+from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
+                      dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
+                      pair_counter_base)
 from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
                      visible_tile)
 
@@ -58,14 +59,14 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, l
 # seed and counter_base change every call: no value specialization (it would recompile).
 @triton.jit(do_not_specialize=["seed", "counter_base"])
 def _forward_kernel(
-    Q, K, V, Out, Lse, cu_seqlens,
+    Q, K, V, Out, Lse, cu_seqlens, seed, counter_base,     # the arguments that change per call
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
     stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size,
-    qk_scale, seed, counter_base, counters_per_row, drop_threshold, drop_rescale,
+    qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
@@ -133,7 +134,7 @@ def _forward_kernel(
              mask=row_ok)
 
 
-_FORWARD = DirectLauncher(_forward_kernel)
+FORWARD = DirectLauncher(_forward_kernel)
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -147,28 +148,43 @@ def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causal: bool,
-            dropout_p: float, seed: int, offset: int, drop_threshold: int, tiles: Tiles | None = None):
-    """Launch the forward kernel; returns ``(out, lse)`` with ``out`` contiguous in q's shape.
+def new_outputs(q: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized ``(out, lse)``: out contiguous in q's shape, lse float32."""
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(lse_shape(geometry, q.shape[0]), dtype=torch.float32, device=q.device))
 
-    ``tiles`` overrides the tuned tile sizes (for tuning scripts)."""
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape(geometry, q.shape[0]), dtype=torch.float32, device=q.device)
+
+def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, causal: bool,
+                  dropout_p: float, tiles: Tiles | None = None):
+    """``(grid, static arguments, constexprs and options)`` of the forward launch: everything but
+    the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base), which is
+    fixed by the tensors' shapes and strides, the dtype and the options."""
     tiles = tiles or forward_tiles(geometry.head_dim, q.device, q.dtype)
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
-    _FORWARD[grid](
-        q, k, v, out, lse, cu_seqlens,
+    static = (
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),
         *batched_strides(v, geometry.varlen), *batched_strides(out, geometry.varlen),
         *lse_strides(lse, geometry.varlen),
         geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
-        softmax_scale * LOG2E, kernel_seed(seed), kernel_counter_base(offset),
-        counters_per_row(geometry.seqlen_k),
-        drop_threshold, drop_rescale(dropout_p),
+        softmax_scale * LOG2E, counters_per_row(geometry.seqlen_k),
+        drop_threshold(dropout_p), drop_rescale(dropout_p))
+    options = dict(
         HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         CAUSAL=causal, DROPOUT=dropout_p > 0, VARLEN=geometry.varlen,
         PRECISION=dot_precision(q.dtype), N_ROUNDS=PHILOX_ROUNDS,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return grid, static, options
+
+
+def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causal: bool,
+            dropout_p: float, seed: int, offset: int, tiles: Tiles | None = None):
+    """Launch the forward kernel; returns ``(out, lse)`` with ``out`` contiguous in q's shape.
+
+    ``tiles`` overrides the tuned tile sizes (for tuning scripts)."""
+    out, lse = new_outputs(q, geometry)
+    grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale, causal,
+                                          dropout_p, tiles)
+    FORWARD.launch(grid, (q, k, v, out, lse, cu_seqlens, kernel_seed(seed),
+                          kernel_counter_base(offset), *static), options)
     return out, lse

@@ -13,9 +13,9 @@ Features
   * Memory: the forward saves O and the row log-sum-exp, O(N); the backward (FlashAttention-2
     algorithm) recomputes score tiles, never an N x N tensor. No atomics: deterministic gradients.
   * A ``torch.library`` custom op with autograd, so ``torch.compile`` traces it without graph breaks;
-    eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead), and
-    a kernel already launched with the same argument specialization is called directly, past
-    Triton's launch path (``_direct_launch.py``).
+    eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead): a
+    launch plan per call signature keeps what the shapes fix (``_eager_plan.py``), and kernels are
+    called directly, past Triton's launch path (``_direct_launch.py``).
 
 Limits
   * fp16, bf16 (fast path) and fp32 (exact dots, for tests); head_dim 1..256 (padded internally to a
@@ -35,6 +35,7 @@ import torch
 from . import _backward, _forward
 from ._checks import check_inputs
 from ._debug_mask import keep_mask
+from ._eager_plan import plan_for
 from ._launch import Geometry, check_runnable
 from ._philox import drop_threshold, next_seed_offset, philox_counters
 
@@ -57,7 +58,7 @@ def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropou
                                    geometry.seqlen_k)
         seed, offset = next_seed_offset(q.device, counters)
     out, lse = _forward.forward(q, k, v, cu_seqlens, geometry, softmax_scale, causal, dropout_p,
-                                seed, offset, drop_threshold(dropout_p))
+                                seed, offset)
     return out, lse, torch.tensor([seed, offset], dtype=torch.int64)
 
 
@@ -68,7 +69,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqle
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     return _backward.backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry, softmax_scale,
-                              causal, dropout_p, seed, offset, drop_threshold(dropout_p))
+                              causal, dropout_p, seed, offset)
 
 
 # Two entry points to the same kernels. torch.compile needs an operator it can trace: the custom ops
@@ -130,27 +131,27 @@ torch.library.register_autograd("flashtrain::flash_attention_forward", _op_backw
 
 
 class _EagerFlashAttention(torch.autograd.Function):
-    """The eager-mode path: the same forward and backward as the custom ops, less dispatch. (The
-    classic ``forward(ctx, ...)`` form: with a separate ``setup_context``, ``apply`` binds its
-    arguments through ``inspect.signature`` on every call.)"""
+    """The eager-mode path: the same kernels as the custom ops, through a launch plan
+    (``_eager_plan.py``) and without op dispatch. One output: lse stays in ctx, and the dropout
+    seed and offset, drawn by the caller, are plain integers. (The classic ``forward(ctx, ...)``
+    form: with a separate ``setup_context``, ``apply`` binds its arguments through
+    ``inspect.signature`` on every call.)"""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
-        inputs = (q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p)
-        output = _forward_impl(*inputs)
-        _save_for_backward(ctx, inputs, output)
-        # lse and rng_state never receive gradients: don't have autograd fill zeros for them
-        # (two extra kernel launches per backward).
-        ctx.set_materialize_grads(False)
-        return output
+    def forward(ctx, q, k, v, cu_seqlens, plan, seed, offset):
+        out, lse = plan.forward(q, k, v, cu_seqlens, seed, offset)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.plan, ctx.seed, ctx.offset = plan, seed, offset
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse, _grad_rng_state):
-        if grad_out is None:
-            return None, None, None, None, None, None, None, None
-        dq, dk, dv = _backward_impl(*_saved_backward_args(ctx, grad_out))
-        return dq, dk, dv, None, None, None, None, None
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv = ctx.plan.backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.seed, ctx.offset)
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None, cu_seqlens=None,
@@ -181,13 +182,17 @@ def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None,
             bool(causal), float(dropout_p))
     if torch.compiler.is_compiling():
         out, _lse, rng_state = _forward_op(*args)
+        if return_debug_mask:
+            seed, offset = rng_state.tolist()
     else:
-        out, _lse, rng_state = _EagerFlashAttention.apply(*args)
+        plan = plan_for(*args)
+        seed, offset = (next_seed_offset(q.device, plan.philox_counters) if dropout_p > 0
+                        else (0, 0))
+        out = _EagerFlashAttention.apply(q, k, v, cu_seqlens, plan, seed, offset)
     if not return_debug_mask:
         return out
     geometry = _geometry(q, k, cu_seqlens, max_seqlen)
     if dropout_p == 0:
         shape = (geometry.batch, geometry.heads_q, geometry.seqlen_q, geometry.seqlen_k)
         return out, torch.ones(shape, dtype=torch.bool, device=q.device)
-    seed, offset = rng_state.tolist()
     return out, keep_mask(geometry, seed, offset, drop_threshold(dropout_p), q.device)

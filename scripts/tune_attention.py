@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import _backward, _forward  # noqa: E402
 from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles  # noqa: E402
-from kernels._philox import drop_threshold  # noqa: E402
 
 FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
@@ -50,7 +49,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
     scale = 1 / math.sqrt(head_dim)
     args = dict(geometry=geometry, softmax_scale=scale, causal=causal, dropout_p=dropout_p,
-                seed=1, offset=0, drop_threshold=drop_threshold(dropout_p))
+                seed=1, offset=0)
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     out, lse = _forward.forward(q, k, v, None, **args)
     rows = []
@@ -92,7 +91,7 @@ def rounds_study(head_dim, seqlen, dtype=torch.bfloat16):
         _forward.PHILOX_ROUNDS = _backward.PHILOX_ROUNDS = rounds
         _backward.DKDV_MASK_LAYOUT = layout
         args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=False,
-                    dropout_p=dropout_p, seed=1, offset=0, drop_threshold=drop_threshold(dropout_p))
+                    dropout_p=dropout_p, seed=1, offset=0)
         out, lse = _forward.forward(q, k, v, None, **args)
         fwd = measure(lambda: _forward.forward(q, k, v, None, **args))
         bwd = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None, **args))

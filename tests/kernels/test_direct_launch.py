@@ -47,7 +47,7 @@ def test_every_argument_maps_to_its_own_triton_specialization():
 def test_direct_launches_match_tritons_path_bit_for_bit():
     q, k, v = random_qkv((2, 300, 4, 64), (2, 300, 2, 64), torch.bfloat16, "cuda")
     grad_out = torch.randn_like(q)
-    launchers = (_forward._FORWARD, _backward._DQ, _backward._DKDV)
+    launchers = (_forward.FORWARD, _backward.DQ, _backward.DKDV)
     for launcher in launchers:
         launcher.compiled.clear()
     results = []
