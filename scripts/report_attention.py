@@ -200,9 +200,9 @@ def main():
               "forward+backward; `triton.testing.do_bench` medians. flashtrain reads (B, N, H, D) "
               "inputs; SDPA and flex get their native (B, H, N, D). ✗ marks a cell where flashtrain "
               "is slower than sdpa_flash (FlashAttention-2). Cells a provider could not run say why "
-              f"in the JSON. {_repetitions(result['records'])} 512- and 1024-token cells are "
-              "sensitive to host overhead: there a forward+backward's GPU work (~0.5–1 ms) is close "
-              "to the time the host takes to issue it.\n")
+              f"in the JSON. {_repetitions(result['records'])} 512- and 1024-token cells are the "
+              "most sensitive to host overhead: there a forward+backward's GPU work (~0.5–1 ms) is "
+              "within 2x of the time the host takes to issue it.\n")
     dtypes = sorted({k[0] for k in cells})
     body = "\n\n".join(speed_table(cells, dtype) for dtype in dtypes)
     memory = ("## Memory sweep (forward+backward)\n\n" + memory_table(result["records"]))
