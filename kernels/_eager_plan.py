@@ -23,7 +23,7 @@ import torch
 
 from . import _backward, _forward
 from ._direct_launch import current_stream, grid3, hooks_installed
-from ._launch import Geometry, check_runnable
+from ._launch import call_geometry, check_runnable
 from ._philox import kernel_counter_base, kernel_seed, philox_counters
 
 
@@ -57,12 +57,7 @@ class EagerPlan:
 
     def __init__(self, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
         check_runnable(q.device)
-        if cu_seqlens is None:
-            self.geometry = Geometry(q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1],
-                                     q.shape[3], varlen=False)
-        else:
-            self.geometry = Geometry(cu_seqlens.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen,
-                                     max_seqlen, q.shape[2], varlen=True)
+        self.geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
         g = self.geometry
         self.philox_counters = philox_counters(g.batch, g.heads_q, g.seqlen_q, g.seqlen_k)
         self.options = (softmax_scale, causal, dropout_p)

@@ -71,6 +71,16 @@ class Geometry:
         return max(16, triton.next_power_of_2(self.head_dim))
 
 
+def call_geometry(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                  max_seqlen: int) -> Geometry:
+    """The geometry of a (checked) flash_attention call, padded or packed."""
+    if cu_seqlens is None:
+        return Geometry(q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[3],
+                        varlen=False)
+    return Geometry(cu_seqlens.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen, max_seqlen,
+                    q.shape[2], varlen=True)
+
+
 def batched_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(batch, token, head) strides; a packed variable-length tensor has no batch axis."""
     if varlen:

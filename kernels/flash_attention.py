@@ -36,22 +36,14 @@ from . import _backward, _forward
 from ._checks import check_inputs
 from ._debug_mask import keep_mask
 from ._eager_plan import plan_for
-from ._launch import Geometry, check_runnable
+from ._launch import call_geometry, check_runnable
 from ._philox import drop_threshold, next_seed_offset, philox_counters
-
-
-def _geometry(q, k, cu_seqlens, max_seqlen) -> Geometry:
-    if cu_seqlens is None:
-        return Geometry(q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.shape[3],
-                        varlen=False)
-    return Geometry(cu_seqlens.shape[0] - 1, q.shape[1], k.shape[1], max_seqlen, max_seqlen,
-                    q.shape[2], varlen=True)
 
 
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
     """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
     check_runnable(q.device)
-    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     seed, offset = 0, 0
     if dropout_p > 0:
         counters = philox_counters(geometry.batch, geometry.heads_q, geometry.seqlen_q,
@@ -64,7 +56,7 @@ def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropou
 
 def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale,
                    causal, dropout_p):
-    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
@@ -86,7 +78,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
 
 @_forward_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
-    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     lse = q.new_empty(_forward.lse_shape(geometry, q.shape[0]), dtype=torch.float32)
     return q.new_empty(q.shape), lse, torch.empty(2, dtype=torch.int64, device="cpu")
 
@@ -191,7 +183,7 @@ def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None,
         out = _EagerFlashAttention.apply(q, k, v, cu_seqlens, plan, seed, offset)
     if not return_debug_mask:
         return out
-    geometry = _geometry(q, k, cu_seqlens, max_seqlen)
+    geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     if dropout_p == 0:
         shape = (geometry.batch, geometry.heads_q, geometry.seqlen_q, geometry.seqlen_k)
         return out, torch.ones(shape, dtype=torch.bool, device=q.device)
