@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._direct_launch import DirectLauncher
+from ._direct_launch import DirectLauncher, grid3
 from ._forward import LOG2E, lse_strides
 from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
@@ -337,6 +337,23 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     return dq_config, dkdv_config
 
 
+def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry,
+                softmax_scale: float, causal: bool, dropout_p: float, seed: int, offset: int,
+                tiles: tuple[Tiles, Tiles] | None = None):
+    """Launch the dQ pass, then the dK/dV pass, writing into ``delta``, ``dq``, ``dk``, ``dv``.
+    Returns, per pass, ``(bound kernel or None, 3-D grid, static arguments)``: the same for every
+    call with these shapes, strides and options (see ``_forward.launch_into``)."""
+    (dq_grid, dq_static, dq_options), (dkdv_grid, dkdv_static, dkdv_options) = launch_configs(
+        grad_out, q, k, v, out, lse, dq, dk, dv, geometry, softmax_scale, causal, dropout_p, tiles)
+    seed, counter_base = kernel_seed(seed), kernel_counter_base(offset)
+    # dQ first: it also writes delta, which dK/dV reads.
+    dq_bound = DQ.launch(dq_grid, (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, seed,
+                                   counter_base, *dq_static), dq_options)
+    dkdv_bound = DKDV.launch(dkdv_grid, (q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seed,
+                                         counter_base, *dkdv_static), dkdv_options)
+    return (dq_bound, grid3(dq_grid), dq_static), (dkdv_bound, grid3(dkdv_grid), dkdv_static)
+
+
 def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softmax_scale: float,
              causal: bool, dropout_p: float, seed: int, offset: int,
              tiles: tuple[Tiles, Tiles] | None = None):
@@ -344,12 +361,6 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softma
 
     ``tiles`` = (dK/dV tiles, dQ tiles) overrides the tuned sizes (for tuning scripts)."""
     delta, dq, dk, dv = new_gradients(q, k, v, lse)
-    (dq_grid, dq_static, dq_options), (dkdv_grid, dkdv_static, dkdv_options) = launch_configs(
-        grad_out, q, k, v, out, lse, dq, dk, dv, geometry, softmax_scale, causal, dropout_p, tiles)
-    seed, counter_base = kernel_seed(seed), kernel_counter_base(offset)
-    # dQ first: it also writes delta, which dK/dV reads.
-    DQ.launch(dq_grid, (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, seed, counter_base,
-                        *dq_static), dq_options)
-    DKDV.launch(dkdv_grid, (q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seed, counter_base,
-                            *dkdv_static), dkdv_options)
+    launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geometry,
+                softmax_scale, causal, dropout_p, seed, offset, tiles)
     return dq, dk, dv

@@ -15,8 +15,8 @@ path, which compiles (or finds in its cache) exactly the kernel it would have ru
 path never chooses a kernel Triton would not. Under the interpreter, or while a launch hook is
 installed (profilers such as proton use them), every launch takes Triton's path.
 
-A launch returns its ``BoundKernel``: the compiled kernel with its constexprs and options fixed. Callers
-that know the next launch specializes the same way (``_eager_plan.py``: same shapes, strides,
+A launch returns its ``BoundKernel``: the compiled kernel with its constexprs and options fixed.
+Callers that know the next launch specializes the same way (``_eager_plan.py``: same shapes, strides,
 dtypes, alignment and scalar arguments) call it directly and pass tensor addresses as integers,
 which the C launcher takes as they are.
 """
@@ -53,7 +53,9 @@ class BoundKernel:
         launcher = compiled.run
         # Triton's launcher object only adds scratch-buffer allocation around the C launch function;
         # a kernel that needs no scratch is launched through the C function itself.
-        if getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1):
+        needs_scratch = (getattr(launcher, "global_scratch_size", 1)
+                         or getattr(launcher, "profile_scratch_size", 1))
+        if needs_scratch:
             self._launch, self._options = launcher, ()
         else:
             self._launch = launcher.launch

@@ -22,13 +22,13 @@ the interpreter or while a launch hook (a profiler) is installed.
 import torch
 
 from . import _backward, _forward
-from ._direct_launch import current_stream, grid3, hooks_installed
+from ._direct_launch import current_stream, hooks_installed
 from ._launch import call_geometry, check_runnable
 from ._philox import kernel_counter_base, kernel_seed, philox_counters
 
 
-# Plans are small (a few tuples); the cap only bounds a run whose shapes never repeat (variable-length
-# batches with ever new max_seqlen).
+# Plans are small (a few tuples); the cap only bounds a run whose shapes never repeat
+# (variable-length batches with ever new max_seqlen).
 _PLANS: dict = {}
 MAX_PLANS = 512
 
@@ -63,23 +63,21 @@ class EagerPlan:
         self.options = (softmax_scale, causal, dropout_p)
         self.device_index = q.device.index
         self._forward = None    # (bound kernel, grid, static arguments) once bound
-        self._backward = None   # (grad_out strides, dQ and dK/dV bound kernels, grids, statics)
+        self._backward = None   # (grad_out strides, that triple for dQ, for dK/dV) once bound
 
     def forward(self, q, k, v, cu_seqlens, seed, offset):
         out, lse = _forward.new_outputs(q, self.geometry)
         addresses = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                      _address(cu_seqlens))
-        per_call = (kernel_seed(seed), kernel_counter_base(offset))
         if self._forward is not None and not _misaligned(addresses) and not hooks_installed():
             kernel, grid, static = self._forward
-            kernel(grid, current_stream(self.device_index), *addresses, *per_call, *static)
+            kernel(grid, current_stream(self.device_index), *addresses, kernel_seed(seed),
+                   kernel_counter_base(offset), *static)
             return out, lse
-        grid, static, options = _forward.launch_config(q, k, v, out, lse, self.geometry,
-                                                       *self.options)
-        kernel = _forward.FORWARD.launch(grid, (q, k, v, out, lse, cu_seqlens, *per_call, *static),
-                                         options)
-        if kernel is not None and not _misaligned(addresses):
-            self._forward = (kernel, grid3(grid), static)
+        launched = _forward.launch_into(out, lse, q, k, v, cu_seqlens, self.geometry,
+                                        *self.options, seed, offset)
+        if launched[0] is not None and not _misaligned(addresses):
+            self._forward = launched
         return out, lse
 
     def backward(self, grad_out, q, k, v, out, lse, cu_seqlens, seed, offset):
@@ -87,30 +85,23 @@ class EagerPlan:
         addresses = (q.data_ptr(), k.data_ptr(), v.data_ptr(), grad_out.data_ptr(), out.data_ptr(),
                      lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                      _address(cu_seqlens))
-        per_call = (kernel_seed(seed), kernel_counter_base(offset))
         bound = self._backward
         if (bound is not None and bound[0] == grad_out.stride() and not _misaligned(addresses)
                 and not hooks_installed()):
-            _, dq_kernel, dq_grid, dq_static, dkdv_kernel, dkdv_grid, dkdv_static = bound
+            _, (dq_kernel, dq_grid, dq_static), (dkdv_kernel, dkdv_grid, dkdv_static) = bound
             qa, ka, va, ga, oa, la, da, dqa, dka, dva, ca = addresses
+            per_call = (ca, kernel_seed(seed), kernel_counter_base(offset))
             stream = current_stream(self.device_index)
-            dq_kernel(dq_grid, stream, qa, ka, va, ga, oa, la, da, dqa, ca, *per_call, *dq_static)
-            dkdv_kernel(dkdv_grid, stream, qa, ka, va, ga, la, da, dka, dva, ca, *per_call,
+            # In the kernels' signature order (_backward.py); dQ first: it writes delta for dK/dV.
+            dq_kernel(dq_grid, stream, qa, ka, va, ga, oa, la, da, dqa, *per_call, *dq_static)
+            dkdv_kernel(dkdv_grid, stream, qa, ka, va, ga, la, da, dka, dva, *per_call,
                         *dkdv_static)
             return dq, dk, dv
-        (dq_grid, dq_static, dq_options), (dkdv_grid, dkdv_static, dkdv_options) = \
-            _backward.launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, self.geometry,
-                                     *self.options)
-        # dQ first: it also writes delta, which dK/dV reads.
-        dq_kernel = _backward.DQ.launch(
-            dq_grid, (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, *per_call, *dq_static),
-            dq_options)
-        dkdv_kernel = _backward.DKDV.launch(
-            dkdv_grid, (q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *per_call,
-                        *dkdv_static), dkdv_options)
-        if dq_kernel is not None and dkdv_kernel is not None and not _misaligned(addresses):
-            self._backward = (grad_out.stride(), dq_kernel, grid3(dq_grid), dq_static,
-                              dkdv_kernel, grid3(dkdv_grid), dkdv_static)
+        dq_launch, dkdv_launch = _backward.launch_into(
+            delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, self.geometry,
+            *self.options, seed, offset)
+        if dq_launch[0] is not None and dkdv_launch[0] is not None and not _misaligned(addresses):
+            self._backward = (grad_out.stride(), dq_launch, dkdv_launch)
         return dq, dk, dv
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._direct_launch import DirectLauncher
+from ._direct_launch import DirectLauncher, grid3
 from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
@@ -177,14 +177,24 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
     return grid, static, options
 
 
+def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float,
+                causal: bool, dropout_p: float, seed: int, offset: int, tiles: Tiles | None = None):
+    """Launch the forward kernel writing into ``out`` and ``lse``. Returns ``(bound kernel or None,
+    3-D grid, static arguments)``: the same for every call with these shapes, strides and options,
+    so a launch plan (``_eager_plan.py``) can repeat the launch with new addresses."""
+    grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale, causal,
+                                          dropout_p, tiles)
+    bound = FORWARD.launch(grid, (q, k, v, out, lse, cu_seqlens, kernel_seed(seed),
+                                  kernel_counter_base(offset), *static), options)
+    return bound, grid3(grid), static
+
+
 def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causal: bool,
             dropout_p: float, seed: int, offset: int, tiles: Tiles | None = None):
     """Launch the forward kernel; returns ``(out, lse)`` with ``out`` contiguous in q's shape.
 
     ``tiles`` overrides the tuned tile sizes (for tuning scripts)."""
     out, lse = new_outputs(q, geometry)
-    grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale, causal,
-                                          dropout_p, tiles)
-    FORWARD.launch(grid, (q, k, v, out, lse, cu_seqlens, kernel_seed(seed),
-                          kernel_counter_base(offset), *static), options)
+    launch_into(out, lse, q, k, v, cu_seqlens, geometry, softmax_scale, causal, dropout_p, seed,
+                offset, tiles)
     return out, lse

@@ -5,7 +5,7 @@ interpreter a plan always takes the ordinary path; on a GPU its later calls take
 import pytest
 import torch
 
-from kernels import _eager_plan, flash_attention
+from kernels import _direct_launch, _eager_plan, flash_attention
 
 from .numerics import random_qkv
 
@@ -119,3 +119,42 @@ def test_one_plan_per_call_signature(device):
                   for bounds in ([0, 8, 16], [0, 4, 8, 16]))
     assert (_eager_plan.plan_for(packed, packed, packed, two, 8, 0.25, True, 0.0)
             is not _eager_plan.plan_for(packed, packed, packed, three, 8, 0.25, True, 0.0))
+
+
+def test_bound_launches_pass_what_the_ordinary_path_passes(monkeypatch):
+    """The bound path lists each kernel's arguments itself (addresses, then seed and offset, then the
+    static ones). With launches recorded instead of run, a plan's second call must pass exactly what
+    its first (ordinary) call passed: the same grids and scalars, the same input addresses, and an
+    address wherever the ordinary path passed a tensor. Runs without a GPU."""
+    calls = []
+
+    def record(name, grid, args):
+        calls.append((name, tuple(grid), tuple(
+            ("address", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)))
+
+    def ordinary_launch(self, grid, args, kwargs):
+        name = self.kernel.fn.__name__
+        record(name, grid, args)
+        return lambda bound_grid, stream, *bound_args: record(name, bound_grid, bound_args)
+
+    monkeypatch.setattr(_direct_launch.DirectLauncher, "launch", ordinary_launch)
+    monkeypatch.setattr(_eager_plan, "current_stream", lambda device_index: 0)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})     # these fake bound kernels stay in here
+    q, k, v = random_qkv((2, 48, 4, 32), (2, 48, 2, 32), torch.float32, "cpu")
+    grad_out = torch.randn(q.shape)
+    inputs = {t.data_ptr() for t in (q, k, v, grad_out)}
+    for _ in range(2):
+        torch.manual_seed(7)        # the same seed and offset in both calls
+        out = flash_attention(q, k, v, causal=True, dropout_p=0.1, softmax_scale=0.3)
+        torch.autograd.grad(out, (q, k, v), grad_out)
+    assert [name for name, _, _ in calls] == ["_forward_kernel", "_dq_kernel", "_dkdv_kernel"] * 2
+    for (name, grid, ordinary), (_, bound_grid, bound) in zip(calls[:3], calls[3:]):
+        assert bound_grid == grid + (1,) * (3 - len(grid)), name
+        assert len(bound) == len(ordinary), name
+        for position, (expected, got) in enumerate(zip(ordinary, bound)):
+            if isinstance(expected, tuple):          # a tensor: its address, as an integer
+                assert type(got) is int, (name, position)
+                if expected[1] in inputs:
+                    assert got == expected[1], (name, position)
+            else:
+                assert got == expected, (name, position)
