@@ -42,21 +42,33 @@ def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding
         if key_padding is not None:
             return _flash_unpadded(q, k, v, causal, dropout_p, key_padding)
         return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+    if impl == "sdpa":
+        return _sdpa(q, k, v, causal, dropout_p, key_padding)
+    if impl != "eager":
+        raise ValueError(f"unknown attention implementation {impl!r}; use auto, flash, sdpa or eager")
     group = q.shape[2] // k.shape[2]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     mask = _mask(q.shape[1], k.shape[1], causal, key_padding, q.device)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # (B, H, N, D)
-    if impl == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    elif impl == "eager":
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(F.dropout(probs, dropout_p, training=dropout_p > 0), v)
-    else:
-        raise ValueError(f"unknown attention implementation {impl!r}; use auto, flash, sdpa or eager")
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(F.dropout(probs, dropout_p, training=dropout_p > 0), v)
+    return out.transpose(1, 2)
+
+
+def _sdpa(q, k, v, causal, dropout_p, key_padding):
+    """PyTorch's fused attention. Plain causal self-attention goes through ``is_causal=True`` with
+    no mask tensor: only then may PyTorch pick its flash or cuDNN backend (an explicit mask sends
+    it to the memory-efficient or math kernel). A mask is built only where one is needed: padding,
+    or a causal query block shorter than its keys (KV cache, bottom-right aligned)."""
+    square_causal = causal and key_padding is None and q.shape[1] == k.shape[1]
+    mask = None if square_causal else _mask(q.shape[1], k.shape[1], causal, key_padding, q.device)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # (B, H, N, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                         is_causal=square_causal, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .flops import flops_per_token
 from .layers import Block, run_blocks
+from .loss import lm_loss
 
 
 class MaskedLM(nn.Module):
@@ -30,9 +31,11 @@ class MaskedLM(nn.Module):
         self.head_norm = nn.LayerNorm(config.d_model, eps=config.eps)
         self.head_bias = nn.Parameter(torch.zeros(config.padded_vocab))
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        """input_ids (B, N) -> logits (B, N, vocab). ``attention_mask`` (B, N): 1 for real tokens,
-        0 for (right) padding; padded positions' logits are meaningless."""
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, targets=None):
+        """input_ids (B, N) -> logits (B, N, vocab), or with ``targets`` (B, N; -100 where no loss)
+        the mean cross entropy, computed inside the model so that a compiled model fuses it.
+        ``attention_mask`` (B, N): 1 for real tokens, 0 for (right) padding; padded positions'
+        logits are meaningless."""
         batch, seqlen = input_ids.shape
         if seqlen > self.config.max_seqlen:
             raise ValueError(f"sequence of {seqlen} tokens exceeds the model's {self.config.max_seqlen} "
@@ -47,8 +50,8 @@ class MaskedLM(nn.Module):
             key_padding = attention_mask.bool()
         x = run_blocks(self.blocks, x, self.config, self.training, key_padding)
         x = self.head_norm(F.gelu(self.head_dense(x)))
-        logits = F.linear(x, self.embed.weight, self.head_bias)
-        return logits[..., :self.config.vocab_size]
+        logits = F.linear(x, self.embed.weight, self.head_bias)[..., :self.config.vocab_size]
+        return logits if targets is None else lm_loss(logits, targets)
 
     def flops_per_token(self, seqlen: int) -> float:
         return flops_per_token(self.config, seqlen)

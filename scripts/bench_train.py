@@ -1,19 +1,42 @@
-"""GPT-2 training-step throughput: flash kernel against PyTorch SDPA and materialized attention.
+"""Training throughput: the flashtrain trainer against stock PyTorch, on one GPU, in one process.
 
-    python scripts/bench_train.py --out docs/results/train_h100.json
+    python scripts/bench_train.py --part grid --corpus /data/linux-6.1 --out grid.json
+    python scripts/bench_train.py --part long --corpus /data/linux-6.1 --out long.json
+    python scripts/bench_train.py --part bert --corpus /data/linux-6.1 --out bert.json
+    python scripts/bench_train.py --part agree --corpus /data/linux-6.1 --out agree.json
+    python scripts/report_train.py grid.json long.json bert.json agree.json   # Markdown + PNG
 
-gpt2_small (vocabulary 50304, dropout 0.1), bf16 autocast, fused AdamW, random tokens; for each
-context length, attention implementation and torch.compile setting: tokens/s over timed steps after
-warm-up (compilation stays in the warm-up), MFU and peak memory. MFU = tokens/s x
-model.flops_per_token(seqlen) / the card's dense bf16 rate (989 TFLOP/s on an H100 SXM); the
-FLOPs count causal attention as half a square.
+flashtrain systems run the real ``Trainer``: batches from the data pipeline (the Linux corpus with
+a GPT-2-sized BPE of 50257 tokens, padded to 50304), gradient accumulation, clipping, the
+non-finite check and the loss read back once per log window, exactly as ``python -m trainer``
+runs a step. ``stock_sdpa`` is ``scripts/stock_gpt2.py`` (plain PyTorch) fed the same windows.
+
+Parts:
+  grid   GPT-2 small at 1024 x 16 and 4096 x 4, attention dropout 0.1 and 0: stock_sdpa,
+         flashtrain_flash and flashtrain_sdpa compiled, flashtrain_eager uncompiled (materialized
+         attention, the Hugging Face way and the paper's baseline).
+  long   micro-batch 1 at 8K..64K context (position table sized to the context): flashtrain_flash
+         (activation checkpointing only where the plain run is out of memory), and how far
+         stock_sdpa and flashtrain_eager get before running out of memory.
+  bert   BERT-large MLM at 512 on chunks of the corpus: flash unpadded (varlen) against SDPA with a
+         padding mask and eager; tokens/s counts real (non-padding) tokens.
+  agree  200 steps of flashtrain_flash, flashtrain_sdpa and stock_sdpa on the same batches, and
+         flash again with another seed (run-to-run noise): the loss curves.
+
+Timing: ``--windows`` windows of ``--window`` steps after one warm-up window (compilation); each
+window ends by reading the loss back (which waits for the GPU), its tokens/s = tokens / wall time;
+the median window is reported. MFU = tokens/s x model FLOPs per token over the dense bf16 rate
+(989 TFLOP/s, H100 SXM) and, as ``mfu_measured``, over an 8192^3 bf16 matmul measured here.
 """
 
 import argparse
 import datetime
+import gc
 import json
 import shlex
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,79 +45,304 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import build_model, lm_loss  # noqa: E402
+import stock_gpt2  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-PEAK = 989e12
+from trainer.config import register_configs  # noqa: E402
+from trainer.data import build_data  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+
+DATASHEET_FLOPS = 989e12
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def one_setting(seqlen, batch, attention, compiled, steps, warmup):
-    record = dict(model="gpt2_small", seqlen=seqlen, batch=batch, attention=attention, compile=compiled)
-    model = optimizer = None
+def matmul_ceiling() -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    seconds = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median") / 1e3
+    return 2 * 8192**3 / seconds
+
+
+def run_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+
+
+def gpt2_overrides(args, seqlen, batch, attention, compiled, attn_dropout, seed=1337, extra=()):
+    return ["model=gpt2_small", "data=linux", f"data.path={args.corpus}", "data.vocab_size=50257",
+            f"data.seqlen={seqlen}", f"data.cache_dir={args.cache}", f"data.num_proc={args.num_proc}",
+            "data.val_windows=2", f"model.attention={attention}", f"model.attn_dropout={attn_dropout}",
+            "model.dropout=0.0", f"trainer.micro_batch_size={batch}", f"trainer.compile={compiled}",
+            "trainer.sample_tokens=0", "trainer.device=cuda", f"trainer.seed={seed}", "logger=none",
+            "optim.lr=6e-4", "optim.warmup_steps=20", *extra]
+
+
+def timed_windows(step, sync, tokens_per_step, window, windows):
+    """step() queues one step; sync() waits for the GPU. Returns (tokens/s per window, warm-up s)."""
+    started = time.perf_counter()
+    for _ in range(window):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - started
+    rates = []
+    for _ in range(windows):
+        begin = time.perf_counter()
+        for _ in range(window):
+            step()
+        sync()
+        rates.append(tokens_per_step * window / (time.perf_counter() - begin))
+    return rates, warmup_s
+
+
+def measure(record, build, window, windows, ceiling):
+    """Fill ``record`` with the timing of the system ``build()`` returns (an object with step(),
+    sync(), tokens_per_step, flops_per_token and close()), or with the error that stopped it."""
+    torch._dynamo.reset()                # a fresh compile per setting (and no recompile limit)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    system = None
     try:
-        torch._dynamo.reset()
-        model = build_model("gpt2_small", vocab_size=50304, max_seqlen=seqlen, attention=attention,
-                            seed=0).cuda().train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        forward = torch.compile(model) if compiled else model
-        tokens = torch.randint(0, 50304, (batch, seqlen + 1), device="cuda")
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = lm_loss(forward(tokens[:, :-1]), tokens[:, 1:])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        started = time.time()
-        for _ in range(warmup):
-            step()
-        torch.cuda.synchronize()
-        record["warmup_s"] = time.time() - started
-        torch.cuda.reset_peak_memory_stats()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        seconds = begin.elapsed_time(end) / 1e3
-        tokens_per_s = batch * seqlen * steps / seconds
-        record.update(tokens_per_s=tokens_per_s, step_ms=seconds / steps * 1e3,
-                      mfu=tokens_per_s * model.flops_per_token(seqlen) / PEAK,
+        system = build()
+        rates, warmup_s = timed_windows(system.step, system.sync, system.tokens_per_step, window, windows)
+        tokens_per_s = statistics.median(rates)
+        record.update(tokens_per_s=tokens_per_s, window_tokens_per_s=rates, warmup_s=warmup_s,
+                      step_ms=system.tokens_per_step / tokens_per_s * 1e3,
+                      mfu=tokens_per_s * system.flops_per_token / DATASHEET_FLOPS,
+                      mfu_measured=tokens_per_s * system.flops_per_token / ceiling,
                       peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9)
     except torch.OutOfMemoryError:
         record["error"] = "out of memory"
     except Exception as error:  # noqa: BLE001 - record why a setting could not run, keep going
-        record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        record["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
     finally:
-        model = optimizer = None    # free this setting's memory before the next one
+        if system is not None:
+            system.close()
+        system = None                    # free this setting's memory before the next one
+        gc.collect()
         torch.cuda.empty_cache()
+    print(json.dumps({k: v for k, v in record.items() if k != "window_tokens_per_s"}), flush=True)
     return record
+
+
+class TrainerSystem:
+    """A flashtrain ``Trainer`` driven step by step as ``Trainer.fit`` drives it (the loss read
+    back and checked once per window, as at a log line)."""
+
+    def __init__(self, overrides, workdir):
+        self.trainer = Trainer(run_config(overrides), Path(tempfile.mkdtemp(dir=workdir)))
+        config = self.trainer.config
+        self.tokens_per_step = config.trainer.micro_batch_size * config.trainer.grad_accum * config.data.seqlen
+        self.flops_per_token = self.trainer.model.flops_per_token(config.data.seqlen)
+        self.last = None
+
+    def step(self):
+        self.last = self.trainer.train_step()
+
+    def sync(self):
+        self.trainer.check_finite()
+        return float(self.last["loss"])
+
+    def close(self):
+        self.trainer.close()
+        self.trainer = self.last = None
+
+
+class StockSystem:
+    """scripts/stock_gpt2.py, compiled, fed the windows of flashtrain's sampler (same data)."""
+
+    def __init__(self, windows, vocab_size, seqlen, attn_dropout, seed=1337, lr=6e-4, warmup=20):
+        torch.manual_seed(seed)
+        config = stock_gpt2.StockConfig(vocab_size=vocab_size, seqlen=seqlen, attn_dropout=attn_dropout)
+        self.model = stock_gpt2.StockGPT(config).cuda().train()
+        self.optimizer = stock_gpt2.make_optimizer(self.model, lr)
+        # The trainer's schedule with optim.schedule=constant: linear warm-up, then flat.
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                          lambda step: min(1.0, (step + 1) / warmup))
+        self.forward = torch.compile(self.model)
+        self.windows = windows
+        self.tokens_per_step = seqlen * windows._order.batch_size
+        matmul = sum(p.numel() for name, p in self.model.named_parameters() if name != "wpe.weight"
+                     and p.dim() == 2)
+        # models.flops' count: 6 x matmul parameters + causal attention's two products.
+        self.flops_per_token = 6 * matmul + 12 * config.n_layer * config.d_model * (seqlen + 1) / 2
+        self.last = None
+
+    def step(self):
+        batch = next(self.windows)
+        inputs, targets = stock_gpt2.to_device(batch.input_ids, batch.targets, "cuda")
+        self.last = stock_gpt2.train_step(self.forward, self.model, self.optimizer, inputs, targets)
+        self.schedule.step()
+
+    def sync(self):
+        return float(self.last)
+
+    def close(self):
+        self.model = self.optimizer = self.forward = self.last = None
+
+
+def stock_system(args, seqlen, batch, attn_dropout, seed=1337):
+    """The stock model over the same data pipeline output as the trainer's (same vocabulary)."""
+    config = run_config(gpt2_overrides(args, seqlen, batch, "flash", False, attn_dropout, seed))
+    data = build_data(config.data, batch, seed, log=lambda *_: None)
+    padded = -(-data.vocab_size // 64) * 64
+    return StockSystem(data.train, padded, seqlen, attn_dropout, seed)
+
+
+def gpt2_record(system, seqlen, batch, compiled, attn_dropout, **extra):
+    return dict(system=system, model="gpt2_small", seqlen=seqlen, batch=batch, compile=compiled,
+                attn_dropout=attn_dropout, **extra)
+
+
+# -- parts ----------------------------------------------------------------------------------------
+def part_grid(args, workdir, ceiling, records):
+    systems = (("flash", True), ("sdpa", True), ("eager", False))
+    for setting in args.settings:
+        seqlen, batch = map(int, setting.split(":"))
+        for p in args.dropouts:
+            if "stock_sdpa" in args.systems:
+                records.append(measure(gpt2_record("stock_sdpa", seqlen, batch, True, p),
+                                       lambda: stock_system(args, seqlen, batch, p), args.window,
+                                       args.windows, ceiling))
+            for attention, compiled in systems:
+                if f"flashtrain_{attention}" not in args.systems:
+                    continue
+                overrides = gpt2_overrides(args, seqlen, batch, attention, compiled, p)
+                records.append(measure(gpt2_record(f"flashtrain_{attention}", seqlen, batch, compiled, p),
+                                       lambda: TrainerSystem(overrides, workdir), args.window,
+                                       args.windows, ceiling))
+    return records
+
+
+def part_long(args, workdir, ceiling, records):
+    failed = set()
+    for seqlen in args.contexts:
+        record = measure(gpt2_record("flashtrain_flash", seqlen, 1, True, 0.1, checkpoint_blocks=False),
+                         lambda: TrainerSystem(gpt2_overrides(args, seqlen, 1, "flash", True, 0.1),
+                                               workdir), 2, 3, ceiling)
+        records.append(record)
+        if record.get("error") == "out of memory":
+            extra = ["model.checkpoint_blocks=true"]
+            records.append(measure(
+                gpt2_record("flashtrain_flash", seqlen, 1, True, 0.1, checkpoint_blocks=True),
+                lambda: TrainerSystem(gpt2_overrides(args, seqlen, 1, "flash", True, 0.1, extra=extra),
+                                      workdir), 2, 3, ceiling))
+        # The baselines, until each first runs out of memory.
+        if "stock" not in failed:
+            record = measure(gpt2_record("stock_sdpa", seqlen, 1, True, 0.1),
+                             lambda: stock_system(args, seqlen, 1, 0.1), 2, 3, ceiling)
+            records.append(record)
+            failed |= {"stock"} if "error" in record else set()
+        if "eager" not in failed:
+            record = measure(gpt2_record("flashtrain_eager", seqlen, 1, False, 0.1),
+                             lambda: TrainerSystem(gpt2_overrides(args, seqlen, 1, "eager", False, 0.1),
+                                                   workdir), 2, 3, ceiling)
+            records.append(record)
+            failed |= {"eager"} if "error" in record else set()
+    return records
+
+
+def part_bert(args, workdir, ceiling, records):
+    base = ["model=bert_large", "data=linux", f"data.path={args.corpus}", "data.objective=mlm",
+            "data.tokenizer=wordpiece", "data.vocab_size=30522", "data.seqlen=512",
+            f"data.cache_dir={args.cache}", f"data.num_proc={args.num_proc}", "data.val_windows=2",
+            f"trainer.micro_batch_size={args.bert_batch}", "trainer.sample_tokens=0",
+            "trainer.device=cuda", "logger=none", "optim.warmup_steps=20"]
+    config = run_config(base)
+    data = build_data(config.data, args.bert_batch, 0, log=lambda *_: None)
+    real = float((data.train.lengths + 2).sum() / (len(data.train.lengths) * 512))
+    for attention, compiled in (("flash", False), ("flash", True), ("sdpa", False), ("sdpa", True),
+                                ("eager", False)):
+        overrides = base + [f"model.attention={attention}", f"trainer.compile={compiled}"]
+        record = dict(system=f"flashtrain_{attention}", model="bert_large", seqlen=512,
+                      batch=args.bert_batch, compile=compiled, attn_dropout=0.1,
+                      padding_fraction=1 - real)
+        measure(record, lambda: TrainerSystem(overrides, workdir), args.window, args.windows, ceiling)
+        if "tokens_per_s" in record:     # count real tokens only: padding is not work done
+            record["padded_tokens_per_s"] = record["tokens_per_s"]
+            record["tokens_per_s"] *= real
+            record["mfu"] *= real
+            record["mfu_measured"] *= real
+        records.append(record)
+    return records
+
+
+def part_agree(args, workdir, ceiling, records):
+    """Loss every 10 steps over ``--agree-steps`` steps on identical batches (1024 x 16)."""
+    runs = (("flashtrain_flash", 1337), ("flashtrain_sdpa", 1337), ("stock_sdpa", 1337),
+            ("flashtrain_flash", 2024))
+    for name, seed in runs:
+        torch._dynamo.reset()
+        if name == "stock_sdpa":
+            system = stock_system(args, 1024, 16, 0.1, seed)
+        else:
+            attention = name.split("_")[1]
+            system = TrainerSystem(gpt2_overrides(args, 1024, 16, attention, True, 0.1, seed,
+                                                  extra=["optim.schedule=constant"]), workdir)
+        losses = []
+        for step in range(1, args.agree_steps + 1):
+            system.step()
+            if step % 10 == 0:
+                losses.append([step, system.sync()])
+        system.close()
+        records.append(dict(system=name, seed=seed, model="gpt2_small", seqlen=1024, batch=16,
+                            attn_dropout=0.1, compile=True, losses=losses))
+        print(json.dumps({"system": name, "seed": seed, "last_losses": losses[-3:]}), flush=True)
+    return records
+
+
+class Recorder(list):
+    """The records so far; each append is written out at once."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.write = write
+
+    def append(self, record):
+        super().append(record)
+        self.write(list(self))
+
+
+PARTS = {"grid": part_grid, "long": part_long, "bert": part_bert, "agree": part_agree}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/train_h100.json"))
+    parser.add_argument("--part", choices=sorted(PARTS), required=True)
+    parser.add_argument("--corpus", required=True, help="the Linux corpus directory (train/validation/test.parquet)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cache", default="/tmp/flashtrain-cache", help="token cache directory")
+    parser.add_argument("--num-proc", type=int, default=12)
     parser.add_argument("--settings", nargs="+", default=["1024:16", "4096:4"], help="seqlen:batch")
-    parser.add_argument("--attention", nargs="+", default=["flash", "sdpa", "eager"])
-    parser.add_argument("--compile", nargs="+", default=["1"], help="1 and/or 0")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--systems", nargs="+", default=["stock_sdpa", "flashtrain_flash",
+                                                         "flashtrain_sdpa", "flashtrain_eager"])
+    parser.add_argument("--dropouts", nargs="+", type=float, default=[0.1, 0.0])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--bert-batch", type=int, default=16)
+    parser.add_argument("--window", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up one")
+    parser.add_argument("--agree-steps", type=int, default=200)
     args = parser.parse_args()
-    records = []
-    for setting in args.settings:
-        seqlen, batch = map(int, setting.split(":"))
-        for compiled in args.compile:
-            for attention in args.attention:
-                record = one_setting(seqlen, batch, attention, compiled == "1", args.steps, args.warmup)
-                records.append(record)
-                print(json.dumps(record), flush=True)
-    result = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    register_configs()
+    ceiling = matmul_ceiling()
+    print(f"bf16 8192^3 matmul: {ceiling / 1e12:.0f} TFLOP/s", flush=True)
+    header = dict(part=args.part, card=torch.cuda.get_device_name(), torch=torch.__version__,
+                  triton=triton.__version__, cuda=torch.version.cuda,
+                  cudnn=torch.backends.cudnn.version(), matmul_tflops=ceiling / 1e12,
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                  command="python " + " ".join(shlex.quote(a) for a in sys.argv), records=records)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+                  command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    started = time.time()
 
+    def write(records):
+        """Rewrite the output after every setting, atomically: a run cut short keeps what it did."""
+        result = dict(header, seconds=time.time() - started, records=records)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        temporary = args.out.with_suffix(".tmp")
+        temporary.write_text(json.dumps(result, indent=1))
+        temporary.replace(args.out)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        PARTS[args.part](args, workdir, ceiling, Recorder(write))
 
 if __name__ == "__main__":
     main()

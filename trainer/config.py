@@ -64,13 +64,19 @@ class TrainerConfig:
     seed: int = 1337
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     precision: str = "bf16"              # bf16 | fp16 | fp32 (bf16/fp16: autocast; fp16 adds a grad scaler)
-    compile: bool = False                # torch.compile the model
+    compile: bool = False                # torch.compile the model (and its loss)
+    # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune.
+    # The last two capture CUDA graphs, which replay the attention kernel's dropout seed: they are
+    # refused while attention dropout is on.
+    compile_mode: str = "default"
     skip_nonfinite: bool = False         # skip (and count) steps whose loss is not finite instead of stopping
     sample_tokens: int = 64              # tokens generated from the final model (causal models), 0 = none
     peak_tflops: float | None = None     # for MFU; None = the card's dense bf16 rate when known
 
     def __post_init__(self):
         _one_of("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
+        _one_of("trainer.compile_mode", self.compile_mode,
+                ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"))
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_interval", "eval_interval",
                     "save_interval", "keep_checkpoints"):
             if getattr(self, key) < 1:
@@ -108,6 +114,13 @@ class RunConfig:
             raise ValueError("BERT needs a WordPiece tokenizer: set data.tokenizer=wordpiece")
         if self.trainer.precision == "fp16" and self.trainer.device == "cpu":
             raise ValueError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        cuda_graphs = self.trainer.compile and self.trainer.compile_mode in ("reduce-overhead",
+                                                                             "max-autotune")
+        flash = self.model.attention in ("auto", "flash")
+        if cuda_graphs and flash and self.model.attn_dropout != 0.0:
+            raise ValueError(f"trainer.compile_mode={self.trainer.compile_mode} captures CUDA graphs, "
+                             "which would replay one flash-attention dropout mask at every step; set "
+                             "model.attn_dropout=0.0 or use compile_mode=default")
         if self.data.document_aware and self.model.attention not in ("auto", "flash"):
             raise ValueError("data.document_aware=true packs documents with cu_seqlens, which only "
                              "model.attention=flash (or auto on CUDA) supports")

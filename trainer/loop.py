@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from models import generate, lm_loss, save_model
+from models import generate, save_model
 from models.attention import resolve as resolve_attention
 
 from .build import make_model, model_config_dict, resolve_device
@@ -82,9 +82,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim, trainer.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=trainer.precision == "fp16")
         self.step, self.tokens, self.skipped = 0, 0, 0
+        self._unchecked = []             # (step, loss on the device) not yet checked for NaN/inf
         self._restore_or_refuse()
         self.wrapped = wrap_model(self.model, self.context, self.device)
-        self.forward = torch.compile(self.wrapped) if trainer.compile else self.wrapped
+        self.forward = torch.compile(self.wrapped, mode=trainer.compile_mode) if trainer.compile \
+            else self.wrapped
         self.autocast_dtype = DTYPES[trainer.precision]
         self.peak_flops = _peak_flops(config, self.device)
         self.metrics = MetricsWriter(self.run_dir, config.logger, OmegaConf.to_container(
@@ -131,57 +133,80 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _loss(self, batch):
+        """Mean loss of one micro-batch. The model computes it from the targets, so a compiled model
+        fuses the head's matmul output with the cross entropy (no float32 logits in memory)."""
+        documents = {} if batch.cu_seqlens is None else {"cu_seqlens": batch.cu_seqlens,
+                                                          "max_seqlen": batch.max_seqlen}
         with self._autocast():
-            logits = self.forward(batch.input_ids, batch.attention_mask, cu_seqlens=batch.cu_seqlens,
-                                  max_seqlen=batch.max_seqlen) if batch.cu_seqlens is not None \
-                else self.forward(batch.input_ids, batch.attention_mask)
-        return lm_loss(logits, batch.targets)
+            return self.forward(batch.input_ids, batch.attention_mask, targets=batch.targets,
+                                **documents)
+
+    def _next_batch(self):
+        """The next micro-batch on the device, and its loss-bearing token count (counted on the
+        host copy: reading it from the device would wait for the GPU)."""
+        batch = next(self.data.train)
+        return batch.to(self.device), batch.num_tokens
 
     def train_step(self) -> dict:
+        """One optimizer step. ``loss`` and ``grad_norm`` come back as device tensors and nothing
+        here waits for the GPU, so the host queues the next steps while this one runs; ``fit``
+        reads them back at log intervals. Skipping non-finite steps (trainer.skip_nonfinite) and
+        fp16 loss scaling decide on the host, so they wait for each step's loss."""
         trainer = self.config.trainer
         self.wrapped.train()
         total = torch.zeros((), device=self.device)
         tokens = 0
         for micro in range(trainer.grad_accum):
-            batch = next(self.data.train).to(self.device)
-            tokens += batch.num_tokens
+            batch, batch_tokens = self._next_batch()
+            tokens += batch_tokens
             last = micro == trainer.grad_accum - 1
             sync = contextlib.nullcontext() if last or not self.context.enabled else self.wrapped.no_sync()
             with sync:
                 loss = self._loss(batch) / trainer.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        loss_value = float(self.context.all_reduce_mean(total))
-        if not math.isfinite(loss_value):
+        total = self.context.all_reduce_mean(total)
+        if trainer.skip_nonfinite and not bool(torch.isfinite(total)):
             self.optimizer.zero_grad(set_to_none=True)
-            if not trainer.skip_nonfinite:
-                raise NonFiniteLoss(f"loss is {loss_value} at step {self.step + 1}; stopping (set "
-                                    "trainer.skip_nonfinite=true to skip such steps)")
             self.skipped += 1
             self.step += 1
             self.scheduler.step()
-            return {"loss": loss_value, "grad_norm": None, "skipped": True}
+            return {"loss": total, "grad_norm": None, "skipped": True}
         self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         self.tokens += tokens * self.context.world_size
-        return {"loss": loss_value, "grad_norm": grad_norm, "skipped": False}
+        self._unchecked.append((self.step, total))
+        return {"loss": total, "grad_norm": grad_norm, "skipped": False}
+
+    def check_finite(self):
+        """Stop on the first step since the last check whose loss was NaN or infinite (one read
+        of the GPU for all of them). Runs before every log line, evaluation and checkpoint, so a
+        non-finite model is never evaluated or saved."""
+        if not self._unchecked:
+            return
+        steps = [step for step, _ in self._unchecked]
+        values = torch.stack([loss for _, loss in self._unchecked]).tolist()
+        self._unchecked.clear()
+        for step, value in zip(steps, values):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {step}; stopping (set "
+                                    "trainer.skip_nonfinite=true to skip such steps)")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.wrapped.eval()
-        loss_sum, count = 0.0, 0
+        loss_sum, count = torch.zeros((), device=self.device, dtype=torch.float64), 0
         for batch in self.data.validation:
-            batch = batch.to(self.device)
             n = batch.num_tokens
-            loss_sum += float(self._loss(batch)) * n
+            loss_sum += self._loss(batch.to(self.device)).double() * n
             count += n
-        val_loss = loss_sum / max(count, 1)
+        val_loss = float(loss_sum) / max(count, 1)
         return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     # -- the run -----------------------------------------------------------------------------
@@ -197,21 +222,25 @@ class Trainer:
                  f"{tokens_per_step} tokens per step, steps {self.step}..{trainer.max_steps}")
         bar = tqdm(total=trainer.max_steps, initial=self.step, disable=not self.context.is_main,
                    desc="train", dynamic_ncols=True)
-        last_eval = None
-        window_start, window_tokens, losses = time.time(), 0, []
+        last_eval, final_loss = None, None
+        window_start, window_tokens = time.time(), 0
         started = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < trainer.max_steps:
             result = self.train_step()
             window_tokens += tokens_per_step
-            losses.append(result["loss"])
             bar.update(1)
-            if self.step % trainer.log_interval == 0 or self.step == trainer.max_steps:
+            at_end = self.step == trainer.max_steps
+            if self.step % trainer.log_interval == 0 or at_end:
+                self.check_finite()          # waits for the GPU: the window's time is then exact
                 elapsed = time.time() - window_start
                 tokens_per_s = window_tokens / elapsed
-                record = {"step": self.step, "tokens": self.tokens, "loss": result["loss"],
-                          "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"],
+                final_loss = float(result["loss"])
+                grad_norm = result["grad_norm"]
+                record = {"step": self.step, "tokens": self.tokens, "loss": final_loss,
+                          "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": None if grad_norm is None else float(grad_norm),
                           "tokens_per_s": tokens_per_s,
                           "mfu": tokens_per_s * flops_per_token / self.context.world_size / self.peak_flops
                           if self.peak_flops else None,
@@ -220,22 +249,28 @@ class Trainer:
                 if self.skipped:
                     record["skipped_steps"] = self.skipped
                 self.metrics.write(record)
-                bar.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.set_postfix(loss=f"{final_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_tokens = time.time(), 0
-            if self.step % trainer.eval_interval == 0 or self.step == trainer.max_steps:
-                last_eval = self.evaluate()
-                self.metrics.write(last_eval)
-                log.info(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}, "
-                         f"val_ppl {last_eval['val_ppl']:.2f}")
-            if self.step % trainer.save_interval == 0 or self.step == trainer.max_steps:
-                self.save()
+            evaluate = self.step % trainer.eval_interval == 0 or at_end
+            save = self.step % trainer.save_interval == 0 or at_end
+            if evaluate or save:
+                self.check_finite()          # never evaluate or save a non-finite model
+                paused = time.time()         # evaluation and saving are not training throughput
+                if evaluate:
+                    last_eval = self.evaluate()
+                    self.metrics.write(last_eval)
+                    log.info(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}, "
+                             f"val_ppl {last_eval['val_ppl']:.2f}")
+                if save:
+                    self.save()
+                window_start += time.time() - paused
         bar.close()
         if self.context.is_main:
             # The trained model and its tokenizer, ready for scripts/sample.py and model.init_from.
             save_model(self.model, self.run_dir / "model.pt")
             self.data.tokenizer.save(str(self.run_dir / "tokenizer.json"))
         summary = {"steps": self.step, "tokens": self.tokens, "seconds": time.time() - started,
-                   "final_loss": losses[-1] if losses else None,
+                   "final_loss": final_loss,
                    "val_loss": last_eval["val_loss"] if last_eval else None,
                    "val_ppl": last_eval["val_ppl"] if last_eval else None, "skipped_steps": self.skipped}
         log.info("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

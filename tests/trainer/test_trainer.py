@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer import checkpoint as checkpoint_module
-from trainer import loop as loop_module
+from models import causal_lm as causal_lm_module
 from trainer.checkpoint import CheckpointError
 from trainer.loop import NonFiniteLoss, Trainer, run
 
@@ -107,7 +107,7 @@ def test_corrupt_and_incompatible_checkpoints_are_named(tmp_path):
 
 
 def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
-    real_loss = loop_module.lm_loss
+    real_loss = causal_lm_module.lm_loss
     calls = {"n": 0}
 
     def poisoned(logits, targets):
@@ -115,9 +115,15 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
         loss = real_loss(logits, targets)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(loop_module, "lm_loss", poisoned)
+    monkeypatch.setattr(causal_lm_module, "lm_loss", poisoned)
     with pytest.raises(NonFiniteLoss, match="at step 3"):
         run(compose_run(tiny_overrides(tmp_path)), tmp_path / "stop")
+    # The loss is read back only at log lines; the stop still names the first bad step.
+    calls["n"] = 0
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        run(compose_run(tiny_overrides(tmp_path, **{"trainer.log_interval": 5,
+                                                     "trainer.eval_interval": 6})), tmp_path / "late")
+    assert not (tmp_path / "late" / "checkpoints" / "latest").exists()   # step 3's save refused
     calls["n"] = 0
     summary = run(compose_run(tiny_overrides(tmp_path, **{"trainer.skip_nonfinite": "true"})), tmp_path / "skip")
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
@@ -204,3 +210,10 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept == ["step_00000004", "step_00000006"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_chosen_model_is_not_overridden_by_the_default_experiment():
+    small = compose_run(["model=gpt2_small"])
+    assert (small.model.name, small.model.d_model, small.model.n_layer) == ("gpt2_small", None, None)
+    quickstart = compose_run([])
+    assert (quickstart.model.d_model, quickstart.model.n_layer, quickstart.model.n_head) == (256, 4, 4)

@@ -29,7 +29,10 @@ class Batch:
     max_seqlen: int | None = None
 
     def to(self, device):
-        move = lambda t: t.to(device, non_blocking=True) if t is not None else None
+        """The batch on ``device``. To a GPU the copy is asynchronous from page-locked memory, so
+        the host does not wait for it (nor for the GPU work queued before it)."""
+        pin = torch.device(device).type == "cuda"
+        move = lambda t: None if t is None else (t.pin_memory() if pin else t).to(device, non_blocking=True)
         return Batch(move(self.input_ids), move(self.targets), move(self.attention_mask),
                      move(self.cu_seqlens), self.max_seqlen)
 
