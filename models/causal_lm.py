@@ -50,8 +50,11 @@ class CausalLM(nn.Module):
         documents = (cu_seqlens, max_seqlen) if cu_seqlens is not None else None
         x = run_blocks(self.blocks, x, self.config, self.training, key_padding, caches, documents)
         # Tied output embedding (GPT-2); padded vocabulary rows are dropped from the logits.
-        logits = F.linear(self.norm(x), self.embed.weight)[..., :self.config.vocab_size]
-        return logits if targets is None else lm_loss(logits, targets)
+        logits = F.linear(self.norm(x), self.embed.weight)          # (B, N, padded vocabulary)
+        if targets is not None:
+            return lm_loss(logits, targets, self.config.vocab_size,
+                           aligned=torch.compiler.is_compiling())
+        return logits[..., :self.config.vocab_size]
 
     def make_caches(self, batch: int, max_len: int) -> list[LayerCache]:
         config = self.config

@@ -50,8 +50,11 @@ class MaskedLM(nn.Module):
             key_padding = attention_mask.bool()
         x = run_blocks(self.blocks, x, self.config, self.training, key_padding)
         x = self.head_norm(F.gelu(self.head_dense(x)))
-        logits = F.linear(x, self.embed.weight, self.head_bias)[..., :self.config.vocab_size]
-        return logits if targets is None else lm_loss(logits, targets)
+        logits = F.linear(x, self.embed.weight, self.head_bias)     # (B, N, padded vocabulary)
+        if targets is not None:
+            return lm_loss(logits, targets, self.config.vocab_size,
+                           aligned=torch.compiler.is_compiling())
+        return logits[..., :self.config.vocab_size]
 
     def flops_per_token(self, seqlen: int) -> float:
         return flops_per_token(self.config, seqlen)

@@ -1,0 +1,33 @@
+"""The loss computed inside the model: padded vocabulary handled exactly, in both forms."""
+
+import torch
+
+from models import build_model, lm_loss
+
+
+def test_masked_padding_equals_sliced_logits_in_value_and_gradient():
+    torch.manual_seed(0)
+    vocab, padded = 61, 64
+    logits = torch.randn(3, 17, padded, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (3, 17))
+    targets[0, :5] = -100
+    reference = torch.nn.functional.cross_entropy(logits[..., :vocab].flatten(0, 1), targets.flatten(),
+                                                  ignore_index=-100)
+    expected_grad, = torch.autograd.grad(reference, logits)
+    for aligned in (False, True):
+        loss = lm_loss(logits, targets, vocab, aligned=aligned)
+        grad, = torch.autograd.grad(loss, logits)
+        torch.testing.assert_close(loss, reference.float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
+        assert torch.all(grad[..., vocab:] == 0)
+
+
+def test_models_return_the_loss_of_their_logits_when_given_targets():
+    for name in ("gpt2_tiny", "bert_tiny", "rope_tiny"):
+        model = build_model(name, vocab_size=100, pad_vocab_multiple=64, max_seqlen=32,
+                            attention="sdpa", seed=0).eval()
+        tokens = torch.randint(0, 100, (2, 32))
+        targets = torch.randint(0, 100, (2, 32))
+        logits = model(tokens)
+        assert logits.shape == (2, 32, 100)
+        torch.testing.assert_close(model(tokens, targets=targets), lm_loss(logits, targets))
