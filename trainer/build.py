@@ -1,6 +1,7 @@
 """Turn a RunConfig into the objects a run needs: device, model (new or loaded)."""
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -45,7 +46,10 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
             raise ValueError(f"model.init_from has vocabulary {model.config.vocab_size}, the data's "
                              f"tokenizer {vocab_size}: use the model's tokenizer (data.tokenizer_file)")
         if seqlen > model.config.max_seqlen:
-            extend_context(model, seqlen)
+            logging.getLogger("flashtrain").info(
+                f"model.init_from: context extended {model.config.max_seqlen} -> {seqlen} positions "
+                f"({'position interpolation' if model.config.arch == 'rope' else section.extend_method})")
+            extend_context(model, seqlen, section.extend_method)
         return model
     overrides = model_overrides(config, vocab_size)
     overrides["max_seqlen"] = seqlen   # a new model's position table (or rope context) = the context

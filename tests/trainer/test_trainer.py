@@ -25,8 +25,14 @@ def read_metrics(run_dir: Path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_validates(experiment):
-    config = compose_run([f"experiment={experiment}"])
+def test_every_experiment_composes_and_validates(experiment, tmp_path):
+    overrides = [f"experiment={experiment}"]
+    text = (ROOT / "configs" / "experiment" / f"{experiment}.yaml").read_text()
+    if "init_from: ???" in text:
+        overrides.append(f"model.init_from={tmp_path / 'model.pt'}")
+    if "override /data: linux" in text:
+        overrides.append(f"data.path={tmp_path}")
+    config = compose_run(overrides)
     assert config.experiment == experiment
     assert config.trainer.max_steps >= 1 and config.data.seqlen >= 2
 

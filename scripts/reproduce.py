@@ -1,0 +1,172 @@
+"""Reproduce the FlashAttention paper's context-length experiment (Table 4) at one-GPU scale.
+
+    python scripts/reproduce.py run --corpus /data/linux-6.1 --out results/ [--only 1k 4k]
+    python scripts/reproduce.py report results/ [more dirs] --md docs/results/reproduction_h100.md
+
+``run`` trains each model with ``python -m trainer`` (configs/experiment/repro_linux_*.yaml: GPT-2
+small, the same tokens per step and in total at every context), times it, and scores it with
+``python -m trainer.evaluate`` on the same held-out target tokens: the first 4096 tokens of test
+documents at least that long, targets at positions 3072-4095, each model at 1K, 2K and 4K
+context (a model trained on less is scored with a sliding window at its own context). One JSON per
+run (``<name>.json``: command, wall time, metrics, evaluation) lands in ``--out``.
+
+Runs: 1k, 2k, 4k (from scratch) and 1k_to_4k (75% of the tokens at 1K, then 25% at 4K with the
+positions stretched: the long-document fine-tuning recipe). ``report`` writes the Markdown table
+and a PNG of loss against position.
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {
+    "1k": [("1k", ["experiment=repro_linux_1k"])],
+    "2k": [("2k", ["experiment=repro_linux_2k"])],
+    "4k": [("4k", ["experiment=repro_linux_4k"])],
+    "1k_to_4k": [("1k_stage1", ["experiment=repro_linux_1k", "trainer.max_steps=686",
+                                "trainer.save_interval=686"]),
+                 ("1k_to_4k", ["experiment=repro_linux_1k_to_4k", "model.init_from={runs}/1k_stage1/model.pt",
+                               "data.tokenizer_file={runs}/1k_stage1/tokenizer.json"])],
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_stage(name, overrides, args, runs: Path) -> dict:
+    run_dir = runs / name
+    command = [sys.executable, "-m", "trainer", *[o.format(runs=runs) for o in overrides],
+               f"data.path={args.corpus}", f"data.cache_dir={args.cache}", f"data.num_proc={args.num_proc}",
+               "logger=none", f"hydra.run.dir={run_dir}", *args.extra]
+    print(" ".join(command), flush=True)
+    started = time.time()
+    result = subprocess.run(command, cwd=ROOT)
+    record = {"name": name, "command": " ".join(command[1:]), "returncode": result.returncode,
+              "wall_s": time.time() - started, "metrics": read_metrics(run_dir)}
+    train = [m for m in record["metrics"] if "tokens_per_s" in m]
+    if train:
+        record["tokens"] = train[-1]["tokens"]
+    return record
+
+
+def evaluate(run_dir: Path, args) -> dict | None:
+    out = run_dir / "eval.json"
+    command = [sys.executable, "-m", "trainer.evaluate", str(run_dir), "--documents", args.corpus,
+               "--split", "test", "--contexts", *map(str, args.contexts), "--out", str(out)]
+    if subprocess.run(command, cwd=ROOT).returncode != 0 or not out.exists():
+        return None
+    return json.loads(out.read_text())
+
+
+def run(args):
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = Path(args.runs or tempfile.mkdtemp(prefix="reproduce-"))
+    for key in args.only:
+        for name, overrides in STAGES[key]:
+            record = run_stage(name, overrides, args, runs)
+            if record["returncode"] == 0 and name == key:
+                record["evaluation"] = evaluate(runs / name, args)
+            record["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+            target = args.out / f"{name}.json"
+            target.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+            target.with_suffix(".tmp").replace(target)
+            if record["returncode"] != 0:
+                print(f"{name}: failed (exit {record['returncode']}); skipping the rest of {key}")
+                break
+
+
+def collect(directories) -> dict:
+    records = {}
+    for directory in directories:
+        for path in sorted(Path(directory).glob("*.json")):
+            record = json.loads(path.read_text())
+            if "metrics" in record:
+                records[record["name"]] = record
+    return records
+
+
+def report(args):
+    records = collect(args.dirs)
+    lines = ["| run | trained context | tokens | wall time (s) | time / 1K run | final val ppl (own windows) |"
+             + "".join(f" ppl @ {c} |" for c in args.contexts), "|---|---|---|---|---|---|"
+             + "---|" * len(args.contexts)]
+    wall = {name: r["wall_s"] for name, r in records.items()}
+    wall["1k_to_4k"] = wall.get("1k_to_4k", 0) + wall.get("1k_stage1", 0) if "1k_to_4k" in wall else None
+    for name in ("1k", "2k", "4k", "1k_to_4k"):
+        record = records.get(name)
+        if record is None:
+            continue
+        evals = [m for m in record["metrics"] if "val_ppl" in m]
+        evaluation = record.get("evaluation") or {"runs": [{"contexts": [], "trained_context": "?"}]}
+        entry = evaluation["runs"][0]
+        by_context = {e["context"]: e for e in entry["contexts"]}
+        cells = "".join(f" {by_context[c]['ppl']:.2f} (at {by_context[c]['effective_context']}) |"
+                        if c in by_context else " – |" for c in args.contexts)
+        ratio = wall[name] / wall["1k"] if "1k" in wall and wall[name] else float("nan")
+        lines.append(f"| {name} | {entry['trained_context']} | {record.get('tokens', 0) / 1e6:.1f}M | "
+                     f"{wall[name]:.0f} | {ratio:.2f} | {evals[-1]['val_ppl']:.2f} |{cells}"
+                     if evals else f"| {name} | failed |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.md:
+        args.md.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps({"records": records}, indent=1))
+    if args.plot:
+        plot(records, args.plot)
+
+
+def plot(records, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name in ("1k", "2k", "4k", "1k_to_4k"):
+        evaluation = (records.get(name) or {}).get("evaluation")
+        if not evaluation:
+            continue
+        entry = max(evaluation["runs"][0]["contexts"], key=lambda e: e["effective_context"])
+        centers = [(b["start"] + b["end"]) / 2 for b in entry["buckets"]]
+        axis.plot(centers, [b["loss"] for b in entry["buckets"]], marker="o",
+                  label=f"{name} (scored at {entry['effective_context']})")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("token position in document")
+    axis.set_ylabel("validation loss (nats)")
+    axis.set_title("GPT-2 small on the Linux corpus: loss by position, same target tokens")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    running = commands.add_parser("run", help="train and evaluate")
+    running.add_argument("--corpus", required=True, help="the Linux corpus directory")
+    running.add_argument("--out", type=Path, required=True, help="where the per-run JSON goes")
+    running.add_argument("--runs", help="where run directories go (default: a new temporary one)")
+    running.add_argument("--only", nargs="+", choices=list(STAGES), default=list(STAGES))
+    running.add_argument("--cache", default="/tmp/flashtrain-cache")
+    running.add_argument("--num-proc", type=int, default=12)
+    running.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096])
+    running.add_argument("--extra", nargs="*", default=[], help="more trainer overrides for every run")
+    reporting = commands.add_parser("report", help="tabulate runs")
+    reporting.add_argument("dirs", nargs="+")
+    reporting.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096])
+    reporting.add_argument("--md", type=Path)
+    reporting.add_argument("--json", type=Path)
+    reporting.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
