@@ -42,14 +42,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def run_stage(name, overrides, args, runs: Path) -> dict:
-    run_dir = runs / name
+    run_dir = runs / (name + args.tag)
     command = [sys.executable, "-m", "trainer", *[o.format(runs=runs) for o in overrides],
                f"data.path={args.corpus}", f"data.cache_dir={args.cache}", f"data.num_proc={args.num_proc}",
                "logger=none", f"hydra.run.dir={run_dir}", *args.extra]
     print(" ".join(command), flush=True)
     started = time.time()
     result = subprocess.run(command, cwd=ROOT)
-    record = {"name": name, "command": " ".join(command[1:]), "returncode": result.returncode,
+    record = {"name": name + args.tag, "command": " ".join(command[1:]), "returncode": result.returncode,
               "wall_s": time.time() - started, "metrics": read_metrics(run_dir)}
     train = [m for m in record["metrics"] if "tokens_per_s" in m]
     if train:
@@ -72,10 +72,10 @@ def run(args):
     for key in args.only:
         for name, overrides in STAGES[key]:
             record = run_stage(name, overrides, args, runs)
-            if record["returncode"] == 0 and name == key:
-                record["evaluation"] = evaluate(runs / name, args)
+            if record["returncode"] == 0 and name == key and not args.no_eval:
+                record["evaluation"] = evaluate(runs / (name + args.tag), args)
             record["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-            target = args.out / f"{name}.json"
+            target = args.out / f"{name}{args.tag}.json"
             target.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
             target.with_suffix(".tmp").replace(target)
             if record["returncode"] != 0:
@@ -158,6 +158,8 @@ def main():
     running.add_argument("--num-proc", type=int, default=12)
     running.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096])
     running.add_argument("--extra", nargs="*", default=[], help="more trainer overrides for every run")
+    running.add_argument("--tag", default="", help="suffix of run names (variants of a run)")
+    running.add_argument("--no-eval", action="store_true", help="train only")
     reporting = commands.add_parser("report", help="tabulate runs")
     reporting.add_argument("dirs", nargs="+")
     reporting.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096])
