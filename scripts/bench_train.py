@@ -268,26 +268,32 @@ def part_bert(args, workdir, ceiling, records):
 
 
 def part_agree(args, workdir, ceiling, records):
-    """Loss every 10 steps over ``--agree-steps`` steps on identical batches (1024 x 16)."""
-    runs = (("flashtrain_flash", 1337), ("flashtrain_sdpa", 1337), ("stock_sdpa", 1337),
-            ("flashtrain_flash", 2024))
-    for name, seed in runs:
+    """Loss every 10 steps over ``--agree-steps`` steps on identical batches (1024 x 16). Each run
+    is SYSTEM:SEED[:DROPOUT_SEED]: SEED fixes the weights and the batch order; DROPOUT_SEED, if
+    given, reseeds the GPU generator afterwards, which only the dropout masks draw from (weights
+    are initialized on the CPU), so two runs that differ in it differ in dropout alone."""
+    for spec in args.agree_runs:
+        name, seed, *dropout_seed = spec.split(":")
+        seed = int(seed)
         torch._dynamo.reset()
         if name == "stock_sdpa":
-            system = stock_system(args, 1024, 16, 0.1, seed)
+            system = stock_system(args, 1024, 16, args.agree_dropout, seed)
         else:
             attention = name.split("_")[1]
-            system = TrainerSystem(gpt2_overrides(args, 1024, 16, attention, True, 0.1, seed,
-                                                  extra=["optim.schedule=constant"]), workdir)
+            system = TrainerSystem(gpt2_overrides(args, 1024, 16, attention, True, args.agree_dropout,
+                                                  seed, extra=["optim.schedule=constant"]), workdir)
+        if dropout_seed:
+            torch.cuda.manual_seed(int(dropout_seed[0]))
         losses = []
         for step in range(1, args.agree_steps + 1):
             system.step()
             if step % 10 == 0:
                 losses.append([step, system.sync()])
         system.close()
-        records.append(dict(system=name, seed=seed, model="gpt2_small", seqlen=1024, batch=16,
-                            attn_dropout=0.1, compile=True, losses=losses))
-        print(json.dumps({"system": name, "seed": seed, "last_losses": losses[-3:]}), flush=True)
+        records.append(dict(system=name, seed=seed, dropout_seed=int(dropout_seed[0]) if dropout_seed else None,
+                            model="gpt2_small", seqlen=1024, batch=16, attn_dropout=args.agree_dropout,
+                            compile=True, losses=losses))
+        print(json.dumps({"run": spec, "last_losses": losses[-3:]}), flush=True)
     return records
 
 
@@ -322,6 +328,10 @@ def main():
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up one")
     parser.add_argument("--agree-steps", type=int, default=200)
+    parser.add_argument("--agree-dropout", type=float, default=0.1)
+    parser.add_argument("--agree-runs", nargs="+", default=["flashtrain_flash:1337", "flashtrain_sdpa:1337",
+                                                            "stock_sdpa:1337", "flashtrain_flash:2024"],
+                        help="SYSTEM:SEED[:DROPOUT_SEED] (see part agree)")
     args = parser.parse_args()
     register_configs()
     ceiling = matmul_ceiling()
