@@ -93,27 +93,40 @@ def collect(directories) -> dict:
     return records
 
 
+def train_time(record) -> float:
+    """Seconds in training steps (compilation included; evaluation and checkpoints excluded): the
+    sum over log windows of window tokens / window tokens-per-second."""
+    seconds, previous = 0.0, 0
+    for line in record["metrics"]:
+        if "tokens_per_s" in line and line["tokens"] > previous:
+            seconds += (line["tokens"] - previous) / line["tokens_per_s"]
+            previous = line["tokens"]
+    return seconds
+
+
 def report(args):
     records = collect(args.dirs)
-    lines = ["| run | trained context | tokens | wall time (s) | time / 1K run | final val ppl (own windows) |"
-             + "".join(f" ppl @ {c} |" for c in args.contexts), "|---|---|---|---|---|---|"
-             + "---|" * len(args.contexts)]
-    wall = {name: r["wall_s"] for name, r in records.items()}
-    wall["1k_to_4k"] = wall.get("1k_to_4k", 0) + wall.get("1k_stage1", 0) if "1k_to_4k" in wall else None
+    lines = ["| run | trained context | tokens | training time (s) | time / 1K run | final val ppl "
+             "(own windows) |" + "".join(f" ppl @ {c} |" for c in args.contexts),
+             "|---|---|---|---|---|---|" + "---|" * len(args.contexts)]
+    stages = {"1k_to_4k": ["1k_stage1", "1k_to_4k"]}
     for name in ("1k", "2k", "4k", "1k_to_4k"):
         record = records.get(name)
         if record is None:
             continue
+        parts = [records[p] for p in stages.get(name, [name]) if p in records]
+        seconds = sum(train_time(p) for p in parts)
+        tokens = sum(p.get("tokens", 0) for p in parts)
+        baseline = sum(train_time(records[p]) for p in ["1k"] if p in records)
         evals = [m for m in record["metrics"] if "val_ppl" in m]
         evaluation = record.get("evaluation") or {"runs": [{"contexts": [], "trained_context": "?"}]}
         entry = evaluation["runs"][0]
         by_context = {e["context"]: e for e in entry["contexts"]}
         cells = "".join(f" {by_context[c]['ppl']:.2f} (at {by_context[c]['effective_context']}) |"
                         if c in by_context else " – |" for c in args.contexts)
-        ratio = wall[name] / wall["1k"] if "1k" in wall and wall[name] else float("nan")
-        lines.append(f"| {name} | {entry['trained_context']} | {record.get('tokens', 0) / 1e6:.1f}M | "
-                     f"{wall[name]:.0f} | {ratio:.2f} | {evals[-1]['val_ppl']:.2f} |{cells}"
-                     if evals else f"| {name} | failed |")
+        ratio = f"{seconds / baseline:.2f}" if baseline else "–"
+        lines.append(f"| {name} | {entry['trained_context']} | {tokens / 1e6:.1f}M | {seconds:.0f} | {ratio} | "
+                     f"{evals[-1]['val_ppl']:.2f} |{cells}" if evals else f"| {name} | failed |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:
