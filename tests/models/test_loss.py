@@ -31,3 +31,27 @@ def test_models_return_the_loss_of_their_logits_when_given_targets():
         logits = model(tokens)
         assert logits.shape == (2, 32, 100)
         torch.testing.assert_close(model(tokens, targets=targets), lm_loss(logits, targets))
+
+
+def test_sdpa_uses_is_causal_without_a_mask_and_a_mask_only_where_needed(monkeypatch):
+    from kernels import attention_reference
+    from models import attention as attention_module
+
+    calls = []
+    real = attention_module.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q = torch.randn(2, 17, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 17, 2, 8, dtype=torch.float64), torch.randn(2, 17, 2, 8, dtype=torch.float64)
+    out = attention_module.attention(q, k, v, impl="sdpa", causal=True, dropout_p=0.0)
+    assert calls[-1]["attn_mask"] is None and calls[-1]["is_causal"] and calls[-1]["enable_gqa"]
+    torch.testing.assert_close(out, attention_reference(q, k, v, causal=True))
+    # A query block at the end of a KV cache: causal aligned bottom-right needs an explicit mask.
+    out = attention_module.attention(q[:, -5:], k, v, impl="sdpa", causal=True, dropout_p=0.0)
+    assert calls[-1]["attn_mask"] is not None and not calls[-1]["is_causal"]
+    torch.testing.assert_close(out, attention_reference(q[:, -5:], k, v, causal=True))

@@ -223,3 +223,13 @@ def test_a_chosen_model_is_not_overridden_by_the_default_experiment():
     assert (small.model.name, small.model.d_model, small.model.n_layer) == ("gpt2_small", None, None)
     quickstart = compose_run([])
     assert (quickstart.model.d_model, quickstart.model.n_layer, quickstart.model.n_head) == (256, 4, 4)
+
+
+def test_compile_modes_that_capture_cuda_graphs_refuse_flash_dropout():
+    with pytest.raises(Exception, match="replay one flash-attention dropout mask"):
+        compose_run(["model=gpt2_small", "trainer.compile=true", "trainer.compile_mode=reduce-overhead"])
+    config = compose_run(["model=gpt2_small_nodropout", "trainer.compile=true",
+                          "trainer.compile_mode=reduce-overhead"])
+    assert config.trainer.compile_mode == "reduce-overhead"
+    with pytest.raises(Exception, match="compile_mode"):
+        compose_run(["trainer.compile_mode=fastest"])
