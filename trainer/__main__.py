@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError
 from .config import register_configs
 from .data import DataError
 from .loop import NonFiniteLoss, run
+from .run_lock import RunDirectoryBusy
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register_configs()
@@ -37,7 +38,8 @@ def main(cfg) -> None:
         _fail("invalid configuration: " + " ".join(message[:4]))
     try:
         run(config, Path(HydraConfig.get().runtime.output_dir))
-    except (DataError, CheckpointError, NonFiniteLoss, ValueError, FileNotFoundError) as error:
+    except (DataError, CheckpointError, NonFiniteLoss, RunDirectoryBusy, ValueError,
+            FileNotFoundError) as error:
         _fail(str(error))
 
 

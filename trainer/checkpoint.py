@@ -1,13 +1,23 @@
 """Checkpoints that a killed save cannot destroy, and exact resume.
 
-Layout: ``<run>/checkpoints/step_00000100/{state.pt, rng_rank0.pt, ...}`` and ``<run>/checkpoints/latest``
-(a file naming the newest complete checkpoint). A save is assembled in ``.tmp-step_...``, flushed to
-disk, renamed into place, and only then is ``latest`` replaced (itself via a temporary file): at every
-instant ``latest`` names a complete checkpoint.
+Layout: ``<run>/checkpoints/step_00000100/{state.pt, rng_rank0.pt, ..., manifest.json}`` and
+``<run>/checkpoints/latest`` (a file naming the newest complete checkpoint). A save is assembled in
+``.tmp-step_...``, flushed to disk, renamed into place, and only then is ``latest`` replaced (itself
+via a temporary file): at every instant ``latest`` names a complete checkpoint.
+
+Checkpoints are data, never code: every file is read with ``torch.load(weights_only=True)`` (tensors
+and plain Python values only), so a crafted file cannot run anything. ``manifest.json`` holds each
+file's SHA-256; a resume verifies it and falls back to the newest intact checkpoint when the newest
+is damaged, saying which.
 """
 
+import hashlib
+import json
+import logging
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -51,9 +61,46 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+STEP_NAME = re.compile(r"step_\d{8}")
+MANIFEST = "manifest.json"
+log = logging.getLogger("flashtrain")
+
+
 def _save(obj, path: Path):
     torch.save(obj, path)
     _fsync_file(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path):
+    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.suffix == ".pt"}
+    (directory / MANIFEST).write_text(json.dumps({"sha256": files}, indent=1))
+    _fsync_file(directory / MANIFEST)
+
+
+def verify_checkpoint(path: Path, rank: int = 0):
+    """Raise CheckpointError unless state.pt and this rank's RNG file match the manifest. A checkpoint
+    written before manifests existed passes with a warning."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        log.warning(f"{path} has no {MANIFEST} (an older checkpoint): its contents are not verified")
+        return
+    try:
+        expected = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{manifest} is corrupt (not the JSON a save writes)") from None
+    for name in ("state.pt", f"rng_rank{rank}.pt"):
+        if not (path / name).exists():
+            raise CheckpointError(f"{path} is incomplete: {name} is missing")
+        if expected.get(name) != _sha256(path / name):
+            raise CheckpointError(f"{path}/{name} is corrupt: its SHA-256 differs from the manifest's")
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, context, keep: int) -> Path:
@@ -70,6 +117,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, context, keep: int) -
     context.barrier()
     if context.is_main:
         _save(state, staging / "state.pt")
+        _write_manifest(staging)
         _fsync_dir(staging)
         if final.exists():
             shutil.rmtree(final)
@@ -85,26 +133,74 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, context, keep: int) -
     return final
 
 
+def step_directories(run_dir: Path) -> list[Path]:
+    """Every complete-looking checkpoint directory of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and STEP_NAME.fullmatch(p.name)) \
+        if root.is_dir() else []
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names; None for a run without checkpoints. Refuses (rather than
+    starting over and overwriting them) when step directories exist but ``latest`` does not."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.exists():
+        found = step_directories(run_dir)
+        if found:
+            names = ", ".join(p.name for p in found)
+            raise CheckpointError(
+                f"{pointer.parent} holds {names} but no 'latest' pointer, so nothing is resumed or "
+                f"overwritten. To resume from {found[-1].name}: echo {found[-1].name} > {pointer} and "
+                "pass resume=true; or choose a new hydra.run.dir")
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not name:
+        raise CheckpointError(f"{pointer} is empty; write the name of a checkpoint directory into it "
+                              f"(e.g. {found[-1].name})" if (found := step_directories(run_dir))
+                              else f"{pointer} is empty and the run has no checkpoint directories")
+    if not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} names {name!r}; it may only name a step_NNNNNNNN directory "
+                              f"inside {pointer.parent}")
+    path = pointer.parent / name
     if not (path / "state.pt").exists():
         raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
     return path
 
 
+def resumable_checkpoint(run_dir: Path, rank: int = 0) -> Path | None:
+    """The newest intact checkpoint, starting from ``latest``: a damaged one is skipped with a
+    warning that names it and the one used instead; none intact is an error naming each."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    candidates = [newest] + [p for p in reversed(step_directories(run_dir)) if p.name < newest.name]
+    problems = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path, rank)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        if path != newest:
+            log.warning(f"resuming from {path.name} instead of {newest.name}: " + "; ".join(problems))
+        return path
+    raise CheckpointError("no intact checkpoint to resume from:\n  " + "\n  ".join(problems))
+
+
 def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict]:
     """(state, this rank's RNG state)."""
     try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         rng_path = path / f"rng_rank{rank}.pt"
         if not rng_path.exists():
             raise CheckpointError(f"{path} has no RNG state for rank {rank} (saved with fewer processes?)")
-        rng = torch.load(rng_path, map_location="cpu", weights_only=False)
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: refused to load: the file holds more than tensors and plain "
+                              f"values (a pickled object that would run code, or corruption): "
+                              f"{str(error).splitlines()[0][:160]}") from None
     except Exception as error:
         raise CheckpointError(f"{path}: cannot read the checkpoint, corrupt or truncated "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''})") from None

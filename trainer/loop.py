@@ -18,12 +18,13 @@ from models.attention import resolve as resolve_attention
 
 from .build import make_model, model_config_dict, resolve_device
 from .checkpoint import (CheckpointError, check_compatible, latest_checkpoint, load_checkpoint,
-                         save_checkpoint, set_rng_state)
+                         resumable_checkpoint, save_checkpoint, set_rng_state)
 from .config import RunConfig
 from .data import build_data
 from .distributed import init_distributed, shutdown, wrap_model
 from .metrics import MetricsWriter, close_logging, log, setup_logging
 from .optim import build_optimizer, build_scheduler
+from .run_lock import RunLock
 
 # Dense bf16 tensor-core rates (datasheets), for MFU when trainer.peak_tflops is not given.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -64,6 +65,18 @@ class Trainer:
         if Path(run_dir) != self.run_dir and Path(run_dir).is_dir() \
                 and set(os.listdir(run_dir)) <= {".hydra"}:
             shutil.rmtree(run_dir, ignore_errors=True)
+        self.lock = RunLock(self.run_dir) if self.context.is_main else None
+        try:
+            self._build(config, trainer)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self):
+        if self.lock is not None:
+            self.lock.release()
+
+    def _build(self, config: RunConfig, trainer):
         setup_logging(self.run_dir, self.context.is_main)
         seed_everything(trainer.seed + self.context.rank)   # dropout differs per rank; weights do not
 
@@ -94,14 +107,14 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _restore_or_refuse(self):
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        if latest_checkpoint(self.run_dir) is None:
             if self.config.resume:
                 log.info(f"resume=true but {self.run_dir} has no checkpoint yet: starting fresh")
             return
         if not self.config.resume:
             raise CheckpointError(f"{self.run_dir} already holds checkpoints; pass resume=true to "
                                   "continue it, or choose a new hydra.run.dir")
+        path = resumable_checkpoint(self.run_dir, self.context.rank)
         state, rng = load_checkpoint(path, self.context.rank)
         check_compatible(state["model_config"], model_config_dict(self.model), path)
         if state["world_size"] != self.context.world_size:
@@ -289,6 +302,7 @@ class Trainer:
     def close(self):
         self.metrics.close()
         close_logging()
+        self._release_lock()
         shutdown(self.context)
 
 

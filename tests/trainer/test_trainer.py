@@ -116,9 +116,9 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
     real_loss = causal_lm_module.lm_loss
     calls = {"n": 0}
 
-    def poisoned(logits, targets):
+    def poisoned(logits, targets, *args, **kwargs):
         calls["n"] += 1
-        loss = real_loss(logits, targets)
+        loss = real_loss(logits, targets, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(causal_lm_module, "lm_loss", poisoned)

@@ -1,0 +1,97 @@
+"""Checkpoints are data, never code; nothing is lost or resumed silently from a damaged file."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from trainer import checkpoint as checkpoint_module
+from trainer.checkpoint import CheckpointError
+from trainer.loop import Trainer, run
+from trainer.run_lock import RunDirectoryBusy, RunLock
+
+from .helpers import compose_run, tiny_overrides
+
+
+class Payload:
+    """Unpickling this would create a file: the attack a checkpoint must not allow."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _trained(tmp_path, steps=6):
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": steps})
+    run(compose_run(overrides), tmp_path / "run")
+    return overrides, tmp_path / "run" / "checkpoints"
+
+
+def test_a_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    overrides, root = _trained(tmp_path, steps=3)
+    marker = tmp_path / "pwned"
+    state = root / "step_00000003" / "state.pt"
+    torch.save({"model": Payload(str(marker)), "step": 3}, state)
+    checkpoint_module._write_manifest(state.parent)         # an attacker can rewrite the manifest too
+    with pytest.raises(CheckpointError, match="refused to load"):
+        Trainer(compose_run(overrides + ["resume=true"]), tmp_path / "run")
+    assert not marker.exists()
+
+
+def test_missing_latest_refuses_and_keeps_every_checkpoint(tmp_path):
+    overrides, root = _trained(tmp_path)
+    before = sorted(p.name for p in root.iterdir())
+    (root / "latest").unlink()
+    for extra in ([], ["resume=true"]):
+        with pytest.raises(CheckpointError, match="step_00000003, step_00000006 but no 'latest'.*echo step_00000006"):
+            Trainer(compose_run(overrides + extra), tmp_path / "run")
+    assert sorted(p.name for p in root.iterdir()) == [n for n in before if n != "latest"]
+
+
+@pytest.mark.parametrize("content,message", [("../other/step_00000003", "may only name"),
+                                             ("/tmp/step_00000003", "may only name"),
+                                             ("", "is empty")])
+def test_latest_may_only_name_its_own_step_directories(tmp_path, content, message):
+    overrides, root = _trained(tmp_path, steps=3)
+    (root / "latest").write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(compose_run(overrides + ["resume=true"]), tmp_path / "run")
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
+    overrides, root = _trained(tmp_path)
+    _flip_a_byte(root / "step_00000006" / "state.pt")
+    with caplog.at_level(logging.WARNING, logger="flashtrain"):
+        trainer = Trainer(compose_run(overrides + ["resume=true", "trainer.max_steps=8"]), tmp_path / "run")
+    assert trainer.step == 3
+    trainer.close()
+    assert "resuming from step_00000003 instead of step_00000006" in caplog.text
+    assert "SHA-256" in caplog.text
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each(tmp_path):
+    overrides, root = _trained(tmp_path)
+    for name in ("step_00000003", "step_00000006"):
+        _flip_a_byte(root / name / "state.pt")
+    with pytest.raises(CheckpointError, match="no intact checkpoint(.|\n)*step_00000006(.|\n)*step_00000003"):
+        Trainer(compose_run(overrides + ["resume=true"]), tmp_path / "run")
+
+
+def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
+    overrides = tiny_overrides(tmp_path)
+    (tmp_path / "run").mkdir()
+    holder = RunLock(tmp_path / "run")
+    with pytest.raises(RunDirectoryBusy, match=f"in use by another run \\(process {os.getpid()}\\)"):
+        Trainer(compose_run(overrides), tmp_path / "run")
+    holder.release()
+    trainer = Trainer(compose_run(overrides), tmp_path / "run")      # free again once released
+    trainer.close()
