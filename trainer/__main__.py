@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError
-from .config import register_configs
+from .config import register_configs, unknown_keys
 from .data import DataError
 from .loop import NonFiniteLoss, run
 from .run_lock import RunDirectoryBusy
@@ -23,7 +23,7 @@ register_configs()
 
 
 def _fail(message: str):
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" and sys.exc_info()[0] is not None:
         raise
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -31,6 +31,9 @@ def _fail(message: str):
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg) -> None:
+    unknown = unknown_keys(cfg)
+    if unknown:
+        _fail("unknown configuration key(s): " + ", ".join(unknown))
     try:
         config = OmegaConf.to_object(cfg)        # builds the dataclasses: their checks run here
     except Exception as error:  # noqa: BLE001 - Hydra/OmegaConf raise several kinds; all are config errors

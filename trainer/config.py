@@ -5,6 +5,9 @@ wrong types are rejected by Hydra, impossible combinations by ``RunConfig.__post
 accept ``typing.Literal``.)
 """
 
+import dataclasses
+import difflib
+import re
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -52,6 +55,9 @@ class OptimConfig:
 
     def __post_init__(self):
         _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip={self.grad_clip}: a maximum gradient norm is >= 0 "
+                             "(0 disables clipping)")
         if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("optim: lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
 
@@ -79,6 +85,8 @@ class TrainerConfig:
 
     def __post_init__(self):
         _one_of("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"trainer.device={self.device!r}; expected auto, cpu, cuda or cuda:N")
         _one_of("trainer.compile_mode", self.compile_mode,
                 ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"))
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_interval", "eval_interval",
@@ -128,6 +136,22 @@ class RunConfig:
         if self.data.document_aware and self.model.attention not in ("auto", "flash"):
             raise ValueError("data.document_aware=true packs documents with cu_seqlens, which only "
                              "model.attention=flash (or auto on CUDA) supports")
+
+
+def unknown_keys(node, schema=None, prefix: str = "") -> list[str]:
+    """Keys of a composed config (a DictConfig or dict) that ``RunConfig`` does not define, each
+    with the closest defined name: Hydra's ``+key=value`` adds keys that the schema would ignore."""
+    schema = schema or RunConfig
+    fields = {f.name: f.type for f in dataclasses.fields(schema)}
+    problems = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            problems.append(name + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        elif dataclasses.is_dataclass(fields[key]) and hasattr(node[key], "keys"):
+            problems += unknown_keys(node[key], fields[key], f"{name}.")
+    return problems
 
 
 def register_configs() -> None:

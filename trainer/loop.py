@@ -78,6 +78,13 @@ class Trainer:
 
     def _build(self, config: RunConfig, trainer):
         setup_logging(self.run_dir, self.context.is_main)
+        if self.device.type != "cuda" and trainer.precision == "fp16":
+            raise ValueError(f"trainer.precision=fp16 needs a GPU and this run is on {self.device}; "
+                             "use bf16 or fp32")
+        if config.model.attention == "flash" and self.device.type != "cuda" \
+                and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"model.attention=flash runs the Triton kernels, which need a CUDA GPU "
+                             f"(this run is on {self.device}); use model.attention=auto or sdpa here")
         seed_everything(trainer.seed + self.context.rank)   # dropout differs per rank; weights do not
 
         # Rank 0 trains the tokenizer and writes the token cache; the others then read it.
@@ -294,6 +301,12 @@ class Trainer:
 
     def sample(self, new_tokens: int) -> str:
         prompt = self.data.validation[0].input_ids[:1, :16].to(self.device)
+        if self.model.config.arch == "gpt2":     # learned positions: the sample must fit the table
+            room = self.model.config.max_seqlen - prompt.shape[1]
+            if new_tokens > room:
+                log.info(f"sample: {room} new tokens, not {new_tokens}: the model has "
+                         f"{self.model.config.max_seqlen} positions")
+                new_tokens = room
         generator = torch.Generator(device=self.device).manual_seed(self.config.trainer.seed)
         with self._autocast():
             out = generate(self.model, prompt, new_tokens, temperature=0.8, top_k=50, generator=generator)

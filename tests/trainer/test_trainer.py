@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,32 @@ def test_compile_modes_that_capture_cuda_graphs_refuse_flash_dropout():
     assert config.trainer.compile_mode == "reduce-overhead"
     with pytest.raises(Exception, match="compile_mode"):
         compose_run(["trainer.compile_mode=fastest"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+trainer.max_step=10", "unknown configuration key.*trainer.max_step \\(did you mean trainer.max_steps"),
+    ("data.path=/x", "data.path is set but data.source=python_stdlib"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1"),
+    ("data.vocab_size=10", "minimum of 257"),
+    ("trainer.device=tpu", "expected auto, cpu, cuda or cuda:N"),
+])
+def test_silently_accepted_input_is_now_refused(override, message):
+    result = run_cli([override, "trainer.max_steps=1", "logger=none", "hydra.run.dir=/nonexistent/never"])
+    assert result.returncode == 2, result.stderr
+    assert re.search(message, result.stderr) and "Traceback" not in result.stderr
+
+
+def test_fp16_and_flash_on_a_cpu_are_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("device=auto picks the GPU here")
+    for extra, message in (({"trainer.device": "auto", "trainer.precision": "fp16"}, "fp16 needs a GPU"),
+                           ({"model.attention": "flash"}, "flash runs the Triton kernels")):
+        with pytest.raises(ValueError, match=message):
+            Trainer(compose_run(tiny_overrides(tmp_path, **extra)), tmp_path / "run")
+
+
+def test_the_final_sample_fits_a_short_context(tmp_path):
+    summary = run(compose_run(tiny_overrides(tmp_path, **{"trainer.sample_tokens": 64, "trainer.max_steps": 2})),
+                  tmp_path / "run")
+    assert summary["steps"] == 2                     # seqlen 32: 16 prompt + 16 new tokens, no error

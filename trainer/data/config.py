@@ -51,6 +51,12 @@ class DataConfig:
             raise ValueError(f"data.validation_fraction must be in (0, 1); got {self.validation_fraction}")
         if self.source in ("files", "linux") and not self.path:
             raise ValueError(f"data.path is required with data.source={self.source}")
+        if self.path and self.source not in ("files", "linux"):
+            raise ValueError(f"data.path is set but data.source={self.source} does not read it; "
+                             "choose data=files (text, jsonl or parquet files) or data=linux")
+        if self.tokenizer == "bpe" and not self.tokenizer_file and self.vocab_size < 257:
+            raise ValueError(f"data.vocab_size={self.vocab_size} is below a byte-level BPE's minimum "
+                             "of 257 (256 byte tokens + <|endoftext|>)")
         if self.source == "hub" and not self.hub_name:
             raise ValueError("data.hub_name is required with data.source=hub")
         if not 0.0 < self.mlm_probability < 1.0:
