@@ -243,8 +243,8 @@ def test_compile_modes_that_capture_cuda_graphs_refuse_flash_dropout():
     ("data.vocab_size=10", "minimum of 257"),
     ("trainer.device=tpu", "expected auto, cpu, cuda or cuda:N"),
 ])
-def test_silently_accepted_input_is_now_refused(override, message):
-    result = run_cli([override, "trainer.max_steps=1", "logger=none", "hydra.run.dir=/nonexistent/never"])
+def test_silently_accepted_input_is_now_refused(override, message, tmp_path):
+    result = run_cli([override, "trainer.max_steps=1", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
     assert result.returncode == 2, result.stderr
     assert re.search(message, result.stderr) and "Traceback" not in result.stderr
 
