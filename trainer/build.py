@@ -39,7 +39,10 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
     section = config.model
     seqlen = config.data.seqlen
     if section.init_from:
-        source = Path(section.init_from)
+        source = Path(section.init_from).expanduser()
+        if not source.exists():
+            raise ValueError(f"model.init_from={section.init_from} does not exist (give a run "
+                             "directory's model.pt, a flashtrain model file or a Hugging Face directory)")
         runtime = {"attention": section.attention, "checkpoint_blocks": section.checkpoint_blocks}
         model = load_hf(source, **runtime) if source.is_dir() else load_model(source, **runtime)
         if model.config.vocab_size != vocab_size:

@@ -203,3 +203,10 @@ def test_bad_inputs_are_named(tmp_path):
                    batch_size=1, log=lambda *_: None) if _big_tokenizer(tmp_path / "big.json") else None
     with pytest.raises(ValueError, match="data.path is required"):
         DataConfig(source="files")
+
+
+def test_a_tokenizer_directory_means_its_tokenizer_json(tmp_path):
+    from trainer.data import load_tokenizer
+    from trainer.data.sources import DataError
+    with pytest.raises(DataError, match="is a directory with no tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -263,3 +263,23 @@ def test_the_final_sample_fits_a_short_context(tmp_path):
     summary = run(compose_run(tiny_overrides(tmp_path, **{"trainer.sample_tokens": 64, "trainer.max_steps": 2})),
                   tmp_path / "run")
     assert summary["steps"] == 2                     # seqlen 32: 16 prompt + 16 new tokens, no error
+
+
+def test_errors_are_named_before_any_data_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("attention=auto resolves to flash here")
+    with pytest.raises(ValueError, match="document_aware=true .* resolves to sdpa"):
+        Trainer(compose_run(tiny_overrides(tmp_path, **{"data.document_aware": "true"})), tmp_path / "b")
+    assert not (tmp_path / "cache").exists()          # refused before tokenizing anything
+    with pytest.raises(ValueError, match="model.init_from=.*does not exist"):
+        Trainer(compose_run(tiny_overrides(tmp_path, **{"model.init_from": str(tmp_path / "none.pt")})),
+                tmp_path / "a")
+
+
+def test_a_corpus_of_one_file_trains_with_its_end_held_out(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 2})
+    single = tmp_path / "one.txt"
+    single.write_text(" ".join(f"alpha{i % 13} beta{i % 7}" for i in range(3000)))
+    overrides = [o for o in overrides if not o.startswith("data.path=")] + [f"data.path={single}"]
+    assert run(compose_run(overrides), tmp_path / "run")["val_loss"] is not None

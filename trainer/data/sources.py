@@ -54,6 +54,17 @@ def _text_files(paths: list[str], root: str, fraction: float, label: str) -> Cor
         if text.strip():
             split = "validation" if _held_out(os.path.relpath(path, root), fraction) else "train"
             texts[split].append(text)
+    if not texts["train"] or not texts["validation"]:
+        # Too few files for the hash split to fill both sides (a single file, say): split the
+        # longest document instead, its last `fraction` held out, so a small corpus still trains
+        # and still measures held-out loss.
+        pool = texts["train"] + texts["validation"]
+        if pool:
+            longest = max(range(len(pool)), key=lambda i: len(pool[i]))
+            text = pool.pop(longest)
+            cut = max(1, int(len(text) * (1 - fraction)))
+            texts = {"train": pool + [text[:cut]], "validation": [text[cut:]] if text[cut:] else []}
+            label += f" (validation: the last {fraction:.0%} of the longest file)"
     splits = {name: datasets.Dataset.from_dict({"text": docs}) for name, docs in texts.items()}
     return Corpus(splits, _stat_fingerprint(paths) + f"-{fraction}", replaced, label)
 

@@ -17,6 +17,10 @@ BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def load_tokenizer(path) -> Tokenizer:
     path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise DataError(f"tokenizer file {path} is a directory with no tokenizer.json in it")
+        path = path / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"tokenizer file {path} does not exist")
     try:
