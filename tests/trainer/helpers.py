@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -45,6 +46,14 @@ def compose_run(overrides: list[str]):
 
 
 def run_cli(args: list[str], env_extra: dict | None = None, module: str = "trainer", timeout: int = 600):
+    """Run ``python -m <module> args``. Unless the args name them, Hydra's run and sweep directories
+    go to a new temporary directory: a test never writes into the repository's outputs/."""
+    if module == "trainer":
+        scratch = tempfile.mkdtemp(prefix="flashtrain-test-")
+        if not any(a.startswith("hydra.run.dir=") for a in args):
+            args = [*args, f"hydra.run.dir={scratch}/run"]
+        if not any(a.startswith("hydra.sweep.dir=") for a in args):
+            args = [*args, f"hydra.sweep.dir={scratch}/sweep"]
     env = dict(os.environ, WANDB_SILENT="true", **(env_extra or {}))
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
