@@ -1,7 +1,9 @@
 """Sampling from a causal LM with a KV cache.
 
 The prompt is processed in one call (prefill), then one token per call; the kernel's bottom-right
-causal alignment makes each decode step attend exactly to every cached position.
+causal alignment makes each decode step attend exactly to every cached position. A model with
+learned positions (GPT-2) cannot read past its position table: when prompt + new tokens exceed it,
+each step reads only the last ``max_seqlen`` tokens (a sliding window, recomputed without a cache).
 """
 
 import torch
@@ -34,11 +36,16 @@ def generate(model, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
     model.eval()
     tokens = input_ids
     total = input_ids.shape[1] + max_new_tokens
+    config = getattr(model, "config", None)
+    window = config.max_seqlen if getattr(config, "arch", None) == "gpt2" and total > config.max_seqlen \
+        else None
+    use_cache = use_cache and window is None
     caches = model.make_caches(input_ids.shape[0], total) if use_cache else None
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     step_input = input_ids
     for _ in range(max_new_tokens):
-        logits = model(step_input if use_cache else tokens, caches=caches)[:, -1].float()
+        visible = tokens if window is None else tokens[:, -window:]
+        logits = model(step_input if use_cache else visible, caches=caches)[:, -1].float()
         if temperature == 0:
             next_token = logits.argmax(dim=-1)
         else:

@@ -20,7 +20,9 @@ def main():
     parser.add_argument("model", type=Path, help="a flashtrain model file (.pt) or a Hugging Face directory")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the model directory's)")
     parser.add_argument("--prompt", default="")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=100,
+                        help="any number: a GPT-2 model whose positions run out keeps reading its last "
+                             "max_seqlen tokens (a sliding window, slower: no KV cache)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=0.95)

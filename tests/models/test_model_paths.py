@@ -1,4 +1,5 @@
-"""The loss computed inside the model: padded vocabulary handled exactly, in both forms."""
+"""Paths a training step and sampling take: the loss inside the model (padded vocabulary exact), SDPA's
+causal fast path, and generation past a learned position table."""
 
 import torch
 
@@ -55,3 +56,17 @@ def test_sdpa_uses_is_causal_without_a_mask_and_a_mask_only_where_needed(monkeyp
     out = attention_module.attention(q[:, -5:], k, v, impl="sdpa", causal=True, dropout_p=0.0)
     assert calls[-1]["attn_mask"] is not None and not calls[-1]["is_causal"]
     torch.testing.assert_close(out, attention_reference(q[:, -5:], k, v, causal=True))
+
+
+def test_generation_past_the_position_table_slides_its_window():
+    from models import generate
+    model = build_model("gpt2_tiny", vocab_size=50, max_seqlen=32, attention="sdpa", dropout=0.0,
+                        attn_dropout=0.0, seed=1).eval()
+    prompt = torch.randint(0, 50, (2, 8))
+    long = generate(model, prompt, 40, temperature=0)
+    assert long.shape == (2, 48)
+    torch.testing.assert_close(long[:, :32], generate(model, prompt, 24, temperature=0))
+    with torch.no_grad():
+        for position in range(32, 48):       # each later token: greedy over the last 32 tokens
+            expected = model(long[:, position - 32:position])[:, -1].argmax(-1)
+            assert torch.equal(long[:, position], expected)
