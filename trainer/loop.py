@@ -31,6 +31,11 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# More passes over the training split than this draw a warning: past ~4 epochs repeated data is
+# worth much less than new data (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
+MAX_QUIET_EPOCHS = 4
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
@@ -244,6 +249,12 @@ class Trainer:
                  f"{attention} attention), "
                  f"{self.device}, {trainer.precision}, {self.context.world_size} process(es), "
                  f"{tokens_per_step} tokens per step, steps {self.step}..{trainer.max_steps}")
+        corpus_tokens = max(1, len(self.data.splits["train"].tokens))
+        epochs = trainer.max_steps * tokens_per_step / corpus_tokens
+        if epochs > MAX_QUIET_EPOCHS:
+            log.warning(f"this run reads its {corpus_tokens:,}-token training split {epochs:.1f} times "
+                        f"(max_steps {trainer.max_steps} x {tokens_per_step} tokens): expect validation "
+                        "loss to rise from overfitting; add data or lower trainer.max_steps")
         bar = tqdm(total=trainer.max_steps, initial=self.step, disable=not self.context.is_main,
                    desc="train", dynamic_ncols=True)
         last_eval, final_loss = None, None
@@ -262,7 +273,8 @@ class Trainer:
                 tokens_per_s = window_tokens / elapsed
                 final_loss = float(result["loss"])
                 grad_norm = result["grad_norm"]
-                record = {"step": self.step, "tokens": self.tokens, "loss": final_loss,
+                record = {"step": self.step, "tokens": self.tokens,
+                          "epoch": round(self.tokens / corpus_tokens, 4), "loss": final_loss,
                           "lr": self.scheduler.get_last_lr()[0],
                           "grad_norm": None if grad_norm is None else float(grad_norm),
                           "tokens_per_s": tokens_per_s,

@@ -283,3 +283,13 @@ def test_a_corpus_of_one_file_trains_with_its_end_held_out(tmp_path):
     single.write_text(" ".join(f"alpha{i % 13} beta{i % 7}" for i in range(3000)))
     overrides = [o for o in overrides if not o.startswith("data.path=")] + [f"data.path={single}"]
     assert run(compose_run(overrides), tmp_path / "run")["val_loss"] is not None
+
+
+def test_epochs_are_logged_and_many_repeats_warned(tmp_path):
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 250, "trainer.eval_interval": 250,
+                                                 "trainer.save_interval": 250, "trainer.log_interval": 125})),
+        tmp_path / "run")
+    train, _ = read_metrics(tmp_path / "run")
+    assert 0 < train[0]["epoch"] < train[-1]["epoch"]
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert re.search(r"WARNING this run reads its [\d,]+-token training split \d+\.\d times", log_text)
