@@ -209,6 +209,41 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict]:
     return state, rng
 
 
+# Settings a resumed run may change: how long it runs, how it logs, evaluates, saves and compiles,
+# and how attention is computed (the same function either way). Anything else (data, batch,
+# optimizer, model shape, seed) would silently make the resumed run a different run.
+RESUMABLE_CHANGES = ("resume", "trainer.max_steps", "trainer.log_interval", "trainer.eval_interval",
+                     "trainer.save_interval", "trainer.keep_checkpoints", "trainer.sample_tokens",
+                     "trainer.skip_nonfinite", "trainer.compile", "trainer.compile_mode",
+                     "trainer.peak_tflops", "trainer.device", "model.attention",
+                     "model.checkpoint_blocks", "data.num_proc", "data.cache_dir", "logger.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, current: dict, path: Path) -> list[str]:
+    """The allowed differences between a checkpoint's run config and this run's, as log lines;
+    raises CheckpointError naming every difference that is not allowed."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    allowed = lambda key: any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUMABLE_CHANGES)
+    describe = lambda key: f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    refused = [describe(key) for key in changed if not allowed(key)]
+    if refused:
+        raise CheckpointError(f"{path} was saved by a run with other settings; a resume may change only "
+                              "run length, logging, evaluation, saving, compilation and the attention "
+                              "implementation. Differences:\n  " + "\n  ".join(refused))
+    return [describe(key) for key in changed if key != "resume"]
+
+
 def check_compatible(saved_model_config: dict, current_model_config: dict, path: Path):
     """Name every model setting that differs between the checkpoint and this run."""
     shape_keys = ("arch", "vocab_size", "max_seqlen", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff",

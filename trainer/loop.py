@@ -17,8 +17,8 @@ from models import generate, save_model
 from models.attention import resolve as resolve_attention
 
 from .build import make_model, model_config_dict, resolve_device
-from .checkpoint import (CheckpointError, check_compatible, latest_checkpoint, load_checkpoint,
-                         resumable_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
+                         load_checkpoint, resumable_checkpoint, save_checkpoint, set_rng_state)
 from .config import RunConfig
 from .data import build_data
 from .distributed import init_distributed, shutdown, wrap_model
@@ -133,6 +133,10 @@ class Trainer:
         path = resumable_checkpoint(self.run_dir, self.context.rank)
         state, rng = load_checkpoint(path, self.context.rank)
         check_compatible(state["model_config"], model_config_dict(self.model), path)
+        if "config" in state:
+            current = OmegaConf.to_container(OmegaConf.structured(self.config))
+            for change in config_changes(state["config"], current, path):
+                log.info(f"resume: {change}")
         if state["world_size"] != self.context.world_size:
             raise CheckpointError(f"{path} was saved by {state['world_size']} processes; this run has "
                                   f"{self.context.world_size} (exact resume needs the same number)")

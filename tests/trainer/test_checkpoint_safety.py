@@ -95,3 +95,13 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
     holder.release()
     trainer = Trainer(compose_run(overrides), tmp_path / "run")      # free again once released
     trainer.close()
+
+
+def test_a_resume_refuses_changed_settings_and_logs_allowed_ones(tmp_path):
+    overrides, _ = _trained(tmp_path, steps=3)
+    with pytest.raises(CheckpointError, match=r"optim.lr: 0.002 -> 0.001(.|\n)*trainer.micro_batch_size: 2 -> 4"):
+        Trainer(compose_run(overrides + ["resume=true", "optim.lr=1e-3", "trainer.micro_batch_size=4"]),
+                tmp_path / "run")
+    trainer = Trainer(compose_run(overrides + ["resume=true", "trainer.max_steps=5"]), tmp_path / "run")
+    trainer.close()
+    assert "resume: trainer.max_steps: 3 -> 5" in (tmp_path / "run" / "train.log").read_text()
