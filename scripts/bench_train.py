@@ -151,7 +151,7 @@ class TrainerSystem:
 class StockSystem:
     """scripts/stock_gpt2.py, compiled, fed the windows of flashtrain's sampler (same data)."""
 
-    def __init__(self, windows, vocab_size, seqlen, attn_dropout, seed=1337, lr=6e-4, warmup=20):
+    def __init__(self, windows, batch, vocab_size, seqlen, attn_dropout, seed=1337, lr=6e-4, warmup=20):
         torch.manual_seed(seed)
         config = stock_gpt2.StockConfig(vocab_size=vocab_size, seqlen=seqlen, attn_dropout=attn_dropout)
         self.model = stock_gpt2.StockGPT(config).cuda().train()
@@ -161,7 +161,7 @@ class StockSystem:
                                                           lambda step: min(1.0, (step + 1) / warmup))
         self.forward = torch.compile(self.model)
         self.windows = windows
-        self.tokens_per_step = seqlen * windows._order.batch_size
+        self.tokens_per_step = seqlen * batch
         matmul = sum(p.numel() for name, p in self.model.named_parameters() if name != "wpe.weight"
                      and p.dim() == 2)
         # models.flops' count: 6 x matmul parameters + causal attention's two products.
@@ -186,7 +186,7 @@ def stock_system(args, seqlen, batch, attn_dropout, seed=1337):
     config = run_config(gpt2_overrides(args, seqlen, batch, "flash", False, attn_dropout, seed))
     data = build_data(config.data, batch, seed, log=lambda *_: None)
     padded = -(-data.vocab_size // 64) * 64
-    return StockSystem(data.train, padded, seqlen, attn_dropout, seed)
+    return StockSystem(data.train, batch, padded, seqlen, attn_dropout, seed)
 
 
 def gpt2_record(system, seqlen, batch, compiled, attn_dropout, **extra):
