@@ -88,9 +88,10 @@ def plot(parts, path: Path):
     missing = "; ".join(f"{system}: {why} at {context}" for system, (context, why) in failed.items())
     long = parts.get("long", {})
     figure.suptitle(f"GPT-2 small training on {long.get('card', 'one GPU')}, torch {long.get('torch', '')}, "
-                    f"{long.get('date', '')}; all systems in one process" + (f" ({missing})" if missing else ""),
-                    fontsize=9)
-    figure.tight_layout()
+                    f"Triton {long.get('triton', '')}, {long.get('date', '')}\nflashtrain against stock "
+                    "PyTorch (SDPA) in one process" + (f" ({missing})" if missing else ""), fontsize=9)
+    figure.text(0.01, 0.01, long.get("command", ""), fontsize=6)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
     figure.savefig(path, dpi=120)
 
 

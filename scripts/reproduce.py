@@ -134,10 +134,10 @@ def report(args):
     if args.json:
         args.json.write_text(json.dumps({"records": records}, indent=1))
     if args.plot:
-        plot(records, args.plot)
+        plot(records, args.plot, args.caption)
 
 
-def plot(records, path: Path):
+def plot(records, path: Path, caption: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,7 +155,10 @@ def plot(records, path: Path):
     axis.set_ylabel("validation loss (nats)")
     axis.set_title("GPT-2 small on the Linux corpus: loss by position, same target tokens")
     axis.legend()
-    figure.tight_layout()
+    dates = sorted({r.get("date", "") for r in records.values()})
+    figure.text(0.01, 0.01, f"{caption}; {', '.join(dates)}\npython scripts/reproduce.py run (configs/"
+                "experiment/repro_linux_*.yaml); all models on the same 131,072 target tokens", fontsize=6)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=120)
 
 
@@ -179,6 +182,7 @@ def main():
     reporting.add_argument("--md", type=Path)
     reporting.add_argument("--json", type=Path)
     reporting.add_argument("--plot", type=Path)
+    reporting.add_argument("--caption", default="", help="card and software versions, for the plot")
     args = parser.parse_args()
     run(args) if args.command == "run" else report(args)
 
