@@ -34,7 +34,7 @@ def config(tmp_path, **overrides):
 
 
 def test_round_trip_and_eos_placement(tmp_path):
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, shuffle_documents=False)
     data = build_data(cfg, batch_size=2, log=lambda *_: None)
     corpus = load_corpus(cfg)
     split = data.splits["train"]
@@ -100,7 +100,8 @@ def test_document_cu_seqlens(tmp_path):
     flat = batch.input_ids.flatten().numpy()
     bounds = batch.cu_seqlens.numpy()
     assert bounds[0] == 0 and bounds[-1] == flat.size and np.all(np.diff(bounds) > 0)
-    assert batch.max_seqlen == int(np.diff(bounds).max())
+    # the window length, the same for every batch (a per-batch value would recompile compiled models)
+    assert batch.max_seqlen == 16 >= int(np.diff(bounds).max())
     for cut in bounds[1:-1]:
         # every cut is either a window edge or right after an end-of-document token
         assert cut % 16 == 0 or flat[cut - 1] == eos
@@ -210,3 +211,38 @@ def test_a_tokenizer_directory_means_its_tokenizer_json(tmp_path):
     from trainer.data.sources import DataError
     with pytest.raises(DataError, match="is a directory with no tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_sample_span_draws_aligned_runs_of_consecutive_windows(tmp_path):
+    data = build_data(config(tmp_path, sample_span=2), batch_size=4, log=lambda *_: None)
+    tokens = data.splits["train"].tokens
+    seen = []
+    for _ in range(data.train.batches_per_epoch):
+        batch = next(data.train)
+        starts = [int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(tokens, 16).__eq__(
+            row.numpy()).all(axis=1))[0]) for row in batch.input_ids]
+        # rows come in pairs: an even window followed by the next one
+        assert all(s % 32 == 0 and t == s + 16 for s, t in zip(starts[::2], starts[1::2]))
+        seen.extend(starts)
+    assert len(set(seen)) == len(seen)
+    with pytest.raises(DataError, match="sample_span=3 must be >= 1 and divide"):
+        build_data(config(tmp_path, sample_span=3), batch_size=4, log=lambda *_: None)
+
+
+def test_training_documents_are_packed_shuffled_and_held_out_ones_in_order(tmp_path):
+    cfg = config(tmp_path)
+    data = build_data(cfg, batch_size=2, log=lambda *_: None)
+    corpus = load_corpus(cfg)
+
+    def texts(split):
+        tokens, offsets = data.splits[split].tokens, data.splits[split].offsets
+        return [data.tokenizer.decode(tokens[a:b - 1].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+
+    original = [row["text"] for row in corpus.splits["train"]]
+    packed = texts("train")
+    assert sorted(packed) == sorted(original) and packed != original
+    assert texts("validation") == [row["text"] for row in corpus.splits["validation"]]
+    # the order is part of the cache key: both orders can live in one cache
+    in_order = build_data(config(tmp_path, shuffle_documents=False), batch_size=2, log=lambda *_: None)
+    assert len(in_order.splits["train"].tokens) == len(data.splits["train"].tokens)
+    assert not np.array_equal(in_order.splits["train"].tokens, data.splits["train"].tokens)

@@ -40,7 +40,7 @@ def build_data(config: DataConfig, batch_size: int, seed: int = 0, rank: int = 0
                       for i in range(0, count, val_batch_size)]
     else:
         train = CausalWindows(splits["train"], config.seqlen, batch_size, seed, rank, world_size,
-                              config.document_aware)
+                              config.document_aware, span=config.sample_span)
         validation = validation_windows(splits["validation"], config.seqlen, config.val_windows,
                                         val_batch_size, config.document_aware)
     return Data(tokenizer, vocab_size, special, train, validation, splits)

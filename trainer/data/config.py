@@ -32,6 +32,12 @@ class DataConfig:
     # Samples
     seqlen: int = 256                    # tokens per training window (model context)
     document_aware: bool = False         # windows carry cu_seqlens: no attention across documents
+    # Pack the training split's documents in a fixed random order instead of the corpus's own (a
+    # directory order puts related files side by side, and batches then cover few of them).
+    shuffle_documents: bool = True
+    # Ablation: draw training windows in aligned runs of this many consecutive ones, so a batch
+    # covers as few distinct stretches of the corpus as a run at sample_span x the context.
+    sample_span: int = 1
     objective: str = "causal"            # causal (GPT windows) | mlm (BERT)
     mlm_probability: float = 0.15
     val_windows: int = 64                # fixed validation windows, the same at every evaluation

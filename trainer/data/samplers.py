@@ -88,14 +88,21 @@ class _Shuffled:
 
 class CausalWindows:
     def __init__(self, split: TokenSplit, seqlen: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, document_aware: bool = False, name: str = "train"):
+                 world_size: int = 1, document_aware: bool = False, name: str = "train", span: int = 1):
+        """``span`` > 1 draws windows in aligned runs of that many consecutive ones, so that a batch
+        holds only batch_size / span distinct stretches of the corpus: as many as a run at span
+        times the context (an ablation that separates context length from batch diversity)."""
         self.split, self.seqlen, self.document_aware = split, seqlen, document_aware
         count = (len(split.tokens) - 1) // seqlen
         if count < 1:
             raise DataError(f"the {name} split has {len(split.tokens)} tokens, fewer than one window of "
                             f"{seqlen + 1}; lower data.seqlen or add data")
-        self.num_windows = count
-        self._order = _Shuffled(count, batch_size, seed, rank, world_size, f"the {name} split")
+        if span < 1 or batch_size % span:
+            raise DataError(f"data.sample_span={span} must be >= 1 and divide the micro-batch size "
+                            f"({batch_size})")
+        self.num_windows, self.span = count, span
+        self._order = _Shuffled(count // span, batch_size // span, seed, rank, world_size,
+                                f"the {name} split")
 
     @property
     def epoch(self):
@@ -115,22 +122,26 @@ class CausalWindows:
         return batch
 
     def _document_bounds(self, window_indices):
-        """cu_seqlens over the flattened batch: a boundary wherever a document starts in a window."""
+        """cu_seqlens over the flattened batch: a boundary wherever a document starts in a window.
+
+        max_seqlen is the window length, a bound that holds for every batch, rather than the
+        batch's longest piece: a value that changed per batch would make torch.compile recompile
+        the model (the kernels' grid only gains programs that exit at once)."""
         length, offsets = self.seqlen, self.split.offsets
-        bounds, longest = [0], 0
+        bounds = [0]
         for row, index in enumerate(window_indices):
             start = index * length
             inside = offsets[(offsets > start) & (offsets < start + length)] - start
             cuts = np.concatenate([[0], inside, [length]])
-            longest = max(longest, int(np.diff(cuts).max()))
             bounds.extend((row * length + cuts[1:]).tolist())
-        return torch.tensor(bounds, dtype=torch.int32), longest
+        return torch.tensor(bounds, dtype=torch.int32), length
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
-        return self.window_batch(self._order.next_indices())
+        runs = self._order.next_indices()
+        return self.window_batch((runs[:, None] * self.span + np.arange(self.span)).reshape(-1))
 
     def state_dict(self):
         return self._order.state_dict()
