@@ -104,29 +104,44 @@ def train_time(record) -> float:
     return seconds
 
 
+def series_of(name: str) -> tuple[str, str]:
+    """'4k_doc_lr2e-4' -> ('4k', '_doc_lr2e-4'): the run, and the tag of the variant series."""
+    for run in sorted(STAGES, key=len, reverse=True):
+        if name.startswith(run):
+            return run, name[len(run):]
+    return name, ""
+
+
+def report_row(name: str, records: dict, contexts) -> str:
+    record = records[name]
+    run, tag = series_of(name)
+    parts = [records[part + tag] for part, _ in STAGES.get(run, [(run, None)]) if part + tag in records]
+    seconds = sum(train_time(part) for part in parts)
+    tokens = sum(part.get("tokens", 0) for part in parts)
+    baseline = records.get("1k" + tag)
+    ratio = f"{seconds / train_time(baseline):.2f}" if baseline else "–"
+    evals = [m for m in record["metrics"] if "val_ppl" in m]
+    if record["returncode"] != 0 or not evals:
+        return f"| {name} | failed (exit {record['returncode']}) |"
+    entries = (record.get("evaluation") or {}).get("runs") or [{"contexts": [], "trained_context": "–"}]
+    by_context = {e["context"]: e for e in entries[0]["contexts"]}
+    cells = "".join(f" {by_context[c]['ppl']:.2f} (at {by_context[c]['effective_context']}) |"
+                    if c in by_context else " – |" for c in contexts)
+    return (f"| {name} | {entries[0]['trained_context']} | {tokens / 1e6:.1f}M | {seconds:.0f} | {ratio} | "
+            f"{evals[-1]['val_ppl']:.2f} |{cells}")
+
+
 def report(args):
     records = collect(args.dirs)
+    rows = args.rows or [name for name in sorted(records) if series_of(name)[0] in args.runs_in_order
+                         and not name.startswith("1k_stage1")]
+    if not args.rows:
+        order = {run: i for i, run in enumerate(args.runs_in_order)}
+        rows.sort(key=lambda name: (series_of(name)[1], order[series_of(name)[0]]))
     lines = ["| run | trained context | tokens | training time (s) | time / 1K run | final val ppl "
              "(own windows) |" + "".join(f" ppl @ {c} |" for c in args.contexts),
              "|---|---|---|---|---|---|" + "---|" * len(args.contexts)]
-    stages = {"1k_to_4k": ["1k_stage1", "1k_to_4k"]}
-    for name in ("1k", "2k", "4k", "1k_to_4k"):
-        record = records.get(name)
-        if record is None:
-            continue
-        parts = [records[p] for p in stages.get(name, [name]) if p in records]
-        seconds = sum(train_time(p) for p in parts)
-        tokens = sum(p.get("tokens", 0) for p in parts)
-        baseline = sum(train_time(records[p]) for p in ["1k"] if p in records)
-        evals = [m for m in record["metrics"] if "val_ppl" in m]
-        evaluation = record.get("evaluation") or {"runs": [{"contexts": [], "trained_context": "?"}]}
-        entry = evaluation["runs"][0]
-        by_context = {e["context"]: e for e in entry["contexts"]}
-        cells = "".join(f" {by_context[c]['ppl']:.2f} (at {by_context[c]['effective_context']}) |"
-                        if c in by_context else " – |" for c in args.contexts)
-        ratio = f"{seconds / baseline:.2f}" if baseline else "–"
-        lines.append(f"| {name} | {entry['trained_context']} | {tokens / 1e6:.1f}M | {seconds:.0f} | {ratio} | "
-                     f"{evals[-1]['val_ppl']:.2f} |{cells}" if evals else f"| {name} | failed |")
+    lines += [report_row(name, records, args.contexts) for name in rows if name in records]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:
@@ -134,15 +149,15 @@ def report(args):
     if args.json:
         args.json.write_text(json.dumps({"records": records}, indent=1))
     if args.plot:
-        plot(records, args.plot, args.caption)
+        plot(records, args.plot, args.caption, args.plot_rows or [r for r in ("1k", "2k", "4k", "1k_to_4k")])
 
 
-def plot(records, path: Path, caption: str):
+def plot(records, path: Path, caption: str, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name in ("1k", "2k", "4k", "1k_to_4k"):
+    for name in rows:
         evaluation = (records.get(name) or {}).get("evaluation")
         if not evaluation:
             continue
@@ -183,7 +198,11 @@ def main():
     reporting.add_argument("--json", type=Path)
     reporting.add_argument("--plot", type=Path)
     reporting.add_argument("--caption", default="", help="card and software versions, for the plot")
+    reporting.add_argument("--rows", nargs="+", help="records to tabulate, in order (default: every "
+                           "run of every variant series, grouped by series)")
+    reporting.add_argument("--plot-rows", nargs="+", help="records to plot (default: 1k 2k 4k 1k_to_4k)")
     args = parser.parse_args()
+    args.runs_in_order = list(STAGES)
     run(args) if args.command == "run" else report(args)
 
 
