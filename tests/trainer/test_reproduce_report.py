@@ -1,0 +1,38 @@
+"""scripts/reproduce.py report: rows per variant series, time against the series' own 1K run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def record(name, seconds, ppl, context=None):
+    tokens = 1_000_000
+    metrics = [{"step": 10, "tokens": tokens, "tokens_per_s": tokens / seconds, "loss": 3.0},
+               {"step": 10, "val_loss": 2.0, "val_ppl": ppl}]
+    evaluation = None if context is None else {"runs": [{"trained_context": context, "contexts": [
+        {"context": 1024, "effective_context": min(1024, context), "ppl": ppl + 1}]}]}
+    return {"name": name, "command": "-m trainer", "returncode": 0, "wall_s": seconds, "metrics": metrics,
+            "tokens": tokens, "evaluation": evaluation, "date": "2026-01-01"}
+
+
+def test_report_groups_variant_series_and_sums_stages(tmp_path):
+    records = [record("1k", 100, 10, 1024), record("4k", 150, 30, 4096), record("1k_x", 200, 11, 1024),
+               record("4k_x", 220, 31, 4096), record("4k_x_lr1", 300, 40), record("1k_stage1", 50, 20),
+               record("1k_to_4k", 60, 15, 4096)]
+    for entry in records:
+        (tmp_path / f"{entry['name']}.json").write_text(json.dumps(entry))
+    result = subprocess.run([sys.executable, "scripts/reproduce.py", "report", str(tmp_path),
+                             "--contexts", "1024"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1].strip() for line in result.stdout.splitlines()[2:] if line.startswith("|")]
+    assert rows == ["1k", "4k", "1k_to_4k", "1k_x", "4k_x", "4k_x_lr1"]
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in result.stdout.splitlines()[2:] if line.startswith("|")}
+    assert table["4k"][2:4] == ["150", "1.50"]            # against 1k
+    assert table["4k_x"][2:4] == ["220", "1.10"]          # against 1k_x, its own series
+    assert table["1k_to_4k"][1:4] == ["2.0M", "110", "1.10"]   # both stages: 50 s + 60 s, 2M tokens
+    assert table["4k_x_lr1"][0] == "–" and table["4k_x_lr1"][5] == "–"   # not evaluated
+    assert table["4k"][5] == "31.00 (at 1024)"
