@@ -29,7 +29,8 @@ def save_model(model, path) -> None:
 
 
 def load_model(path, **overrides):
-    """Rebuild a model saved by ``save_model`` (or the ``model`` part of a training checkpoint)."""
+    """Rebuild a model saved by ``save_model``, or the model of a training checkpoint's ``state.pt``
+    (which stores the same weights under ``model`` and the config under ``model_config``)."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -39,9 +40,12 @@ def load_model(path, **overrides):
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise ValueError(f"{path}: not a readable flashtrain model file, corrupt or of another kind "
                          f"({type(error).__name__}: {reason})") from None
-    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
-        raise ValueError(f"{path}: not a flashtrain model file (no 'config' and 'model' entries)")
-    config = ModelConfig(**{**payload["config"], **overrides})
+    # a training checkpoint's "config" is the whole run's; its model's is "model_config"
+    saved_config = (payload.get("model_config") or payload.get("config")) if isinstance(payload, dict) else None
+    if not isinstance(saved_config, dict) or "model" not in payload or "arch" not in saved_config:
+        raise ValueError(f"{path}: not a flashtrain model file or training checkpoint (no model "
+                         "config and weights)")
+    config = ModelConfig(**{**saved_config, **overrides})
     model = build_model(config, init=False)
     model.load_state_dict(payload["model"])
     return model

@@ -130,8 +130,38 @@ def _check_shapes(model, state, path):
         raise ValueError(f"{path}: {len(wrong)} tensor shapes differ from config.json:\n  " + "\n  ".join(wrong[:10]))
 
 
-def save_hf(model, path) -> None:
-    """Write ``model`` as a Hugging Face directory (config.json + model.safetensors), atomically."""
+# The special tokens each architecture's tokenizer carries (trainer/data/tokenizer.py makes them).
+_SPECIAL_TOKENS = {
+    "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "bert": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+             "mask_token": "[MASK]"},
+}
+
+
+def _tokenizer_files(tokenizer, config: ModelConfig) -> tuple[dict, dict]:
+    """(file name -> text, config.json ids) that make ``AutoTokenizer.from_pretrained`` load the
+    same tokenizer: tokenizer.json itself, plus the names of its special tokens."""
+    from tokenizers import Tokenizer
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer.from_file(str(tokenizer))
+    special = {role: token for role, token in _SPECIAL_TOKENS[config.arch].items()
+               if tokenizer.token_to_id(token) is not None}
+    if config.arch == "gpt2" and "eos_token" not in special:
+        raise ValueError("the tokenizer has no <|endoftext|> token, which GPT-2 exports need as eos")
+    ids = {f"{role[:-6]}_token_id": tokenizer.token_to_id(token) for role, token in special.items()
+           if role in ("bos_token", "eos_token", "pad_token")}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seqlen,
+                        "clean_up_tokenization_spaces": False, **special}
+    files = {"tokenizer.json": tokenizer.to_str(), "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
+             "special_tokens_map.json": json.dumps(special, indent=2)}
+    return files, ids
+
+
+def save_hf(model, path, tokenizer=None) -> None:
+    """Write ``model`` as a Hugging Face directory (config.json + model.safetensors), atomically.
+    With ``tokenizer`` (a ``tokenizers.Tokenizer`` or a tokenizer.json path) the directory also gets
+    the tokenizer files and config.json the special token ids, so that ``AutoTokenizer`` and
+    ``AutoModel*`` load a complete model from it."""
     from safetensors.torch import save_file
     config: ModelConfig = model.config
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -160,6 +190,10 @@ def save_hf(model, path) -> None:
                 ours[f"_hf.bert.encoder.layer.{i}.attention.self.{part}.bias"] = b
     else:
         raise ValueError(f"save_hf writes gpt2 and bert models; {config.arch!r} has no Hugging Face twin here")
+    files = {}
+    if tokenizer is not None:
+        files, ids = _tokenizer_files(tokenizer, config)
+        hf.update(ids)
     tensors = {k[4:]: v for k, v in ours.items() if k.startswith("_hf.")}
     for mine, theirs, transposed in names:
         value = ours[mine]
@@ -171,6 +205,8 @@ def save_hf(model, path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         (staging / "config.json").write_text(json.dumps(hf, indent=2))
+        for name, text in files.items():
+            (staging / name).write_text(text)
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         if path.exists():
             shutil.rmtree(path)

@@ -1,10 +1,11 @@
 """Convert between Hugging Face model directories and flashtrain model files.
 
     python scripts/convert_hf.py import path/to/hf_gpt2_dir model.pt
-    python scripts/convert_hf.py export model.pt path/to/hf_dir
+    python scripts/convert_hf.py export outputs/run1 path/to/hf_dir     # or a checkpoint, or model.pt
 
 Import reads a local GPT-2 or BERT directory (config.json + model.safetensors or pytorch_model.bin);
-export writes one that transformers' AutoModelForCausalLM / AutoModelForMaskedLM loads.
+export writes one that transformers' AutoTokenizer and AutoModelForCausalLM / AutoModelForMaskedLM
+load: the weights, config.json with the special token ids, and the tokenizer files.
 """
 
 import argparse
@@ -13,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import load_hf, load_model, save_hf, save_model  # noqa: E402
+from models import load_hf, save_hf, save_model  # noqa: E402
+from trainer.model_source import ModelSourceError, find_model  # noqa: E402
 
 
 def main():
@@ -21,15 +23,22 @@ def main():
     parser.add_argument("direction", choices=["import", "export"])
     parser.add_argument("source", type=Path)
     parser.add_argument("destination", type=Path)
+    parser.add_argument("--tokenizer", type=Path, help="export: tokenizer.json to include (default: the "
+                        "one next to the model or in its run directory)")
     args = parser.parse_args()
     try:
         if args.direction == "import":
             model = load_hf(args.source)
             save_model(model, args.destination)
         else:
-            model = load_model(args.source)
-            save_hf(model, args.destination)
-    except (FileNotFoundError, ValueError) as error:
+            source = find_model(args.source)
+            model = source.load()
+            tokenizer = args.tokenizer or source.tokenizer
+            if tokenizer is None:
+                print(f"convert_hf: no tokenizer.json next to {source.path}; the export holds the model "
+                      "only (pass --tokenizer to include one)", file=sys.stderr)
+            save_hf(model, args.destination, tokenizer=tokenizer)
+    except (FileNotFoundError, ValueError, ModelSourceError) as error:
         sys.exit(f"convert_hf: {error}")
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.direction}: {model.config.arch}, {params / 1e6:.1f}M parameters -> {args.destination}")

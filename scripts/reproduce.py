@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer import metrics as trainer_metrics  # noqa: E402
 STAGES = {
     "1k": [("1k", ["experiment=repro_linux_1k"])],
     "2k": [("2k", ["experiment=repro_linux_2k"])],
@@ -37,8 +40,12 @@ STAGES = {
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """Every metric line of a run, the last of each replayed step (see trainer.metrics.read_metrics)."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return []
+    metrics = trainer_metrics.read_metrics(run_dir)
+    return sorted(metrics["train"] + metrics["eval"], key=lambda r: (r["step"], "val_loss" in r)) \
+        + metrics["events"]
 
 
 def run_stage(name, overrides, args, runs: Path) -> dict:

@@ -1,7 +1,11 @@
-"""Generate text from a flashtrain model file or a local Hugging Face GPT-2 directory.
+"""Generate text from a run directory, a checkpoint, a model file or a Hugging Face GPT-2 directory.
 
-    python scripts/sample.py model.pt --tokenizer tokenizer.json --prompt "def main(" --max-new-tokens 100
-    python scripts/sample.py path/to/hf_gpt2_dir --prompt "Hello"       # uses the dir's tokenizer.json
+    python scripts/sample.py outputs/run1 --prompt "def main(" --max-new-tokens 100   # newest checkpoint
+    python scripts/sample.py outputs/run1/checkpoints/step_00000300 --prompt "def main("
+    python scripts/sample.py model.pt --tokenizer tokenizer.json --prompt "Hello"
+    python scripts/sample.py path/to/hf_gpt2_dir --prompt "Hello"
+
+The tokenizer is found next to the model or in its run directory; --tokenizer overrides that.
 """
 
 import argparse
@@ -12,13 +16,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import generate, load_hf, load_model  # noqa: E402
+from models import generate  # noqa: E402
+from trainer.model_source import ModelSourceError, find_model  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("model", type=Path, help="a flashtrain model file (.pt) or a Hugging Face directory")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the model directory's)")
+    parser.add_argument("model", type=Path, help="a run directory, a checkpoint directory or state.pt, "
+                        "a model file (.pt) or a Hugging Face directory")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: next to the model or "
+                        "in its run directory)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=100,
                         help="any number: a GPT-2 model whose positions run out keeps reading its last "
@@ -30,13 +37,17 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     from tokenizers import Tokenizer
-    tokenizer_path = args.tokenizer or (args.model / "tokenizer.json" if args.model.is_dir() else None)
-    if tokenizer_path is None or not tokenizer_path.exists():
-        sys.exit(f"sample: no tokenizer: pass --tokenizer path/to/tokenizer.json (looked for {tokenizer_path})")
     try:
-        model = load_hf(args.model) if args.model.is_dir() else load_model(args.model)
-    except (FileNotFoundError, ValueError) as error:
+        source = find_model(args.model)
+        tokenizer_path = args.tokenizer or source.tokenizer
+        if tokenizer_path is None or not tokenizer_path.exists():
+            sys.exit(f"sample: no tokenizer.json next to {source.path} or in its run directory; pass "
+                     f"--tokenizer path/to/tokenizer.json" + (f" ({tokenizer_path} does not exist)"
+                                                               if tokenizer_path else ""))
+        model = source.load()
+    except (FileNotFoundError, ValueError, ModelSourceError) as error:
         sys.exit(f"sample: {error}")
+    print(f"sample: {source.kind} {source.path}", file=sys.stderr)
     if model.config.arch == "bert":
         sys.exit("sample: BERT is a masked LM; sampling needs a causal model (gpt2 or rope)")
     model.to(args.device)

@@ -1,15 +1,19 @@
 """``python -m trainer [overrides]``: launch a run from the Hydra configs in configs/.
 
 With no arguments it runs the quickstart. Errors in the configuration or the data exit with a short
-message naming the problem (set HYDRA_FULL_ERROR=1 for the traceback).
+message naming the problem (set HYDRA_FULL_ERROR=1 for the traceback). SIGINT (Ctrl-C), SIGTERM and
+SIGUSR1 stop the run after its current step with a checkpoint and the command that resumes it; the
+exit status is then 128 + the signal's number (130 for Ctrl-C).
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError
@@ -22,15 +26,23 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register_configs()
 
 
+class JobFailed(Exception):
+    """A run that cannot start or continue; the message names the problem."""
+
+
+# Jobs of this process's sweep that failed: (job number, overrides, message). A failed job does not
+# stop the sweep; the process exits non-zero once every job has run.
+FAILED_JOBS: list[tuple[int, str, str]] = []
+JOBS_RUN = [0]
+
+
 def _fail(message: str):
     if os.environ.get("HYDRA_FULL_ERROR") == "1" and sys.exc_info()[0] is not None:
         raise
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    raise JobFailed(message)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg) -> None:
+def _launch(cfg):
     unknown = unknown_keys(cfg)
     if unknown:
         _fail("unknown configuration key(s): " + ", ".join(unknown))
@@ -40,15 +52,46 @@ def main(cfg) -> None:
         message = str(error).strip().splitlines()
         _fail("invalid configuration: " + " ".join(message[:4]))
     try:
-        run(config, Path(HydraConfig.get().runtime.output_dir))
+        summary = run(config, Path(HydraConfig.get().runtime.output_dir))
+    except KeyboardInterrupt:
+        # Ctrl-C before the first step (tokenizing, compiling) or a second Ctrl-C: nothing to save.
+        print("interrupted before a checkpoint could be saved", file=sys.stderr)
+        sys.exit(130)
     except (DataError, CheckpointError, NonFiniteLoss, RunDirectoryBusy, ValueError,
             FileNotFoundError) as error:
         _fail(str(error))
+    if summary.get("interrupted"):
+        # 128 + the signal number, as a shell reports a process a signal stopped: a scheduler or
+        # wrapper script sees that the run did not finish and can requeue it. A sweep stops too.
+        signum = getattr(signal, summary["interrupted"], signal.SIGINT)
+        sys.exit(128 + int(signum))
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg) -> None:
+    hydra_config = HydraConfig.get()
+    sweep = hydra_config.mode == RunMode.MULTIRUN
+    overrides = " ".join(hydra_config.overrides.task) or "(no overrides)"
+    if sweep:
+        JOBS_RUN[0] += 1
+        print(f"job {hydra_config.job.num}: {overrides}", file=sys.stderr, flush=True)
+    try:
+        _launch(cfg)
+    except JobFailed as failure:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        if not sweep:
+            sys.exit(2)
+        FAILED_JOBS.append((hydra_config.job.num, overrides, str(failure).splitlines()[0]))
 
 
 def entry_point():
     main()
+    if FAILED_JOBS:
+        print(f"sweep: {len(FAILED_JOBS)} of {JOBS_RUN[0]} jobs failed:", file=sys.stderr)
+        for number, overrides, message in FAILED_JOBS:
+            print(f"  job {number} ({overrides}): {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    entry_point()

@@ -2,13 +2,13 @@
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import torch
 
-from models import build_model, extend_context, load_hf, load_model
+from models import build_model, extend_context
 
 from .config import RunConfig
+from .model_source import ModelSourceError, find_model
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -39,12 +39,12 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
     section = config.model
     seqlen = config.data.seqlen
     if section.init_from:
-        source = Path(section.init_from).expanduser()
-        if not source.exists():
-            raise ValueError(f"model.init_from={section.init_from} does not exist (give a run "
-                             "directory's model.pt, a flashtrain model file or a Hugging Face directory)")
-        runtime = {"attention": section.attention, "checkpoint_blocks": section.checkpoint_blocks}
-        model = load_hf(source, **runtime) if source.is_dir() else load_model(source, **runtime)
+        try:
+            source = find_model(section.init_from)
+        except ModelSourceError as error:
+            raise ValueError(f"model.init_from={section.init_from}: {error}") from None
+        logging.getLogger("flashtrain").info(f"model.init_from: {source.kind} {source.path}")
+        model = source.load(attention=section.attention, checkpoint_blocks=section.checkpoint_blocks)
         if model.config.vocab_size != vocab_size:
             raise ValueError(f"model.init_from has vocabulary {model.config.vocab_size}, the data's "
                              f"tokenizer {vocab_size}: use the model's tokenizer (data.tokenizer_file)")

@@ -33,6 +33,14 @@ class DistributedContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def any(self, flag: bool, device) -> bool:
+        """True on every rank when ``flag`` is true on any (a collective: all ranks must call it)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def all_reduce_mean(self, tensor):
         if self.enabled:
             dist.all_reduce(tensor, op=dist.ReduceOp.AVG if tensor.is_cuda else dist.ReduceOp.SUM)

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import load_hf, load_model
+from .checkpoint import CheckpointError
 
 from .data import load_tokenizer
+from .model_source import ModelSourceError, find_model
 
 
 class EvaluationError(ValueError):
@@ -115,15 +116,12 @@ def evaluate_contexts(model, documents: torch.Tensor, contexts, stride_fraction:
 
 # -- inputs ----------------------------------------------------------------------------------------
 def load_any_model(path: Path, attention: str):
-    """A run directory (its model.pt), a flashtrain model file, or a Hugging Face directory."""
-    if path.is_dir() and (path / "model.pt").exists():
-        return load_model(path / "model.pt", attention=attention), path
-    if path.is_dir() and (path / "config.json").exists():
-        return load_hf(path, attention=attention), path
-    if path.is_file():
-        return load_model(path, attention=attention), path.parent
-    raise EvaluationError(f"{path}: not a run directory (model.pt), a model file or a Hugging Face "
-                          "directory (config.json)")
+    """(model, tokenizer path or None): see trainer.model_source for what ``path`` may be."""
+    try:
+        source = find_model(path)
+        return source.load(attention=attention), source.tokenizer
+    except (ModelSourceError, CheckpointError) as error:
+        raise EvaluationError(str(error)) from None
 
 
 def read_documents(source: str, split: str) -> list[str]:
@@ -199,10 +197,11 @@ def main(argv=None):
         results = {"documents_source": args.documents, "split": args.split, "doc_tokens": length,
                    "target_start": args.target_start or length * 3 // 4, "runs": []}
         for path in args.models:
-            model, home = load_any_model(path, "auto" if device.type == "cuda" else "sdpa")
-            tokenizer_path = args.tokenizer or home / "tokenizer.json"
-            if not Path(tokenizer_path).is_file():
-                raise EvaluationError(f"no tokenizer at {tokenizer_path}; pass --tokenizer")
+            model, found_tokenizer = load_any_model(path, "auto" if device.type == "cuda" else "sdpa")
+            tokenizer_path = args.tokenizer or found_tokenizer
+            if tokenizer_path is None or not Path(tokenizer_path).is_file():
+                raise EvaluationError(f"{path}: no tokenizer.json next to the model or in its run "
+                                      "directory; pass --tokenizer")
             documents = long_documents(texts, load_tokenizer(tokenizer_path), length, args.max_documents)
             model = model.to(device).eval()
             contexts = evaluate_contexts(model, documents, args.contexts, args.stride_fraction,

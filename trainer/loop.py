@@ -4,6 +4,7 @@ import contextlib
 import math
 import os
 import random
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -22,9 +23,11 @@ from .checkpoint import (CheckpointError, check_compatible, config_changes, late
 from .config import RunConfig
 from .data import build_data
 from .distributed import init_distributed, shutdown, wrap_model
-from .metrics import MetricsWriter, close_logging, log, setup_logging
+from .metrics import MetricsWriter, close_logging, log, read_metrics, setup_logging
 from .optim import build_optimizer, build_scheduler
 from .run_lock import RunLock
+from .run_summary import format_summary, summarize
+from .stop_signals import StopSignals
 
 # Dense bf16 tensor-core rates (datasheets), for MFU when trainer.peak_tflops is not given.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -47,6 +50,25 @@ def _peak_flops(config: RunConfig, device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run: its own overrides, resume=true, its directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        overrides = [o for o in HydraConfig.get().overrides.task
+                     if not o.startswith(("resume=", "hydra.run.dir=", "+resume="))]
+    except ValueError:               # not launched through Hydra (a script or a test)
+        overrides = ["<the same overrides>"]
+    return " ".join(["python -m trainer", *map(shlex.quote, overrides), "resume=true",
+                     shlex.quote(f"hydra.run.dir={run_dir}")])
+
+
+def write_tokenizer(tokenizer, path: Path):
+    """Atomically: a run killed mid-write leaves the previous file or none, never half of one."""
+    staging = path.with_name(f".{path.name}.tmp")
+    tokenizer.save(str(staging))
+    os.replace(staging, path)
 
 
 def seed_everything(seed: int):
@@ -101,6 +123,8 @@ class Trainer:
         if self.context.is_main:
             self.data = build_data(config.data, trainer.micro_batch_size, trainer.seed, 0,
                                    self.context.world_size, log=log.info)
+            # Written now, not at the end: every checkpoint of the run is usable with it at once.
+            write_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
         self.context.barrier()
         if not self.context.is_main:
             self.data = build_data(config.data, trainer.micro_batch_size, trainer.seed,
@@ -111,6 +135,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim, trainer.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=trainer.precision == "fp16")
         self.step, self.tokens, self.skipped = 0, 0, 0
+        self.resumed_from = None
         self._unchecked = []             # (step, loss on the device) not yet checked for NaN/inf
         self._restore_or_refuse()
         self.wrapped = wrap_model(self.model, self.context, self.device)
@@ -120,6 +145,10 @@ class Trainer:
         self.peak_flops = _peak_flops(config, self.device)
         self.metrics = MetricsWriter(self.run_dir, config.logger, OmegaConf.to_container(
             OmegaConf.structured(config)), self.context.is_main)
+        if self.resumed_from is not None:
+            # Steps after the checkpoint are replayed and logged again; readers keep the last line
+            # of each step (trainer.metrics.read_metrics), and this line says where replay began.
+            self.metrics.write({"event": "resume", "step": self.step, "checkpoint": str(self.resumed_from)})
 
     # -- checkpoints -------------------------------------------------------------------------
     def _restore_or_refuse(self):
@@ -147,6 +176,7 @@ class Trainer:
         self.data.train.load_state_dict(state["sampler"])
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
         set_rng_state(rng)
+        self.resumed_from = path
         log.info(f"resumed from {path} at step {self.step}")
 
     def save(self):
@@ -242,6 +272,26 @@ class Trainer:
         val_loss = float(loss_sum) / max(count, 1)
         return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
+    # -- stopping on a signal ----------------------------------------------------------------
+    def _stop_requested(self, stop: StopSignals, logged: bool) -> bool:
+        """One process stops after the step in which the signal came. Several must agree on the
+        step (one may have been signalled, or later): they compare at log steps, where the loop
+        waits for the GPU anyway, so the check costs no extra synchronization."""
+        if not self.context.enabled:
+            return stop.received is not None
+        return logged and self.context.any(stop.received is not None, self.device)
+
+    def _stop_for_signal(self, stop: StopSignals, saved: bool) -> str:
+        name = stop.name or "a signal on another process"
+        if not saved:
+            self.check_finite()
+            self.save()
+        self.metrics.write({"event": "interrupted", "step": self.step, "signal": name})
+        if self.context.is_main:
+            log.warning(f"{name}: stopped after step {self.step} and saved "
+                        f"{latest_checkpoint(self.run_dir)}.\nResume with:\n  {resume_command(self.run_dir)}")
+        return name
+
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
         trainer = self.config.trainer
@@ -266,55 +316,67 @@ class Trainer:
         started = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while self.step < trainer.max_steps:
-            result = self.train_step()
-            window_tokens += tokens_per_step
-            bar.update(1)
-            at_end = self.step == trainer.max_steps
-            if self.step % trainer.log_interval == 0 or at_end:
-                self.check_finite()          # waits for the GPU: the window's time is then exact
-                elapsed = time.time() - window_start
-                tokens_per_s = window_tokens / elapsed
-                final_loss = float(result["loss"])
-                grad_norm = result["grad_norm"]
-                record = {"step": self.step, "tokens": self.tokens,
-                          "epoch": round(self.tokens / corpus_tokens, 4), "loss": final_loss,
-                          "lr": self.scheduler.get_last_lr()[0],
-                          "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "tokens_per_s": tokens_per_s,
-                          "mfu": tokens_per_s * flops_per_token / self.context.world_size / self.peak_flops
-                          if self.peak_flops else None,
-                          "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9
-                          if self.device.type == "cuda" else None}
-                if self.skipped:
-                    record["skipped_steps"] = self.skipped
-                self.metrics.write(record)
-                bar.set_postfix(loss=f"{final_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                window_start, window_tokens = time.time(), 0
-            evaluate = self.step % trainer.eval_interval == 0 or at_end
-            save = self.step % trainer.save_interval == 0 or at_end
-            if evaluate or save:
-                self.check_finite()          # never evaluate or save a non-finite model
-                paused = time.time()         # evaluation and saving are not training throughput
-                if evaluate:
-                    last_eval = self.evaluate()
-                    self.metrics.write(last_eval)
-                    log.info(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}, "
-                             f"val_ppl {last_eval['val_ppl']:.2f}")
-                if save:
-                    self.save()
-                window_start += time.time() - paused
+        interrupted = None
+        with StopSignals() as stop:
+            while self.step < trainer.max_steps:
+                result = self.train_step()
+                window_tokens += tokens_per_step
+                bar.update(1)
+                at_end = self.step == trainer.max_steps
+                if self.step % trainer.log_interval == 0 or at_end:
+                    self.check_finite()          # waits for the GPU: the window's time is then exact
+                    elapsed = time.time() - window_start
+                    tokens_per_s = window_tokens / elapsed
+                    final_loss = float(result["loss"])
+                    grad_norm = result["grad_norm"]
+                    record = {"step": self.step, "tokens": self.tokens,
+                              "epoch": round(self.tokens / corpus_tokens, 4), "loss": final_loss,
+                              "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": None if grad_norm is None else float(grad_norm),
+                              "tokens_per_s": tokens_per_s,
+                              "mfu": tokens_per_s * flops_per_token / self.context.world_size / self.peak_flops
+                              if self.peak_flops else None,
+                              "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9
+                              if self.device.type == "cuda" else None}
+                    if self.skipped:
+                        record["skipped_steps"] = self.skipped
+                    self.metrics.write(record)
+                    bar.set_postfix(loss=f"{final_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                    window_start, window_tokens = time.time(), 0
+                evaluate = self.step % trainer.eval_interval == 0 or at_end
+                save = self.step % trainer.save_interval == 0 or at_end
+                if evaluate or save:
+                    self.check_finite()          # never evaluate or save a non-finite model
+                    paused = time.time()         # evaluation and saving are not training throughput
+                    if evaluate:
+                        last_eval = self.evaluate()
+                        self.metrics.write(last_eval)
+                        log.info(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}, "
+                                 f"val_ppl {last_eval['val_ppl']:.2f}")
+                    if save:
+                        self.save()
+                    window_start += time.time() - paused
+                if (stop.received is not None or self.context.enabled) and not at_end:
+                    if self._stop_requested(stop, logged=self.step % trainer.log_interval == 0):
+                        interrupted = self._stop_for_signal(stop, saved=save)
+                        break
         bar.close()
-        if self.context.is_main:
-            # The trained model and its tokenizer, ready for scripts/sample.py and model.init_from.
+        if self.context.is_main and not interrupted:
+            # The trained model (its tokenizer was written at the start), for every tool.
             save_model(self.model, self.run_dir / "model.pt")
-            self.data.tokenizer.save(str(self.run_dir / "tokenizer.json"))
         summary = {"steps": self.step, "tokens": self.tokens, "seconds": time.time() - started,
                    "final_loss": final_loss,
                    "val_loss": last_eval["val_loss"] if last_eval else None,
                    "val_ppl": last_eval["val_ppl"] if last_eval else None, "skipped_steps": self.skipped}
+        if interrupted:
+            summary["interrupted"] = interrupted
+            return summary
         log.info("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in summary.items()))
+        if self.context.is_main:
+            # The whole run, resumed parts included: read back from metrics.jsonl.
+            self.metrics.flush()
+            log.info(format_summary(str(self.run_dir), summarize(read_metrics(self.run_dir))))
         if self.context.is_main and trainer.sample_tokens and self.model.config.causal:
             log.info("sample:\n" + self.sample(trainer.sample_tokens))
         return summary

@@ -56,8 +56,39 @@ class MetricsWriter:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
                            step=record["step"])
 
+    def flush(self):
+        if self.file:
+            self.file.flush()
+
     def close(self):
         if self.file:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_metrics(run_dir) -> dict:
+    """A run's ``metrics.jsonl`` as {"train": [...], "eval": [...], "events": [...]}, each by step.
+
+    A resumed run replays the steps after its checkpoint, so a step can appear twice; the later
+    line is the one that led to the current state, so the last occurrence of each step wins. Event
+    lines (``{"event": "resume" | "interrupted", "step": ...}``) are kept in file order.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    train, evals, events = {}, {}, []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{number}: not a JSON line (a run killed mid-write leaves at "
+                             f"most a partial last line): {line[:80]!r}") from None
+        if "event" in record:
+            events.append(record)
+        elif "val_loss" in record:
+            evals[record["step"]] = record
+        elif "loss" in record:
+            train[record["step"]] = record
+    ordered = lambda table: [table[step] for step in sorted(table)]
+    return {"train": ordered(train), "eval": ordered(evals), "events": events}

@@ -1,6 +1,5 @@
 """The training loop end to end on CPU: configs, resume, checkpoints, failures, DDP, logging."""
 
-import json
 import os
 import re
 import subprocess
@@ -13,6 +12,7 @@ import torch
 from trainer import checkpoint as checkpoint_module
 from models import causal_lm as causal_lm_module
 from trainer.checkpoint import CheckpointError
+from trainer import metrics as trainer_metrics
 from trainer.loop import NonFiniteLoss, Trainer, run
 
 from .helpers import ROOT, compose_run, run_cli, tiny_overrides
@@ -21,8 +21,8 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.y
 
 
 def read_metrics(run_dir: Path):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "loss" in r], [r for r in lines if "val_loss" in r]
+    metrics = trainer_metrics.read_metrics(run_dir)
+    return metrics["train"], metrics["eval"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -208,6 +208,19 @@ def test_multirun_sweep(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "metrics.jsonl").exists()
+    # each job names its overrides first
+    assert "job 0: " in result.stderr and "data.seqlen=16" in result.stderr.split("job 0: ")[1].splitlines()[0]
+
+
+def test_a_failed_sweep_job_is_reported_and_the_others_still_run(tmp_path):
+    overrides = [o for o in tiny_overrides(tmp_path, **{"trainer.max_steps": 2})]
+    result = run_cli(["-m", *overrides, "optim.grad_clip=-1,1.0,-2", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert (tmp_path / "sweep" / "1" / "model.pt").exists()
+    report = result.stderr.split("sweep: ")[1]
+    assert report.startswith("2 of 3 jobs failed")
+    assert "job 0 (" in report and "job 2 (" in report and "gradient norm" in report
+    assert "Traceback" not in result.stderr
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):

@@ -1,0 +1,98 @@
+"""Plot and compare runs from their metrics.jsonl.
+
+    python -m trainer.plot_metrics outputs/run1 [outputs/run2 ...] --out plots/
+    flashtrain-plot outputs/sweep/*                          # the same, as an installed command
+
+Writes ``loss.png`` (train and validation loss against steps and against tokens) and
+``lr_throughput.png`` (learning rate and tokens/s against steps), every run overlaid, and prints a
+Markdown table: steps, tokens, final loss, final and best validation perplexity, median tokens/s,
+MFU and peak memory. A resumed run's replayed steps count once (the last line of each step).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .metrics import read_metrics
+from .run_summary import format_table, summarize
+
+
+def run_name(path: Path, all_paths) -> str:
+    """The shortest trailing part of the path that tells the runs apart."""
+    parts = path.resolve().parts
+    for depth in range(1, len(parts) + 1):
+        names = ["/".join(p.resolve().parts[-depth:]) for p in all_paths]
+        if len(set(names)) == len(names):
+            return "/".join(parts[-depth:])
+    return str(path)
+
+
+def plot(runs: dict, out: Path):
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plot_metrics: plotting needs matplotlib (pip install matplotlib); "
+                         "--no-plot prints the table only") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out.mkdir(parents=True, exist_ok=True)
+    figure, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, metrics in runs.items():
+        train, evals = metrics["train"], metrics["eval"]
+        line, = by_step.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train")
+        by_tokens.plot([r["tokens"] for r in train], [r["loss"] for r in train], color=line.get_color())
+        if evals:
+            steps = [r["step"] for r in evals]
+            by_step.plot(steps, [r["val_loss"] for r in evals], "o--", color=line.get_color(),
+                         label=f"{name} validation")
+            tokens_at = {r["step"]: r["tokens"] for r in train}
+            pairs = [(tokens_at[r["step"]], r["val_loss"]) for r in evals if r["step"] in tokens_at]
+            if pairs:
+                by_tokens.plot(*zip(*pairs), "o--", color=line.get_color())
+    by_step.set(xlabel="step", ylabel="loss (nats)", title="loss against steps")
+    by_tokens.set(xlabel="tokens", ylabel="loss (nats)", title="loss against tokens")
+    by_step.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "loss.png", dpi=110)
+    plt.close(figure)
+
+    figure, (lr, speed) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, metrics in runs.items():
+        train = metrics["train"]
+        lr.plot([r["step"] for r in train], [r["lr"] for r in train], label=name)
+        timed = [r for r in train if r.get("tokens_per_s")]
+        speed.plot([r["step"] for r in timed], [r["tokens_per_s"] for r in timed], label=name)
+    lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    speed.set(xlabel="step", ylabel="tokens/s", title="throughput (per log window)")
+    lr.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "lr_throughput.png", dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
+    parser.add_argument("--out", type=Path, default=Path("plots"), help="where the PNGs go (default: plots/)")
+    parser.add_argument("--no-plot", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.runs if not (p / "metrics.jsonl").is_file()]
+    if missing:
+        sys.exit("plot_metrics: no metrics.jsonl in " + ", ".join(missing))
+    runs = {}
+    for path in args.runs:
+        try:
+            metrics = read_metrics(path)
+        except ValueError as error:
+            sys.exit(f"plot_metrics: {error}")
+        if not metrics["train"]:
+            sys.exit(f"plot_metrics: {path}/metrics.jsonl has no training lines yet")
+        runs[run_name(path, args.runs)] = metrics
+    print(format_table({name: summarize(metrics) for name, metrics in runs.items()}))
+    if not args.no_plot:
+        plot(runs, args.out)
+        print(f"wrote {args.out / 'loss.png'} and {args.out / 'lr_throughput.png'}")
+
+
+if __name__ == "__main__":
+    main()
