@@ -65,10 +65,10 @@ def test_interrupted_shard_writing_leaves_no_cache(tmp_path, monkeypatch):
     cfg = config(tmp_path)
     real = shards_module._write_split
 
-    def fail_on_validation(table, tokenizer, eos, dtype, directory, split, num_proc):
+    def fail_on_validation(table, tokenizer, eos, dtype, directory, split, *rest):
         if split == "validation":
             raise KeyboardInterrupt
-        return real(table, tokenizer, eos, dtype, directory, split, num_proc)
+        return real(table, tokenizer, eos, dtype, directory, split, *rest)
 
     monkeypatch.setattr(shards_module, "_write_split", fail_on_validation)
     with pytest.raises(KeyboardInterrupt):
@@ -246,3 +246,26 @@ def test_training_documents_are_packed_shuffled_and_held_out_ones_in_order(tmp_p
     in_order = build_data(config(tmp_path, shuffle_documents=False), batch_size=2, log=lambda *_: None)
     assert len(in_order.splits["train"].tokens) == len(data.splits["train"].tokens)
     assert not np.array_equal(in_order.splits["train"].tokens, data.splits["train"].tokens)
+
+
+def test_tokenizing_leaves_no_intermediate_files(tmp_path, monkeypatch):
+    """The Linux layout (train/validation parquet) is read into memory, and datasets' map results
+    go to a scratch directory that is removed: only the shards stay."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    root = tmp_path / "linux"
+    root.mkdir()
+    texts = [p.read_text() for p in sorted(make_corpus(tmp_path / "docs").iterdir())]
+    for split, part in (("train", texts[:32]), ("validation", texts[32:])):
+        pq.write_table(pa.table({"path": [f"f{i}.c" for i in range(len(part))], "text": part}),
+                       root / f"{split}.parquet")
+    data = build_data(DataConfig(source="linux", path=str(root), vocab_size=300, seqlen=16,
+                                 cache_dir=str(tmp_path / "cache"), num_proc=2), batch_size=2,
+                      log=lambda *_: None)
+    assert data.splits["train"].num_documents == 32
+    arrow = [p for p in tmp_path.rglob("*.arrow")]
+    assert arrow == [], arrow
+    shards = tmp_path / "cache" / "shards"
+    assert [p.name for p in shards.iterdir() if p.name.startswith(".")] == []

@@ -57,14 +57,18 @@ def shard_fingerprint(corpus: Corpus, tokenizer_key: str, eos_id: int, dtype: st
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, num_proc: int):
+def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, num_proc: int,
+                 scratch: Path):
     def encode(batch):
         ids = [encoding.ids + [eos_id] for encoding in tokenizer.encode_batch(batch["text"])]
         return {"ids": ids, "length": [len(x) for x in ids]}
 
+    # datasets writes map results as Arrow files, by default next to the source in its own cache
+    # (~850 MB for the 23 MB Linux corpus) where they stay; here they go to a scratch directory
+    # that build_shards removes.
     encoded = table.map(encode, batched=True, batch_size=64, remove_columns=table.column_names,
                         num_proc=num_proc if len(table) >= 4 * num_proc else None,
-                        desc=f"tokenizing {split}")
+                        desc=f"tokenizing {split}", cache_file_name=str(scratch / f"{split}-ids.arrow"))
     lengths = np.asarray(encoded["length"], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     tokens = np.lib.format.open_memmap(directory / f"{split}.npy", mode="w+", dtype=dtype,
@@ -90,6 +94,7 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
         started = time.time()
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=final.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=final.parent))
         try:
             dtype = token_dtype(tokenizer.get_vocab_size(), config.token_dtype)
             summary = {}
@@ -97,13 +102,16 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
                 if split == "train" and config.shuffle_documents:
                     # validation and test keep their order: held-out windows and scored targets
                     # stay the same tokens whether or not training shuffles
-                    table = table.shuffle(seed=SHUFFLE_SEED).flatten_indices()
-                summary[split] = _write_split(table, tokenizer, eos_id, dtype, staging, split, config.num_proc)
+                    table = table.shuffle(seed=SHUFFLE_SEED).flatten_indices(
+                        cache_file_name=str(scratch / f"{split}-shuffled.arrow"))
+                summary[split] = _write_split(table, tokenizer, eos_id, dtype, staging, split,
+                                              config.num_proc, scratch)
             meta = {"format": FORMAT, "dtype": str(dtype), "splits": {
                 s: {"tokens": t, "documents": d} for s, (t, d) in summary.items()}}
             (staging / "meta.json").write_text(json.dumps(meta, indent=1))
             os.replace(staging, final)
         finally:
+            shutil.rmtree(scratch, ignore_errors=True)
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         seconds = time.time() - started

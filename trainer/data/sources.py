@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet
+from datasets.table import InMemoryTable
 
 from .config import DataConfig
 
@@ -127,8 +129,10 @@ def linux(config: DataConfig) -> Corpus:
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise DataError(f"data.path {config.path!r}: missing {', '.join(missing)}")
-    splits = {split: datasets.load_dataset("parquet", data_files=str(path), split="train")
-              .select_columns(["text"]) for split, path in files.items()}
+    # Read into memory (~100 MB of text) rather than through load_dataset, which would keep an
+    # Arrow copy of the corpus in the datasets cache for good.
+    splits = {split: datasets.Dataset(InMemoryTable(pyarrow.parquet.read_table(path, columns=["text"])))
+              for split, path in files.items()}
     return Corpus(splits, _stat_fingerprint([str(p) for p in files.values()]), 0, f"linux corpus at {root}")
 
 
