@@ -42,6 +42,19 @@ def _fail(message: str):
     raise JobFailed(message)
 
 
+def write_hydra_record(cfg, run_dir: Path):
+    """What Hydra would have written to ``.hydra/`` (the composed config, the command-line
+    overrides, Hydra's own settings), each file atomically, once the run has been accepted."""
+    record = run_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    hydra_config = HydraConfig.get()
+    for name, content in (("config.yaml", cfg), ("overrides.yaml", list(hydra_config.overrides.task)),
+                          ("hydra.yaml", {"hydra": hydra_config})):
+        staging = record / f".{name}.tmp"
+        OmegaConf.save(OmegaConf.create(content) if not OmegaConf.is_config(content) else content, staging)
+        os.replace(staging, record / name)
+
+
 def _launch(cfg):
     unknown = unknown_keys(cfg)
     if unknown:
@@ -52,7 +65,8 @@ def _launch(cfg):
         message = str(error).strip().splitlines()
         _fail("invalid configuration: " + " ".join(message[:4]))
     try:
-        summary = run(config, Path(HydraConfig.get().runtime.output_dir))
+        summary = run(config, Path(HydraConfig.get().runtime.output_dir),
+                      on_start=lambda trainer: write_hydra_record(cfg, trainer.run_dir))
     except KeyboardInterrupt:
         # Ctrl-C before the first step (tokenizing, compiling) or a second Ctrl-C: nothing to save.
         print("interrupted before a checkpoint could be saved", file=sys.stderr)
@@ -85,7 +99,14 @@ def main(cfg) -> None:
 
 
 def entry_point():
-    main()
+    try:
+        main()
+    except SystemExit as exit:
+        # Hydra reports a config it cannot compose (unknown group option, bad override syntax) in
+        # a short message and exits 1; a user error exits 2 here, as every other one does.
+        if exit.code == 1:
+            sys.exit(2)
+        raise
     if FAILED_JOBS:
         print(f"sweep: {len(FAILED_JOBS)} of {JOBS_RUN[0]} jobs failed:", file=sys.stderr)
         for number, overrides, message in FAILED_JOBS:

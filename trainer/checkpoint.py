@@ -11,6 +11,7 @@ file's SHA-256; a resume verifies it and falls back to the newest intact checkpo
 is damaged, saying which.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -103,6 +104,40 @@ def verify_checkpoint(path: Path, rank: int = 0):
             raise CheckpointError(f"{path}/{name} is corrupt: its SHA-256 differs from the manifest's")
 
 
+def _tensor_bytes(tree) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
+
+
+def disk_full(error: BaseException, directory: Path, needed: int = 0) -> bool:
+    """Whether a failed write is a full disk. torch.save does not say so: on a full filesystem it
+    raises "basic_ios::clear: iostream error" or "file write failed", so the free space decides."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(directory).free <= max(needed, 1 << 20)
+    except OSError:
+        return False
+
+
+def write_failure(error: BaseException, root: Path, step: int, needed: int = 0) -> BaseException:
+    """The error to raise for a checkpoint that could not be written; its staging is already gone."""
+    previous = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    kept = f"{root / previous} is intact" if previous else "no earlier checkpoint exists"
+    if disk_full(error, root, needed):
+        return CheckpointError(f"no space left on {root} (the filesystem is full): the step-{step} "
+                               f"checkpoint (~{needed / 1e6:,.0f} MB) was not written and its partial "
+                               f"files were removed; {kept}. Free space, lower "
+                               "trainer.keep_checkpoints, or run in a directory on a larger disk.")
+    return CheckpointError(f"could not write the step-{step} checkpoint in {root} "
+                           f"({type(error).__name__}: {str(error).strip()[:200]}); partial files removed; {kept}")
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, context, keep: int) -> Path:
     """Collective: every rank contributes its RNG state; rank 0 writes the rest and publishes it."""
     root = Path(run_dir) / "checkpoints"
@@ -113,12 +148,20 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, context, keep: int) -
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
     context.barrier()
-    _save(rng_state(), staging / f"rng_rank{context.rank}.pt")
+    try:
+        _save(rng_state(), staging / f"rng_rank{context.rank}.pt")
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failure(error, root, step) from None
     context.barrier()
     if context.is_main:
-        _save(state, staging / "state.pt")
-        _write_manifest(staging)
-        _fsync_dir(staging)
+        try:
+            _save(state, staging / "state.pt")
+            _write_manifest(staging)
+            _fsync_dir(staging)
+        except Exception as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise write_failure(error, root, step, _tensor_bytes(state)) from None
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)

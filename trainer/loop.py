@@ -401,9 +401,13 @@ class Trainer:
         shutdown(self.context)
 
 
-def run(config: RunConfig, run_dir: Path) -> dict:
+def run(config: RunConfig, run_dir: Path, on_start=None) -> dict:
+    """Build the run and train it. ``on_start(trainer)`` runs once the run is accepted (data,
+    model and any resume checked), before the first step."""
     trainer = Trainer(config, run_dir)
     try:
+        if on_start is not None and trainer.context.is_main:
+            on_start(trainer)
         return trainer.fit()
     finally:
         trainer.close()

@@ -105,3 +105,66 @@ def test_a_resume_refuses_changed_settings_and_logs_allowed_ones(tmp_path):
     trainer = Trainer(compose_run(overrides + ["resume=true", "trainer.max_steps=5"]), tmp_path / "run")
     trainer.close()
     assert "resume: trainer.max_steps: 3 -> 5" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_refused_launch_leaves_the_runs_hydra_record(tmp_path):
+    from .helpers import run_cli
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "optim.lr": "0.002"})
+    first = run_cli([*overrides, f"hydra.run.dir={run_dir}"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = {name: (run_dir / ".hydra" / name).read_text()
+              for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
+    assert "lr: 0.002" in record["config.yaml"] and "optim.lr=0.002" in record["overrides.yaml"]
+    refused = run_cli([*overrides, "optim.lr=0.001", "resume=true", f"hydra.run.dir={run_dir}"])
+    assert refused.returncode == 2 and "optim.lr: 0.002 -> 0.001" in refused.stderr
+    assert {name: (run_dir / ".hydra" / name).read_text() for name in record} == record
+    unknown_group = run_cli(["model=no_such_model", f"hydra.run.dir={run_dir}"])
+    assert unknown_group.returncode == 2 and "no_such_model" in unknown_group.stderr
+    assert "Traceback" not in unknown_group.stderr
+
+
+def test_a_full_disk_names_itself_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 4, "trainer.save_interval": 2})
+    trainer = Trainer(compose_run(overrides), tmp_path / "run")
+    try:
+        for _ in range(2):
+            trainer.train_step()
+        trainer.save()
+        before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir()}
+
+        def full(obj, path):     # what torch.save raises on a full filesystem
+            open(path, "wb").write(b"partial")
+            raise RuntimeError("basic_ios::clear: iostream error")
+
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(checkpoint_module.torch, "save", full)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+        trainer.train_step()
+        trainer.train_step()
+        with pytest.raises(CheckpointError, match=r"no space left on .*checkpoints(.|\n)*step_00000002 is intact"):
+            trainer.save()
+    finally:
+        trainer.close()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert {p.name: p.read_bytes() for p in (root / "step_00000002").iterdir()} == before
+
+
+def test_a_full_disk_while_writing_the_token_cache_is_named(tmp_path, monkeypatch):
+    import errno
+    from trainer.data import DataError, build_data
+    from trainer.data import shards as shards_module
+    from .test_data import config
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards_module.os, "posix_fallocate", no_space)
+    cfg = config(tmp_path)
+    with pytest.raises(DataError, match="no space left on .*shards for the token cache"):
+        build_data(cfg, batch_size=2, log=lambda *_: None)
+    assert list((tmp_path / "cache" / "shards").iterdir()) == []

@@ -269,3 +269,38 @@ def test_tokenizing_leaves_no_intermediate_files(tmp_path, monkeypatch):
     assert arrow == [], arrow
     shards = tmp_path / "cache" / "shards"
     assert [p.name for p in shards.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("error, words", [
+    (ConnectionError("Couldn't reach 'openwebtext' on the Hub (ConnectionError)"), "cannot be reached"),
+    (type("DatasetNotFoundError", (Exception,), {})("Dataset 'nope' doesn't exist on the Hub"), "not found"),
+])
+def test_an_unreachable_hub_names_the_problem_and_the_local_alternative(tmp_path, monkeypatch, error, words):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DataError, match=words) as raised:
+        build_data(DataConfig(source="hub", hub_name="openwebtext", cache_dir=str(tmp_path)), batch_size=2,
+                   log=lambda *_: None)
+    assert "data=linux" in str(raised.value) and "data=files" in str(raised.value)
+
+
+def test_an_edit_that_keeps_size_and_mtime_rebuilds_the_token_cache(tmp_path):
+    import os
+    cfg = config(tmp_path)
+    before = build_data(cfg, batch_size=2, log=lambda *_: None)
+    path = Path(cfg.path) / "doc000.txt"
+    stat = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace("alpha", "gamma", 1) if "alpha" in text else text.replace("beta", "delta", 1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))     # what cp -p and rsync -t do
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    messages = []
+    after = build_data(cfg, batch_size=2, log=messages.append)
+    assert any("tokenized" in m for m in messages), "the stale cache was reused"
+    assert not np.array_equal(np.asarray(before.splits["train"].tokens), np.asarray(after.splits["train"].tokens)) \
+        or not np.array_equal(np.asarray(before.splits["validation"].tokens),
+                              np.asarray(after.splits["validation"].tokens))

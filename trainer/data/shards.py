@@ -6,6 +6,7 @@ written last. The entry is assembled in a temporary directory and renamed into p
 interrupted run never leaves something that looks complete.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -71,8 +72,13 @@ def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, n
                         desc=f"tokenizing {split}", cache_file_name=str(scratch / f"{split}-ids.arrow"))
     lengths = np.asarray(encoded["length"], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = np.lib.format.open_memmap(directory / f"{split}.npy", mode="w+", dtype=dtype,
-                                       shape=(int(offsets[-1]),))
+    path = directory / f"{split}.npy"
+    tokens = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(int(offsets[-1]),))
+    # The memmap's file is sparse: on a full disk, writing into it would die of SIGBUS with no
+    # message. Reserving its blocks first turns that into an ENOSPC error here.
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.path.getsize(path))
     position = 0
     for batch in tqdm(encoded.iter(batch_size=1024), total=-(-len(encoded) // 1024),
                       desc=f"writing {split}", leave=False):
@@ -110,6 +116,13 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
                 s: {"tokens": t, "documents": d} for s, (t, d) in summary.items()}}
             (staging / "meta.json").write_text(json.dumps(meta, indent=1))
             os.replace(staging, final)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            free = shutil.disk_usage(final.parent).free
+            raise DataError(f"no space left on {final.parent} for the token cache ({free / 1e6:,.0f} MB "
+                            "free); its partial files were removed. Free space or point data.cache_dir "
+                            "(or FLASHTRAIN_CACHE) at a larger disk.") from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             if staging.exists():

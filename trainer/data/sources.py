@@ -36,12 +36,20 @@ def _held_out(relative_path: str, fraction: float) -> bool:
     return bucket < fraction * 10_000
 
 
-def _stat_fingerprint(paths) -> str:
-    digest = hashlib.sha1()
+def _content_fingerprint(paths) -> str:
+    """A hash of the files' names and bytes. Size and mtime alone miss an edit that keeps both
+    (cp -p, rsync -t) and would leave a stale token cache. Reading the bytes cost 0.04 s for the
+    22 MB Linux corpus and 0.6 s for a standard library of 13,353 files (162 MB), measured on the
+    development machine's CPU with the files in the page cache (2.9 s from a cold cache); the
+    corpus is read anyway to build its splits."""
+    digest = hashlib.blake2b(digest_size=16)
     for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+        digest.update(f"{path}\0".encode())
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 22):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _text_files(paths: list[str], root: str, fraction: float, label: str) -> Corpus:
@@ -68,7 +76,7 @@ def _text_files(paths: list[str], root: str, fraction: float, label: str) -> Cor
             texts = {"train": pool + [text[:cut]], "validation": [text[cut:]] if text[cut:] else []}
             label += f" (validation: the last {fraction:.0%} of the longest file)"
     splits = {name: datasets.Dataset.from_dict({"text": docs}) for name, docs in texts.items()}
-    return Corpus(splits, _stat_fingerprint(paths) + f"-{fraction}", replaced, label)
+    return Corpus(splits, _content_fingerprint(paths) + f"-{fraction}", replaced, label)
 
 
 def python_stdlib(config: DataConfig) -> Corpus:
@@ -110,7 +118,7 @@ def local_files(config: DataConfig) -> Corpus:
             raise DataError(f"data.path {config.path!r}: fewer than 2 non-empty records")
         parts = table.train_test_split(test_size=config.validation_fraction, seed=0)
         return Corpus({"train": parts["train"], "validation": parts["test"]},
-                      _stat_fingerprint(records) + f"-{config.text_field}-{config.validation_fraction}",
+                      _content_fingerprint(records) + f"-{config.text_field}-{config.validation_fraction}",
                       0, f"{len(records)} record files under {config.path}")
     texts = [p for p in paths if p.endswith(tuple(config.extensions))]
     if not texts:
@@ -133,12 +141,33 @@ def linux(config: DataConfig) -> Corpus:
     # Arrow copy of the corpus in the datasets cache for good.
     splits = {split: datasets.Dataset(InMemoryTable(pyarrow.parquet.read_table(path, columns=["text"])))
               for split, path in files.items()}
-    return Corpus(splits, _stat_fingerprint([str(p) for p in files.values()]), 0, f"linux corpus at {root}")
+    return Corpus(splits, _content_fingerprint([str(p) for p in files.values()]), 0, f"linux corpus at {root}")
+
+
+def _hub_error(config: DataConfig, error: Exception) -> Exception:
+    """A DataError for what a user can act on (no network, no such dataset); anything else as is."""
+    kind = type(error).__name__
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else kind
+    local = ("train on a local corpus instead: data=linux data.path=DIR (train/validation parquet) or "
+             "data=files data.path='DIR/*.txt'")
+    if kind in ("DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError") and \
+            "offline" not in first.lower():
+        return DataError(f"hub dataset {config.hub_name!r}: not found ({first}); check data.hub_name, "
+                         f"or {local}")
+    if isinstance(error, (ConnectionError, OSError, TimeoutError)) or "connect" in kind.lower() \
+            or "offline" in first.lower() or "timeout" in kind.lower():
+        return DataError(f"hub dataset {config.hub_name!r}: the Hugging Face hub cannot be reached "
+                         f"({kind}: {first}). A dataset downloaded once is read from datasets' cache "
+                         f"offline (set HF_DATASETS_OFFLINE=1 to skip the network); otherwise {local}")
+    return error
 
 
 def hub(config: DataConfig) -> Corpus:
     """A Hugging Face hub dataset by name (needs network the first time; then datasets' cache)."""
-    loaded = datasets.load_dataset(config.hub_name, config.hub_config)
+    try:
+        loaded = datasets.load_dataset(config.hub_name, config.hub_config)
+    except Exception as error:  # noqa: BLE001 - datasets, huggingface_hub and the HTTP client raise many kinds
+        raise _hub_error(config, error) from None
     train = loaded["train"]
     if config.text_field not in train.column_names:
         raise DataError(f"hub dataset {config.hub_name}: no field {config.text_field!r}; set data.text_field")
