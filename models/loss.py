@@ -8,7 +8,8 @@ IGNORE_INDEX = -100
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None,
             aligned: bool = False) -> torch.Tensor:
-    """Mean cross entropy over targets != -100, computed in float32. logits (B, N, V), targets (B, N).
+    """Mean cross entropy over targets != -100, computed in float32 (or
+    float64 for float64 logits). logits (B, N, V), targets (B, N).
 
     ``vocab_size`` < V: the last columns are padding (an embedding table rounded up for matmul
     speed) and take no part in the softmax. They are cut off by slicing, or, with ``aligned``, set
@@ -17,7 +18,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None 
     sliced rows (50257 bf16 values, 100,514 bytes) would force narrow loads and an extra
     zero-padded copy for the gradient. Eagerly the mask costs a pass of its own, so eager callers
     slice."""
-    logits = logits.float()
+    if logits.dtype != torch.float64:          # float64 (reference tests) stays float64
+        logits = logits.float()
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         if aligned:
             padding = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size

@@ -1,17 +1,20 @@
 """BERT for masked language modelling, as Hugging Face's ``BertForMaskedLM``.
 
-Padding is handled by removing it: the flash path packs the real tokens of each sequence and runs
-the kernel's variable-length mode, so no (N x N) padding mask is ever built.
+Padding is handled by removing it: with flash attention the real tokens are packed once, after the
+embeddings, and every layer runs the kernel's variable-length mode on them, so no (N x N) padding
+mask is built and no layer computes on padding. With targets, the MLM head runs only on the
+positions that carry a loss.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import resolve
 from .config import ModelConfig
 from .flops import flops_per_token
 from .layers import Block, run_blocks
-from .loss import lm_loss
+from .loss import IGNORE_INDEX, lm_loss
 
 
 class MaskedLM(nn.Module):
@@ -45,16 +48,37 @@ class MaskedLM(nn.Module):
         positions = torch.arange(seqlen, device=input_ids.device)
         x = self.embed(input_ids) + self.positions(positions) + self.token_types(token_type_ids)
         x = self.dropout(self.embed_norm(x))
-        key_padding = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_padding = attention_mask.bool()
-        x = run_blocks(self.blocks, x, self.config, self.training, key_padding)
-        x = self.head_norm(F.gelu(self.head_dense(x)))
-        logits = F.linear(x, self.embed.weight, self.head_bias)     # (B, N, padded vocabulary)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        rows = None                  # which of the B·N positions ``hidden`` holds (None: all)
+        if padded and resolve(self.config.attention, x.device) == "flash":
+            # Unpad once, here: the blocks run on the real tokens only, packed as one sequence of
+            # documents for the kernel's variable-length mode (no per-layer gather and scatter).
+            rows = attention_mask.flatten().nonzero().squeeze(1)
+            lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+            cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+            packed = x.flatten(0, 1).index_select(0, rows)[None]
+            hidden = run_blocks(self.blocks, packed, self.config, self.training,
+                                documents=(cu_seqlens, seqlen))[0]
+        else:
+            key_padding = attention_mask.bool() if padded else None
+            hidden = run_blocks(self.blocks, x, self.config, self.training, key_padding).flatten(0, 1)
         if targets is not None:
-            return lm_loss(logits, targets, self.config.vocab_size,
+            # The head (a d_model x vocab matmul, the largest of the model) only where there is a
+            # loss: the ~15 % of positions that were masked.
+            flat_targets = targets.flatten() if rows is None else targets.flatten().index_select(0, rows)
+            scored = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+            logits = self._head(hidden.index_select(0, scored))[None]
+            return lm_loss(logits, flat_targets.index_select(0, scored)[None], self.config.vocab_size,
                            aligned=torch.compiler.is_compiling())
+        if rows is not None:
+            hidden = hidden.new_zeros(batch * seqlen, hidden.shape[-1]).index_copy(0, rows, hidden)
+        logits = self._head(hidden).view(batch, seqlen, -1)
         return logits[..., :self.config.vocab_size]
+
+    def _head(self, x):
+        """Dense + GELU + LayerNorm, then the decoder tied to the word embedding: (T, D) -> (T, V)."""
+        x = self.head_norm(F.gelu(self.head_dense(x)))
+        return F.linear(x, self.embed.weight, self.head_bias)
 
     def flops_per_token(self, seqlen: int) -> float:
         return flops_per_token(self.config, seqlen)
