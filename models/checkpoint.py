@@ -11,11 +11,13 @@ from .build import build_model
 from .config import ModelConfig
 
 
-def save_model(model, path) -> None:
+def save_model(model, path, state_dict=None) -> None:
+    """``state_dict``: the weights to store when ``model.state_dict()`` would not hold them whole
+    (a sharded model gathers them first); default the model's own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": "flashtrain-model-v1", "config": dataclasses.asdict(model.config),
-               "model": model.state_dict()}
+               "model": model.state_dict() if state_dict is None else state_dict}
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:

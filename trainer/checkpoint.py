@@ -63,6 +63,7 @@ def set_rng_state(state: dict):
 
 
 STEP_NAME = re.compile(r"step_\d{8}")
+SHARDED = "sharded"     # the torch.distributed.checkpoint directory of an FSDP checkpoint
 MANIFEST = "manifest.json"
 log = logging.getLogger("flashtrain")
 
@@ -81,7 +82,10 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(directory: Path):
-    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.suffix == ".pt"}
+    """SHA-256 of every file of the checkpoint, the sharded torch.distributed.checkpoint files
+    included, by path relative to it."""
+    files = {p.relative_to(directory).as_posix(): _sha256(p) for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps({"sha256": files}, indent=1))
     _fsync_file(directory / MANIFEST)
 
@@ -97,7 +101,8 @@ def verify_checkpoint(path: Path, rank: int = 0):
         expected = json.loads(manifest.read_text())["sha256"]
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{manifest} is corrupt (not the JSON a save writes)") from None
-    for name in ("state.pt", f"rng_rank{rank}.pt"):
+    names = ["state.pt", f"rng_rank{rank}.pt"] + sorted(n for n in expected if n.startswith(SHARDED + "/"))
+    for name in names:
         if not (path / name).exists():
             raise CheckpointError(f"{path} is incomplete: {name} is missing")
         if expected.get(name) != _sha256(path / name):
@@ -138,8 +143,32 @@ def write_failure(error: BaseException, root: Path, step: int, needed: int = 0) 
                            f"({type(error).__name__}: {str(error).strip()[:200]}); partial files removed; {kept}")
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, context, keep: int) -> Path:
-    """Collective: every rank contributes its RNG state; rank 0 writes the rest and publishes it."""
+def sharded_state(model, optimizer) -> dict:
+    """The FSDP model's and optimizer's state as DTensor shards, for torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def load_sharded(path: Path, model, optimizer):
+    """Collective: every process reads its shards of ``path``/sharded into the FSDP model and its
+    optimizer. Resharding to another number of processes is what torch.distributed.checkpoint
+    does on load; the run's other state (sampler positions) assumes the same number, so a resume
+    refuses a different one (docs/distributed.md says how to continue on another count)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(path / SHARDED))
+    except Exception as error:
+        raise CheckpointError(f"{path / SHARDED}: cannot load the sharded model and optimizer "
+                              f"({type(error).__name__}: {str(error).strip()[:200]})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, context, keep: int, sharded: dict | None = None) -> Path:
+    """Collective: every rank contributes its RNG state (and, under FSDP, its shards of ``sharded``
+    through torch.distributed.checkpoint); rank 0 writes the rest and publishes it."""
     root = Path(run_dir) / "checkpoints"
     name = f"step_{step:08d}"
     staging, final = root / f".tmp-{name}", root / name
@@ -150,6 +179,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, context, keep: int) -
     context.barrier()
     try:
         _save(rng_state(), staging / f"rng_rank{context.rank}.pt")
+        if sharded is not None:
+            import torch.distributed.checkpoint as dcp
+            dcp.save(sharded, checkpoint_id=str(staging / SHARDED))
     except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise write_failure(error, root, step) from None
@@ -247,7 +279,8 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict]:
     except Exception as error:
         raise CheckpointError(f"{path}: cannot read the checkpoint, corrupt or truncated "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''})") from None
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+    if not isinstance(state, dict) or "step" not in state \
+            or "model" not in state and not (path / SHARDED).is_dir():
         raise CheckpointError(f"{path}/state.pt is not a flashtrain training checkpoint")
     return state, rng
 

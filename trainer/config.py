@@ -82,9 +82,15 @@ class TrainerConfig:
     skip_nonfinite: bool = False         # skip (and count) steps whose loss is not finite instead of stopping
     sample_tokens: int = 64              # tokens generated from the final model (causal models), 0 = none
     peak_tflops: float | None = None     # for MFU; None = the card's dense bf16 rate when known
+    # How several processes (torchrun) share a step: ddp replicates the model and averages the
+    # gradients; fsdp shards parameters, gradients and optimizer state per block (FSDP2,
+    # fully_shard; bf16 parameters with float32 gradient reduction under precision=bf16) and saves
+    # sharded checkpoints with torch.distributed.checkpoint. Ignored by a single process.
+    distributed: str = "ddp"
 
     def __post_init__(self):
         _one_of("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
+        _one_of("trainer.distributed", self.distributed, ("ddp", "fsdp"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"trainer.device={self.device!r}; expected auto, cpu, cuda or cuda:N")
         _one_of("trainer.compile_mode", self.compile_mode,

@@ -1,5 +1,7 @@
-"""torch.distributed setup for runs launched with torchrun (DDP today; the wrap is the FSDP2 seam)."""
+"""torch.distributed for runs launched with torchrun: the process group, DDP or FSDP2 wrapping,
+gradient sync between micro-batches, and gathering a sharded model's full weights."""
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -63,12 +65,47 @@ def init_distributed(device: torch.device) -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank)
 
 
-def wrap_model(model, context: DistributedContext, device: torch.device):
-    """Data parallelism over the ranks. FSDP2 (torch.distributed.fsdp.fully_shard) belongs here."""
+def wrap_model(model, context: DistributedContext, device: torch.device, strategy: str = "ddp",
+               param_dtype: torch.dtype | None = None):
+    """Data parallelism over the ranks: DistributedDataParallel around the model, or FSDP2, which
+    shards the model in place (each block is one unit of all-gather and reduce-scatter, the root
+    holds the embeddings and the tied head). FSDP must be applied before the optimizer is built:
+    it replaces the parameters with sharded DTensors."""
     if not context.enabled:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
+            if param_dtype is not None else MixedPrecisionPolicy()
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(wrapped, context: DistributedContext, strategy: str, sync: bool):
+    """A context in which backward does (or, between micro-batches, does not) reduce gradients."""
+    if not context.enabled or sync and strategy == "ddp":
+        return contextlib.nullcontext()
+    if strategy == "fsdp":
+        wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
+
+
+def full_model_state(model, strategy: str, context: DistributedContext) -> dict:
+    """The whole model's state dict on rank 0 (CPU tensors) and {} elsewhere; a collective under FSDP."""
+    if not (context.enabled and strategy == "fsdp"):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def local_value(tensor):
+    """A DTensor (FSDP's gradient norm) as a plain tensor with its full value."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def shutdown(context: DistributedContext):

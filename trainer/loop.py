@@ -19,10 +19,12 @@ from models.attention import resolve as resolve_attention
 
 from .build import make_model, model_config_dict, resolve_device
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
-                         load_checkpoint, resumable_checkpoint, save_checkpoint, set_rng_state)
+                         load_checkpoint, load_sharded, resumable_checkpoint, save_checkpoint,
+                         set_rng_state, sharded_state)
 from .config import RunConfig
 from .data import build_data
-from .distributed import init_distributed, shutdown, wrap_model
+from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
+                          wrap_model)
 from .metrics import MetricsWriter, close_logging, log, read_metrics, setup_logging
 from .optim import build_optimizer, build_scheduler
 from .run_lock import RunLock
@@ -131,6 +133,10 @@ class Trainer:
                                    self.context.rank, self.context.world_size, log=quiet)
 
         self.model = make_model(config, self.data.vocab_size, trainer.seed).to(self.device)
+        self.sharded = self.context.enabled and trainer.distributed == "fsdp"
+        if self.sharded:    # FSDP shards the parameters in place; the optimizer must see the shards
+            self.wrapped = wrap_model(self.model, self.context, self.device, "fsdp",
+                                      DTYPES[trainer.precision] if trainer.precision == "bf16" else None)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, trainer.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=trainer.precision == "fp16")
@@ -138,7 +144,8 @@ class Trainer:
         self.resumed_from = None
         self._unchecked = []             # (step, loss on the device) not yet checked for NaN/inf
         self._restore_or_refuse()
-        self.wrapped = wrap_model(self.model, self.context, self.device)
+        if not self.sharded:
+            self.wrapped = wrap_model(self.model, self.context, self.device)
         self.forward = torch.compile(self.wrapped, mode=trainer.compile_mode) if trainer.compile \
             else self.wrapped
         self.autocast_dtype = DTYPES[trainer.precision]
@@ -169,8 +176,11 @@ class Trainer:
         if state["world_size"] != self.context.world_size:
             raise CheckpointError(f"{path} was saved by {state['world_size']} processes; this run has "
                                   f"{self.context.world_size} (exact resume needs the same number)")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_sharded(path, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.data.train.load_state_dict(state["sampler"])
@@ -180,13 +190,21 @@ class Trainer:
         log.info(f"resumed from {path} at step {self.step}")
 
     def save(self):
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+        """A checkpoint (collective). Under FSDP the model and optimizer go to a sharded
+        torch.distributed.checkpoint directory inside it, each process writing its own shards."""
+        sharded = None
+        if self.sharded:
+            sharded = sharded_state(self.model, self.optimizer)
+            state = {}
+        else:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state |= {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "sampler": self.data.train.state_dict(), "step": self.step, "tokens": self.tokens,
                  "skipped": self.skipped, "world_size": self.context.world_size,
                  "model_config": model_config_dict(self.model),
                  "config": OmegaConf.to_container(OmegaConf.structured(self.config))}
-        path = save_checkpoint(self.run_dir, self.step, state, self.context, self.config.trainer.keep_checkpoints)
+        path = save_checkpoint(self.run_dir, self.step, state, self.context,
+                               self.config.trainer.keep_checkpoints, sharded=sharded)
         log.info(f"step {self.step}: saved {path}")
 
     # -- one optimizer step ------------------------------------------------------------------
@@ -223,8 +241,7 @@ class Trainer:
             batch, batch_tokens = self._next_batch()
             tokens += batch_tokens
             last = micro == trainer.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.context.enabled else self.wrapped.no_sync()
-            with sync:
+            with gradient_sync(self.wrapped, self.context, trainer.distributed, sync=last):
                 loss = self._loss(batch) / trainer.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -237,7 +254,7 @@ class Trainer:
             return {"loss": total, "grad_norm": None, "skipped": True}
         self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -361,9 +378,12 @@ class Trainer:
                         interrupted = self._stop_for_signal(stop, saved=save)
                         break
         bar.close()
-        if self.context.is_main and not interrupted:
-            # The trained model (its tokenizer was written at the start), for every tool.
-            save_model(self.model, self.run_dir / "model.pt")
+        if not interrupted:
+            # The trained model (its tokenizer was written at the start), for every tool. Under
+            # FSDP, gathering the full weights is a collective: every process takes part.
+            weights = full_model_state(self.model, trainer.distributed, self.context)
+            if self.context.is_main:
+                save_model(self.model, self.run_dir / "model.pt", state_dict=weights)
         summary = {"steps": self.step, "tokens": self.tokens, "seconds": time.time() - started,
                    "final_loss": final_loss,
                    "val_loss": last_eval["val_loss"] if last_eval else None,
@@ -377,8 +397,10 @@ class Trainer:
             # The whole run, resumed parts included: read back from metrics.jsonl.
             self.metrics.flush()
             log.info(format_summary(str(self.run_dir), summarize(read_metrics(self.run_dir))))
-        if self.context.is_main and trainer.sample_tokens and self.model.config.causal:
-            log.info("sample:\n" + self.sample(trainer.sample_tokens))
+        if trainer.sample_tokens and self.model.config.causal and (self.context.is_main or self.sharded):
+            text = self.sample(trainer.sample_tokens)   # under FSDP every process runs the model
+            if self.context.is_main:
+                log.info("sample:\n" + text)
         return summary
 
     def sample(self, new_tokens: int) -> str:

@@ -13,12 +13,13 @@ The tokenizer is looked for next to the model and then in the run directory, so 
 for anything a run wrote.
 """
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from models import load_hf, load_model
 
-from .checkpoint import CheckpointError, STEP_NAME, resumable_checkpoint
+from .checkpoint import SHARDED, STEP_NAME, CheckpointError, resumable_checkpoint
 
 
 class ModelSourceError(ValueError):
@@ -33,7 +34,27 @@ class ModelSource:
 
     def load(self, **runtime):
         """The model, with runtime settings (attention, checkpoint_blocks) applied."""
-        return load_hf(self.path, **runtime) if self.kind == "huggingface" else load_model(self.path, **runtime)
+        if self.kind == "huggingface":
+            return load_hf(self.path, **runtime)
+        if self.kind == "checkpoint" and (self.path.parent / SHARDED).is_dir():
+            return _load_sharded_checkpoint(self.path, **runtime)
+        return load_model(self.path, **runtime)
+
+
+def _load_sharded_checkpoint(state_path: Path, **runtime):
+    """An FSDP checkpoint: the weights live in torch.distributed.checkpoint shards, which one
+    process can read whole (no process group needed)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from models import ModelConfig, build_model
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig(**{**state["model_config"], **runtime}), init=False)
+    weights = {"model": model.state_dict()}
+    with warnings.catch_warnings():      # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(weights, checkpoint_id=str(state_path.parent / SHARDED))
+    model.load_state_dict(weights["model"])
+    return model
 
 
 def _run_directory_of(checkpoint_dir: Path) -> Path | None:

@@ -191,6 +191,46 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
+def _torchrun(args, port):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "trainer", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=dict(os.environ, WANDB_SILENT="true"))
+
+
+def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
+    """FSDP2 over 2 processes (gloo) with the same global batch as 1 process x 2 micro-batches:
+    the same losses; a sharded checkpoint resumes to the same steps bit for bit; every tool reads
+    the sharded checkpoint."""
+    from trainer.model_source import find_model
+    common = tiny_overrides(tmp_path, **{"trainer.max_steps": 4, "trainer.save_interval": 2,
+                                          "model.dropout": 0.0, "model.attn_dropout": 0.0})
+    single = run_cli(common + ["trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}"])
+    assert single.returncode == 0, single.stderr[-2000:]
+    fsdp = common + ["trainer.grad_accum=1", "trainer.distributed=fsdp"]
+    whole = _torchrun(fsdp + [f"hydra.run.dir={tmp_path / 'two'}"], 29534)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    one, _ = read_metrics(tmp_path / "one")
+    two, _ = read_metrics(tmp_path / "two")
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert (tmp_path / "two" / "checkpoints" / "step_00000004" / "sharded" / ".metadata").exists()
+
+    first = _torchrun(fsdp + ["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'split'}"], 29535)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _torchrun(fsdp + ["resume=true", f"hydra.run.dir={tmp_path / 'split'}"], 29536)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    split, _ = read_metrics(tmp_path / "split")
+    assert [(r["step"], r["loss"]) for r in split] == [(r["step"], r["loss"]) for r in two]
+
+    sharded = find_model(tmp_path / "two" / "checkpoints" / "step_00000004").load()
+    final = find_model(tmp_path / "two" / "model.pt").load()
+    single_final = find_model(tmp_path / "one" / "model.pt").load()
+    for name, value in final.state_dict().items():
+        assert torch.equal(sharded.state_dict()[name], value), name
+        torch.testing.assert_close(single_final.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_fine_tune_from_a_run_at_longer_context(tmp_path):
     """Long-document fine-tuning: start from a finished run's model and tokenizer, double the context."""
     run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 2})), tmp_path / "base")
