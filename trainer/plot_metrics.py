@@ -51,10 +51,7 @@ def plot(runs: dict, out: Path):
                 by_tokens.plot(*zip(*pairs), "o--", color=line.get_color())
     by_step.set(xlabel="step", ylabel="loss (nats)", title="loss against steps")
     by_tokens.set(xlabel="tokens", ylabel="loss (nats)", title="loss against tokens")
-    by_step.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "loss.png", dpi=110)
-    plt.close(figure)
+    _finish(plt, figure, by_step, out / "loss.png")
 
     figure, (lr, speed) = plt.subplots(1, 2, figsize=(12, 4))
     for name, metrics in runs.items():
@@ -64,9 +61,13 @@ def plot(runs: dict, out: Path):
         speed.plot([r["step"] for r in timed], [r["tokens_per_s"] for r in timed], label=name)
     lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     speed.set(xlabel="step", ylabel="tokens/s", title="throughput (per log window)")
-    lr.legend(fontsize=7)
+    _finish(plt, figure, lr, out / "lr_throughput.png")
+
+
+def _finish(plt, figure, legend_axis, path: Path):
+    legend_axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "lr_throughput.png", dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 

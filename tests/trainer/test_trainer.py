@@ -179,22 +179,23 @@ def test_two_process_ddp_matches_one_process(tmp_path):
                                           "model.attn_dropout": 0.0})
     single = run_cli(common + ["trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29533", "-m", "trainer", *common, "trainer.grad_accum=1",
-                          f"hydra.run.dir={tmp_path / 'two'}"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env=dict(os.environ, WANDB_SILENT="true"))
+    ddp = _torchrun(common + ["trainer.grad_accum=1", f"hydra.run.dir={tmp_path / 'two'}"], 29533)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, _ = read_metrics(tmp_path / "one")
-    two, _ = read_metrics(tmp_path / "two")
-    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    _assert_same_losses(tmp_path / "one", tmp_path / "two")
 
 
 def _torchrun(args, port):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={port}", "-m", "trainer", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=600, env=dict(os.environ, WANDB_SILENT="true"))
+
+
+def _assert_same_losses(run_a, run_b):
+    a_lines, _ = read_metrics(run_a)
+    b_lines, _ = read_metrics(run_b)
+    assert [r["tokens"] for r in a_lines] == [r["tokens"] for r in b_lines]
+    for a, b in zip(a_lines, b_lines):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
 def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
@@ -209,11 +210,8 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
     fsdp = common + ["trainer.grad_accum=1", "trainer.distributed=fsdp"]
     whole = _torchrun(fsdp + [f"hydra.run.dir={tmp_path / 'two'}"], 29534)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    one, _ = read_metrics(tmp_path / "one")
+    _assert_same_losses(tmp_path / "one", tmp_path / "two")
     two, _ = read_metrics(tmp_path / "two")
-    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     assert (tmp_path / "two" / "checkpoints" / "step_00000004" / "sharded" / ".metadata").exists()
 
     first = _torchrun(fsdp + ["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'split'}"], 29535)
