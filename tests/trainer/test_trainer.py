@@ -136,12 +136,18 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
 
 
-def test_wandb_offline_files_are_written(tmp_path):
+def test_wandb_offline_files_are_written_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
     overrides = tiny_overrides(tmp_path, logger="wandb", **{"trainer.max_steps": 2})
-    os.environ["WANDB_MODE"] = "offline"
-    os.environ["WANDB_SILENT"] = "true"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     run(compose_run(overrides), tmp_path / "run")
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    run(compose_run(overrides + ["resume=true", "trainer.max_steps=3"]), tmp_path / "run")
+    run_id = (tmp_path / "run" / "wandb_id").read_text().strip()
+    sessions = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    # wandb writes one directory per offline session; all carry the run's id, and `wandb sync`
+    # uploads them into that one run
+    assert len(sessions) == 2 and all(p.name.endswith(f"-{run_id}") for p in sessions)
 
 
 @pytest.mark.parametrize("override, words", [
