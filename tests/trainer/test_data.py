@@ -304,3 +304,21 @@ def test_an_edit_that_keeps_size_and_mtime_rebuilds_the_token_cache(tmp_path):
     assert not np.array_equal(np.asarray(before.splits["train"].tokens), np.asarray(after.splits["train"].tokens)) \
         or not np.array_equal(np.asarray(before.splits["validation"].tokens),
                               np.asarray(after.splits["validation"].tokens))
+
+
+def test_record_and_text_files_are_told_apart(tmp_path):
+    import json
+    notes = make_corpus(tmp_path / "notes")
+    (notes / "results.json").write_text(json.dumps({"records": [{"a": 1}]}))
+    (notes / "readme.md").write_text("# notes\n" + "alpha beta gamma " * 20)
+    data = build_data(config(tmp_path, path=str(notes)), batch_size=2, log=lambda *_: None)
+    total = data.splits["train"].num_documents + data.splits["validation"].num_documents
+    assert total == 40 + 2                      # a .json next to text files is text too
+    (notes / "more.jsonl").write_text('{"text": "a record"}\n')
+    with pytest.raises(DataError, match=r"holds record files \(more.jsonl\) and text files"):
+        build_data(config(tmp_path, path=str(notes)), batch_size=2, log=lambda *_: None)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jsonl").write_text('{"text": "fine"}\n{"text": unquoted}\n')
+    with pytest.raises(DataError, match=r"cannot read the json records of a.jsonl"):
+        build_data(config(tmp_path, path=str(broken)), batch_size=2, log=lambda *_: None)

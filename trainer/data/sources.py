@@ -89,9 +89,35 @@ def python_stdlib(config: DataConfig) -> Corpus:
     return _text_files(paths, root, config.validation_fraction, f"python stdlib at {root}")
 
 
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+
+
+def _sample(paths, count=3) -> str:
+    names = ", ".join(os.path.basename(p) for p in paths[:count])
+    return names + (f" and {len(paths) - count} more" if len(paths) > count else "")
+
+
+def _records_and_texts(paths, config: DataConfig) -> tuple[list, list]:
+    """Split the files into record files (a document per record) and text files (one document
+    each). A .json file is a record file only where every file is one; next to text files it is
+    text (a results file in a folder of notes). A folder of both kinds is refused, not half read."""
+    all_records = bool(paths) and all(p.endswith(RECORD_SUFFIXES + (".json",)) for p in paths)
+    records = [p for p in paths if p.endswith(RECORD_SUFFIXES) or all_records and p.endswith(".json")]
+    texts = [p for p in paths if p.endswith(tuple(config.extensions)) and p not in records]
+    if records and texts:
+        raise DataError(f"data.path {config.path!r} holds record files ({_sample(records)}) and text "
+                        f"files ({_sample(texts)}); point it at one kind, e.g. a glob such as "
+                        "'DIR/**/*.md' or 'DIR/*.jsonl'")
+    if records and len({p.endswith(".parquet") for p in records}) > 1:
+        raise DataError(f"data.path {config.path!r} mixes parquet and json record files "
+                        f"({_sample(records)}); use one format")
+    return records, texts
+
+
 def local_files(config: DataConfig) -> Corpus:
     """A file, a directory (searched recursively) or a glob: text files are one document each;
-    .jsonl/.json and .parquet files hold a document per record, in ``config.text_field``."""
+    .jsonl/.json and .parquet files hold a document per record, in ``config.text_field`` (see
+    ``_records_and_texts`` for which .json files count as records)."""
     pattern = os.path.expanduser(config.path)
     if any(ch in pattern for ch in "*?["):
         paths = sorted(glob.glob(pattern, recursive=True))
@@ -104,10 +130,16 @@ def local_files(config: DataConfig) -> Corpus:
     else:
         raise DataError(f"data.path {config.path!r} does not exist")
     paths = [p for p in paths if os.path.isfile(p)]
-    records = [p for p in paths if p.endswith((".jsonl", ".json", ".parquet"))]
+    records, texts = _records_and_texts(paths, config)
     if records:
         kind = "parquet" if records[0].endswith(".parquet") else "json"
-        table = datasets.load_dataset(kind, data_files=records, split="train")
+        try:
+            table = datasets.load_dataset(kind, data_files=records, split="train")
+        except Exception as error:  # noqa: BLE001 - datasets wraps parser errors in several kinds
+            cause = error.__cause__ or error
+            raise DataError(f"data.path {config.path!r}: cannot read the {kind} records of "
+                            f"{_sample(records)} ({type(cause).__name__}: "
+                            f"{str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''})") from None
         if config.text_field not in table.column_names:
             raise DataError(f"{records[0]}: no field {config.text_field!r} (fields: {table.column_names}); "
                             "set data.text_field")
@@ -120,7 +152,6 @@ def local_files(config: DataConfig) -> Corpus:
         return Corpus({"train": parts["train"], "validation": parts["test"]},
                       _content_fingerprint(records) + f"-{config.text_field}-{config.validation_fraction}",
                       0, f"{len(records)} record files under {config.path}")
-    texts = [p for p in paths if p.endswith(tuple(config.extensions))]
     if not texts:
         raise DataError(f"data.path {config.path!r}: no documents found (no files ending in "
                         f"{', '.join(config.extensions[:6])}, ... or .jsonl/.json/.parquet)")
