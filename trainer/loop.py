@@ -125,8 +125,6 @@ class Trainer:
         if self.context.is_main:
             self.data = build_data(config.data, trainer.micro_batch_size, trainer.seed, 0,
                                    self.context.world_size, log=log.info)
-            # Written now, not at the end: every checkpoint of the run is usable with it at once.
-            write_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
         self.context.barrier()
         if not self.context.is_main:
             self.data = build_data(config.data, trainer.micro_batch_size, trainer.seed,
@@ -152,6 +150,10 @@ class Trainer:
         self.peak_flops = _peak_flops(config, self.device)
         self.metrics = MetricsWriter(self.run_dir, config.logger, OmegaConf.to_container(
             OmegaConf.structured(config)), self.context.is_main)
+        if self.context.is_main:
+            # Written once the run is accepted (a refused resume must not replace the run's
+            # tokenizer) and before the first step: every checkpoint is usable with it at once.
+            write_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
         if self.resumed_from is not None:
             # Steps after the checkpoint are replayed and logged again; readers keep the last line
             # of each step (trainer.metrics.read_metrics), and this line says where replay began.

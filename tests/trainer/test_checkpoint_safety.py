@@ -116,9 +116,13 @@ def test_a_refused_launch_leaves_the_runs_hydra_record(tmp_path):
     record = {name: (run_dir / ".hydra" / name).read_text()
               for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
     assert "lr: 0.002" in record["config.yaml"] and "optim.lr=0.002" in record["overrides.yaml"]
-    refused = run_cli([*overrides, "optim.lr=0.001", "resume=true", f"hydra.run.dir={run_dir}"])
-    assert refused.returncode == 2 and "optim.lr: 0.002 -> 0.001" in refused.stderr
+    tokenizer = (run_dir / "tokenizer.json").read_text()
+    # another vocabulary means another tokenizer: the refused launch must not write its own
+    refused = run_cli([*overrides, "optim.lr=0.001", "data.vocab_size=280", "resume=true",
+                       f"hydra.run.dir={run_dir}"])
+    assert refused.returncode == 2 and "vocab_size: checkpoint 300, this run 280" in refused.stderr
     assert {name: (run_dir / ".hydra" / name).read_text() for name in record} == record
+    assert (run_dir / "tokenizer.json").read_text() == tokenizer
     unknown_group = run_cli(["model=no_such_model", f"hydra.run.dir={run_dir}"])
     assert unknown_group.returncode == 2 and "no_such_model" in unknown_group.stderr
     assert "Traceback" not in unknown_group.stderr
