@@ -91,10 +91,10 @@ def _start_cli(tmp_path, run_dir, *extra):
     return process, overrides
 
 
-@pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 138)])
-def test_a_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, signal_name, status):
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path):
     import signal
     from trainer.metrics import read_metrics
+    signal_name, status = "SIGINT", 130
     run_dir = tmp_path / "run"
     process, overrides = _start_cli(tmp_path, run_dir)
     process.send_signal(getattr(signal, signal_name))
@@ -109,8 +109,6 @@ def test_a_signal_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, sig
     assert stopped["event"] == "interrupted" and stopped["signal"] == signal_name
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped['step']:08d}" and not (run_dir / "model.pt").exists()
-    if signal_name != "SIGINT":
-        return
     # the printed command continues the run (here for two more steps)
     resumed = subprocess.run([*command.replace("python", sys.executable, 1).split(),
                               f"trainer.max_steps={stopped['step'] + 2}"], cwd=ROOT, capture_output=True,
@@ -189,3 +187,32 @@ def test_the_hugging_face_export_is_complete(finished_run, tmp_path):
                                    pad_token_id=eos)
     ours = generate(find_model(finished_run).load(), prompt, 8, temperature=0)
     assert torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_termination_and_preemption_signals_stop_after_the_step_with_a_checkpoint(tmp_path, signal_name):
+    """The same handler as Ctrl-C, in-process: the signal arrives during step 2."""
+    import os
+    import signal
+    from trainer.loop import Trainer
+    from trainer.metrics import read_metrics
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 50, "trainer.save_interval": 50})
+    trainer = Trainer(compose_run(overrides), tmp_path / "run")
+    real_step = trainer.train_step
+    handler_before = signal.getsignal(getattr(signal, signal_name))
+
+    def step():
+        if trainer.step == 1:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return real_step()
+
+    trainer.train_step = step
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary["interrupted"] == signal_name and summary["steps"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert read_metrics(tmp_path / "run")["events"][-1] == {"event": "interrupted", "step": 2,
+                                                           "signal": signal_name}
+    assert signal.getsignal(getattr(signal, signal_name)) is handler_before   # handlers restored
