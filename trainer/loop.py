@@ -4,7 +4,6 @@ import contextlib
 import math
 import os
 import random
-import shlex
 import shutil
 import time
 from pathlib import Path
@@ -23,16 +22,15 @@ from .checkpoint import (CheckpointError, check_compatible, config_changes, late
                          set_rng_state, sharded_state)
 from .config import RunConfig
 from .data import build_data
+from .data.tokenizer import write_tokenizer
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
 from .metrics import MetricsWriter, close_logging, log, read_metrics, setup_logging
 from .optim import build_optimizer, build_scheduler
 from .run_lock import RunLock
-from .run_summary import format_summary, summarize
-from .stop_signals import StopSignals
+from .run_summary import format_summary, peak_flops, summarize
+from .stop_signals import StopSignals, resume_command
 
-# Dense bf16 tensor-core rates (datasheets), for MFU when trainer.peak_tflops is not given.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -43,34 +41,6 @@ MAX_QUIET_EPOCHS = 4
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
-
-
-def _peak_flops(config: RunConfig, device: torch.device) -> float | None:
-    if config.trainer.peak_tflops:
-        return config.trainer.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
-
-
-def resume_command(run_dir: Path) -> str:
-    """The command line that continues this run: its own overrides, resume=true, its directory."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        overrides = [o for o in HydraConfig.get().overrides.task
-                     if not o.startswith(("resume=", "hydra.run.dir=", "+resume="))]
-    except ValueError:               # not launched through Hydra (a script or a test)
-        overrides = ["<the same overrides>"]
-    return " ".join(["python -m trainer", *map(shlex.quote, overrides), "resume=true",
-                     shlex.quote(f"hydra.run.dir={run_dir}")])
-
-
-def write_tokenizer(tokenizer, path: Path):
-    """Atomically: a run killed mid-write leaves the previous file or none, never half of one."""
-    staging = path.with_name(f".{path.name}.tmp")
-    tokenizer.save(str(staging))
-    os.replace(staging, path)
 
 
 def seed_everything(seed: int):
@@ -147,7 +117,7 @@ class Trainer:
         self.forward = torch.compile(self.wrapped, mode=trainer.compile_mode) if trainer.compile \
             else self.wrapped
         self.autocast_dtype = DTYPES[trainer.precision]
-        self.peak_flops = _peak_flops(config, self.device)
+        self.peak_flops = peak_flops(config.trainer.peak_tflops, self.device)
         self.metrics = MetricsWriter(self.run_dir, config.logger, OmegaConf.to_container(
             OmegaConf.structured(config)), self.context.is_main)
         if self.context.is_main:

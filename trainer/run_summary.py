@@ -1,8 +1,10 @@
-"""What a run achieved, from its metric lines: printed at the end of every run and by
-``python -m trainer.plot_metrics``."""
+"""What a run achieved, from its metric lines (printed at the end of every run and by
+``python -m trainer.plot_metrics``), and the peak FLOP rate its MFU is measured against."""
 
 import math
 import statistics
+
+import torch
 
 
 def summarize(metrics: dict) -> dict:
@@ -67,3 +69,17 @@ def format_table(rows: dict) -> str:
                      f"{_number(s['final_val_ppl'], '.2f')} | {best} | {_number(s['tokens_per_s'], ',.0f')} | "
                      f"{_number(s['mfu'] and s['mfu'] * 100, '.1f', ' %')} | {_number(s['peak_mem_gb'], '.2f')} |")
     return "\n".join(lines)
+
+
+# Dense bf16 tensor-core rates (datasheets), for MFU when trainer.peak_tflops is not given.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def peak_flops(peak_tflops: float | None, device) -> float | None:
+    """The card's dense bf16 FLOP/s for MFU: the configured rate, else the datasheet's when known."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)

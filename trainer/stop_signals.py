@@ -3,8 +3,10 @@ preemption warning on clusters): the handler only records the signal; the loop f
 is in, saves a checkpoint and says how to resume. A second Ctrl-C stops at once (the checkpoint
 write is atomic, so that loses at most the save in progress)."""
 
+import shlex
 import signal
 import threading
+from pathlib import Path
 
 HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
@@ -34,3 +36,15 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous.clear()
         return False
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run: its own overrides, resume=true, its directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        overrides = [o for o in HydraConfig.get().overrides.task
+                     if not o.startswith(("resume=", "hydra.run.dir=", "+resume="))]
+    except ValueError:               # not launched through Hydra (a script or a test)
+        overrides = ["<the same overrides>"]
+    return " ".join(["python -m trainer", *map(shlex.quote, overrides), "resume=true",
+                     shlex.quote(f"hydra.run.dir={run_dir}")])

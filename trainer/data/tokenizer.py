@@ -86,3 +86,10 @@ def special_ids(tokenizer: Tokenizer) -> dict:
     if ids["eos"] is None:   # a loaded GPT-2 style tokenizer may name it differently; BERT uses [SEP]
         ids["eos"] = ids["sep"]
     return ids
+
+
+def write_tokenizer(tokenizer, path: Path):
+    """Atomically: a run killed mid-write leaves the previous file or none, never half of one."""
+    staging = path.with_name(f".{path.name}.tmp")
+    tokenizer.save(str(staging))
+    os.replace(staging, path)
