@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer import metrics as trainer_metrics  # noqa: E402
+from trainer.run_summary import training_seconds  # noqa: E402
 STAGES = {
     "1k": [("1k", ["experiment=repro_linux_1k"])],
     "2k": [("2k", ["experiment=repro_linux_2k"])],
@@ -101,14 +102,8 @@ def collect(directories) -> dict:
 
 
 def train_time(record) -> float:
-    """Seconds in training steps (compilation included; evaluation and checkpoints excluded): the
-    sum over log windows of window tokens / window tokens-per-second."""
-    seconds, previous = 0.0, 0
-    for line in record["metrics"]:
-        if "tokens_per_s" in line and line["tokens"] > previous:
-            seconds += (line["tokens"] - previous) / line["tokens_per_s"]
-            previous = line["tokens"]
-    return seconds
+    """Seconds in training steps of one run record (see trainer.run_summary.training_seconds)."""
+    return training_seconds(record["metrics"])
 
 
 def series_of(name: str) -> tuple[str, str]:

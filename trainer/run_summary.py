@@ -19,7 +19,7 @@ def summarize(metrics: dict) -> dict:
     return {
         "steps": train[-1]["step"] if train else 0,
         "tokens": train[-1].get("tokens") if train else 0,
-        "seconds": sum(_window_seconds(train)),
+        "seconds": training_seconds(train),
         "final_loss": train[-1]["loss"] if train else None,
         "final_val_ppl": evals[-1]["val_ppl"] if evals else None,
         "best_val_ppl": best["val_ppl"] if best else None,
@@ -30,13 +30,17 @@ def summarize(metrics: dict) -> dict:
     }
 
 
-def _window_seconds(train):
-    previous = 0
-    for record in train:
+def training_seconds(lines) -> float:
+    """Seconds spent in training steps (compilation included; evaluation and checkpoints are not
+    in the log windows): the sum over train lines of window tokens / window tokens-per-second.
+    Lines without a rate (evaluations, events) are skipped."""
+    seconds, previous = 0.0, 0
+    for record in lines:
         tokens = record.get("tokens") or 0
         if record.get("tokens_per_s") and tokens > previous:
-            yield (tokens - previous) / record["tokens_per_s"]
-        previous = tokens
+            seconds += (tokens - previous) / record["tokens_per_s"]
+            previous = tokens
+    return seconds
 
 
 def _number(value, spec, unit=""):

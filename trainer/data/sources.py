@@ -103,7 +103,8 @@ def _records_and_texts(paths, config: DataConfig) -> tuple[list, list]:
     text (a results file in a folder of notes). A folder of both kinds is refused, not half read."""
     all_records = bool(paths) and all(p.endswith(RECORD_SUFFIXES + (".json",)) for p in paths)
     records = [p for p in paths if p.endswith(RECORD_SUFFIXES) or all_records and p.endswith(".json")]
-    texts = [p for p in paths if p.endswith(tuple(config.extensions)) and p not in records]
+    as_records = set(records)
+    texts = [p for p in paths if p.endswith(tuple(config.extensions)) and p not in as_records]
     if records and texts:
         raise DataError(f"data.path {config.path!r} holds record files ({_sample(records)}) and text "
                         f"files ({_sample(texts)}); point it at one kind, e.g. a glob such as "
