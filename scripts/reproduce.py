@@ -10,14 +10,17 @@ documents at least that long, targets at positions 3072-4095, each model at 1K, 
 context (a model trained on less is scored with a sliding window at its own context). One JSON per
 run (``<name>.json``: command, wall time, metrics, evaluation) lands in ``--out``.
 
-Runs: 1k, 2k, 4k (from scratch) and 1k_to_4k (75% of the tokens at 1K, then 25% at 4K with the
-positions stretched: the long-document fine-tuning recipe). ``report`` writes the Markdown table
-and a PNG of loss against position.
+Runs: 1k, 2k, 4k (from scratch); 1k_to_4k (75% of the tokens at 1K, then 25% at 4K with the
+positions stretched: the long-document fine-tuning recipe); s2l_1k, s2l_2k, s2l_4k (the rotary
+decoder, 80% of the tokens at 1K in a shared first stage, the last 20% at 1K, 2K or 4K); t2_flash,
+t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention; run with --no-eval).
+``report`` writes the Markdown tables and a PNG of loss against position.
 """
 
 import argparse
 import datetime
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,21 @@ sys.path.insert(0, str(ROOT))
 
 from trainer import metrics as trainer_metrics  # noqa: E402
 from trainer.run_summary import training_seconds  # noqa: E402
+def s2l_stage2(seqlen: int) -> list[str]:
+    """The short-to-long recipe's last 20% at ``seqlen``, 65,536 tokens per step."""
+    return ["experiment=repro_linux_s2l_stage2", "model.init_from={runs}/s2l_stage1/model.pt",
+            "data.tokenizer_file={runs}/s2l_stage1/tokenizer.json", f"data.seqlen={seqlen}",
+            f"trainer.micro_batch_size={16 * 1024 // seqlen}", f"data.val_windows={32 * 1024 // seqlen}"]
+
+
+# Table 2 analog: the 1K run, 300 steps (19.7M tokens), with each attention at its users' best:
+# flash and SDPA (is_causal, PyTorch's fastest backend) compiled, eager uncompiled (the Hugging
+# Face way). No document masking, so SDPA needs no explicit mask; validation every 25 steps.
+TABLE2 = ["experiment=repro_linux_1k", "data.document_aware=false", "trainer.max_steps=300",
+          "optim.warmup_steps=30", "trainer.eval_interval=25", "trainer.save_interval=300"]
+
+# Each run: its stages in order (name, overrides). A stage that several runs share (s2l_stage1)
+# is trained once per --runs directory.
 STAGES = {
     "1k": [("1k", ["experiment=repro_linux_1k"])],
     "2k": [("2k", ["experiment=repro_linux_2k"])],
@@ -37,7 +55,17 @@ STAGES = {
                                 "trainer.save_interval=686"]),
                  ("1k_to_4k", ["experiment=repro_linux_1k_to_4k", "model.init_from={runs}/1k_stage1/model.pt",
                                "data.tokenizer_file={runs}/1k_stage1/tokenizer.json"])],
+    "s2l_1k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_1k", s2l_stage2(1024))],
+    "s2l_2k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_2k", s2l_stage2(2048))],
+    "s2l_4k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_4k", s2l_stage2(4096))],
+    "t2_flash": [("t2_flash", TABLE2 + ["model.attention=flash"])],
+    "t2_sdpa": [("t2_sdpa", TABLE2 + ["model.attention=sdpa"])],
+    "t2_eager": [("t2_eager", TABLE2 + ["model.attention=eager", "trainer.compile=false"])],
 }
+# The run a row's "time / 1K run" divides by (default: 1k of the same variant series).
+BASELINE = {"s2l_1k": "s2l_1k", "s2l_2k": "s2l_1k", "s2l_4k": "s2l_1k"}
+TABLE2_RUNS = ("t2_flash", "t2_sdpa", "t2_eager")
+FIRST_STAGES = {stages[0][0] for stages in STAGES.values() if len(stages) > 1}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -77,8 +105,15 @@ def evaluate(run_dir: Path, args) -> dict | None:
 def run(args):
     args.out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="reproduce-"))
+    trained = set()
     for key in args.only:
         for name, overrides in STAGES[key]:
+            if name in trained:
+                continue
+            if name in FIRST_STAGES and (runs / (name + args.tag) / "model.pt").exists():
+                print(f"{name}: reusing {runs / (name + args.tag)} (delete it to train again)")
+                trained.add(name)
+                continue
             record = run_stage(name, overrides, args, runs)
             if record["returncode"] == 0 and name == key and not args.no_eval:
                 record["evaluation"] = evaluate(runs / (name + args.tag), args)
@@ -89,6 +124,7 @@ def run(args):
             if record["returncode"] != 0:
                 print(f"{name}: failed (exit {record['returncode']}); skipping the rest of {key}")
                 break
+            trained.add(name)
 
 
 def collect(directories) -> dict:
@@ -114,14 +150,20 @@ def series_of(name: str) -> tuple[str, str]:
     return name, ""
 
 
+def stage_totals(name: str, records: dict) -> tuple[float, int]:
+    """Training seconds and tokens of a run, summed over its stages (a first stage it shares counts
+    for every run built on it)."""
+    run, tag = series_of(name)
+    parts = [records[part + tag] for part, _ in STAGES.get(run, [(run, None)]) if part + tag in records]
+    return sum(train_time(part) for part in parts), sum(part.get("tokens", 0) for part in parts)
+
+
 def report_row(name: str, records: dict, contexts) -> str:
     record = records[name]
     run, tag = series_of(name)
-    parts = [records[part + tag] for part, _ in STAGES.get(run, [(run, None)]) if part + tag in records]
-    seconds = sum(train_time(part) for part in parts)
-    tokens = sum(part.get("tokens", 0) for part in parts)
-    baseline = records.get("1k" + tag)
-    ratio = f"{seconds / train_time(baseline):.2f}" if baseline else "–"
+    seconds, tokens = stage_totals(name, records)
+    baseline = BASELINE.get(run, "1k") + tag
+    ratio = f"{seconds / stage_totals(baseline, records)[0]:.2f}" if baseline in records else "–"
     evals = [m for m in record["metrics"] if "val_ppl" in m]
     if record["returncode"] != 0 or not evals:
         return f"| {name} | failed (exit {record['returncode']}) |"
@@ -136,7 +178,7 @@ def report_row(name: str, records: dict, contexts) -> str:
 def report(args):
     records = collect(args.dirs)
     rows = args.rows or [name for name in sorted(records) if series_of(name)[0] in args.runs_in_order
-                         and not name.startswith("1k_stage1")]
+                         and not name.startswith(tuple(FIRST_STAGES) + TABLE2_RUNS)]
     if not args.rows:
         order = {run: i for i, run in enumerate(args.runs_in_order)}
         rows.sort(key=lambda name: (series_of(name)[1], order[series_of(name)[0]]))
@@ -145,6 +187,8 @@ def report(args):
              "|---|---|---|---|---|---|" + "---|" * len(args.contexts)]
     lines += [report_row(name, records, args.contexts) for name in rows if name in records]
     text = "\n".join(lines) + "\n"
+    if any(name in records for name in TABLE2_RUNS):
+        text += "\n" + table2(records)
     print(text)
     if args.md:
         args.md.write_text(text)
@@ -152,6 +196,40 @@ def report(args):
         args.json.write_text(json.dumps({"records": records}, indent=1))
     if args.plot:
         plot(records, args.plot, args.caption, args.plot_rows or [r for r in ("1k", "2k", "4k", "1k_to_4k")])
+
+
+def seconds_to_reach(metrics, target_ppl: float) -> float | None:
+    """Training seconds until the first validation at or below ``target_ppl`` (None if never)."""
+    for line in metrics:
+        if line.get("val_ppl") is not None and line["val_ppl"] <= target_ppl:
+            return training_seconds([m for m in metrics if m["step"] <= line["step"]])
+    return None
+
+
+def table2(records) -> str:
+    """Table 2 analog: each attention's training time, and the time it took to reach the final
+    validation perplexity of the eager (Hugging Face style) run."""
+    eager = records.get("t2_eager")
+    evals = [m for m in eager["metrics"] if "val_ppl" in m] if eager else []
+    target = evals[-1]["val_ppl"] if evals else None
+    lines = ["| run | attention | tokens | training time (s) | median tokens/s | final val ppl | "
+             f"time to val ppl {target:.2f} (eager's final) (s) | speed-up over eager |"
+             if target else "| run | attention | tokens | training time (s) | median tokens/s | final val ppl | – | – |",
+             "|---|---|---|---|---|---|---|---|"]
+    reference = seconds_to_reach(eager["metrics"], target) if target else None
+    for name in TABLE2_RUNS:
+        record = records.get(name)
+        if not record:
+            continue
+        rates = [m["tokens_per_s"] for m in record["metrics"] if m.get("tokens_per_s")]
+        final = [m["val_ppl"] for m in record["metrics"] if "val_ppl" in m]
+        reached = seconds_to_reach(record["metrics"], target) if target else None
+        speedup = f"{reference / reached:.2f}" if reached and reference else "–"
+        lines.append(f"| {name} | {name[3:]} | {record.get('tokens', 0) / 1e6:.1f}M | "
+                     f"{train_time(record):.0f} | {statistics.median(rates[1:] or rates):,.0f} | "
+                     f"{final[-1]:.2f} | {f'{reached:.0f}' if reached else 'not reached'} | {speedup} |"
+                     if rates and final else f"| {name} | failed (exit {record['returncode']}) |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(records, path: Path, caption: str, rows):

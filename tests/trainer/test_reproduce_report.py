@@ -36,3 +36,38 @@ def test_report_groups_variant_series_and_sums_stages(tmp_path):
     assert table["1k_to_4k"][1:4] == ["2.0M", "110", "1.10"]   # both stages: 50 s + 60 s, 2M tokens
     assert table["4k_x_lr1"][0] == "–" and table["4k_x_lr1"][5] == "–"   # not evaluated
     assert table["4k"][5] == "31.00 (at 1024)"
+
+
+def run_report(tmp_path, records, *extra):
+    for entry in records:
+        (tmp_path / f"{entry['name']}.json").write_text(json.dumps(entry))
+    result = subprocess.run([sys.executable, "scripts/reproduce.py", "report", str(tmp_path), "--contexts", "1024",
+                             *extra], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_short_to_long_rows_count_the_shared_first_stage_in_every_arm(tmp_path):
+    out = run_report(tmp_path, [record("s2l_stage1", 80, 9), record("s2l_1k", 20, 8, 1024),
+                                record("s2l_4k", 40, 7, 4096)], "--rows", "s2l_1k", "s2l_4k")
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in out.splitlines()[2:] if line.startswith("|")}
+    assert table["s2l_1k"][1:4] == ["2.0M", "100", "1.00"]
+    assert table["s2l_4k"][1:4] == ["2.0M", "120", "1.20"]     # (80 + 40) / (80 + 20)
+
+
+def test_table2_times_each_attention_to_the_eager_runs_final_perplexity(tmp_path):
+    def curve(name, seconds_per_window, ppls):
+        metrics, tokens = [], 0
+        for step, ppl in enumerate(ppls, start=1):
+            tokens += 1000
+            metrics += [{"step": step, "tokens": tokens, "tokens_per_s": 1000 / seconds_per_window, "loss": 1.0},
+                        {"step": step, "val_loss": 1.0, "val_ppl": ppl}]
+        return {"name": name, "command": "-m trainer", "returncode": 0, "metrics": metrics, "tokens": tokens}
+    out = run_report(tmp_path, [curve("t2_eager", 4.0, [50, 30, 20]), curve("t2_flash", 1.0, [40, 19, 15]),
+                                curve("t2_sdpa", 2.0, [60, 50, 25])])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.split("time to val ppl 20.00")[1].splitlines()[2:] if line.startswith("|")}
+    assert rows["t2_eager"][2:] == ["12", "250", "20.00", "12", "1.00"]
+    assert rows["t2_flash"][5:] == ["2", "6.00"]         # 19 <= 20 at its second validation: 2 s
+    assert rows["t2_sdpa"][5:] == ["not reached", "–"]
