@@ -35,8 +35,17 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", self._inverse_frequencies(theta), persistent=False)
+        self.scaling = scaling
+
+    def _inverse_frequencies(self, theta: float, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / theta ** exponents
+
+    def set_frequencies(self, theta: float, scaling: float):
+        """New base and interpolation factor (context extension; see models.extend_context)."""
+        self.inv_freq = self._inverse_frequencies(theta, self.inv_freq.device)
         self.scaling = scaling
 
     def forward(self, x, offset: int):

@@ -33,6 +33,10 @@ def model_overrides(config: RunConfig, vocab_size: int) -> dict:
     return overrides
 
 
+def rope_extension(method: str) -> str:
+    return "rotary base raised, NTK-aware" if method == "ntk" else "position interpolation"
+
+
 def make_model(config: RunConfig, vocab_size: int, seed: int):
     """A fresh model of the named size (positions sized to the context), or one loaded from
     ``model.init_from`` with its context extended when the data's windows are longer."""
@@ -51,7 +55,7 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
         if seqlen > model.config.max_seqlen:
             logging.getLogger("flashtrain").info(
                 f"model.init_from: context extended {model.config.max_seqlen} -> {seqlen} positions "
-                f"({'position interpolation' if model.config.arch == 'rope' else section.extend_method})")
+                f"({rope_extension(section.extend_method) if model.config.arch == 'rope' else section.extend_method})")
             extend_context(model, seqlen, section.extend_method)
         return model
     overrides = model_overrides(config, vocab_size)

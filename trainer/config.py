@@ -32,13 +32,14 @@ class ModelSection:
     n_layer: int | None = None
     n_head: int | None = None
     init_from: str | None = None         # start from a Hugging Face directory or a flashtrain model file
-    # How init_from's learned positions grow when data.seqlen exceeds them: copy (tile the table,
-    # as the FlashAttention paper did) | interpolate (stretch it). Rotary models always interpolate.
+    # How init_from's positions grow when data.seqlen exceeds them. Learned tables: copy (tile,
+    # as the FlashAttention paper did) | interpolate (stretch). Rotary models: ntk (raise the
+    # rotary base; short range kept) | interpolate or copy (position interpolation).
     extend_method: str = "copy"
 
     def __post_init__(self):
         _one_of("model.attention", self.attention, ("auto", "flash", "sdpa", "eager"))
-        _one_of("model.extend_method", self.extend_method, ("copy", "interpolate"))
+        _one_of("model.extend_method", self.extend_method, ("copy", "interpolate", "ntk"))
 
 
 @dataclass

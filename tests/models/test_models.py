@@ -161,8 +161,24 @@ def test_extend_context(tiny, tokens):
     rope = tiny("rope", attention="sdpa")
     extend_context(rope, 256)
     assert rope.config.rope_scaling == 4.0
+    with pytest.raises(ValueError, match="learned positions"):
+        extend_context(tiny("gpt2"), 256, method="ntk")
     with pytest.raises(ValueError, match="exceeds"):
         tiny("gpt2")(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_ntk_extension_keeps_the_fastest_rotary_frequency_and_stretches_the_slowest(tiny, tokens):
+    rope = tiny("rope", attention="sdpa").eval()
+    before = rope.blocks[0].attn.rotary.inv_freq.clone()
+    logits = rope(tokens)
+    extend_context(rope, 4 * rope.config.max_seqlen, method="ntk")
+    after = rope.blocks[-1].attn.rotary.inv_freq
+    assert after[0] == before[0] and rope.config.rope_scaling == 1.0
+    torch.testing.assert_close(after[-1], before[-1] / 4, rtol=1e-5, atol=0)
+    assert not torch.allclose(rope(tokens), logits)
+    # the base travels with the config: a model rebuilt from it has the same frequencies
+    rebuilt = build_model(rope.config)
+    torch.testing.assert_close(rebuilt.blocks[0].attn.rotary.inv_freq, after)
 
 
 def test_checkpointing_replays_dropout_exactly(tiny, tokens):
