@@ -20,12 +20,12 @@ import triton.language as tl
 
 from ._direct_launch import DirectLauncher, grid3
 from ._forward import LOG2E, lse_strides
-from ._launch import Geometry, Tiles, batched_strides, dkdv_tiles, dot_precision, dq_tiles
+from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
+                      dkdv_tiles, dot_precision, dq_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
                       pair_counter_base)
-from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
-                     visible_tile)
+from ._tiles import key_block_ranges, load_rows, sequence_bounds, store_rows, visible_tile
 
 # How the dK/dV pass, whose tiles are transposed against the forward's, applies the dropout mask:
 #   "untransposed": compute that tile in the forward's orientation (each thread generates its own
@@ -38,10 +38,11 @@ DKDV_MASK_LAYOUT = "untransposed"
 
 @triton.jit
 def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_ptr, delta_ptr,
-                       lo, hi, n0, cols, offs_m, d_ok, len_q, len_k, diagonal, qk_scale,
+                       lo, hi, n0, cols, offs_m, d_ok, len_q, len_k, upper, lower, qk_scale,
                        seed, counter_base, dropout_first_pair, counters_per_row, drop_threshold,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                       EVEN_D: tl.constexpr, MASKED: tl.constexpr, UPPER: tl.constexpr,
+                       LOWER: tl.constexpr,
                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
                        MASK_LAYOUT: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
@@ -65,10 +66,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             p = tl.math.exp2(scores * qk_scale - lse[:, None])
             if MASKED:
-                visible = cols[None, :] < len_k
-                if CAUSAL:
-                    visible = visible & (cols[None, :] <= rows[:, None] + diagonal)
-                p = tl.where(visible, p, 0.0)
+                p = tl.where(visible_tile(rows, cols, len_k, upper, lower, UPPER, LOWER), p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
                                      N_ROUNDS)
@@ -83,8 +81,10 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
             pT = tl.math.exp2(scoresT * qk_scale - lse[None, :])
             if MASKED:
                 visibleT = cols[:, None] < len_k
-                if CAUSAL:
-                    visibleT = visibleT & (cols[:, None] <= rows[None, :] + diagonal)
+                if UPPER:
+                    visibleT = visibleT & (cols[:, None] <= rows[None, :] + upper)
+                if LOWER:
+                    visibleT = visibleT & (cols[:, None] >= rows[None, :] + lower)
                 pT = tl.where(visibleT, pT, 0.0)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if DROPOUT:
@@ -110,10 +110,10 @@ def _dkdv_kernel(
     stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_lse_b, stride_lse_h,
-    seqlen_q, seqlen_k, heads_q, group_size,
+    seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
     softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASK_LAYOUT: tl.constexpr,
 ):
     block_n = tl.program_id(0)
@@ -138,13 +138,16 @@ def _dkdv_kernel(
     v = load_rows(V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh
                   + key_tokens * stride_vn + offs_d[None, :], col_ok, d_ok, True, EVEN_D)
 
-    # Which query blocks see this key block: none before the first query that sees key n0
-    # (causal, aligned bottom-right); partly up to the first block that sees all of it; entirely
-    # from there to the last full query block, unless the key block itself is ragged.
-    diagonal = len_k - len_q
-    if CAUSAL:
-        lo = tl.maximum(n0 - diagonal, 0) // BLOCK_M * BLOCK_M
-        partial_end = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diagonal, 0), BLOCK_M) * BLOCK_M, lo)
+    # Which query blocks see this key block (the band i + lower <= j <= i + upper, _tiles.py): none
+    # before the first query whose upper edge reaches key n0; partly up to the first block that
+    # sees all of it; entirely from there until a query's lower edge passes key n0 (a sliding
+    # window) or the last full query block, unless the key block itself is ragged; partly again
+    # up to the last query whose lower edge still reaches the block's last key.
+    upper = len_k - len_q + window_right
+    lower = len_k - len_q - window_left
+    if UPPER:
+        lo = tl.maximum(n0 - upper, 0) // BLOCK_M * BLOCK_M
+        partial_end = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - upper, 0), BLOCK_M) * BLOCK_M, lo)
     else:
         lo = 0
         partial_end = 0
@@ -152,8 +155,14 @@ def _dkdv_kernel(
         full_end = tl.maximum(len_q // BLOCK_M * BLOCK_M, partial_end)
     else:
         full_end = partial_end
-    partial_end = tl.minimum(partial_end, len_q)
-    full_end = tl.minimum(full_end, len_q)
+    if LOWER:
+        hi = tl.minimum(tl.maximum(n0 + BLOCK_N - lower, 0), len_q)
+        full_end = tl.minimum(full_end, tl.maximum(tl.maximum(n0 - lower + 1, 0) // BLOCK_M * BLOCK_M,
+                                                   partial_end))
+    else:
+        hi = len_q
+    partial_end = tl.minimum(partial_end, hi)
+    full_end = tl.minimum(full_end, hi)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -174,12 +183,12 @@ def _dkdv_kernel(
                 stage_hi = full_end
             else:
                 stage_lo = full_end
-                stage_hi = len_q
+                stage_hi = hi
             dk, dv = _dkdv_query_blocks(
                 dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, Lse + row_stats,
                 Delta + row_stats, stage_lo, stage_hi, n0, cols, offs_m, d_ok, len_q, len_k,
-                diagonal, qk_scale, seed, counter_base, dropout_first_pair, counters_per_row,
-                drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, stage != 1, CAUSAL,
+                upper, lower, qk_scale, seed, counter_base, dropout_first_pair, counters_per_row,
+                drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, stage != 1, UPPER, LOWER,
                 DROPOUT, PRECISION, N_ROUNDS, MASK_LAYOUT)
 
     if DROPOUT:
@@ -197,9 +206,10 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi, rows,
-                   offs_n, d_ok, len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold,
+                   offs_n, d_ok, len_k, upper, lower, qk_scale, seed, pair_counters, drop_threshold,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   MASKED: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+                   DROPOUT: tl.constexpr,
                    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
@@ -208,7 +218,7 @@ def _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(scores * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where(visible_tile(rows, cols, len_k, diagonal, CAUSAL), p, 0.0)
+            p = tl.where(visible_tile(rows, cols, len_k, upper, lower, UPPER, LOWER), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
@@ -226,10 +236,10 @@ def _dq_kernel(
     stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
     stride_ob, stride_on, stride_oh,
     stride_dqb, stride_dqn, stride_dqh, stride_lse_b, stride_lse_h,
-    seqlen_q, seqlen_k, heads_q, group_size,
+    seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
     softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -269,21 +279,27 @@ def _dq_kernel(
     v_ptrs = (V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh + start64 * stride_vn
               + offs_n[:, None] * stride_vn + offs_d[None, :])
 
-    diagonal = len_k - len_q
+    upper = len_k - len_q + window_right
+    lower = len_k - len_q - window_left
     pair_counters = pair_counter_base(
         counter_base, head_first_pair(batch64 * heads_q + head, seqlen_q) + m0 // 2, counters_per_row,
         BLOCK_M)
-    full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
+    keys_start, full_start, full_end, keys_end = key_block_ranges(m0, len_k, upper, lower, BLOCK_M,
+                                                                  BLOCK_N, UPPER, LOWER)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end,
-                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, pair_counters,
-                        drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION,
-                        N_ROUNDS)
-    dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
-                        causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL),
-                        rows, offs_n, d_ok, len_k, diagonal, qk_scale, seed, pair_counters,
-                        drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION,
-                        N_ROUNDS)
+    if LOWER:
+        dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, keys_start,
+                            full_start, rows, offs_n, d_ok, len_k, upper, lower, qk_scale, seed,
+                            pair_counters, drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, True, UPPER,
+                            LOWER, DROPOUT, PRECISION, N_ROUNDS)
+    dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, full_start,
+                        full_end, rows, offs_n, d_ok, len_k, upper, lower, qk_scale, seed,
+                        pair_counters, drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, False, UPPER,
+                        LOWER, DROPOUT, PRECISION, N_ROUNDS)
+    dq = _dq_key_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end, keys_end,
+                        rows, offs_n, d_ok, len_k, upper, lower, qk_scale, seed, pair_counters,
+                        drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, True, UPPER, LOWER, DROPOUT,
+                        PRECISION, N_ROUNDS)
     if DROPOUT:
         dq *= softmax_scale * drop_rescale
     else:
@@ -306,7 +322,7 @@ def new_gradients(q, k, v, lse):
 
 def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
                    softmax_scale: float, causal: bool, dropout_p: float,
-                   tiles: tuple[Tiles, Tiles] | None = None):
+                   tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW):
     """``(grid, static arguments, constexprs and options)`` of the dQ launch, then of the dK/dV
     launch: everything but the leading per-call arguments (tensors, cu_seqlens, seed, counter
     base), which is fixed by the tensors' shapes and strides, the dtype and the options."""
@@ -317,10 +333,10 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
-               softmax_scale, softmax_scale * LOG2E, counters_per_row(geometry.seqlen_k),
+               *band_offsets(causal, window), softmax_scale, softmax_scale * LOG2E, counters_per_row(geometry.seqlen_k),
                drop_threshold(dropout_p), drop_rescale(dropout_p))
     flags = dict(HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d, VARLEN=varlen,
-                 CAUSAL=causal, DROPOUT=dropout, PRECISION=dot_precision(q.dtype),
+                 **band_flags(causal, window), DROPOUT=dropout, PRECISION=dot_precision(q.dtype),
                  N_ROUNDS=PHILOX_ROUNDS)
     dq_config = (
         (triton.cdiv(geometry.seqlen_q, q_tiles.block_m), geometry.heads_q, geometry.batch),
@@ -339,12 +355,13 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
 
 def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry,
                 softmax_scale: float, causal: bool, dropout_p: float, seed: int, offset: int,
-                tiles: tuple[Tiles, Tiles] | None = None):
+                tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW):
     """Launch the dQ pass, then the dK/dV pass, writing into ``delta``, ``dq``, ``dk``, ``dv``.
     Returns, per pass, ``(bound kernel or None, 3-D grid, static arguments)``: the same for every
     call with these shapes, strides and options (see ``_forward.launch_into``)."""
     (dq_grid, dq_static, dq_options), (dkdv_grid, dkdv_static, dkdv_options) = launch_configs(
-        grad_out, q, k, v, out, lse, dq, dk, dv, geometry, softmax_scale, causal, dropout_p, tiles)
+        grad_out, q, k, v, out, lse, dq, dk, dv, geometry, softmax_scale, causal, dropout_p, tiles,
+        window)
     seed, counter_base = kernel_seed(seed), kernel_counter_base(offset)
     # dQ first: it also writes delta, which dK/dV reads.
     dq_bound = DQ.launch(dq_grid, (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, seed,
@@ -356,11 +373,11 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
 
 def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softmax_scale: float,
              causal: bool, dropout_p: float, seed: int, offset: int,
-             tiles: tuple[Tiles, Tiles] | None = None):
+             tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW):
     """Gradients ``(dq, dk, dv)``, contiguous, in the shapes of q, k and v.
 
     ``tiles`` = (dK/dV tiles, dQ tiles) overrides the tuned sizes (for tuning scripts)."""
     delta, dq, dk, dv = new_gradients(q, k, v, lse)
     launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geometry,
-                softmax_scale, causal, dropout_p, seed, offset, tiles)
+                softmax_scale, causal, dropout_p, seed, offset, tiles, window)
     return dq, dk, dv

@@ -88,3 +88,25 @@ def _check_varlen(q, k, cu_seqlens, max_seqlen, heads_q, heads_k, head_dim):
             raise ValueError(f"flash_attention: max_seqlen={max_seqlen} is shorter than the longest "
                              f"sequence in cu_seqlens ({max(lengths)})")
     return cu_seqlens.numel() - 1, heads_q, heads_k, max_seqlen, max_seqlen, head_dim
+
+
+def check_window(window, causal: bool) -> tuple[int, int]:
+    """``window=(left, right)`` as the kernels' (left, right) with -1 for an unbounded side."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"flash_attention: window must be a pair (left, right) of ints >= 0 or None; "
+                         f"got {window!r}")
+    sides = []
+    for name, side in zip(("left", "right"), window):
+        if side is None:
+            sides.append(-1)
+        elif isinstance(side, int) and not isinstance(side, bool) and side >= 0:
+            sides.append(side)
+        else:
+            raise ValueError(f"flash_attention: window {name} must be an int >= 0 or None "
+                             f"(unbounded); got {side!r}")
+    if causal and sides[1] > 0:
+        raise ValueError(f"flash_attention: a causal query sees no key after it, so window right must "
+                         f"be 0 or None with causal=True; got window={tuple(window)}")
+    return sides[0], -1 if causal else sides[1]

@@ -7,7 +7,7 @@ and scalar arguments per kernel, and Triton's specialization of each of them.
 
 A plan is keyed on everything those depend on: q's, k's and v's shapes and strides, the dtype, the
 device (and the current one, which Triton compiles for), the number of sequences and max_seqlen
-of packed input, scale, causal and dropout_p.
+of packed input, scale, causal, dropout_p and the window.
 Its first forward and first backward run the ordinary launch path and keep the static arguments and
 the bound kernels. Later calls with the same key allocate their outputs and launch those kernels
 with only what changes per call: the tensors' addresses (as integers: the launcher then skips a
@@ -33,15 +33,17 @@ _PLANS: dict = {}
 MAX_PLANS = 512
 
 
-def plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p) -> "EagerPlan":
+def plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left=-1,
+             window_right=-1) -> "EagerPlan":
     device = q.device
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, device,
            torch._C._cuda_getDevice() if device.type == "cuda" else -1,
            None if cu_seqlens is None else cu_seqlens.shape[0], max_seqlen, softmax_scale, causal,
-           dropout_p)
+           dropout_p, window_left, window_right)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = EagerPlan(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p)
+        plan = EagerPlan(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p,
+                         (window_left, window_right))
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -55,12 +57,14 @@ def _address(t: torch.Tensor | None) -> int | None:
 class EagerPlan:
     """Forward and backward launches of one plan key (see the module docstring)."""
 
-    def __init__(self, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
+    def __init__(self, q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p,
+                 window=(-1, -1)):
         check_runnable(q.device)
         self.geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
         g = self.geometry
         self.philox_counters = philox_counters(g.batch, g.heads_q, g.seqlen_q, g.seqlen_k)
         self.options = (softmax_scale, causal, dropout_p)
+        self.window = window
         self.device_index = q.device.index
         self._forward = None    # (bound kernel, grid, static arguments) once bound
         self._backward = None   # (grad_out strides, that triple for dQ, for dK/dV) once bound
@@ -75,7 +79,7 @@ class EagerPlan:
                    kernel_counter_base(offset), *static)
             return out, lse
         launched = _forward.launch_into(out, lse, q, k, v, cu_seqlens, self.geometry,
-                                        *self.options, seed, offset)
+                                        *self.options, seed, offset, window=self.window)
         if launched[0] is not None and not _misaligned(addresses):
             self._forward = launched
         return out, lse
@@ -99,7 +103,7 @@ class EagerPlan:
             return dq, dk, dv
         dq_launch, dkdv_launch = _backward.launch_into(
             delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, self.geometry,
-            *self.options, seed, offset)
+            *self.options, seed, offset, window=self.window)
         if dq_launch[0] is not None and dkdv_launch[0] is not None and not _misaligned(addresses):
             self._backward = (grad_out.stride(), dq_launch, dkdv_launch)
         return dq, dk, dv

@@ -1,8 +1,9 @@
 """Forward pass: one program per (query block, head, sequence); K/V streamed with an online softmax.
 
 Writes O and the row log-sum-exp (base 2, of the scaled scores) and nothing else; the backward
-recomputes the score tiles from them. The key loop runs in two stages: blocks every query of the
-block sees entirely (no masks), then the causal diagonal and the ragged end (masked).
+recomputes the score tiles from them. The key loop runs in three stages: the blocks a sliding window's lower
+edge cuts (masked), the blocks every query of the block sees entirely (no masks), then the causal
+diagonal, a right window edge and the ragged end (masked). Blocks outside the band are skipped.
 """
 
 import math
@@ -12,29 +13,31 @@ import triton
 import triton.language as tl
 
 from ._direct_launch import DirectLauncher, grid3
-from ._launch import Geometry, Tiles, batched_strides, dot_precision, forward_tiles
+from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
+                      dot_precision, forward_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
                       pair_counter_base)
-from ._tiles import (causal_key_end, full_key_blocks_end, load_rows, sequence_bounds, store_rows,
-                     visible_tile)
+from ._tiles import key_block_ranges, load_rows, sequence_bounds, store_rows, visible_tile
 
 LOG2E = math.log2(math.e)
 
 
 @triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, lo, hi,
-                       rows, offs_n, d_ok, len_k, diagonal, qk_scale,
+                       rows, offs_n, d_ok, len_k, upper, lower, qk_scale,
                        seed, pair_counters, drop_threshold,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                       MASKED: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+                       DROPOUT: tl.constexpr,
                        PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         k = load_rows(k_ptrs + n0 * stride_kn, cols < len_k, d_ok, MASKED, EVEN_D)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
-            scores = tl.where(visible_tile(rows, cols, len_k, diagonal, CAUSAL), scores, float("-inf"))
+            scores = tl.where(visible_tile(rows, cols, len_k, upper, lower, UPPER, LOWER), scores,
+                              float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
             # A row that has seen no visible key yet keeps m = -inf; shift it by 0, not inf - inf.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -65,10 +68,10 @@ def _forward_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
     stride_lse_b, stride_lse_h,
-    seqlen_q, seqlen_k, heads_q, group_size,
+    seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
     qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
 ):
     # Reverse order: with causal masking the last query blocks do the most work; start them first.
@@ -98,8 +101,9 @@ def _forward_kernel(
     k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
 
-    # Causal, aligned bottom-right: query i sees keys j <= i + (len_k - len_q).
-    diagonal = len_k - len_q
+    # The band query i sees, aligned bottom-right: i + lower <= j <= i + upper (see _tiles.py).
+    upper = len_k - len_q + window_right
+    lower = len_k - len_q - window_left
     pair_counters = pair_counter_base(
         counter_base, head_first_pair(batch64 * heads_q + head, seqlen_q) + m0 // 2, counters_per_row,
         BLOCK_M)
@@ -107,18 +111,23 @@ def _forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)   # running row max (scaled, base 2)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                 # running softmax denominator
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    full_end = full_key_blocks_end(m0, len_k, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
+    keys_start, full_start, full_end, keys_end = key_block_ranges(m0, len_k, upper, lower, BLOCK_M,
+                                                                  BLOCK_N, UPPER, LOWER)
+    if LOWER:
+        acc, l_i, m_i = _attend_key_blocks(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, keys_start, full_start, rows, offs_n,
+            d_ok, len_k, upper, lower, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
+            BLOCK_N, EVEN_D, True, UPPER, LOWER, DROPOUT, PRECISION, N_ROUNDS)
     acc, l_i, m_i = _attend_key_blocks(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end, rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
-        BLOCK_N, EVEN_D, False, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_start, full_end, rows, offs_n,
+        d_ok, len_k, upper, lower, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
+        BLOCK_N, EVEN_D, False, UPPER, LOWER, DROPOUT, PRECISION, N_ROUNDS)
     acc, l_i, m_i = _attend_key_blocks(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end,
-        causal_key_end(m0, len_k, diagonal, BLOCK_M, CAUSAL), rows, offs_n, d_ok,
-        len_k, diagonal, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
-        BLOCK_N, EVEN_D, True, CAUSAL, DROPOUT, PRECISION, N_ROUNDS)
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end, keys_end, rows, offs_n,
+        d_ok, len_k, upper, lower, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
+        BLOCK_N, EVEN_D, True, UPPER, LOWER, DROPOUT, PRECISION, N_ROUNDS)
 
-    # Rows that see no key at all (causal with len_q > len_k) output zeros; their lse is +inf so
+    # Rows that see no key at all (causal with len_q > len_k, or a window past the keys) output zeros; their lse is +inf so
     # the backward's exp2(score - lse) is 0 for them.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -155,7 +164,7 @@ def new_outputs(q: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torc
 
 
 def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, causal: bool,
-                  dropout_p: float, tiles: Tiles | None = None):
+                  dropout_p: float, tiles: Tiles | None = None, window: Window = NO_WINDOW):
     """``(grid, static arguments, constexprs and options)`` of the forward launch: everything but
     the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base), which is
     fixed by the tensors' shapes and strides, the dtype and the options."""
@@ -166,35 +175,37 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
         *batched_strides(v, geometry.varlen), *batched_strides(out, geometry.varlen),
         *lse_strides(lse, geometry.varlen),
         geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
-        softmax_scale * LOG2E, counters_per_row(geometry.seqlen_k),
+        *band_offsets(causal, window), softmax_scale * LOG2E, counters_per_row(geometry.seqlen_k),
         drop_threshold(dropout_p), drop_rescale(dropout_p))
     options = dict(
         HEAD_DIM=geometry.head_dim, BLOCK_D=geometry.block_d,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        CAUSAL=causal, DROPOUT=dropout_p > 0, VARLEN=geometry.varlen,
+        **band_flags(causal, window), DROPOUT=dropout_p > 0, VARLEN=geometry.varlen,
         PRECISION=dot_precision(q.dtype), N_ROUNDS=PHILOX_ROUNDS,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return grid, static, options
 
 
 def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float,
-                causal: bool, dropout_p: float, seed: int, offset: int, tiles: Tiles | None = None):
+                causal: bool, dropout_p: float, seed: int, offset: int, tiles: Tiles | None = None,
+                window: Window = NO_WINDOW):
     """Launch the forward kernel writing into ``out`` and ``lse``. Returns ``(bound kernel or None,
     3-D grid, static arguments)``: the same for every call with these shapes, strides and options,
     so a launch plan (``_eager_plan.py``) can repeat the launch with new addresses."""
     grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale, causal,
-                                          dropout_p, tiles)
+                                          dropout_p, tiles, window)
     bound = FORWARD.launch(grid, (q, k, v, out, lse, cu_seqlens, kernel_seed(seed),
                                   kernel_counter_base(offset), *static), options)
     return bound, grid3(grid), static
 
 
 def forward(q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float, causal: bool,
-            dropout_p: float, seed: int, offset: int, tiles: Tiles | None = None):
+            dropout_p: float, seed: int, offset: int, tiles: Tiles | None = None,
+            window: Window = NO_WINDOW):
     """Launch the forward kernel; returns ``(out, lse)`` with ``out`` contiguous in q's shape.
 
     ``tiles`` overrides the tuned tile sizes (for tuning scripts)."""
     out, lse = new_outputs(q, geometry)
     launch_into(out, lse, q, k, v, cu_seqlens, geometry, softmax_scale, causal, dropout_p, seed,
-                offset, tiles)
+                offset, tiles, window)
     return out, lse

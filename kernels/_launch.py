@@ -81,6 +81,23 @@ def call_geometry(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | N
                     q.shape[2], varlen=True)
 
 
+# A sliding window (left, right): query i sees keys i - left .. i + right (on the bottom-right
+# aligned diagonal); -1 leaves that side unbounded. Causal attention bounds the right side at 0.
+Window = tuple[int, int]
+NO_WINDOW: Window = (-1, -1)
+
+
+def band_flags(causal: bool, window: Window) -> dict:
+    """The kernels' constexprs: which sides of the band are bounded (see _tiles.py)."""
+    return dict(UPPER=causal or window[1] >= 0, LOWER=window[0] >= 0)
+
+
+def band_offsets(causal: bool, window: Window) -> tuple[int, int]:
+    """(window_left, window_right) kernel arguments; an unbounded side's value is unused (0)."""
+    left, right = window
+    return max(left, 0), 0 if causal else max(right, 0)
+
+
 def batched_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     """(batch, token, head) strides; a packed variable-length tensor has no batch axis."""
     if varlen:

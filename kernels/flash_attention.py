@@ -6,6 +6,9 @@ Features
   * Multi-/grouped-query attention: k and v may have fewer heads than q (heads_q % heads_k == 0).
   * Causal masking aligned bottom-right when Nq != Nk (query i sees keys j <= i + Nk - Nq), which
     makes KV-cache decoding exact. A query that sees no key outputs 0.
+  * Sliding-window (local) attention, ``window=(left, right)``: query i sees keys
+    i + Nk - Nq - left .. i + Nk - Nq + right, composed with causal, variable length, GQA and
+    dropout. Key tiles outside the window are skipped: the cost grows as N·W, not N².
   * Variable length: packed (total_tokens, heads, head_dim) with int32 ``cu_seqlens``; no token
     attends across a sequence boundary.
   * Dropout whose mask is never stored: the forward draws (seed, offset) from PyTorch's generator
@@ -33,14 +36,15 @@ import math
 import torch
 
 from . import _backward, _forward
-from ._checks import check_inputs
+from ._checks import check_inputs, check_window
 from ._debug_mask import keep_mask
 from ._eager_plan import plan_for
 from ._launch import call_geometry, check_runnable
 from ._philox import drop_threshold, next_seed_offset, philox_counters
 
 
-def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
+def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
+                  window_right):
     """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
     check_runnable(q.device)
     geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
@@ -50,18 +54,18 @@ def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropou
                                    geometry.seqlen_k)
         seed, offset = next_seed_offset(q.device, counters)
     out, lse = _forward.forward(q, k, v, cu_seqlens, geometry, softmax_scale, causal, dropout_p,
-                                seed, offset)
+                                seed, offset, window=(window_left, window_right))
     return out, lse, torch.tensor([seed, offset], dtype=torch.int64)
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale,
-                   causal, dropout_p):
+                   causal, dropout_p, window_left, window_right):
     geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     return _backward.backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry, softmax_scale,
-                              causal, dropout_p, seed, offset)
+                              causal, dropout_p, seed, offset, window=(window_left, window_right))
 
 
 # Two entry points to the same kernels. torch.compile needs an operator it can trace: the custom ops
@@ -70,14 +74,17 @@ def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqle
 # kernels themselves at short sequences, so eager calls go through a plain autograd.Function.
 @torch.library.custom_op("flashtrain::flash_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float
+                max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float,
+                window_left: int = -1, window_right: int = -1
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
-    return _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p)
+    return _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p,
+                         window_left, window_right)
 
 
 @_forward_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left=-1,
+      window_right=-1):
     geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     lse = q.new_empty(_forward.lse_shape(geometry, q.shape[0]), dtype=torch.float32)
     return q.new_empty(q.shape), lse, torch.empty(2, dtype=torch.int64, device="cpu")
@@ -87,35 +94,37 @@ def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p):
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, lse: torch.Tensor, rng_state: torch.Tensor,
                  cu_seqlens: torch.Tensor | None, max_seqlen: int, softmax_scale: float,
-                 causal: bool, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 causal: bool, dropout_p: float, window_left: int = -1, window_right: int = -1
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen,
-                          softmax_scale, causal, dropout_p)
+                          softmax_scale, causal, dropout_p, window_left, window_right)
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale, causal,
-      dropout_p):
+      dropout_p, window_left=-1, window_right=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p = inputs
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left, window_right = inputs
     out, lse, rng_state = output
     ctx.save_for_backward(q, k, v, out, lse, rng_state, cu_seqlens)
     ctx.max_seqlen, ctx.softmax_scale, ctx.causal, ctx.dropout_p = (max_seqlen, softmax_scale,
                                                                      causal, dropout_p)
+    ctx.window = (window_left, window_right)
     ctx.mark_non_differentiable(lse, rng_state)
 
 
 def _saved_backward_args(ctx, grad_out):
     q, k, v, out, lse, rng_state, cu_seqlens = ctx.saved_tensors
     return (grad_out, q, k, v, out, lse, rng_state, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale,
-            ctx.causal, ctx.dropout_p)
+            ctx.causal, ctx.dropout_p, *ctx.window)
 
 
 def _op_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
     dq, dk, dv = _backward_op(*_saved_backward_args(ctx, grad_out))
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flashtrain::flash_attention_forward", _op_backward,
@@ -147,7 +156,7 @@ class _EagerFlashAttention(torch.autograd.Function):
 
 
 def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None, cu_seqlens=None,
-                    max_seqlen=None, return_debug_mask=False):
+                    max_seqlen=None, window=None, return_debug_mask=False):
     """Exact scaled-dot-product attention, ``softmax(q kᵀ · scale) v``, with optional dropout.
 
     Args:
@@ -159,6 +168,10 @@ def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None,
         softmax_scale: defaults to 1/sqrt(head_dim).
         cu_seqlens: int32 (batch+1,) cumulative sequence offsets into the packed token axis.
         max_seqlen: the longest sequence in cu_seqlens (required with it).
+        window: sliding-window attention, ``(left, right)``: query i sees only keys
+            j in [i - left, i + right] on the bottom-right aligned diagonal (j - (Nk - Nq) for
+            Nq != Nk), each side an int >= 0 or None (unbounded). With causal, right must be 0 or
+            None. ``(W - 1, 0)`` with causal: each token sees itself and the W - 1 before it.
         return_debug_mask: testing aid; also return the boolean keep-mask this call used,
             (batch, heads_q, seqlen_q, seqlen_k) (max_seqlen for packed input). ``out`` is unchanged.
 
@@ -166,12 +179,13 @@ def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None,
         out in q's shape and dtype (contiguous), or ``(out, keep_mask)``.
     """
     check_inputs(q, k, v, dropout_p, softmax_scale, cu_seqlens, max_seqlen)
+    window_left, window_right = check_window(window, causal)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     # The kernels take any strides but need unit stride along head_dim for vector loads.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     args = (q, k, v, cu_seqlens, max_seqlen if cu_seqlens is not None else 0, float(softmax_scale),
-            bool(causal), float(dropout_p))
+            bool(causal), float(dropout_p), window_left, window_right)
     if torch.compiler.is_compiling():
         out, _lse, rng_state = _forward_op(*args)
         if return_debug_mask:

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import causal_mask, flash_attention
+from kernels import flash_attention
+from kernels.reference import visible_mask
 
 
 def resolve(impl: str, device: torch.device) -> str:
@@ -21,14 +22,18 @@ def resolve(impl: str, device: torch.device) -> str:
     return impl
 
 
-def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding=None, documents=None):
+def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding=None, documents=None,
+              window: int | None = None):
     """q (B, Nq, Hq, D), k/v (B, Nk, Hk, D) -> (B, Nq, Hq, D).
 
     ``key_padding`` (B, Nk) bool, True for real tokens (only with Nq == Nk: padded encoder input).
     ``documents`` = (cu_seqlens, max_seqlen): documents packed along the flattened B·N tokens; no
     token attends across a document boundary (flash only: the others would need an N x N mask).
+    ``window``: sliding-window attention, each query sees at most ``window`` keys before it (with
+    causal: itself and ``window`` before). flash skips the tiles outside it; sdpa and eager mask.
     Causal masks are aligned bottom-right, so a query block at the end of a KV cache is exact.
     """
+    band = None if window is None else (window, 0 if causal else window)
     impl = resolve(impl, q.device)
     if documents is not None:
         if impl != "flash":
@@ -36,20 +41,20 @@ def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding
         cu_seqlens, max_seqlen = documents
         flat = lambda t: t.reshape(-1, *t.shape[2:])
         out = flash_attention(flat(q), flat(k), flat(v), causal=causal, dropout_p=dropout_p,
-                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                              cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=band)
         return out.view(q.shape)
     if impl == "flash":
         if key_padding is not None:
-            return _flash_unpadded(q, k, v, causal, dropout_p, key_padding)
-        return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+            return _flash_unpadded(q, k, v, causal, dropout_p, key_padding, band)
+        return flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, window=band)
     if impl == "sdpa":
-        return _sdpa(q, k, v, causal, dropout_p, key_padding)
+        return _sdpa(q, k, v, causal, dropout_p, key_padding, band)
     if impl != "eager":
         raise ValueError(f"unknown attention implementation {impl!r}; use auto, flash, sdpa or eager")
     group = q.shape[2] // k.shape[2]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    mask = _mask(q.shape[1], k.shape[1], causal, key_padding, q.device)
+    mask = _mask(q.shape[1], k.shape[1], causal, key_padding, q.device, band)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # (B, H, N, D)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if mask is not None:
@@ -59,31 +64,31 @@ def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding
     return out.transpose(1, 2)
 
 
-def _sdpa(q, k, v, causal, dropout_p, key_padding):
+def _sdpa(q, k, v, causal, dropout_p, key_padding, band=None):
     """PyTorch's fused attention. Plain causal self-attention goes through ``is_causal=True`` with
     no mask tensor: only then may PyTorch pick its flash or cuDNN backend (an explicit mask sends
     it to the memory-efficient or math kernel). A mask is built only where one is needed: padding,
-    or a causal query block shorter than its keys (KV cache, bottom-right aligned)."""
-    square_causal = causal and key_padding is None and q.shape[1] == k.shape[1]
-    mask = None if square_causal else _mask(q.shape[1], k.shape[1], causal, key_padding, q.device)
+    a sliding window, or a causal query block shorter than its keys (KV cache, bottom-right aligned)."""
+    square_causal = causal and key_padding is None and band is None and q.shape[1] == k.shape[1]
+    mask = None if square_causal else _mask(q.shape[1], k.shape[1], causal, key_padding, q.device, band)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # (B, H, N, D)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=square_causal, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)
 
 
-def _mask(seqlen_q, seqlen_k, causal, key_padding, device):
+def _mask(seqlen_q, seqlen_k, causal, key_padding, device, band=None):
     """Boolean mask broadcastable to (B, H, Nq, Nk), True where attention is allowed, or None."""
-    mask = None
-    if causal:
-        mask = causal_mask(seqlen_q, seqlen_k, device)[None, None]
+    mask = visible_mask(seqlen_q, seqlen_k, causal, band, device)
+    if mask is not None:
+        mask = mask[None, None]
     if key_padding is not None:
         padding = key_padding[:, None, None, :]
         mask = padding if mask is None else mask & padding
     return mask
 
 
-def _flash_unpadded(q, k, v, causal, dropout_p, key_padding):
+def _flash_unpadded(q, k, v, causal, dropout_p, key_padding, band=None):
     """Pack the real tokens of each sequence and run the variable-length kernel."""
     batch, seqlen = key_padding.shape
     lengths = key_padding.sum(dim=1, dtype=torch.int32)
@@ -92,6 +97,6 @@ def _flash_unpadded(q, k, v, causal, dropout_p, key_padding):
     index = key_padding.flatten().nonzero().squeeze(1)
     pack = lambda t: t.flatten(0, 1).index_select(0, index)
     out = flash_attention(pack(q), pack(k), pack(v), causal=causal, dropout_p=dropout_p,
-                          cu_seqlens=cu_seqlens, max_seqlen=seqlen)
+                          cu_seqlens=cu_seqlens, max_seqlen=seqlen, window=band)
     full = out.new_zeros(batch * seqlen, *out.shape[1:])
     return full.index_copy(0, index, out).view(batch, seqlen, *out.shape[1:])

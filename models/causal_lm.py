@@ -21,7 +21,7 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab, config.d_model)
         self.positions = nn.Embedding(config.max_seqlen, config.d_model) if config.arch == "gpt2" else None
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm = make_norm(config)
 
     def forward(self, input_ids, attention_mask=None, *, caches=None, cu_seqlens=None, max_seqlen=None,

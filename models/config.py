@@ -26,6 +26,12 @@ class ModelConfig:
     rope_scaling: float = 1.0       # position interpolation factor for context extension
     pad_vocab_multiple: int = 1     # round the embedding table up (64 helps matmul speed)
     checkpoint_blocks: bool = False  # recompute each block in the backward (activation checkpointing)
+    # Sliding-window (local) attention, decoders only: in a local layer each token sees itself and
+    # the attn_window - 1 tokens before it. None: every layer attends globally. global_every = k
+    # keeps every k-th layer (k-th, 2k-th, ...) global, as Gemma-style models mix local and global
+    # layers; 0 makes every layer local.
+    attn_window: int | None = None
+    global_every: int = 0
     extra: dict = field(default_factory=dict, compare=False)   # unused keys kept for round trips
 
     def __post_init__(self):
@@ -40,6 +46,15 @@ class ModelConfig:
             raise ValueError(f"{self.arch} uses multi-head attention: n_kv_head must equal n_head")
         if min(self.vocab_size, self.max_seqlen, self.n_layer, self.pad_vocab_multiple) < 1:
             raise ValueError("vocab_size, max_seqlen, n_layer and pad_vocab_multiple must be >= 1")
+        if self.attn_window is not None:
+            if self.arch == "bert":
+                raise ValueError("attn_window (sliding-window attention) is for the causal decoders "
+                                 "(gpt2, rope), not bert")
+            if self.attn_window < 1:
+                raise ValueError(f"attn_window must be >= 1 (tokens a query sees, itself included) or "
+                                 f"None; got {self.attn_window}")
+        if self.global_every < 0:
+            raise ValueError(f"global_every must be >= 0; got {self.global_every}")
 
     @property
     def kv_heads(self) -> int:
@@ -60,6 +75,12 @@ class ModelConfig:
         if self.arch == "rope":   # SwiGLU keeps the parameter count of a 4x MLP: 2/3 of 4x, rounded
             return (int(8 * self.d_model / 3) + 63) // 64 * 64
         return 4 * self.d_model
+
+    def layer_window(self, layer: int) -> int | None:
+        """Keys before the query that layer ``layer`` (0-based) sees, or None for global attention."""
+        if self.attn_window is None or (self.global_every and (layer + 1) % self.global_every == 0):
+            return None
+        return self.attn_window - 1
 
     @property
     def eps(self) -> float:

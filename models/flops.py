@@ -16,6 +16,19 @@ def matmul_params(config: ModelConfig) -> int:
 def flops_per_token(config: ModelConfig, seqlen: int) -> float:
     """6 · matmul parameters (forward + backward) plus attention's score and value products:
     2 matmuls x 2 FLOPs x d_model per key a query sees, x3 for forward + backward. A causal query
-    sees (seqlen + 1) / 2 keys on average, counted as such (not as a full square)."""
-    keys_seen = (seqlen + 1) / 2 if config.causal else seqlen
-    return 6 * matmul_params(config) + 3 * 2 * 2 * config.n_layer * config.d_model * keys_seen
+    sees (seqlen + 1) / 2 keys on average, counted as such (not as a full square); a local layer
+    (sliding window) fewer."""
+    attention = sum(_keys_seen(config.causal, seqlen, config.layer_window(layer))
+                    for layer in range(config.n_layer))
+    return 6 * matmul_params(config) + 3 * 2 * 2 * config.d_model * attention
+
+
+def _keys_seen(causal: bool, seqlen: int, window: int | None) -> float:
+    """Keys a query sees on average: (N + 1) / 2 causal; with a sliding window of w = window + 1
+    keys, row i sees min(i + 1, w)."""
+    if not causal:
+        return seqlen
+    if window is None or window + 1 >= seqlen:
+        return (seqlen + 1) / 2
+    w = window + 1
+    return (w * seqlen - w * (w - 1) / 2) / seqlen

@@ -164,6 +164,9 @@ def save_hf(model, path, tokenizer=None) -> None:
     ``AutoModel*`` load a complete model from it."""
     from safetensors.torch import save_file
     config: ModelConfig = model.config
+    if config.attn_window is not None:
+        raise ValueError(f"this model uses sliding-window attention (attn_window={config.attn_window}), "
+                         "which the Hugging Face GPT-2/BERT classes cannot express; keep model.pt")
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     vocab = config.vocab_size
     if config.arch == "gpt2":

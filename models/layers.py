@@ -59,9 +59,10 @@ class Rotary(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.config = config
+        self.window = config.layer_window(layer)     # keys before the query a local layer sees
         heads = config.n_head + 2 * config.kv_heads
         bias = config.arch != "rope"
         # One fused projection: q, k and v are views of its output, read in place by the kernel.
@@ -82,7 +83,7 @@ class SelfAttention(nn.Module):
             k, v = cache.append(k, v)
         dropout_p = config.attn_dropout if self.training else 0.0
         out = attention(q, k, v, impl=config.attention, causal=config.causal, dropout_p=dropout_p,
-                        key_padding=key_padding, documents=documents)
+                        key_padding=key_padding, documents=documents, window=self.window)
         return self.proj(out.reshape(batch, seqlen, config.d_model))
 
 
@@ -112,10 +113,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """x + Attn(norm(x)), x + MLP(norm(x)) (pre-norm), or norm(x + Attn(x)), ... (post-norm, BERT)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.pre_norm = config.arch != "bert"
-        self.attn = SelfAttention(config)
+        self.attn = SelfAttention(config, layer)
         self.mlp = MLP(config)
         self.norm_attn = make_norm(config)
         self.norm_mlp = make_norm(config)

@@ -27,7 +27,7 @@ def model_overrides(config: RunConfig, vocab_size: int) -> dict:
     overrides = {"vocab_size": vocab_size, "attention": section.attention,
                  "checkpoint_blocks": section.checkpoint_blocks,
                  "pad_vocab_multiple": section.pad_vocab_multiple}
-    for key in ("dropout", "attn_dropout", "d_model", "n_layer", "n_head"):
+    for key in ("dropout", "attn_dropout", "d_model", "n_layer", "n_head", "attn_window", "global_every"):
         if getattr(section, key) is not None:
             overrides[key] = getattr(section, key)
     return overrides

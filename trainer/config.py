@@ -29,6 +29,8 @@ class ModelSection:
     checkpoint_blocks: bool = False      # activation checkpointing per block
     pad_vocab_multiple: int = 64         # pad the embedding table for faster matmuls
     d_model: int | None = None           # optional overrides of the named size
+    attn_window: int | None = None       # sliding-window attention (decoders): tokens a query sees
+    global_every: int | None = None      # with attn_window: every k-th layer attends globally
     n_layer: int | None = None
     n_head: int | None = None
     init_from: str | None = None         # start from a Hugging Face directory or a flashtrain model file

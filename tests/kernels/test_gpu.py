@@ -66,3 +66,22 @@ def test_64k_tokens_forward_backward_in_linear_memory():
     # (which would be 65536^2 * 16 heads * 2 bytes = 137 GB).
     assert extra < 8 * tensor_bytes, f"{extra / 2**30:.2f} GiB extra"
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("window", [(255, 0), (1000, 0), (300, 77)])
+def test_window_matches_reference_on_gpu(head_dim, window):
+    causal = window[1] == 0
+    q, k, v = random_qkv((1, 4096, 4, head_dim), (1, 4096, 2, head_dim), torch.bfloat16, "cuda")
+    check_against_reference(q, k, v, causal=causal, window=window)
+
+
+def test_window_with_dropout_and_varlen_on_gpu():
+    cu_seqlens = torch.tensor([0, 1000, 1001, 3000], dtype=torch.int32, device="cuda")
+    q, k, v = random_qkv((3000, 4, 64), (3000, 1, 64), torch.bfloat16, "cuda")
+    torch.manual_seed(9)
+    _, keep = flash_attention(q, k, v, causal=True, window=(200, 0), dropout_p=0.1, cu_seqlens=cu_seqlens,
+                              max_seqlen=1999, return_debug_mask=True)
+    torch.manual_seed(9)
+    check_against_reference(q, k, v, causal=True, window=(200, 0), dropout_p=0.1, dropout_mask=keep,
+                            cu_seqlens=cu_seqlens, max_seqlen=1999)

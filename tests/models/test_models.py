@@ -28,6 +28,34 @@ def test_attention_paths_agree(arch, tiny, tokens):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "rope"])
+def test_sliding_window_layers_agree_across_attention_paths(arch, tiny):
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(2))
+    outputs, grads = {}, {}
+    for impl in ("eager", "sdpa", "flash"):
+        model = tiny(arch, attention=impl, attn_window=6, global_every=2).eval()
+        logits = model(tokens)
+        (logits ** 2).mean().backward()
+        outputs[impl], grads[impl] = logits.detach(), model.blocks[0].attn.qkv.weight.grad
+    assert [block.attn.window for block in model.blocks] == [5, None]     # layer 2 is global
+    for impl in ("sdpa", "flash"):
+        torch.testing.assert_close(outputs[impl], outputs["eager"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grads[impl], grads["eager"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_local_layer_sees_only_its_window(tiny):
+    model = tiny("rope", attention="flash", attn_window=4, n_layer=1).eval()
+    tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(3))
+    changed = tokens.clone()
+    changed[:, :10] = (changed[:, :10] + 1) % 97
+    # one local layer: position p depends on tokens p-3..p only
+    torch.testing.assert_close(model(changed)[:, 13:], model(tokens)[:, 13:], rtol=0, atol=1e-6)
+    assert not torch.allclose(model(changed)[:, 10:13], model(tokens)[:, 10:13])
+    assert flops_per_token(model.config, 4096) < flops_per_token(model.config.with_(attn_window=None), 4096)
+    with pytest.raises(ValueError, match="causal decoders"):
+        tiny("bert", attn_window=4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "rope"])
 def test_future_tokens_never_change_past_logits(arch, tiny, tokens):
     model = tiny(arch, attention="flash").eval()
     changed = tokens.clone()
@@ -225,3 +253,9 @@ def test_kv_cache_under_autocast_matches_the_autocast_dtype(tiny, tokens):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = generate(model, tokens[:, :5], 3, temperature=0)
     assert out.shape == (2, 8)
+
+
+def test_kv_cache_generation_with_a_sliding_window(tiny, tokens):
+    model = tiny("rope", attention="flash", attn_window=5)
+    cached = generate(model, tokens[:, :9], 8, temperature=0)
+    assert torch.equal(cached, generate(model, tokens[:, :9], 8, temperature=0, use_cache=False))
