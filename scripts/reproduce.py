@@ -34,8 +34,8 @@ from trainer import metrics as trainer_metrics  # noqa: E402
 from trainer.run_summary import training_seconds  # noqa: E402
 def s2l_stage2(seqlen: int) -> list[str]:
     """The short-to-long recipe's last 20% at ``seqlen``, 65,536 tokens per step."""
-    return ["experiment=repro_linux_s2l_stage2", "model.init_from={runs}/s2l_stage1/model.pt",
-            "data.tokenizer_file={runs}/s2l_stage1/tokenizer.json", f"data.seqlen={seqlen}",
+    return ["experiment=repro_linux_s2l_stage2", "model.init_from={runs}/s2l_stage1{tag}/model.pt",
+            "data.tokenizer_file={runs}/s2l_stage1{tag}/tokenizer.json", f"data.seqlen={seqlen}",
             f"trainer.micro_batch_size={16 * 1024 // seqlen}", f"data.val_windows={32 * 1024 // seqlen}"]
 
 
@@ -53,8 +53,8 @@ STAGES = {
     "4k": [("4k", ["experiment=repro_linux_4k"])],
     "1k_to_4k": [("1k_stage1", ["experiment=repro_linux_1k", "trainer.max_steps=686",
                                 "trainer.save_interval=686"]),
-                 ("1k_to_4k", ["experiment=repro_linux_1k_to_4k", "model.init_from={runs}/1k_stage1/model.pt",
-                               "data.tokenizer_file={runs}/1k_stage1/tokenizer.json"])],
+                 ("1k_to_4k", ["experiment=repro_linux_1k_to_4k", "model.init_from={runs}/1k_stage1{tag}/model.pt",
+                               "data.tokenizer_file={runs}/1k_stage1{tag}/tokenizer.json"])],
     "s2l_1k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_1k", s2l_stage2(1024))],
     "s2l_2k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_2k", s2l_stage2(2048))],
     "s2l_4k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_4k", s2l_stage2(4096))],
@@ -77,11 +77,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
         + metrics["events"]
 
 
+def stage_command(name, overrides, args, runs: Path) -> list[str]:
+    """``python -m trainer ...`` for one stage; {runs} and {tag} in overrides name the run directory
+    and the variant series, so a later stage reads the earlier stage of its own series."""
+    return [sys.executable, "-m", "trainer", *[o.format(runs=runs, tag=args.tag) for o in overrides],
+            f"data.path={args.corpus}", f"data.cache_dir={args.cache}", f"data.num_proc={args.num_proc}",
+            "logger=none", f"hydra.run.dir={runs / (name + args.tag)}", *args.extra]
+
+
 def run_stage(name, overrides, args, runs: Path) -> dict:
     run_dir = runs / (name + args.tag)
-    command = [sys.executable, "-m", "trainer", *[o.format(runs=runs) for o in overrides],
-               f"data.path={args.corpus}", f"data.cache_dir={args.cache}", f"data.num_proc={args.num_proc}",
-               "logger=none", f"hydra.run.dir={run_dir}", *args.extra]
+    command = stage_command(name, overrides, args, runs)
     print(" ".join(command), flush=True)
     started = time.time()
     result = subprocess.run(command, cwd=ROOT)

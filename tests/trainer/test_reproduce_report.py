@@ -71,3 +71,15 @@ def test_table2_times_each_attention_to_the_eager_runs_final_perplexity(tmp_path
     assert rows["t2_eager"][2:] == ["12", "250", "20.00", "12", "1.00"]
     assert rows["t2_flash"][5:] == ["2", "6.00"]         # 19 <= 20 at its second validation: 2 s
     assert rows["t2_sdpa"][5:] == ["not reached", "–"]
+
+
+def test_a_tagged_second_stage_reads_the_first_stage_of_its_own_series(tmp_path):
+    import argparse
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+    args = argparse.Namespace(tag="_ntk", corpus="C", cache="K", num_proc=1, extra=["model.extend_method=ntk"])
+    for run in ("s2l_2k", "1k_to_4k"):
+        (first, _), (second, overrides) = reproduce.STAGES[run]
+        command = " ".join(reproduce.stage_command(second, overrides, args, tmp_path))
+        assert f"model.init_from={tmp_path}/{first}_ntk/model.pt" in command
+        assert f"hydra.run.dir={tmp_path}/{second}_ntk" in command and command.endswith("extend_method=ntk")
