@@ -76,7 +76,9 @@ class TrainerConfig:
     keep_checkpoints: int = 2            # newest checkpoints kept
     seed: int = 1337
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    precision: str = "bf16"              # bf16 | fp16 | fp32 (bf16/fp16: autocast; fp16 adds a grad scaler)
+    # auto (bf16 on a GPU or a CPU with native bf16, else fp32) | bf16 | fp16 | fp32 (bf16/fp16:
+    # autocast; fp16 adds a grad scaler)
+    precision: str = "auto"
     compile: bool = False                # torch.compile the model (and its loss)
     # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune.
     # The last two capture CUDA graphs, which replay the attention kernel's dropout seed: they are
@@ -92,7 +94,7 @@ class TrainerConfig:
     distributed: str = "ddp"
 
     def __post_init__(self):
-        _one_of("trainer.precision", self.precision, ("bf16", "fp16", "fp32"))
+        _one_of("trainer.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         _one_of("trainer.distributed", self.distributed, ("ddp", "fsdp"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"trainer.device={self.device!r}; expected auto, cpu, cuda or cuda:N")

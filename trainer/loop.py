@@ -27,11 +27,11 @@ from .distributed import (full_model_state, gradient_sync, init_distributed, loc
                           wrap_model)
 from .metrics import MetricsWriter, close_logging, log, read_metrics, setup_logging
 from .optim import build_optimizer, build_scheduler
+from .precision import DTYPES, resolve_precision
 from .run_lock import RunLock
 from .run_summary import format_summary, peak_flops, summarize
 from .stop_signals import StopSignals, resume_command
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # More passes over the training split than this draw a warning: past ~4 epochs repeated data is
@@ -77,9 +77,11 @@ class Trainer:
 
     def _build(self, config: RunConfig, trainer):
         setup_logging(self.run_dir, self.context.is_main)
-        if self.device.type != "cuda" and trainer.precision == "fp16":
-            raise ValueError(f"trainer.precision=fp16 needs a GPU and this run is on {self.device}; "
-                             "use bf16 or fp32")
+        self.precision, warning = resolve_precision(trainer.precision, self.device)
+        if warning:
+            log.warning(warning)
+        # What a checkpoint records and a resume compares is the format the run computed in.
+        trainer.precision = self.precision
         if config.model.attention == "flash" and self.device.type != "cuda" \
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"model.attention=flash runs the Triton kernels, which need a CUDA GPU "
@@ -104,10 +106,10 @@ class Trainer:
         self.sharded = self.context.enabled and trainer.distributed == "fsdp"
         if self.sharded:    # FSDP shards the parameters in place; the optimizer must see the shards
             self.wrapped = wrap_model(self.model, self.context, self.device, "fsdp",
-                                      DTYPES[trainer.precision] if trainer.precision == "bf16" else None)
+                                      DTYPES[self.precision] if self.precision == "bf16" else None)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, config.optim, trainer.max_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=trainer.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.tokens, self.skipped = 0, 0, 0
         self.resumed_from = None
         self._unchecked = []             # (step, loss on the device) not yet checked for NaN/inf
@@ -116,7 +118,7 @@ class Trainer:
             self.wrapped = wrap_model(self.model, self.context, self.device)
         self.forward = torch.compile(self.wrapped, mode=trainer.compile_mode) if trainer.compile \
             else self.wrapped
-        self.autocast_dtype = DTYPES[trainer.precision]
+        self.autocast_dtype = DTYPES[self.precision]
         self.peak_flops = peak_flops(config.trainer.peak_tflops, self.device)
         self.metrics = MetricsWriter(self.run_dir, config.logger, OmegaConf.to_container(
             OmegaConf.structured(config)), self.context.is_main)
@@ -181,7 +183,7 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------------
     def _autocast(self):
-        if self.config.trainer.precision == "fp32":
+        if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
@@ -290,7 +292,7 @@ class Trainer:
         attention = resolve_attention(self.model.config.attention, self.device)
         log.info(f"run {self.run_dir}: {self.config.model.name} ({params / 1e6:.2f}M parameters, "
                  f"{attention} attention), "
-                 f"{self.device}, {trainer.precision}, {self.context.world_size} process(es), "
+                 f"{self.device}, {self.precision}, {self.context.world_size} process(es), "
                  f"{tokens_per_step} tokens per step, steps {self.step}..{trainer.max_steps}")
         corpus_tokens = max(1, len(self.data.splits["train"].tokens))
         epochs = trainer.max_steps * tokens_per_step / corpus_tokens

@@ -72,6 +72,20 @@ def test_init_from_takes_a_run_directory(finished_run, tmp_path):
     assert summary["steps"] == 1
 
 
+def test_fine_tune_a_hugging_face_directory_at_longer_context(finished_run, tmp_path):
+    """experiment=finetune_long's path from a Hugging Face GPT-2 directory: its weights and its
+    tokenizer, the learned positions stretched to the new context."""
+    exported = _script("scripts/convert_hf.py", "export", finished_run, tmp_path / "hf")
+    assert exported.returncode == 0, exported.stderr
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 1, "data.seqlen": 64,
+                                            "model.init_from": str(tmp_path / "hf"),
+                                            "model.extend_method": "interpolate",
+                                            "data.tokenizer_file": str(tmp_path / "hf" / "tokenizer.json")})
+    summary = run(compose_run(overrides), tmp_path / "long")
+    state = torch.load(tmp_path / "long" / "model.pt", weights_only=True)
+    assert summary["steps"] == 1 and state["config"]["max_seqlen"] == 64
+
+
 def _start_cli(tmp_path, run_dir, *extra):
     import os
     import time
