@@ -127,8 +127,8 @@ def _forward_kernel(
         d_ok, len_k, upper, lower, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
         BLOCK_N, EVEN_D, True, UPPER, LOWER, DROPOUT, PRECISION, N_ROUNDS)
 
-    # Rows that see no key at all (causal with len_q > len_k, or a window past the keys) output zeros; their lse is +inf so
-    # the backward's exp2(score - lse) is 0 for them.
+    # Rows that see no key at all (causal with len_q > len_k, or a window past the keys) output
+    # zeros; their lse is +inf so the backward's exp2(score - lse) is 0 for them.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     if DROPOUT:

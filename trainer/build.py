@@ -53,9 +53,9 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
             raise ValueError(f"model.init_from has vocabulary {model.config.vocab_size}, the data's "
                              f"tokenizer {vocab_size}: use the model's tokenizer (data.tokenizer_file)")
         if seqlen > model.config.max_seqlen:
+            method = rope_extension(section.extend_method) if model.config.arch == "rope" else section.extend_method
             logging.getLogger("flashtrain").info(
-                f"model.init_from: context extended {model.config.max_seqlen} -> {seqlen} positions "
-                f"({rope_extension(section.extend_method) if model.config.arch == 'rope' else section.extend_method})")
+                f"model.init_from: context extended {model.config.max_seqlen} -> {seqlen} positions ({method})")
             extend_context(model, seqlen, section.extend_method)
         return model
     overrides = model_overrides(config, vocab_size)
