@@ -4,6 +4,6 @@ Imports only torch and triton. See ``flash_attention.py`` for features and limit
 """
 
 from .flash_attention import flash_attention
-from .reference import attention_reference, causal_mask
+from .reference import attention_reference, causal_mask, visible_mask
 
-__all__ = ["flash_attention", "attention_reference", "causal_mask"]
+__all__ = ["flash_attention", "attention_reference", "causal_mask", "visible_mask"]

@@ -12,8 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import flash_attention
-from kernels.reference import visible_mask
+from kernels import flash_attention, visible_mask
 
 
 def resolve(impl: str, device: torch.device) -> str:
