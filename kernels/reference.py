@@ -2,8 +2,8 @@
 
 Materializes the (Nq, Nk) score matrix, so it is for tests and small comparisons only. It follows
 the kernel's conventions exactly: bottom-right causal and window alignment, rows that see no key
-output 0,
-dropout applied to the normalized probabilities with a given keep-mask and 1/(1-p) rescaling.
+output 0, dropout applied to the normalized probabilities with a given keep-mask and 1/(1-p)
+rescaling.
 """
 
 import math
@@ -13,9 +13,7 @@ import torch
 
 def causal_mask(seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
     """(Nq, Nk) boolean, True where query i may see key j: j <= i + (Nk - Nq)."""
-    rows = torch.arange(seqlen_q, device=device)[:, None]
-    cols = torch.arange(seqlen_k, device=device)[None, :]
-    return cols <= rows + (seqlen_k - seqlen_q)
+    return visible_mask(seqlen_q, seqlen_k, True, device=device)
 
 
 def visible_mask(seqlen_q: int, seqlen_k: int, causal: bool, window=None, device=None):

@@ -67,7 +67,7 @@ def time_forward_backward(make_call, q, k, v, window) -> float:
     return do_bench(lambda: call().backward(grad), warmup=25, rep=200, return_mode="median")
 
 
-def check_window(q, k, v, window) -> dict:
+def errors_against_float32(q, k, v, window) -> dict:
     """Relative errors (ours, PyTorch bf16) against float32 on head 0, out and gradients."""
     head = lambda t, dtype: t[:, :, :1].detach().to(dtype).requires_grad_()
     band = (window - 1, 0)
@@ -121,7 +121,7 @@ def main():
                 except Exception as error:  # noqa: BLE001 - record why a provider could not run
                     record["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
                 if name == "flashtrain_window" and seqlen <= args.check_max:
-                    record["check"] = check_window(q, k, v, args.window)
+                    record["check"] = errors_against_float32(q, k, v, args.window)
                     failed |= not all(part["ok"] for part in record["check"].values())
                 failed |= name == "flashtrain_window" and "error" in record
                 print(json.dumps(record), flush=True)
