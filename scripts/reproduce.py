@@ -12,7 +12,8 @@ run (``<name>.json``: command, wall time, metrics, evaluation) lands in ``--out`
 
 Runs: 1k, 2k, 4k (from scratch); 1k_to_4k (75% of the tokens at 1K, then 25% at 4K with the
 positions stretched: the long-document fine-tuning recipe); s2l_1k, s2l_2k, s2l_4k (the rotary
-decoder, 80% of the tokens at 1K in a shared first stage, the last 20% at 1K, 2K or 4K); t2_flash,
+decoder, 80% of the tokens at 1K in a shared first stage, the last 20% at 1K, 2K or 4K); p2l_1k,
+p2l_2k, p2l_4k (progressive: 60% at 1K, then 20% at 1K/2K/2K, then 20% at 1K/2K/4K); t2_flash,
 t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention; run with --no-eval).
 ``report`` writes the Markdown tables and a PNG of loss against position.
 """
@@ -32,11 +33,25 @@ sys.path.insert(0, str(ROOT))
 
 from trainer import metrics as trainer_metrics  # noqa: E402
 from trainer.run_summary import training_seconds  # noqa: E402
-def s2l_stage2(seqlen: int) -> list[str]:
-    """The short-to-long recipe's last 20% at ``seqlen``, 65,536 tokens per step."""
-    return ["experiment=repro_linux_s2l_stage2", "model.init_from={runs}/s2l_stage1{tag}/model.pt",
-            "data.tokenizer_file={runs}/s2l_stage1{tag}/tokenizer.json", f"data.seqlen={seqlen}",
+def continue_at(previous: str, seqlen: int) -> list[str]:
+    """183 more steps (20% of the 60M tokens) of the stage ``previous``'s model at ``seqlen``,
+    65,536 tokens per step (repro_linux_s2l_stage2)."""
+    return ["experiment=repro_linux_s2l_stage2", f"model.init_from={{runs}}/{previous}{{tag}}/model.pt",
+            f"data.tokenizer_file={{runs}}/{previous}{{tag}}/tokenizer.json", f"data.seqlen={seqlen}",
             f"trainer.micro_batch_size={16 * 1024 // seqlen}", f"data.val_windows={32 * 1024 // seqlen}"]
+
+
+def s2l_stage2(seqlen: int) -> list[str]:
+    """The short-to-long recipe's last 20% at ``seqlen``."""
+    return continue_at("s2l_stage1", seqlen)
+
+
+# The progressive recipe: 60% of the tokens at 1K, then two stages of 20% each. The 4K arm doubles
+# its context twice (1K -> 2K -> 4K, positions interpolated 2x at each step) instead of once by 4x;
+# the 1K and 2K arms run the same two stages at their own context, so all three arms follow the
+# same learning-rate schedule and share the first stage (the 2K and 4K arms also the second).
+P2L_STAGE1 = ("p2l_stage1", ["experiment=repro_linux_s2l_stage1", "trainer.max_steps=549",
+                             "trainer.save_interval=549"])
 
 
 # Table 2 analog: the 1K run, 300 steps (19.7M tokens), with each attention at its users' best:
@@ -58,14 +73,21 @@ STAGES = {
     "s2l_1k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_1k", s2l_stage2(1024))],
     "s2l_2k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_2k", s2l_stage2(2048))],
     "s2l_4k": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]), ("s2l_4k", s2l_stage2(4096))],
+    "p2l_1k": [P2L_STAGE1, ("p2l_mid1k", continue_at("p2l_stage1", 1024)),
+               ("p2l_1k", continue_at("p2l_mid1k", 1024))],
+    "p2l_2k": [P2L_STAGE1, ("p2l_mid2k", continue_at("p2l_stage1", 2048)),
+               ("p2l_2k", continue_at("p2l_mid2k", 2048))],
+    "p2l_4k": [P2L_STAGE1, ("p2l_mid2k", continue_at("p2l_stage1", 2048)),
+               ("p2l_4k", continue_at("p2l_mid2k", 4096))],
     "t2_flash": [("t2_flash", TABLE2 + ["model.attention=flash"])],
     "t2_sdpa": [("t2_sdpa", TABLE2 + ["model.attention=sdpa"])],
     "t2_eager": [("t2_eager", TABLE2 + ["model.attention=eager", "trainer.compile=false"])],
 }
 # The run a row's "time / 1K run" divides by (default: 1k of the same variant series).
-BASELINE = {"s2l_1k": "s2l_1k", "s2l_2k": "s2l_1k", "s2l_4k": "s2l_1k"}
+BASELINE = {f"{recipe}_{context}": f"{recipe}_1k" for recipe in ("s2l", "p2l") for context in ("1k", "2k", "4k")}
 TABLE2_RUNS = ("t2_flash", "t2_sdpa", "t2_eager")
-FIRST_STAGES = {stages[0][0] for stages in STAGES.values() if len(stages) > 1}
+# Stages that other stages continue from: trained once per --runs directory and series, then reused.
+EARLIER_STAGES = {name for stages in STAGES.values() for name, _ in stages[:-1]}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -116,7 +138,7 @@ def run(args):
         for name, overrides in STAGES[key]:
             if name in trained:
                 continue
-            if name in FIRST_STAGES and (runs / (name + args.tag) / "model.pt").exists():
+            if name in EARLIER_STAGES and (runs / (name + args.tag) / "model.pt").exists():
                 print(f"{name}: reusing {runs / (name + args.tag)} (delete it to train again)")
                 trained.add(name)
                 continue
@@ -157,7 +179,7 @@ def series_of(name: str) -> tuple[str, str]:
 
 
 def stage_totals(name: str, records: dict) -> tuple[float, int]:
-    """Training seconds and tokens of a run, summed over its stages (a first stage it shares counts
+    """Training seconds and tokens of a run, summed over its stages (an earlier stage it shares counts
     for every run built on it)."""
     run, tag = series_of(name)
     parts = [records[part + tag] for part, _ in STAGES.get(run, [(run, None)]) if part + tag in records]
@@ -184,7 +206,7 @@ def report_row(name: str, records: dict, contexts) -> str:
 def report(args):
     records = collect(args.dirs)
     rows = args.rows or [name for name in sorted(records) if series_of(name)[0] in args.runs_in_order
-                         and not name.startswith(tuple(FIRST_STAGES) + TABLE2_RUNS)]
+                         and not name.startswith(tuple(EARLIER_STAGES) + TABLE2_RUNS)]
     if not args.rows:
         order = {run: i for i, run in enumerate(args.runs_in_order)}
         rows.sort(key=lambda name: (series_of(name)[1], order[series_of(name)[0]]))

@@ -83,3 +83,51 @@ def test_a_tagged_second_stage_reads_the_first_stage_of_its_own_series(tmp_path)
         command = " ".join(reproduce.stage_command(second, overrides, args, tmp_path))
         assert f"model.init_from={tmp_path}/{first}_ntk/model.pt" in command
         assert f"hydra.run.dir={tmp_path}/{second}_ntk" in command and command.endswith("extend_method=ntk")
+
+
+def test_each_progressive_stage_continues_the_stage_before_it(tmp_path):
+    import argparse
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+    args = argparse.Namespace(tag="_s2", corpus="C", cache="K", num_proc=1, extra=[])
+    for run, contexts in (("p2l_1k", ["1024", "1024"]), ("p2l_2k", ["2048", "2048"]), ("p2l_4k", ["2048", "4096"])):
+        stages = reproduce.STAGES[run]
+        assert "trainer.max_steps=549" in stages[0][1]
+        for (previous, _), (name, overrides), seqlen in zip(stages, stages[1:], contexts):
+            command = " ".join(reproduce.stage_command(name, overrides, args, tmp_path))
+            assert f"model.init_from={tmp_path}/{previous}_s2/model.pt" in command
+            assert f"data.seqlen={seqlen}" in command
+            assert f"trainer.micro_batch_size={16 * 1024 // int(seqlen)}" in command
+
+
+def test_run_trains_a_shared_stage_once_and_reuses_a_finished_one(tmp_path, monkeypatch):
+    import argparse
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+    trained = []
+
+    def fake_stage(name, overrides, args, runs):
+        trained.append(name)
+        (runs / (name + args.tag)).mkdir(parents=True, exist_ok=True)
+        (runs / (name + args.tag) / "model.pt").write_bytes(b"")
+        return {"name": name + args.tag, "returncode": 0, "metrics": []}
+
+    monkeypatch.setattr(reproduce, "run_stage", fake_stage)
+    args = argparse.Namespace(out=tmp_path / "out", runs=str(tmp_path / "runs"), only=["p2l_4k", "p2l_2k"],
+                              tag="", no_eval=True)
+    reproduce.run(args)
+    assert trained == ["p2l_stage1", "p2l_mid2k", "p2l_4k", "p2l_2k"]
+    args.only = ["p2l_1k"]
+    reproduce.run(args)                  # a later command on the same runs directory
+    assert trained[4:] == ["p2l_mid1k", "p2l_1k"]
+    assert json.loads((tmp_path / "out" / "p2l_4k.json").read_text())["returncode"] == 0
+
+
+def test_progressive_rows_count_every_earlier_stage(tmp_path):
+    out = run_report(tmp_path, [record("p2l_stage1", 60, 9), record("p2l_mid1k", 20, 8), record("p2l_mid2k", 25, 8),
+                                record("p2l_1k", 20, 8, 1024), record("p2l_4k", 40, 7, 4096)])
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in out.splitlines()[2:] if line.startswith("|")}
+    assert list(table) == ["p2l_1k", "p2l_4k"]                 # earlier stages are not rows
+    assert table["p2l_1k"][1:4] == ["3.0M", "100", "1.00"]
+    assert table["p2l_4k"][1:4] == ["3.0M", "125", "1.25"]     # (60 + 25 + 40) / (60 + 20 + 20)
