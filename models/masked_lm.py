@@ -48,9 +48,13 @@ class MaskedLM(nn.Module):
         positions = torch.arange(seqlen, device=input_ids.device)
         x = self.embed(input_ids) + self.positions(positions) + self.token_types(token_type_ids)
         x = self.dropout(self.embed_norm(x))
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        flash = resolve(self.config.attention, x.device) == "flash"
+        # Flash unpads whenever a mask is given, without asking whether the batch has padding: that
+        # question is a host read (a sync, and a graph break under torch.compile), and unpadding a
+        # batch without padding is one cheap gather. The masked paths only take a mask when needed.
+        padded = attention_mask is not None and (flash or not bool(attention_mask.all()))
         rows = None                  # which of the B·N positions ``hidden`` holds (None: all)
-        if padded and resolve(self.config.attention, x.device) == "flash":
+        if padded and flash:
             # Unpad once, here: the blocks run on the real tokens only, packed as one sequence of
             # documents for the kernel's variable-length mode (no per-layer gather and scatter).
             rows = attention_mask.flatten().nonzero().squeeze(1)

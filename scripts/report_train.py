@@ -102,8 +102,8 @@ def main():
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     parts = json.loads(args.results.read_text())["parts"]
-    sections = {"grid": grid_table, "long": long_table, "bert": bert_table, "agree": agree_table,
-                "agree_dropout_seeds": agree_table}
+    sections = {"grid": grid_table, "long": long_table, "bert": bert_table, "bert_unpadded": bert_table,
+                "bert_captured": bert_table, "agree": agree_table, "agree_dropout_seeds": agree_table}
     text = []
     for name, table in sections.items():
         if name in parts:

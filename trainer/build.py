@@ -6,6 +6,7 @@ import logging
 import torch
 
 from models import build_model, extend_context
+from models.attention import resolve as resolve_attention
 
 from .config import RunConfig
 from .model_source import ModelSourceError, find_model
@@ -65,3 +66,15 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
 
 def model_config_dict(model) -> dict:
     return dataclasses.asdict(model.config)
+
+
+def compile_model(module, model, mode: str):
+    """``torch.compile`` the training forward. A masked LM selects its scored positions with
+    ``nonzero``, whose output size depends on the data; dynamo splits the graph there unless told to
+    capture such ops. Captured, compiled BERT-large with SDPA ran 13 % faster on an H100 (139k
+    against 123k real tokens/s, docs/results/train_h100.md). Not with flash attention: its unpadded
+    blocks then run on a token count without a size hint, and the step ran 21 % slower (97k against
+    123k), so that path keeps its graph breaks."""
+    if model.config.arch == "bert" and resolve_attention(model.config.attention, next(model.parameters()).device) != "flash":
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(module, mode=mode)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from models import generate, save_model
 from models.attention import resolve as resolve_attention
 
-from .build import make_model, model_config_dict, resolve_device
+from .build import compile_model, make_model, model_config_dict, resolve_device
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
                          load_checkpoint, load_sharded, resumable_checkpoint, save_checkpoint,
                          set_rng_state, sharded_state)
@@ -116,7 +116,7 @@ class Trainer:
         self._restore_or_refuse()
         if not self.sharded:
             self.wrapped = wrap_model(self.model, self.context, self.device)
-        self.forward = torch.compile(self.wrapped, mode=trainer.compile_mode) if trainer.compile \
+        self.forward = compile_model(self.wrapped, self.model, trainer.compile_mode) if trainer.compile \
             else self.wrapped
         self.autocast_dtype = DTYPES[self.precision]
         self.peak_flops = peak_flops(config.trainer.peak_tflops, self.device)

@@ -227,6 +227,43 @@ def test_compiles_without_graph_breaks(tiny, tokens):
     torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_masked_lm_flash_step_has_no_host_read(tiny, tokens):
+    """No host read of the mask decides the flash path: with dynamo capturing data-dependent shapes
+    the whole MLM step (unpad, blocks, head on the scored positions) is one graph, and its loss and
+    gradients equal the uncompiled step's."""
+    torch._dynamo.reset()
+    model = tiny("bert", attention="flash", dropout=0.0, attn_dropout=0.0).train()
+    mask = torch.ones_like(tokens)
+    mask[0, 15:] = 0
+    targets = torch.full_like(tokens, -100)
+    targets[:, 3::5] = tokens[:, 3::5]
+    parameters = [model.embed.weight, model.blocks[0].attn.qkv.weight]
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        loss = compiled(tokens, mask, targets=targets)
+        grads = torch.autograd.grad(loss, parameters)
+    expected_loss = model(tokens, mask, targets=targets)
+    expected = torch.autograd.grad(expected_loss, parameters)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, attention, captured", [("bert", "sdpa", True), ("bert", "eager", True),
+                                                       ("bert", "flash", False), ("gpt2", "sdpa", False)])
+def test_compile_model_captures_dynamic_shapes_only_where_it_measured_faster(tiny, arch, attention, captured):
+    from trainer.build import compile_model
+    model = tiny(arch, attention=attention)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
+        compile_model(model, model, "default")
+        assert torch._dynamo.config.capture_dynamic_output_shape_ops is captured
+
+
+def test_bert_flash_with_a_mask_without_padding_equals_no_mask(tiny, tokens):
+    model = tiny("bert", attention="flash").eval()
+    torch.testing.assert_close(model(tokens, torch.ones_like(tokens)), model(tokens), rtol=0, atol=1e-5)
+
+
 def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="divisible"):
         build_model("gpt2_tiny", d_model=100, n_head=3)
