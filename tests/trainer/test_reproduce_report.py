@@ -131,3 +131,24 @@ def test_progressive_rows_count_every_earlier_stage(tmp_path):
     assert list(table) == ["p2l_1k", "p2l_4k"]                 # earlier stages are not rows
     assert table["p2l_1k"][1:4] == ["3.0M", "100", "1.00"]
     assert table["p2l_4k"][1:4] == ["3.0M", "125", "1.25"]     # (60 + 25 + 40) / (60 + 20 + 20)
+
+
+def test_sixty_four_sequence_arms_keep_the_sequences_and_the_tokens_of_the_1k_arm():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+
+    def setting(run):
+        overrides = dict(o.split("=", 1) for o in reproduce.STAGES[run][-1][1])
+        return {key: int(overrides[f"trainer.{key}"]) if f"trainer.{key}" in overrides else None
+                for key in ("micro_batch_size", "grad_accum", "max_steps")} | {"seqlen": int(overrides["data.seqlen"])}
+
+    from omegaconf import OmegaConf
+    stage2 = OmegaConf.load(ROOT / "configs/experiment/repro_linux_s2l_stage2.yaml").trainer
+    one_k = setting("s2l_1k") | {"grad_accum": stage2.grad_accum, "max_steps": stage2.max_steps}
+    tokens = one_k["micro_batch_size"] * one_k["grad_accum"] * one_k["max_steps"] * 1024
+    for run in ("s2l_2k_seq64", "s2l_4k_seq64"):
+        arm = setting(run)
+        assert arm["micro_batch_size"] * arm["grad_accum"] == 64
+        arm_tokens = 64 * arm["seqlen"] * arm["max_steps"]
+        assert tokens <= arm_tokens < tokens * 1.01
+        assert reproduce.BASELINE[run] == "s2l_1k"
