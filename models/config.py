@@ -32,6 +32,11 @@ class ModelConfig:
     # layers; 0 makes every layer local.
     attn_window: int | None = None
     global_every: int = 0
+    # bert with flash attention and a padding mask: True packs the real tokens (no compute on
+    # padding; the token count depends on the data); False keeps the padded layout and gives the
+    # kernel each row's real tokens and its padding as separate documents (static shapes, as
+    # torch.compile prefers; padding is computed and ignored).
+    unpad: bool = True
     extra: dict = field(default_factory=dict, compare=False)   # unused keys kept for round trips
 
     def __post_init__(self):

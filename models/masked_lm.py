@@ -54,7 +54,7 @@ class MaskedLM(nn.Module):
         # batch without padding is one cheap gather. The masked paths only take a mask when needed.
         padded = attention_mask is not None and (flash or not bool(attention_mask.all()))
         rows = None                  # which of the B·N positions ``hidden`` holds (None: all)
-        if padded and flash:
+        if padded and flash and self.config.unpad:
             # Unpad once, here: the blocks run on the real tokens only, packed as one sequence of
             # documents for the kernel's variable-length mode (no per-layer gather and scatter).
             rows = attention_mask.flatten().nonzero().squeeze(1)
@@ -63,6 +63,17 @@ class MaskedLM(nn.Module):
             packed = x.flatten(0, 1).index_select(0, rows)[None]
             hidden = run_blocks(self.blocks, packed, self.config, self.training,
                                 documents=(cu_seqlens, seqlen))[0]
+        elif padded and flash:
+            # The padded layout as documents: row b's real tokens [bN, bN + length) and its padding
+            # [bN + length, (b+1)N) (empty for a full row), so real tokens never see padding.
+            lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+            starts = torch.arange(batch, device=x.device, dtype=torch.int32) * seqlen
+            bounds = torch.stack((starts, starts + lengths), dim=1).flatten()
+            cu_seqlens = F.pad(bounds, (0, 1), value=batch * seqlen)
+            hidden = run_blocks(self.blocks, x.flatten(0, 1)[None], self.config, self.training,
+                                documents=(cu_seqlens, seqlen))[0]
+            if targets is not None:      # as when unpadded: a target on padding is not scored
+                targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
         else:
             key_padding = attention_mask.bool() if padded else None
             hidden = run_blocks(self.blocks, x, self.config, self.training, key_padding).flatten(0, 1)

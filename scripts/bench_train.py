@@ -251,12 +251,15 @@ def part_bert(args, workdir, ceiling, records):
     config = run_config(base)
     data = build_data(config.data, args.bert_batch, 0, log=lambda *_: None)
     real = float((data.train.lengths + 2).sum() / (len(data.train.lengths) * 512))
-    for attention, compiled in (run.split(":") for run in args.bert_runs):
-        compiled = compiled == "compiled"
+    for attention, mode, *layout in (run.split(":") for run in args.bert_runs):
+        compiled = mode == "compiled"
         overrides = base + [f"model.attention={attention}", f"trainer.compile={compiled}"]
         record = dict(system=f"flashtrain_{attention}", model="bert_large", seqlen=512,
                       batch=args.bert_batch, compile=compiled, attn_dropout=0.1,
                       padding_fraction=1 - real)
+        if layout:                       # flash only: packed real tokens, or the padded layout
+            overrides.append(f"model.unpad={layout[0] == 'packed'}")
+            record["layout"] = layout[0]
         measure(record, lambda: TrainerSystem(overrides, workdir), args.window, args.windows, ceiling)
         if "tokens_per_s" in record:     # count real tokens only: padding is not work done
             record["padded_tokens_per_s"] = record["tokens_per_s"]
@@ -326,9 +329,11 @@ def main():
     parser.add_argument("--contexts", nargs="+", type=int, default=[8192, 16384, 32768, 65536])
     parser.add_argument("--bert-batch", type=int, default=16)
     parser.add_argument("--bert-runs", nargs="+", choices=[f"{a}:{c}" for a in ("flash", "sdpa", "eager")
-                                                           for c in ("eager", "compiled")],
+                                                           for c in ("eager", "compiled")]
+                        + [f"flash:{c}:{layout}" for c in ("eager", "compiled") for layout in ("packed", "padded")],
                         default=["flash:eager", "flash:compiled", "sdpa:eager", "sdpa:compiled", "eager:eager"],
-                        help="ATTENTION:eager|compiled, the part bert systems in order")
+                        help="ATTENTION:eager|compiled[:packed|padded], the part bert systems in order "
+                             "(flash's layout: model.unpad=true|false)")
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up one")
     parser.add_argument("--agree-steps", type=int, default=200)

@@ -45,7 +45,8 @@ def bert_table(part) -> list[str]:
     for r in part["records"]:
         padded = f"{r['padded_tokens_per_s'] / 1e3:.0f}k" if "padded_tokens_per_s" in r else "–"
         mem = f"{r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else "–"
-        lines.append(f"| {r['system']} | {'yes' if r['compile'] else 'no'} | {_rate(r)} | {padded} | {mem} |")
+        system = r["system"] + (f" ({r['layout']})" if "layout" in r else "")
+        lines.append(f"| {system} | {'yes' if r['compile'] else 'no'} | {_rate(r)} | {padded} | {mem} |")
     return lines
 
 

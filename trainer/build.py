@@ -26,7 +26,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def model_overrides(config: RunConfig, vocab_size: int) -> dict:
     section = config.model
     overrides = {"vocab_size": vocab_size, "attention": section.attention,
-                 "checkpoint_blocks": section.checkpoint_blocks,
+                 "checkpoint_blocks": section.checkpoint_blocks, "unpad": section.unpad,
                  "pad_vocab_multiple": section.pad_vocab_multiple}
     for key in ("dropout", "attn_dropout", "d_model", "n_layer", "n_head", "attn_window", "global_every"):
         if getattr(section, key) is not None:
@@ -49,7 +49,8 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
         except ModelSourceError as error:
             raise ValueError(f"model.init_from={section.init_from}: {error}") from None
         logging.getLogger("flashtrain").info(f"model.init_from: {source.kind} {source.path}")
-        model = source.load(attention=section.attention, checkpoint_blocks=section.checkpoint_blocks)
+        model = source.load(attention=section.attention, checkpoint_blocks=section.checkpoint_blocks,
+                            unpad=section.unpad)
         if model.config.vocab_size != vocab_size:
             raise ValueError(f"model.init_from has vocabulary {model.config.vocab_size}, the data's "
                              f"tokenizer {vocab_size}: use the model's tokenizer (data.tokenizer_file)")
@@ -74,7 +75,10 @@ def compile_model(module, model, mode: str):
     capture such ops. Captured, compiled BERT-large with SDPA ran 13 % faster on an H100 (139k
     against 123k real tokens/s, docs/results/train_h100.md). Not with flash attention: its unpadded
     blocks then run on a token count without a size hint, and the step ran 21 % slower (97k against
-    123k), so that path keeps its graph breaks."""
-    if model.config.arch == "bert" and resolve_attention(model.config.attention, next(model.parameters()).device) != "flash":
+    123k), so that path keeps its graph breaks; ``model.unpad=false`` (static shapes through the
+    blocks) captures them."""
+    config = model.config
+    flash = resolve_attention(config.attention, next(model.parameters()).device) == "flash"
+    if config.arch == "bert" and not (flash and config.unpad):
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return torch.compile(module, mode=mode)

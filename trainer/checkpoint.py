@@ -292,7 +292,7 @@ RESUMABLE_CHANGES = ("resume", "trainer.max_steps", "trainer.log_interval", "tra
                      "trainer.save_interval", "trainer.keep_checkpoints", "trainer.sample_tokens",
                      "trainer.skip_nonfinite", "trainer.compile", "trainer.compile_mode",
                      "trainer.peak_tflops", "trainer.device", "model.attention",
-                     "model.checkpoint_blocks", "data.num_proc", "data.cache_dir", "logger.")
+                     "model.checkpoint_blocks", "model.unpad", "data.num_proc", "data.cache_dir", "logger.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -27,6 +27,8 @@ class ModelSection:
     dropout: float | None = None         # residual/embedding dropout; None keeps the size's default
     attn_dropout: float | None = None    # attention-probability dropout; None keeps the default
     checkpoint_blocks: bool = False      # activation checkpointing per block
+    unpad: bool = True                   # bert + flash: pack real tokens (true) or keep the padded
+                                         # layout, padding as separate documents (false: static shapes)
     pad_vocab_multiple: int = 64         # pad the embedding table for faster matmuls
     d_model: int | None = None           # optional overrides of the named size
     attn_window: int | None = None       # sliding-window attention (decoders): tokens a query sees

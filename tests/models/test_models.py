@@ -249,11 +249,46 @@ def test_masked_lm_flash_step_has_no_host_read(tiny, tokens):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch, attention, captured", [("bert", "sdpa", True), ("bert", "eager", True),
-                                                       ("bert", "flash", False), ("gpt2", "sdpa", False)])
-def test_compile_model_captures_dynamic_shapes_only_where_it_measured_faster(tiny, arch, attention, captured):
+def test_bert_padded_layout_as_documents_equals_unpadding(tiny, tokens):
+    """model.unpad=false (padding kept, each row's padding its own document) gives the real tokens
+    the same logits, loss and gradients as packing them: row 0 padded, row 1 full (its padding
+    document is empty)."""
+    mask = torch.ones_like(tokens)
+    mask[0, 15:] = 0
+    targets = torch.full_like(tokens, -100)
+    targets[:, 2::4] = tokens[:, 2::4]
+    real = mask.bool()
+    results = {}
+    for unpad in (True, False):
+        model = tiny("bert", attention="flash", unpad=unpad, dropout=0.0, attn_dropout=0.0).train()
+        loss = model(tokens, mask, targets=targets)
+        grads = torch.autograd.grad(loss, [model.embed.weight, model.blocks[0].attn.qkv.weight])
+        results[unpad] = (model.eval()(tokens, mask)[real], loss, grads)
+    torch.testing.assert_close(results[False][0], results[True][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[False][1], results[True][1], rtol=1e-5, atol=1e-6)
+    for got, want in zip(results[False][2], results[True][2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_bert_padded_layout_compiles_to_one_graph(tiny, tokens):
+    torch._dynamo.reset()
+    model = tiny("bert", attention="flash", unpad=False, dropout=0.0, attn_dropout=0.0).train()
+    mask = torch.ones_like(tokens)
+    mask[1, 9:] = 0
+    targets = torch.full_like(tokens, -100)
+    targets[:, 1::6] = tokens[:, 1::6]
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        loss = torch.compile(model, fullgraph=True, backend="aot_eager")(tokens, mask, targets=targets)
+    torch.testing.assert_close(loss, model(tokens, mask, targets=targets), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, attention, unpad, captured", [
+    ("bert", "sdpa", True, True), ("bert", "eager", True, True), ("bert", "flash", True, False),
+    ("bert", "flash", False, True), ("gpt2", "sdpa", True, False)])
+def test_compile_model_captures_dynamic_shapes_only_where_it_measured_faster(tiny, arch, attention, unpad,
+                                                                           captured):
     from trainer.build import compile_model
-    model = tiny(arch, attention=attention)
+    model = tiny(arch, attention=attention, unpad=unpad)
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
         compile_model(model, model, "default")
         assert torch._dynamo.config.capture_dynamic_output_shape_ops is captured
