@@ -21,10 +21,12 @@ dtypes, alignment and scalar arguments) call it directly and pass tensor address
 which the C launcher takes as they are.
 """
 
+import contextlib
+
 import torch
 import triton
 from triton import knobs
-from triton.runtime import driver
+from triton.runtime import _allocation, driver
 
 from ._launch import INTERPRETED
 
@@ -51,22 +53,55 @@ class BoundKernel:
 
     def __init__(self, compiled, constexprs):
         launcher = compiled.run
-        # Triton's launcher object only adds scratch-buffer allocation around the C launch function;
-        # a kernel that needs no scratch is launched through the C function itself.
-        needs_scratch = (getattr(launcher, "global_scratch_size", 1)
-                         or getattr(launcher, "profile_scratch_size", 1))
-        if needs_scratch:
-            self._launch, self._options = launcher, ()
+        # Triton's launcher object only adds scratch-buffer allocation around the C launch function.
+        # A kernel that needs none, or only global scratch (tensor descriptors made on the device,
+        # _forward_hopper.py), is launched through the C function itself, with the scratch
+        # allocated here; profiler scratch keeps Triton's path.
+        known = all(hasattr(launcher, name) for name in
+                    ("launch", "global_scratch_size", "profile_scratch_size", "num_ctas"))
+        if not known or launcher.profile_scratch_size:
+            self._launch, self._flags = launcher, None
         else:
             self._launch = launcher.launch
-            self._options = (launcher.launch_cooperative_grid, launcher.launch_pdl, None, None)
+            self._flags = (launcher.launch_cooperative_grid, launcher.launch_pdl)
+            self._scratch_bytes = launcher.global_scratch_size * launcher.num_ctas
         self._function = compiled.function
         self._metadata = compiled.packed_metadata
         self._constexprs = constexprs
 
     def __call__(self, grid, stream, *args):
-        self._launch(grid[0], grid[1], grid[2], stream, self._function, *self._options,
+        if self._flags is None:
+            with scratch_allocator():
+                self._launch(grid[0], grid[1], grid[2], stream, self._function, self._metadata,
+                             None, None, None, *args, *self._constexprs)
+            return
+        scratch = None
+        if self._scratch_bytes:
+            scratch = _cuda_scratch(grid[0] * grid[1] * grid[2] * self._scratch_bytes, 128, stream)
+        self._launch(grid[0], grid[1], grid[2], stream, self._function, *self._flags, scratch, None,
                      self._metadata, None, None, None, *args, *self._constexprs)
+
+
+def _cuda_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # The caching allocator's blocks are 512-byte aligned, more than Triton asks for (128).
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+@contextlib.contextmanager
+def scratch_allocator():
+    """Let Triton's own launch path allocate kernel scratch (tensor descriptors built on the device)
+    through PyTorch, unless the caller set an allocator. Triton keeps it in a context variable,
+    which threads do not inherit (the autograd engine's, recomputing a checkpointed forward), so it
+    is set around each launch and restored after."""
+    current = _allocation._allocator
+    if current.get() is not _allocation._NULL_ALLOCATOR:
+        yield
+        return
+    token = current.set(_cuda_scratch)
+    try:
+        yield
+    finally:
+        current.reset(token)
 
 
 def grid3(grid) -> tuple[int, int, int]:
@@ -91,13 +126,15 @@ class DirectLauncher:
     def launch(self, grid, args, kwargs) -> BoundKernel | None:
         """Launch; returns the bound kernel that ran, or None where Triton's path had to."""
         if INTERPRETED or hooks_installed():
-            self.kernel[grid](*args, **kwargs)
+            with scratch_allocator():
+                self.kernel[grid](*args, **kwargs)
             return None
         device = driver.active.get_current_device()
         key = (device, tuple(kwargs.items()), tuple(map(_specialization, args)))
         bound = self.compiled.get(key)
         if bound is None:
-            compiled = self.kernel[grid](*args, **kwargs)
+            with scratch_allocator():
+                compiled = self.kernel[grid](*args, **kwargs)
             if hasattr(compiled, "result"):    # Triton's asynchronous compile mode
                 compiled = compiled.result()
             # The launcher takes every parameter in signature order, constexprs included.

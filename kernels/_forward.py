@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _forward_hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
                       dot_precision, forward_tiles)
@@ -144,6 +145,7 @@ def _forward_kernel(
 
 
 FORWARD = DirectLauncher(_forward_kernel)
+FORWARD_HOPPER = DirectLauncher(_forward_hopper._forward_hopper_kernel)
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -165,10 +167,12 @@ def new_outputs(q: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torc
 
 def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, causal: bool,
                   dropout_p: float, tiles: Tiles | None = None, window: Window = NO_WINDOW):
-    """``(grid, static arguments, constexprs and options)`` of the forward launch: everything but
+    """``(launcher, grid, static arguments, constexprs and options)`` of the forward launch: the
+    Hopper kernel where the tiles ask for it and the call qualifies, else the portable one; all but
     the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base), which is
     fixed by the tensors' shapes and strides, the dtype and the options."""
     tiles = tiles or forward_tiles(geometry.head_dim, q.device, q.dtype)
+    hopper = tiles.warp_specialize and _forward_hopper.supported(q, k, v, geometry.varlen, dropout_p)
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
     static = (
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),
@@ -183,7 +187,9 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
         **band_flags(causal, window), DROPOUT=dropout_p > 0, VARLEN=geometry.varlen,
         PRECISION=dot_precision(q.dtype), N_ROUNDS=PHILOX_ROUNDS,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return grid, static, options
+    if hopper:
+        options["MASKED"] = _forward_hopper.masked(causal, window, geometry.seqlen_k, tiles.block_n)
+    return (FORWARD_HOPPER if hopper else FORWARD), grid, static, options
 
 
 def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float,
@@ -192,9 +198,9 @@ def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale
     """Launch the forward kernel writing into ``out`` and ``lse``. Returns ``(bound kernel or None,
     3-D grid, static arguments)``: the same for every call with these shapes, strides and options,
     so a launch plan (``_eager_plan.py``) can repeat the launch with new addresses."""
-    grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale, causal,
-                                          dropout_p, tiles, window)
-    bound = FORWARD.launch(grid, (q, k, v, out, lse, cu_seqlens, kernel_seed(seed),
+    launcher, grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale,
+                                                    causal, dropout_p, tiles, window)
+    bound = launcher.launch(grid, (q, k, v, out, lse, cu_seqlens, kernel_seed(seed),
                                   kernel_counter_base(offset), *static), options)
     return bound, grid3(grid), static
 

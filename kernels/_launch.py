@@ -120,6 +120,10 @@ class Tiles:
     block_n: int
     num_warps: int
     num_stages: int
+    # Forward only: the Hopper kernel (TMA loads, warp-specialized key loop; _forward_hopper.py)
+    # where the call qualifies. With it, num_warps counts one consumer warpgroup's warps: Triton
+    # adds a producer warp and splits block_m between two consumer warpgroups.
+    warp_specialize: bool = False
 
     def __post_init__(self):
         # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).

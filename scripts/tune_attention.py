@@ -23,7 +23,12 @@ from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles  # noqa: E402
 
 FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
-                               (128, 64, 4, 4)]]
+                               (128, 64, 4, 4)]] + [
+    # The Hopper kernel (_forward_hopper.py; sm_90+, no dropout, padded input; other calls fall
+    # back to the portable kernel at the same tiles). num_warps is one consumer warpgroup's.
+    Tiles(*t, warp_specialize=True) for t in [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2),
+                                              (128, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                                              (128, 64, 4, 4)]]
 DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
                             (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2),
                             (16, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3), (128, 64, 8, 2),
@@ -70,7 +75,8 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
         rows.append(("dq(+fixed dkdv)", tiles, ms, 2.5 * flops))
     return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
-                 num_stages=t.num_stages, ms=ms if isinstance(ms, float) else None,
+                 num_stages=t.num_stages, warp_specialize=t.warp_specialize,
+                 ms=ms if isinstance(ms, float) else None,
                  tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
                  error=None if isinstance(ms, float) else ms)
             for kernel, t, ms, flops_ in rows]
@@ -129,7 +135,8 @@ def main():
                     ok = [r for r in found if r["kernel"] == kernel and r["ms"]]
                     ok.sort(key=lambda r: r["ms"])
                     print(f"d={head_dim} causal={causal} p={dropout_p} {kernel:>16}: " + "  ".join(
-                        f"({r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}) "
+                        f"({r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}"
+                        f"{',ws' if r['warp_specialize'] else ''}) "
                         f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
     args.out.write_text(json.dumps(records, indent=1))
 

@@ -58,3 +58,59 @@ def test_direct_launches_match_tritons_path_bit_for_bit():
     assert all(len(launcher.compiled) == 1 for launcher in launchers)
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+class _FakeLauncher:
+    """Stands in for Triton's CudaLauncher: records the C launch function's arguments."""
+
+    def __init__(self, global_scratch_size, profile_scratch_size=0):
+        self.global_scratch_size, self.profile_scratch_size = global_scratch_size, profile_scratch_size
+        self.num_ctas, self.launch_cooperative_grid, self.launch_pdl = 1, False, False
+        self.calls = []
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+
+class _FakeCompiled:
+    def __init__(self, launcher):
+        self.run, self.function, self.packed_metadata = launcher, 1234, (4, 1, 0)
+
+
+@pytest.mark.parametrize("scratch_bytes", [0, 384])
+def test_bound_kernel_passes_global_scratch_sized_by_the_grid(scratch_bytes, monkeypatch):
+    # Kernels that build tensor descriptors on the device (the Hopper forward) need 384 bytes of
+    # global scratch per program: the bound kernel allocates it itself, with no Triton allocator.
+    from kernels import _direct_launch
+    sizes = []
+    monkeypatch.setattr(_direct_launch, "_cuda_scratch",
+                        lambda size, alignment, stream: sizes.append(size) or torch.empty(size, dtype=torch.uint8))
+    launcher = _FakeLauncher(scratch_bytes)
+    bound = _direct_launch.BoundKernel(_FakeCompiled(launcher), constexprs=(64,))
+    bound((3, 2, 5), 77, "a", "b")
+    (call,) = launcher.calls
+    grid, stream, function, flags, scratch, rest = call[:3], call[3], call[4], call[5:7], call[7], call[8:]
+    assert grid == (3, 2, 5) and stream == 77 and function == 1234 and flags == (False, False)
+    if scratch_bytes:
+        assert sizes == [3 * 2 * 5 * scratch_bytes] and scratch.numel() == sizes[0]
+    else:
+        assert sizes == [] and scratch is None
+    assert rest == (None, (4, 1, 0), None, None, None, "a", "b", 64)
+
+
+def test_scratch_allocator_is_set_only_around_a_launch_and_only_when_unset():
+    import triton
+    from triton.runtime import _allocation
+
+    from kernels._direct_launch import scratch_allocator
+    assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    with scratch_allocator():
+        assert _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR
+    assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    mine = lambda size, alignment, stream: None
+    triton.set_allocator(mine)
+    try:
+        with scratch_allocator():
+            assert _allocation._allocator.get() is mine       # a caller's allocator is kept
+    finally:
+        triton.set_allocator(_allocation._NULL_ALLOCATOR)

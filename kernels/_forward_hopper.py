@@ -1,0 +1,137 @@
+"""Forward pass for Hopper and later (sm_90+): TMA loads and warp specialization.
+
+The same arguments, outputs and numerics as ``_forward._forward_kernel``; launched instead of it
+when the tiles ask for it (``Tiles.warp_specialize``) and the call qualifies (``supported``).
+Q, K and V are read through tensor descriptors (the TMA copy engine fills shared memory, bounded by
+the sequence: rows past its end and columns past head_dim arrive as zeros), and the key loop is
+warp specialized: Triton gives the copies to a producer warp and splits a 128-row query tile
+between two consumer warpgroups, as FlashAttention-3 does.
+
+Triton 3.6 specializes only kernels with a single loop and no early exit, and only when the loop's
+inputs come through descriptors (checked by compiling for sm_90; docs/results/attention_notes.md).
+So this kernel has one key loop: masked on every tile when the call has a band (causal, a window)
+or a ragged last key block, unmasked otherwise. Dropout (its Philox code) and packed
+variable-length input (an exit for query blocks past a short sequence) break the specialization;
+those calls run the portable kernel.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import INTERPRETED
+from ._tiles import key_block_ranges, store_rows, visible_tile
+
+
+@triton.jit
+def _key_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, rows, offs_n, len_k, upper, lower,
+              qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPPER: tl.constexpr,
+              LOWER: tl.constexpr, PRECISION: tl.constexpr):
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+        k = k_desc.load([n0, 0])
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASKED:
+            cols = n0 + offs_n
+            scores = tl.where(visible_tile(rows, cols, len_k, upper, lower, UPPER, LOWER), scores,
+                              float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            # A row that has seen no visible key yet keeps m = -inf; shift it by 0, not inf - inf.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            m_shift = m_new
+        p = tl.math.exp2(scores * qk_scale - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = v_desc.load([n0, 0])
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# The signature of _forward._forward_kernel (launch plans pass the same arguments), plus MASKED.
+@triton.jit(do_not_specialize=["seed", "counter_base"])
+def _forward_hopper_kernel(
+    Q, K, V, Out, Lse, cu_seqlens, seed, counter_base,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_lse_b, stride_lse_h,
+    seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
+    qk_scale, counters_per_row, drop_threshold, drop_rescale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASKED: tl.constexpr,
+):
+    tl.static_assert(not DROPOUT and not VARLEN, "dropout and packed input run the portable kernel")
+    # Reverse order: with causal masking the last query blocks do the most work; start them first.
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    head_k = head // group_size
+    m0 = block_m * BLOCK_M           # < seqlen_q: the grid covers exactly the query blocks
+
+    batch64 = batch.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qn
+    k_base = K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh
+    v_base = V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh
+    q = tl.make_tensor_descriptor(q_base, shape=[seqlen_q - m0, HEAD_DIM], strides=[stride_qn, 1],
+                                  block_shape=[BLOCK_M, BLOCK_D]).load([0, 0])
+    k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = m0 + offs_m
+    row_ok = rows < seqlen_q
+    upper = seqlen_k - seqlen_q + window_right
+    lower = seqlen_k - seqlen_q - window_left
+    keys_start, _, _, keys_end = key_block_ranges(m0, seqlen_k, upper, lower, BLOCK_M, BLOCK_N,
+                                                  UPPER, LOWER)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, k_desc, v_desc, keys_start, keys_end, rows, offs_n,
+                              seqlen_k, upper, lower, qk_scale, BLOCK_N, MASKED, UPPER, LOWER,
+                              PRECISION)
+
+    # As in the portable kernel: rows that see no key output zeros and store lse = +inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_on
+    store_rows(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
+               row_ok, offs_d < HEAD_DIM, HEAD_DIM == BLOCK_D)
+    tl.store(Lse + batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + rows, lse,
+             mask=row_ok)
+
+
+def supported(q, k, v, varlen: bool, dropout_p: float) -> bool:
+    """Whether a call can take the Hopper kernel: sm_90 or later, fp16 or bf16, no dropout, padded
+    input, and what TMA needs of each tensor (16-byte aligned base and row strides, contiguous
+    head_dim rows of at least 16 bytes). float32 (tests and references) does not specialize: its
+    three-pass tf32 products break the pass. The interpreter runs any dtype (tests)."""
+    if dropout_p > 0 or varlen:
+        return False
+    if not INTERPRETED and (q.device.type != "cuda" or q.dtype == torch.float32
+                            or torch.cuda.get_device_capability(q.device) < (9, 0)):
+        return False
+    for t in (q, k, v):
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or t.shape[-1] * size < 16:
+            return False
+        if any(stride * size % 16 for stride in t.stride()[:-1]):
+            return False
+    return True
+
+
+def masked(causal: bool, window, seqlen_k: int, block_n: int) -> bool:
+    """The MASKED constexpr: a band (causal or a window) or a ragged last key block."""
+    return causal or window[0] >= 0 or window[1] >= 0 or seqlen_k % block_n != 0

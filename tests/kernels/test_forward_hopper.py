@@ -1,0 +1,107 @@
+"""The Hopper forward kernel (TMA loads, one warp-specialized key loop): exact against the float64
+reference and equal to the portable kernel, and chosen only for the calls it supports."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import _forward, _forward_hopper, attention_reference
+from kernels._launch import Tiles, call_geometry
+
+from .numerics import check_against_reference, random_qkv
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                                reason="the Hopper kernel needs sm_90 or later")
+
+# Interpreter-sized tiles (a 128-row tile on the GPU); the flag is what selects the kernel.
+HOPPER = Tiles(32, 32, 1, 1, warp_specialize=True)
+PORTABLE = Tiles(32, 32, 1, 1)
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, causal, window)
+CASES = [
+    (2, 64, 64, 2, 2, 32, False, (-1, -1)),    # no mask at all: the unmasked loop
+    (1, 70, 70, 4, 2, 64, False, (-1, -1)),    # ragged last key block, GQA
+    (1, 40, 70, 2, 2, 80, True, (-1, -1)),     # causal, Nq < Nk, head_dim not a power of two
+    (1, 70, 40, 2, 1, 16, True, (-1, -1)),     # causal, Nq > Nk: the first 30 queries see nothing
+    (1, 90, 90, 1, 1, 32, False, (20, 5)),     # a sliding window on both sides
+    (1, 96, 96, 2, 2, 32, True, (33, -1)),     # causal with a left window
+]
+
+
+def _chosen_kernel(q, k, v, causal=False, window=(-1, -1), dropout_p=0.0):
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    return _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, dropout_p, HOPPER,
+                                  window)[0]
+
+
+def _forward_pair(q, k, v, causal, window, tiles):
+    geometry = call_geometry(q, k, None, 0)
+    return _forward.forward(q, k, v, None, geometry, 1 / math.sqrt(q.shape[-1]), causal, 0.0,
+                            seed=0, offset=0, tiles=tiles, window=window)
+
+
+float32_interpreted = pytest.mark.skipif(torch.cuda.is_available(),
+                                         reason="float32 runs the portable kernel on the GPU")
+
+
+@float32_interpreted
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-c{int(c[6])}-w{c[7]}")
+def test_hopper_forward_matches_reference_and_portable(case, device):
+    batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, causal, window = case
+    q, k, v = random_qkv((batch, seqlen_q, heads_q, head_dim), (batch, seqlen_k, heads_k, head_dim),
+                         torch.float32, device, requires_grad=False)
+    assert _chosen_kernel(q, k, v, causal, window) is _forward.FORWARD_HOPPER
+    out, lse = _forward_pair(q, k, v, causal, window, HOPPER)
+    exact = attention_reference(q, k, v, causal=causal, compute_dtype=torch.float64,
+                                window=None if window == (-1, -1) else window)
+    assert (out.double() - exact).abs().max().item() < 1e-5
+    portable_out, portable_lse = _forward_pair(q, k, v, causal, window, PORTABLE)
+    assert torch.allclose(out, portable_out, rtol=0, atol=1e-6)
+    assert torch.allclose(lse, portable_lse, rtol=0, atol=1e-6)    # inf where a row sees no key
+    if causal and seqlen_q > seqlen_k:
+        blind = seqlen_q - seqlen_k
+        assert torch.equal(out[:, :blind], torch.zeros_like(out[:, :blind]))
+        assert torch.isinf(lse[:, :, :blind]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_with_hopper_forward_matches_reference(dtype, causal, device, monkeypatch):
+    # The whole op (forward on the Hopper kernel, the backward from its out and lse) against
+    # float64, as flash_attention runs when the tuned tiles ask for the Hopper kernel.
+    from kernels import _eager_plan
+    tiles = HOPPER if device == "cpu" else Tiles(128, 64, 4, 2, warp_specialize=True)
+    monkeypatch.setattr(_forward, "forward_tiles", lambda *args: tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})     # no plan bound to another kernel
+    q, k, v = random_qkv((2, 45, 4, 64), (2, 45, 2, 64), dtype, device)
+    check_against_reference(q, k, v, causal=causal)
+
+
+@float32_interpreted
+def test_unsupported_calls_take_the_portable_kernel(device):
+    q, k, v = random_qkv((1, 32, 2, 32), (1, 32, 2, 32), torch.float32, device, requires_grad=False)
+    assert _chosen_kernel(q, k, v) is _forward.FORWARD_HOPPER
+    assert _chosen_kernel(q, k, v, dropout_p=0.1) is _forward.FORWARD   # Philox breaks specialization
+    # Rows of 3 float32 heads of 5 values: 60-byte strides, which TMA cannot address.
+    odd = torch.randn(1, 32, 3, 5, device=device)[:, :, :2]
+    assert not _forward_hopper.supported(odd, odd, odd, varlen=False, dropout_p=0.0)
+    packed = torch.randn(64, 2, 32, device=device)
+    assert not _forward_hopper.supported(packed, packed, packed, varlen=True, dropout_p=0.0)
+    assert _forward_hopper.supported(q, k, v, varlen=False, dropout_p=0.0)
+
+
+def test_hopper_forward_needs_the_interpreter_or_sm90():
+    # On a CUDA device below sm_90, or on the CPU without the interpreter, the portable kernel runs.
+    from kernels._launch import INTERPRETED
+    q = torch.randn(1, 32, 2, 32)
+    assert _forward_hopper.supported(q, q, q, varlen=False, dropout_p=0.0) == INTERPRETED
+
+
+def test_masked_flag():
+    assert not _forward_hopper.masked(False, (-1, -1), 4096, 128)
+    assert _forward_hopper.masked(False, (-1, -1), 4000, 128)           # ragged last key block
+    assert _forward_hopper.masked(True, (-1, -1), 4096, 128)
+    assert _forward_hopper.masked(False, (256, -1), 4096, 128)
+    assert _forward_hopper.masked(False, (-1, 0), 4096, 128)
