@@ -190,8 +190,13 @@ class Trainer:
     def _loss(self, batch):
         """Mean loss of one micro-batch. The model computes it from the targets, so a compiled model
         fuses the head's matmul output with the cross entropy (no float32 logits in memory)."""
-        documents = {} if batch.cu_seqlens is None else {"cu_seqlens": batch.cu_seqlens,
-                                                          "max_seqlen": batch.max_seqlen}
+        documents = {}
+        if batch.cu_seqlens is not None:
+            # The number of documents changes from batch to batch. Told so up front, a compiled
+            # model compiles once; otherwise it compiles the first batch's count, then again with
+            # the count dynamic (tests/trainer/test_trainer.py).
+            torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)
+            documents = {"cu_seqlens": batch.cu_seqlens, "max_seqlen": batch.max_seqlen}
         with self._autocast():
             return self.forward(batch.input_ids, batch.attention_mask, targets=batch.targets,
                                 **documents)

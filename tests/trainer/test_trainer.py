@@ -350,3 +350,34 @@ def test_epochs_are_logged_and_many_repeats_warned(tmp_path):
     assert 0 < train[0]["epoch"] < train[-1]["epoch"]
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert re.search(r"WARNING this run reads its [\d,]+-token training split \d+\.\d times", log_text)
+
+
+@pytest.mark.parametrize("mark_dynamic", [True, False])
+def test_document_aware_batches_compile_once(mark_dynamic, tmp_path, monkeypatch):
+    # Batches hold different numbers of documents (cu_seqlens lengths). The compiled training
+    # forward is compiled once for all of them, and once more for evaluation (no_grad); without
+    # the hint dynamo compiles the training graph twice (the first count, then the count made
+    # dynamic, which evaluation then inherits).
+    from torch._dynamo.testing import CompileCounter
+
+    from trainer import loop
+    counter = CompileCounter()
+    monkeypatch.setattr(loop, "compile_model",
+                        lambda module, model, mode: torch.compile(module, backend=counter))
+    if not mark_dynamic:
+        monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda *args: None)
+    lengths = set()
+    original = loop.Trainer._loss
+
+    def recording(self, batch):
+        lengths.add(batch.cu_seqlens.shape[0])
+        return original(self, batch)
+    monkeypatch.setattr(loop.Trainer, "_loss", recording)
+    torch._dynamo.reset()
+    run(compose_run(tiny_overrides(tmp_path, **{
+        "data.document_aware": "true", "model.attention": "flash", "trainer.compile": "true",
+        "model.dropout": 0.0, "model.attn_dropout": 0.0, "trainer.max_steps": 4,
+        "trainer.eval_interval": 4, "trainer.save_interval": 4})), tmp_path / "run")
+    torch._dynamo.reset()
+    assert len(lengths) > 1                         # the counts did vary
+    assert counter.frame_count == (2 if mark_dynamic else 3)
