@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _forward_hopper
+from . import _forward_hopper, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
                       dot_precision, forward_tiles)
@@ -172,7 +172,7 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
     the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base), which is
     fixed by the tensors' shapes and strides, the dtype and the options."""
     tiles = tiles or forward_tiles(geometry.head_dim, q.device, q.dtype)
-    hopper = tiles.warp_specialize and _forward_hopper.supported(q, k, v, geometry.varlen, dropout_p)
+    hopper = tiles.warp_specialize and _hopper.supported((q, k, v), geometry.varlen, dropout_p)
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
     static = (
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),

@@ -1,7 +1,7 @@
 """Forward pass for Hopper and later (sm_90+): TMA loads and warp specialization.
 
 The same arguments, outputs and numerics as ``_forward._forward_kernel``; launched instead of it
-when the tiles ask for it (``Tiles.warp_specialize``) and the call qualifies (``supported``).
+when the tiles ask for it (``Tiles.warp_specialize``) and the call qualifies (``_hopper.py``).
 Q, K and V are read through tensor descriptors (the TMA copy engine fills shared memory, bounded by
 the sequence: rows past its end and columns past head_dim arrive as zeros), and the key loop is
 warp specialized: Triton gives the copies to a producer warp and splits a 128-row query tile
@@ -15,11 +15,9 @@ variable-length input (an exit for query blocks past a short sequence) break the
 those calls run the portable kernel.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED
 from ._tiles import key_block_ranges, store_rows, visible_tile
 
 
@@ -111,25 +109,6 @@ def _forward_hopper_kernel(
                row_ok, offs_d < HEAD_DIM, HEAD_DIM == BLOCK_D)
     tl.store(Lse + batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + rows, lse,
              mask=row_ok)
-
-
-def supported(q, k, v, varlen: bool, dropout_p: float) -> bool:
-    """Whether a call can take the Hopper kernel: sm_90 or later, fp16 or bf16, no dropout, padded
-    input, and what TMA needs of each tensor (16-byte aligned base and row strides, contiguous
-    head_dim rows of at least 16 bytes). float32 (tests and references) does not specialize: its
-    three-pass tf32 products break the pass. The interpreter runs any dtype (tests)."""
-    if dropout_p > 0 or varlen:
-        return False
-    if not INTERPRETED and (q.device.type != "cuda" or q.dtype == torch.float32
-                            or torch.cuda.get_device_capability(q.device) < (9, 0)):
-        return False
-    for t in (q, k, v):
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or t.shape[-1] * size < 16:
-            return False
-        if any(stride * size % 16 for stride in t.stride()[:-1]):
-            return False
-    return True
 
 
 def masked(causal: bool, window, seqlen_k: int, block_n: int) -> bool:

@@ -120,9 +120,10 @@ class Tiles:
     block_n: int
     num_warps: int
     num_stages: int
-    # Forward only: the Hopper kernel (TMA loads, warp-specialized key loop; _forward_hopper.py)
-    # where the call qualifies. With it, num_warps counts one consumer warpgroup's warps: Triton
-    # adds a producer warp and splits block_m between two consumer warpgroups.
+    # Forward and dK/dV: the Hopper kernel (TMA loads, one warp-specialized loop;
+    # _forward_hopper.py, _dkdv_hopper.py) where the call qualifies. num_warps then counts one
+    # consumer warpgroup's warps: Triton adds a producer warp and splits the tile that stays on
+    # chip (block_m of the forward, block_n of dK/dV) between two consumer warpgroups.
     warp_specialize: bool = False
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""Sweep tile sizes, warps and pipeline stages of the three attention kernels on this GPU.
+"""Sweep tile sizes, warps and pipeline stages of the three attention kernels on this GPU,
+and on sm_90+ the Hopper kernels (forward and dK/dV, marked ``ws``) against them.
 
     python scripts/tune_attention.py --head-dims 64 128 --out tune.json
 
@@ -32,7 +33,11 @@ FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3
 DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
                             (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2),
                             (16, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3), (128, 64, 8, 2),
-                            (128, 64, 8, 1), (64, 64, 8, 2)]]
+                            (128, 64, 8, 1), (64, 64, 8, 2)]] + [
+    # The Hopper dK/dV kernel (_dkdv_hopper.py; as the Hopper forward, plus one query head per
+    # kv-head); block_n is the key tile the two consumer warpgroups split.
+    Tiles(*t, warp_specialize=True) for t in [(64, 128, 4, 2), (64, 128, 4, 3), (32, 128, 4, 2),
+                                              (32, 128, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3)]]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
                           (32, 128, 4, 3), (64, 64, 8, 3)]]

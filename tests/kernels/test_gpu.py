@@ -91,22 +91,26 @@ def test_window_with_dropout_and_varlen_on_gpu():
                     reason="the Hopper kernel needs sm_90 or later")
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_forward_on_gpu(head_dim, causal, monkeypatch):
-    # The TMA, warp-specialized forward at real tile sizes, through flash_attention (eager launch
-    # plans: the second call runs the bound kernel with its own scratch) and under activation
-    # checkpointing (the recomputed forward runs in the autograd engine's thread).
-    from kernels import _eager_plan, _forward
+def test_hopper_kernels_on_gpu(head_dim, causal, monkeypatch):
+    # The TMA, warp-specialized forward and dK/dV at real tile sizes, through flash_attention (eager
+    # launch plans: the second call runs the bound kernels with their own scratch) and under
+    # activation checkpointing (the recomputed forward runs in the autograd engine's thread).
+    from kernels import _backward, _eager_plan, _forward
     from kernels._launch import Tiles
     monkeypatch.setattr(_forward, "forward_tiles", lambda *args: Tiles(128, 64, 4, 2, True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(64, 128, 4, 2, True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})     # plans keep their kernels: none from before
-    q, k, v = random_qkv((2, 1000, 4, head_dim), (2, 1000, 2, head_dim), torch.bfloat16, "cuda")
+    q, k, v = random_qkv((2, 1000, 4, head_dim), (2, 1000, 4, head_dim), torch.bfloat16, "cuda")
     check_against_reference(q, k, v, causal=causal)
     _forward.FORWARD_HOPPER.compiled.clear()
+    _backward.DKDV_HOPPER.compiled.clear()
     _eager_plan._PLANS.clear()
-    first, second = (flash_attention(q, k, v, causal=causal) for _ in range(2))
-    assert len(_forward.FORWARD_HOPPER.compiled) == 1 and torch.equal(first, second)
     grad_out = torch.randn_like(q)
-    plain = torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
+    first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
+                     for _ in range(2))
+    assert len(_forward.FORWARD_HOPPER.compiled) == 1 and len(_backward.DKDV_HOPPER.compiled) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    plain = first
     replayed = torch.autograd.grad(
         checkpoint(lambda q, k, v: flash_attention(q, k, v, causal=causal), q, k, v,
                    use_reentrant=False), (q, k, v), grad_out)
@@ -115,10 +119,10 @@ def test_hopper_forward_on_gpu(head_dim, causal, monkeypatch):
 
 def test_hopper_forward_only_where_it_compiles():
     # float32 (tf32x3 products) and dropout do not specialize: the portable kernel runs them.
-    from kernels import _forward_hopper
+    from kernels import _hopper
     half = torch.zeros(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
     single = half.float()
     sm90 = torch.cuda.get_device_capability() >= (9, 0)
-    assert _forward_hopper.supported(half, half, half, varlen=False, dropout_p=0.0) == sm90
-    assert not _forward_hopper.supported(single, single, single, varlen=False, dropout_p=0.0)
-    assert not _forward_hopper.supported(half, half, half, varlen=False, dropout_p=0.1)
+    assert _hopper.supported((half, half, half), varlen=False, dropout_p=0.0) == sm90
+    assert not _hopper.supported((single, single, single), varlen=False, dropout_p=0.0)
+    assert not _hopper.supported((half, half, half), varlen=False, dropout_p=0.1)

@@ -1,12 +1,12 @@
-"""The Hopper forward kernel (TMA loads, one warp-specialized key loop): exact against the float64
-reference and equal to the portable kernel, and chosen only for the calls it supports."""
+"""The Hopper kernels (TMA loads, one warp-specialized loop; forward and dK/dV): exact against the
+float64 reference and equal to the portable kernels, and chosen only for the calls they support."""
 
 import math
 
 import pytest
 import torch
 
-from kernels import _forward, _forward_hopper, attention_reference
+from kernels import _backward, _dkdv_hopper, _forward, _forward_hopper, _hopper, attention_reference
 from kernels._launch import Tiles, call_geometry
 
 from .numerics import check_against_reference, random_qkv
@@ -66,17 +66,62 @@ def test_hopper_forward_matches_reference_and_portable(case, device):
         assert torch.isinf(lse[:, :, :blind]).all()
 
 
+def _backward_pair(q, k, v, grad_out, causal, window, kv_tiles):
+    geometry = call_geometry(q, k, None, 0)
+    args = dict(geometry=geometry, softmax_scale=1 / math.sqrt(q.shape[-1]), causal=causal,
+                dropout_p=0.0, seed=0, offset=0, window=window)
+    out, lse = _forward.forward(q, k, v, None, tiles=PORTABLE, **args)
+    return _backward.backward(grad_out, q, k, v, out, lse, None, tiles=(kv_tiles, PORTABLE), **args)
+
+
+@float32_interpreted
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-c{int(c[6])}-w{c[7]}")
+def test_hopper_dkdv_matches_reference_and_portable(case, device):
+    batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, causal, window = case
+    q, k, v = random_qkv((batch, seqlen_q, heads_q, head_dim), (batch, seqlen_k, heads_k, head_dim),
+                         torch.float32, device)
+    grad_out = torch.randn_like(q)
+    geometry = call_geometry(q, k, None, 0)
+    lse = _forward.new_outputs(q, geometry)[1]
+    dk_chosen = _backward.launch_configs(grad_out, q, k, v, q, lse, q, k, v, geometry, 0.1, causal,
+                                         0.0, (HOPPER, PORTABLE), window)[1][0]
+    # GQA keeps the portable kernel: the Hopper one holds one query head per kv-head.
+    assert dk_chosen is (_backward.DKDV_HOPPER if heads_q == heads_k else _backward.DKDV)
+    _, dk, dv = _backward_pair(q, k, v, grad_out, causal, window, HOPPER)
+    _, portable_dk, portable_dv = _backward_pair(q, k, v, grad_out, causal, window, PORTABLE)
+    assert torch.allclose(dk, portable_dk, rtol=0, atol=1e-5)
+    assert torch.allclose(dv, portable_dv, rtol=0, atol=1e-5)
+    exact = attention_reference(q.double(), k.double(), v.double(), causal=causal,
+                                window=None if window == (-1, -1) else window)
+    exact_dk, exact_dv = torch.autograd.grad(exact, (k, v), grad_out.double())
+    assert (dk.double() - exact_dk).abs().max().item() < 1e-4
+    assert (dv.double() - exact_dv).abs().max().item() < 1e-4
+
+
+def test_dkdv_masked_flag():
+    assert not _dkdv_hopper.masked(False, (-1, -1), 4096, 64)
+    assert _dkdv_hopper.masked(False, (-1, -1), 4000, 64)            # ragged last query block
+    assert _dkdv_hopper.masked(True, (-1, -1), 4096, 64)
+    assert _dkdv_hopper.masked(False, (8, 8), 4096, 64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_with_hopper_forward_matches_reference(dtype, causal, device, monkeypatch):
-    # The whole op (forward on the Hopper kernel, the backward from its out and lse) against
-    # float64, as flash_attention runs when the tuned tiles ask for the Hopper kernel.
+def test_attention_with_hopper_kernels_matches_reference(dtype, causal, device, monkeypatch):
+    # The whole op with the forward and the dK/dV pass on the Hopper kernels, against float64, as
+    # flash_attention runs when the tuned tiles ask for them.
     from kernels import _eager_plan
-    tiles = HOPPER if device == "cpu" else Tiles(128, 64, 4, 2, warp_specialize=True)
-    monkeypatch.setattr(_forward, "forward_tiles", lambda *args: tiles)
+    on_cpu = device == "cpu"
+    forward_tiles = HOPPER if on_cpu else Tiles(128, 64, 4, 2, warp_specialize=True)
+    kv_tiles = HOPPER if on_cpu else Tiles(64, 128, 4, 2, warp_specialize=True)
+    monkeypatch.setattr(_forward, "forward_tiles", lambda *args: forward_tiles)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: kv_tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})     # no plan bound to another kernel
     q, k, v = random_qkv((2, 45, 4, 64), (2, 45, 2, 64), dtype, device)
     check_against_reference(q, k, v, causal=causal)
+    if on_cpu:   # the ragged query end and GQA (portable dK/dV) as well
+        q, k, v = random_qkv((1, 45, 2, 32), (1, 45, 2, 32), dtype, device)
+        check_against_reference(q, k, v, causal=causal)
 
 
 @float32_interpreted
@@ -86,17 +131,17 @@ def test_unsupported_calls_take_the_portable_kernel(device):
     assert _chosen_kernel(q, k, v, dropout_p=0.1) is _forward.FORWARD   # Philox breaks specialization
     # Rows of 3 float32 heads of 5 values: 60-byte strides, which TMA cannot address.
     odd = torch.randn(1, 32, 3, 5, device=device)[:, :, :2]
-    assert not _forward_hopper.supported(odd, odd, odd, varlen=False, dropout_p=0.0)
+    assert not _hopper.supported((odd, odd, odd), varlen=False, dropout_p=0.0)
     packed = torch.randn(64, 2, 32, device=device)
-    assert not _forward_hopper.supported(packed, packed, packed, varlen=True, dropout_p=0.0)
-    assert _forward_hopper.supported(q, k, v, varlen=False, dropout_p=0.0)
+    assert not _hopper.supported((packed, packed, packed), varlen=True, dropout_p=0.0)
+    assert _hopper.supported((q, k, v), varlen=False, dropout_p=0.0)
 
 
 def test_hopper_forward_needs_the_interpreter_or_sm90():
     # On a CUDA device below sm_90, or on the CPU without the interpreter, the portable kernel runs.
     from kernels._launch import INTERPRETED
     q = torch.randn(1, 32, 2, 32)
-    assert _forward_hopper.supported(q, q, q, varlen=False, dropout_p=0.0) == INTERPRETED
+    assert _hopper.supported((q, q, q), varlen=False, dropout_p=0.0) == INTERPRETED
 
 
 def test_masked_flag():
