@@ -353,8 +353,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
          *lse_strides(lse, varlen), *scalars),
         dict(BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, MASK_LAYOUT=DKDV_MASK_LAYOUT,
              num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags))
-    hopper = (kv_tiles.warp_specialize and geometry.group_size == 1
-              and _hopper.supported((q, k, v, grad_out), varlen, dropout_p))
+    hopper = (kv_tiles.warp_specialize and geometry.group_size == 1 and not dropout
+              and _hopper.supported((q, k, v, grad_out), varlen))
     if hopper:
         dkdv_config[2]["MASKED"] = _dkdv_hopper.masked(causal, window, geometry.seqlen_q,
                                                        kv_tiles.block_m)

@@ -2,7 +2,8 @@
 
 The same arguments, outputs and numerics as ``_backward._dkdv_kernel`` without dropout; launched
 instead of it when the dK/dV tiles ask for it (``Tiles.warp_specialize``) and the call qualifies
-(``_hopper.py``; also one query head per kv-head). A program holds ``BLOCK_N`` keys and streams
+(``_hopper.py``; also one query head per kv-head and no dropout, whose masks this pass would
+have to build transposed). A program holds ``BLOCK_N`` keys and streams
 ``BLOCK_M``-row query blocks through one loop; Triton gives the Q and dO copies to a producer warp
 and splits the key tile between two consumer warpgroups. As in the Hopper forward, the one loop is
 masked on every tile when the call has a band or a ragged last query block, unmasked otherwise.

@@ -172,7 +172,9 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
     the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base), which is
     fixed by the tensors' shapes and strides, the dtype and the options."""
     tiles = tiles or forward_tiles(geometry.head_dim, q.device, q.dtype)
-    hopper = tiles.warp_specialize and _hopper.supported((q, k, v), geometry.varlen, dropout_p)
+    # With dropout the Hopper forward needs a query tile one consumer warpgroup holds (64 rows).
+    hopper = (tiles.warp_specialize and (dropout_p == 0 or tiles.block_m <= 64)
+              and _hopper.supported((q, k, v), geometry.varlen))
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
     static = (
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),

@@ -10,21 +10,25 @@ between two consumer warpgroups, as FlashAttention-3 does.
 Triton 3.6 specializes only kernels with a single loop and no early exit, and only when the loop's
 inputs come through descriptors (checked by compiling for sm_90; docs/results/attention_notes.md).
 So this kernel has one key loop: masked on every tile when the call has a band (causal, a window)
-or a ragged last key block, unmasked otherwise. Dropout (its Philox code) and packed
-variable-length input (an exit for query blocks past a short sequence) break the specialization;
-those calls run the portable kernel.
+or a ragged last key block, unmasked otherwise. Packed variable-length input (an exit for query
+blocks past a short sequence) breaks the specialization and runs the portable kernel. Dropout
+(the same Philox mask as the portable kernels) specializes only with a 64-row query tile, one
+consumer warpgroup: the pass cannot split the mask's construction between two.
 """
 
 import triton
 import triton.language as tl
 
+from ._philox import dropout_keep_tile, head_first_pair, pair_counter_base
 from ._tiles import key_block_ranges, store_rows, visible_tile
 
 
 @triton.jit
 def _key_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, rows, offs_n, len_k, upper, lower,
-              qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPPER: tl.constexpr,
-              LOWER: tl.constexpr, PRECISION: tl.constexpr):
+              qk_scale, seed, pair_counters, drop_threshold, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPPER: tl.constexpr,
+              LOWER: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+              N_ROUNDS: tl.constexpr):
     for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
         k = k_desc.load([n0, 0])
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -42,6 +46,10 @@ def _key_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, rows, offs_n, len_k, upp
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
+                                     N_ROUNDS)
+            p = tl.where(keep, p, 0.0)      # kept weights unscaled; 1 / (1 - p) applied to O
         v = v_desc.load([n0, 0])
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -63,7 +71,9 @@ def _forward_hopper_kernel(
     UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASKED: tl.constexpr,
 ):
-    tl.static_assert(not DROPOUT and not VARLEN, "dropout and packed input run the portable kernel")
+    tl.static_assert(not VARLEN, "packed input runs the portable kernel")
+    # Triton's pass cannot split the dropout mask's construction between two consumer warpgroups.
+    tl.static_assert(not DROPOUT or BLOCK_M <= 64, "dropout needs a query tile of at most 64 rows")
     # Reverse order: with causal masking the last query blocks do the most work; start them first.
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
@@ -89,6 +99,9 @@ def _forward_hopper_kernel(
     row_ok = rows < seqlen_q
     upper = seqlen_k - seqlen_q + window_right
     lower = seqlen_k - seqlen_q - window_left
+    pair_counters = pair_counter_base(
+        counter_base, head_first_pair(batch64 * heads_q + head, seqlen_q) + m0 // 2, counters_per_row,
+        BLOCK_M)
     keys_start, _, _, keys_end = key_block_ranges(m0, seqlen_k, upper, lower, BLOCK_M, BLOCK_N,
                                                   UPPER, LOWER)
 
@@ -96,13 +109,16 @@ def _forward_hopper_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, k_desc, v_desc, keys_start, keys_end, rows, offs_n,
-                              seqlen_k, upper, lower, qk_scale, BLOCK_N, MASKED, UPPER, LOWER,
-                              PRECISION)
+                              seqlen_k, upper, lower, qk_scale, seed, pair_counters, drop_threshold,
+                              BLOCK_M, BLOCK_N, MASKED, UPPER, LOWER, DROPOUT, PRECISION, N_ROUNDS)
 
     # As in the portable kernel: rows that see no key output zeros and store lse = +inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    if DROPOUT:
+        acc = acc * (drop_rescale / l_safe)[:, None]
+    else:
+        acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_on
     store_rows(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),

@@ -1,9 +1,9 @@
 """Which calls the Hopper kernels (``_forward_hopper.py``, ``_dkdv_hopper.py``) can take.
 
 Those kernels read their tiles through tensor descriptors (TMA) and run one warp-specialized loop.
-Triton 3.6 specializes such a loop only without dropout's Philox code, without an early exit (which
-packed variable-length input needs for short sequences) and for fp16/bf16 products
-(docs/results/attention_notes.md, v7); every other call runs the portable kernels.
+Triton 3.6 specializes such a loop only without an early exit (which packed variable-length input
+needs for short sequences) and for fp16/bf16 products (docs/results/attention_notes.md, v7); each
+kernel adds its own limits on dropout. Every other call runs the portable kernels.
 """
 
 import torch
@@ -11,11 +11,11 @@ import torch
 from ._launch import INTERPRETED
 
 
-def supported(tensors, varlen: bool, dropout_p: float) -> bool:
-    """Whether a call can take the Hopper kernels: sm_90 or later, fp16 or bf16, no dropout, padded
-    input, and what TMA needs of each tensor it reads (16-byte aligned base and row strides,
-    contiguous head_dim rows of at least 16 bytes). The interpreter runs any dtype (tests)."""
-    if dropout_p > 0 or varlen:
+def supported(tensors, varlen: bool) -> bool:
+    """Whether a call can take the Hopper kernels: sm_90 or later, fp16 or bf16, padded input, and
+    what TMA needs of each tensor it reads (16-byte aligned base and row strides, contiguous
+    head_dim rows of at least 16 bytes). The interpreter runs any dtype (tests)."""
+    if varlen:
         return False
     first = tensors[0]
     if not INTERPRETED and (first.device.type != "cuda" or first.dtype == torch.float32

@@ -25,11 +25,12 @@ from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles  # noqa: E402
 FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
                                (128, 64, 4, 4)]] + [
-    # The Hopper kernel (_forward_hopper.py; sm_90+, no dropout, padded input; other calls fall
-    # back to the portable kernel at the same tiles). num_warps is one consumer warpgroup's.
+    # The Hopper kernel (_forward_hopper.py; sm_90+, padded input, with dropout only 64-row query
+    # tiles; other calls fall back to the portable kernel at the same tiles). num_warps is one
+    # consumer warpgroup's.
     Tiles(*t, warp_specialize=True) for t in [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2),
                                               (128, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                                              (128, 64, 4, 4)]]
+                                              (128, 64, 4, 4), (64, 64, 4, 2), (64, 128, 4, 2)]]
 DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
                             (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2),
                             (16, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3), (128, 64, 8, 2),

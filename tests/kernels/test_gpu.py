@@ -117,12 +117,29 @@ def test_hopper_kernels_on_gpu(head_dim, causal, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(plain, replayed))
 
 
-def test_hopper_forward_only_where_it_compiles():
-    # float32 (tf32x3 products) and dropout do not specialize: the portable kernel runs them.
+def test_hopper_kernels_only_where_they_compile():
+    # float32 (tf32x3 products) does not specialize: the portable kernels run it.
     from kernels import _hopper
     half = torch.zeros(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
     single = half.float()
     sm90 = torch.cuda.get_device_capability() >= (9, 0)
-    assert _hopper.supported((half, half, half), varlen=False, dropout_p=0.0) == sm90
-    assert not _hopper.supported((single, single, single), varlen=False, dropout_p=0.0)
-    assert not _hopper.supported((half, half, half), varlen=False, dropout_p=0.1)
+    assert _hopper.supported((half, half, half), varlen=False) == sm90
+    assert not _hopper.supported((single, single, single), varlen=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the Hopper kernel needs sm_90 or later")
+def test_hopper_forward_with_dropout_on_gpu(monkeypatch):
+    # A 64-row query tile (one consumer warpgroup) takes dropout; the same mask as the portable
+    # kernels, so the portable backward differentiates it.
+    from kernels import _eager_plan, _forward
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_forward, "forward_tiles", lambda *args: Tiles(64, 64, 4, 2, True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, 1000, 4, 128), (2, 1000, 4, 128), torch.bfloat16, "cuda")
+    torch.manual_seed(3)
+    _, keep = flash_attention(q, k, v, causal=True, dropout_p=0.1, return_debug_mask=True)
+    _forward.FORWARD_HOPPER.compiled.clear()
+    torch.manual_seed(3)
+    check_against_reference(q, k, v, causal=True, dropout_p=0.1, dropout_mask=keep)
+    assert len(_forward.FORWARD_HOPPER.compiled) == 1

@@ -29,10 +29,10 @@ CASES = [
 ]
 
 
-def _chosen_kernel(q, k, v, causal=False, window=(-1, -1), dropout_p=0.0):
+def _chosen_kernel(q, k, v, causal=False, window=(-1, -1), dropout_p=0.0, tiles=HOPPER):
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.new_outputs(q, geometry)
-    return _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, dropout_p, HOPPER,
+    return _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, dropout_p, tiles,
                                   window)[0]
 
 
@@ -128,20 +128,24 @@ def test_attention_with_hopper_kernels_matches_reference(dtype, causal, device, 
 def test_unsupported_calls_take_the_portable_kernel(device):
     q, k, v = random_qkv((1, 32, 2, 32), (1, 32, 2, 32), torch.float32, device, requires_grad=False)
     assert _chosen_kernel(q, k, v) is _forward.FORWARD_HOPPER
-    assert _chosen_kernel(q, k, v, dropout_p=0.1) is _forward.FORWARD   # Philox breaks specialization
+    assert _chosen_kernel(q, k, v, dropout_p=0.1) is _forward.FORWARD_HOPPER
+    # With dropout a query tile split between two consumer warpgroups does not specialize.
+    wide = Tiles(128, 64, 4, 2, warp_specialize=True)
+    assert _chosen_kernel(q, k, v, tiles=wide) is _forward.FORWARD_HOPPER
+    assert _chosen_kernel(q, k, v, dropout_p=0.1, tiles=wide) is _forward.FORWARD
     # Rows of 3 float32 heads of 5 values: 60-byte strides, which TMA cannot address.
     odd = torch.randn(1, 32, 3, 5, device=device)[:, :, :2]
-    assert not _hopper.supported((odd, odd, odd), varlen=False, dropout_p=0.0)
+    assert not _hopper.supported((odd, odd, odd), varlen=False)
     packed = torch.randn(64, 2, 32, device=device)
-    assert not _hopper.supported((packed, packed, packed), varlen=True, dropout_p=0.0)
-    assert _hopper.supported((q, k, v), varlen=False, dropout_p=0.0)
+    assert not _hopper.supported((packed, packed, packed), varlen=True)
+    assert _hopper.supported((q, k, v), varlen=False)
 
 
 def test_hopper_forward_needs_the_interpreter_or_sm90():
     # On a CUDA device below sm_90, or on the CPU without the interpreter, the portable kernel runs.
     from kernels._launch import INTERPRETED
     q = torch.randn(1, 32, 2, 32)
-    assert _hopper.supported((q, q, q), varlen=False, dropout_p=0.0) == INTERPRETED
+    assert _hopper.supported((q, q, q), varlen=False) == INTERPRETED
 
 
 def test_masked_flag():
@@ -150,3 +154,33 @@ def test_masked_flag():
     assert _forward_hopper.masked(True, (-1, -1), 4096, 128)
     assert _forward_hopper.masked(False, (256, -1), 4096, 128)
     assert _forward_hopper.masked(False, (-1, 0), 4096, 128)
+
+
+@float32_interpreted
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_forward_with_dropout_equals_portable(causal, device):
+    # The same Philox mask as the portable kernels, so the backward (portable) differentiates it.
+    q, k, v = random_qkv((1, 70, 2, 32), (1, 70, 2, 32), torch.float32, device, requires_grad=False)
+    geometry = call_geometry(q, k, None, 0)
+    args = dict(geometry=geometry, softmax_scale=0.2, causal=causal, dropout_p=0.3, seed=9,
+                offset=4096)
+    out, lse = _forward.forward(q, k, v, None, tiles=HOPPER, **args)
+    portable_out, portable_lse = _forward.forward(q, k, v, None, tiles=PORTABLE, **args)
+    assert torch.allclose(out, portable_out, rtol=0, atol=1e-6)
+    assert torch.equal(lse, portable_lse)
+    other_seed = _forward.forward(q, k, v, None, tiles=HOPPER, **(args | {"seed": 10}))[0]
+    assert not torch.allclose(out, other_seed)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_with_hopper_forward_and_dropout_matches_reference(causal, device, monkeypatch):
+    from kernels import _eager_plan
+    from kernels import flash_attention
+    tiles = HOPPER if device == "cpu" else Tiles(64, 64, 4, 2, warp_specialize=True)
+    monkeypatch.setattr(_forward, "forward_tiles", lambda *args: tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((1, 45, 2, 32), (1, 45, 2, 32), torch.bfloat16, device)
+    torch.manual_seed(21)
+    _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.2, return_debug_mask=True)
+    torch.manual_seed(21)
+    check_against_reference(q, k, v, causal=causal, dropout_p=0.2, dropout_mask=keep)
