@@ -101,7 +101,3 @@ def _dkdv_hopper_kernel(
     tl.store(GradV + batch64 * stride_dvb + head64 * stride_dvh + key_tokens * stride_dvn
              + offs_d[None, :], dv.to(GradV.dtype.element_ty), mask=keys_ok)
 
-
-def masked(causal: bool, window, seqlen_q: int, block_m: int) -> bool:
-    """The MASKED constexpr: a band (causal or a window) or a ragged last query block."""
-    return causal or window[0] >= 0 or window[1] >= 0 or seqlen_q % block_m != 0

@@ -190,7 +190,7 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
         PRECISION=dot_precision(q.dtype), N_ROUNDS=PHILOX_ROUNDS,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if hopper:
-        options["MASKED"] = _forward_hopper.masked(causal, window, geometry.seqlen_k, tiles.block_n)
+        options["MASKED"] = _hopper.masked(causal, window, geometry.seqlen_k, tiles.block_n)
     return (FORWARD_HOPPER if hopper else FORWARD), grid, static, options
 
 
@@ -202,8 +202,9 @@ def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale
     so a launch plan (``_eager_plan.py``) can repeat the launch with new addresses."""
     launcher, grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale,
                                                     causal, dropout_p, tiles, window)
-    bound = launcher.launch(grid, (q, k, v, out, lse, cu_seqlens, kernel_seed(seed),
-                                  kernel_counter_base(offset), *static), options)
+    arguments = (q, k, v, out, lse, cu_seqlens, kernel_seed(seed), kernel_counter_base(offset),
+                 *static)
+    bound = _hopper.launch(launcher, FORWARD, grid, arguments, options)
     return bound, grid3(grid), static
 
 

@@ -126,7 +126,3 @@ def _forward_hopper_kernel(
     tl.store(Lse + batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + rows, lse,
              mask=row_ok)
 
-
-def masked(causal: bool, window, seqlen_k: int, block_n: int) -> bool:
-    """The MASKED constexpr: a band (causal or a window) or a ragged last key block."""
-    return causal or window[0] >= 0 or window[1] >= 0 or seqlen_k % block_n != 0

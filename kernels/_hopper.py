@@ -6,9 +6,17 @@ needs for short sequences) and for fp16/bf16 products (docs/results/attention_no
 kernel adds its own limits on dropout. Every other call runs the portable kernels.
 """
 
+import warnings
+
 import torch
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from ._launch import INTERPRETED
+
+# (kernel name, constexprs and options) that failed to compile or to fit: the portable kernel runs
+# those calls. Tuning scripts read it to tell a fallback from a measurement.
+FALLBACKS: set = set()
 
 
 def supported(tensors, varlen: bool) -> bool:
@@ -28,3 +36,39 @@ def supported(tensors, varlen: bool) -> bool:
         if any(stride * size % 16 for stride in t.stride()[:-1]):
             return False
     return True
+
+
+def masked(causal: bool, window, length: int, block: int) -> bool:
+    """The kernels' MASKED constexpr: a band (causal or a window), or a ragged last block of the
+    streamed axis (keys for the forward and dQ, queries for dK/dV)."""
+    return causal or window[0] >= 0 or window[1] >= 0 or length % block != 0
+
+
+def _compile_failure(error: Exception) -> bool:
+    """Triton refusing a kernel, as opposed to an error of the call: its front end, ptxas, the
+    shared-memory limit, or an MLIR pass (the warp-specialization pass fails on some shapes of
+    these kernels and reports it as a RuntimeError)."""
+    if isinstance(error, (CompilationError, OutOfResources, PTXASError)):
+        return True
+    return isinstance(error, RuntimeError) and "PassManager::run failed" in str(error)
+
+
+def launch(launcher, portable, grid, args, options: dict):
+    """Launch ``launcher`` (a Hopper kernel or ``portable``); if Triton cannot compile the Hopper
+    kernel for these options, warn once and launch the portable kernel instead (same grid and
+    arguments; it takes the options but ``MASKED``). Returns what the launch returns."""
+    if launcher is portable:
+        return portable.launch(grid, args, options)
+    key = (launcher.kernel.__name__, tuple(sorted(options.items())))
+    if key not in FALLBACKS:
+        try:
+            return launcher.launch(grid, args, options)
+        except Exception as error:  # noqa: BLE001 - only compile failures are handled, see above
+            if not _compile_failure(error):
+                raise
+            FALLBACKS.add(key)
+            warnings.warn(f"{launcher.kernel.__name__} did not compile for {dict(options)} "
+                          f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+                          f"the portable kernel runs these calls", RuntimeWarning, stacklevel=3)
+    portable_options = {name: value for name, value in options.items() if name != "MASKED"}
+    return portable.launch(grid, args, portable_options)

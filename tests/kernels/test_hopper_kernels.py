@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels import _backward, _dkdv_hopper, _forward, _forward_hopper, _hopper, attention_reference
+from kernels import _backward, _forward, _hopper, attention_reference
 from kernels._launch import Tiles, call_geometry
 
 from .numerics import check_against_reference, random_qkv
@@ -66,56 +66,67 @@ def test_hopper_forward_matches_reference_and_portable(case, device):
         assert torch.isinf(lse[:, :, :blind]).all()
 
 
-def _backward_pair(q, k, v, grad_out, causal, window, kv_tiles):
+def _backward_pair(q, k, v, grad_out, causal, window, tiles, dropout_p=0.0):
     geometry = call_geometry(q, k, None, 0)
     args = dict(geometry=geometry, softmax_scale=1 / math.sqrt(q.shape[-1]), causal=causal,
-                dropout_p=0.0, seed=0, offset=0, window=window)
+                dropout_p=dropout_p, seed=3, offset=512, window=window)
     out, lse = _forward.forward(q, k, v, None, tiles=PORTABLE, **args)
-    return _backward.backward(grad_out, q, k, v, out, lse, None, tiles=(kv_tiles, PORTABLE), **args)
+    return _backward.backward(grad_out, q, k, v, out, lse, None, tiles=(tiles, tiles), **args)
 
 
 @float32_interpreted
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-c{int(c[6])}-w{c[7]}")
-def test_hopper_dkdv_matches_reference_and_portable(case, device):
+def test_hopper_backward_matches_reference_and_portable(case, device):
     batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, causal, window = case
     q, k, v = random_qkv((batch, seqlen_q, heads_q, head_dim), (batch, seqlen_k, heads_k, head_dim),
                          torch.float32, device)
     grad_out = torch.randn_like(q)
     geometry = call_geometry(q, k, None, 0)
     lse = _forward.new_outputs(q, geometry)[1]
-    dk_chosen = _backward.launch_configs(grad_out, q, k, v, q, lse, q, k, v, geometry, 0.1, causal,
-                                         0.0, (HOPPER, PORTABLE), window)[1][0]
-    # GQA keeps the portable kernel: the Hopper one holds one query head per kv-head.
-    assert dk_chosen is (_backward.DKDV_HOPPER if heads_q == heads_k else _backward.DKDV)
-    _, dk, dv = _backward_pair(q, k, v, grad_out, causal, window, HOPPER)
-    _, portable_dk, portable_dv = _backward_pair(q, k, v, grad_out, causal, window, PORTABLE)
-    assert torch.allclose(dk, portable_dk, rtol=0, atol=1e-5)
-    assert torch.allclose(dv, portable_dv, rtol=0, atol=1e-5)
+    (dq_chosen, *_), (dkdv_chosen, *_) = _backward.launch_configs(
+        grad_out, q, k, v, q, lse, q, k, v, geometry, 0.1, causal, 0.0, (HOPPER, HOPPER), window)
+    assert dq_chosen is _backward.DQ_HOPPER
+    # GQA keeps the portable dK/dV kernel: the Hopper one holds one query head per kv-head.
+    assert dkdv_chosen is (_backward.DKDV_HOPPER if heads_q == heads_k else _backward.DKDV)
+    grads = _backward_pair(q, k, v, grad_out, causal, window, HOPPER)
+    portable = _backward_pair(q, k, v, grad_out, causal, window, PORTABLE)
     exact = attention_reference(q.double(), k.double(), v.double(), causal=causal,
                                 window=None if window == (-1, -1) else window)
-    exact_dk, exact_dv = torch.autograd.grad(exact, (k, v), grad_out.double())
-    assert (dk.double() - exact_dk).abs().max().item() < 1e-4
-    assert (dv.double() - exact_dv).abs().max().item() < 1e-4
+    exact_grads = torch.autograd.grad(exact, (q, k, v), grad_out.double())
+    for grad, portable_grad, exact_grad in zip(grads, portable, exact_grads):
+        assert torch.allclose(grad, portable_grad, rtol=0, atol=1e-5)
+        assert (grad.double() - exact_grad).abs().max().item() < 1e-4
 
 
-def test_dkdv_masked_flag():
-    assert not _dkdv_hopper.masked(False, (-1, -1), 4096, 64)
-    assert _dkdv_hopper.masked(False, (-1, -1), 4000, 64)            # ragged last query block
-    assert _dkdv_hopper.masked(True, (-1, -1), 4096, 64)
-    assert _dkdv_hopper.masked(False, (8, 8), 4096, 64)
+@float32_interpreted
+def test_hopper_dq_with_dropout_equals_portable(device):
+    # With dropout only dQ runs on the Hopper kernel (dK/dV stays portable); the same mask.
+    q, k, v = random_qkv((1, 70, 2, 32), (1, 70, 2, 32), torch.float32, device)
+    grad_out = torch.randn_like(q)
+    geometry = call_geometry(q, k, None, 0)
+    lse = _forward.new_outputs(q, geometry)[1]
+    (dq_chosen, *_), (dkdv_chosen, *_) = _backward.launch_configs(
+        grad_out, q, k, v, q, lse, q, k, v, geometry, 0.1, True, 0.3, (HOPPER, HOPPER))
+    assert dq_chosen is _backward.DQ_HOPPER and dkdv_chosen is _backward.DKDV
+    grads = _backward_pair(q, k, v, grad_out, True, (-1, -1), HOPPER, dropout_p=0.3)
+    portable = _backward_pair(q, k, v, grad_out, True, (-1, -1), PORTABLE, dropout_p=0.3)
+    for grad, portable_grad in zip(grads, portable):
+        assert torch.allclose(grad, portable_grad, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_with_hopper_kernels_matches_reference(dtype, causal, device, monkeypatch):
-    # The whole op with the forward and the dK/dV pass on the Hopper kernels, against float64, as
+    # The whole op with the forward and both backward passes on the Hopper kernels, against float64, as
     # flash_attention runs when the tuned tiles ask for them.
     from kernels import _eager_plan
     on_cpu = device == "cpu"
     forward_tiles = HOPPER if on_cpu else Tiles(128, 64, 4, 2, warp_specialize=True)
     kv_tiles = HOPPER if on_cpu else Tiles(64, 128, 4, 2, warp_specialize=True)
+    q_tiles = HOPPER if on_cpu else Tiles(128, 64, 4, 2, warp_specialize=True)
     monkeypatch.setattr(_forward, "forward_tiles", lambda *args: forward_tiles)
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: kv_tiles)
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: q_tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})     # no plan bound to another kernel
     q, k, v = random_qkv((2, 45, 4, 64), (2, 45, 2, 64), dtype, device)
     check_against_reference(q, k, v, causal=causal)
@@ -149,11 +160,12 @@ def test_hopper_forward_needs_the_interpreter_or_sm90():
 
 
 def test_masked_flag():
-    assert not _forward_hopper.masked(False, (-1, -1), 4096, 128)
-    assert _forward_hopper.masked(False, (-1, -1), 4000, 128)           # ragged last key block
-    assert _forward_hopper.masked(True, (-1, -1), 4096, 128)
-    assert _forward_hopper.masked(False, (256, -1), 4096, 128)
-    assert _forward_hopper.masked(False, (-1, 0), 4096, 128)
+    # A band, or a ragged last block of the streamed axis (keys: forward, dQ; queries: dK/dV).
+    assert not _hopper.masked(False, (-1, -1), 4096, 128)
+    assert _hopper.masked(False, (-1, -1), 4000, 128)
+    assert _hopper.masked(True, (-1, -1), 4096, 128)
+    assert _hopper.masked(False, (256, -1), 4096, 128)
+    assert _hopper.masked(False, (-1, 0), 4096, 128)
 
 
 @float32_interpreted
@@ -176,11 +188,46 @@ def test_hopper_forward_with_dropout_equals_portable(causal, device):
 def test_attention_with_hopper_forward_and_dropout_matches_reference(causal, device, monkeypatch):
     from kernels import _eager_plan
     from kernels import flash_attention
+    # dropout: the forward and dQ on the Hopper kernels (64-row tiles), dK/dV portable
     tiles = HOPPER if device == "cpu" else Tiles(64, 64, 4, 2, warp_specialize=True)
     monkeypatch.setattr(_forward, "forward_tiles", lambda *args: tiles)
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((1, 45, 2, 32), (1, 45, 2, 32), torch.bfloat16, device)
     torch.manual_seed(21)
     _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.2, return_debug_mask=True)
     torch.manual_seed(21)
     check_against_reference(q, k, v, causal=causal, dropout_p=0.2, dropout_mask=keep)
+
+
+@float32_interpreted
+def test_a_hopper_kernel_that_does_not_compile_falls_back_once(device, monkeypatch):
+    # Triton 3.6's warp-specialization pass fails on some tile shapes (a RuntimeError from its pass
+    # manager): the call runs the portable kernel, with one warning, and never retries that key.
+    monkeypatch.setattr(_hopper, "FALLBACKS", set())
+    attempts = []
+
+    def refuse(grid, args, options):
+        attempts.append(options)
+        raise RuntimeError("PassManager::run failed")
+    monkeypatch.setattr(_forward.FORWARD_HOPPER, "launch", refuse)
+    q, k, v = random_qkv((1, 40, 2, 32), (1, 40, 2, 32), torch.float32, device, requires_grad=False)
+    with pytest.warns(RuntimeWarning, match="did not compile"):
+        out, _ = _forward_pair(q, k, v, True, (-1, -1), HOPPER)
+    again, _ = _forward_pair(q, k, v, True, (-1, -1), HOPPER)
+    assert len(attempts) == 1 and len(_hopper.FALLBACKS) == 1
+    portable, _ = _forward_pair(q, k, v, True, (-1, -1), PORTABLE)
+    assert torch.equal(out, portable) and torch.equal(again, portable)
+
+
+@float32_interpreted
+def test_other_errors_of_a_hopper_launch_are_not_swallowed(device, monkeypatch):
+    monkeypatch.setattr(_hopper, "FALLBACKS", set())
+
+    def fail(grid, args, options):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(_forward.FORWARD_HOPPER, "launch", fail)
+    q, k, v = random_qkv((1, 40, 2, 32), (1, 40, 2, 32), torch.float32, device, requires_grad=False)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _forward_pair(q, k, v, False, (-1, -1), HOPPER)
+    assert not _hopper.FALLBACKS
