@@ -26,7 +26,8 @@ from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offse
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
                       pair_counter_base)
-from ._tiles import key_block_ranges, load_rows, sequence_bounds, store_rows, visible_tile
+from ._tiles import (key_block_ranges, load_rows, sequence_bounds, store_rows,
+                     transposed_probabilities, visible_tile)
 
 # How the dK/dV pass, whose tiles are transposed against the forward's, applies the dropout mask:
 #   "untransposed": compute that tile in the forward's orientation (each thread generates its own
@@ -77,16 +78,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
             ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
         else:
-            # Transposed scores, (BLOCK_N, BLOCK_M), so dK and dV accumulate without a transpose.
-            scoresT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-            pT = tl.math.exp2(scoresT * qk_scale - lse[None, :])
-            if MASKED:
-                visibleT = cols[:, None] < len_k
-                if UPPER:
-                    visibleT = visibleT & (cols[:, None] <= rows[None, :] + upper)
-                if LOWER:
-                    visibleT = visibleT & (cols[:, None] >= rows[None, :] + lower)
-                pT = tl.where(visibleT, pT, 0.0)
+            pT = transposed_probabilities(k, q, lse, rows, cols, len_k, upper, lower, qk_scale,
+                                          MASKED, UPPER, LOWER, PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if DROPOUT:
                 pair_counters = pair_counter_base(counter_base, dropout_first_pair + m0 // 2,

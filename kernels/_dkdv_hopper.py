@@ -13,6 +13,8 @@ Rows past the sequence end arrive as zeros; their lse reads as +inf, so they con
 import triton
 import triton.language as tl
 
+from ._tiles import transposed_probabilities
+
 
 @triton.jit(do_not_specialize=["seed", "counter_base"])
 def _dkdv_hopper_kernel(
@@ -76,16 +78,8 @@ def _dkdv_hopper_kernel(
         else:
             lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
-        # Transposed scores, (BLOCK_N, BLOCK_M), so dK and dV accumulate without a transpose.
-        scoresT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        pT = tl.math.exp2(scoresT * qk_scale - lse[None, :])
-        if MASKED:
-            visibleT = cols[:, None] < seqlen_k
-            if UPPER:
-                visibleT = visibleT & (cols[:, None] <= rows[None, :] + upper)
-            if LOWER:
-                visibleT = visibleT & (cols[:, None] >= rows[None, :] + lower)
-            pT = tl.where(visibleT, pT, 0.0)
+        pT = transposed_probabilities(k, q, lse, rows, cols, seqlen_k, upper, lower, qk_scale,
+                                      MASKED, UPPER, LOWER, PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])

@@ -17,9 +17,9 @@ from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
                       dot_precision, forward_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
-                      dropout_keep_tile, head_first_pair, kernel_counter_base, kernel_seed,
-                      pair_counter_base)
-from ._tiles import key_block_ranges, load_rows, sequence_bounds, store_rows, visible_tile
+                      head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
+from ._tiles import (key_block_ranges, load_rows, normalized_rows, online_softmax_block,
+                     sequence_bounds, store_rows)
 
 LOG2E = math.log2(math.e)
 
@@ -35,25 +35,10 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, l
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         k = load_rows(k_ptrs + n0 * stride_kn, cols < len_k, d_ok, MASKED, EVEN_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if MASKED:
-            scores = tl.where(visible_tile(rows, cols, len_k, upper, lower, UPPER, LOWER), scores,
-                              float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-            # A row that has seen no visible key yet keeps m = -inf; shift it by 0, not inf - inf.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-            m_shift = m_new
-        p = tl.math.exp2(scores * qk_scale - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
-                                     N_ROUNDS)
-            # Kept weights enter unscaled; the rescale 1 / (1 - p) is applied once to the output.
-            p = tl.where(keep, p, 0.0)
+        p, acc, l_i, m_new = online_softmax_block(
+            acc, l_i, m_i, q, k, rows, n0, cols, len_k, upper, lower, qk_scale, seed,
+            pair_counters, drop_threshold, BLOCK_M, BLOCK_N, MASKED, UPPER, LOWER, DROPOUT,
+            PRECISION, N_ROUNDS)
         v = load_rows(v_ptrs + n0 * stride_vn, cols < len_k, d_ok, MASKED, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -128,15 +113,7 @@ def _forward_kernel(
         d_ok, len_k, upper, lower, qk_scale, seed, pair_counters, drop_threshold, BLOCK_M,
         BLOCK_N, EVEN_D, True, UPPER, LOWER, DROPOUT, PRECISION, N_ROUNDS)
 
-    # Rows that see no key at all (causal with len_q > len_k, or a window past the keys) output
-    # zeros; their lse is +inf so the backward's exp2(score - lse) is 0 for them.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    if DROPOUT:
-        acc = acc * (drop_rescale / l_safe)[:, None]
-    else:
-        acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    acc, lse = normalized_rows(acc, l_i, m_i, drop_rescale, DROPOUT)
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + (start64 + m0) * stride_on
     store_rows(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
                row_ok, d_ok, EVEN_D)

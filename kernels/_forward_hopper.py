@@ -19,8 +19,8 @@ consumer warpgroup: the pass cannot split the mask's construction between two.
 import triton
 import triton.language as tl
 
-from ._philox import dropout_keep_tile, head_first_pair, pair_counter_base
-from ._tiles import key_block_ranges, store_rows, visible_tile
+from ._philox import head_first_pair, pair_counter_base
+from ._tiles import key_block_ranges, normalized_rows, online_softmax_block, store_rows
 
 
 @triton.jit
@@ -31,25 +31,10 @@ def _key_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, rows, offs_n, len_k, upp
               N_ROUNDS: tl.constexpr):
     for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
         k = k_desc.load([n0, 0])
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if MASKED:
-            cols = n0 + offs_n
-            scores = tl.where(visible_tile(rows, cols, len_k, upper, lower, UPPER, LOWER), scores,
-                              float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-            # A row that has seen no visible key yet keeps m = -inf; shift it by 0, not inf - inf.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-            m_shift = m_new
-        p = tl.math.exp2(scores * qk_scale - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
-                                     N_ROUNDS)
-            p = tl.where(keep, p, 0.0)      # kept weights unscaled; 1 / (1 - p) applied to O
+        p, acc, l_i, m_new = online_softmax_block(
+            acc, l_i, m_i, q, k, rows, n0, n0 + offs_n, len_k, upper, lower, qk_scale, seed,
+            pair_counters, drop_threshold, BLOCK_M, BLOCK_N, MASKED, UPPER, LOWER, DROPOUT,
+            PRECISION, N_ROUNDS)
         v = v_desc.load([n0, 0])
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
@@ -112,14 +97,7 @@ def _forward_hopper_kernel(
                               seqlen_k, upper, lower, qk_scale, seed, pair_counters, drop_threshold,
                               BLOCK_M, BLOCK_N, MASKED, UPPER, LOWER, DROPOUT, PRECISION, N_ROUNDS)
 
-    # As in the portable kernel: rows that see no key output zeros and store lse = +inf.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    if DROPOUT:
-        acc = acc * (drop_rescale / l_safe)[:, None]
-    else:
-        acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    acc, lse = normalized_rows(acc, l_i, m_i, drop_rescale, DROPOUT)
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_on
     store_rows(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
                row_ok, offs_d < HEAD_DIM, HEAD_DIM == BLOCK_D)

@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from ._philox import dropout_keep_tile
+
 
 @triton.jit
 def sequence_bounds(cu_seqlens, batch_index, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
@@ -84,3 +86,67 @@ def key_block_ranges(m0, len_k, upper, lower, BLOCK_M: tl.constexpr, BLOCK_N: tl
         full_start = tl.zeros((), dtype=tl.int32)
     full_end = tl.maximum(full_end, full_start)
     return start, full_start, full_end, end
+
+
+@triton.jit
+def online_softmax_block(acc, l_i, m_i, q, k, rows, n0, cols, len_k, upper, lower, qk_scale,
+                         seed, pair_counters, drop_threshold, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPPER: tl.constexpr,
+                         LOWER: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                         N_ROUNDS: tl.constexpr):
+    """One key block ``n0`` (its keys ``cols``) of the forward's online softmax (base 2, scale folded into one FMA): the
+    block's weights ``p`` (dropped ones zeroed, kept ones unscaled: the output takes 1 / (1 - p)
+    once), the accumulator rescaled to the new row maximum, the new denominator and maximum.
+    Returns ``(p, acc, l_i, m_new)``; the caller adds ``p @ V`` to ``acc``."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MASKED:
+        scores = tl.where(visible_tile(rows, cols, len_k, upper, lower, UPPER, LOWER), scores,
+                          float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+        # A row that has seen no visible key yet keeps m = -inf; shift it by 0, not inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+        m_shift = m_new
+    p = tl.math.exp2(scores * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
+                                 N_ROUNDS)
+        p = tl.where(keep, p, 0.0)
+    return p, acc, l_i, m_new
+
+
+@triton.jit
+def transposed_probabilities(k, q, lse, rows, cols, len_k, upper, lower, qk_scale,
+                             MASKED: tl.constexpr, UPPER: tl.constexpr, LOWER: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """The backward's recomputed probabilities of one tile, transposed: (keys ``cols``, queries
+    ``rows``), so that dK and dV accumulate without a transpose. Outside the band: 0."""
+    scoresT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    pT = tl.math.exp2(scoresT * qk_scale - lse[None, :])
+    if MASKED:
+        visibleT = cols[:, None] < len_k
+        if UPPER:
+            visibleT = visibleT & (cols[:, None] <= rows[None, :] + upper)
+        if LOWER:
+            visibleT = visibleT & (cols[:, None] >= rows[None, :] + lower)
+        pT = tl.where(visibleT, pT, 0.0)
+    return pT
+
+
+@triton.jit
+def normalized_rows(acc, l_i, m_i, drop_rescale, DROPOUT: tl.constexpr):
+    """The forward's output rows and their log-sum-exp (base 2) from the online softmax's state.
+    Rows that saw no key (causal with len_q > len_k, or a window past the keys) output zeros and
+    get lse = +inf, so the backward's exp2(score - lse) is 0 for them. With dropout the kept
+    weights entered unscaled: 1 / (1 - p) is applied here, once."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        acc = acc * (drop_rescale / l_safe)[:, None]
+    else:
+        acc = acc / l_safe[:, None]
+    return acc, tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
