@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _environ_is_not_replaced():
+    """``datasets``' ``map(num_proc=...)`` replaces ``os.environ`` with a copy of itself. A test's
+    ``monkeypatch.setenv``/``delenv`` then restores into the old object, and the change outlives the
+    test (a removed TRITON_INTERPRET made later tests refuse flash on the CPU). Put the original back."""
+    original = os.environ
+    yield
+    if os.environ is not original:
+        os.environ = original

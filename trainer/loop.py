@@ -68,7 +68,10 @@ class Trainer:
         try:
             self._build(config, trainer)
         except BaseException:
+            # A refused run leaves nothing behind: not its lock, nor its train.log handler (which
+            # a later run in the same process would otherwise keep writing to).
             self._release_lock()
+            close_logging()
             raise
 
     def _release_lock(self):

@@ -381,3 +381,15 @@ def test_document_aware_batches_compile_once(mark_dynamic, tmp_path, monkeypatch
     torch._dynamo.reset()
     assert len(lengths) > 1                         # the counts did vary
     assert counter.frame_count == (2 if mark_dynamic else 3)
+
+
+def test_a_refused_run_leaves_no_log_handler_to_the_next(tmp_path):
+    # A run refused while being built (here: an init_from that does not exist) must not keep its
+    # train.log open: the next run in the same process logs to its own directory.
+    with pytest.raises(ValueError, match="model.init_from"):
+        run(compose_run(tiny_overrides(tmp_path, **{"model.init_from": str(tmp_path / "none.pt")})),
+            tmp_path / "refused")
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 1})), tmp_path / "next")
+    assert "summary of" in (tmp_path / "next" / "train.log").read_text()
+    refused_log = tmp_path / "refused" / "train.log"
+    assert not refused_log.exists() or "summary of" not in refused_log.read_text()
