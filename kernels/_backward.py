@@ -347,14 +347,15 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
          *lse_strides(lse, varlen), *scalars),
         dict(BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, MASK_LAYOUT=DKDV_MASK_LAYOUT,
              num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags))
-    hopper_inputs = _hopper.supported((q, k, v, grad_out, out), varlen)
     # The Hopper dQ pass takes dropout only with a 64-row query tile (one consumer warpgroup);
-    # the Hopper dK/dV pass holds one query head per kv-head and takes no dropout.
-    dq_hopper = q_tiles.warp_specialize and (not dropout or q_tiles.block_m <= 64) and hopper_inputs
+    # the Hopper dK/dV pass holds one query head per kv-head and takes no dropout. The inputs are
+    # checked only when a tile asks for a Hopper kernel (not on the default path).
+    dq_hopper = q_tiles.warp_specialize and (not dropout or q_tiles.block_m <= 64)
+    dkdv_hopper = kv_tiles.warp_specialize and geometry.group_size == 1 and not dropout
+    if (dq_hopper or dkdv_hopper) and not _hopper.supported((q, k, v, grad_out, out), varlen):
+        dq_hopper = dkdv_hopper = False
     if dq_hopper:
         dq_config[2]["MASKED"] = _hopper.masked(causal, window, geometry.seqlen_k, q_tiles.block_n)
-    dkdv_hopper = (kv_tiles.warp_specialize and geometry.group_size == 1 and not dropout
-                   and hopper_inputs)
     if dkdv_hopper:
         dkdv_config[2]["MASKED"] = _hopper.masked(causal, window, geometry.seqlen_q,
                                                   kv_tiles.block_m)

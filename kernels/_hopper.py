@@ -1,4 +1,5 @@
-"""Which calls the Hopper kernels (``_forward_hopper.py``, ``_dkdv_hopper.py``) can take.
+"""Which calls the Hopper kernels (``_forward_hopper.py``, ``_dq_hopper.py``, ``_dkdv_hopper.py``)
+can take, and their launch with a fallback to the portable kernels.
 
 Those kernels read their tiles through tensor descriptors (TMA) and run one warp-specialized loop.
 Triton 3.6 specializes such a loop only without an early exit (which packed variable-length input
@@ -59,14 +60,14 @@ def launch(launcher, portable, grid, args, options: dict):
     arguments; it takes the options but ``MASKED``). Returns what the launch returns."""
     if launcher is portable:
         return portable.launch(grid, args, options)
-    key = (launcher.kernel.__name__, tuple(sorted(options.items())))
-    if key not in FALLBACKS:
+    key = (launcher.kernel.__name__, tuple(sorted(options.items()))) if FALLBACKS else None
+    if key is None or key not in FALLBACKS:
         try:
             return launcher.launch(grid, args, options)
         except Exception as error:  # noqa: BLE001 - only compile failures are handled, see above
             if not _compile_failure(error):
                 raise
-            FALLBACKS.add(key)
+            FALLBACKS.add((launcher.kernel.__name__, tuple(sorted(options.items()))))
             warnings.warn(f"{launcher.kernel.__name__} did not compile for {dict(options)} "
                           f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
                           f"the portable kernel runs these calls", RuntimeWarning, stacklevel=3)
