@@ -23,7 +23,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import _backward, _forward, _hopper  # noqa: E402
-from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles  # noqa: E402
+from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles, forward_tiles  # noqa: E402
 
 FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
@@ -65,7 +65,14 @@ def measure(fn):
         return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv", "dq")):
+def hopper_candidates(candidates, default):
+    """The Hopper (``ws``) candidates and the tiles the kernel uses now, to time one against the other
+    without sweeping every portable tile again."""
+    return [default] + [t for t in candidates if t.warp_specialize]
+
+
+def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv", "dq"),
+          hopper_only=False):
     heads = 2048 // head_dim
     batch = 16384 // seqlen
     shape = (batch, seqlen, heads, head_dim)
@@ -76,18 +83,23 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
                 seed=1, offset=0)
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     out, lse = _forward.forward(q, k, v, None, **args)
+    default_dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
+    default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0)
+    forward, dkdv, dq = FORWARD, DKDV, DQ
+    if hopper_only:
+        forward = hopper_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype))
+        dkdv = hopper_candidates(DKDV, default_dkdv)
+        dq = hopper_candidates(DQ, default_dq)
     rows = []
-    for tiles in FORWARD if "forward" in kernels else []:
+    for tiles in forward if "forward" in kernels else []:
         ms = measure(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args))
         rows.append(("forward", tiles, ms, flops))
     # Each backward pass is timed as the whole backward with the other pass at its tuned tiles.
-    default_dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
-    default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0)
-    for tiles in DKDV if "dkdv" in kernels else []:
+    for tiles in dkdv if "dkdv" in kernels else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(tiles, default_dq), **args))
         rows.append(("dkdv(+fixed dq)", tiles, ms, 2.5 * flops))
-    for tiles in DQ if "dq" in kernels else []:
+    for tiles in dq if "dq" in kernels else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(default_dkdv, tiles), **args))
         rows.append(("dq(+fixed dkdv)", tiles, ms, 2.5 * flops))
@@ -136,6 +148,8 @@ def main():
                         default=["forward", "dkdv", "dq"], help="which kernels to sweep")
     parser.add_argument("--causal", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("tune.json"))
+    parser.add_argument("--hopper-only", action="store_true",
+                        help="time only the Hopper candidates against the tiles in use now")
     parser.add_argument("--rounds-study", action="store_true",
                         help="only time dropout against the number of Philox rounds")
     args = parser.parse_args()
@@ -147,8 +161,12 @@ def main():
     for head_dim in args.head_dims:
         for causal in map(bool, args.causal):
             for dropout_p in args.dropout:
-                found = sweep(head_dim, args.seqlen, causal, dropout_p, torch.bfloat16, args.kernels)
+                found = sweep(head_dim, args.seqlen, causal, dropout_p, torch.bfloat16, args.kernels,
+                              args.hopper_only)
                 records += found
+                # Written after every setting, so that a sweep cut short keeps what it measured.
+                args.out.with_suffix(".tmp").write_text(json.dumps(records, indent=1))
+                args.out.with_suffix(".tmp").replace(args.out)
                 for kernel in ("forward", "dkdv(+fixed dq)", "dq(+fixed dkdv)"):
                     ok = [r for r in found if r["kernel"] == kernel and r["ms"]]
                     ok.sort(key=lambda r: r["ms"])
@@ -156,7 +174,6 @@ def main():
                         f"({r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}"
                         f"{',ws' if r['warp_specialize'] else ''}) "
                         f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
-    args.out.write_text(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":
