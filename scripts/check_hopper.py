@@ -13,6 +13,7 @@ next to the portable kernels' error on the same inputs. Needs sm_90 or later.
 import argparse
 import importlib
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -81,6 +82,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("hopper_check.json"))
     parser.add_argument("--time-seqlen", type=int, default=4096)
+    parser.add_argument("--time-head-dims", type=int, nargs="+", default=[128])
+    parser.add_argument("--time-only", action="store_true", help="skip the correctness check")
+    parser.add_argument("--time-variants", nargs="+", choices=["ws", "no_ws"], default=["ws", "no_ws"])
+    parser.add_argument("--time-backward", action="store_true",
+                        help="time the Hopper backward kernels too (forward only otherwise)")
     args = parser.parse_args()
     assert torch.cuda.get_device_capability() >= (9, 0), "the Hopper kernels need sm_90 or later"
     kernels = {"ws": {name: getattr(owner, attribute)
@@ -96,7 +102,7 @@ def main():
         args.out.with_suffix(".tmp").replace(args.out)
 
     torch.manual_seed(0)
-    for head_dim in (64, 128):
+    for head_dim in () if args.time_only else (64, 128):
         for seqlen in (1024, 1000):
             for causal in (False, True):
                 shape = (2, seqlen, 4, head_dim)
@@ -123,18 +129,21 @@ def main():
                 records.append(row)
                 save()
 
-    # Speed at the FlashAttention-2 benchmark shape (16384 tokens, hidden 2048), head_dim 128.
-    seqlen, head_dim = args.time_seqlen, 128
-    shape = (16384 // seqlen, seqlen, 2048 // head_dim, head_dim)
-    q, k, v, grad_out = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for causal in (False, True):
+    # Speed at the FlashAttention-2 benchmark shape (16384 tokens, hidden 2048).
+    seqlen = args.time_seqlen
+    for head_dim, causal in ((d, c) for d in args.time_head_dims for c in (False, True)):
+        shape = (16384 // seqlen, seqlen, 2048 // head_dim, head_dim)
+        q, k, v, grad_out = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         flops = 4 * shape[0] * shape[2] * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
         candidates = [("portable", "ws", None, None)]
-        for variant in ("ws", "no_ws"):
+        backward = (Tiles(64, 128, 4, 2, True), Tiles(64, 128, 4, 2, True)) if args.time_backward else None
+        for variant in args.time_variants:
             candidates += [(f"{variant}/{t.block_m}x{t.block_n}x{t.num_warps}x{t.num_stages}", variant, t,
-                            (Tiles(64, 128, 4, 2, True), Tiles(64, 128, 4, 2, True)))
-                           for t in (Tiles(128, 64, 4, 2, True), Tiles(128, 128, 4, 2, True),
-                                     Tiles(128, 64, 8, 3, True), Tiles(64, 64, 4, 3, True))]
+                            backward)
+                           for t in (Tiles(128, 64, 4, 2, True), Tiles(128, 64, 4, 3, True),
+                                     Tiles(128, 128, 4, 2, True), Tiles(128, 128, 8, 2, True),
+                                     Tiles(128, 64, 8, 3, True), Tiles(64, 64, 4, 3, True),
+                                     Tiles(64, 128, 4, 2, True), Tiles(128, 32, 4, 3, True))]
         for name, variant, ft, bt in candidates:
             use_kernels(variant, kernels)
             fallbacks = len(_hopper.FALLBACKS)
@@ -143,7 +152,8 @@ def main():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     _, fwd, bwd = run_once(q, k, v, grad_out, causal, ft, bt)
                     fwd_ms = do_bench(fwd, warmup=10, rep=50, return_mode="median")
-                    bwd_ms = do_bench(bwd, warmup=10, rep=50, return_mode="median")
+                    bwd_ms = (do_bench(bwd, warmup=10, rep=50, return_mode="median")
+                              if bt is not None or ft is None else math.nan)
                 row = dict(timing=name, causal=causal, seqlen=seqlen, head_dim=head_dim,
                            forward_tflops=flops / fwd_ms / 1e9, backward_tflops=2.5 * flops / bwd_ms / 1e9,
                            fallbacks=len(_hopper.FALLBACKS) - fallbacks)
