@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _dkdv_hopper, _dq_hopper, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._forward import LOG2E, lse_strides
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
@@ -305,8 +304,6 @@ def _dq_kernel(
 
 DQ = DirectLauncher(_dq_kernel)
 DKDV = DirectLauncher(_dkdv_kernel)
-DQ_HOPPER = DirectLauncher(_dq_hopper._dq_hopper_kernel)
-DKDV_HOPPER = DirectLauncher(_dkdv_hopper._dkdv_hopper_kernel)
 
 
 def new_gradients(q, k, v, lse):
@@ -320,9 +317,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
                    softmax_scale: float, causal: bool, dropout_p: float,
                    tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW):
     """``(launcher, grid, static arguments, constexprs and options)`` of the dQ launch, then of
-    the dK/dV launch (each the Hopper kernel where its tiles ask for it and the call qualifies):
-    everything but the leading per-call arguments (tensors, cu_seqlens, seed, counter base), which
-    is fixed by the tensors' shapes and strides, the dtype and the options."""
+    the dK/dV launch: everything but the leading per-call arguments (tensors, cu_seqlens, seed,
+    counter base), which is fixed by the tensors' shapes and strides, the dtype and the options."""
     varlen = geometry.varlen
     dropout = dropout_p > 0
     kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout),
@@ -347,20 +343,7 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
          *lse_strides(lse, varlen), *scalars),
         dict(BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, MASK_LAYOUT=DKDV_MASK_LAYOUT,
              num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags))
-    # The Hopper dQ pass takes dropout only with a 64-row query tile (one consumer warpgroup);
-    # the Hopper dK/dV pass holds one query head per kv-head and takes no dropout. The inputs are
-    # checked only when a tile asks for a Hopper kernel (not on the default path).
-    dq_hopper = q_tiles.warp_specialize and (not dropout or q_tiles.block_m <= 64)
-    dkdv_hopper = kv_tiles.warp_specialize and geometry.group_size == 1 and not dropout
-    if (dq_hopper or dkdv_hopper) and not _hopper.supported((q, k, v, grad_out, out), varlen):
-        dq_hopper = dkdv_hopper = False
-    if dq_hopper:
-        dq_config[2]["MASKED"] = _hopper.masked(causal, window, geometry.seqlen_k, q_tiles.block_n)
-    if dkdv_hopper:
-        dkdv_config[2]["MASKED"] = _hopper.masked(causal, window, geometry.seqlen_q,
-                                                  kv_tiles.block_m)
-    return ((DQ_HOPPER if dq_hopper else DQ, *dq_config),
-            (DKDV_HOPPER if dkdv_hopper else DKDV, *dkdv_config))
+    return (DQ, *dq_config), (DKDV, *dkdv_config)
 
 
 def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry,
@@ -379,8 +362,8 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
                     *dq_static)
     dkdv_arguments = (q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seed, counter_base,
                       *dkdv_static)
-    dq_bound = _hopper.launch(dq_launcher, DQ, dq_grid, dq_arguments, dq_options)
-    dkdv_bound = _hopper.launch(dkdv_launcher, DKDV, dkdv_grid, dkdv_arguments, dkdv_options)
+    dq_bound = dq_launcher.launch(dq_grid, dq_arguments, dq_options)
+    dkdv_bound = dkdv_launcher.launch(dkdv_grid, dkdv_arguments, dkdv_options)
     return (dq_bound, grid3(dq_grid), dq_static), (dkdv_bound, grid3(dkdv_grid), dkdv_static)
 
 

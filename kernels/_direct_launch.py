@@ -55,7 +55,7 @@ class BoundKernel:
         launcher = compiled.run
         # Triton's launcher object only adds scratch-buffer allocation around the C launch function.
         # A kernel that needs none, or only global scratch (tensor descriptors made on the device,
-        # _forward_hopper.py), is launched through the C function itself, with the scratch
+        # _forward_tma.py), is launched through the C function itself, with the scratch
         # allocated here; profiler scratch keeps Triton's path.
         known = all(hasattr(launcher, name) for name in
                     ("launch", "global_scratch_size", "profile_scratch_size", "num_ctas"))

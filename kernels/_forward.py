@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _forward_hopper, _hopper
+from . import _forward_tma, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
-                      dot_precision, forward_tiles)
+                      dot_precision, forward_tiles, tma_forward_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
 from ._tiles import (key_block_ranges, load_rows, normalized_rows, online_softmax_block,
@@ -122,7 +122,7 @@ def _forward_kernel(
 
 
 FORWARD = DirectLauncher(_forward_kernel)
-FORWARD_HOPPER = DirectLauncher(_forward_hopper._forward_hopper_kernel)
+FORWARD_TMA = DirectLauncher(_forward_tma._forward_tma_kernel)
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -145,13 +145,11 @@ def new_outputs(q: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torc
 def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, causal: bool,
                   dropout_p: float, tiles: Tiles | None = None, window: Window = NO_WINDOW):
     """``(launcher, grid, static arguments, constexprs and options)`` of the forward launch: the
-    Hopper kernel where the tiles ask for it and the call qualifies, else the portable one; all but
+    TMA kernel where the tiles ask for it and the call qualifies, else the portable one; all but
     the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base), which is
     fixed by the tensors' shapes and strides, the dtype and the options."""
-    tiles = tiles or forward_tiles(geometry.head_dim, q.device, q.dtype)
-    # With dropout the Hopper forward needs a query tile one consumer warpgroup holds (64 rows).
-    hopper = (tiles.warp_specialize and (dropout_p == 0 or tiles.block_m <= 64)
-              and _hopper.supported((q, k, v), geometry.varlen))
+    tiles = tiles or default_tiles(q, k, v, geometry, causal, dropout_p, window)
+    tma = tiles.tma and _hopper.supported((q, k, v), geometry.varlen)
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
     static = (
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),
@@ -166,9 +164,21 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
         **band_flags(causal, window), DROPOUT=dropout_p > 0, VARLEN=geometry.varlen,
         PRECISION=dot_precision(q.dtype), N_ROUNDS=PHILOX_ROUNDS,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    if hopper:
+    if tma:
         options["MASKED"] = _hopper.masked(causal, window, geometry.seqlen_k, tiles.block_n)
-    return (FORWARD_HOPPER if hopper else FORWARD), grid, static, options
+    return (FORWARD_TMA if tma else FORWARD), grid, static, options
+
+
+def default_tiles(q, k, v, geometry: Geometry, causal: bool, dropout_p: float,
+                  window: Window) -> Tiles:
+    """The TMA forward's tiles where it was measured ahead of the portable kernel (no band, no
+    dropout, whole key blocks, a call it can take), else the portable kernel's tuned tiles."""
+    tma = tma_forward_tiles(geometry.head_dim, q.device, q.dtype)
+    if (tma is not None and dropout_p == 0
+            and not _hopper.masked(causal, window, geometry.seqlen_k, tma.block_n)
+            and _hopper.supported((q, k, v), geometry.varlen)):
+        return tma
+    return forward_tiles(geometry.head_dim, q.device, q.dtype)
 
 
 def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale: float,

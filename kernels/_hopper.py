@@ -1,10 +1,9 @@
-"""Which calls the Hopper kernels (``_forward_hopper.py``, ``_dq_hopper.py``, ``_dkdv_hopper.py``)
-can take, and their launch with a fallback to the portable kernels.
+"""Which calls the TMA forward (``_forward_tma.py``) can take, and its launch with a fallback to
+the portable kernel.
 
-Those kernels read their tiles through tensor descriptors (TMA) and run one warp-specialized loop.
-Triton 3.6 specializes such a loop only without an early exit (which packed variable-length input
-needs for short sequences) and for fp16/bf16 products (docs/results/attention_notes.md, v7); each
-kernel adds its own limits on dropout. Every other call runs the portable kernels.
+That kernel reads its tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and
+padded input (packed input would need a descriptor per sequence). Every other call runs the
+portable kernel.
 """
 
 import warnings
@@ -13,7 +12,7 @@ import torch
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from ._launch import INTERPRETED
+from ._launch import INTERPRETED, capability
 
 # (kernel name, constexprs and options) that failed to compile or to fit: the portable kernel runs
 # those calls. Tuning scripts read it to tell a fallback from a measurement.
@@ -21,14 +20,14 @@ FALLBACKS: set = set()
 
 
 def supported(tensors, varlen: bool) -> bool:
-    """Whether a call can take the Hopper kernels: sm_90 or later, fp16 or bf16, padded input, and
+    """Whether a call can take the TMA forward: sm_90 or later, fp16 or bf16, padded input, and
     what TMA needs of each tensor it reads (16-byte aligned base and row strides, contiguous
     head_dim rows of at least 16 bytes). The interpreter runs any dtype (tests)."""
     if varlen:
         return False
     first = tensors[0]
     if not INTERPRETED and (first.device.type != "cuda" or first.dtype == torch.float32
-                            or torch.cuda.get_device_capability(first.device) < (9, 0)):
+                            or capability(first.device) < (9, 0)):
         return False
     for t in tensors:
         size = t.element_size()
@@ -40,22 +39,20 @@ def supported(tensors, varlen: bool) -> bool:
 
 
 def masked(causal: bool, window, length: int, block: int) -> bool:
-    """The kernels' MASKED constexpr: a band (causal or a window), or a ragged last block of the
-    streamed axis (keys for the forward and dQ, queries for dK/dV)."""
+    """The TMA forward's MASKED constexpr: a band (causal or a window), or a ragged last key block."""
     return causal or window[0] >= 0 or window[1] >= 0 or length % block != 0
 
 
 def _compile_failure(error: Exception) -> bool:
     """Triton refusing a kernel, as opposed to an error of the call: its front end, ptxas, the
-    shared-memory limit, or an MLIR pass (the warp-specialization pass fails on some shapes of
-    these kernels and reports it as a RuntimeError)."""
+    shared-memory limit, or an MLIR pass (reported as a RuntimeError)."""
     if isinstance(error, (CompilationError, OutOfResources, PTXASError)):
         return True
     return isinstance(error, RuntimeError) and "PassManager::run failed" in str(error)
 
 
 def launch(launcher, portable, grid, args, options: dict):
-    """Launch ``launcher`` (a Hopper kernel or ``portable``); if Triton cannot compile the Hopper
+    """Launch ``launcher`` (the TMA forward or ``portable``); if Triton cannot compile the TMA
     kernel for these options, warn once and launch the portable kernel instead (same grid and
     arguments; it takes the options but ``MASKED``). Returns what the launch returns."""
     if launcher is portable:

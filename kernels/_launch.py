@@ -1,5 +1,6 @@
 """What every launcher shares: where the kernels can run, tile sizes, and the problem's geometry."""
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -120,11 +121,9 @@ class Tiles:
     block_n: int
     num_warps: int
     num_stages: int
-    # Forward and dK/dV: the Hopper kernel (TMA loads, one warp-specialized loop;
-    # _forward_hopper.py, _dkdv_hopper.py) where the call qualifies. num_warps then counts one
-    # consumer warpgroup's warps: Triton adds a producer warp and splits the tile that stays on
-    # chip (block_m of the forward, block_n of dK/dV) between two consumer warpgroups.
-    warp_specialize: bool = False
+    # Forward only: the kernel that loads through tensor descriptors (_forward_tma.py), where the
+    # call qualifies (sm_90+, fp16/bf16, padded input; _hopper.py); else the portable kernel.
+    tma: bool = False
 
     def __post_init__(self):
         # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).
@@ -143,6 +142,28 @@ def forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Ti
     if head_dim <= 128:
         return Tiles(64, 64, 4, 3)
     return Tiles(64, 32, 4, 2)
+
+
+def tma_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles | None:
+    """Tiles of the TMA forward where it beat the portable kernel's tuned tiles: on an H200 (bf16,
+    16384 tokens, hidden 2048; docs/results/attention_notes.md, v7), without a band, dropout or a
+    ragged last key block, +6 % forward TFLOP/s at head dim 64 and +10-15 % at 128. None elsewhere
+    (other head dims and GPUs unmeasured; before sm_90 there is no TMA)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if capability(device) < (9, 0):
+        return None
+    return {64: Tiles(64, 128, 4, 2, tma=True), 128: Tiles(128, 64, 4, 2, tma=True)}.get(head_dim)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability, asked of the driver once per device."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,

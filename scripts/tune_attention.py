@@ -1,7 +1,6 @@
 """Sweep tile sizes, warps and pipeline stages of the three attention kernels on this GPU,
-and on sm_90+ the Hopper kernels (forward, dQ and dK/dV, marked ``ws``) against them. A Hopper
-candidate that Triton cannot compile (the portable kernel would run in its place) is recorded as
-an error, not timed.
+and on sm_90+ the TMA forward (marked ``tma``) against them. A TMA candidate that Triton cannot
+compile (the portable kernel would run in its place) is recorded as an error, not timed.
 
     python scripts/tune_attention.py --head-dims 64 128 --out tune.json
 
@@ -28,27 +27,17 @@ from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles, forward_tiles
 FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
                                (128, 64, 4, 4)]] + [
-    # The Hopper kernel (_forward_hopper.py; sm_90+, padded input, with dropout only 64-row query
-    # tiles; other calls fall back to the portable kernel at the same tiles). num_warps is one
-    # consumer warpgroup's.
-    Tiles(*t, warp_specialize=True) for t in [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2),
-                                              (128, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                                              (128, 64, 4, 4), (64, 64, 4, 2), (64, 128, 4, 2)]]
+    # The TMA forward (_forward_tma.py; sm_90+, fp16/bf16, padded input; elsewhere the portable
+    # kernel runs at the same tiles).
+    Tiles(*t, tma=True) for t in [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2),
+                                  (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)]]
 DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
                             (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2),
                             (16, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3), (128, 64, 8, 2),
-                            (128, 64, 8, 1), (64, 64, 8, 2)]] + [
-    # The Hopper dK/dV kernel (_dkdv_hopper.py; as the Hopper forward, plus one query head per
-    # kv-head); block_n is the key tile the two consumer warpgroups split.
-    Tiles(*t, warp_specialize=True) for t in [(64, 128, 4, 2), (64, 128, 4, 3), (32, 128, 4, 2),
-                                              (32, 128, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3)]]
+                            (128, 64, 8, 1), (64, 64, 8, 2)]]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
-                          (32, 128, 4, 3), (64, 64, 8, 3)]] + [
-    # The Hopper dQ kernel (_dq_hopper.py); 128-row tiles did not compile on the CPU machine's
-    # sm_90 builds, kept so that a GPU run records it.
-    Tiles(*t, warp_specialize=True) for t in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-                                              (128, 64, 4, 2)]]
+                          (32, 128, 4, 3), (64, 64, 8, 3)]]
 
 
 def measure(fn):
@@ -59,20 +48,20 @@ def measure(fn):
             fn()
         torch.cuda.synchronize()
         if len(_hopper.FALLBACKS) > fallbacks:     # the portable kernel ran in its place
-            return "the Hopper kernel did not compile for these tiles"
+            return "the TMA kernel did not compile for these tiles"
         return do_bench(fn, warmup=10, rep=40, return_mode="median")
     except Exception as error:  # noqa: BLE001 - a candidate that cannot run is a result, not a crash
         return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-def hopper_candidates(candidates, default):
-    """The Hopper (``ws``) candidates and the tiles the kernel uses now, to time one against the other
+def tma_candidates(candidates, default):
+    """The TMA candidates and the portable kernel's tuned tiles, to time one against the other
     without sweeping every portable tile again."""
-    return [default] + [t for t in candidates if t.warp_specialize]
+    return [default] + [t for t in candidates if t.tma]
 
 
 def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv", "dq"),
-          hopper_only=False):
+          tma_only=False):
     heads = 2048 // head_dim
     batch = 16384 // seqlen
     shape = (batch, seqlen, heads, head_dim)
@@ -85,27 +74,23 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     out, lse = _forward.forward(q, k, v, None, **args)
     default_dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
     default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0)
-    forward, dkdv, dq = FORWARD, DKDV, DQ
-    if hopper_only:
-        forward = hopper_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype))
-        dkdv = hopper_candidates(DKDV, default_dkdv)
-        dq = hopper_candidates(DQ, default_dq)
+    forward = tma_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype)) if tma_only else FORWARD
     rows = []
     for tiles in forward if "forward" in kernels else []:
         ms = measure(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args))
         rows.append(("forward", tiles, ms, flops))
     # Each backward pass is timed as the whole backward with the other pass at its tuned tiles.
-    for tiles in dkdv if "dkdv" in kernels else []:
+    for tiles in DKDV if "dkdv" in kernels and not tma_only else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(tiles, default_dq), **args))
         rows.append(("dkdv(+fixed dq)", tiles, ms, 2.5 * flops))
-    for tiles in dq if "dq" in kernels else []:
+    for tiles in DQ if "dq" in kernels and not tma_only else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(default_dkdv, tiles), **args))
         rows.append(("dq(+fixed dkdv)", tiles, ms, 2.5 * flops))
     return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
-                 num_stages=t.num_stages, warp_specialize=t.warp_specialize,
+                 num_stages=t.num_stages, tma=t.tma,
                  ms=ms if isinstance(ms, float) else None,
                  tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
                  error=None if isinstance(ms, float) else ms)
@@ -148,8 +133,8 @@ def main():
                         default=["forward", "dkdv", "dq"], help="which kernels to sweep")
     parser.add_argument("--causal", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("tune.json"))
-    parser.add_argument("--hopper-only", action="store_true",
-                        help="time only the Hopper candidates against the tiles in use now")
+    parser.add_argument("--tma-only", action="store_true",
+                        help="time only the TMA forward candidates against the portable kernel's tiles")
     parser.add_argument("--rounds-study", action="store_true",
                         help="only time dropout against the number of Philox rounds")
     args = parser.parse_args()
@@ -162,7 +147,7 @@ def main():
         for causal in map(bool, args.causal):
             for dropout_p in args.dropout:
                 found = sweep(head_dim, args.seqlen, causal, dropout_p, torch.bfloat16, args.kernels,
-                              args.hopper_only)
+                              args.tma_only)
                 records += found
                 # Written after every setting, so that a sweep cut short keeps what it measured.
                 args.out.with_suffix(".tmp").write_text(json.dumps(records, indent=1))
@@ -172,7 +157,7 @@ def main():
                     ok.sort(key=lambda r: r["ms"])
                     print(f"d={head_dim} causal={causal} p={dropout_p} {kernel:>16}: " + "  ".join(
                         f"({r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}"
-                        f"{',ws' if r['warp_specialize'] else ''}) "
+                        f"{',tma' if r['tma'] else ''}) "
                         f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
 
 

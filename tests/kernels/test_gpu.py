@@ -87,41 +87,52 @@ def test_window_with_dropout_and_varlen_on_gpu():
                             cu_seqlens=cu_seqlens, max_seqlen=1999)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="the Hopper kernel needs sm_90 or later")
+sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                          reason="the TMA forward needs sm_90 or later")
+
+
+@sm90
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_kernels_on_gpu(head_dim, causal, monkeypatch):
-    # The TMA, warp-specialized forward, dQ and dK/dV at real tile sizes, through flash_attention (eager
-    # launch plans: the second call runs the bound kernels with their own scratch) and under
-    # activation checkpointing (the recomputed forward runs in the autograd engine's thread).
-    from kernels import _backward, _eager_plan, _forward
+def test_tma_forward_on_gpu(head_dim, causal, monkeypatch):
+    # The TMA forward at a real tile size with every tile masked (ragged keys, causal), through
+    # flash_attention (eager launch plans: the second call runs the bound kernel with its own
+    # descriptor scratch) and under activation checkpointing (the recomputed forward runs in the
+    # autograd engine's thread).
+    from kernels import _eager_plan, _forward
     from kernels._launch import Tiles
-    monkeypatch.setattr(_forward, "forward_tiles", lambda *args: Tiles(128, 64, 4, 2, True))
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(64, 128, 4, 2, True))
-    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(128, 64, 4, 2, True))
+    monkeypatch.setattr(_forward, "default_tiles", lambda *args: Tiles(128, 64, 4, 2, tma=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})     # plans keep their kernels: none from before
     q, k, v = random_qkv((2, 1000, 4, head_dim), (2, 1000, 4, head_dim), torch.bfloat16, "cuda")
     check_against_reference(q, k, v, causal=causal)
-    _forward.FORWARD_HOPPER.compiled.clear()
-    _backward.DKDV_HOPPER.compiled.clear()
-    _backward.DQ_HOPPER.compiled.clear()
+    _forward.FORWARD_TMA.compiled.clear()
     _eager_plan._PLANS.clear()
     grad_out = torch.randn_like(q)
     first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
                      for _ in range(2))
-    assert all(len(launcher.compiled) == 1 for launcher in
-               (_forward.FORWARD_HOPPER, _backward.DQ_HOPPER, _backward.DKDV_HOPPER))
+    assert len(_forward.FORWARD_TMA.compiled) == 1
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    plain = first
     replayed = torch.autograd.grad(
         checkpoint(lambda q, k, v: flash_attention(q, k, v, causal=causal), q, k, v,
                    use_reentrant=False), (q, k, v), grad_out)
-    assert all(torch.equal(a, b) for a, b in zip(plain, replayed))
+    assert all(torch.equal(a, b) for a, b in zip(first, replayed))
 
 
-def test_hopper_kernels_only_where_they_compile():
-    # float32 (tf32x3 products) does not specialize: the portable kernels run it.
+@sm90
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_forward_is_the_tma_kernel_without_a_mask(head_dim):
+    from kernels import _forward
+    from kernels._launch import call_geometry
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    config = lambda causal: _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0]
+    assert config(False) is _forward.FORWARD_TMA and config(True) is _forward.FORWARD
+    check_against_reference(q, k, v, causal=False)
+
+
+def test_tma_forward_only_where_it_compiles():
+    # float32 (tf32x3 products) runs the portable kernel.
     from kernels import _hopper
     half = torch.zeros(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
     single = half.float()
@@ -130,21 +141,17 @@ def test_hopper_kernels_only_where_they_compile():
     assert not _hopper.supported((single, single, single), varlen=False)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="the Hopper kernel needs sm_90 or later")
-def test_hopper_forward_with_dropout_on_gpu(monkeypatch):
-    # A 64-row query tile (one consumer warpgroup) takes dropout in the forward and dQ; the same
-    # mask as the portable kernels, so the portable dK/dV pass agrees with them.
-    from kernels import _backward, _eager_plan, _forward
+@sm90
+def test_tma_forward_with_dropout_on_gpu(monkeypatch):
+    # The same mask as the portable kernel, so the portable backward differentiates it.
+    from kernels import _eager_plan, _forward
     from kernels._launch import Tiles
-    monkeypatch.setattr(_forward, "forward_tiles", lambda *args: Tiles(64, 64, 4, 2, True))
-    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(64, 64, 4, 2, True))
+    monkeypatch.setattr(_forward, "default_tiles", lambda *args: Tiles(128, 64, 4, 2, tma=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, 1000, 4, 128), (2, 1000, 4, 128), torch.bfloat16, "cuda")
     torch.manual_seed(3)
     _, keep = flash_attention(q, k, v, causal=True, dropout_p=0.1, return_debug_mask=True)
-    _forward.FORWARD_HOPPER.compiled.clear()
-    _backward.DQ_HOPPER.compiled.clear()
+    _forward.FORWARD_TMA.compiled.clear()
     torch.manual_seed(3)
     check_against_reference(q, k, v, causal=True, dropout_p=0.1, dropout_mask=keep)
-    assert len(_forward.FORWARD_HOPPER.compiled) == 1 and len(_backward.DQ_HOPPER.compiled) == 1
+    assert len(_forward.FORWARD_TMA.compiled) == 1

@@ -1,19 +1,17 @@
-"""Forward pass for Hopper and later (sm_90+): TMA loads and warp specialization.
+"""Forward pass that reads Q, K and V through tensor descriptors (TMA), for Hopper and later.
 
 The same arguments, outputs and numerics as ``_forward._forward_kernel``; launched instead of it
-when the tiles ask for it (``Tiles.warp_specialize``) and the call qualifies (``_hopper.py``).
-Q, K and V are read through tensor descriptors (the TMA copy engine fills shared memory, bounded by
-the sequence: rows past its end and columns past head_dim arrive as zeros), and the key loop is
-warp specialized: Triton gives the copies to a producer warp and splits a 128-row query tile
-between two consumer warpgroups, as FlashAttention-3 does.
+when the tiles ask for it (``Tiles.tma``) and the call qualifies (``_hopper.py``). The TMA copy
+engine fills shared memory, bounded by the sequence: rows past its end and columns past head_dim
+arrive as zeros, so the loads need no address arithmetic or masks. One key loop, masked on every
+tile when the call has a band (causal, a window) or a ragged last key block, unmasked otherwise.
 
-Triton 3.6 specializes only kernels with a single loop and no early exit, and only when the loop's
-inputs come through descriptors (checked by compiling for sm_90; docs/results/attention_notes.md).
-So this kernel has one key loop: masked on every tile when the call has a band (causal, a window)
-or a ragged last key block, unmasked otherwise. Packed variable-length input (an exit for query
-blocks past a short sequence) breaks the specialization and runs the portable kernel. Dropout
-(the same Philox mask as the portable kernels) specializes only with a 64-row query tile, one
-consumer warpgroup: the pass cannot split the mask's construction between two.
+Measured on an H200 (docs/results/attention_notes.md, v7): +6-15 % forward TFLOP/s over the portable
+kernel without a mask at head dims 64 and 128, behind it with a causal mask (whose portable kernel
+masks only the diagonal tiles), so the default tiles choose it only without a band. Warp
+specialization of this loop (``tl.range(..., warp_specialize=True)``, a TMA producer warp and two
+consumer warpgroups) compiled on sm_90 with Triton 3.6 but gave wrong outputs with 128-row tiles
+and ran 40-50 % slower with 64-row tiles, so the loop is not specialized.
 """
 
 import triton
@@ -29,7 +27,7 @@ def _key_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, rows, offs_n, len_k, upp
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, UPPER: tl.constexpr,
               LOWER: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
               N_ROUNDS: tl.constexpr):
-    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+    for n0 in tl.range(lo, hi, BLOCK_N):
         k = k_desc.load([n0, 0])
         p, acc, l_i, m_new = online_softmax_block(
             acc, l_i, m_i, q, k, rows, n0, n0 + offs_n, len_k, upper, lower, qk_scale, seed,
@@ -43,7 +41,7 @@ def _key_loop(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, rows, offs_n, len_k, upp
 
 # The signature of _forward._forward_kernel (launch plans pass the same arguments), plus MASKED.
 @triton.jit(do_not_specialize=["seed", "counter_base"])
-def _forward_hopper_kernel(
+def _forward_tma_kernel(
     Q, K, V, Out, Lse, cu_seqlens, seed, counter_base,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -56,9 +54,8 @@ def _forward_hopper_kernel(
     UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASKED: tl.constexpr,
 ):
+    # Packed input would need a descriptor per sequence; it runs the portable kernel.
     tl.static_assert(not VARLEN, "packed input runs the portable kernel")
-    # Triton's pass cannot split the dropout mask's construction between two consumer warpgroups.
-    tl.static_assert(not DROPOUT or BLOCK_M <= 64, "dropout needs a query tile of at most 64 rows")
     # Reverse order: with causal masking the last query blocks do the most work; start them first.
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
