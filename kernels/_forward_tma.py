@@ -6,12 +6,13 @@ engine fills shared memory, bounded by the sequence: rows past its end and colum
 arrive as zeros, so the loads need no address arithmetic or masks. One key loop, masked on every
 tile when the call has a band (causal, a window) or a ragged last key block, unmasked otherwise.
 
-Measured on an H200 (docs/results/attention_notes.md, v7): +6-15 % forward TFLOP/s over the portable
-kernel without a mask at head dims 64 and 128, behind it with a causal mask (whose portable kernel
-masks only the diagonal tiles), so the default tiles choose it only without a band. Warp
-specialization of this loop (``tl.range(..., warp_specialize=True)``, a TMA producer warp and two
-consumer warpgroups) compiled on sm_90 with Triton 3.6 but gave wrong outputs with 128-row tiles
-and ran 40-50 % slower with 64-row tiles, so the loop is not specialized.
+Measured on an H200 (docs/results/attention_notes.md, v7): +5-15 % forward TFLOP/s over the
+portable kernel at head dim 128 without a mask, 1-6 % at head dim 64, behind it with a causal mask
+(whose portable kernel masks only the diagonal tiles); the default tiles choose it only at head
+dim 128 without a band (``_launch.tma_forward_tiles``). Warp specialization of this loop
+(``tl.range(..., warp_specialize=True)``: a TMA producer warp and two consumer warpgroups) compiled
+on sm_90 with Triton 3.6 but gave wrong outputs with 128-row tiles and ran 40-50 % slower with
+64-row tiles, so the loop is not specialized.
 """
 
 import triton

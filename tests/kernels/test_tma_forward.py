@@ -201,3 +201,4 @@ def test_tma_forward_tiles_exist_only_for_measured_settings():
         assert (tma_forward_tiles(128, cuda, torch.bfloat16) is not None) == sm90
         assert tma_forward_tiles(128, cuda, torch.float32) is None
         assert tma_forward_tiles(96, cuda, torch.bfloat16) is None
+        assert tma_forward_tiles(64, cuda, torch.bfloat16) is None     # no clear gain measured
