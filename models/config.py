@@ -35,7 +35,8 @@ class ModelConfig:
     # bert with flash attention and a padding mask: True packs the real tokens (no compute on
     # padding; the token count depends on the data); False keeps the padded layout and gives the
     # kernel each row's real tokens and its padding as separate documents (static shapes, as
-    # torch.compile prefers; padding is computed and ignored).
+    # torch.compile prefers; padding is computed and ignored). Measured on an H200, BERT-large at
+    # 512 with 5 % padding, compiled: False ran at 0.75x the speed of True (train_h100.md).
     unpad: bool = True
     extra: dict = field(default_factory=dict, compare=False)   # unused keys kept for round trips
 
