@@ -40,15 +40,34 @@ DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64
                           (32, 128, 4, 3), (64, 64, 8, 3)]]
 
 
-def measure(fn):
+# Two tilings of the same call differ by bf16 rounding (~1e-3 relative); a miscompiled kernel by
+# far more (0.4-0.7 for the warp-specialized Hopper kernels, attention_notes.md v7).
+AGREEMENT = 2e-2
+
+
+def relative_difference(result, reference) -> float:
+    """Largest relative (Frobenius) difference between corresponding tensors of two results; NaN
+    if any is NaN (Python's max would skip it)."""
+    differences = [((a.float() - b.float()).norm() / b.float().norm()).item()
+                   for a, b in zip(result, reference)]
+    return math.nan if any(map(math.isnan, differences)) else max(differences)
+
+
+def measure(fn, reference=None):
+    """Median milliseconds of ``fn``, or why it has none: it did not compile, or its tensors differ
+    from ``reference`` (the tuned tiles' result on the same inputs) by more than ``AGREEMENT``, so
+    a fast but wrong candidate is never chosen. Without a reference the result is not checked."""
     fallbacks = len(_hopper.FALLBACKS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            fn()
+            result = fn()
         torch.cuda.synchronize()
         if len(_hopper.FALLBACKS) > fallbacks:     # the portable kernel ran in its place
             return "the TMA kernel did not compile for these tiles"
+        difference = 0.0 if reference is None else relative_difference(result, reference)
+        if not difference <= AGREEMENT:            # NaN counts as wrong
+            return f"wrong result: differs from the tuned tiles' by {difference:.2g} (relative)"
         return do_bench(fn, warmup=10, rep=40, return_mode="median")
     except Exception as error:  # noqa: BLE001 - a candidate that cannot run is a result, not a crash
         return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
@@ -71,22 +90,23 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     args = dict(geometry=geometry, softmax_scale=scale, causal=causal, dropout_p=dropout_p,
                 seed=1, offset=0)
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
-    out, lse = _forward.forward(q, k, v, None, **args)
+    out, lse = _forward.forward(q, k, v, None, tiles=forward_tiles(head_dim, q.device, dtype), **args)
     default_dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
     default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0)
+    grads = _backward.backward(grad_out, q, k, v, out, lse, None, **args)
     forward = tma_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype)) if tma_only else FORWARD
     rows = []
     for tiles in forward if "forward" in kernels else []:
-        ms = measure(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args))
+        ms = measure(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args)[:1], (out,))
         rows.append(("forward", tiles, ms, flops))
     # Each backward pass is timed as the whole backward with the other pass at its tuned tiles.
     for tiles in DKDV if "dkdv" in kernels and not tma_only else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
-                                                tiles=(tiles, default_dq), **args))
+                                                tiles=(tiles, default_dq), **args), grads)
         rows.append(("dkdv(+fixed dq)", tiles, ms, 2.5 * flops))
     for tiles in DQ if "dq" in kernels and not tma_only else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
-                                                tiles=(default_dkdv, tiles), **args))
+                                                tiles=(default_dkdv, tiles), **args), grads)
         rows.append(("dq(+fixed dkdv)", tiles, ms, 2.5 * flops))
     return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,

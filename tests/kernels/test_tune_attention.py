@@ -1,0 +1,42 @@
+"""The tuning sweep refuses a candidate whose result differs from the tuned tiles' (a fast but
+miscompiled kernel must not be chosen), and times one that agrees."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import tune_attention  # noqa: E402
+
+
+@pytest.fixture
+def timing(monkeypatch):
+    # The sweep's GPU calls, stood in for on the CPU.
+    monkeypatch.setattr(tune_attention.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(tune_attention, "do_bench", lambda fn, **kwargs: 1.5)
+
+
+def test_a_candidate_that_agrees_is_timed(timing):
+    reference = (torch.randn(64, 32),)
+    rounded = (reference[0].bfloat16().float(),)     # bf16 rounding: ~4e-3 relative
+    assert tune_attention.measure(lambda: rounded, reference) == 1.5
+
+
+def test_a_wrong_candidate_is_refused(timing):
+    reference = (torch.randn(64, 32), torch.randn(8))
+    wrong = (reference[0], reference[1] * 1.5)       # one of its tensors is off
+    assert tune_attention.measure(lambda: wrong, reference).startswith("wrong result")
+    nan = (reference[0], torch.full((8,), float("nan")))
+    assert tune_attention.measure(lambda: nan, reference).startswith("wrong result")
+
+
+def test_without_a_reference_the_result_is_not_checked(timing):
+    assert tune_attention.measure(lambda: (torch.zeros(3),)) == 1.5
+
+
+def test_a_candidate_that_fails_is_a_result(timing):
+    def fail():
+        raise RuntimeError("out of shared memory\nmore")
+    assert tune_attention.measure(fail, None) == "RuntimeError: out of shared memory"
