@@ -14,7 +14,9 @@ Runs: 1k, 2k, 4k (from scratch); 1k_to_4k (75% of the tokens at 1K, then 25% at 
 positions stretched: the long-document fine-tuning recipe); s2l_1k, s2l_2k, s2l_4k (the rotary
 decoder, 80% of the tokens at 1K in a shared first stage, the last 20% at 1K, 2K or 4K); p2l_1k,
 p2l_2k, p2l_4k (progressive: 60% at 1K, then 20% at 1K/2K/2K, then 20% at 1K/2K/4K); s2l_2k_seq64,
-s2l_4k_seq64 (the s2l arms with 64 sequences per step, as s2l_1k has, in fewer steps); t2_flash,
+s2l_4k_seq64 (the s2l arms with 64 sequences per step, as s2l_1k has, in fewer steps), and
+s2l_2k_seq64_sqrtlr, s2l_4k_seq64_sqrtlr (the same with the learning rate raised by the square
+root of the batch's growth); t2_flash,
 t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention; run with --no-eval).
 ``report`` writes the Markdown tables and a PNG of loss against position.
 """
@@ -47,7 +49,10 @@ def s2l_stage2(seqlen: int) -> list[str]:
     return continue_at("s2l_stage1", seqlen)
 
 
-def s2l_stage2_64_sequences(seqlen: int) -> list[str]:
+S2L_STAGE2_LR = 3e-4     # configs/experiment/repro_linux_s2l_stage2.yaml
+
+
+def s2l_stage2_64_sequences(seqlen: int, scale_lr: bool = False) -> list[str]:
     """The last 20% at ``seqlen`` with 64 sequences per step, as the 1K arm has, instead of 65,536
     tokens: 4x the tokens per step at 4K for a quarter of the steps (46 steps of 262,144 tokens =
     12.06M, 0.5% more than the 1K arm's 183 x 65,536), warm-up shortened in proportion. At 65,536
@@ -57,7 +62,10 @@ def s2l_stage2_64_sequences(seqlen: int) -> list[str]:
     steps = -(-183 * 4 // accumulation)       # ceil(183 * 4 / accumulation)
     return continue_at("s2l_stage1", seqlen) + [
         f"trainer.grad_accum={accumulation}", f"trainer.max_steps={steps}", f"trainer.eval_interval={steps}",
-        f"trainer.save_interval={steps}", f"optim.warmup_steps={max(1, 20 * 4 // accumulation)}"]
+        f"trainer.save_interval={steps}", f"optim.warmup_steps={max(1, 20 * 4 // accumulation)}",
+        # Measured without it (2026-12-01): 4x fewer steps at the same peak rate left the 4K arm
+        # behind. Square-root scaling with the batch (2x at 4K), as for Adam at larger batches.
+        *([f"optim.lr={S2L_STAGE2_LR * (seqlen / 1024) ** 0.5:.3g}"] if scale_lr else [])]
 
 
 # The progressive recipe: 60% of the tokens at 1K, then two stages of 20% each. The 4K arm doubles
@@ -91,6 +99,10 @@ STAGES = {
                      ("s2l_2k_seq64", s2l_stage2_64_sequences(2048))],
     "s2l_4k_seq64": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
                      ("s2l_4k_seq64", s2l_stage2_64_sequences(4096))],
+    "s2l_2k_seq64_sqrtlr": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
+                            ("s2l_2k_seq64_sqrtlr", s2l_stage2_64_sequences(2048, scale_lr=True))],
+    "s2l_4k_seq64_sqrtlr": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
+                            ("s2l_4k_seq64_sqrtlr", s2l_stage2_64_sequences(4096, scale_lr=True))],
     "p2l_1k": [P2L_STAGE1, ("p2l_mid1k", continue_at("p2l_stage1", 1024)),
                ("p2l_1k", continue_at("p2l_mid1k", 1024))],
     "p2l_2k": [P2L_STAGE1, ("p2l_mid2k", continue_at("p2l_stage1", 2048)),
@@ -103,7 +115,8 @@ STAGES = {
 }
 # The run a row's "time / 1K run" divides by (default: 1k of the same variant series).
 BASELINE = {f"{recipe}_{context}": f"{recipe}_1k" for recipe in ("s2l", "p2l") for context in ("1k", "2k", "4k")}
-BASELINE.update({"s2l_2k_seq64": "s2l_1k", "s2l_4k_seq64": "s2l_1k"})   # 64 x 1K is the s2l_1k arm
+BASELINE.update({run: "s2l_1k" for run in ("s2l_2k_seq64", "s2l_4k_seq64", "s2l_2k_seq64_sqrtlr",
+                                            "s2l_4k_seq64_sqrtlr")})   # 64 x 1K is the s2l_1k arm
 TABLE2_RUNS = ("t2_flash", "t2_sdpa", "t2_eager")
 # Stages that other stages continue from: trained once per --runs directory and series, then reused.
 EARLIER_STAGES = {name for stages in STAGES.values() for name, _ in stages[:-1]}

@@ -6,7 +6,8 @@ compile (the portable kernel would run in its place) is recorded as an error, no
 
 Times each candidate with the FlashAttention-2 benchmark shape (16384 tokens, hidden 2048) and
 prints the fastest per kernel, head dim and mask; the chosen values go into ``kernels/_launch.py``.
-Candidates that do not compile (e.g. too much shared memory) are recorded as such.
+Candidates that do not compile (e.g. too much shared memory), or whose output or gradients
+disagree with the tuned tiles' on the same inputs, are recorded as such, not timed.
 """
 
 import argparse

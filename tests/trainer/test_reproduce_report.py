@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -146,9 +148,15 @@ def test_sixty_four_sequence_arms_keep_the_sequences_and_the_tokens_of_the_1k_ar
     stage2 = OmegaConf.load(ROOT / "configs/experiment/repro_linux_s2l_stage2.yaml").trainer
     one_k = setting("s2l_1k") | {"grad_accum": stage2.grad_accum, "max_steps": stage2.max_steps}
     tokens = one_k["micro_batch_size"] * one_k["grad_accum"] * one_k["max_steps"] * 1024
-    for run in ("s2l_2k_seq64", "s2l_4k_seq64"):
+    for run in ("s2l_2k_seq64", "s2l_4k_seq64", "s2l_2k_seq64_sqrtlr", "s2l_4k_seq64_sqrtlr"):
         arm = setting(run)
         assert arm["micro_batch_size"] * arm["grad_accum"] == 64
         arm_tokens = 64 * arm["seqlen"] * arm["max_steps"]
         assert tokens <= arm_tokens < tokens * 1.01
         assert reproduce.BASELINE[run] == "s2l_1k"
+    lr = {run: dict(o.split("=", 1) for o in reproduce.STAGES[run][-1][1]).get("optim.lr")
+          for run in ("s2l_4k_seq64", "s2l_2k_seq64_sqrtlr", "s2l_4k_seq64_sqrtlr")}
+    assert lr["s2l_4k_seq64"] is None           # the stage's configured rate
+    assert float(lr["s2l_2k_seq64_sqrtlr"]) == pytest.approx(OmegaConf.load(
+        ROOT / "configs/experiment/repro_linux_s2l_stage2.yaml").optim.lr * 2 ** 0.5, rel=1e-3)
+    assert float(lr["s2l_4k_seq64_sqrtlr"]) == pytest.approx(2 * reproduce.S2L_STAGE2_LR)
