@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _forward_tma, _hopper
+from . import _forward_gluon, _forward_tma, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
                       dot_precision, forward_tiles, tma_forward_tiles)
@@ -123,6 +123,7 @@ def _forward_kernel(
 
 FORWARD = DirectLauncher(_forward_kernel)
 FORWARD_TMA = DirectLauncher(_forward_tma._forward_tma_kernel)
+FORWARD_GLUON = DirectLauncher(_forward_gluon._forward_gluon_kernel)
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -145,11 +146,14 @@ def new_outputs(q: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torc
 def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, causal: bool,
                   dropout_p: float, tiles: Tiles | None = None, window: Window = NO_WINDOW):
     """``(launcher, grid, static arguments, constexprs and options)`` of the forward launch: the
-    TMA kernel where the tiles ask for it and the call qualifies, else the portable one; all but
-    the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base), which is
-    fixed by the tensors' shapes and strides, the dtype and the options."""
+    TMA or Gluon kernel where the tiles ask for it and the call qualifies, else the portable one;
+    all but the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base),
+    which is fixed by the tensors' shapes and strides, the dtype and the options."""
     tiles = tiles or default_tiles(q, k, v, geometry, causal, dropout_p, window)
     tma = tiles.tma and _hopper.supported((q, k, v), geometry.varlen)
+    gluon = tiles.gluon and _hopper.gluon_supported((q, k, v), geometry.varlen, causal, window,
+                                                    dropout_p, geometry.seqlen_k, geometry.head_dim,
+                                                    tiles.block_n)
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
     static = (
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),
@@ -166,7 +170,11 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if tma:
         options["MASKED"] = _hopper.masked(causal, window, geometry.seqlen_k, tiles.block_n)
-    return (FORWARD_TMA if tma else FORWARD), grid, static, options
+        return FORWARD_TMA, grid, static, options
+    if gluon:
+        options["KV_STAGES"] = tiles.num_stages
+        return FORWARD_GLUON, grid, static, options
+    return FORWARD, grid, static, options
 
 
 def default_tiles(q, k, v, geometry: Geometry, causal: bool, dropout_p: float,

@@ -1,9 +1,10 @@
-"""Which calls the TMA forward (``_forward_tma.py``) can take, and its launch with a fallback to
-the portable kernel.
+"""Which calls the Hopper forwards (``_forward_tma.py``, ``_forward_gluon.py``) can take, and their
+launch with a fallback to the portable kernel.
 
-That kernel reads its tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and
-padded input (packed input would need a descriptor per sequence). Every other call runs the
-portable kernel.
+Both read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and padded
+input (packed input would need a descriptor per sequence). The Gluon kernel issues warpgroup MMAs
+(sm_90 only) and takes only what it was written for: no band, no dropout, whole key blocks, head
+dims 64 and 128. Every other call runs the portable kernel.
 """
 
 import warnings
@@ -38,6 +39,25 @@ def supported(tensors, varlen: bool) -> bool:
     return True
 
 
+def gluon_supported(tensors, varlen: bool, causal: bool, window, dropout_p: float, seqlen_k: int,
+                    head_dim: int, block_n: int) -> bool:
+    """Whether a call can take the Gluon forward: what the TMA forward needs, on sm_90 exactly (its
+    warpgroup MMAs do not exist on later GPUs), and a call its schedule covers."""
+    if not gluon_call(causal, window, dropout_p, seqlen_k, head_dim, block_n):
+        return False
+    if INTERPRETED or tensors[0].device.type != "cuda" or capability(tensors[0].device)[0] != 9:
+        return False    # no interpreter for Gluon; warpgroup MMAs are sm_90's
+    return supported(tensors, varlen)
+
+
+def gluon_call(causal: bool, window, dropout_p: float, seqlen_k: int, head_dim: int,
+               block_n: int) -> bool:
+    """The calls the Gluon forward's schedule covers: no band, no dropout, head dim 64 or 128, and
+    at least one key block with no ragged end (it masks nothing)."""
+    return (not masked(causal, window, seqlen_k, block_n) and dropout_p == 0
+            and head_dim in (64, 128) and seqlen_k >= block_n)
+
+
 def masked(causal: bool, window, length: int, block: int) -> bool:
     """The TMA forward's MASKED constexpr: a band (causal or a window), or a ragged last key block."""
     return causal or window[0] >= 0 or window[1] >= 0 or length % block != 0
@@ -52,9 +72,9 @@ def _compile_failure(error: Exception) -> bool:
 
 
 def launch(launcher, portable, grid, args, options: dict):
-    """Launch ``launcher`` (the TMA forward or ``portable``); if Triton cannot compile the TMA
+    """Launch ``launcher`` (a Hopper forward or ``portable``); if Triton cannot compile the Hopper
     kernel for these options, warn once and launch the portable kernel instead (same grid and
-    arguments; it takes the options but ``MASKED``). Returns what the launch returns."""
+    arguments; it takes the options but ``HOPPER_ONLY_OPTIONS``). Returns what the launch returns."""
     if launcher is portable:
         return portable.launch(grid, args, options)
     key = (launcher.kernel.__name__, tuple(sorted(options.items()))) if FALLBACKS else None
@@ -68,5 +88,10 @@ def launch(launcher, portable, grid, args, options: dict):
             warnings.warn(f"{launcher.kernel.__name__} did not compile for {dict(options)} "
                           f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
                           f"the portable kernel runs these calls", RuntimeWarning, stacklevel=3)
-    portable_options = {name: value for name, value in options.items() if name != "MASKED"}
+    portable_options = {name: value for name, value in options.items()
+                        if name not in HOPPER_ONLY_OPTIONS}
     return portable.launch(grid, args, portable_options)
+
+
+# Constexprs of the Hopper forwards that the portable kernel does not take.
+HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES")

@@ -124,11 +124,16 @@ class Tiles:
     # Forward only: the kernel that loads through tensor descriptors (_forward_tma.py), where the
     # call qualifies (sm_90+, fp16/bf16, padded input; _hopper.py); else the portable kernel.
     tma: bool = False
+    # Forward only: the Gluon kernel for sm_90 (_forward_gluon.py; num_stages counts its K/V
+    # shared-memory stages), where the call qualifies (_hopper.gluon_supported).
+    gluon: bool = False
 
     def __post_init__(self):
         # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).
         if self.block_n % 32 or self.block_m % 16 or self.block_m < 16:
             raise ValueError(f"tiles need block_n a multiple of 32 and block_m of 16; got {self}")
+        if self.tma and self.gluon:
+            raise ValueError(f"tiles choose one kernel, TMA or Gluon; got {self}")
 
 
 # Chosen on an H100 80GB HBM3 (bf16, 16384 tokens, hidden 2048) with scripts/tune_attention.py;

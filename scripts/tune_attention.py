@@ -1,6 +1,7 @@
 """Sweep tile sizes, warps and pipeline stages of the three attention kernels on this GPU,
-and on sm_90+ the TMA forward (marked ``tma``) against them. A TMA candidate that Triton cannot
-compile (the portable kernel would run in its place) is recorded as an error, not timed.
+and on sm_90+ the TMA and Gluon forwards (marked ``tma``, ``gluon``) against them. A candidate of
+theirs that does not compile or does not apply (the portable kernel would run in its place) is
+recorded as an error, not timed.
 
     python scripts/tune_attention.py --head-dims 64 128 --out tune.json
 
@@ -31,7 +32,10 @@ FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3
     # The TMA forward (_forward_tma.py; sm_90+, fp16/bf16, padded input; elsewhere the portable
     # kernel runs at the same tiles).
     Tiles(*t, tma=True) for t in [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2),
-                                  (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)]]
+                                  (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)]] + [
+    # The Gluon forward (_forward_gluon.py; sm_90, no band or dropout); num_stages = K/V stages.
+    Tiles(*t, gluon=True) for t in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
+                                    (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 4)]]
 DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
                             (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2),
                             (16, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3), (128, 64, 8, 2),
@@ -65,7 +69,7 @@ def measure(fn, reference=None):
             result = fn()
         torch.cuda.synchronize()
         if len(_hopper.FALLBACKS) > fallbacks:     # the portable kernel ran in its place
-            return "the TMA kernel did not compile for these tiles"
+            return "the Hopper kernel did not compile for these tiles"
         difference = 0.0 if reference is None else relative_difference(result, reference)
         if not difference <= AGREEMENT:            # NaN counts as wrong
             return f"wrong result: differs from the tuned tiles' by {difference:.2g} (relative)"
@@ -74,14 +78,14 @@ def measure(fn, reference=None):
         return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-def tma_candidates(candidates, default):
-    """The TMA candidates and the portable kernel's tuned tiles, to time one against the other
+def hopper_candidates(candidates, default):
+    """The TMA and Gluon candidates and the portable kernel's tuned tiles, to time them against it
     without sweeping every portable tile again."""
-    return [default] + [t for t in candidates if t.tma]
+    return [default] + [t for t in candidates if t.tma or t.gluon]
 
 
 def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv", "dq"),
-          tma_only=False):
+          hopper_only=False):
     heads = 2048 // head_dim
     batch = 16384 // seqlen
     shape = (batch, seqlen, heads, head_dim)
@@ -95,23 +99,29 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     default_dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
     default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0)
     grads = _backward.backward(grad_out, q, k, v, out, lse, None, **args)
-    forward = tma_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype)) if tma_only else FORWARD
+    forward = (hopper_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype)) if hopper_only
+               else FORWARD)
     rows = []
     for tiles in forward if "forward" in kernels else []:
+        chosen = _forward.launch_config(q, k, v, *_forward.new_outputs(q, geometry), geometry, scale,
+                                        causal, dropout_p, tiles)[0]
+        if (tiles.tma or tiles.gluon) and chosen is _forward.FORWARD:
+            rows.append(("forward", tiles, "the Hopper kernel does not take this call", flops))
+            continue
         ms = measure(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args)[:1], (out,))
         rows.append(("forward", tiles, ms, flops))
     # Each backward pass is timed as the whole backward with the other pass at its tuned tiles.
-    for tiles in DKDV if "dkdv" in kernels and not tma_only else []:
+    for tiles in DKDV if "dkdv" in kernels and not hopper_only else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(tiles, default_dq), **args), grads)
         rows.append(("dkdv(+fixed dq)", tiles, ms, 2.5 * flops))
-    for tiles in DQ if "dq" in kernels and not tma_only else []:
+    for tiles in DQ if "dq" in kernels and not hopper_only else []:
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
                                                 tiles=(default_dkdv, tiles), **args), grads)
         rows.append(("dq(+fixed dkdv)", tiles, ms, 2.5 * flops))
     return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
-                 num_stages=t.num_stages, tma=t.tma,
+                 num_stages=t.num_stages, tma=t.tma, gluon=t.gluon,
                  ms=ms if isinstance(ms, float) else None,
                  tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
                  error=None if isinstance(ms, float) else ms)
@@ -154,8 +164,9 @@ def main():
                         default=["forward", "dkdv", "dq"], help="which kernels to sweep")
     parser.add_argument("--causal", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("tune.json"))
-    parser.add_argument("--tma-only", action="store_true",
-                        help="time only the TMA forward candidates against the portable kernel's tiles")
+    parser.add_argument("--hopper-only", action="store_true",
+                        help="time only the TMA and Gluon forward candidates against the portable "
+                             "kernel's tiles")
     parser.add_argument("--rounds-study", action="store_true",
                         help="only time dropout against the number of Philox rounds")
     args = parser.parse_args()
@@ -168,7 +179,7 @@ def main():
         for causal in map(bool, args.causal):
             for dropout_p in args.dropout:
                 found = sweep(head_dim, args.seqlen, causal, dropout_p, torch.bfloat16, args.kernels,
-                              args.tma_only)
+                              args.hopper_only)
                 records += found
                 # Written after every setting, so that a sweep cut short keeps what it measured.
                 args.out.with_suffix(".tmp").write_text(json.dumps(records, indent=1))
@@ -178,7 +189,7 @@ def main():
                     ok.sort(key=lambda r: r["ms"])
                     print(f"d={head_dim} causal={causal} p={dropout_p} {kernel:>16}: " + "  ".join(
                         f"({r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}"
-                        f"{',tma' if r['tma'] else ''}) "
+                        f"{',tma' if r['tma'] else ''}{',gluon' if r['gluon'] else ''}) "
                         f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
 
 

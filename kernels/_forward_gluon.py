@@ -1,0 +1,177 @@
+"""Forward pass for Hopper (sm_90) written in Gluon: TMA loads into a ring of shared-memory stages
+and asynchronous warpgroup MMAs, with the next score tile's product in flight while the softmax of
+the current one runs (FlashAttention-3's intra-warpgroup overlap).
+
+Why a Gluon kernel: Triton 3.6's compiler waits on every product at once in the portable forward
+(one key block's softmax never overlaps the next block's Q·Kᵀ), and its automatic warp
+specialization gave wrong results on sm_90 (docs/results/attention_notes.md, v7). Here the
+schedule is written out:
+
+    S_0 = Q·K_0ᵀ; P_0 = softmax step
+    for j: issue S_{j+1} = Q·K_{j+1}ᵀ, issue O += P_j·V_j, wait for S_{j+1} only,
+           softmax step on S_{j+1} (while P_j·V_j runs), wait for O, rescale O
+    O += P_last·V_last
+
+K and V arrive by TMA into KV_STAGES stages, each with its own mbarrier, loaded KV_STAGES - 1
+blocks ahead. The same arguments as ``_forward._forward_kernel`` (launch plans pass them), for the
+calls ``_hopper.gluon_supported`` lets through: padded input, no band, no dropout, whole key
+blocks, head_dim 64 or 128, fp16/bf16. Not run on a GPU yet; the interpreter cannot run Gluon, so
+the tests that exercise it are GPU-marked.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+
+@gluon.jit
+def _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, block, n_blocks,
+                    BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr):
+    """Start the TMA copies of key block ``block`` (if it exists) into its stage."""
+    stage = block % KV_STAGES
+    exists = block < n_blocks
+    mbarrier.expect(k_bars.index(stage), k_desc.block_type.nbytes, pred=exists)
+    tma.async_copy_global_to_shared(k_desc, [block * BLOCK_N, 0], k_bars.index(stage),
+                                    k_smem.index(stage), pred=exists)
+    mbarrier.expect(v_bars.index(stage), v_desc.block_type.nbytes, pred=exists)
+    tma.async_copy_global_to_shared(v_desc, [block * BLOCK_N, 0], v_bars.index(stage),
+                                    v_smem.index(stage), pred=exists)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, qk_scale):
+    """One online-softmax step on a score tile: new row maxima, probabilities (unnormalized),
+    the factor that rescales what was accumulated so far, and the updated row sums."""
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+
+
+# The signature of _forward._forward_kernel (launch plans pass the same arguments), plus
+# KV_STAGES and num_warps.
+@gluon.jit(do_not_specialize=["seed", "counter_base"])
+def _forward_gluon_kernel(
+    Q, K, V, Out, Lse, cu_seqlens, seed, counter_base,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_lse_b, stride_lse_h,
+    seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
+    qk_scale, counters_per_row, drop_threshold, drop_rescale,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
+    PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    gl.static_assert(not (UPPER or LOWER or DROPOUT or VARLEN),
+                     "bands, dropout and packed input run the portable kernel")
+    gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
+    gl.static_assert(KV_STAGES >= 2, "the next key block must be in flight")
+    dtype: gl.constexpr = Q.dtype.element_ty
+
+    # Reverse order, as the portable kernel (equal work per block here; kept for uniformity).
+    block_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    head = gl.program_id(1)
+    batch = gl.program_id(2)
+    head_k = head // group_size
+    m0 = block_m * BLOCK_M
+    batch64 = batch.to(gl.int64)
+
+    # One descriptor per (sequence, head): rows past the sequence's end arrive as zeros.
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_desc = tma.make_tensor_descriptor(Q + batch64 * stride_qb + head.to(gl.int64) * stride_qh,
+                                        [seqlen_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM],
+                                        q_layout)
+    k_desc = tma.make_tensor_descriptor(K + batch64 * stride_kb + head_k.to(gl.int64) * stride_kh,
+                                        [seqlen_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM],
+                                        kv_layout)
+    v_desc = tma.make_tensor_descriptor(V + batch64 * stride_vb + head_k.to(gl.int64) * stride_vh,
+                                        [seqlen_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM],
+                                        kv_layout)
+
+    # Accumulators of the two products: each warpgroup holds 64 query rows (warps along M).
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [KV_STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [KV_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for stage in gl.static_range(KV_STAGES):
+        mbarrier.init(k_bars.index(stage), count=1)
+        mbarrier.init(v_bars.index(stage), count=1)
+
+    n_blocks = seqlen_k // BLOCK_N          # whole key blocks only (_hopper.gluon_supported)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [0, 0], q_bar, q_smem)
+    for block in gl.static_range(KV_STAGES - 1):
+        _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, block, n_blocks,
+                        BLOCK_N, KV_STAGES)
+    mbarrier.wait(q_bar, 0)
+
+    # The first score tile and its softmax step (nothing accumulated yet).
+    mbarrier.wait(k_bars.index(0), 0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
+                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                      is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, 1)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    for j in range(n_blocks - 1):
+        # Every warpgroup has finished block j - 1's products (waited at the end of the last
+        # iteration) before its stage is refilled with block j - 1 + KV_STAGES.
+        gl.thread_barrier()
+        _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j + KV_STAGES - 1,
+                        n_blocks, BLOCK_N, KV_STAGES)
+        following = (j + 1) % KV_STAGES
+        mbarrier.wait(k_bars.index(following), ((j + 1) // KV_STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_smem.index(following).permute((1, 0)), s, use_acc=False,
+                          is_async=True)
+        current = j % KV_STAGES
+        mbarrier.wait(v_bars.index(current), (j // KV_STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(current), acc,
+                            is_async=True)
+        # Products complete in issue order: at most one outstanding means S_{j+1} is done while
+        # P_j·V_j may still run under the softmax step.
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+
+    last = (n_blocks - 1) % KV_STAGES
+    mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // KV_STAGES) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last), acc,
+                        is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+    mbarrier.invalidate(q_bar)
+    for stage in gl.static_range(KV_STAGES):
+        mbarrier.invalidate(k_bars.index(stage))
+        mbarrier.invalidate(v_bars.index(stage))
+
+    # Every row saw at least one key (no band), so l_i > 0.
+    acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    rows = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
+    cols = gl.arange(0, HEAD_DIM, layout=o_cols)
+    o_base = Out + batch64 * stride_ob + head.to(gl.int64) * stride_oh
+    gl.store(o_base + rows.to(gl.int64)[:, None] * stride_on + cols[None, :],
+             acc.to(Out.dtype.element_ty), mask=(rows < seqlen_q)[:, None])
+    lse_rows = m0 + gl.arange(0, BLOCK_M, layout=s_rows)
+    gl.store(Lse + batch64 * stride_lse_b + head.to(gl.int64) * stride_lse_h + lse_rows,
+             m_i + gl.log2(l_i), mask=lse_rows < seqlen_q)
