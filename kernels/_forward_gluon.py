@@ -21,8 +21,8 @@ the tests that exercise it are GPU-marked.
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
 
 
 @gluon.jit
@@ -113,10 +113,12 @@ def _forward_gluon_kernel(
     for stage in gl.static_range(KV_STAGES):
         mbarrier.init(k_bars.index(stage), count=1)
         mbarrier.init(v_bars.index(stage), count=1)
+    # The barriers' initialization visible to the copy engine before it signals them.
+    fence_async_shared()
 
     n_blocks = seqlen_k // BLOCK_N          # whole key blocks only (_hopper.gluon_supported)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [0, 0], q_bar, q_smem)
+    tma.async_copy_global_to_shared(q_desc, [m0, 0], q_bar, q_smem)
     for block in gl.static_range(KV_STAGES - 1):
         _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, block, n_blocks,
                         BLOCK_N, KV_STAGES)
