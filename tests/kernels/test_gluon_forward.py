@@ -3,69 +3,41 @@
 schedule covers, and everything else runs the portable kernel. Its numerics need a GPU
 (test_gpu.py): the interpreter cannot run Gluon."""
 
+import json
 import math
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
 
 from kernels import _forward, _hopper, attention_reference
-from kernels._forward_gluon import _forward_gluon_kernel
 from kernels._launch import Tiles, call_geometry
 
 from .numerics import random_qkv
 
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32",
-            "cu_seqlens": "*i32"}
-
-
-def compile_for_sm90(head_dim, block_m, block_n, kv_stages, num_warps):
-    """Compile the kernel as a launch on an H100 would (bf16, aligned pointers and strides)."""
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                      UPPER=False, LOWER=False, DROPOUT=False, VARLEN=False, PRECISION="tf32",
-                      N_ROUNDS=7, KV_STAGES=kv_stages, num_warps=num_warps)
-    names = _forward_gluon_kernel.arg_names
-    signature, attrs = {}, {}
-    for i, name in enumerate(names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in POINTERS:
-            signature[name] = POINTERS[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "drop_rescale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride") and name != "stride_lse_h":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    source = GluonASTSource(_forward_gluon_kernel, signature,
-                            {(names.index(k),): v for k, v in constexprs.items()}, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=1))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("head_dim, block_n", [(128, 64), (64, 128)])
-def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_n, tmp_path):
-    kernel = compile_for_sm90(head_dim, 128, block_n, kv_stages=3, num_warps=8)
-    loop = re.search(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S).group(0)
+def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_n):
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_compile", str(head_dim), "128",
+                             str(block_n), "3", "8"], cwd=ROOT, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = json.loads(result.stdout.splitlines()[-1])
+    loop = compiled["loop"]
     # In the key loop: two asynchronous products (S_{j+1}, then P_j·V_j), a wait that leaves one
     # outstanding (the softmax step runs under P_j·V_j), then a full wait; K/V by TMA.
     assert loop.count("ttng.warp_group_dot ") == 2
     assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0"]
     assert loop.count("ttng.async_tma_copy_global_to_local") == 2
     # No register spills (ptxas's report, as cuobjdump prints it).
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
-    registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    assert stack == 0 and registers <= 255
+    assert compiled["stack"] == 0 and compiled["registers"] <= 255
 
 
 def test_the_calls_its_schedule_covers():

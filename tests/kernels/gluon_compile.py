@@ -1,0 +1,64 @@
+"""Compile the Gluon forward for sm_90 as a launch on an H100 would (bf16, aligned pointers and
+strides) and print, as JSON, its key loop's TTGIR and ptxas's register and stack use.
+
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N KV_STAGES NUM_WARPS
+
+Run as its own process: with TRITON_INTERPRET=1 (the test session's setting) Triton's standard
+library is the interpreter's and a Gluon kernel cannot be compiled."""
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from kernels._forward_gluon import _forward_gluon_kernel
+
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32",
+            "cu_seqlens": "*i32"}
+
+
+def compile_for_sm90(head_dim, block_m, block_n, kv_stages, num_warps):
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                      UPPER=False, LOWER=False, DROPOUT=False, VARLEN=False, PRECISION="tf32",
+                      N_ROUNDS=7, KV_STAGES=kv_stages, num_warps=num_warps)
+    names = _forward_gluon_kernel.arg_names
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "drop_rescale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride") and name != "stride_lse_h":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = GluonASTSource(_forward_gluon_kernel, signature,
+                            {(names.index(k),): v for k, v in constexprs.items()}, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=1))
+
+
+def main():
+    kernel = compile_for_sm90(*map(int, sys.argv[1:6]))
+    loop = re.search(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S).group(0)
+    with tempfile.TemporaryDirectory() as directory:
+        cubin = Path(directory) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+    registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    print(json.dumps(dict(loop=loop, registers=registers, stack=stack)))
+
+
+if __name__ == "__main__":
+    main()
