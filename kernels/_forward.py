@@ -151,9 +151,9 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
     which is fixed by the tensors' shapes and strides, the dtype and the options."""
     tiles = tiles or default_tiles(q, k, v, geometry, causal, dropout_p, window)
     tma = tiles.tma and _hopper.supported((q, k, v), geometry.varlen)
-    gluon = tiles.gluon and _hopper.gluon_supported((q, k, v), geometry.varlen, causal, window,
-                                                    dropout_p, geometry.seqlen_k, geometry.head_dim,
-                                                    tiles.block_n)
+    gluon = tiles.gluon and _hopper.gluon_supported(
+        (q, k, v), geometry.varlen, causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k,
+        geometry.head_dim, tiles.block_n)
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
     static = (
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),

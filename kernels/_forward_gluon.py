@@ -13,10 +13,12 @@ schedule is written out:
     O += P_last·V_last
 
 K and V arrive by TMA into KV_STAGES stages, each with its own mbarrier, loaded KV_STAGES - 1
-blocks ahead. The same arguments as ``_forward._forward_kernel`` (launch plans pass them), for the
-calls ``_hopper.gluon_supported`` lets through: padded input, no band, no dropout, whole key
-blocks, head_dim 64 or 128, fp16/bf16. Not run on a GPU yet; the interpreter cannot run Gluon, so
-the tests that exercise it are GPU-marked.
+blocks ahead. With a causal mask the key blocks every row of the query block sees run that loop
+unmasked and the diagonal blocks run it again with the mask; blocks past the diagonal are not
+touched. The same arguments as ``_forward._forward_kernel`` (launch plans pass them), for the
+calls ``_hopper.gluon_supported`` lets through: padded input, no window, no dropout, whole key
+blocks, head_dim 64 or 128, fp16/bf16, and for causal calls as many queries as keys. Not run on a
+GPU yet; the interpreter cannot run Gluon, so the tests that exercise it are GPU-marked.
 """
 
 from triton.experimental import gluon
@@ -49,6 +51,49 @@ def _softmax_step(s, m_i, l_i, qk_scale):
     return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
 
 
+@gluon.jit
+def _causal_scores(s, block, m0, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   s_layout: gl.constexpr):
+    """Scores of key block ``block`` with the keys after each query set to -inf (as many queries
+    as keys, so query i sees keys 0..i)."""
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    cols = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    return gl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+
+
+@gluon.jit
+def _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p, m_i, l_i, acc,
+                first, end, n_loaded, m0, qk_scale, dtype: gl.constexpr, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr,
+                s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
+    """Key blocks ``first`` .. ``end`` - 1, overlapped: on entry ``p`` holds block first - 1's
+    probabilities (not yet multiplied by V); on exit block end - 1's."""
+    for following in range(first, end):
+        current = following - 1
+        # Every warpgroup has finished block current - 1's products (waited at the end of the last
+        # iteration) before its stage is refilled with block current - 1 + KV_STAGES.
+        gl.thread_barrier()
+        _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, current + KV_STAGES - 1,
+                        n_loaded, BLOCK_N, KV_STAGES)
+        stage = following % KV_STAGES
+        mbarrier.wait(k_bars.index(stage), (following // KV_STAGES) & 1)
+        s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s, use_acc=False,
+                          is_async=True)
+        stage = current % KV_STAGES
+        mbarrier.wait(v_bars.index(stage), (current // KV_STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(stage), acc,
+                            is_async=True)
+        # Products complete in issue order: at most one outstanding means S_following is done
+        # while P_current·V_current may still run under the softmax step.
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        if CAUSAL_MASK:
+            s = _causal_scores(s, following, m0, BLOCK_M, BLOCK_N, s_layout)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+    return s, p, m_i, l_i, acc
+
+
 # The signature of _forward._forward_kernel (launch plans pass the same arguments), plus
 # KV_STAGES and num_warps.
 @gluon.jit(do_not_specialize=["seed", "counter_base"])
@@ -66,13 +111,14 @@ def _forward_gluon_kernel(
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    gl.static_assert(not (UPPER or LOWER or DROPOUT or VARLEN),
-                     "bands, dropout and packed input run the portable kernel")
+    # UPPER is the causal mask here (no window: _hopper.gluon_call), with as many queries as keys.
+    gl.static_assert(not (LOWER or DROPOUT or VARLEN),
+                     "windows, dropout and packed input run the portable kernel")
     gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
     gl.static_assert(KV_STAGES >= 2, "the next key block must be in flight")
     dtype: gl.constexpr = Q.dtype.element_ty
 
-    # Reverse order, as the portable kernel (equal work per block here; kept for uniformity).
+    # Reverse order: with the causal mask the last query blocks do the most work; start them first.
     block_m = gl.num_programs(0) - 1 - gl.program_id(0)
     head = gl.program_id(1)
     batch = gl.program_id(2)
@@ -116,50 +162,50 @@ def _forward_gluon_kernel(
     # The barriers' initialization visible to the copy engine before it signals them.
     fence_async_shared()
 
-    n_blocks = seqlen_k // BLOCK_N          # whole key blocks only (_hopper.gluon_supported)
+    # Key blocks this query block sees: all of them, or with the causal mask those up to its
+    # diagonal, of which the first n_full are seen whole by every row.
+    n_blocks = seqlen_k // BLOCK_N          # whole key blocks only (_hopper.gluon_call)
+    if UPPER:
+        n_end = gl.minimum(n_blocks, gl.cdiv(m0 + BLOCK_M, BLOCK_N))
+        n_full = gl.maximum(gl.minimum((m0 + 1) // BLOCK_N, n_end), 1)
+    else:
+        n_end = n_blocks
+        n_full = n_blocks
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [m0, 0], q_bar, q_smem)
     for block in gl.static_range(KV_STAGES - 1):
-        _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, block, n_blocks,
+        _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, block, n_end,
                         BLOCK_N, KV_STAGES)
     mbarrier.wait(q_bar, 0)
 
-    # The first score tile and its softmax step (nothing accumulated yet).
+    # The first score tile and its softmax step (nothing accumulated yet). Query i sees key 0,
+    # so every row's maximum is finite from here on.
     mbarrier.wait(k_bars.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
                       gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    if UPPER:
+        s = _causal_scores(s, 0, m0, BLOCK_M, BLOCK_N, s_layout)
     m_i = gl.max(s, 1) * qk_scale
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
-    for j in range(n_blocks - 1):
-        # Every warpgroup has finished block j - 1's products (waited at the end of the last
-        # iteration) before its stage is refilled with block j - 1 + KV_STAGES.
-        gl.thread_barrier()
-        _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j + KV_STAGES - 1,
-                        n_blocks, BLOCK_N, KV_STAGES)
-        following = (j + 1) % KV_STAGES
-        mbarrier.wait(k_bars.index(following), ((j + 1) // KV_STAGES) & 1)
-        s = warpgroup_mma(q_smem, k_smem.index(following).permute((1, 0)), s, use_acc=False,
-                          is_async=True)
-        current = j % KV_STAGES
-        mbarrier.wait(v_bars.index(current), (j // KV_STAGES) & 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(current), acc,
-                            is_async=True)
-        # Products complete in issue order: at most one outstanding means S_{j+1} is done while
-        # P_j·V_j may still run under the softmax step.
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+    s, p, m_i, l_i, acc = _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p,
+                                      m_i, l_i, acc, 1, n_full, n_end, m0, qk_scale, dtype,
+                                      BLOCK_M, BLOCK_N, KV_STAGES, False, s_layout, o_rows,
+                                      p_layout)
+    if UPPER:   # the diagonal blocks, masked
+        s, p, m_i, l_i, acc = _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s,
+                                          p, m_i, l_i, acc, n_full, n_end, n_end, m0, qk_scale,
+                                          dtype, BLOCK_M, BLOCK_N, KV_STAGES, True, s_layout,
+                                          o_rows, p_layout)
 
-    last = (n_blocks - 1) % KV_STAGES
-    mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // KV_STAGES) & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last), acc,
-                        is_async=True)
+    last = n_end - 1
+    mbarrier.wait(v_bars.index(last % KV_STAGES), (last // KV_STAGES) & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % KV_STAGES),
+                        acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
 
     mbarrier.invalidate(q_bar)
@@ -167,7 +213,7 @@ def _forward_gluon_kernel(
         mbarrier.invalidate(k_bars.index(stage))
         mbarrier.invalidate(v_bars.index(stage))
 
-    # Every row saw at least one key (no band), so l_i > 0.
+    # Every row saw at least key 0, so l_i > 0.
     acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
     rows = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
     cols = gl.arange(0, HEAD_DIM, layout=o_cols)

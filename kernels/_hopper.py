@@ -3,8 +3,9 @@ launch with a fallback to the portable kernel.
 
 Both read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and padded
 input (packed input would need a descriptor per sequence). The Gluon kernel issues warpgroup MMAs
-(sm_90 only) and takes only what it was written for: no band, no dropout, whole key blocks, head
-dims 64 and 128. Every other call runs the portable kernel.
+(sm_90 only) and takes only what it was written for: no window, no dropout, whole key blocks, head
+dims 64 and 128, the causal mask only with as many queries as keys. Every other call runs the
+portable kernel.
 """
 
 import warnings
@@ -39,23 +40,25 @@ def supported(tensors, varlen: bool) -> bool:
     return True
 
 
-def gluon_supported(tensors, varlen: bool, causal: bool, window, dropout_p: float, seqlen_k: int,
-                    head_dim: int, block_n: int) -> bool:
+def gluon_supported(tensors, varlen: bool, causal: bool, window, dropout_p: float, seqlen_q: int,
+                    seqlen_k: int, head_dim: int, block_n: int) -> bool:
     """Whether a call can take the Gluon forward: what the TMA forward needs, on sm_90 exactly (its
     warpgroup MMAs do not exist on later GPUs), and a call its schedule covers."""
-    if not gluon_call(causal, window, dropout_p, seqlen_k, head_dim, block_n):
+    if not gluon_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_n):
         return False
     if INTERPRETED or tensors[0].device.type != "cuda" or capability(tensors[0].device)[0] != 9:
         return False    # no interpreter for Gluon; warpgroup MMAs are sm_90's
     return supported(tensors, varlen)
 
 
-def gluon_call(causal: bool, window, dropout_p: float, seqlen_k: int, head_dim: int,
+def gluon_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int, head_dim: int,
                block_n: int) -> bool:
-    """The calls the Gluon forward's schedule covers: no band, no dropout, head dim 64 or 128, and
-    at least one key block with no ragged end (it masks nothing)."""
-    return (not masked(causal, window, seqlen_k, block_n) and dropout_p == 0
-            and head_dim in (64, 128) and seqlen_k >= block_n)
+    """The calls the Gluon forward's schedule covers: no window, no dropout, head dim 64 or 128,
+    whole key blocks (it masks no ragged end), and with the causal mask as many queries as keys
+    (its mask is the plain diagonal)."""
+    return (window[0] < 0 and window[1] < 0 and dropout_p == 0 and head_dim in (64, 128)
+            and seqlen_k >= block_n and seqlen_k % block_n == 0
+            and (not causal or seqlen_q == seqlen_k))
 
 
 def masked(causal: bool, window, length: int, block: int) -> bool:

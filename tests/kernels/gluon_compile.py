@@ -1,7 +1,7 @@
 """Compile the Gluon forward for sm_90 as a launch on an H100 would (bf16, aligned pointers and
-strides) and print, as JSON, its key loop's TTGIR and ptxas's register and stack use.
+strides) and print, as JSON, its key loops' TTGIR and ptxas's register and stack use.
 
-    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N KV_STAGES NUM_WARPS
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N KV_STAGES NUM_WARPS CAUSAL
 
 Run as its own process: with TRITON_INTERPRET=1 (the test session's setting) Triton's standard
 library is the interpreter's and a Gluon kernel cannot be compiled."""
@@ -23,9 +23,9 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*f
             "cu_seqlens": "*i32"}
 
 
-def compile_for_sm90(head_dim, block_m, block_n, kv_stages, num_warps):
+def compile_for_sm90(head_dim, block_m, block_n, kv_stages, num_warps, causal):
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                      UPPER=False, LOWER=False, DROPOUT=False, VARLEN=False, PRECISION="tf32",
+                      UPPER=bool(causal), LOWER=False, DROPOUT=False, VARLEN=False, PRECISION="tf32",
                       N_ROUNDS=7, KV_STAGES=kv_stages, num_warps=num_warps)
     names = _forward_gluon_kernel.arg_names
     signature, attrs = {}, {}
@@ -48,8 +48,8 @@ def compile_for_sm90(head_dim, block_m, block_n, kv_stages, num_warps):
 
 
 def main():
-    kernel = compile_for_sm90(*map(int, sys.argv[1:6]))
-    loop = re.search(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S).group(0)
+    kernel = compile_for_sm90(*map(int, sys.argv[1:7]))
+    loops = re.findall(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S)
     with tempfile.TemporaryDirectory() as directory:
         cubin = Path(directory) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -57,7 +57,7 @@ def main():
         usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True,
                                text=True, check=True).stdout
     registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    print(json.dumps(dict(loop=loop, registers=registers, stack=stack)))
+    print(json.dumps(dict(loops=loops, registers=registers, stack=stack)))
 
 
 if __name__ == "__main__":

@@ -22,33 +22,38 @@ from .numerics import random_qkv
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("head_dim, block_n", [(128, 64), (64, 128)])
-def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_n):
+@pytest.mark.parametrize("head_dim, block_n, causal", [(128, 64, 0), (64, 128, 0), (64, 64, 1)])
+def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_n, causal):
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_compile", str(head_dim), "128",
-                             str(block_n), "3", "8"], cwd=ROOT, env=environment, capture_output=True,
+                             str(block_n), "3", "8", str(causal)], cwd=ROOT, env=environment, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = json.loads(result.stdout.splitlines()[-1])
-    loop = compiled["loop"]
-    # In the key loop: two asynchronous products (S_{j+1}, then P_j·V_j), a wait that leaves one
-    # outstanding (the softmax step runs under P_j·V_j), then a full wait; K/V by TMA.
-    assert loop.count("ttng.warp_group_dot ") == 2
-    assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0"]
-    assert loop.count("ttng.async_tma_copy_global_to_local") == 2
+    # One key loop, and with the causal mask a second one for the diagonal blocks. In each: two
+    # asynchronous products (S_{j+1}, then P_j·V_j), a wait that leaves one outstanding (the softmax
+    # step runs under P_j·V_j), then a full wait; K/V by TMA.
+    assert len(compiled["loops"]) == 1 + causal
+    for loop in compiled["loops"]:
+        assert loop.count("ttng.warp_group_dot ") == 2
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0"]
+        assert loop.count("ttng.async_tma_copy_global_to_local") == 2
     # No register spills (ptxas's report, as cuobjdump prints it).
     assert compiled["stack"] == 0 and compiled["registers"] <= 255
 
 
 def test_the_calls_its_schedule_covers():
-    assert _hopper.gluon_call(False, (-1, -1), 0.0, 4096, 128, 64)
-    assert _hopper.gluon_call(False, (-1, -1), 0.0, 64, 64, 64)
-    assert not _hopper.gluon_call(True, (-1, -1), 0.0, 4096, 128, 64)       # causal
-    assert not _hopper.gluon_call(False, (256, 256), 0.0, 4096, 128, 64)    # a window
-    assert not _hopper.gluon_call(False, (-1, -1), 0.1, 4096, 128, 64)      # dropout
-    assert not _hopper.gluon_call(False, (-1, -1), 0.0, 4000, 128, 64)      # ragged last key block
-    assert not _hopper.gluon_call(False, (-1, -1), 0.0, 4096, 96, 64)       # head dim
-    assert not _hopper.gluon_call(False, (-1, -1), 0.0, 32, 64, 64)         # shorter than a block
+    # (causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_n)
+    assert _hopper.gluon_call(False, (-1, -1), 0.0, 4096, 4096, 128, 64)
+    assert _hopper.gluon_call(False, (-1, -1), 0.0, 100, 64, 64, 64)        # Nq != Nk without a mask
+    assert _hopper.gluon_call(True, (-1, -1), 0.0, 4096, 4096, 64, 128)     # causal, Nq == Nk
+    assert not _hopper.gluon_call(True, (-1, -1), 0.0, 2048, 4096, 64, 64)  # causal, Nq != Nk
+    assert not _hopper.gluon_call(False, (256, 256), 0.0, 4096, 4096, 128, 64)   # a window
+    assert not _hopper.gluon_call(True, (256, -1), 0.0, 4096, 4096, 128, 64)     # causal + window
+    assert not _hopper.gluon_call(False, (-1, -1), 0.1, 4096, 4096, 128, 64)     # dropout
+    assert not _hopper.gluon_call(False, (-1, -1), 0.0, 4000, 4000, 128, 64)     # ragged key block
+    assert not _hopper.gluon_call(False, (-1, -1), 0.0, 4096, 4096, 96, 64)      # head dim
+    assert not _hopper.gluon_call(False, (-1, -1), 0.0, 32, 32, 64, 64)          # under one block
 
 
 def test_tiles_choose_one_hopper_kernel():

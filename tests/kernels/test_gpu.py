@@ -167,10 +167,12 @@ sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @pytest.mark.parametrize("head_dim, tiles", [(64, (128, 128, 8, 3)), (64, (64, 64, 4, 3)),
                                              (128, (128, 64, 8, 3)), (128, (128, 128, 8, 2))])
 @pytest.mark.parametrize("seqlen, heads_k", [(1024, 4), (4096, 2), (1088, 4)])
-def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, monkeypatch):
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypatch):
     # Against float64, through flash_attention (the backward is portable); GQA; a length that is
-    # a whole number of key blocks but not of query blocks (1088 = 17 x 64); the launch plan's
-    # second call (bound kernel, its own descriptor scratch) gives the same result.
+    # a whole number of key blocks but not of query blocks (1088 = 17 x 64); the causal mask's
+    # diagonal blocks; the launch plan's second call (bound kernel, its own descriptor scratch)
+    # gives the same result.
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles, call_geometry
     gluon = Tiles(*tiles, gluon=True)
@@ -181,9 +183,9 @@ def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, monkeypatch):
     q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16, "cuda")
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.new_outputs(q, geometry)
-    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, False, 0.0)[0] is _forward.FORWARD_GLUON
-    check_against_reference(q, k, v, causal=False)
-    first, second = (flash_attention(q, k, v) for _ in range(2))
+    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD_GLUON
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (flash_attention(q, k, v, causal=causal) for _ in range(2))
     assert torch.equal(first, second)
 
 
@@ -193,9 +195,10 @@ def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
     from kernels._launch import Tiles, call_geometry
     monkeypatch.setattr(_forward, "default_tiles", lambda *args: Tiles(128, 64, 8, 3, gluon=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
-    q, k, v = random_qkv((2, 1000, 4, 128), (2, 1000, 4, 128), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    for causal in (False, True):      # a ragged last key block; causal
+    for seqlen_q, seqlen_k, causal in ((1000, 1000, False), (1000, 1000, True),   # ragged key block
+                                       (512, 1024, True)):                        # causal, Nq != Nk
+        q, k, v = random_qkv((2, seqlen_q, 4, 128), (2, seqlen_k, 4, 128), torch.bfloat16, "cuda")
+        geometry = call_geometry(q, k, None, 0)
+        out, lse = _forward.new_outputs(q, geometry)
         assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD
         check_against_reference(q, k, v, causal=causal)
