@@ -36,7 +36,8 @@ class ModelConfig:
     # padding; the token count depends on the data); False keeps the padded layout and gives the
     # kernel each row's real tokens and its padding as separate documents (static shapes, as
     # torch.compile prefers; padding is computed and ignored). Measured on an H200, BERT-large at
-    # 512 with 5 % padding, compiled: False ran at 0.75x the speed of True (train_h100.md).
+    # 512 with 5 % padding, compiled with dynamic output shapes captured: False ran at 0.75x the
+    # speed of True (train_h100.md); without the capture (now the default for flash) not measured.
     unpad: bool = True
     extra: dict = field(default_factory=dict, compare=False)   # unused keys kept for round trips
 

@@ -73,12 +73,12 @@ def compile_model(module, model, mode: str):
     """``torch.compile`` the training forward. A masked LM selects its scored positions with
     ``nonzero``, whose output size depends on the data; dynamo splits the graph there unless told to
     capture such ops. Captured, compiled BERT-large with SDPA ran 13 % faster on an H100 (139k
-    against 123k real tokens/s, docs/results/train_h100.md). Not with flash attention: its unpadded
-    blocks then run on a token count without a size hint, and the step ran 21 % slower (97k against
-    123k), so that path keeps its graph breaks; ``model.unpad=false`` (static shapes through the
-    blocks) captures them."""
+    against 123k real tokens/s, docs/results/train_h100.md). Not with flash attention: captured, its
+    step ran slower in both layouts, 97k against 123k unpadded (H100) and 96k padded
+    (``model.unpad=false``) against 128k unpadded uncaptured (H200), so flash keeps its graph
+    breaks."""
     config = model.config
     flash = resolve_attention(config.attention, next(model.parameters()).device) == "flash"
-    if config.arch == "bert" and not (flash and config.unpad):
+    if config.arch == "bert" and not flash:
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
     return torch.compile(module, mode=mode)
