@@ -149,8 +149,10 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
     TMA or Gluon kernel where the tiles ask for it and the call qualifies, else the portable one;
     all but the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base),
     which is fixed by the tensors' shapes and strides, the dtype and the options."""
+    chosen_by_caller = tiles is not None
     tiles = tiles or default_tiles(q, k, v, geometry, causal, dropout_p, window)
-    tma = tiles.tma and _hopper.supported((q, k, v), geometry.varlen)
+    # default_tiles only returns TMA tiles for calls it checked; a caller's tiles are checked here.
+    tma = tiles.tma and (not chosen_by_caller or _hopper.supported((q, k, v), geometry.varlen))
     gluon = tiles.gluon and _hopper.gluon_supported(
         (q, k, v), geometry.varlen, causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k,
         geometry.head_dim, tiles.block_n)
