@@ -15,7 +15,7 @@ import triton.language as tl
 from . import _forward_gluon, _forward_tma, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
-                      dot_precision, forward_tiles, tma_forward_tiles)
+                      dot_precision, forward_tiles, gluon_forward_tiles, tma_forward_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
 from ._tiles import (key_block_ranges, load_rows, normalized_rows, online_softmax_block,
@@ -151,11 +151,10 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
     which is fixed by the tensors' shapes and strides, the dtype and the options."""
     chosen_by_caller = tiles is not None
     tiles = tiles or default_tiles(q, k, v, geometry, causal, dropout_p, window)
-    # default_tiles only returns TMA tiles for calls it checked; a caller's tiles are checked here.
+    # default_tiles only returns TMA or Gluon tiles for calls it checked; a caller's are checked here.
     tma = tiles.tma and (not chosen_by_caller or _hopper.supported((q, k, v), geometry.varlen))
-    gluon = tiles.gluon and _hopper.gluon_supported(
-        (q, k, v), geometry.varlen, causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k,
-        geometry.head_dim, tiles.block_n)
+    gluon = tiles.gluon and (not chosen_by_caller or _gluon_takes(q, k, v, geometry, causal,
+                                                                 dropout_p, window, tiles))
     grid = (triton.cdiv(geometry.seqlen_q, tiles.block_m), geometry.heads_q, geometry.batch)
     static = (
         *batched_strides(q, geometry.varlen), *batched_strides(k, geometry.varlen),
@@ -179,10 +178,21 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
     return FORWARD, grid, static, options
 
 
+def _gluon_takes(q, k, v, geometry: Geometry, causal: bool, dropout_p: float, window: Window,
+                 tiles: Tiles) -> bool:
+    return _hopper.gluon_supported((q, k, v), geometry.varlen, causal, window, dropout_p,
+                                   geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim,
+                                   tiles.block_n)
+
+
 def default_tiles(q, k, v, geometry: Geometry, causal: bool, dropout_p: float,
                   window: Window) -> Tiles:
-    """The TMA forward's tiles where it was measured ahead of the portable kernel (no band, no
-    dropout, whole key blocks, a call it can take), else the portable kernel's tuned tiles."""
+    """The fastest measured forward that takes the call: the Gluon kernel's tiles (causal, head dim
+    128, sm_90, as many queries as keys, whole key blocks, no window or dropout), the TMA kernel's
+    (no band or dropout, whole key blocks), else the portable kernel's tuned tiles."""
+    gluon = gluon_forward_tiles(geometry.head_dim, q.device, q.dtype, causal)
+    if gluon is not None and _gluon_takes(q, k, v, geometry, causal, dropout_p, window, gluon):
+        return gluon
     tma = tma_forward_tiles(geometry.head_dim, q.device, q.dtype)
     if (tma is not None and dropout_p == 0
             and not _hopper.masked(causal, window, geometry.seqlen_k, tma.block_n)

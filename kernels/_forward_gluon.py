@@ -17,8 +17,9 @@ blocks ahead. With a causal mask the key blocks every row of the query block see
 unmasked and the diagonal blocks run it again with the mask; blocks past the diagonal are not
 touched. The same arguments as ``_forward._forward_kernel`` (launch plans pass them), for the
 calls ``_hopper.gluon_supported`` lets through: padded input, no window, no dropout, whole key
-blocks, head_dim 64 or 128, fp16/bf16, and for causal calls as many queries as keys. Not run on a
-GPU yet; the interpreter cannot run Gluon, so the tests that exercise it are GPU-marked.
+blocks, head_dim 64 or 128, fp16/bf16, and for causal calls as many queries as keys. The default
+only where it was measured fastest (``_launch.gluon_forward_tiles``: causal, head dim 128); the
+interpreter cannot run Gluon, so the tests that exercise it are GPU-marked.
 """
 
 from triton.experimental import gluon

@@ -162,6 +162,21 @@ def tma_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -
     return Tiles(128, 64, 4, 2, tma=True)
 
 
+def gluon_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype,
+                        causal: bool) -> Tiles | None:
+    """Tiles of the Gluon forward where it beat both the portable and the TMA kernels: on an H200
+    (bf16, 16384 tokens, hidden 2048; docs/results/attention_notes.md, v8) at head dim 128 with the
+    causal mask, 486 forward TFLOP/s against 432 (portable) and 428 (TMA). None elsewhere: without a
+    mask it tied the TMA forward (531 against 535), at head dim 64 it lost, and its warpgroup MMAs
+    exist on sm_90 only."""
+    if (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim != 128
+            or not causal):
+        return None
+    if capability(device)[0] != 9:
+        return None
+    return Tiles(64, 64, 4, 3, gluon=True)
+
+
 def capability(device: torch.device) -> tuple[int, int]:
     """The CUDA device's compute capability, asked of the driver once per device."""
     return _capability(device.index if device.index is not None else torch.cuda.current_device())

@@ -192,6 +192,44 @@ def test_default_tiles_take_the_tma_forward_only_where_it_was_faster(device, mon
     assert _forward.default_tiles(packed, packed, packed, geometry, False, 0.0, (-1, -1)) == portable
 
 
+@float32_interpreted
+def test_default_tiles_take_the_gluon_forward_where_it_takes_the_call(device, monkeypatch):
+    # Gluon tiles come first where the kernel's schedule covers the call; else TMA or portable.
+    gluon = Tiles(32, 32, 1, 1, gluon=True)
+    monkeypatch.setattr(_forward, "tma_forward_tiles", lambda *args: TMA)
+    monkeypatch.setattr(_forward, "gluon_forward_tiles",
+                        lambda head_dim, device, dtype, causal: gluon if causal else None)
+    # The interpreter has no Gluon; the device and dtype checks are the kernel's own GPU tests'.
+    monkeypatch.setattr(_hopper, "gluon_supported",
+                        lambda tensors, varlen, *call: not varlen and _hopper.gluon_call(*call))
+    portable = _forward.forward_tiles(64, torch.device(device), torch.float32)
+
+    def chosen(seqlen_q, seqlen_k, causal=True, dropout_p=0.0, window=(-1, -1)):
+        q = torch.randn(1, seqlen_q, 2, 64, device=device)
+        k = torch.randn(1, seqlen_k, 2, 64, device=device)
+        geometry = call_geometry(q, k, None, 0)
+        return _forward.default_tiles(q, k, k, geometry, causal, dropout_p, window)
+    assert chosen(64, 64) == gluon
+    assert chosen(64, 64, causal=False) == TMA
+    assert chosen(32, 64) == portable        # causal with fewer queries than keys: not its diagonal
+    assert chosen(70, 70) == portable        # ragged last key block
+    assert chosen(64, 64, dropout_p=0.1) == portable
+    assert chosen(64, 64, window=(16, 0)) == portable
+
+
+def test_gluon_forward_tiles_exist_only_for_measured_settings(monkeypatch):
+    from kernels import _launch
+    cuda = torch.device("cuda", 0)
+    assert _launch.gluon_forward_tiles(128, torch.device("cpu"), torch.bfloat16, True) is None
+    for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
+        monkeypatch.setattr(_launch, "capability", lambda device: capability)
+        assert (_launch.gluon_forward_tiles(128, cuda, torch.bfloat16, True) is not None) == expected
+    monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
+    assert _launch.gluon_forward_tiles(128, cuda, torch.bfloat16, False) is None   # tied TMA
+    assert _launch.gluon_forward_tiles(64, cuda, torch.bfloat16, True) is None     # lost
+    assert _launch.gluon_forward_tiles(128, cuda, torch.float32, True) is None
+
+
 def test_tma_forward_tiles_exist_only_for_measured_settings():
     from kernels._launch import tma_forward_tiles
     assert tma_forward_tiles(64, torch.device("cpu"), torch.bfloat16) is None
