@@ -68,6 +68,14 @@ def s2l_stage2_64_sequences(seqlen: int, scale_lr: bool = False) -> list[str]:
         *([f"optim.lr={S2L_STAGE2_LR * (seqlen / 1024) ** 0.5:.3g}"] if scale_lr else [])]
 
 
+def s2l_stage2_half_lr(seqlen: int) -> list[str]:
+    """The last 20% at ``seqlen`` at half the stage's peak learning rate, every arm alike. Measured
+    (2026-12-02): raising the 4K arm's rate (the sqrtlr arms) widened its loss at 1K of context,
+    the short-range skill it gives up after the switch (7.33 against the 1K arm's 5.98), so the
+    other direction is the one left to try."""
+    return continue_at("s2l_stage1", seqlen) + [f"optim.lr={S2L_STAGE2_LR / 2:.3g}"]
+
+
 # The progressive recipe: 60% of the tokens at 1K, then two stages of 20% each. The 4K arm doubles
 # its context twice (1K -> 2K -> 4K, positions interpolated 2x at each step) instead of once by 4x;
 # the 1K and 2K arms run the same two stages at their own context, so all three arms follow the
@@ -103,6 +111,8 @@ STAGES = {
                             ("s2l_2k_seq64_sqrtlr", s2l_stage2_64_sequences(2048, scale_lr=True))],
     "s2l_4k_seq64_sqrtlr": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
                             ("s2l_4k_seq64_sqrtlr", s2l_stage2_64_sequences(4096, scale_lr=True))],
+    **{f"s2l_{k}k_halflr": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
+                            (f"s2l_{k}k_halflr", s2l_stage2_half_lr(k * 1024))] for k in (1, 2, 4)},
     "p2l_1k": [P2L_STAGE1, ("p2l_mid1k", continue_at("p2l_stage1", 1024)),
                ("p2l_1k", continue_at("p2l_mid1k", 1024))],
     "p2l_2k": [P2L_STAGE1, ("p2l_mid2k", continue_at("p2l_stage1", 2048)),
@@ -117,6 +127,7 @@ STAGES = {
 BASELINE = {f"{recipe}_{context}": f"{recipe}_1k" for recipe in ("s2l", "p2l") for context in ("1k", "2k", "4k")}
 BASELINE.update({run: "s2l_1k" for run in ("s2l_2k_seq64", "s2l_4k_seq64", "s2l_2k_seq64_sqrtlr",
                                             "s2l_4k_seq64_sqrtlr")})   # 64 x 1K is the s2l_1k arm
+BASELINE.update({f"s2l_{k}k_halflr": "s2l_1k_halflr" for k in (2, 4)})
 TABLE2_RUNS = ("t2_flash", "t2_sdpa", "t2_eager")
 # Stages that other stages continue from: trained once per --runs directory and series, then reused.
 EARLIER_STAGES = {name for stages in STAGES.values() for name, _ in stages[:-1]}
