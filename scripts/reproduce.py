@@ -16,7 +16,8 @@ decoder, 80% of the tokens at 1K in a shared first stage, the last 20% at 1K, 2K
 p2l_2k, p2l_4k (progressive: 60% at 1K, then 20% at 1K/2K/2K, then 20% at 1K/2K/4K); s2l_2k_seq64,
 s2l_4k_seq64 (the s2l arms with 64 sequences per step, as s2l_1k has, in fewer steps), and
 s2l_2k_seq64_sqrtlr, s2l_4k_seq64_sqrtlr (the same with the learning rate raised by the square
-root of the batch's growth); t2_flash,
+root of the batch's growth); s2l_1k_halflr, s2l_2k_halflr, s2l_4k_halflr (the s2l arms at half the
+last stage's peak learning rate); t2_flash,
 t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention; run with --no-eval).
 ``report`` writes the Markdown tables and a PNG of loss against position.
 """
