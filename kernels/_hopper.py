@@ -1,11 +1,11 @@
-"""Which calls the Hopper forwards (``_forward_tma.py``, ``_forward_gluon.py``) can take, and their
-launch with a fallback to the portable kernel.
+"""Which calls the Hopper kernels (``_forward_tma.py``, ``_forward_gluon.py``, ``_dkdv_gluon.py``)
+can take, and their launch with a fallback to the portable kernel.
 
-Both read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and padded
-input (packed input would need a descriptor per sequence). The Gluon kernel issues warpgroup MMAs
-(sm_90 only) and takes only what it was written for: no window, no dropout, whole key blocks, head
-dims 64 and 128, the causal mask only with as many queries as keys. Every other call runs the
-portable kernel.
+All read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and padded
+input (packed input would need a descriptor per sequence). The Gluon kernels issue warpgroup MMAs
+(sm_90 only) and take only what they were written for: no window, no dropout, whole blocks, head
+dims 64 and 128, the causal mask only with as many queries as keys (and for dK/dV one query head
+per kv-head). Every other call runs the portable kernel.
 """
 
 import warnings
@@ -61,6 +61,30 @@ def gluon_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: 
             and (not causal or seqlen_q == seqlen_k))
 
 
+def gluon_dkdv_supported(tensors, varlen: bool, causal: bool, window, dropout_p: float,
+                         seqlen_q: int, seqlen_k: int, head_dim: int, group_size: int, block_m: int,
+                         block_n: int) -> bool:
+    """Whether a call's dK/dV pass can take the Gluon kernel (``tensors``: the four it reads by
+    TMA, q, k, v and the output gradient): sm_90 exactly, and a call its schedule covers."""
+    if not gluon_dkdv_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, group_size,
+                           block_m, block_n):
+        return False
+    if INTERPRETED or tensors[0].device.type != "cuda" or capability(tensors[0].device)[0] != 9:
+        return False
+    return supported(tensors, varlen)
+
+
+def gluon_dkdv_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,
+                    head_dim: int, group_size: int, block_m: int, block_n: int) -> bool:
+    """The calls the Gluon dK/dV schedule covers: no window, no dropout, head dim 64 or 128, one
+    query head per kv-head, whole query and key blocks (it masks no ragged end), and with the
+    causal mask as many queries as keys."""
+    return (window[0] < 0 and window[1] < 0 and dropout_p == 0 and head_dim in (64, 128)
+            and group_size == 1 and seqlen_q >= block_m and seqlen_q % block_m == 0
+            and seqlen_k >= block_n and seqlen_k % block_n == 0
+            and (not causal or seqlen_q == seqlen_k))
+
+
 def masked(causal: bool, window, length: int, block: int) -> bool:
     """The TMA forward's MASKED constexpr: a band (causal or a window), or a ragged last key block."""
     return causal or window[0] >= 0 or window[1] >= 0 or length % block != 0
@@ -75,7 +99,7 @@ def _compile_failure(error: Exception) -> bool:
 
 
 def launch(launcher, portable, grid, args, options: dict):
-    """Launch ``launcher`` (a Hopper forward or ``portable``); if Triton cannot compile the Hopper
+    """Launch ``launcher`` (a Hopper kernel or ``portable``); if Triton cannot compile the Hopper
     kernel for these options, warn once and launch the portable kernel instead (same grid and
     arguments; it takes the options but ``HOPPER_ONLY_OPTIONS``). Returns what the launch returns."""
     if launcher is portable:
@@ -96,5 +120,5 @@ def launch(launcher, portable, grid, args, options: dict):
     return portable.launch(grid, args, portable_options)
 
 
-# Constexprs of the Hopper forwards that the portable kernel does not take.
-HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES")
+# Constexprs of the Hopper kernels that the portable ones do not take.
+HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES", "STAGES")

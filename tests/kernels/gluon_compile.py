@@ -1,7 +1,7 @@
-"""Compile the Gluon forward for sm_90 as a launch on an H100 would (bf16, aligned pointers and
-strides) and print, as JSON, its key loops' TTGIR and ptxas's register and stack use.
+"""Compile a Gluon kernel for sm_90 as a launch on an H100 would (bf16, aligned pointers and
+strides) and print, as JSON, its loops' TTGIR and ptxas's register and stack use.
 
-    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N KV_STAGES NUM_WARPS CAUSAL
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv]
 
 Run as its own process: with TRITON_INTERPRET=1 (the test session's setting) Triton's standard
 library is the interpreter's and a Gluon kernel cannot be compiled."""
@@ -17,17 +17,25 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
+from kernels._dkdv_gluon import _dkdv_gluon_kernel
 from kernels._forward_gluon import _forward_gluon_kernel
 
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32",
-            "cu_seqlens": "*i32"}
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "Delta": "*fp32",
+            "GradOut": "*bf16", "GradK": "*bf16", "GradV": "*bf16", "cu_seqlens": "*i32"}
+FLOATS = ("qk_scale", "softmax_scale", "drop_rescale")
 
 
-def compile_for_sm90(head_dim, block_m, block_n, kv_stages, num_warps, causal):
+def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kernel="forward"):
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                       UPPER=bool(causal), LOWER=False, DROPOUT=False, VARLEN=False, PRECISION="tf32",
-                      N_ROUNDS=7, KV_STAGES=kv_stages, num_warps=num_warps)
-    names = _forward_gluon_kernel.arg_names
+                      N_ROUNDS=7, num_warps=num_warps)
+    if kernel == "forward":
+        function = _forward_gluon_kernel
+        constexprs["KV_STAGES"] = stages
+    else:
+        function = _dkdv_gluon_kernel
+        constexprs.update(STAGES=stages, MASK_LAYOUT="untransposed")
+    names = function.arg_names
     signature, attrs = {}, {}
     for i, name in enumerate(names):
         if name in constexprs:
@@ -35,20 +43,20 @@ def compile_for_sm90(head_dim, block_m, block_n, kv_stages, num_warps, causal):
         elif name in POINTERS:
             signature[name] = POINTERS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "drop_rescale"):
+        elif name in FLOATS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if name.startswith("stride") and name != "stride_lse_h":
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    source = GluonASTSource(_forward_gluon_kernel, signature,
+    source = GluonASTSource(function, signature,
                             {(names.index(k),): v for k, v in constexprs.items()}, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=1))
 
 
 def main():
-    kernel = compile_for_sm90(*map(int, sys.argv[1:7]))
+    kernel = compile_for_sm90(*map(int, sys.argv[1:7]), *sys.argv[7:8])
     loops = re.findall(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S)
     with tempfile.TemporaryDirectory() as directory:
         cubin = Path(directory) / "kernel.cubin"

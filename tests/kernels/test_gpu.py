@@ -164,7 +164,7 @@ def test_tma_forward_with_dropout_on_gpu(monkeypatch):
 
 
 sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                                  reason="the Gluon forward's warpgroup MMAs are sm_90's")
+                                  reason="the Gluon kernels' warpgroup MMAs are sm_90's")
 
 
 GLUON_TILES = [(64, (128, 128, 8, 3)), (64, (64, 64, 4, 3)), (128, (128, 64, 8, 3)),
@@ -208,4 +208,52 @@ def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
         geometry = call_geometry(q, k, None, 0)
         out, lse = _forward.new_outputs(q, geometry)
         assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD
+        check_against_reference(q, k, v, causal=causal)
+
+
+GLUON_DKDV_TILES = [(64, (32, 128, 8, 3)), (64, (64, 128, 8, 3)), (64, (32, 64, 4, 3)),
+                    (128, (32, 128, 8, 3)), (128, (32, 64, 4, 4))]
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", GLUON_DKDV_TILES)
+@pytest.mark.parametrize("seqlen", [1024, 4096])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_dkdv_on_gpu(head_dim, tiles, seqlen, causal, monkeypatch):
+    # Gradients against float64 through flash_attention (forward and dQ portable); the causal
+    # mask's diagonal blocks; the launch plan's second call gives the same gradients.
+    from kernels import _backward, _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    gluon = Tiles(*tiles, gluon=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: gluon)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    grad_out = torch.randn_like(q)
+    configs = _backward.launch_configs(grad_out, q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+                                       geometry, 0.1, causal, 0.0)
+    assert configs[1][0] is _backward.DKDV_GLUON
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
+                     for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@sm90_exactly
+def test_gluon_dkdv_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
+    from kernels import _backward, _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(32, 128, 8, 3, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    for seqlen_q, seqlen_k, heads_k, causal in ((1000, 1000, 4, False),    # ragged blocks
+                                                (1024, 1024, 2, False),    # GQA
+                                                (512, 1024, 4, True)):     # causal, Nq != Nk
+        q, k, v = random_qkv((2, seqlen_q, 4, 128), (2, seqlen_k, heads_k, 128), torch.bfloat16, "cuda")
+        geometry = call_geometry(q, k, None, 0)
+        out, lse = _forward.new_outputs(q, geometry)
+        configs = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
+                                           *_backward.new_gradients(q, k, v, lse)[1:], geometry, 0.1,
+                                           causal, 0.0)
+        assert configs[1][0] is _backward.DKDV
         check_against_reference(q, k, v, causal=causal)

@@ -1,0 +1,236 @@
+"""dK/dV pass for Hopper (sm_90) written in Gluon: the next query block's two score-side products in
+flight while the current block's dV and dK products run, with Q and dO arriving by TMA.
+
+Why: the portable dK/dV pass (``_backward._dkdv_kernel``) waits on each of its four products as it
+issues it, so its elementwise work (the probabilities recomputed from lse, dS = P∘(dP − δ)) never
+overlaps a product. Per key block (K and V held in shared memory, loaded once), for query blocks
+i = first .. last:
+
+    Sᵀ_i = K·Q_iᵀ, dPᵀ_i = V·dO_iᵀ          (issued asynchronously, then waited for)
+    Pᵀ_i = exp2(Sᵀ_i·scale − lse_i), dSᵀ_i = Pᵀ_i∘(dPᵀ_i − δ_i)
+    dV += Pᵀ_i·dO_i, dK += dSᵀ_i·Q_i
+
+and the loop issues Sᵀ_{i+1} and dPᵀ_{i+1} before dV and dK of block i, waits for the first two
+only, computes block i+1's elementwise step while block i's dV and dK products run, then waits for
+them before their stage of Q/dO is reused. Q and dO arrive by TMA into STAGES shared-memory
+stages (one mbarrier each); a stage is refilled at the top of the iteration after the one that
+used it, STAGES - 2 blocks ahead of the block that iteration waits for, so STAGES >= 3.
+
+The same arguments as ``_backward._dkdv_kernel`` (launch plans pass them), for the calls
+``_hopper.gluon_dkdv_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, one query
+head per kv-head, no window, no dropout, whole query and key blocks, and with the causal mask as
+many queries as keys (its mask is the plain diagonal). δ comes from the dQ pass, launched first.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+
+
+@gluon.jit
+def _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, index, block, n_items,
+                      BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA copies of query block ``block`` (the ``index``-th of this program's blocks, if
+    it exists) into its stage; one barrier counts both copies."""
+    stage = index % STAGES
+    exists = index < n_items
+    mbarrier.expect(bars.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes,
+                    pred=exists)
+    tma.async_copy_global_to_shared(q_desc, [block * BLOCK_M, 0], bars.index(stage),
+                                    q_smem.index(stage), pred=exists)
+    tma.async_copy_global_to_shared(do_desc, [block * BLOCK_M, 0], bars.index(stage),
+                                    do_smem.index(stage), pred=exists)
+
+
+@gluon.jit
+def _row_statistics(lse_ptr, delta_ptr, block, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
+    """lse and δ of query block ``block``, laid out along the columns of the transposed tiles."""
+    cols = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+    return gl.load(lse_ptr + cols), gl.load(delta_ptr + cols)
+
+
+@gluon.jit
+def _elementwise_step(s, dp, lse, delta, block, n0, qk_scale, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, CAUSAL_MASK: gl.constexpr, s_layout: gl.constexpr):
+    """Pᵀ and dSᵀ of query block ``block`` from its transposed score and dP tiles (keys along
+    rows); with the mask, keys after a query get probability 0."""
+    p = gl.exp2(s * qk_scale - lse[None, :])
+    if CAUSAL_MASK:
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+        cols = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        p = gl.where(rows[:, None] <= cols[None, :], p, 0.0)
+    return p, p * (dp - delta[None, :])
+
+
+@gluon.jit
+def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv,
+                  lse_ptr, delta_ptr, first, begin, end, n_items, n0, qk_scale,
+                  dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, s_layout: gl.constexpr,
+                  a_layout: gl.constexpr):
+    """Query blocks ``begin`` .. ``end`` - 1, overlapped: on entry ``p`` and ``ds`` hold block
+    begin - 1's tiles (not yet multiplied into dV and dK); on exit block end - 1's. ``first`` is
+    this program's first query block (stage indices count from it)."""
+    for following in range(begin, end):
+        current = following - 1
+        # Every warpgroup has finished block current - 1's products (waited at the end of the last
+        # iteration) before its stage is refilled with block current - 1 + STAGES.
+        gl.thread_barrier()
+        _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, current - first + STAGES - 1,
+                          current + STAGES - 1, n_items, BLOCK_M, STAGES)
+        index = following - first
+        stage = index % STAGES
+        mbarrier.wait(bars.index(stage), (index // STAGES) & 1)
+        s = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), s, use_acc=False,
+                          is_async=True)
+        dp = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), dp, use_acc=False,
+                           is_async=True)
+        stage = (current - first) % STAGES
+        dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_smem.index(stage), dv,
+                           is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(stage), dk,
+                           is_async=True)
+        lse, delta = _row_statistics(lse_ptr, delta_ptr, following, BLOCK_M, s_layout)
+        # Products complete in issue order: two outstanding means Sᵀ and dPᵀ of the following
+        # block are done while dV and dK of the current one may still run under its elementwise
+        # step.
+        s, dp = warpgroup_mma_wait(num_outstanding=2, deps=(s, dp))
+        p, ds = _elementwise_step(s, dp, lse, delta, following, n0, qk_scale, BLOCK_M, BLOCK_N,
+                                  CAUSAL_MASK, s_layout)
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    return s, dp, p, ds, dk, dv
+
+
+# The signature of _backward._dkdv_kernel (launch plans pass the same arguments), plus STAGES
+# and num_warps.
+@gluon.jit(do_not_specialize=["seed", "counter_base"])
+def _dkdv_gluon_kernel(
+    Q, K, V, GradOut, Lse, Delta, GradK, GradV, cu_seqlens, seed, counter_base,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_lse_b, stride_lse_h,
+    seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
+    softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
+    PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    # UPPER is the causal mask here (no window: _hopper.gluon_dkdv_call), with as many queries as
+    # keys, and group_size is 1.
+    gl.static_assert(not (LOWER or DROPOUT or VARLEN),
+                     "windows, dropout and packed input run the portable kernel")
+    gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
+    # A block's stage is refilled at the top of the iteration after its products: with 2 stages
+    # the refill would be the very block that iteration waits for, so nothing is loaded ahead.
+    gl.static_assert(STAGES >= 3, "the next query block must be in flight: 3 stages or more")
+    dtype: gl.constexpr = Q.dtype.element_ty
+
+    block_n = gl.program_id(0)
+    head = gl.program_id(1)          # = the kv-head: one query head per kv-head
+    batch = gl.program_id(2)
+    n0 = block_n * BLOCK_N
+    batch64 = batch.to(gl.int64)
+    head64 = head.to(gl.int64)
+
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_desc = tma.make_tensor_descriptor(Q + batch64 * stride_qb + head64 * stride_qh,
+                                        [seqlen_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM],
+                                        q_layout)
+    do_desc = tma.make_tensor_descriptor(GradOut + batch64 * stride_gb + head64 * stride_gh,
+                                         [seqlen_q, HEAD_DIM], [stride_gn, 1], [BLOCK_M, HEAD_DIM],
+                                         q_layout)
+    k_desc = tma.make_tensor_descriptor(K + batch64 * stride_kb + head64 * stride_kh,
+                                        [seqlen_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM],
+                                        kv_layout)
+    v_desc = tma.make_tensor_descriptor(V + batch64 * stride_vb + head64 * stride_vh,
+                                        [seqlen_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM],
+                                        kv_layout)
+
+    # Accumulators: keys along rows, each warpgroup holding 64 of them (warps along M).
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=g_layout, k_width=2)
+
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(bars.index(stage), count=1)
+    # The barriers' initialization visible to the copy engine before it signals them.
+    fence_async_shared()
+
+    # Query blocks that see this key block: all, or with the causal mask those from the one
+    # holding query n0 on, of which those before full_start hold a query that misses some key.
+    n_blocks = seqlen_q // BLOCK_M          # whole query blocks only (_hopper.gluon_dkdv_call)
+    if UPPER:
+        first = n0 // BLOCK_M
+        full_start = gl.minimum(gl.cdiv(n0 + BLOCK_N - 1, BLOCK_M), n_blocks)
+    else:
+        first = 0
+        full_start = 0
+    n_items = n_blocks - first
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [n0, 0], kv_bar, v_smem)
+    for index in gl.static_range(STAGES - 1):
+        _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, index, first + index, n_items,
+                          BLOCK_M, STAGES)
+    mbarrier.wait(kv_bar, 0)
+
+    row_stats = batch64 * stride_lse_b + head64 * stride_lse_h
+    lse_ptr = Lse + row_stats
+    delta_ptr = Delta + row_stats
+
+    # The first query block's tiles (nothing accumulated yet); with the mask it is a diagonal one.
+    mbarrier.wait(bars.index(0), 0)
+    zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    s = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), zeros, use_acc=False,
+                      is_async=True)
+    dp = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), zeros, use_acc=False,
+                       is_async=True)
+    lse, delta = _row_statistics(lse_ptr, delta_ptr, first, BLOCK_M, s_layout)
+    s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+    p, ds = _elementwise_step(s, dp, lse, delta, first, n0, qk_scale, BLOCK_M, BLOCK_N, UPPER,
+                              s_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
+
+    if UPPER:   # the rest of the diagonal blocks, masked
+        s, dp, p, ds, dk, dv = _query_blocks(
+            k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
+            delta_ptr, first, first + 1, full_start, n_items, n0, qk_scale, dtype, BLOCK_M,
+            BLOCK_N, STAGES, True, s_layout, a_layout)
+    s, dp, p, ds, dk, dv = _query_blocks(
+        k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
+        delta_ptr, first, gl.maximum(full_start, first + 1), n_blocks, n_items, n0, qk_scale,
+        dtype, BLOCK_M, BLOCK_N, STAGES, False, s_layout, a_layout)
+
+    stage = (n_items - 1) % STAGES
+    dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_smem.index(stage), dv,
+                       is_async=True)
+    dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(stage), dk,
+                       is_async=True)
+    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+
+    mbarrier.invalidate(kv_bar)
+    for stage in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(stage))
+
+    rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, g_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
+    rows64 = rows.to(gl.int64)[:, None]
+    gl.store(GradK + batch64 * stride_dkb + head64 * stride_dkh + rows64 * stride_dkn + cols[None, :],
+             (dk * softmax_scale).to(GradK.dtype.element_ty))
+    gl.store(GradV + batch64 * stride_dvb + head64 * stride_dvh + rows64 * stride_dvn + cols[None, :],
+             dv.to(GradV.dtype.element_ty))
