@@ -34,11 +34,14 @@ class MaskedLM(nn.Module):
         self.head_norm = nn.LayerNorm(config.d_model, eps=config.eps)
         self.head_bias = nn.Parameter(torch.zeros(config.padded_vocab))
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, targets=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, targets=None,
+                max_targets=None):
         """input_ids (B, N) -> logits (B, N, vocab), or with ``targets`` (B, N; -100 where no loss)
         the mean cross entropy, computed inside the model so that a compiled model fuses it.
         ``attention_mask`` (B, N): 1 for real tokens, 0 for (right) padding; padded positions'
-        logits are meaningless."""
+        logits are meaningless. ``max_targets`` K: no row has more than K targets (the data's
+        ``mlm_max_predictions``), so the head runs on a fixed B x K positions instead of a
+        data-dependent selection (static shapes under torch.compile); the loss is the same."""
         batch, seqlen = input_ids.shape
         if seqlen > self.config.max_seqlen:
             raise ValueError(f"sequence of {seqlen} tokens exceeds the model's {self.config.max_seqlen} "
@@ -54,6 +57,7 @@ class MaskedLM(nn.Module):
         # batch without padding is one cheap gather. The masked paths only take a mask when needed.
         padded = attention_mask is not None and (flash or not bool(attention_mask.all()))
         rows = None                  # which of the B·N positions ``hidden`` holds (None: all)
+        row_starts = torch.arange(batch, device=x.device) * seqlen    # row b's first in ``hidden``
         if padded and flash and self.config.unpad:
             # Unpad once, here: the blocks run on the real tokens only, packed as one sequence of
             # documents for the kernel's variable-length mode (no per-layer gather and scatter).
@@ -61,6 +65,7 @@ class MaskedLM(nn.Module):
             lengths = attention_mask.sum(dim=1, dtype=torch.int32)
             cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
             packed = x.flatten(0, 1).index_select(0, rows)[None]
+            row_starts = cu_seqlens[:-1].long()
             hidden = run_blocks(self.blocks, packed, self.config, self.training,
                                 documents=(cu_seqlens, seqlen))[0]
         elif padded and flash:
@@ -77,6 +82,10 @@ class MaskedLM(nn.Module):
         else:
             key_padding = attention_mask.bool() if padded else None
             hidden = run_blocks(self.blocks, x, self.config, self.training, key_padding).flatten(0, 1)
+        if targets is not None and max_targets is not None:
+            if attention_mask is not None:   # a target on padding is not scored (nor held, packed)
+                targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
+            return self._fixed_targets_loss(hidden, targets, row_starts, max_targets)
         if targets is not None:
             # The head (a d_model x vocab matmul, the largest of the model) only where there is a
             # loss: the ~15 % of positions that were masked.
@@ -89,6 +98,23 @@ class MaskedLM(nn.Module):
             hidden = hidden.new_zeros(batch * seqlen, hidden.shape[-1]).index_copy(0, rows, hidden)
         logits = self._head(hidden).view(batch, seqlen, -1)
         return logits[..., :self.config.vocab_size]
+
+    def _fixed_targets_loss(self, hidden, targets, row_starts, max_targets: int):
+        """The loss with the head on each row's first ``max_targets`` positions in target-first
+        order (a stable sort: the targets, then filler positions whose target is -100)."""
+        is_target = targets != IGNORE_INDEX
+        if not torch.compiler.is_compiling():   # a device-side check: no host read
+            torch._assert_async(is_target.sum(1).max() <= max_targets,
+                                "a row has more targets than max_targets")
+        count = min(max_targets, targets.shape[1])
+        positions = torch.argsort((~is_target).to(torch.int8), dim=1, stable=True)[:, :count]
+        picked = targets.gather(1, positions)
+        # Filler positions past a packed row's end point into the next row (or past the last
+        # token): their targets are -100, so only the index must stay in range.
+        index = (row_starts[:, None] + positions).flatten().clamp(max=hidden.shape[0] - 1)
+        logits = self._head(hidden.index_select(0, index))[None]
+        return lm_loss(logits, picked.flatten()[None], self.config.vocab_size,
+                       aligned=torch.compiler.is_compiling())
 
     def _head(self, x):
         """Dense + GELU + LayerNorm, then the decoder tied to the word embedding: (T, D) -> (T, V)."""

@@ -248,6 +248,8 @@ def part_bert(args, workdir, ceiling, records):
             f"data.cache_dir={args.cache}", f"data.num_proc={args.num_proc}", "data.val_windows=2",
             f"trainer.micro_batch_size={args.bert_batch}", "trainer.sample_tokens=0",
             "trainer.device=cuda", "logger=none", "optim.warmup_steps=20"]
+    if args.bert_max_predictions:
+        base.append(f"data.mlm_max_predictions={args.bert_max_predictions}")
     config = run_config(base)
     data = build_data(config.data, args.bert_batch, 0, log=lambda *_: None)
     real = float((data.train.lengths + 2).sum() / (len(data.train.lengths) * 512))
@@ -256,7 +258,7 @@ def part_bert(args, workdir, ceiling, records):
         overrides = base + [f"model.attention={attention}", f"trainer.compile={compiled}"]
         record = dict(system=f"flashtrain_{attention}", model="bert_large", seqlen=512,
                       batch=args.bert_batch, compile=compiled, attn_dropout=0.1,
-                      padding_fraction=1 - real)
+                      padding_fraction=1 - real, mlm_max_predictions=args.bert_max_predictions)
         if layout:                       # flash only: packed real tokens, or the padded layout
             overrides.append(f"model.unpad={layout[0] == 'packed'}")
             record["layout"] = layout[0]
@@ -334,6 +336,10 @@ def main():
                         default=["flash:eager", "flash:compiled", "sdpa:eager", "sdpa:compiled", "eager:eager"],
                         help="ATTENTION:eager|compiled[:packed|padded], the part bert systems in order "
                              "(flash's layout: model.unpad=true|false)")
+    parser.add_argument("--bert-max-predictions", type=int, default=None,
+                        help="data.mlm_max_predictions for part bert (the original BERT data's cap, "
+                             "80 at 512 tokens: a fixed number of MLM head positions per batch); "
+                             "default: Bernoulli targets")
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up one")
     parser.add_argument("--agree-steps", type=int, default=200)

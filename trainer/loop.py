@@ -122,6 +122,10 @@ class Trainer:
         self.forward = compile_model(self.wrapped, self.model, trainer.compile_mode) if trainer.compile \
             else self.wrapped
         self.autocast_dtype = DTYPES[self.precision]
+        # With a cap on targets per sequence the MLM head runs on a fixed number of positions.
+        self.loss_options = ({"max_targets": config.data.mlm_max_predictions}
+                             if config.data.objective == "mlm" and config.data.mlm_max_predictions
+                             else {})
         self.peak_flops = peak_flops(config.trainer.peak_tflops, self.device)
         self.metrics = MetricsWriter(self.run_dir, config.logger, OmegaConf.to_container(
             OmegaConf.structured(config)), self.context.is_main)
@@ -202,7 +206,7 @@ class Trainer:
             documents = {"cu_seqlens": batch.cu_seqlens, "max_seqlen": batch.max_seqlen}
         with self._autocast():
             return self.forward(batch.input_ids, batch.attention_mask, targets=batch.targets,
-                                **documents)
+                                **documents, **self.loss_options)
 
     def _next_batch(self):
         """The next micro-batch on the device, and its loss-bearing token count (counted on the

@@ -331,3 +331,48 @@ def test_kv_cache_generation_with_a_sliding_window(tiny, tokens):
     model = tiny("rope", attention="flash", attn_window=5)
     cached = generate(model, tokens[:, :9], 6, temperature=0)      # positions beyond the window of 5
     assert torch.equal(cached, generate(model, tokens[:, :9], 6, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("attention, unpad", [("flash", True), ("flash", False), ("sdpa", True),
+                                              ("eager", True)])
+def test_bert_fixed_target_count_gives_the_same_loss_and_gradients(tiny, tokens, attention, unpad):
+    """max_targets (every row has at most that many targets): the head runs on B x K positions, and
+    the loss and gradients equal the data-dependent selection's; a row with fewer targets than K
+    (row 0, which is also padded) fills its slots with unscored positions."""
+    mask = torch.ones_like(tokens)
+    mask[0, 15:] = 0
+    targets = torch.full_like(tokens, -100)
+    targets[0, [2, 7, 11]] = tokens[0, [2, 7, 11]]
+    targets[1, [1, 5, 9, 14, 20]] = tokens[1, [1, 5, 9, 14, 20]]
+    model = tiny("bert", attention=attention, unpad=unpad, dropout=0.0, attn_dropout=0.0).train()
+    parameters = [model.embed.weight, model.blocks[0].attn.qkv.weight, model.head_dense.weight]
+    results = []
+    for max_targets in (None, 5, 8):
+        loss = model(tokens, mask, targets=targets, max_targets=max_targets)
+        results.append((loss, torch.autograd.grad(loss, parameters)))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, results[0][1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_bert_fixed_target_count_refuses_a_row_with_more_targets(tiny, tokens):
+    model = tiny("bert", attention="flash", dropout=0.0, attn_dropout=0.0)
+    targets = torch.full_like(tokens, -100)
+    targets[1, :6] = tokens[1, :6]
+    with pytest.raises(RuntimeError, match="more targets than max_targets"):
+        model(tokens, torch.ones_like(tokens), targets=targets, max_targets=5)
+
+
+def test_bert_fixed_target_count_compiles_to_one_graph_without_capturing_shapes(tiny, tokens):
+    """The padded flash layout with a fixed target count has no data-dependent shape left."""
+    torch._dynamo.reset()
+    model = tiny("bert", attention="flash", unpad=False, dropout=0.0, attn_dropout=0.0).train()
+    mask = torch.ones_like(tokens)
+    mask[1, 9:] = 0
+    targets = torch.full_like(tokens, -100)
+    targets[:, 1::6] = tokens[:, 1::6]
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        loss = compiled(tokens, mask, targets=targets, max_targets=4)
+    torch.testing.assert_close(loss, model(tokens, mask, targets=targets), rtol=1e-5, atol=1e-6)

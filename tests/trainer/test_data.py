@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.data import DataConfig, DataError, build_data, load_tokenizer
 from trainer.data import shards as shards_module
@@ -130,6 +131,32 @@ def test_mlm_statistics(tmp_path):
     assert abs(selected / real - 0.15) < 0.02
     assert abs(masked / selected - 0.8) < 0.04
     assert abs((kept + randomized) / selected - 0.2) < 0.04
+
+
+def test_mlm_max_predictions_gives_each_sequence_a_fixed_target_count(tmp_path):
+    # As the original BERT data: min(K, max(1, round(0.15 x length))) targets per sequence, never on
+    # [CLS], [SEP] or padding, the same for the same sequence and epoch, 80/10/10 as before.
+    cfg = config(tmp_path, tokenizer="wordpiece", objective="mlm", seqlen=64, mlm_max_predictions=6)
+    data = build_data(cfg, batch_size=8, log=lambda *_: None)
+    special = data.special
+    selected = masked = 0
+    for _ in range(data.train._order.batches_per_epoch * 2):
+        batch = next(data.train)
+        chosen = batch.targets != IGNORE_INDEX
+        body = batch.attention_mask.sum(1) - 2           # without [CLS] and [SEP]
+        expected = torch.clamp(torch.round(0.15 * body.double()).long(), min=1, max=6)
+        assert torch.equal(chosen.sum(1), torch.minimum(expected, body))
+        assert not chosen[:, 0].any()
+        assert not (chosen & (batch.attention_mask == 0)).any()
+        assert not chosen.gather(1, (body + 1)[:, None]).any()    # [SEP]
+        selected += int(chosen.sum())
+        masked += int((batch.input_ids[chosen] == special["mask"]).sum())
+    assert abs(masked / selected - 0.8) < 0.05
+    again = build_data(cfg, batch_size=8, log=lambda *_: None)
+    first, second = data.train.sequence_batch([0, 3], 0), again.train.sequence_batch([0, 3], 0)
+    assert torch.equal(first.targets, second.targets) and torch.equal(first.input_ids, second.input_ids)
+    with pytest.raises(ValueError, match="mlm_max_predictions"):
+        config(tmp_path, objective="mlm", mlm_max_predictions=0)
 
 
 def test_resume_gives_identical_next_batches(tmp_path):

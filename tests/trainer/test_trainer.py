@@ -393,3 +393,23 @@ def test_a_refused_run_leaves_no_log_handler_to_the_next(tmp_path):
     assert "summary of" in (tmp_path / "next" / "train.log").read_text()
     refused_log = tmp_path / "refused" / "train.log"
     assert not refused_log.exists() or "summary of" not in refused_log.read_text()
+
+
+def test_masked_lm_run_with_a_fixed_target_count(tmp_path, monkeypatch):
+    """data.mlm_max_predictions reaches the model as max_targets, for training and evaluation."""
+    from models.masked_lm import MaskedLM
+    seen = []
+    original = MaskedLM.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(kwargs.get("max_targets"))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(MaskedLM, "forward", forward)
+    overrides = tiny_overrides(tmp_path, **{"model": "bert_tiny", "data.objective": "mlm",
+                                            "data.tokenizer": "wordpiece", "data.mlm_max_predictions": 3,
+                                            "trainer.max_steps": 2, "trainer.eval_interval": 2,
+                                            "trainer.save_interval": 2, "trainer.compile": False})
+    run(compose_run(overrides), tmp_path / "mlm")
+    train, evals = read_metrics(tmp_path / "mlm")
+    assert seen and set(seen) == {3}
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in train) and evals

@@ -31,9 +31,11 @@ def build_data(config: DataConfig, batch_size: int, seed: int = 0, rank: int = 0
     val_batch_size = val_batch_size or batch_size
     if config.objective == "mlm":
         train = MaskedSequences(splits["train"], config.seqlen, batch_size, special, vocab_size,
-                                config.mlm_probability, seed, rank, world_size)
+                                config.mlm_probability, seed, rank, world_size,
+                                max_predictions=config.mlm_max_predictions)
         held_out = MaskedSequences(splits["validation"], config.seqlen, 1, special, vocab_size,
-                                   config.mlm_probability, seed=1234, name="validation")
+                                   config.mlm_probability, seed=1234, name="validation",
+                                   max_predictions=config.mlm_max_predictions)
         count = min(config.val_windows, len(held_out.starts))
         indices = list(range(count))
         validation = [held_out.sequence_batch(indices[i:i + val_batch_size], 0)

@@ -40,6 +40,11 @@ class DataConfig:
     sample_span: int = 1
     objective: str = "causal"            # causal (GPT windows) | mlm (BERT)
     mlm_probability: float = 0.15
+    # None: each token is a target with mlm_probability (Hugging Face's collator). A number K: as
+    # the original BERT data (max_predictions_per_seq), exactly min(K, max(1, round(p·length)))
+    # targets per sequence, so the model's MLM head runs on a fixed B x K positions: static shapes,
+    # one compiled graph with no data-dependent selection.
+    mlm_max_predictions: int | None = None
     val_windows: int = 64                # fixed validation windows, the same at every evaluation
     num_proc: int = 2                    # tokenization processes
     token_dtype: str | None = None       # uint16 | uint32 token ids on disk; None = smallest that fits
@@ -67,3 +72,5 @@ class DataConfig:
             raise ValueError("data.hub_name is required with data.source=hub")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"data.mlm_probability must be in (0, 1); got {self.mlm_probability}")
+        if self.mlm_max_predictions is not None and self.mlm_max_predictions < 1:
+            raise ValueError(f"data.mlm_max_predictions must be >= 1 (or null); got {self.mlm_max_predictions}")

@@ -163,13 +163,14 @@ class MaskedSequences:
 
     def __init__(self, split: TokenSplit, seqlen: int, batch_size: int, special: dict, vocab_size: int,
                  mlm_probability: float = 0.15, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 name: str = "train"):
+                 name: str = "train", max_predictions: int | None = None):
         missing = [k for k in ("cls", "sep", "pad", "mask") if special.get(k) is None]
         if missing:
             raise DataError(f"MLM needs a tokenizer with [CLS] [SEP] [PAD] [MASK]; missing {missing} "
                             "(use data.tokenizer=wordpiece)")
         self.split, self.seqlen, self.special = split, seqlen, special
         self.vocab_size, self.mlm_probability, self.seed = vocab_size, mlm_probability, seed
+        self.max_predictions = max_predictions     # None: Bernoulli targets; K: a fixed count <= K
         body = seqlen - 2
         starts, lengths = [], []
         for first, end in zip(split.offsets[:-1], split.offsets[1:]):
@@ -194,13 +195,20 @@ class MaskedSequences:
             mask[row, :length + 2] = 1
             # One generator per (seed, epoch, sequence): the same masking whatever the batch layout.
             generator = np.random.default_rng([self.seed, epoch, int(index)])
-            chosen = np.flatnonzero(generator.random(length) < self.mlm_probability) + 1
+            chosen = self._targets(generator, length) + 1
             targets[row, chosen] = inputs[row, chosen]
             action = generator.random(len(chosen))
             inputs[row, chosen[action < 0.8]] = special["mask"]
             randomized = chosen[(action >= 0.8) & (action < 0.9)]
             inputs[row, randomized] = generator.integers(0, self.vocab_size, len(randomized))
         return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(mask))
+
+    def _targets(self, generator, length: int) -> np.ndarray:
+        """Positions (within the chunk) that carry a loss, in increasing order."""
+        if self.max_predictions is None:
+            return np.flatnonzero(generator.random(length) < self.mlm_probability)
+        count = min(self.max_predictions, max(1, round(self.mlm_probability * length)), length)
+        return np.sort(generator.choice(length, count, replace=False))
 
     def __iter__(self):
         return self
