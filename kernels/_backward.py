@@ -6,8 +6,9 @@ Two launches, no atomics (so the result is deterministic):
   2. one program per (key block, kv-head, sequence) accumulates dK and dV over every query block of
      every query head that shares this kv-head (GQA), holding K and V on chip.
 As in the forward, tiles that need no mask (fully visible, fully in range) run a mask-free loop.
-Tiles marked ``gluon`` run pass 2 as the Gluon kernel for sm_90 (``_dkdv_gluon.py``) where the
-call qualifies (``_hopper.gluon_dkdv_supported``), else this one.
+Tiles marked ``gluon`` run a pass as the Gluon kernel for sm_90 (``_dq_gluon.py``,
+``_dkdv_gluon.py``) where the call qualifies (``_hopper.gluon_device`` and ``gluon_dq_call`` or
+``gluon_dkdv_call``), else the pass here.
 The dropout mask of each tile is regenerated from the forward's seed and offset.
 
 Dropout's rescale r = 1 / (1 - p) is kept out of the inner loops (two multiplies per score
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _dkdv_gluon, _hopper
+from . import _dkdv_gluon, _dq_gluon, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._forward import LOG2E, lse_strides
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
@@ -308,6 +309,7 @@ def _dq_kernel(
 DQ = DirectLauncher(_dq_kernel)
 DKDV = DirectLauncher(_dkdv_kernel)
 DKDV_GLUON = DirectLauncher(_dkdv_gluon._dkdv_gluon_kernel)
+DQ_GLUON = DirectLauncher(_dq_gluon._dq_gluon_kernel)
 
 
 def new_gradients(q, k, v, lse):
@@ -347,14 +349,18 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
          *lse_strides(lse, varlen), *scalars),
         dict(BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, MASK_LAYOUT=DKDV_MASK_LAYOUT,
              num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags))
-    dkdv_launcher = DKDV
-    if kv_tiles.gluon and _hopper.gluon_dkdv_supported(
-            (q, k, v, grad_out), varlen, causal, window, dropout_p, geometry.seqlen_q,
-            geometry.seqlen_k, geometry.head_dim, geometry.group_size, kv_tiles.block_m,
-            kv_tiles.block_n):
+    dq_launcher, dkdv_launcher = DQ, DKDV
+    # The Gluon passes read q, k, v and the output gradient by TMA.
+    on_sm90 = (q_tiles.gluon or kv_tiles.gluon) and _hopper.gluon_device((q, k, v, grad_out), varlen)
+    call = (causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim)
+    if on_sm90 and q_tiles.gluon and _hopper.gluon_dq_call(*call, q_tiles.block_m, q_tiles.block_n):
+        dq_launcher = DQ_GLUON
+        dq_config[2]["STAGES"] = q_tiles.num_stages
+    if on_sm90 and kv_tiles.gluon and _hopper.gluon_dkdv_call(*call, geometry.group_size,
+                                                              kv_tiles.block_m, kv_tiles.block_n):
         dkdv_launcher = DKDV_GLUON
         dkdv_config[2]["STAGES"] = kv_tiles.num_stages
-    return (DQ, *dq_config), (dkdv_launcher, *dkdv_config)
+    return (dq_launcher, *dq_config), (dkdv_launcher, *dkdv_config)
 
 
 def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry,
@@ -373,7 +379,7 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
                     *dq_static)
     dkdv_arguments = (q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seed, counter_base,
                       *dkdv_static)
-    dq_bound = dq_launcher.launch(dq_grid, dq_arguments, dq_options)
+    dq_bound = _hopper.launch(dq_launcher, DQ, dq_grid, dq_arguments, dq_options)
     dkdv_bound = _hopper.launch(dkdv_launcher, DKDV, dkdv_grid, dkdv_arguments, dkdv_options)
     return (dq_bound, grid3(dq_grid), dq_static), (dkdv_bound, grid3(dkdv_grid), dkdv_static)
 

@@ -1,5 +1,5 @@
-"""Which calls the Hopper kernels (``_forward_tma.py``, ``_forward_gluon.py``, ``_dkdv_gluon.py``)
-can take, and their launch with a fallback to the portable kernel.
+"""Which calls the Hopper kernels (``_forward_tma.py``, ``_forward_gluon.py``, ``_dq_gluon.py``,
+``_dkdv_gluon.py``) can take, and their launch with a fallback to the portable kernel.
 
 All read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and padded
 input (packed input would need a descriptor per sequence). The Gluon kernels issue warpgroup MMAs
@@ -42,12 +42,17 @@ def supported(tensors, varlen: bool) -> bool:
 
 def gluon_supported(tensors, varlen: bool, causal: bool, window, dropout_p: float, seqlen_q: int,
                     seqlen_k: int, head_dim: int, block_n: int) -> bool:
-    """Whether a call can take the Gluon forward: what the TMA forward needs, on sm_90 exactly (its
-    warpgroup MMAs do not exist on later GPUs), and a call its schedule covers."""
-    if not gluon_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_n):
-        return False
+    """Whether a call can take the Gluon forward: a call its schedule covers, on sm_90."""
+    return (gluon_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_n)
+            and gluon_device(tensors, varlen))
+
+
+def gluon_device(tensors, varlen: bool) -> bool:
+    """What every Gluon kernel needs of a call besides its schedule: what the TMA forward needs
+    (``tensors``: those it reads by TMA), on sm_90 exactly (warpgroup MMAs do not exist on later
+    GPUs), and no interpreter (it cannot run Gluon)."""
     if INTERPRETED or tensors[0].device.type != "cuda" or capability(tensors[0].device)[0] != 9:
-        return False    # no interpreter for Gluon; warpgroup MMAs are sm_90's
+        return False
     return supported(tensors, varlen)
 
 
@@ -61,28 +66,19 @@ def gluon_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: 
             and (not causal or seqlen_q == seqlen_k))
 
 
-def gluon_dkdv_supported(tensors, varlen: bool, causal: bool, window, dropout_p: float,
-                         seqlen_q: int, seqlen_k: int, head_dim: int, group_size: int, block_m: int,
-                         block_n: int) -> bool:
-    """Whether a call's dK/dV pass can take the Gluon kernel (``tensors``: the four it reads by
-    TMA, q, k, v and the output gradient): sm_90 exactly, and a call its schedule covers."""
-    if not gluon_dkdv_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, group_size,
-                           block_m, block_n):
-        return False
-    if INTERPRETED or tensors[0].device.type != "cuda" or capability(tensors[0].device)[0] != 9:
-        return False
-    return supported(tensors, varlen)
+def gluon_dq_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,
+                  head_dim: int, block_m: int, block_n: int) -> bool:
+    """The calls the Gluon dQ schedule covers: the forward's, and whole query blocks too (it reads
+    lse and writes δ and dQ unmasked)."""
+    return (gluon_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_n)
+            and seqlen_q >= block_m and seqlen_q % block_m == 0)
 
 
 def gluon_dkdv_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,
                     head_dim: int, group_size: int, block_m: int, block_n: int) -> bool:
-    """The calls the Gluon dK/dV schedule covers: no window, no dropout, head dim 64 or 128, one
-    query head per kv-head, whole query and key blocks (it masks no ragged end), and with the
-    causal mask as many queries as keys."""
-    return (window[0] < 0 and window[1] < 0 and dropout_p == 0 and head_dim in (64, 128)
-            and group_size == 1 and seqlen_q >= block_m and seqlen_q % block_m == 0
-            and seqlen_k >= block_n and seqlen_k % block_n == 0
-            and (not causal or seqlen_q == seqlen_k))
+    """The calls the Gluon dK/dV schedule covers: the dQ pass's, with one query head per kv-head."""
+    return (gluon_dq_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_m, block_n)
+            and group_size == 1)
 
 
 def masked(causal: bool, window, length: int, block: int) -> bool:

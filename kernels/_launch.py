@@ -124,9 +124,9 @@ class Tiles:
     # Forward only: the kernel that loads through tensor descriptors (_forward_tma.py), where the
     # call qualifies (sm_90+, fp16/bf16, padded input; _hopper.py); else the portable kernel.
     tma: bool = False
-    # The Gluon kernel for sm_90, forward (_forward_gluon.py; num_stages counts its K/V stages) or
-    # dK/dV (_dkdv_gluon.py; num_stages counts its Q/dO stages), where the call qualifies
-    # (_hopper.gluon_supported, gluon_dkdv_supported).
+    # The Gluon kernel for sm_90: forward (_forward_gluon.py) and dQ (_dq_gluon.py), num_stages
+    # counting their K/V stages, or dK/dV (_dkdv_gluon.py), counting its Q/dO stages; where the
+    # call qualifies (_hopper.gluon_device and the kernel's gluon_*call).
     gluon: bool = False
 
     def __post_init__(self):

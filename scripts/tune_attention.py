@@ -1,6 +1,6 @@
 """Sweep tile sizes, warps and pipeline stages of the three attention kernels on this GPU,
-and on sm_90+ the TMA and Gluon forwards and the Gluon dK/dV pass (marked ``tma``, ``gluon``)
-against them. A candidate of
+and on sm_90+ the TMA and Gluon forwards and the Gluon dQ and dK/dV passes (marked ``tma``,
+``gluon``) against them. A candidate of
 theirs that does not compile or does not apply (the portable kernel would run in its place) is
 recorded as an error, not timed.
 
@@ -48,7 +48,10 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
                                     (64, 128, 8, 3), (64, 64, 4, 3)]]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
-                          (32, 128, 4, 3), (64, 64, 8, 3)]]
+                          (32, 128, 4, 3), (64, 64, 8, 3)]] + [
+    # The Gluon dQ (_dq_gluon.py; sm_90, no band or dropout); num_stages = K/V stages (3 or more).
+    Tiles(*t, gluon=True) for t in [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3),
+                                    (128, 32, 4, 3), (128, 128, 8, 3)]]
 
 
 # Two tilings of the same call differ by bf16 rounding (~1e-3 relative); a miscompiled kernel by
@@ -117,21 +120,20 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
         ms = measure(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args)[:1], (out,))
         rows.append(("forward", tiles, ms, flops))
     # Each backward pass is timed as the whole backward with the other pass at its tuned tiles.
-    dkdv = hopper_candidates(DKDV, default_dkdv) if hopper_only else DKDV
-    for tiles in dkdv if "dkdv" in kernels else []:
+    def backward_row(name, tiles, pair, index, portable):
         chosen = _backward.launch_configs(grad_out, q, k, v, out, lse, *grads, geometry, scale,
-                                          causal, dropout_p, (tiles, default_dq))[1][0]
-        if tiles.gluon and chosen is _backward.DKDV:
-            rows.append(("dkdv(+fixed dq)", tiles, "the Hopper kernel does not take this call",
-                         2.5 * flops))
-            continue
-        ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
-                                                tiles=(tiles, default_dq), **args), grads)
-        rows.append(("dkdv(+fixed dq)", tiles, ms, 2.5 * flops))
-    for tiles in DQ if "dq" in kernels and not hopper_only else []:
-        ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None,
-                                                tiles=(default_dkdv, tiles), **args), grads)
-        rows.append(("dq(+fixed dkdv)", tiles, ms, 2.5 * flops))
+                                          causal, dropout_p, pair)[index][0]
+        if tiles.gluon and chosen is portable:
+            return name, tiles, "the Hopper kernel does not take this call", 2.5 * flops
+        ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None, tiles=pair,
+                                                **args), grads)
+        return name, tiles, ms, 2.5 * flops
+    dkdv = hopper_candidates(DKDV, default_dkdv) if hopper_only else DKDV
+    dq = hopper_candidates(DQ, default_dq) if hopper_only else DQ
+    rows += [backward_row("dkdv(+fixed dq)", t, (t, default_dq), 1, _backward.DKDV)
+             for t in (dkdv if "dkdv" in kernels else [])]
+    rows += [backward_row("dq(+fixed dkdv)", t, (default_dkdv, t), 0, _backward.DQ)
+             for t in (dq if "dq" in kernels else [])]
     return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
                  num_stages=t.num_stages, tma=t.tma, gluon=t.gluon,
@@ -178,7 +180,7 @@ def main():
     parser.add_argument("--causal", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("tune.json"))
     parser.add_argument("--hopper-only", action="store_true",
-                        help="time only the TMA and Gluon candidates (forward; dK/dV) against the "
+                        help="time only the TMA and Gluon candidates (forward, dK/dV, dQ) against the "
                              "portable kernels' tuned tiles")
     parser.add_argument("--rounds-study", action="store_true",
                         help="only time dropout against the number of Philox rounds")

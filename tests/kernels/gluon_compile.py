@@ -1,7 +1,7 @@
 """Compile a Gluon kernel for sm_90 as a launch on an H100 would (bf16, aligned pointers and
 strides) and print, as JSON, its loops' TTGIR and ptxas's register and stack use.
 
-    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv]
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dq]
 
 Run as its own process: with TRITON_INTERPRET=1 (the test session's setting) Triton's standard
 library is the interpreter's and a Gluon kernel cannot be compiled."""
@@ -18,10 +18,11 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from kernels._dkdv_gluon import _dkdv_gluon_kernel
+from kernels._dq_gluon import _dq_gluon_kernel
 from kernels._forward_gluon import _forward_gluon_kernel
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "Delta": "*fp32",
-            "GradOut": "*bf16", "GradK": "*bf16", "GradV": "*bf16", "cu_seqlens": "*i32"}
+            "GradOut": "*bf16", "GradQ": "*bf16", "GradK": "*bf16", "GradV": "*bf16", "cu_seqlens": "*i32"}
 FLOATS = ("qk_scale", "softmax_scale", "drop_rescale")
 
 
@@ -32,9 +33,12 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
     if kernel == "forward":
         function = _forward_gluon_kernel
         constexprs["KV_STAGES"] = stages
-    else:
+    elif kernel == "dkdv":
         function = _dkdv_gluon_kernel
         constexprs.update(STAGES=stages, MASK_LAYOUT="untransposed")
+    else:
+        function = _dq_gluon_kernel
+        constexprs["STAGES"] = stages
     names = function.arg_names
     signature, attrs = {}, {}
     for i, name in enumerate(names):

@@ -240,6 +240,47 @@ def test_gluon_dkdv_on_gpu(head_dim, tiles, seqlen, causal, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+GLUON_DQ_TILES = [(64, (64, 64, 4, 3)), (64, (128, 64, 8, 3)), (128, (64, 64, 4, 3)),
+                  (128, (128, 64, 8, 3)), (128, (64, 32, 4, 3))]
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", GLUON_DQ_TILES)
+@pytest.mark.parametrize("seqlen, heads_k", [(1024, 4), (4096, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_dq_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypatch):
+    # Gradients against float64 through flash_attention (δ from this pass feeds the portable
+    # dK/dV); GQA; the causal mask's diagonal blocks; the launch plan's second call.
+    from kernels import _backward, _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    grad_out = torch.randn_like(q)
+    configs = _backward.launch_configs(grad_out, q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+                                       geometry, 0.1, causal, 0.0)
+    assert configs[0][0] is _backward.DQ_GLUON
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
+                     for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_backward_both_passes_on_gpu(head_dim, causal, monkeypatch):
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(64, 64, 4, 3, gluon=True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(32, 128, 8, 3, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, 2048, 4, head_dim), (2, 2048, 4, head_dim), torch.bfloat16, "cuda")
+    check_against_reference(q, k, v, causal=causal)
+
+
 @sm90_exactly
 def test_gluon_dkdv_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
     from kernels import _backward, _eager_plan, _forward

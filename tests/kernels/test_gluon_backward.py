@@ -1,7 +1,7 @@
-"""The Gluon dK/dV pass (_dkdv_gluon.py): it compiles for sm_90 with the schedule it was written for
-(checked here on the CPU, from the compiler's output), it is chosen only for the calls that schedule
-covers, and everything else runs the portable pass. Its numerics need a GPU (test_gpu.py): the
-interpreter cannot run Gluon."""
+"""The Gluon backward passes (_dq_gluon.py, _dkdv_gluon.py): each compiles for sm_90 with the schedule
+it was written for (checked here on the CPU, from the compiler's output), is chosen only for the
+calls that schedule covers, and everything else runs the portable pass. Their numerics need a GPU
+(test_gpu.py): the interpreter cannot run Gluon."""
 
 import json
 import math
@@ -22,23 +22,30 @@ from .numerics import outputs_and_grads, random_qkv
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("head_dim, block_m, block_n, warps, causal",
-                         [(128, 32, 128, 8, 0), (128, 32, 64, 4, 1), (64, 32, 128, 8, 1)])
-def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_m, block_n, warps, causal):
+def compiled_for_sm90(kernel, head_dim, block_m, block_n, stages, warps, causal) -> dict:
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_compile", str(head_dim),
-                             str(block_m), str(block_n), "3", str(warps), str(causal), "dkdv"],
+                             str(block_m), str(block_n), str(stages), str(warps), str(causal), kernel],
                             cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    compiled = json.loads(result.stdout.splitlines()[-1])
-    # One query-block loop, and with the causal mask a second one for the diagonal blocks. In
-    # each: four asynchronous products (Sᵀ and dPᵀ of the next block, then dV and dK of this one),
-    # a wait that leaves two outstanding (the elementwise step runs under dV and dK), then a full
-    # wait; Q and dO by TMA.
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("kernel, head_dim, block_m, block_n, warps, causal, products, pending", [
+    # dK/dV: Sᵀ and dPᵀ of the next query block, then dV and dK of this one; two left running.
+    ("dkdv", 128, 32, 128, 8, 0, 4, "2"), ("dkdv", 64, 32, 128, 8, 1, 4, "2"),
+    # dQ: S and dP of the next key block, then dQ of this one; one left running.
+    ("dq", 128, 64, 64, 4, 1, 3, "1")])
+def test_compiles_for_sm90_with_the_overlapped_schedule(kernel, head_dim, block_m, block_n, warps,
+                                                        causal, products, pending):
+    compiled = compiled_for_sm90(kernel, head_dim, block_m, block_n, 3, warps, causal)
+    # One loop, and with the causal mask a second one for the diagonal blocks. In each: the
+    # asynchronous products, a wait that leaves the accumulating ones running under the
+    # elementwise step, then a full wait; the streamed tiles by TMA.
     assert len(compiled["loops"]) == 1 + causal
     for loop in compiled["loops"]:
-        assert loop.count("ttng.warp_group_dot ") == 4
-        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["2", "0"]
+        assert loop.count("ttng.warp_group_dot ") == products
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == [pending, "0"]
         assert loop.count("ttng.async_tma_copy_global_to_local") == 2
     # No register spills (ptxas's report, as cuobjdump prints it).
     assert compiled["stack"] == 0 and compiled["registers"] <= 255
@@ -56,21 +63,30 @@ def test_the_calls_its_schedule_covers():
     assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4000, 4096, 128, 1, 64, 128)  # ragged queries
     assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4096, 4000, 128, 1, 32, 128)  # ragged keys
     assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4096, 4096, 96, 1, 32, 128)   # head dim
+    # dQ: the same, with GQA allowed: (causal, window, dropout_p, seqlen_q, seqlen_k, head_dim,
+    # block_m, block_n)
+    assert _hopper.gluon_dq_call(True, (-1, -1), 0.0, 4096, 4096, 128, 64, 64)
+    assert not _hopper.gluon_dq_call(False, (-1, -1), 0.0, 4000, 4096, 128, 64, 64)   # ragged queries
+    assert not _hopper.gluon_dq_call(False, (-1, -1), 0.0, 4096, 4000, 128, 64, 64)   # ragged keys
+    assert not _hopper.gluon_dq_call(True, (-1, -1), 0.0, 2048, 4096, 128, 64, 64)    # causal, Nq != Nk
+    assert not _hopper.gluon_dq_call(False, (-1, -1), 0.1, 4096, 4096, 128, 64, 64)   # dropout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path (test_gpu.py: the GPU)")
 @pytest.mark.parametrize("causal", [False, True])
-def test_gluon_dkdv_tiles_run_the_portable_pass_without_sm90(causal, device, monkeypatch):
-    # Under the interpreter (no Gluon there) the Gluon tiles' calls run the portable dK/dV pass.
+def test_gluon_backward_tiles_run_the_portable_passes_without_sm90(causal, device, monkeypatch):
+    # Under the interpreter (no Gluon there) the Gluon tiles' calls run the portable passes.
     q, k, v = random_qkv((1, 64, 2, 64), (1, 64, 2, 64), torch.float32, device)
     tiles = Tiles(16, 32, 1, 3, gluon=True)
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: tiles)
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: tiles)
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.new_outputs(q, geometry)
     configs = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
                                        *_backward.new_gradients(q, k, v, lse)[1:], geometry,
                                        1 / math.sqrt(64), causal, 0.0)
-    assert configs[1][0] is _backward.DKDV and "STAGES" not in configs[1][3]
+    assert configs[0][0] is _backward.DQ and configs[1][0] is _backward.DKDV
+    assert "STAGES" not in configs[0][3] and "STAGES" not in configs[1][3]
     from kernels import flash_attention
     _, grads, grad_out = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal),
                                            q, k, v)
