@@ -57,7 +57,7 @@ class MaskedLM(nn.Module):
         # batch without padding is one cheap gather. The masked paths only take a mask when needed.
         padded = attention_mask is not None and (flash or not bool(attention_mask.all()))
         rows = None                  # which of the B·N positions ``hidden`` holds (None: all)
-        row_starts = torch.arange(batch, device=x.device) * seqlen    # row b's first in ``hidden``
+        row_starts = None            # where each row starts in ``hidden`` (None: at b·N)
         if padded and flash and self.config.unpad:
             # Unpad once, here: the blocks run on the real tokens only, packed as one sequence of
             # documents for the kernel's variable-length mode (no per-layer gather and scatter).
@@ -85,6 +85,8 @@ class MaskedLM(nn.Module):
         if targets is not None and max_targets is not None:
             if attention_mask is not None:   # a target on padding is not scored (nor held, packed)
                 targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
+            if row_starts is None:
+                row_starts = torch.arange(batch, device=hidden.device) * seqlen
             return self._fixed_targets_loss(hidden, targets, row_starts, max_targets)
         if targets is not None:
             # The head (a d_model x vocab matmul, the largest of the model) only where there is a
