@@ -27,6 +27,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
+from ._gluon_shared import head_descriptor
+
 
 @gluon.jit
 def _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, index, block, n_items,
@@ -137,18 +139,14 @@ def _dkdv_gluon_kernel(
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_desc = tma.make_tensor_descriptor(Q + batch64 * stride_qb + head64 * stride_qh,
-                                        [seqlen_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM],
-                                        q_layout)
-    do_desc = tma.make_tensor_descriptor(GradOut + batch64 * stride_gb + head64 * stride_gh,
-                                         [seqlen_q, HEAD_DIM], [stride_gn, 1], [BLOCK_M, HEAD_DIM],
-                                         q_layout)
-    k_desc = tma.make_tensor_descriptor(K + batch64 * stride_kb + head64 * stride_kh,
-                                        [seqlen_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM],
-                                        kv_layout)
-    v_desc = tma.make_tensor_descriptor(V + batch64 * stride_vb + head64 * stride_vh,
-                                        [seqlen_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM],
-                                        kv_layout)
+    q_desc = head_descriptor(Q, batch, stride_qb, head, stride_qh,
+                             seqlen_q, stride_qn, BLOCK_M, HEAD_DIM)
+    do_desc = head_descriptor(GradOut, batch, stride_gb, head, stride_gh,
+                              seqlen_q, stride_gn, BLOCK_M, HEAD_DIM)
+    k_desc = head_descriptor(K, batch, stride_kb, head, stride_kh,
+                             seqlen_k, stride_kn, BLOCK_N, HEAD_DIM)
+    v_desc = head_descriptor(V, batch, stride_vb, head, stride_vh,
+                             seqlen_k, stride_vn, BLOCK_N, HEAD_DIM)
 
     # Accumulators: keys along rows, each warpgroup holding 64 of them (warps along M).
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -230,7 +228,9 @@ def _dkdv_gluon_kernel(
     rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, g_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
     rows64 = rows.to(gl.int64)[:, None]
-    gl.store(GradK + batch64 * stride_dkb + head64 * stride_dkh + rows64 * stride_dkn + cols[None, :],
+    gl.store(GradK + batch64 * stride_dkb + head64 * stride_dkh + rows64 * stride_dkn
+             + cols[None, :],
              (dk * softmax_scale).to(GradK.dtype.element_ty))
-    gl.store(GradV + batch64 * stride_dvb + head64 * stride_dvh + rows64 * stride_dvn + cols[None, :],
+    gl.store(GradV + batch64 * stride_dvb + head64 * stride_dvh + rows64 * stride_dvn
+             + cols[None, :],
              dv.to(GradV.dtype.element_ty))

@@ -27,6 +27,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
+from ._gluon_shared import head_descriptor
+
 
 @gluon.jit
 def _load_key_block(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, block, n_blocks,
@@ -130,15 +132,12 @@ def _forward_gluon_kernel(
     # One descriptor per (sequence, head): rows past the sequence's end arrive as zeros.
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_desc = tma.make_tensor_descriptor(Q + batch64 * stride_qb + head.to(gl.int64) * stride_qh,
-                                        [seqlen_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, HEAD_DIM],
-                                        q_layout)
-    k_desc = tma.make_tensor_descriptor(K + batch64 * stride_kb + head_k.to(gl.int64) * stride_kh,
-                                        [seqlen_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM],
-                                        kv_layout)
-    v_desc = tma.make_tensor_descriptor(V + batch64 * stride_vb + head_k.to(gl.int64) * stride_vh,
-                                        [seqlen_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM],
-                                        kv_layout)
+    q_desc = head_descriptor(Q, batch, stride_qb, head, stride_qh,
+                             seqlen_q, stride_qn, BLOCK_M, HEAD_DIM)
+    k_desc = head_descriptor(K, batch, stride_kb, head_k, stride_kh,
+                             seqlen_k, stride_kn, BLOCK_N, HEAD_DIM)
+    v_desc = head_descriptor(V, batch, stride_vb, head_k, stride_vh,
+                             seqlen_k, stride_vn, BLOCK_N, HEAD_DIM)
 
     # Accumulators of the two products: each warpgroup holds 64 query rows (warps along M).
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
