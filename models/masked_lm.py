@@ -54,8 +54,11 @@ class MaskedLM(nn.Module):
         flash = resolve(self.config.attention, x.device) == "flash"
         # Flash unpads whenever a mask is given, without asking whether the batch has padding: that
         # question is a host read (a sync, and a graph break under torch.compile), and unpadding a
-        # batch without padding is one cheap gather. The masked paths only take a mask when needed.
-        padded = attention_mask is not None and (flash or not bool(attention_mask.all()))
+        # batch without padding is one cheap gather. The masked paths drop an all-ones mask in eager
+        # mode (the mask-free kernels are faster); compiled, they keep it, as Hugging Face's SDPA
+        # path does, so the graph does not break on the host read.
+        padded = attention_mask is not None and (
+            flash or torch.compiler.is_compiling() or not bool(attention_mask.all()))
         rows = None                  # which of the B·N positions ``hidden`` holds (None: all)
         row_starts = None            # where each row starts in ``hidden`` (None: at b·N)
         if padded and flash and self.config.unpad:

@@ -95,3 +95,21 @@ def test_gluon_backward_tiles_run_the_portable_passes_without_sm90(causal, devic
         q, k, v, grad_out.double())
     for mine, truth in zip(grads, exact):
         assert (mine.double() - truth).abs().max().item() < 1e-5
+
+
+def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatch):
+    from kernels import _launch
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    assert not _launch.dq_tiles(128, torch.device("cpu"), bf16).gluon
+    for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
+        monkeypatch.setattr(_launch, "capability", lambda device: capability)
+        assert _launch.dq_tiles(128, cuda, bf16).gluon == expected
+        assert _launch.dkdv_tiles(128, cuda, bf16, causal=True).gluon == expected
+    monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
+    for causal in (False, True):
+        assert _launch.dq_tiles(64, cuda, bf16).gluon
+        assert not _launch.dkdv_tiles(64, cuda, bf16, causal).gluon          # tied the portable pass
+        assert not _launch.dq_tiles(128, cuda, bf16, dropout=True).gluon      # no dropout in Gluon
+        assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).gluon
+    assert not _launch.dq_tiles(128, cuda, torch.float32).gluon
+    assert not _launch.dq_tiles(256, cuda, bf16).gluon

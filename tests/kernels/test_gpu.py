@@ -298,3 +298,23 @@ def test_gluon_dkdv_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
                                            causal, 0.0)
         assert configs[1][0] is _backward.DKDV
         check_against_reference(q, k, v, causal=causal)
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_default_backward_is_the_fastest_measured_kernel(head_dim):
+    # Without dropout: the Gluon dQ pass at head dims 64 and 128, the Gluon dK/dV pass at 128 only
+    # (at 64 the portable pass tied it); with dropout both passes are portable.
+    from kernels import _backward, _forward
+    from kernels._launch import call_geometry
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    for causal in (False, True):
+        launchers = lambda dropout_p: [config[0] for config in _backward.launch_configs(
+            torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+            geometry, 0.1, causal, dropout_p)]
+        assert launchers(0.0) == [_backward.DQ_GLUON,
+                                  _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
+        assert launchers(0.1) == [_backward.DQ, _backward.DKDV]
+        check_against_reference(q, k, v, causal=causal)
