@@ -17,7 +17,7 @@ p2l_2k, p2l_4k (progressive: 60% at 1K, then 20% at 1K/2K/2K, then 20% at 1K/2K/
 s2l_4k_seq64 (the s2l arms with 64 sequences per step, as s2l_1k has, in fewer steps), and
 s2l_2k_seq64_sqrtlr, s2l_4k_seq64_sqrtlr (the same with the learning rate raised by the square
 root of the batch's growth); s2l_1k_halflr, s2l_2k_halflr, s2l_4k_halflr (the s2l arms at half the
-last stage's peak learning rate); t2_flash,
+last stage's peak learning rate) and s2l_*_quarterlr (at a quarter of it); t2_flash,
 t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention; run with --no-eval).
 ``report`` writes the Markdown tables and a PNG of loss against position.
 """
@@ -69,12 +69,13 @@ def s2l_stage2_64_sequences(seqlen: int, scale_lr: bool = False) -> list[str]:
         *([f"optim.lr={S2L_STAGE2_LR * (seqlen / 1024) ** 0.5:.3g}"] if scale_lr else [])]
 
 
-def s2l_stage2_half_lr(seqlen: int) -> list[str]:
-    """The last 20% at ``seqlen`` at half the stage's peak learning rate, every arm alike. Measured
-    (2026-12-02): raising the 4K arm's rate (the sqrtlr arms) widened its loss at 1K of context,
-    the short-range skill it gives up after the switch (7.33 against the 1K arm's 5.98), so the
-    other direction is the one left to try."""
-    return continue_at("s2l_stage1", seqlen) + [f"optim.lr={S2L_STAGE2_LR / 2:.3g}"]
+def s2l_stage2_lower_lr(seqlen: int, divisor: int) -> list[str]:
+    """The last 20% at ``seqlen`` at the stage's peak learning rate / ``divisor``, every arm alike.
+    Measured (2026-12-02): raising the 4K arm's rate (the sqrtlr arms) widened its loss at 1K of
+    context, the short-range skill it gives up after the switch (7.33 against the 1K arm's 5.98);
+    halving it narrowed that loss to 0.05 nats and the 4K arm's lag behind 2K to 0.04 (5.85 against
+    5.81), so a quarter of the rate is the next step in that direction."""
+    return continue_at("s2l_stage1", seqlen) + [f"optim.lr={S2L_STAGE2_LR / divisor:.3g}"]
 
 
 # The progressive recipe: 60% of the tokens at 1K, then two stages of 20% each. The 4K arm doubles
@@ -112,8 +113,9 @@ STAGES = {
                             ("s2l_2k_seq64_sqrtlr", s2l_stage2_64_sequences(2048, scale_lr=True))],
     "s2l_4k_seq64_sqrtlr": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
                             ("s2l_4k_seq64_sqrtlr", s2l_stage2_64_sequences(4096, scale_lr=True))],
-    **{f"s2l_{k}k_halflr": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
-                            (f"s2l_{k}k_halflr", s2l_stage2_half_lr(k * 1024))] for k in (1, 2, 4)},
+    **{f"s2l_{k}k_{name}": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
+                            (f"s2l_{k}k_{name}", s2l_stage2_lower_lr(k * 1024, divisor))]
+       for k in (1, 2, 4) for name, divisor in (("halflr", 2), ("quarterlr", 4))},
     "p2l_1k": [P2L_STAGE1, ("p2l_mid1k", continue_at("p2l_stage1", 1024)),
                ("p2l_1k", continue_at("p2l_mid1k", 1024))],
     "p2l_2k": [P2L_STAGE1, ("p2l_mid2k", continue_at("p2l_stage1", 2048)),
@@ -128,7 +130,7 @@ STAGES = {
 BASELINE = {f"{recipe}_{context}": f"{recipe}_1k" for recipe in ("s2l", "p2l") for context in ("1k", "2k", "4k")}
 BASELINE.update({run: "s2l_1k" for run in ("s2l_2k_seq64", "s2l_4k_seq64", "s2l_2k_seq64_sqrtlr",
                                             "s2l_4k_seq64_sqrtlr")})   # 64 x 1K is the s2l_1k arm
-BASELINE.update({f"s2l_{k}k_halflr": "s2l_1k_halflr" for k in (2, 4)})
+BASELINE.update({f"s2l_{k}k_{name}": f"s2l_1k_{name}" for k in (1, 2, 4) for name in ("halflr", "quarterlr")})
 TABLE2_RUNS = ("t2_flash", "t2_sdpa", "t2_eager")
 # Stages that other stages continue from: trained once per --runs directory and series, then reused.
 EARLIER_STAGES = {name for stages in STAGES.values() for name, _ in stages[:-1]}

@@ -162,14 +162,15 @@ def test_sixty_four_sequence_arms_keep_the_sequences_and_the_tokens_of_the_1k_ar
     assert float(lr["s2l_4k_seq64_sqrtlr"]) == pytest.approx(2 * reproduce.S2L_STAGE2_LR)
 
 
-def test_half_learning_rate_arms_differ_from_the_s2l_arms_only_in_the_rate():
+@pytest.mark.parametrize("name, divisor", [("halflr", 2), ("quarterlr", 4)])
+def test_lower_learning_rate_arms_differ_from_the_s2l_arms_only_in_the_rate(name, divisor):
     import reproduce
     for k in (1, 2, 4):
-        plain, half = reproduce.STAGES[f"s2l_{k}k"], reproduce.STAGES[f"s2l_{k}k_halflr"]
-        assert half[0] == plain[0]                                   # the shared first stage
-        extra = [o for o in half[1][1] if o not in plain[1][1]]
-        assert [o for o in plain[1][1] if o not in half[1][1]] == []
+        plain, lower = reproduce.STAGES[f"s2l_{k}k"], reproduce.STAGES[f"s2l_{k}k_{name}"]
+        assert lower[0] == plain[0]                                   # the shared first stage
+        extra = [o for o in lower[1][1] if o not in plain[1][1]]
+        assert [o for o in plain[1][1] if o not in lower[1][1]] == []
         assert len(extra) == 1 and extra[0].startswith("optim.lr=")
-        assert float(extra[0].split("=")[1]) == pytest.approx(reproduce.S2L_STAGE2_LR / 2)
-    assert reproduce.BASELINE["s2l_4k_halflr"] == "s2l_1k_halflr"
+        assert float(extra[0].split("=")[1]) == pytest.approx(reproduce.S2L_STAGE2_LR / divisor)
+    assert reproduce.BASELINE[f"s2l_4k_{name}"] == f"s2l_1k_{name}"
     assert reproduce.series_of("s2l_4k_halflr_h200") == ("s2l_4k_halflr", "_h200")
