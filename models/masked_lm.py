@@ -17,6 +17,13 @@ from .layers import Block, run_blocks
 from .loss import IGNORE_INDEX, lm_loss
 
 
+def positions_in_segments(cu_seqlens, total: int):
+    """Each of ``total`` flattened tokens' offset from the start of its segment of ``cu_seqlens``."""
+    flat = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    segment = torch.searchsorted(cu_seqlens, flat, right=True) - 1
+    return (flat - cu_seqlens[segment]).long()
+
+
 class MaskedLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -35,23 +42,33 @@ class MaskedLM(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(config.padded_vocab))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, targets=None,
-                max_targets=None):
+                max_targets=None, cu_seqlens=None, max_seqlen=None):
         """input_ids (B, N) -> logits (B, N, vocab), or with ``targets`` (B, N; -100 where no loss)
         the mean cross entropy, computed inside the model so that a compiled model fuses it.
         ``attention_mask`` (B, N): 1 for real tokens, 0 for (right) padding; padded positions'
         logits are meaningless. ``max_targets`` K: no row has more than K targets (the data's
         ``mlm_max_predictions``), so the head runs on a fixed B x K positions instead of a
-        data-dependent selection (static shapes under torch.compile); the loss is the same."""
+        data-dependent selection (static shapes under torch.compile); the loss is the same.
+        ``cu_seqlens`` (int32, ascending from 0 to B·N): rows packed with several sequences
+        (``data.mlm_pack_sequences``); each segment of the flattened tokens attends only to itself
+        and counts its positions from 0, so a packed sequence computes what it would alone
+        (flash attention only; ``max_seqlen``: the longest segment, at most N)."""
         batch, seqlen = input_ids.shape
         if seqlen > self.config.max_seqlen:
             raise ValueError(f"sequence of {seqlen} tokens exceeds the model's {self.config.max_seqlen} "
                              "positions (see models.extend_context)")
+        flash = resolve(self.config.attention, input_ids.device) == "flash"
+        if cu_seqlens is not None and not flash:
+            raise ValueError("packed sequences (cu_seqlens) need attention=flash, whose variable-length "
+                             f"mode keeps them apart; this model's attention is {self.config.attention!r}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(seqlen, device=input_ids.device)
+        if cu_seqlens is None:
+            positions = torch.arange(seqlen, device=input_ids.device)
+        else:
+            positions = positions_in_segments(cu_seqlens, batch * seqlen).view(batch, seqlen)
         x = self.embed(input_ids) + self.positions(positions) + self.token_types(token_type_ids)
         x = self.dropout(self.embed_norm(x))
-        flash = resolve(self.config.attention, x.device) == "flash"
         # Flash unpads whenever a mask is given, without asking whether the batch has padding: that
         # question is a host read (a sync, and a graph break under torch.compile), and unpadding a
         # batch without padding is one cheap gather. The masked paths drop an all-ones mask in eager
@@ -61,7 +78,13 @@ class MaskedLM(nn.Module):
             flash or torch.compiler.is_compiling() or not bool(attention_mask.all()))
         rows = None                  # which of the B·N positions ``hidden`` holds (None: all)
         row_starts = None            # where each row starts in ``hidden`` (None: at b·N)
-        if padded and flash and self.config.unpad:
+        if cu_seqlens is not None:
+            # Packed rows: the batch's own segments, padding included, at the static B·N tokens.
+            hidden = run_blocks(self.blocks, x.flatten(0, 1)[None], self.config, self.training,
+                                documents=(cu_seqlens, max_seqlen or seqlen))[0]
+            if targets is not None and attention_mask is not None:
+                targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        elif padded and flash and self.config.unpad:
             # Unpad once, here: the blocks run on the real tokens only, packed as one sequence of
             # documents for the kernel's variable-length mode (no per-layer gather and scatter).
             rows = attention_mask.flatten().nonzero().squeeze(1)

@@ -250,16 +250,25 @@ def part_bert(args, workdir, ceiling, records):
             "trainer.device=cuda", "logger=none", "optim.warmup_steps=20"]
     if args.bert_max_predictions:
         base.append(f"data.mlm_max_predictions={args.bert_max_predictions}")
-    config = run_config(base)
-    data = build_data(config.data, args.bert_batch, 0, log=lambda *_: None)
-    real = float((data.train.lengths + 2).sum() / (len(data.train.lengths) * 512))
+    real_fraction = {}                   # per data layout: one sequence per row, or packed rows
+    for packed in (False, True):
+        if packed and not any(run.endswith(":rows") for run in args.bert_runs):
+            continue
+        config = run_config(base + [f"data.mlm_pack_sequences={packed}"])
+        real_fraction[packed] = build_data(config.data, args.bert_batch, 0,
+                                           log=lambda *_: None).train.real_fraction
     for attention, mode, *layout in (run.split(":") for run in args.bert_runs):
         compiled = mode == "compiled"
+        rows = layout == ["rows"]
+        real = real_fraction[rows]
         overrides = base + [f"model.attention={attention}", f"trainer.compile={compiled}"]
         record = dict(system=f"flashtrain_{attention}", model="bert_large", seqlen=512,
                       batch=args.bert_batch, compile=compiled, attn_dropout=0.1,
                       padding_fraction=1 - real, mlm_max_predictions=args.bert_max_predictions)
-        if layout:                       # flash only: packed real tokens, or the padded layout
+        if rows:                         # flash only: several sequences per row (cu_seqlens)
+            overrides.append("data.mlm_pack_sequences=true")
+            record["layout"] = "rows"
+        elif layout:                     # flash only: packed real tokens, or the padded layout
             overrides.append(f"model.unpad={layout[0] == 'packed'}")
             record["layout"] = layout[0]
         measure(record, lambda: TrainerSystem(overrides, workdir), args.window, args.windows, ceiling)
@@ -332,10 +341,12 @@ def main():
     parser.add_argument("--bert-batch", type=int, default=16)
     parser.add_argument("--bert-runs", nargs="+", choices=[f"{a}:{c}" for a in ("flash", "sdpa", "eager")
                                                            for c in ("eager", "compiled")]
-                        + [f"flash:{c}:{layout}" for c in ("eager", "compiled") for layout in ("packed", "padded")],
+                        + [f"flash:{c}:{layout}" for c in ("eager", "compiled")
+                           for layout in ("packed", "padded", "rows")],
                         default=["flash:eager", "flash:compiled", "sdpa:eager", "sdpa:compiled", "eager:eager"],
-                        help="ATTENTION:eager|compiled[:packed|padded], the part bert systems in order "
-                             "(flash's layout: model.unpad=true|false)")
+                        help="ATTENTION:eager|compiled[:packed|padded|rows], the part bert systems in "
+                             "order (flash's layout: model.unpad=true|false, or several sequences per "
+                             "row, data.mlm_pack_sequences=true)")
     parser.add_argument("--bert-max-predictions", type=int, default=None,
                         help="data.mlm_max_predictions for part bert (the original BERT data's cap, "
                              "80 at 512 tokens: a fixed number of MLM head positions per batch); "

@@ -89,10 +89,11 @@ class Trainer:
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"model.attention=flash runs the Triton kernels, which need a CUDA GPU "
                              f"(this run is on {self.device}); use model.attention=auto or sdpa here")
-        if config.data.document_aware and resolve_attention(config.model.attention, self.device) != "flash":
-            raise ValueError("data.document_aware=true packs documents with cu_seqlens, which only the "
-                             f"flash kernel supports; on {self.device} attention resolves to "
-                             f"{resolve_attention(config.model.attention, self.device)}")
+        for key in ("document_aware", "mlm_pack_sequences"):
+            if getattr(config.data, key) and resolve_attention(config.model.attention, self.device) != "flash":
+                raise ValueError(f"data.{key}=true packs documents with cu_seqlens, which only the "
+                                 f"flash kernel supports; on {self.device} attention resolves to "
+                                 f"{resolve_attention(config.model.attention, self.device)}")
         seed_everything(trainer.seed + self.context.rank)   # dropout differs per rank; weights do not
 
         # Rank 0 trains the tokenizer and writes the token cache; the others then read it.

@@ -376,3 +376,71 @@ def test_bert_fixed_target_count_compiles_to_one_graph_without_capturing_shapes(
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         loss = compiled(tokens, mask, targets=targets, max_targets=4)
     torch.testing.assert_close(loss, model(tokens, mask, targets=targets), rtol=1e-5, atol=1e-6)
+
+
+def _packed_and_alone(tokens):
+    """Four sequences (9, 6, 12 and 11 tokens) packed two to a row of 23 (row 0 padded: its
+    padding is a document of its own; row 1 full), and the same four one to a padded row."""
+    lengths, rows = [9, 6, 12, 11], [[0, 1], [2, 3]]
+    sequences = [tokens.flatten()[7 * i:7 * i + n] for i, n in enumerate(lengths)]
+    packed = torch.zeros_like(tokens)
+    packed_mask, bounds = torch.zeros_like(tokens), []
+    alone = torch.zeros(4, tokens.shape[1], dtype=tokens.dtype)
+    alone_mask = torch.zeros_like(alone)
+    for row, members in enumerate(rows):
+        offset = 0
+        for index in members:
+            bounds.append(row * 23 + offset)
+            packed[row, offset:offset + lengths[index]] = sequences[index]
+            alone[index, :lengths[index]] = sequences[index]
+            alone_mask[index, :lengths[index]] = 1
+            offset += lengths[index]
+        packed_mask[row, :offset] = 1
+        if offset < 23:
+            bounds.append(row * 23 + offset)
+    cu_seqlens = torch.tensor(bounds + [46], dtype=torch.int32)
+    # Targets: every third token of each sequence, the same tokens in both layouts.
+    packed_targets, alone_targets = torch.full_like(packed, -100), torch.full_like(alone, -100)
+    for row, members in enumerate(rows):
+        offset = 0
+        for index in members:
+            picked = torch.arange(1, lengths[index], 3)
+            packed_targets[row, offset + picked] = sequences[index][picked]
+            alone_targets[index, picked] = sequences[index][picked]
+            offset += lengths[index]
+    return (packed, packed_mask, packed_targets, cu_seqlens), (alone, alone_mask, alone_targets)
+
+
+@pytest.mark.parametrize("max_targets", [None, 8])
+def test_bert_packed_rows_compute_what_each_sequence_computes_alone(tiny, tokens, max_targets):
+    """Sequences packed into a row (data.mlm_pack_sequences) with cu_seqlens get the logits, loss and
+    gradients they get one to a padded row: attention stays in each, positions restart at each."""
+    (packed, packed_mask, packed_targets, cu_seqlens), (alone, alone_mask, alone_targets) = \
+        _packed_and_alone(tokens)
+    model = tiny("bert", attention="flash", dropout=0.0, attn_dropout=0.0).train()
+    parameters = [model.embed.weight, model.positions.weight, model.blocks[0].attn.qkv.weight]
+    loss = model(packed, packed_mask, targets=packed_targets, max_targets=max_targets,
+                 cu_seqlens=cu_seqlens, max_seqlen=12)
+    grads = torch.autograd.grad(loss, parameters)
+    expected_loss = model(alone, alone_mask, targets=alone_targets, max_targets=max_targets)
+    expected = torch.autograd.grad(expected_loss, parameters)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    model.eval()
+    logits = model(packed, packed_mask, cu_seqlens=cu_seqlens, max_seqlen=12)[packed_mask.bool()]
+    torch.testing.assert_close(logits, model(alone, alone_mask)[alone_mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_bert_packed_rows_compile_to_one_graph_and_need_flash(tiny, tokens):
+    torch._dynamo.reset()
+    (packed, mask, targets, cu_seqlens), _ = _packed_and_alone(tokens)
+    model = tiny("bert", attention="flash", dropout=0.0, attn_dropout=0.0).train()
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        loss = compiled(packed, mask, targets=targets, max_targets=8, cu_seqlens=cu_seqlens, max_seqlen=23)
+    torch.testing.assert_close(loss, model(packed, mask, targets=targets, cu_seqlens=cu_seqlens,
+                                           max_seqlen=23), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="packed sequences .* need attention=flash"):
+        tiny("bert", attention="sdpa")(packed, mask, cu_seqlens=cu_seqlens, max_seqlen=23)

@@ -349,3 +349,70 @@ def test_record_and_text_files_are_told_apart(tmp_path):
     (broken / "a.jsonl").write_text('{"text": "fine"}\n{"text": unquoted}\n')
     with pytest.raises(DataError, match=r"cannot read the json records of a.jsonl"):
         build_data(config(tmp_path, path=str(broken)), batch_size=2, log=lambda *_: None)
+
+
+def test_pack_sequences_fills_rows_without_overflowing_them():
+    from trainer.data.packing import pack_sequences
+    generator = np.random.default_rng(0)
+    sizes = np.concatenate([np.full(30, 64), generator.integers(3, 60, 200)])
+    targets = np.minimum(np.maximum(1, np.round(0.15 * (sizes - 2))), 6).astype(int)
+    rows = pack_sequences(sizes, 64, targets, max_targets=8)
+    placed = np.concatenate(rows)
+    assert sorted(placed.tolist()) == list(range(len(sizes)))            # each sequence once
+    assert all(sizes[row].sum() <= 64 and targets[row].sum() <= 8 for row in rows)
+    assert len(rows) < 0.75 * len(sizes)           # one per row would be 230 rows
+    # Only the tokens bound: within best-fit decreasing's guarantee (11/9 of the fewest rows
+    # possible, which is at least the total over 64, and at least the count of sizes over 32).
+    untargeted = pack_sequences(sizes, 64)
+    fewest = max(-(-sizes.sum() // 64), int((sizes > 32).sum()))
+    assert len(untargeted) <= 11 / 9 * fewest + 1
+    again = pack_sequences(sizes, 64, targets, max_targets=8)
+    assert all(np.array_equal(a, b) for a, b in zip(rows, again)) and len(rows) == len(again)
+    with pytest.raises(ValueError, match="sizes must be in"):
+        pack_sequences([65], 64)
+    with pytest.raises(ValueError, match="more than max_targets"):
+        pack_sequences([10], 64, [9], max_targets=8)
+
+
+@pytest.mark.parametrize("max_predictions", [None, 6])
+def test_mlm_packed_rows_hold_the_same_sequences_as_padded_rows(tmp_path, max_predictions):
+    # Every sequence appears once per epoch, written and masked exactly as when it has a row of its
+    # own; cu_seqlens marks each sequence and each row's padding; rows are fuller than unpacked.
+    cfg = config(tmp_path, tokenizer="wordpiece", objective="mlm", seqlen=64,
+                 mlm_max_predictions=max_predictions, mlm_pack_sequences=True)
+    data = build_data(cfg, batch_size=4, log=lambda *_: None)
+    plain = build_data(config(tmp_path, tokenizer="wordpiece", objective="mlm", seqlen=64,
+                              mlm_max_predictions=max_predictions), batch_size=4, log=lambda *_: None)
+    train = data.train
+    assert train.real_fraction > plain.train.real_fraction
+    seen = []
+    for _ in range(train._order.batches_per_epoch):
+        rows = [train.rows[i] for i in train._order.order()[
+            train._order.position * 4:(train._order.position + 1) * 4]]
+        batch = next(train)
+        bounds = batch.cu_seqlens.tolist()
+        assert bounds[0] == 0 and bounds[-1] == batch.input_ids.numel() and batch.max_seqlen == 64
+        assert all(b > a for a, b in zip(bounds, bounds[1:]))
+        flat_inputs, flat_targets = batch.input_ids.flatten(), batch.targets.flatten()
+        for row, indices in enumerate(rows):
+            offset = row * 64
+            for index in indices:
+                alone = plain.train.sequence_batch([index], 0)
+                size = int(alone.attention_mask.sum())
+                assert offset in bounds
+                assert torch.equal(flat_inputs[offset:offset + size], alone.input_ids[0, :size])
+                assert torch.equal(flat_targets[offset:offset + size], alone.targets[0, :size])
+                offset += size
+                seen.append(int(index))
+            assert int(batch.attention_mask[row].sum()) == offset - row * 64
+            if offset < (row + 1) * 64:
+                assert offset in bounds                         # the padding: its own document
+                assert (batch.targets[row, offset - row * 64:] == IGNORE_INDEX).all()
+            if max_predictions:
+                assert int((batch.targets[row] != IGNORE_INDEX).sum()) <= max_predictions
+    # Each sequence once per epoch: all of them but those in the rows that make no full batch.
+    left_over = [int(i) for row in train._order.order()[train._order.batches_per_epoch * 4:]
+                 for i in train.rows[row]]
+    assert len(seen) == len(set(seen)) and sorted(seen + left_over) == list(range(len(train.starts)))
+    with pytest.raises(ValueError, match="mlm_pack_sequences"):
+        config(tmp_path, mlm_pack_sequences=True)

@@ -395,21 +395,35 @@ def test_a_refused_run_leaves_no_log_handler_to_the_next(tmp_path):
     assert not refused_log.exists() or "summary of" not in refused_log.read_text()
 
 
-def test_masked_lm_run_with_a_fixed_target_count(tmp_path, monkeypatch):
-    """data.mlm_max_predictions reaches the model as max_targets, for training and evaluation."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_masked_lm_run_with_a_fixed_target_count(tmp_path, monkeypatch, packed):
+    """data.mlm_max_predictions reaches the model as max_targets, for training and evaluation;
+    with data.mlm_pack_sequences the training batches carry cu_seqlens (validation stays one
+    sequence per row, comparable across layouts)."""
     from models.masked_lm import MaskedLM
     seen = []
     original = MaskedLM.forward
 
     def forward(self, *args, **kwargs):
-        seen.append(kwargs.get("max_targets"))
+        seen.append((kwargs.get("max_targets"), self.training, kwargs.get("cu_seqlens") is not None))
         return original(self, *args, **kwargs)
     monkeypatch.setattr(MaskedLM, "forward", forward)
     overrides = tiny_overrides(tmp_path, **{"model": "bert_tiny", "data.objective": "mlm",
                                             "data.tokenizer": "wordpiece", "data.mlm_max_predictions": 3,
+                                            "data.mlm_pack_sequences": packed, "model.attention": "flash",
                                             "trainer.max_steps": 2, "trainer.eval_interval": 2,
                                             "trainer.save_interval": 2, "trainer.compile": False})
     run(compose_run(overrides), tmp_path / "mlm")
     train, evals = read_metrics(tmp_path / "mlm")
-    assert seen and set(seen) == {3}
+    assert seen and {targets for targets, _, _ in seen} == {3}
+    assert {has_segments for _, training, has_segments in seen if training} == {packed}
+    assert not any(has_segments for _, training, has_segments in seen if not training)
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in train) and evals
+
+
+def test_packed_masked_lm_sequences_need_flash(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"model": "bert_tiny", "data.objective": "mlm",
+                                            "data.tokenizer": "wordpiece", "data.mlm_pack_sequences": True,
+                                            "model.attention": "sdpa"})
+    with pytest.raises(ValueError, match="data.mlm_pack_sequences=true packs documents"):
+        run(compose_run(overrides), tmp_path / "mlm")

@@ -32,7 +32,8 @@ def build_data(config: DataConfig, batch_size: int, seed: int = 0, rank: int = 0
     if config.objective == "mlm":
         train = MaskedSequences(splits["train"], config.seqlen, batch_size, special, vocab_size,
                                 config.mlm_probability, seed, rank, world_size,
-                                max_predictions=config.mlm_max_predictions)
+                                max_predictions=config.mlm_max_predictions,
+                                pack=config.mlm_pack_sequences)
         held_out = MaskedSequences(splits["validation"], config.seqlen, 1, special, vocab_size,
                                    config.mlm_probability, seed=1234, name="validation",
                                    max_predictions=config.mlm_max_predictions)

@@ -45,6 +45,9 @@ class DataConfig:
     # targets per sequence, so the model's MLM head runs on a fixed B x K positions: static shapes,
     # one compiled graph with no data-dependent selection.
     mlm_max_predictions: int | None = None
+    # Pack several MLM sequences into each training row (best fit), each attended on its own
+    # through cu_seqlens: the rows keep their static length with almost no padding (flash only).
+    mlm_pack_sequences: bool = False
     val_windows: int = 64                # fixed validation windows, the same at every evaluation
     num_proc: int = 2                    # tokenization processes
     token_dtype: str | None = None       # uint16 | uint32 token ids on disk; None = smallest that fits
@@ -74,3 +77,5 @@ class DataConfig:
             raise ValueError(f"data.mlm_probability must be in (0, 1); got {self.mlm_probability}")
         if self.mlm_max_predictions is not None and self.mlm_max_predictions < 1:
             raise ValueError(f"data.mlm_max_predictions must be >= 1 (or null); got {self.mlm_max_predictions}")
+        if self.mlm_pack_sequences and self.objective != "mlm":
+            raise ValueError("data.mlm_pack_sequences=true packs BERT sequences; it needs data.objective=mlm")

@@ -4,7 +4,8 @@
 shuffled per epoch from a seed; optionally with ``cu_seqlens`` marking document boundaries so the
 kernel's variable-length mode keeps attention inside documents.
 ``MaskedSequences``: BERT MLM sequences ([CLS] document chunk [SEP], padded), 15% of tokens selected,
-80/10/10 mask/random/keep, labels -100 elsewhere.
+80/10/10 mask/random/keep, labels -100 elsewhere; optionally packed several to a row (``packing.py``),
+with ``cu_seqlens`` keeping each sequence's attention to itself.
 Both expose ``state_dict()``/``load_state_dict()`` (epoch and position), and with ``rank``/``world_size``
 each rank reads a disjoint share of every epoch.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .packing import pack_sequences
 from .shards import TokenSplit
 from .sources import DataError
 
@@ -159,11 +161,16 @@ def validation_windows(split: TokenSplit, seqlen: int, count: int, batch_size: i
 
 
 class MaskedSequences:
-    """BERT MLM samples: each sequence is [CLS] + a chunk of one document + [SEP], padded."""
+    """BERT MLM samples: each sequence is [CLS] + a chunk of one document + [SEP], padded.
+
+    With ``pack``, a batch row holds several sequences (a fixed best-fit packing of all of them,
+    rows shuffled per epoch) and the batch carries ``cu_seqlens``: each sequence, and each row's
+    padding, one document of the flattened B·N tokens. A sequence is masked the same way packed or
+    not (its generator depends on the seed, the epoch and the sequence alone)."""
 
     def __init__(self, split: TokenSplit, seqlen: int, batch_size: int, special: dict, vocab_size: int,
                  mlm_probability: float = 0.15, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 name: str = "train", max_predictions: int | None = None):
+                 name: str = "train", max_predictions: int | None = None, pack: bool = False):
         missing = [k for k in ("cls", "sep", "pad", "mask") if special.get(k) is None]
         if missing:
             raise DataError(f"MLM needs a tokenizer with [CLS] [SEP] [PAD] [MASK]; missing {missing} "
@@ -181,41 +188,81 @@ class MaskedSequences:
         if not starts:
             raise DataError(f"the {name} split has no tokens for MLM sequences")
         self.starts, self.lengths = np.asarray(starts), np.asarray(lengths)
-        self._order = _Shuffled(len(starts), batch_size, seed, rank, world_size, f"the {name} split")
+        self.rows = None                 # packed: each row's sequence indices
+        if pack:
+            # Row target budget: with a cap K the model's head holds K positions per row.
+            counts = None if max_predictions is None else [self._target_count(n) for n in lengths]
+            self.rows = pack_sequences(self.lengths + 2, seqlen, counts, max_predictions)
+        count = len(starts) if self.rows is None else len(self.rows)
+        self._order = _Shuffled(count, batch_size, seed, rank, world_size, f"the {name} split")
+
+    @property
+    def real_fraction(self) -> float:
+        """The share of a batch's B·N positions that hold real tokens, over an epoch."""
+        rows = len(self.starts) if self.rows is None else len(self.rows)
+        return float((self.lengths + 2).sum() / (rows * self.seqlen))
 
     def sequence_batch(self, indices, epoch) -> Batch:
-        special, seqlen = self.special, self.seqlen
-        inputs = np.full((len(indices), seqlen), special["pad"], dtype=np.int64)
+        """One sequence per row, padded."""
+        return self.row_batch([[index] for index in indices], epoch)
+
+    def row_batch(self, rows, epoch) -> Batch:
+        """Each row the given sequences back to back, then padding; with more than one sequence in
+        any row, ``cu_seqlens`` marks every sequence and every row's padding as its own document."""
+        inputs = np.full((len(rows), self.seqlen), self.special["pad"], dtype=np.int64)
         targets = np.full_like(inputs, IGNORE_INDEX)
         mask = np.zeros_like(inputs)
-        for row, index in enumerate(indices):
-            start, length = self.starts[index], self.lengths[index]
-            tokens = np.asarray(self.split.tokens[start:start + length], dtype=np.int64)
-            inputs[row, 0], inputs[row, 1:length + 1], inputs[row, length + 1] = special["cls"], tokens, special["sep"]
-            mask[row, :length + 2] = 1
-            # One generator per (seed, epoch, sequence): the same masking whatever the batch layout.
-            generator = np.random.default_rng([self.seed, epoch, int(index)])
-            chosen = self._targets(generator, length) + 1
-            targets[row, chosen] = inputs[row, chosen]
-            action = generator.random(len(chosen))
-            inputs[row, chosen[action < 0.8]] = special["mask"]
-            randomized = chosen[(action >= 0.8) & (action < 0.9)]
-            inputs[row, randomized] = generator.integers(0, self.vocab_size, len(randomized))
-        return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(mask))
+        bounds = []
+        for row, indices in enumerate(rows):
+            offset = 0
+            for index in indices:
+                bounds.append(row * self.seqlen + offset)
+                offset = self._write(inputs[row], targets[row], int(index), epoch, offset)
+            mask[row, :offset] = 1
+            if offset < self.seqlen:
+                bounds.append(row * self.seqlen + offset)
+        batch = Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(mask))
+        if self.rows is not None:
+            batch.cu_seqlens = torch.tensor(bounds + [len(rows) * self.seqlen], dtype=torch.int32)
+            batch.max_seqlen = self.seqlen
+        return batch
+
+    def _write(self, inputs, targets, index: int, epoch: int, offset: int) -> int:
+        """Write sequence ``index`` ([CLS] chunk [SEP], masked) into one row at ``offset``; returns
+        where it ends."""
+        special = self.special
+        start, length = self.starts[index], self.lengths[index]
+        end = offset + length + 2
+        inputs[offset] = special["cls"]
+        inputs[offset + 1:end - 1] = self.split.tokens[start:start + length]
+        inputs[end - 1] = special["sep"]
+        # One generator per (seed, epoch, sequence): the same masking whatever the batch layout.
+        generator = np.random.default_rng([self.seed, epoch, index])
+        chosen = self._targets(generator, length) + 1 + offset
+        targets[chosen] = inputs[chosen]
+        action = generator.random(len(chosen))
+        inputs[chosen[action < 0.8]] = special["mask"]
+        randomized = chosen[(action >= 0.8) & (action < 0.9)]
+        inputs[randomized] = generator.integers(0, self.vocab_size, len(randomized))
+        return end
+
+    def _target_count(self, length: int) -> int:
+        return min(self.max_predictions, max(1, round(self.mlm_probability * length)), length)
 
     def _targets(self, generator, length: int) -> np.ndarray:
         """Positions (within the chunk) that carry a loss, in increasing order."""
         if self.max_predictions is None:
             return np.flatnonzero(generator.random(length) < self.mlm_probability)
-        count = min(self.max_predictions, max(1, round(self.mlm_probability * length)), length)
-        return np.sort(generator.choice(length, count, replace=False))
+        return np.sort(generator.choice(length, self._target_count(length), replace=False))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
         indices = self._order.next_indices()
-        return self.sequence_batch(indices, self._order.epoch)
+        if self.rows is None:
+            return self.sequence_batch(indices, self._order.epoch)
+        return self.row_batch([self.rows[index] for index in indices], self._order.epoch)
 
     def state_dict(self):
         return self._order.state_dict()
