@@ -70,8 +70,15 @@ def _flip_a_byte(path):
 def test_a_flipped_byte_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
     overrides, root = _trained(tmp_path)
     _flip_a_byte(root / "step_00000006" / "state.pt")
-    with caplog.at_level(logging.WARNING, logger="flashtrain"):
-        trainer = Trainer(compose_run(overrides + ["resume=true", "trainer.max_steps=8"]), tmp_path / "run")
+    # The run's logger does not propagate to the root, where caplog listens: listen on it directly.
+    flashtrain_log = logging.getLogger("flashtrain")
+    flashtrain_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="flashtrain"):
+            trainer = Trainer(compose_run(overrides + ["resume=true", "trainer.max_steps=8"]),
+                              tmp_path / "run")
+    finally:
+        flashtrain_log.removeHandler(caplog.handler)
     assert trainer.step == 3
     trainer.close()
     assert "resuming from step_00000003 instead of step_00000006" in caplog.text
