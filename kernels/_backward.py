@@ -5,6 +5,10 @@ Two launches, no atomics (so the result is deterministic):
      (stored for pass 2) and accumulates dQ over the key blocks;
   2. one program per (key block, kv-head, sequence) accumulates dK and dV over every query block of
      every query head that shares this kv-head (GQA), holding K and V on chip.
+Or, with dK/dV tiles marked ``fused`` (opt-in), FlashAttention-2's single pass: pass 1 computes
+delta only, and pass 2 also adds each tile's dQ share, dS·K, to a float32 buffer by atomic adds.
+That is five products per tile instead of seven, and one dropout-mask regeneration instead of two,
+for atomic traffic and a dQ that is not bitwise deterministic.
 As in the forward, tiles that need no mask (fully visible, fully in range) run a mask-free loop.
 Tiles marked ``gluon`` run a pass as the Gluon kernel for sm_90 (``_dq_gluon.py``,
 ``_dkdv_gluon.py``) where the call qualifies (``_hopper.gluon_device`` and ``gluon_dq_call`` or
@@ -42,14 +46,15 @@ DKDV_MASK_LAYOUT = "untransposed"
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_ptr, delta_ptr,
+def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, stride_qn, stride_gn, stride_aqn,
+                       lse_ptr, delta_ptr,
                        lo, hi, n0, cols, offs_m, d_ok, len_q, len_k, upper, lower, qk_scale,
                        seed, counter_base, dropout_first_pair, counters_per_row, drop_threshold,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        EVEN_D: tl.constexpr, MASKED: tl.constexpr, UPPER: tl.constexpr,
                        LOWER: tl.constexpr,
                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
-                       MASK_LAYOUT: tl.constexpr):
+                       MASK_LAYOUT: tl.constexpr, ACCUMULATE_DQ: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
         row_ok = rows < len_q
@@ -80,6 +85,10 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
             dv = tl.dot(tl.trans(p_dropped.to(do.dtype)), do, dv, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+            if ACCUMULATE_DQ:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+                tl.atomic_add(dq_ptrs + m0 * stride_aqn, dq, mask=row_ok[:, None] & d_ok[None, :],
+                              sem="relaxed")
         else:
             pT = transposed_probabilities(k, q, lse, rows, cols, len_k, upper, lower, qk_scale,
                                           MASKED, UPPER, LOWER, PRECISION)
@@ -97,22 +106,30 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, lse_
             dv = tl.dot(pT_dropped.to(do.dtype), do, dv, input_precision=PRECISION)
             dsT = pT * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+            if ACCUMULATE_DQ:
+                # This key block's share of these rows' dQ; other key blocks' programs add theirs.
+                dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PRECISION)
+                tl.atomic_add(dq_ptrs + m0 * stride_aqn, dq, mask=row_ok[:, None] & d_ok[None, :],
+                              sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed", "counter_base"])
 def _dkdv_kernel(
-    Q, K, V, GradOut, Lse, Delta, GradK, GradV, cu_seqlens, seed, counter_base,   # per call
+    Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQAcc, cu_seqlens, seed, counter_base,  # per call
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    stride_lse_b, stride_lse_h,
+    stride_aqb, stride_aqn, stride_aqh, stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
     softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASK_LAYOUT: tl.constexpr,
+    ACCUMULATE_DQ: tl.constexpr = False,
 ):
+    # GradQAcc (float32, q's shape; stride_aq*): where ACCUMULATE_DQ adds the unscaled dQ. Without
+    # it, any tensor: it is not read.
     block_n = tl.program_id(0)
     head_k = tl.program_id(1)
     batch = tl.program_id(2)
@@ -169,6 +186,8 @@ def _dkdv_kernel(
                   + offs_m[:, None] * stride_qn + offs_d[None, :])
         do_ptrs = (GradOut + batch64 * stride_gb + head.to(tl.int64) * stride_gh
                    + start64 * stride_gn + offs_m[:, None] * stride_gn + offs_d[None, :])
+        dq_ptrs = (GradQAcc + batch64 * stride_aqb + head.to(tl.int64) * stride_aqh
+                   + start64 * stride_aqn + offs_m[:, None] * stride_aqn + offs_d[None, :])
         row_stats = batch64 * stride_lse_b + head.to(tl.int64) * stride_lse_h + start
         dropout_first_pair = head_first_pair(batch64 * heads_q + head, seqlen_q)
         for stage in tl.static_range(3):
@@ -182,11 +201,11 @@ def _dkdv_kernel(
                 stage_lo = full_end
                 stage_hi = hi
             dk, dv = _dkdv_query_blocks(
-                dk, dv, k, v, q_ptrs, do_ptrs, stride_qn, stride_gn, Lse + row_stats,
-                Delta + row_stats, stage_lo, stage_hi, n0, cols, offs_m, d_ok, len_q, len_k,
-                upper, lower, qk_scale, seed, counter_base, dropout_first_pair, counters_per_row,
-                drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, stage != 1, UPPER, LOWER,
-                DROPOUT, PRECISION, N_ROUNDS, MASK_LAYOUT)
+                dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, stride_qn, stride_gn, stride_aqn,
+                Lse + row_stats, Delta + row_stats, stage_lo, stage_hi, n0, cols, offs_m, d_ok,
+                len_q, len_k, upper, lower, qk_scale, seed, counter_base, dropout_first_pair,
+                counters_per_row, drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, stage != 1, UPPER,
+                LOWER, DROPOUT, PRECISION, N_ROUNDS, MASK_LAYOUT, ACCUMULATE_DQ)
 
     if DROPOUT:
         dk *= softmax_scale * drop_rescale
@@ -237,8 +256,9 @@ def _dq_kernel(
     softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, DELTA_ONLY: tl.constexpr = False,
 ):
+    # DELTA_ONLY: store delta and stop (the fused backward's first pass; GradQ is not written).
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -271,6 +291,8 @@ def _dq_kernel(
         # Stored and used as delta * (1 - p): see the module docstring.
         delta = delta / drop_rescale
     tl.store(Delta + row_stats, delta, mask=row_ok)
+    if DELTA_ONLY:
+        return
     k_ptrs = (K + batch64 * stride_kb + head_k.to(tl.int64) * stride_kh + start64 * stride_kn
               + offs_n[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = (V + batch64 * stride_vb + head_k.to(tl.int64) * stride_vh + start64 * stride_vn
@@ -345,10 +367,14 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
              num_stages=q_tiles.num_stages, **flags))
     dkdv_config = (
         (triton.cdiv(geometry.seqlen_k, kv_tiles.block_n), geometry.heads_k, geometry.batch),
+        # dQ's strides stand for its float32 accumulator's (the same shape, contiguous).
         (*inputs, *batched_strides(dk, varlen), *batched_strides(dv, varlen),
-         *lse_strides(lse, varlen), *scalars),
+         *batched_strides(dq, varlen), *lse_strides(lse, varlen), *scalars),
         dict(BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, MASK_LAYOUT=DKDV_MASK_LAYOUT,
              num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags))
+    if kv_tiles.fused:
+        dq_config[2]["DELTA_ONLY"] = True
+        dkdv_config[2]["ACCUMULATE_DQ"] = True
     dq_launcher, dkdv_launcher = DQ, DKDV
     # The Gluon passes read q, k, v and the output gradient by TMA.
     on_sm90 = (q_tiles.gluon or kv_tiles.gluon) and _hopper.gluon_device((q, k, v, grad_out), varlen)
@@ -368,19 +394,27 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
                 tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW):
     """Launch the dQ pass, then the dK/dV pass, writing into ``delta``, ``dq``, ``dk``, ``dv``.
     Returns, per pass, ``(bound kernel or None, 3-D grid, static arguments)``: the same for every
-    call with these shapes, strides and options (see ``_forward.launch_into``)."""
+    call with these shapes, strides and options (see ``_forward.launch_into``); None for both
+    passes of the fused backward, whose float32 dQ buffer and final scaling are not in them."""
     ((dq_launcher, dq_grid, dq_static, dq_options),
      (dkdv_launcher, dkdv_grid, dkdv_static, dkdv_options)) = launch_configs(
         grad_out, q, k, v, out, lse, dq, dk, dv, geometry, softmax_scale, causal, dropout_p, tiles,
         window)
+    fused = dkdv_options.get("ACCUMULATE_DQ", False)
+    # The fused dK/dV pass adds dQ here; the two-pass one does not read it.
+    dq_accumulator = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if fused else dq
     seed, counter_base = kernel_seed(seed), kernel_counter_base(offset)
     # dQ first: it also writes delta, which dK/dV reads.
     dq_arguments = (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, seed, counter_base,
                     *dq_static)
-    dkdv_arguments = (q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seed, counter_base,
-                      *dkdv_static)
+    dkdv_arguments = (q, k, v, grad_out, lse, delta, dk, dv, dq_accumulator, cu_seqlens, seed,
+                      counter_base, *dkdv_static)
     dq_bound = _hopper.launch(dq_launcher, DQ, dq_grid, dq_arguments, dq_options)
     dkdv_bound = _hopper.launch(dkdv_launcher, DKDV, dkdv_grid, dkdv_arguments, dkdv_options)
+    if fused:
+        # The scale the dQ pass applies in its epilogue: softmax scale, and 1 / (1 - p).
+        dq.copy_(dq_accumulator.mul_(softmax_scale * (drop_rescale(dropout_p) if dropout_p > 0 else 1.0)))
+        dq_bound = dkdv_bound = None
     return (dq_bound, grid3(dq_grid), dq_static), (dkdv_bound, grid3(dkdv_grid), dkdv_static)
 
 

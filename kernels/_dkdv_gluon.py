@@ -108,11 +108,11 @@ def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp,
 # and num_warps.
 @gluon.jit(do_not_specialize=["seed", "counter_base"])
 def _dkdv_gluon_kernel(
-    Q, K, V, GradOut, Lse, Delta, GradK, GradV, cu_seqlens, seed, counter_base,
+    Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQAcc, cu_seqlens, seed, counter_base,
     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    stride_lse_b, stride_lse_h,
+    stride_aqb, stride_aqn, stride_aqh, stride_lse_b, stride_lse_h,
     seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
     softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,

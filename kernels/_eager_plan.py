@@ -98,7 +98,8 @@ class EagerPlan:
             stream = current_stream(self.device_index)
             # In the kernels' signature order (_backward.py); dQ first: it writes delta for dK/dV.
             dq_kernel(dq_grid, stream, qa, ka, va, ga, oa, la, da, dqa, *per_call, *dq_static)
-            dkdv_kernel(dkdv_grid, stream, qa, ka, va, ga, la, da, dka, dva, *per_call,
+            # dQ's address stands for the fused pass's dQ buffer, which two passes do not read.
+            dkdv_kernel(dkdv_grid, stream, qa, ka, va, ga, la, da, dka, dva, dqa, *per_call,
                         *dkdv_static)
             return dq, dk, dv
         dq_launch, dkdv_launch = _backward.launch_into(

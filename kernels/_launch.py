@@ -128,6 +128,9 @@ class Tiles:
     # counting their K/V stages, or dK/dV (_dkdv_gluon.py), counting its Q/dO stages; where the
     # call qualifies (_hopper.gluon_device and the kernel's gluon_*call).
     gluon: bool = False
+    # dK/dV only: the pass also adds dQ into a float32 buffer by atomic adds, and the dQ pass
+    # computes delta alone (FlashAttention-2's single pass; _backward.py). Portable kernel only.
+    fused: bool = False
 
     def __post_init__(self):
         # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).
@@ -135,6 +138,8 @@ class Tiles:
             raise ValueError(f"tiles need block_n a multiple of 32 and block_m of 16; got {self}")
         if self.tma and self.gluon:
             raise ValueError(f"tiles choose one kernel, TMA or Gluon; got {self}")
+        if self.fused and (self.tma or self.gluon):
+            raise ValueError(f"the fused backward is a portable kernel; got {self}")
 
 
 # Chosen on an H100 80GB HBM3 (bf16, 16384 tokens, hidden 2048) with scripts/tune_attention.py;

@@ -45,7 +45,11 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
     # stages (3 or more). Tiles that spilled registers at head dim 128 when compiled for sm_90
     # (64-query tiles) are left out there by the sweep's own timing, not here.
     Tiles(*t, gluon=True) for t in [(32, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 3), (32, 64, 4, 4),
-                                    (64, 128, 8, 3), (64, 64, 4, 3)]]
+                                    (64, 128, 8, 3), (64, 64, 4, 3)]] + [
+    # The fused backward (_backward.py): this pass also adds dQ by atomic adds, the dQ pass only
+    # computes delta; its dQ tiles are then those of that delta pass.
+    Tiles(*t, fused=True) for t in [(64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 1),
+                                    (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3), (32, 128, 4, 3)]]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
                           (32, 128, 4, 3), (64, 64, 8, 3)]] + [
@@ -88,9 +92,9 @@ def measure(fn, reference=None):
 
 
 def hopper_candidates(candidates, default):
-    """The TMA and Gluon candidates and the portable kernel's tuned tiles, to time them against it
+    """The TMA, Gluon and fused candidates and the tuned tiles, to time them against those
     without sweeping every portable tile again."""
-    return [default] + [t for t in candidates if t.tma or t.gluon]
+    return [default] + [t for t in candidates if (t.tma or t.gluon or t.fused) and t != default]
 
 
 def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv", "dq"),
@@ -136,7 +140,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
              for t in (dq if "dq" in kernels else [])]
     return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
-                 num_stages=t.num_stages, tma=t.tma, gluon=t.gluon,
+                 num_stages=t.num_stages, tma=t.tma, gluon=t.gluon, fused=t.fused,
                  ms=ms if isinstance(ms, float) else None,
                  tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
                  error=None if isinstance(ms, float) else ms)
@@ -180,8 +184,8 @@ def main():
     parser.add_argument("--causal", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("tune.json"))
     parser.add_argument("--hopper-only", action="store_true",
-                        help="time only the TMA and Gluon candidates (forward, dK/dV, dQ) against the "
-                             "portable kernels' tuned tiles")
+                        help="time only the TMA, Gluon and fused candidates (forward, dK/dV, dQ) "
+                             "against the tuned tiles")
     parser.add_argument("--rounds-study", action="store_true",
                         help="only time dropout against the number of Philox rounds")
     args = parser.parse_args()
@@ -204,7 +208,8 @@ def main():
                     ok.sort(key=lambda r: r["ms"])
                     print(f"d={head_dim} causal={causal} p={dropout_p} {kernel:>16}: " + "  ".join(
                         f"({r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}"
-                        f"{',tma' if r['tma'] else ''}{',gluon' if r['gluon'] else ''}) "
+                        f"{',tma' if r['tma'] else ''}{',gluon' if r['gluon'] else ''}"
+                        f"{',fused' if r.get('fused') else ''}) "
                         f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
 
 

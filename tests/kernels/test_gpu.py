@@ -318,3 +318,21 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
                                   _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
         assert launchers(0.1) == [_backward.DQ, _backward.DKDV]
         check_against_reference(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal, dropout_p", [(False, 0.0), (True, 0.0), (True, 0.1)])
+def test_fused_backward_on_gpu(head_dim, causal, dropout_p, monkeypatch):
+    # The single-pass backward (dQ by atomic adds) at the tiles the tune times, with GQA.
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(64, 64, 4, 3, fused=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((1, 4096, 2, head_dim), (1, 4096, 1, head_dim), torch.bfloat16, "cuda")
+    if dropout_p:
+        torch.manual_seed(3)
+        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, return_debug_mask=True)
+        torch.manual_seed(3)
+        check_against_reference(q, k, v, causal=causal, dropout_p=dropout_p, dropout_mask=keep)
+    else:
+        check_against_reference(q, k, v, causal=causal)

@@ -1,0 +1,66 @@
+"""The fused backward (dK/dV tiles marked ``fused``): one pass adds dQ by atomic adds, the dQ pass
+computes delta only. The same gradients as the two-pass backward and the float64 reference, for
+every kind of call the dK/dV pass serves: causal, GQA, dropout, sliding windows, packed sequences."""
+
+import pytest
+import torch
+
+from kernels import _backward, _eager_plan, attention_reference, flash_attention
+from kernels._launch import Tiles
+from kernels._philox import effective_dropout_p
+
+from .numerics import outputs_and_grads, random_qkv
+
+
+@pytest.fixture
+def fused(monkeypatch, device):
+    """Run every backward of the test fused, with the device's default tile sizes."""
+    default = _backward.dkdv_tiles
+
+    def fused_tiles(*args):
+        tiles = default(*args)
+        return Tiles(tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, fused=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", fused_tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+
+
+@pytest.mark.parametrize("causal, window, dropout_p", [(False, None, 0.0), (True, None, 0.0),
+                                                       (True, None, 0.2), (False, (9, 5), 0.2)],
+                         ids=["full", "causal", "causal-dropout", "window-dropout"])
+def test_fused_backward_matches_the_reference(fused, device, causal, window, dropout_p):
+    # GQA (4 query heads on 2 kv-heads), ragged blocks (45 queries on 53 keys).
+    q, k, v = random_qkv((2, 45, 4, 32), (2, 53, 2, 32), torch.float32, device)
+    options = dict(causal=causal, dropout_p=dropout_p, **({"window": window} if window else {}))
+    torch.manual_seed(5)
+    _, keep = flash_attention(q, k, v, return_debug_mask=True, **options) if dropout_p else (None, None)
+    torch.manual_seed(5)
+    _, grads, grad_out = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, **options), q, k, v)
+    reference = dict(causal=causal, compute_dtype=torch.float64,
+                     **({"window": window} if window else {}),
+                     **({"dropout_p": effective_dropout_p(dropout_p), "dropout_mask": keep}
+                        if dropout_p else {}))
+    _, exact, _ = outputs_and_grads(lambda q, k, v: attention_reference(q, k, v, **reference),
+                                    q, k, v, grad_out.double())
+    for mine, truth in zip(grads, exact):
+        assert (mine.double() - truth).abs().max().item() < 1e-5
+
+
+def test_fused_backward_on_packed_sequences_equals_two_passes(device, monkeypatch):
+    q, k, v = random_qkv((1, 70, 2, 16), (1, 70, 2, 16), torch.float32, device)
+    q, k, v = (t[0].detach().requires_grad_() for t in (q, k, v))       # (tokens, heads, dim)
+    cu_seqlens = torch.tensor([0, 23, 31, 70], dtype=torch.int32, device=device)
+    call = lambda q, k, v: flash_attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=39)
+    _, two_passes, grad_out = outputs_and_grads(call, q, k, v)
+    default = _backward.dkdv_tiles
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(
+        *(getattr(default(*args), f) for f in ("block_m", "block_n", "num_warps", "num_stages")),
+        fused=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    _, fused_grads, _ = outputs_and_grads(call, q, k, v, grad_out)
+    for mine, theirs in zip(fused_grads, two_passes):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_tiles_are_portable_only():
+    with pytest.raises(ValueError, match="fused backward is a portable kernel"):
+        Tiles(64, 64, 4, 3, gluon=True, fused=True)
