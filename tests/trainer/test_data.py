@@ -414,5 +414,15 @@ def test_mlm_packed_rows_hold_the_same_sequences_as_padded_rows(tmp_path, max_pr
     left_over = [int(i) for row in train._order.order()[train._order.batches_per_epoch * 4:]
                  for i in train.rows[row]]
     assert len(seen) == len(set(seen)) and sorted(seen + left_over) == list(range(len(train.starts)))
+    # A resume continues the same rows; a state saved packed does not fit the unpacked sampler.
+    state = json.loads(json.dumps(train.state_dict()))
+    expected = next(train)
+    again = build_data(cfg, batch_size=4, log=lambda *_: None).train
+    again.load_state_dict(state)
+    resumed = next(again)
+    assert torch.equal(resumed.input_ids, expected.input_ids)
+    assert torch.equal(resumed.cu_seqlens, expected.cu_seqlens)
+    with pytest.raises(ValueError, match="samples per epoch"):
+        plain.train.load_state_dict(state)
     with pytest.raises(ValueError, match="mlm_pack_sequences"):
         config(tmp_path, mlm_pack_sequences=True)

@@ -79,12 +79,18 @@ class _Shuffled:
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "world_size": self.world_size, "rank": self.rank}
+                "world_size": self.world_size, "rank": self.rank, "count": self.count}
 
     def load_state_dict(self, state):
         if state["world_size"] != self.world_size or state["seed"] != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']} and world size "
                              f"{state['world_size']}; this run has {self.seed} and {self.world_size}")
+        # Older checkpoints do not record the count; a different one means other samples (another
+        # corpus, seqlen or packing), whose positions this state does not describe.
+        if state.get("count", self.count) != self.count:
+            raise ValueError(f"sampler state was saved over {state['count']} samples per epoch; this "
+                             f"run has {self.count} (a different corpus, data.seqlen or "
+                             "data.mlm_pack_sequences)")
         self.epoch, self.position = state["epoch"], state["position"]
 
 
@@ -207,8 +213,8 @@ class MaskedSequences:
         return self.row_batch([[index] for index in indices], epoch)
 
     def row_batch(self, rows, epoch) -> Batch:
-        """Each row the given sequences back to back, then padding; with more than one sequence in
-        any row, ``cu_seqlens`` marks every sequence and every row's padding as its own document."""
+        """Each row the given sequences back to back, then padding. A packing sampler's batches
+        carry ``cu_seqlens``: every sequence and every row's padding its own document."""
         inputs = np.full((len(rows), self.seqlen), self.special["pad"], dtype=np.int64)
         targets = np.full_like(inputs, IGNORE_INDEX)
         mask = np.zeros_like(inputs)
