@@ -76,14 +76,15 @@ class MaskedLM(nn.Module):
         # path does, so the graph does not break on the host read.
         padded = attention_mask is not None and (
             flash or torch.compiler.is_compiling() or not bool(attention_mask.all()))
+        if targets is not None and attention_mask is not None:
+            # A target on padding is not scored, in any layout (nor held, when unpadded).
+            targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
         rows = None                  # which of the B·N positions ``hidden`` holds (None: all)
         row_starts = None            # where each row starts in ``hidden`` (None: at b·N)
         if cu_seqlens is not None:
             # Packed rows: the batch's own segments, padding included, at the static B·N tokens.
             hidden = run_blocks(self.blocks, x.flatten(0, 1)[None], self.config, self.training,
                                 documents=(cu_seqlens, max_seqlen or seqlen))[0]
-            if targets is not None and attention_mask is not None:
-                targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
         elif padded and flash and self.config.unpad:
             # Unpad once, here: the blocks run on the real tokens only, packed as one sequence of
             # documents for the kernel's variable-length mode (no per-layer gather and scatter).
@@ -103,14 +104,10 @@ class MaskedLM(nn.Module):
             cu_seqlens = F.pad(bounds, (0, 1), value=batch * seqlen)
             hidden = run_blocks(self.blocks, x.flatten(0, 1)[None], self.config, self.training,
                                 documents=(cu_seqlens, seqlen))[0]
-            if targets is not None:      # as when unpadded: a target on padding is not scored
-                targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
         else:
             key_padding = attention_mask.bool() if padded else None
             hidden = run_blocks(self.blocks, x, self.config, self.training, key_padding).flatten(0, 1)
         if targets is not None and max_targets is not None:
-            if attention_mask is not None:   # a target on padding is not scored (nor held, packed)
-                targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
             if row_starts is None:
                 row_starts = torch.arange(batch, device=hidden.device) * seqlen
             return self._fixed_targets_loss(hidden, targets, row_starts, max_targets)

@@ -270,15 +270,20 @@ def test_bert_padded_layout_as_documents_equals_unpadding(tiny, tokens):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_bert_padded_layout_compiles_to_one_graph(tiny, tokens):
+@pytest.mark.parametrize("max_targets, capture", [(None, True), (4, False)])
+def test_bert_padded_layout_compiles_to_one_graph(tiny, tokens, max_targets, capture):
+    """The padded flash layout compiles to one graph: with Bernoulli targets once the head's target
+    selection is captured; with a fixed target count (max_targets) there is no data-dependent shape
+    left, so without capturing any."""
     torch._dynamo.reset()
     model = tiny("bert", attention="flash", unpad=False, dropout=0.0, attn_dropout=0.0).train()
     mask = torch.ones_like(tokens)
     mask[1, 9:] = 0
     targets = torch.full_like(tokens, -100)
     targets[:, 1::6] = tokens[:, 1::6]
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        loss = torch.compile(model, fullgraph=True, backend="aot_eager")(tokens, mask, targets=targets)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=capture):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        loss = compiled(tokens, mask, targets=targets, max_targets=max_targets)
     torch.testing.assert_close(loss, model(tokens, mask, targets=targets), rtol=1e-5, atol=1e-6)
 
 
@@ -362,20 +367,6 @@ def test_bert_fixed_target_count_refuses_a_row_with_more_targets(tiny, tokens):
     targets[1, :6] = tokens[1, :6]
     with pytest.raises(RuntimeError, match="more targets than max_targets"):
         model(tokens, torch.ones_like(tokens), targets=targets, max_targets=5)
-
-
-def test_bert_fixed_target_count_compiles_to_one_graph_without_capturing_shapes(tiny, tokens):
-    """The padded flash layout with a fixed target count has no data-dependent shape left."""
-    torch._dynamo.reset()
-    model = tiny("bert", attention="flash", unpad=False, dropout=0.0, attn_dropout=0.0).train()
-    mask = torch.ones_like(tokens)
-    mask[1, 9:] = 0
-    targets = torch.full_like(tokens, -100)
-    targets[:, 1::6] = tokens[:, 1::6]
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False):
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        loss = compiled(tokens, mask, targets=targets, max_targets=4)
-    torch.testing.assert_close(loss, model(tokens, mask, targets=targets), rtol=1e-5, atol=1e-6)
 
 
 def _packed_and_alone(tokens):
