@@ -5,10 +5,12 @@ Two launches, no atomics (so the result is deterministic):
      (stored for pass 2) and accumulates dQ over the key blocks;
   2. one program per (key block, kv-head, sequence) accumulates dK and dV over every query block of
      every query head that shares this kv-head (GQA), holding K and V on chip.
-Or, with dK/dV tiles marked ``fused`` (opt-in), FlashAttention-2's single pass: pass 1 computes
-delta only, and pass 2 also adds each tile's dQ share, dS·K, to a float32 buffer by atomic adds.
-That is five products per tile instead of seven, and one dropout-mask regeneration instead of two,
-for atomic traffic and a dQ that is not bitwise deterministic.
+Or, with dK/dV tiles marked ``fused``, FlashAttention-2's single pass: pass 1 computes delta only,
+and pass 2 also adds each tile's dQ share, dS·K, to a float32 buffer by atomic adds. That is five
+products per tile instead of seven, and one dropout-mask regeneration instead of two, for atomic
+traffic and a dQ that is not bitwise deterministic. It is the default where it was measured faster
+(``_launch.dkdv_tiles``: head dim 64 with dropout), except under
+``torch.use_deterministic_algorithms(True)``.
 As in the forward, tiles that need no mask (fully visible, fully in range) run a mask-free loop.
 Tiles marked ``gluon`` run a pass as the Gluon kernel for sm_90 (``_dq_gluon.py``,
 ``_dkdv_gluon.py``) where the call qualifies (``_hopper.gluon_device`` and ``gluon_dq_call`` or
@@ -20,6 +22,8 @@ element, ~9 % of the dK/dV loop's instructions): with D the dropped-and-kept mas
 dV = r·(D∘P)ᵀdO and dS = P∘(r·D∘dP − δ) = r·P∘(D∘dP − δ/r), so the loops use unscaled masked
 tiles and δ/r (which the dQ pass stores in place of δ), and r is applied once to dQ, dK and dV.
 """
+
+import dataclasses
 
 import torch
 import triton
@@ -351,6 +355,10 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     dropout = dropout_p > 0
     kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout),
                                   dq_tiles(geometry.head_dim, q.device, q.dtype, dropout))
+    if tiles is None and kv_tiles.fused and torch.are_deterministic_algorithms_enabled():
+        # The fused pass sums dQ by atomic adds in whatever order the blocks finish: not bitwise
+        # reproducible. Under torch.use_deterministic_algorithms the default is the two passes.
+        kv_tiles = dataclasses.replace(kv_tiles, fused=False)
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
@@ -379,7 +387,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     # The Gluon passes read q, k, v and the output gradient by TMA.
     on_sm90 = (q_tiles.gluon or kv_tiles.gluon) and _hopper.gluon_device((q, k, v, grad_out), varlen)
     call = (causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim)
-    if on_sm90 and q_tiles.gluon and _hopper.gluon_dq_call(*call, q_tiles.block_m, q_tiles.block_n):
+    # The fused backward's delta-only pass is the portable kernel's (the Gluon dQ has no such mode).
+    if on_sm90 and q_tiles.gluon and not kv_tiles.fused and _hopper.gluon_dq_call(*call, q_tiles.block_m, q_tiles.block_n):
         dq_launcher = DQ_GLUON
         dq_config[2]["STAGES"] = q_tiles.num_stages
     if on_sm90 and kv_tiles.gluon and _hopper.gluon_dkdv_call(*call, geometry.group_size,

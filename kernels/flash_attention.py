@@ -14,7 +14,9 @@ Features
   * Dropout whose mask is never stored: the forward draws (seed, offset) from PyTorch's generator
     for the device, and the backward regenerates the same Philox mask (see ``_philox.py``).
   * Memory: the forward saves O and the row log-sum-exp, O(N); the backward (FlashAttention-2
-    algorithm) recomputes score tiles, never an N x N tensor. No atomics: deterministic gradients.
+    algorithm) recomputes score tiles, never an N x N tensor. Gradients are deterministic except
+    where the default backward is the fused single pass (head dim 64 with dropout on a GPU), whose
+    dQ is summed by atomic adds; ``torch.use_deterministic_algorithms(True)`` turns that off.
   * A ``torch.library`` custom op with autograd, so ``torch.compile`` traces it without graph breaks;
     eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead): a
     launch plan per call signature keeps what the shapes fix (``_eager_plan.py``), and kernels are

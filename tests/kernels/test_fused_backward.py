@@ -64,3 +64,27 @@ def test_fused_backward_on_packed_sequences_equals_two_passes(device, monkeypatc
 def test_fused_tiles_are_portable_only():
     with pytest.raises(ValueError, match="fused backward is a portable kernel"):
         Tiles(64, 64, 4, 3, gluon=True, fused=True)
+
+
+def test_deterministic_mode_turns_the_default_fused_pass_back_into_two(device, monkeypatch):
+    # The default tiles say fused; torch.use_deterministic_algorithms must win over them, since
+    # atomic adds make dQ depend on the order the blocks finish.
+    default = _backward.dkdv_tiles
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(
+        *(getattr(default(*args), f) for f in ("block_m", "block_n", "num_warps", "num_stages")),
+        fused=True))
+    from kernels import _forward
+    from kernels._launch import call_geometry
+    q, k, v = random_qkv((1, 40, 2, 16), (1, 40, 2, 16), torch.float32, device)
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    fused_options = lambda: _backward.launch_configs(
+        torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:], geometry,
+        0.25, True, 0.1)[1][3].get("ACCUMULATE_DQ", False)
+    assert fused_options()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not fused_options()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)

@@ -111,5 +111,9 @@ def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatc
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal).gluon          # tied the portable pass
         assert not _launch.dq_tiles(128, cuda, bf16, dropout=True).gluon      # no dropout in Gluon
         assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).gluon
+        # The fused backward: faster with dropout at head dim 64 only (slower at 128).
+        assert _launch.dkdv_tiles(64, cuda, bf16, causal, dropout=True).fused
+        assert not _launch.dkdv_tiles(64, cuda, bf16, causal).fused
+        assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).fused
     assert not _launch.dq_tiles(128, cuda, torch.float32).gluon
     assert not _launch.dq_tiles(256, cuda, bf16).gluon

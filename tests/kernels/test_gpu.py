@@ -304,7 +304,7 @@ def test_gluon_dkdv_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_backward_is_the_fastest_measured_kernel(head_dim):
     # Without dropout: the Gluon dQ pass at head dims 64 and 128, the Gluon dK/dV pass at 128 only
-    # (at 64 the portable pass tied it); with dropout both passes are portable.
+    # (at 64 the portable pass tied it); with dropout both passes are portable (fused at 64).
     from kernels import _backward, _forward
     from kernels._launch import call_geometry
     q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
@@ -318,6 +318,10 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
                                   _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
         assert launchers(0.1) == [_backward.DQ, _backward.DKDV]
         check_against_reference(q, k, v, causal=causal)
+        torch.manual_seed(5)
+        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
+        torch.manual_seed(5)
+        check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
