@@ -199,6 +199,11 @@ class Trainer:
         """Mean loss of one micro-batch. The model computes it from the targets, so a compiled model
         fuses the head's matmul output with the cross entropy (no float32 logits in memory)."""
         documents = {}
+        if self.config.data.mix_seqlen:
+            # Two batch shapes (B x L and kB x L/k): each its own static graph. Unmarked, dynamo's
+            # second compilation would make both dimensions dynamic and serve both shapes with it.
+            torch._dynamo.mark_static(batch.input_ids)
+            torch._dynamo.mark_static(batch.targets)
         if batch.cu_seqlens is not None:
             # The number of documents changes from batch to batch. Told so up front, a compiled
             # model compiles once; otherwise it compiles the first batch's count, then again with
@@ -300,7 +305,11 @@ class Trainer:
     def fit(self) -> dict:
         trainer = self.config.trainer
         tokens_per_step = trainer.micro_batch_size * trainer.grad_accum * self.context.world_size * self.config.data.seqlen
-        flops_per_token = self.model.flops_per_token(self.config.data.seqlen)
+        data = self.config.data
+        flops_per_token = self.model.flops_per_token(data.seqlen)
+        if data.mix_seqlen:      # the mixed-in short micro-batches attend over fewer keys
+            flops_per_token = ((1 - data.mix_fraction) * flops_per_token
+                               + data.mix_fraction * self.model.flops_per_token(data.mix_seqlen))
         params = sum(p.numel() for p in self.model.parameters())
         attention = resolve_attention(self.model.config.attention, self.device)
         log.info(f"run {self.run_dir}: {self.config.model.name} ({params / 1e6:.2f}M parameters, "

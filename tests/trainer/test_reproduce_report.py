@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import compose_run
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -174,3 +176,18 @@ def test_lower_learning_rate_arms_differ_from_the_s2l_arms_only_in_the_rate(name
         assert float(extra[0].split("=")[1]) == pytest.approx(reproduce.S2L_STAGE2_LR / divisor)
     assert reproduce.BASELINE[f"s2l_4k_{name}"] == f"s2l_1k_{name}"
     assert reproduce.series_of("s2l_4k_halflr_h200") == ("s2l_4k_halflr", "_h200")
+
+
+def test_mixed_context_arms_are_the_half_rate_arms_with_1k_micro_batches_mixed_in():
+    import reproduce
+    for k in (1, 2, 4):
+        half, mixed = reproduce.STAGES[f"s2l_{k}k_halflr"], reproduce.STAGES[f"s2l_{k}k_mix"]
+        assert mixed[0] == half[0]                                    # the shared first stage
+        extra = [o for o in mixed[1][1] if o not in half[1][1]]
+        assert [o for o in half[1][1] if o not in mixed[1][1]] == []
+        assert extra == ([] if k == 1 else ["data.mix_seqlen=1024", "data.mix_fraction=0.5"])
+    assert reproduce.BASELINE["s2l_4k_mix"] == "s2l_1k_mix"
+    # The 4K arm's settings compose into a valid run config (tokens per micro-batch: 4 x 4096).
+    overrides = [o.format(runs="/runs", tag="") for o in reproduce.STAGES["s2l_4k_mix"][1][1]]
+    config = compose_run(overrides + ["data.path=/corpus"])
+    assert (config.data.seqlen, config.data.mix_seqlen, config.trainer.micro_batch_size) == (4096, 1024, 4)

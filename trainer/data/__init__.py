@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from .config import DataConfig
+from .mixed_context import MixedContextWindows
 from .samplers import IGNORE_INDEX, Batch, CausalWindows, MaskedSequences, validation_windows
 from .shards import TokenSplit, build_shards
 from .sources import DataError, load_corpus
@@ -14,7 +15,7 @@ class Data:
     tokenizer: object
     vocab_size: int
     special: dict
-    train: object               # CausalWindows or MaskedSequences
+    train: object               # CausalWindows, MixedContextWindows or MaskedSequences
     validation: list            # fixed list of Batch
     splits: dict                # split -> TokenSplit
 
@@ -42,12 +43,17 @@ def build_data(config: DataConfig, batch_size: int, seed: int = 0, rank: int = 0
         validation = [held_out.sequence_batch(indices[i:i + val_batch_size], 0)
                       for i in range(0, count, val_batch_size)]
     else:
-        train = CausalWindows(splits["train"], config.seqlen, batch_size, seed, rank, world_size,
-                              config.document_aware, span=config.sample_span)
+        if config.mix_seqlen:
+            train = MixedContextWindows(splits["train"], config.seqlen, batch_size, config.mix_seqlen,
+                                        config.mix_fraction, seed, rank, world_size,
+                                        config.document_aware, span=config.sample_span)
+        else:
+            train = CausalWindows(splits["train"], config.seqlen, batch_size, seed, rank, world_size,
+                                  config.document_aware, span=config.sample_span)
         validation = validation_windows(splits["validation"], config.seqlen, config.val_windows,
                                         val_batch_size, config.document_aware)
     return Data(tokenizer, vocab_size, special, train, validation, splits)
 
 
-__all__ = ["DataConfig", "Data", "build_data", "Batch", "CausalWindows", "MaskedSequences",
-           "validation_windows", "TokenSplit", "DataError", "IGNORE_INDEX", "load_tokenizer"]
+__all__ = ["DataConfig", "Data", "build_data", "Batch", "CausalWindows", "MixedContextWindows",
+           "MaskedSequences", "validation_windows", "TokenSplit", "DataError", "IGNORE_INDEX", "load_tokenizer"]

@@ -38,6 +38,11 @@ class DataConfig:
     # Ablation: draw training windows in aligned runs of this many consecutive ones, so a batch
     # covers as few distinct stretches of the corpus as a run at sample_span x the context.
     sample_span: int = 1
+    # Interleave training micro-batches at this shorter context (equal tokens: seqlen / mix_seqlen
+    # times the rows), mix_fraction of them: a long-context stage that keeps the batch diversity of
+    # short-context training for part of every step (trainer/data/mixed_context.py). Causal only.
+    mix_seqlen: int | None = None
+    mix_fraction: float = 0.5
     objective: str = "causal"            # causal (GPT windows) | mlm (BERT)
     mlm_probability: float = 0.15
     # None: each token is a target with mlm_probability (Hugging Face's collator). A number K: as
@@ -77,5 +82,14 @@ class DataConfig:
             raise ValueError(f"data.mlm_probability must be in (0, 1); got {self.mlm_probability}")
         if self.mlm_max_predictions is not None and self.mlm_max_predictions < 1:
             raise ValueError(f"data.mlm_max_predictions must be >= 1 (or null); got {self.mlm_max_predictions}")
+        if self.mix_seqlen is not None:
+            if self.objective != "causal":
+                raise ValueError("data.mix_seqlen mixes causal windows of two lengths; it needs "
+                                 "data.objective=causal")
+            if not 0 < self.mix_seqlen < self.seqlen or self.seqlen % self.mix_seqlen:
+                raise ValueError(f"data.mix_seqlen={self.mix_seqlen} must be shorter than "
+                                 f"data.seqlen={self.seqlen} and divide it (equal tokens per micro-batch)")
+            if not 0.0 < self.mix_fraction < 1.0:
+                raise ValueError(f"data.mix_fraction must be in (0, 1); got {self.mix_fraction}")
         if self.mlm_pack_sequences and self.objective != "mlm":
             raise ValueError("data.mlm_pack_sequences=true packs BERT sequences; it needs data.objective=mlm")

@@ -82,6 +82,9 @@ class _Shuffled:
                 "world_size": self.world_size, "rank": self.rank, "count": self.count}
 
     def load_state_dict(self, state):
+        if "long" in state:
+            raise ValueError("the sampler state was saved with data.mix_seqlen (windows of two "
+                             "lengths); resume with the data settings it was saved with")
         if state["world_size"] != self.world_size or state["seed"] != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']} and world size "
                              f"{state['world_size']}; this run has {self.seed} and {self.world_size}")
