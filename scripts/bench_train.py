@@ -25,12 +25,15 @@ Parts:
 
 Timing: ``--windows`` windows of ``--window`` steps after one warm-up window (compilation); each
 window ends by reading the loss back (which waits for the GPU), its tokens/s = tokens / wall time;
-the median window is reported. MFU = tokens/s x model FLOPs per token over the dense bf16 rate
+the median window is reported. With ``--interleave`` the systems of a setting are built and warmed
+up together and then timed in alternating windows, each with its ratio to the first system's rate
+in the same round (``paired_ratio``), for machines whose speed drifts during a run. MFU = tokens/s x model FLOPs per token over the dense bf16 rate
 (989 TFLOP/s, H100 SXM) and, as ``mfu_measured``, over an 8192^3 bf16 matmul measured here.
 """
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import shlex
@@ -77,20 +80,19 @@ def gpt2_overrides(args, seqlen, batch, attention, compiled, attn_dropout, seed=
             "optim.lr=6e-4", "optim.warmup_steps=20", *extra]
 
 
-def timed_windows(step, sync, tokens_per_step, window, windows):
-    """step() queues one step; sync() waits for the GPU. Returns (tokens/s per window, warm-up s)."""
-    started = time.perf_counter()
+def timed_window(step, sync, window) -> float:
+    """Seconds for ``window`` steps: step() queues one step; sync() waits for the GPU."""
+    begin = time.perf_counter()
     for _ in range(window):
         step()
     sync()
-    warmup_s = time.perf_counter() - started
-    rates = []
-    for _ in range(windows):
-        begin = time.perf_counter()
-        for _ in range(window):
-            step()
-        sync()
-        rates.append(tokens_per_step * window / (time.perf_counter() - begin))
+    return time.perf_counter() - begin
+
+
+def timed_windows(step, sync, tokens_per_step, window, windows):
+    """Returns (tokens/s per window, warm-up s): one warm-up window, then ``windows`` timed ones."""
+    warmup_s = timed_window(step, sync, window)
+    rates = [tokens_per_step * window / timed_window(step, sync, window) for _ in range(windows)]
     return rates, warmup_s
 
 
@@ -105,16 +107,10 @@ def measure(record, build, window, windows, ceiling):
     try:
         system = build()
         rates, warmup_s = timed_windows(system.step, system.sync, system.tokens_per_step, window, windows)
-        tokens_per_s = statistics.median(rates)
-        record.update(tokens_per_s=tokens_per_s, window_tokens_per_s=rates, warmup_s=warmup_s,
-                      step_ms=system.tokens_per_step / tokens_per_s * 1e3,
-                      mfu=tokens_per_s * system.flops_per_token / DATASHEET_FLOPS,
-                      mfu_measured=tokens_per_s * system.flops_per_token / ceiling,
-                      peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9)
-    except torch.OutOfMemoryError:
-        record["error"] = "out of memory"
+        fill_timing(record, system, rates, warmup_s, ceiling)
+        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     except Exception as error:  # noqa: BLE001 - record why a setting could not run, keep going
-        record["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        record["error"] = failure(error)
     finally:
         if system is not None:
             system.close()
@@ -123,6 +119,67 @@ def measure(record, build, window, windows, ceiling):
         torch.cuda.empty_cache()
     print(json.dumps({k: v for k, v in record.items() if k != "window_tokens_per_s"}), flush=True)
     return record
+
+
+def fill_timing(record, system, rates, warmup_s, ceiling):
+    tokens_per_s = statistics.median(rates)
+    record.update(tokens_per_s=tokens_per_s, window_tokens_per_s=rates, warmup_s=warmup_s,
+                  step_ms=system.tokens_per_step / tokens_per_s * 1e3,
+                  mfu=tokens_per_s * system.flops_per_token / DATASHEET_FLOPS,
+                  mfu_measured=tokens_per_s * system.flops_per_token / ceiling)
+
+
+def failure(error: Exception) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory"
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+
+
+def measure_interleaved(records, builds, window, windows, ceiling):
+    """Time several systems in turns: each is built and warmed up (compiled), then window k of every
+    system runs before window k + 1 of any, so a machine whose speed drifts during the run (clocks,
+    power, neighbours; seen at ±10 % between windows) slows all of them alike. Each record after the
+    first also gets ``paired_ratio``: the median over rounds of its tokens/s over the first
+    system's in the same round. ``peak_mem_gb`` is a system's own peak during its warm-up, above
+    what the systems built before it hold."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    built = []
+    try:
+        for record, build in zip(records, builds):
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                system = build()
+                built.append((record, system))
+                record["warmup_s"] = timed_window(system.step, system.sync, window)
+                record["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - held) / 1e9
+            except Exception as error:  # noqa: BLE001 - record why a system could not run, keep going
+                record["error"] = failure(error)
+        running = [(record, system) for record, system in built if "error" not in record]
+        rates = {id(record): [] for record, _ in running}
+        for _ in range(windows):
+            for record, system in running:
+                seconds = timed_window(system.step, system.sync, window)
+                rates[id(record)].append(system.tokens_per_step * window / seconds)
+        for record, system in running:
+            fill_timing(record, system, rates[id(record)], record["warmup_s"], ceiling)
+            record["interleaved"] = True
+            if running[0][0] is not record:
+                first = rates[id(running[0][0])]
+                record["paired_ratio"] = statistics.median(
+                    mine / theirs for mine, theirs in zip(rates[id(record)], first))
+                record["paired_with"] = running[0][0]["system"]
+    finally:
+        for _, system in built:
+            system.close()
+        built = running = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    for record in records:
+        print(json.dumps({k: v for k, v in record.items() if k != "window_tokens_per_s"}), flush=True)
+    return records
 
 
 class TrainerSystem:
@@ -195,22 +252,31 @@ def gpt2_record(system, seqlen, batch, compiled, attn_dropout, **extra):
 
 
 # -- parts ----------------------------------------------------------------------------------------
+def time_systems(args, systems, ceiling) -> list[dict]:
+    """Each (record, build) of one setting timed in turn, or all of them in alternating windows
+    (``--interleave``); returns the filled records."""
+    if args.interleave:
+        return measure_interleaved([record for record, _ in systems], [build for _, build in systems],
+                                   args.window, args.windows, ceiling)
+    return [measure(record, build, args.window, args.windows, ceiling) for record, build in systems]
+
+
 def part_grid(args, workdir, ceiling, records):
-    systems = (("flash", True), ("sdpa", True), ("eager", False))
+    flashtrain = (("flash", True), ("sdpa", True), ("eager", False))
     for setting in args.settings:
         seqlen, batch = map(int, setting.split(":"))
         for p in args.dropouts:
+            systems = []
             if "stock_sdpa" in args.systems:
-                records.append(measure(gpt2_record("stock_sdpa", seqlen, batch, True, p),
-                                       lambda: stock_system(args, seqlen, batch, p), args.window,
-                                       args.windows, ceiling))
-            for attention, compiled in systems:
-                if f"flashtrain_{attention}" not in args.systems:
-                    continue
-                overrides = gpt2_overrides(args, seqlen, batch, attention, compiled, p)
-                records.append(measure(gpt2_record(f"flashtrain_{attention}", seqlen, batch, compiled, p),
-                                       lambda: TrainerSystem(overrides, workdir), args.window,
-                                       args.windows, ceiling))
+                systems.append((gpt2_record("stock_sdpa", seqlen, batch, True, p),
+                                functools.partial(stock_system, args, seqlen, batch, p)))
+            for attention, compiled in flashtrain:
+                if f"flashtrain_{attention}" in args.systems:
+                    overrides = gpt2_overrides(args, seqlen, batch, attention, compiled, p)
+                    systems.append((gpt2_record(f"flashtrain_{attention}", seqlen, batch, compiled, p),
+                                    functools.partial(TrainerSystem, overrides, workdir)))
+            for record in time_systems(args, systems, ceiling):
+                records.append(record)
     return records
 
 
@@ -257,26 +323,32 @@ def part_bert(args, workdir, ceiling, records):
         config = run_config(base + [f"data.mlm_pack_sequences={packed}"])
         real_fraction[packed] = build_data(config.data, args.bert_batch, 0,
                                            log=lambda *_: None).train.real_fraction
+    systems = []
     for attention, mode, *layout in (run.split(":") for run in args.bert_runs):
         compiled = mode == "compiled"
         rows = layout == ["rows"]
-        real = real_fraction[rows]
         overrides = base + [f"model.attention={attention}", f"trainer.compile={compiled}"]
         record = dict(system=f"flashtrain_{attention}", model="bert_large", seqlen=512,
                       batch=args.bert_batch, compile=compiled, attn_dropout=0.1,
-                      padding_fraction=1 - real, mlm_max_predictions=args.bert_max_predictions)
+                      padding_fraction=1 - real_fraction[rows],
+                      mlm_max_predictions=args.bert_max_predictions)
         if rows:                         # flash only: several sequences per row (cu_seqlens)
             overrides.append("data.mlm_pack_sequences=true")
             record["layout"] = "rows"
         elif layout:                     # flash only: packed real tokens, or the padded layout
             overrides.append(f"model.unpad={layout[0] == 'packed'}")
             record["layout"] = layout[0]
-        measure(record, lambda: TrainerSystem(overrides, workdir), args.window, args.windows, ceiling)
+        systems.append((record, functools.partial(TrainerSystem, overrides, workdir)))
+    timed = time_systems(args, systems, ceiling)
+    for record in timed:
+        real = 1 - record["padding_fraction"]
         if "tokens_per_s" in record:     # count real tokens only: padding is not work done
             record["padded_tokens_per_s"] = record["tokens_per_s"]
             record["tokens_per_s"] *= real
             record["mfu"] *= real
             record["mfu_measured"] *= real
+        if "paired_ratio" in record:     # the same, in the ratio to the first system
+            record["paired_ratio"] *= real / (1 - timed[0]["padding_fraction"])
         records.append(record)
     return records
 
@@ -351,6 +423,10 @@ def main():
                         help="data.mlm_max_predictions for part bert (the original BERT data's cap, "
                              "80 at 512 tokens: a fixed number of MLM head positions per batch); "
                              "default: Bernoulli targets")
+    parser.add_argument("--interleave", action="store_true",
+                        help="parts grid and bert: build and warm up every system of a setting, then "
+                             "time them in alternating windows (robust to a machine whose speed "
+                             "drifts); records get paired_ratio against the setting's first system")
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up one")
     parser.add_argument("--agree-steps", type=int, default=200)

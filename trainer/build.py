@@ -76,9 +76,15 @@ def compile_model(module, model, mode: str):
     against 123k real tokens/s, docs/results/train_h100.md). Not with flash attention: captured, its
     step ran slower in both layouts, 97k against 123k unpadded (H100) and 96k padded
     (``model.unpad=false``) against 128k unpadded uncaptured (H200), so flash keeps its graph
-    breaks."""
+    breaks. The setting holds during this model's calls only (dynamo reads it while tracing), so
+    other compiled models in the process keep their own."""
     config = model.config
     flash = resolve_attention(config.attention, next(model.parameters()).device) == "flash"
-    if config.arch == "bert" and not flash:
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    return torch.compile(module, mode=mode)
+    compiled = torch.compile(module, mode=mode)
+    if config.arch != "bert" or flash:
+        return compiled
+
+    def forward(*args, **kwargs):
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return compiled(*args, **kwargs)
+    return forward
