@@ -96,7 +96,7 @@ def timed_windows(step, sync, tokens_per_step, window, windows):
     return rates, warmup_s
 
 
-def measure(record, build, window, windows, ceiling):
+def measure(record, build, window, windows, ceiling, profile_steps=0):
     """Fill ``record`` with the timing of the system ``build()`` returns (an object with step(),
     sync(), tokens_per_step, flops_per_token and close()), or with the error that stopped it."""
     torch._dynamo.reset()                # a fresh compile per setting (and no recompile limit)
@@ -109,6 +109,8 @@ def measure(record, build, window, windows, ceiling):
         rates, warmup_s = timed_windows(system.step, system.sync, system.tokens_per_step, window, windows)
         fill_timing(record, system, rates, warmup_s, ceiling)
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if profile_steps:
+            record["kernel_profile"] = kernel_profile(system, profile_steps)
     except Exception as error:  # noqa: BLE001 - record why a setting could not run, keep going
         record["error"] = failure(error)
     finally:
@@ -119,6 +121,21 @@ def measure(record, build, window, windows, ceiling):
         torch.cuda.empty_cache()
     print(json.dumps({k: v for k, v in record.items() if k != "window_tokens_per_s"}), flush=True)
     return record
+
+
+def kernel_profile(system, steps, activity=torch.profiler.ProfilerActivity.CUDA,
+                   own_time=lambda event: event.self_device_time_total, top=20) -> dict:
+    """Where ``steps`` steps spend their GPU time: the ``top`` kernels by their own time, as
+    [name, ms per step, launches per step], and every kernel's total ms per step."""
+    with torch.profiler.profile(activities=[activity]) as profiler:
+        for _ in range(steps):
+            system.step()
+        system.sync()
+    events = sorted((event for event in profiler.key_averages() if own_time(event) > 0),
+                    key=own_time, reverse=True)
+    return {"total_ms_per_step": sum(own_time(event) for event in events) / 1e3 / steps,
+            "top": [[event.key[:160], own_time(event) / 1e3 / steps, event.count / steps]
+                    for event in events[:top]]}
 
 
 def fill_timing(record, system, rates, warmup_s, ceiling):
@@ -135,7 +152,7 @@ def failure(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
 
 
-def measure_interleaved(records, builds, window, windows, ceiling):
+def measure_interleaved(records, builds, window, windows, ceiling, profile_steps=0):
     """Time several systems in turns: each is built and warmed up (compiled), then window k of every
     system runs before window k + 1 of any, so a machine whose speed drifts during the run (clocks,
     power, neighbours; seen at ±10 % between windows) slows all of them alike. Each record after the
@@ -166,6 +183,8 @@ def measure_interleaved(records, builds, window, windows, ceiling):
         for record, system in running:
             fill_timing(record, system, rates[id(record)], record["warmup_s"], ceiling)
             record["interleaved"] = True
+            if profile_steps:
+                record["kernel_profile"] = kernel_profile(system, profile_steps)
             if running[0][0] is not record:
                 first = rates[id(running[0][0])]
                 record["paired_ratio"] = statistics.median(
@@ -257,8 +276,9 @@ def time_systems(args, systems, ceiling) -> list[dict]:
     (``--interleave``); returns the filled records."""
     if args.interleave:
         return measure_interleaved([record for record, _ in systems], [build for _, build in systems],
-                                   args.window, args.windows, ceiling)
-    return [measure(record, build, args.window, args.windows, ceiling) for record, build in systems]
+                                   args.window, args.windows, ceiling, args.profile_steps)
+    return [measure(record, build, args.window, args.windows, ceiling, args.profile_steps)
+            for record, build in systems]
 
 
 def part_grid(args, workdir, ceiling, records):
@@ -427,6 +447,9 @@ def main():
                         help="parts grid and bert: build and warm up every system of a setting, then "
                              "time them in alternating windows (robust to a machine whose speed "
                              "drifts); records get paired_ratio against the setting's first system")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="parts grid and bert: after timing, profile this many steps of each "
+                             "system and record its top GPU kernels (kernel_profile)")
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up one")
     parser.add_argument("--agree-steps", type=int, default=200)

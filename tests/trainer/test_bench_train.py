@@ -73,3 +73,24 @@ def test_systems_alternate_windows_and_pair_each_round(machine):
     assert records[2]["paired_with"] == "stock" and "paired_ratio" not in records[0]
     assert all(len(r["window_tokens_per_s"]) == 3 and r["interleaved"] for r in (records[0], records[2]))
     assert all(system.closed for system in systems.values())
+
+
+def test_kernel_profile_ranks_kernels_by_their_own_time_per_step():
+    import torch
+
+    class Matmuls:
+        def __init__(self):
+            self.a = torch.randn(256, 256)
+
+        def step(self):
+            (self.a @ self.a).relu_()
+
+        def sync(self):
+            pass
+    profile = bench_train.kernel_profile(Matmuls(), 3, torch.profiler.ProfilerActivity.CPU,
+                                         own_time=lambda event: event.self_cpu_time_total)
+    names = [name for name, _, _ in profile["top"]]
+    assert "aten::mm" in names and "aten::relu_" in names
+    per_step = dict((name, (ms, calls)) for name, ms, calls in profile["top"])
+    assert per_step["aten::mm"][1] == 1              # one launch per step
+    assert profile["total_ms_per_step"] >= sum(ms for _, ms, _ in profile["top"]) - 1e-9
