@@ -13,6 +13,7 @@ disagree with the tuned tiles' on the same inputs, are recorded as such, not tim
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -92,9 +93,12 @@ def measure(fn, reference=None):
 
 
 def hopper_candidates(candidates, default):
-    """The TMA, Gluon and fused candidates and the tuned tiles, to time them against those
-    without sweeping every portable tile again."""
-    return [default] + [t for t in candidates if (t.tma or t.gluon or t.fused) and t != default]
+    """The tuned tiles, the same tiles as the portable two-pass kernel (where the default is itself a
+    TMA, Gluon or fused choice, so that the comparison it rests on is repeated in every run), and
+    the TMA, Gluon and fused candidates: without sweeping every portable tile again."""
+    plain = dataclasses.replace(default, tma=False, gluon=False, fused=False)
+    baseline = [default] if plain == default else [default, plain]
+    return baseline + [t for t in candidates if (t.tma or t.gluon or t.fused) and t not in baseline]
 
 
 def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv", "dq"),

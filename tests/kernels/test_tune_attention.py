@@ -40,3 +40,14 @@ def test_a_candidate_that_fails_is_a_result(timing):
     def fail():
         raise RuntimeError("out of shared memory\nmore")
     assert tune_attention.measure(fail, None) == "RuntimeError: out of shared memory"
+
+
+def test_hopper_candidates_keep_the_portable_twin_of_a_special_default():
+    from kernels._launch import Tiles
+    fused, gluon = Tiles(64, 64, 4, 3, fused=True), Tiles(32, 64, 4, 3, gluon=True)
+    candidates = [Tiles(32, 128, 4, 3), Tiles(64, 64, 4, 3, gluon=True), fused]
+    assert tune_attention.hopper_candidates(candidates, fused) == [
+        fused, Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3, gluon=True)]
+    assert tune_attention.hopper_candidates(candidates, gluon)[:2] == [gluon, Tiles(32, 64, 4, 3)]
+    plain = Tiles(64, 64, 4, 3)
+    assert tune_attention.hopper_candidates(candidates, plain) == [plain, Tiles(64, 64, 4, 3, gluon=True), fused]
