@@ -388,7 +388,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     on_sm90 = (q_tiles.gluon or kv_tiles.gluon) and _hopper.gluon_device((q, k, v, grad_out), varlen)
     call = (causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim)
     # The fused backward's delta-only pass is the portable kernel's (the Gluon dQ has no such mode).
-    if on_sm90 and q_tiles.gluon and not kv_tiles.fused and _hopper.gluon_dq_call(*call, q_tiles.block_m, q_tiles.block_n):
+    if (on_sm90 and q_tiles.gluon and not kv_tiles.fused
+            and _hopper.gluon_dq_call(*call, q_tiles.block_m, q_tiles.block_n)):
         dq_launcher = DQ_GLUON
         dq_config[2]["STAGES"] = q_tiles.num_stages
     if on_sm90 and kv_tiles.gluon and _hopper.gluon_dkdv_call(*call, geometry.group_size,

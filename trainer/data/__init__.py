@@ -56,4 +56,5 @@ def build_data(config: DataConfig, batch_size: int, seed: int = 0, rank: int = 0
 
 
 __all__ = ["DataConfig", "Data", "build_data", "Batch", "CausalWindows", "MixedContextWindows",
-           "MaskedSequences", "validation_windows", "TokenSplit", "DataError", "IGNORE_INDEX", "load_tokenizer"]
+           "MaskedSequences", "validation_windows", "TokenSplit", "DataError", "IGNORE_INDEX",
+           "load_tokenizer"]
