@@ -34,10 +34,8 @@ in the same round (``paired_ratio``), for machines whose speed drifts during a r
 import argparse
 import datetime
 import functools
-import gc
 import json
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +47,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stock_gpt2  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from train_timing import matmul_ceiling, measure, measure_interleaved  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -56,14 +55,7 @@ from trainer.config import register_configs  # noqa: E402
 from trainer.data import build_data  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 
-DATASHEET_FLOPS = 989e12
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
-
-
-def matmul_ceiling() -> float:
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    seconds = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median") / 1e3
-    return 2 * 8192**3 / seconds
 
 
 def run_config(overrides: list[str]):
@@ -78,127 +70,6 @@ def gpt2_overrides(args, seqlen, batch, attention, compiled, attn_dropout, seed=
             "model.dropout=0.0", f"trainer.micro_batch_size={batch}", f"trainer.compile={compiled}",
             "trainer.sample_tokens=0", "trainer.device=cuda", f"trainer.seed={seed}", "logger=none",
             "optim.lr=6e-4", "optim.warmup_steps=20", *extra]
-
-
-def timed_window(step, sync, window) -> float:
-    """Seconds for ``window`` steps: step() queues one step; sync() waits for the GPU."""
-    begin = time.perf_counter()
-    for _ in range(window):
-        step()
-    sync()
-    return time.perf_counter() - begin
-
-
-def timed_windows(step, sync, tokens_per_step, window, windows):
-    """Returns (tokens/s per window, warm-up s): one warm-up window, then ``windows`` timed ones."""
-    warmup_s = timed_window(step, sync, window)
-    rates = [tokens_per_step * window / timed_window(step, sync, window) for _ in range(windows)]
-    return rates, warmup_s
-
-
-def measure(record, build, window, windows, ceiling, profile_steps=0):
-    """Fill ``record`` with the timing of the system ``build()`` returns (an object with step(),
-    sync(), tokens_per_step, flops_per_token and close()), or with the error that stopped it."""
-    torch._dynamo.reset()                # a fresh compile per setting (and no recompile limit)
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    system = None
-    try:
-        system = build()
-        rates, warmup_s = timed_windows(system.step, system.sync, system.tokens_per_step, window, windows)
-        fill_timing(record, system, rates, warmup_s, ceiling)
-        record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        if profile_steps:
-            record["kernel_profile"] = kernel_profile(system, profile_steps)
-    except Exception as error:  # noqa: BLE001 - record why a setting could not run, keep going
-        record["error"] = failure(error)
-    finally:
-        if system is not None:
-            system.close()
-        system = None                    # free this setting's memory before the next one
-        gc.collect()
-        torch.cuda.empty_cache()
-    print(json.dumps({k: v for k, v in record.items() if k != "window_tokens_per_s"}), flush=True)
-    return record
-
-
-def kernel_profile(system, steps, activity=torch.profiler.ProfilerActivity.CUDA,
-                   own_time=lambda event: event.self_device_time_total, top=20) -> dict:
-    """Where ``steps`` steps spend their GPU time: the ``top`` kernels by their own time, as
-    [name, ms per step, launches per step], and every kernel's total ms per step."""
-    with torch.profiler.profile(activities=[activity]) as profiler:
-        for _ in range(steps):
-            system.step()
-        system.sync()
-    events = sorted((event for event in profiler.key_averages() if own_time(event) > 0),
-                    key=own_time, reverse=True)
-    return {"total_ms_per_step": sum(own_time(event) for event in events) / 1e3 / steps,
-            "top": [[event.key[:160], own_time(event) / 1e3 / steps, event.count / steps]
-                    for event in events[:top]]}
-
-
-def fill_timing(record, system, rates, warmup_s, ceiling):
-    tokens_per_s = statistics.median(rates)
-    record.update(tokens_per_s=tokens_per_s, window_tokens_per_s=rates, warmup_s=warmup_s,
-                  step_ms=system.tokens_per_step / tokens_per_s * 1e3,
-                  mfu=tokens_per_s * system.flops_per_token / DATASHEET_FLOPS,
-                  mfu_measured=tokens_per_s * system.flops_per_token / ceiling)
-
-
-def failure(error: Exception) -> str:
-    if isinstance(error, torch.OutOfMemoryError):
-        return "out of memory"
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-
-
-def measure_interleaved(records, builds, window, windows, ceiling, profile_steps=0):
-    """Time several systems in turns: each is built and warmed up (compiled), then window k of every
-    system runs before window k + 1 of any, so a machine whose speed drifts during the run (clocks,
-    power, neighbours; seen at ±10 % between windows) slows all of them alike. Each record after the
-    first also gets ``paired_ratio``: the median over rounds of its tokens/s over the first
-    system's in the same round. ``peak_mem_gb`` is a system's own peak during its warm-up, above
-    what the systems built before it hold."""
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-    built = []
-    try:
-        for record, build in zip(records, builds):
-            held = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                system = build()
-                built.append((record, system))
-                record["warmup_s"] = timed_window(system.step, system.sync, window)
-                record["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - held) / 1e9
-            except Exception as error:  # noqa: BLE001 - record why a system could not run, keep going
-                record["error"] = failure(error)
-        running = [(record, system) for record, system in built if "error" not in record]
-        rates = {id(record): [] for record, _ in running}
-        for _ in range(windows):
-            for record, system in running:
-                seconds = timed_window(system.step, system.sync, window)
-                rates[id(record)].append(system.tokens_per_step * window / seconds)
-        for record, system in running:
-            fill_timing(record, system, rates[id(record)], record["warmup_s"], ceiling)
-            record["interleaved"] = True
-            if profile_steps:
-                record["kernel_profile"] = kernel_profile(system, profile_steps)
-            if running[0][0] is not record:
-                first = rates[id(running[0][0])]
-                record["paired_ratio"] = statistics.median(
-                    mine / theirs for mine, theirs in zip(rates[id(record)], first))
-                record["paired_with"] = running[0][0]["system"]
-    finally:
-        for _, system in built:
-            system.close()
-        built = running = None
-        gc.collect()
-        torch.cuda.empty_cache()
-    for record in records:
-        print(json.dumps({k: v for k, v in record.items() if k != "window_tokens_per_s"}), flush=True)
-    return records
 
 
 class TrainerSystem:

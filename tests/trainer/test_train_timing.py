@@ -1,4 +1,4 @@
-"""scripts/bench_train.py --interleave: systems timed in alternating windows, each paired with the
+"""scripts/train_timing.py (train_timing.py --interleave, --profile-steps): systems timed in alternating windows, each paired with the
 first system's window of the same round, so a machine that slows down mid-run slows all alike."""
 
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import bench_train  # noqa: E402
+import train_timing  # noqa: E402
 
 
 class Clock:
@@ -44,11 +44,11 @@ class FakeSystem:
 @pytest.fixture
 def machine(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(bench_train.time, "perf_counter", clock)
+    monkeypatch.setattr(train_timing.time, "perf_counter", clock)
     for name in ("memory_allocated", "max_memory_allocated"):
-        monkeypatch.setattr(bench_train.torch.cuda, name, lambda: 0)
+        monkeypatch.setattr(train_timing.torch.cuda, name, lambda: 0)
     for name in ("reset_peak_memory_stats", "empty_cache"):
-        monkeypatch.setattr(bench_train.torch.cuda, name, lambda: None)
+        monkeypatch.setattr(train_timing.torch.cuda, name, lambda: None)
     return clock
 
 
@@ -62,7 +62,7 @@ def test_systems_alternate_windows_and_pair_each_round(machine):
     def broken():
         raise RuntimeError("no kernel for this card\nmore detail")
     records = [{"system": "stock"}, {"system": "broken"}, {"system": "flash"}]
-    bench_train.measure_interleaved(records, [lambda: build("stock", 1.0), broken,
+    train_timing.measure_interleaved(records, [lambda: build("stock", 1.0), broken,
                                               lambda: build("flash", 0.8)], window=2, windows=3, ceiling=1e15)
     # Warm-up windows one system after the other, then timed windows in turns.
     assert log == ["stock"] * 2 + ["flash"] * 2 + ["stock", "stock", "flash", "flash"] * 3
@@ -87,7 +87,7 @@ def test_kernel_profile_ranks_kernels_by_their_own_time_per_step():
 
         def sync(self):
             pass
-    profile = bench_train.kernel_profile(Matmuls(), 3, torch.profiler.ProfilerActivity.CPU,
+    profile = train_timing.kernel_profile(Matmuls(), 3, torch.profiler.ProfilerActivity.CPU,
                                          own_time=lambda event: event.self_cpu_time_total)
     names = [name for name, _, _ in profile["top"]]
     assert "aten::mm" in names and "aten::relu_" in names
