@@ -78,15 +78,15 @@ def s2l_stage2_lower_lr(seqlen: int, divisor: int) -> list[str]:
     return continue_at("s2l_stage1", seqlen) + [f"optim.lr={S2L_STAGE2_LR / divisor:.3g}"]
 
 
-def s2l_stage2_mixed(seqlen: int) -> list[str]:
-    """The half-rate last 20% at ``seqlen`` with every other micro-batch at 1K context (4x the
-    sequences, equal tokens; data.mix_seqlen). Measured (2026-12-02): at every rate tried, the 4K
+def s2l_stage2_mixed(seqlen: int, fraction: float = 0.5) -> list[str]:
+    """The half-rate last 20% at ``seqlen`` with a ``fraction`` of the micro-batches at 1K context
+    (4x the sequences at 4K, equal tokens; data.mix_seqlen): every other one at 0.5. Measured (2026-12-02): at every rate tried, the 4K
     arm gives up 0.05-0.08 nats of short-range skill (scored with 1K of context) against the 1K arm,
     about as much as its longer context gains over the 2K arm, and the span4 control traces that
     loss to the 16 stretches of the corpus per step at 4K against 64 at 1K. Half of each step at 1K
     restores 40 stretches per step (2 x 16 + 2 x 4 at 4K) while half the tokens still teach the long
     context. The 1K arm has nothing to mix in: it is the halflr 1K arm."""
-    mix = ["data.mix_seqlen=1024", "data.mix_fraction=0.5"] if seqlen > 1024 else []
+    mix = ["data.mix_seqlen=1024", f"data.mix_fraction={fraction}"] if seqlen > 1024 else []
     return s2l_stage2_lower_lr(seqlen, 2) + mix
 
 
@@ -130,6 +130,9 @@ STAGES = {
        for k in (1, 2, 4) for name, divisor in (("halflr", 2), ("quarterlr", 4))},
     **{f"s2l_{k}k_mix": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
                          (f"s2l_{k}k_mix", s2l_stage2_mixed(k * 1024))] for k in (1, 2, 4)},
+    # Three quarters of the micro-batches at 1K; its 1K arm would be s2l_1k_mix again.
+    **{f"s2l_{k}k_mix75": [("s2l_stage1", ["experiment=repro_linux_s2l_stage1"]),
+                           (f"s2l_{k}k_mix75", s2l_stage2_mixed(k * 1024, 0.75))] for k in (2, 4)},
     "p2l_1k": [P2L_STAGE1, ("p2l_mid1k", continue_at("p2l_stage1", 1024)),
                ("p2l_1k", continue_at("p2l_mid1k", 1024))],
     "p2l_2k": [P2L_STAGE1, ("p2l_mid2k", continue_at("p2l_stage1", 2048)),
@@ -145,6 +148,7 @@ BASELINE = {f"{recipe}_{context}": f"{recipe}_1k" for recipe in ("s2l", "p2l") f
 BASELINE.update({run: "s2l_1k" for run in ("s2l_2k_seq64", "s2l_4k_seq64", "s2l_2k_seq64_sqrtlr",
                                             "s2l_4k_seq64_sqrtlr")})   # 64 x 1K is the s2l_1k arm
 BASELINE.update({f"s2l_{k}k_{name}": f"s2l_1k_{name}" for k in (1, 2, 4) for name in ("halflr", "quarterlr", "mix")})
+BASELINE.update({run: "s2l_1k_mix" for run in ("s2l_2k_mix75", "s2l_4k_mix75")})
 TABLE2_RUNS = ("t2_flash", "t2_sdpa", "t2_eager")
 # Stages that other stages continue from: trained once per --runs directory and series, then reused.
 EARLIER_STAGES = {name for stages in STAGES.values() for name, _ in stages[:-1]}

@@ -10,6 +10,7 @@ import pytest
 from .helpers import compose_run
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))          # tests import reproduce from there
 
 
 def record(name, seconds, ppl, context=None):
@@ -79,7 +80,6 @@ def test_table2_times_each_attention_to_the_eager_runs_final_perplexity(tmp_path
 
 def test_a_tagged_second_stage_reads_the_first_stage_of_its_own_series(tmp_path):
     import argparse
-    sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce
     args = argparse.Namespace(tag="_ntk", corpus="C", cache="K", num_proc=1, extra=["model.extend_method=ntk"])
     for run in ("s2l_2k", "1k_to_4k"):
@@ -91,7 +91,6 @@ def test_a_tagged_second_stage_reads_the_first_stage_of_its_own_series(tmp_path)
 
 def test_each_progressive_stage_continues_the_stage_before_it(tmp_path):
     import argparse
-    sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce
     args = argparse.Namespace(tag="_s2", corpus="C", cache="K", num_proc=1, extra=[])
     for run, contexts in (("p2l_1k", ["1024", "1024"]), ("p2l_2k", ["2048", "2048"]), ("p2l_4k", ["2048", "4096"])):
@@ -106,7 +105,6 @@ def test_each_progressive_stage_continues_the_stage_before_it(tmp_path):
 
 def test_run_trains_a_shared_stage_once_and_reuses_a_finished_one(tmp_path, monkeypatch):
     import argparse
-    sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce
     trained = []
 
@@ -138,7 +136,6 @@ def test_progressive_rows_count_every_earlier_stage(tmp_path):
 
 
 def test_sixty_four_sequence_arms_keep_the_sequences_and_the_tokens_of_the_1k_arm():
-    sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce
 
     def setting(run):
@@ -186,7 +183,8 @@ def test_mixed_context_arms_are_the_half_rate_arms_with_1k_micro_batches_mixed_i
         extra = [o for o in mixed[1][1] if o not in half[1][1]]
         assert [o for o in half[1][1] if o not in mixed[1][1]] == []
         assert extra == ([] if k == 1 else ["data.mix_seqlen=1024", "data.mix_fraction=0.5"])
-    assert reproduce.BASELINE["s2l_4k_mix"] == "s2l_1k_mix"
+    assert reproduce.BASELINE["s2l_4k_mix"] == reproduce.BASELINE["s2l_4k_mix75"] == "s2l_1k_mix"
+    assert "data.mix_fraction=0.75" in reproduce.STAGES["s2l_4k_mix75"][1][1]
     # The 4K arm's settings compose into a valid run config (tokens per micro-batch: 4 x 4096).
     overrides = [o.format(runs="/runs", tag="") for o in reproduce.STAGES["s2l_4k_mix"][1][1]]
     config = compose_run(overrides + ["data.path=/corpus"])
