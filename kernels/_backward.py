@@ -338,6 +338,13 @@ DKDV_GLUON = DirectLauncher(_dkdv_gluon._dkdv_gluon_kernel)
 DQ_GLUON = DirectLauncher(_dq_gluon._dq_gluon_kernel)
 
 
+def contiguous_batched_strides(shape, varlen: bool) -> tuple[int, int, int]:
+    """``batched_strides`` of a contiguous tensor of ``shape`` (batch?, tokens, heads, head_dim)."""
+    heads, head_dim = shape[-2], shape[-1]
+    per_batch = 0 if varlen else shape[1] * heads * head_dim
+    return per_batch, heads * head_dim, head_dim
+
+
 def new_gradients(q, k, v, lse):
     """Uninitialized ``(delta, dq, dk, dv)``: the gradients contiguous in q's, k's and v's shapes."""
     return (torch.empty_like(lse), torch.empty(q.shape, dtype=q.dtype, device=q.device),
@@ -375,9 +382,10 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
              num_stages=q_tiles.num_stages, **flags))
     dkdv_config = (
         (triton.cdiv(geometry.seqlen_k, kv_tiles.block_n), geometry.heads_k, geometry.batch),
-        # dQ's strides stand for its float32 accumulator's (the same shape, contiguous).
+        # The fused pass's float32 dQ accumulator: dQ's shape, contiguous (dQ itself may be a
+        # strided view, e.g. a slice of a packed qkv gradient).
         (*inputs, *batched_strides(dk, varlen), *batched_strides(dv, varlen),
-         *batched_strides(dq, varlen), *lse_strides(lse, varlen), *scalars),
+         *contiguous_batched_strides(dq.shape, varlen), *lse_strides(lse, varlen), *scalars),
         dict(BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, MASK_LAYOUT=DKDV_MASK_LAYOUT,
              num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages, **flags))
     if kv_tiles.fused:

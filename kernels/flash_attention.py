@@ -17,6 +17,8 @@ Features
     algorithm) recomputes score tiles, never an N x N tensor. Gradients are deterministic except
     where the default backward is the fused single pass (head dim 64 with dropout on a GPU), whose
     dQ is summed by atomic adds; ``torch.use_deterministic_algorithms(True)`` turns that off.
+  * A fused projection's output can be passed whole (``qkv_packed.flash_attention_qkvpacked``): the
+    compiled backward then writes one gradient instead of three for autograd to concatenate.
   * A ``torch.library`` custom op with autograd, so ``torch.compile`` traces it without graph breaks;
     eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead): a
     launch plan per call signature keeps what the shapes fix (``_eager_plan.py``), and kernels are

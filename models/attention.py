@@ -12,13 +12,38 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import flash_attention, visible_mask
+from kernels import flash_attention, flash_attention_qkvpacked, visible_mask
 
 
 def resolve(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "flash" if device.type == "cuda" else "sdpa"
     return impl
+
+
+def attention_qkv(qkv, heads_k: int, *, impl: str, causal: bool, dropout_p: float, key_padding=None,
+                  documents=None, window: int | None = None):
+    """``attention`` of a fused projection's output, qkv (B, N, Hq + 2·Hk, D): query heads, then key
+    heads, then value heads. flash reads it whole and its compiled backward writes the projection's
+    gradient in one piece (no concatenation of three gradients; ``kernels/qkv_packed.py``); the
+    other paths, and flash with padding, take the q, k, v views."""
+    if resolve(impl, qkv.device) == "flash" and key_padding is None:
+        band = _band(window, causal)
+        if documents is None:
+            return flash_attention_qkvpacked(qkv, heads_k, causal=causal, dropout_p=dropout_p,
+                                             window=band)
+        cu_seqlens, max_seqlen = documents
+        out = flash_attention_qkvpacked(qkv.flatten(0, 1), heads_k, causal=causal, dropout_p=dropout_p,
+                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=band)
+        return out.view(*qkv.shape[:2], -1, qkv.shape[-1])
+    q, k, v = qkv.split([qkv.shape[2] - 2 * heads_k, heads_k, heads_k], dim=2)
+    return attention(q, k, v, impl=impl, causal=causal, dropout_p=dropout_p, key_padding=key_padding,
+                     documents=documents, window=window)
+
+
+def _band(window: int | None, causal: bool):
+    """The kernels' (left, right) window of a model's ``window`` (keys before the query it sees)."""
+    return None if window is None else (window, 0 if causal else window)
 
 
 def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding=None, documents=None,
@@ -32,7 +57,7 @@ def attention(q, k, v, *, impl: str, causal: bool, dropout_p: float, key_padding
     causal: itself and ``window`` before). flash skips the tiles outside it; sdpa and eager mask.
     Causal masks are aligned bottom-right, so a query block at the end of a KV cache is exact.
     """
-    band = None if window is None else (window, 0 if causal else window)
+    band = _band(window, causal)
     impl = resolve(impl, q.device)
     if documents is not None:
         if impl != "flash":

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, attention_qkv
 from .config import ModelConfig
 
 
@@ -75,13 +75,18 @@ class SelfAttention(nn.Module):
         config = self.config
         batch, seqlen, _ = x.shape
         qkv = self.qkv(x).view(batch, seqlen, config.n_head + 2 * config.kv_heads, config.head_dim)
+        dropout_p = config.attn_dropout if self.training else 0.0
+        if self.rotary is None and cache is None:
+            out = attention_qkv(qkv, config.kv_heads, impl=config.attention, causal=config.causal,
+                                dropout_p=dropout_p, key_padding=key_padding, documents=documents,
+                                window=self.window)
+            return self.proj(out.reshape(batch, seqlen, config.d_model))
         q, k, v = qkv.split([config.n_head, config.kv_heads, config.kv_heads], dim=2)
         offset = cache.length if cache is not None else 0
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         if cache is not None:
             k, v = cache.append(k, v)
-        dropout_p = config.attn_dropout if self.training else 0.0
         out = attention(q, k, v, impl=config.attention, causal=config.causal, dropout_p=dropout_p,
                         key_padding=key_padding, documents=documents, window=self.window)
         return self.proj(out.reshape(batch, seqlen, config.d_model))
