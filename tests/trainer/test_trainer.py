@@ -59,20 +59,24 @@ def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path):
     assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "tokenizer.json").exists()
 
 
-def test_stop_and_resume_is_bit_identical(tmp_path):
-    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 8, "trainer.save_interval": 4})
+@pytest.mark.parametrize("extra, stop_at", [({}, 4), ({"data.mix_seqlen": 8}, 3)],
+                         ids=["plain", "mixed-context"])
+def test_stop_and_resume_is_bit_identical(tmp_path, extra, stop_at):
+    # Mixed context: stopped after an odd number of steps, the resumed run must go on with a
+    # short micro-batch (the interleave's count is part of the sampler state).
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 8, "trainer.save_interval": 4, **extra})
     run(compose_run(overrides), tmp_path / "whole")
     whole, _ = read_metrics(tmp_path / "whole")
 
     interrupted = Trainer(compose_run(overrides), tmp_path / "split")
-    for _ in range(4):
+    for _ in range(stop_at):
         interrupted.train_step()
     interrupted.save()
-    interrupted.close()                      # the process "dies" after its step-4 checkpoint
+    interrupted.close()                      # the process "dies" after this checkpoint
     run(compose_run(overrides + ["resume=true"]), tmp_path / "split")
     resumed, _ = read_metrics(tmp_path / "split")
-    assert [r["step"] for r in resumed] == [5, 6, 7, 8]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[4:]]
+    assert [r["step"] for r in resumed] == list(range(stop_at + 1, 9))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[stop_at:]]
     final = lambda d: torch.load(d / "checkpoints" / "step_00000008" / "state.pt", weights_only=False)["model"]
     for name, tensor in final(tmp_path / "whole").items():
         assert torch.equal(tensor, final(tmp_path / "split")[name]), name
