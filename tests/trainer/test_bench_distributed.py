@@ -18,7 +18,7 @@ def test_ddp_scaling_records_and_a_killed_run_resumes_exactly(tmp_path):
     out, md = tmp_path / "multigpu.json", tmp_path / "multigpu.md"
     command = [sys.executable, "scripts/bench_distributed.py", "--corpus", str(corpus), "--data", "files",
                "--device", "cpu", "--nproc", "1", "2", "--models", "gpt2_small", "--settings", "32:2",
-               "--strategies", "ddp", "--steps", "100", "--log-interval", "10", "--kill-resume",
+               "--strategies", "ddp", "--steps", "40", "--log-interval", "4", "--kill-resume",
                "--num-proc", "1", "--cache", str(tmp_path / "cache"), "--workdir", str(tmp_path / "runs"),
                "--out", str(out), "--md", str(md), "--extra", *TINY]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -30,12 +30,12 @@ def test_ddp_scaling_records_and_a_killed_run_resumes_exactly(tmp_path):
     assert ddp["tokens_per_s_per_gpu"] == ddp["tokens_per_s"] / 2
     assert ddp["scaling_efficiency"] == ddp["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"]
     assert len(ddp["window_tokens_per_s"]) == 10
-    # Killed after the step-50 checkpoint, before the end; the resumed losses are the same bits.
-    assert killed["killed_after_checkpoint"] == 50 and killed["final_step"] == 100
+    # Killed after the step-20 checkpoint, before the end; the resumed losses are the same bits.
+    assert killed["killed_after_checkpoint"] == 20 and killed["final_step"] == 40
     assert killed["compared_steps"] == 5 and killed["bitwise_equal"] and killed["max_loss_rel_diff"] == 0
     events = [json.loads(line) for line in (tmp_path / "runs" / killed["name"] / "metrics.jsonl")
               .read_text().splitlines() if '"event"' in line]
     assert [e["event"] for e in events] == ["resume"]
     table = md.read_text()
     assert "| gpt2_small | 32 | 2 | ddp | 2 |" in table
-    assert "killed after the step-50 checkpoint, resumed to step 100" in table
+    assert "killed after the step-20 checkpoint, resumed to step 40" in table
