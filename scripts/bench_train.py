@@ -14,7 +14,8 @@ runs a step. ``stock_sdpa`` is ``scripts/stock_gpt2.py`` (plain PyTorch) fed the
 Parts:
   grid   GPT-2 small at 1024 x 16 and 4096 x 4, attention dropout 0.1 and 0: stock_sdpa,
          flashtrain_flash and flashtrain_sdpa compiled, flashtrain_eager uncompiled (materialized
-         attention, the Hugging Face way and the paper's baseline).
+         attention, the Hugging Face way and the paper's baseline); on request
+         flashtrain_flash_two_pass (with dropout: the backward without its fused pass).
   long   micro-batch 1 at 8K..64K context (position table sized to the context): flashtrain_flash
          (activation checkpointing only where the plain run is out of memory), and how far
          stock_sdpa and flashtrain_eager get before running out of memory.
@@ -32,6 +33,7 @@ in the same round (``paired_ratio``), for machines whose speed drifts during a r
 """
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -51,6 +53,7 @@ from train_timing import matmul_ceiling, measure, measure_interleaved  # noqa: E
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from kernels import _backward  # noqa: E402
 from trainer.config import register_configs  # noqa: E402
 from trainer.data import build_data  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
@@ -76,15 +79,28 @@ class TrainerSystem:
     """A flashtrain ``Trainer`` driven step by step as ``Trainer.fit`` drives it (the loss read
     back and checked once per window, as at a log line)."""
 
-    def __init__(self, overrides, workdir):
+    def __init__(self, overrides, workdir, two_pass: bool = False):
+        """``two_pass``: the attention backward without the fused dK/dV pass, where that is the
+        default (head dim 64 with dropout): an A/B of the default in the same process."""
         self.trainer = Trainer(run_config(overrides), Path(tempfile.mkdtemp(dir=workdir)))
         config = self.trainer.config
         self.tokens_per_step = config.trainer.micro_batch_size * config.trainer.grad_accum * config.data.seqlen
         self.flops_per_token = self.trainer.model.flops_per_token(config.data.seqlen)
         self.last = None
+        self.two_pass = two_pass
 
     def step(self):
-        self.last = self.trainer.train_step()
+        if not self.two_pass:
+            self.last = self.trainer.train_step()
+            return
+        # The attention backward's tiles are chosen at every call (inside the compiled graph too),
+        # so swapping the chooser for this step's calls swaps the kernel for this system alone.
+        default = _backward.dkdv_tiles
+        _backward.dkdv_tiles = lambda *args: dataclasses.replace(default(*args), fused=False)
+        try:
+            self.last = self.trainer.train_step()
+        finally:
+            _backward.dkdv_tiles = default
 
     def sync(self):
         self.trainer.check_finite()
@@ -166,6 +182,10 @@ def part_grid(args, workdir, ceiling, records):
                     overrides = gpt2_overrides(args, seqlen, batch, attention, compiled, p)
                     systems.append((gpt2_record(f"flashtrain_{attention}", seqlen, batch, compiled, p),
                                     functools.partial(TrainerSystem, overrides, workdir)))
+            if "flashtrain_flash_two_pass" in args.systems and p > 0:   # fused only with dropout
+                overrides = gpt2_overrides(args, seqlen, batch, "flash", True, p)
+                systems.append((gpt2_record("flashtrain_flash_two_pass", seqlen, batch, True, p),
+                                functools.partial(TrainerSystem, overrides, workdir, two_pass=True)))
             for record in time_systems(args, systems, ceiling):
                 records.append(record)
     return records
