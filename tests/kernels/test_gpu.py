@@ -12,6 +12,16 @@ from .numerics import check_against_reference, random_qkv
 pytestmark = pytest.mark.gpu
 
 
+def bf16_call_and_outputs(head_dim):
+    """q, k, v (2 x 1024 tokens, 4 heads, bf16), their call geometry and forward output buffers:
+    the call the default-kernel tests ask the launchers about."""
+    from kernels import _forward
+    from kernels._launch import call_geometry
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    return (q, k, v, geometry, *_forward.new_outputs(q, geometry))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("seqlen", [1000, 4096, 16384])
@@ -123,10 +133,7 @@ def test_tma_forward_on_gpu(head_dim, causal, monkeypatch):
 def test_default_forward_is_the_fastest_measured_kernel(head_dim):
     # head dim 128: TMA without a mask, Gluon (sm_90) with the causal mask; head dim 64: portable.
     from kernels import _forward
-    from kernels._launch import call_geometry
-    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
+    q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
     config = lambda causal: _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0]
     assert config(False) is (_forward.FORWARD_TMA if head_dim == 128 else _forward.FORWARD)
     sm90_exactly = torch.cuda.get_device_capability()[0] == 9
@@ -305,18 +312,17 @@ def test_gluon_dkdv_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
 def test_default_backward_is_the_fastest_measured_kernel(head_dim):
     # Without dropout: the Gluon dQ pass at head dims 64 and 128, the Gluon dK/dV pass at 128 only
     # (at 64 the portable pass tied it); with dropout both passes are portable (fused at 64).
-    from kernels import _backward, _forward
-    from kernels._launch import call_geometry
-    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
+    from kernels import _backward
+    q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
     for causal in (False, True):
-        launchers = lambda dropout_p: [config[0] for config in _backward.launch_configs(
+        configs = lambda dropout_p: _backward.launch_configs(
             torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
-            geometry, 0.1, causal, dropout_p)]
+            geometry, 0.1, causal, dropout_p)
+        launchers = lambda dropout_p: [config[0] for config in configs(dropout_p)]
         assert launchers(0.0) == [_backward.DQ_GLUON,
                                   _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
         assert launchers(0.1) == [_backward.DQ, _backward.DKDV]
+        assert configs(0.1)[1][3].get("ACCUMULATE_DQ", False) == (head_dim == 64)   # fused at 64
         check_against_reference(q, k, v, causal=causal)
         torch.manual_seed(5)
         _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)

@@ -35,7 +35,7 @@ class FakeSystem:
         self.clock.now += self.cost * self.drift[0]
 
     def sync(self):
-        pass
+        pass                                 # its steps take their time when called: nothing queued
 
     def close(self):
         self.closed = True
@@ -86,7 +86,7 @@ def test_kernel_profile_ranks_kernels_by_their_own_time_per_step():
             (self.a @ self.a).relu_()
 
         def sync(self):
-            pass
+            pass                             # CPU operators: done when they return
     profile = train_timing.kernel_profile(Matmuls(), 3, torch.profiler.ProfilerActivity.CPU,
                                          own_time=lambda event: event.self_cpu_time_total)
     names = [name for name, _, _ in profile["top"]]
