@@ -438,11 +438,13 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
 
 def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softmax_scale: float,
              causal: bool, dropout_p: float, seed: int, offset: int,
-             tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW):
-    """Gradients ``(dq, dk, dv)``, contiguous, in the shapes of q, k and v.
+             tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW, grads=None):
+    """Gradients ``(dq, dk, dv)``, contiguous, in the shapes of q, k and v; or written into
+    ``grads`` = (dq, dk, dv), which may be strided views (e.g. slices of one packed qkv gradient).
 
     ``tiles`` = (dK/dV tiles, dQ tiles) overrides the tuned sizes (for tuning scripts)."""
-    delta, dq, dk, dv = new_gradients(q, k, v, lse)
+    delta, dq, dk, dv = (new_gradients(q, k, v, lse) if grads is None
+                         else (torch.empty_like(lse), *grads))
     launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geometry,
                 softmax_scale, causal, dropout_p, seed, offset, tiles, window)
     return dq, dk, dv

@@ -63,13 +63,15 @@ def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropou
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale,
-                   causal, dropout_p, window_left, window_right):
+                   causal, dropout_p, window_left, window_right, grads=None):
+    """Returns (dq, dk, dv): new contiguous tensors, or written into ``grads`` (views may be strided)."""
     geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     return _backward.backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry, softmax_scale,
-                              causal, dropout_p, seed, offset, window=(window_left, window_right))
+                              causal, dropout_p, seed, offset, window=(window_left, window_right),
+                              grads=grads)
 
 
 # Two entry points to the same kernels. torch.compile needs an operator it can trace: the custom ops

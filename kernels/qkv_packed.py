@@ -13,11 +13,10 @@ import math
 
 import torch
 
-from . import _backward
 from ._checks import check_inputs, check_window
 from ._forward import lse_shape
 from ._launch import call_geometry
-from .flash_attention import _forward_impl, flash_attention
+from .flash_attention import _backward_impl, _forward_impl, flash_attention
 
 
 def split_qkv(qkv: torch.Tensor, heads_k: int):
@@ -49,15 +48,10 @@ def _backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, heads_k: int, out: t
                  max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float,
                  window_left: int = -1, window_right: int = -1) -> torch.Tensor:
     """The gradient of ``qkv``, its q, k and v slices written in place by the two passes."""
-    q, k, v = split_qkv(qkv, heads_k)
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    dq, dk, dv = split_qkv(grad_qkv, heads_k)
-    seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
-    _backward.launch_into(torch.empty_like(lse), dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens,
-                          call_geometry(q, k, cu_seqlens, max_seqlen), softmax_scale, causal,
-                          dropout_p, seed, offset, window=(window_left, window_right))
+    _backward_impl(grad_out, *split_qkv(qkv, heads_k), out, lse, rng_state, cu_seqlens, max_seqlen,
+                   softmax_scale, causal, dropout_p, window_left, window_right,
+                   grads=split_qkv(grad_qkv, heads_k))
     return grad_qkv
 
 
