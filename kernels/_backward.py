@@ -412,15 +412,16 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
                 tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW):
     """Launch the dQ pass, then the dK/dV pass, writing into ``delta``, ``dq``, ``dk``, ``dv``.
     Returns, per pass, ``(bound kernel or None, 3-D grid, static arguments)``: the same for every
-    call with these shapes, strides and options (see ``_forward.launch_into``); None for both
-    passes of the fused backward, whose float32 dQ buffer and final scaling are not in them."""
+    call with these shapes, strides and options (see ``_forward.launch_into``); then the fused
+    backward's dQ scale (None for two passes): its dK/dV pass adds unscaled dQ into a float32
+    buffer (``new_dq_accumulator``), which ``finish_dq`` scales into dQ."""
     ((dq_launcher, dq_grid, dq_static, dq_options),
      (dkdv_launcher, dkdv_grid, dkdv_static, dkdv_options)) = launch_configs(
         grad_out, q, k, v, out, lse, dq, dk, dv, geometry, softmax_scale, causal, dropout_p, tiles,
         window)
     fused = dkdv_options.get("ACCUMULATE_DQ", False)
     # The fused dK/dV pass adds dQ here; the two-pass one does not read it.
-    dq_accumulator = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if fused else dq
+    dq_accumulator = new_dq_accumulator(dq) if fused else dq
     seed, counter_base = kernel_seed(seed), kernel_counter_base(offset)
     # dQ first: it also writes delta, which dK/dV reads.
     dq_arguments = (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, seed, counter_base,
@@ -429,11 +430,22 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
                       counter_base, *dkdv_static)
     dq_bound = _hopper.launch(dq_launcher, DQ, dq_grid, dq_arguments, dq_options)
     dkdv_bound = _hopper.launch(dkdv_launcher, DKDV, dkdv_grid, dkdv_arguments, dkdv_options)
+    dq_scale = None
     if fused:
         # The scale the dQ pass applies in its epilogue: softmax scale, and 1 / (1 - p).
-        dq.copy_(dq_accumulator.mul_(softmax_scale * (drop_rescale(dropout_p) if dropout_p > 0 else 1.0)))
-        dq_bound = dkdv_bound = None
-    return (dq_bound, grid3(dq_grid), dq_static), (dkdv_bound, grid3(dkdv_grid), dkdv_static)
+        dq_scale = softmax_scale * (drop_rescale(dropout_p) if dropout_p > 0 else 1.0)
+        finish_dq(dq_accumulator, dq_scale, dq)
+    return (dq_bound, grid3(dq_grid), dq_static), (dkdv_bound, grid3(dkdv_grid), dkdv_static), dq_scale
+
+
+def new_dq_accumulator(dq: torch.Tensor) -> torch.Tensor:
+    """The fused pass's dQ buffer: float32 zeros, contiguous in dQ's shape (dQ may be a strided view)."""
+    return torch.zeros(dq.shape, dtype=torch.float32, device=dq.device)
+
+
+def finish_dq(accumulator: torch.Tensor, scale: float, dq: torch.Tensor) -> None:
+    """dQ = scale · the fused pass's float32 sum, cast into dQ's dtype in one kernel."""
+    torch.mul(accumulator, scale, out=dq)
 
 
 def backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry, softmax_scale: float,

@@ -1,4 +1,5 @@
-"""Launch plans for eager calls: what a call's shapes fix, derived once and reused.
+"""Launch plans: what a call's shapes fix, derived once and reused by every call (eager calls and
+the custom ops that compiled graphs call).
 
 At 512-token sequences an H100 does a forward+backward's work in ~0.6 ms, about as long as the
 host takes to issue it (docs/results/attention_notes.md, "host"). Most of that host time went to
@@ -13,9 +14,11 @@ the bound kernels. Later calls with the same key allocate their outputs and laun
 with only what changes per call: the tensors' addresses (as integers: the launcher then skips a
 driver query per tensor), the dropout seed and offset.
 
-Two things are checked per call because the key does not fix them: every address 16-byte aligned
-(Triton specializes on it; the bound kernels are all aligned ones) and the output gradient's
-strides. A call that differs takes the ordinary path, which handles any case. So do all calls under
+Three things are checked per call because the key does not fix them: every address 16-byte aligned
+(Triton specializes on it; the bound kernels are all aligned ones), the output gradient's strides,
+and the strides of gradients written into given views (the packed qkv op's slices). A call that
+differs takes the ordinary path, which handles any case. The fused backward (``_backward.py``) is
+replayed with its float32 dQ buffer and final scaling. So do all calls under
 the interpreter or while a launch hook (a profiler) is installed.
 """
 
@@ -84,29 +87,41 @@ class EagerPlan:
             self._forward = launched
         return out, lse
 
-    def backward(self, grad_out, q, k, v, out, lse, cu_seqlens, seed, offset):
-        delta, dq, dk, dv = _backward.new_gradients(q, k, v, lse)
+    def backward(self, grad_out, q, k, v, out, lse, cu_seqlens, seed, offset, grads=None):
+        """``(dq, dk, dv)``: new contiguous tensors, or written into ``grads`` (views may be strided,
+        e.g. the slices of one packed qkv gradient)."""
+        delta, dq, dk, dv = (_backward.new_gradients(q, k, v, lse) if grads is None
+                             else (torch.empty_like(lse), *grads))
+        # What the bound launches' static arguments fix beyond the plan key.
+        strides = (grad_out.stride(), None if grads is None else tuple(g.stride() for g in grads))
+        bound = self._backward
+        if bound is not None and bound[0] == strides and not hooks_installed():
+            _, (dq_kernel, dq_grid, dq_static), (dkdv_kernel, dkdv_grid, dkdv_static), dq_scale = bound
+            # The fused pass adds dQ into a float32 buffer; two passes write dQ directly.
+            dq_sum = dq if dq_scale is None else _backward.new_dq_accumulator(dq)
+            addresses = (q.data_ptr(), k.data_ptr(), v.data_ptr(), grad_out.data_ptr(), out.data_ptr(),
+                         lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                         dq_sum.data_ptr(), _address(cu_seqlens))
+            if not _misaligned(addresses):
+                qa, ka, va, ga, oa, la, da, dqa, dka, dva, dsa, ca = addresses
+                per_call = (ca, kernel_seed(seed), kernel_counter_base(offset))
+                stream = current_stream(self.device_index)
+                # In the kernels' signature order (_backward.py); dQ first: it writes delta for
+                # dK/dV (the fused backward's dQ pass writes only delta).
+                dq_kernel(dq_grid, stream, qa, ka, va, ga, oa, la, da, dqa, *per_call, *dq_static)
+                dkdv_kernel(dkdv_grid, stream, qa, ka, va, ga, la, da, dka, dva, dsa, *per_call,
+                            *dkdv_static)
+                if dq_scale is not None:
+                    _backward.finish_dq(dq_sum, dq_scale, dq)
+                return dq, dk, dv
         addresses = (q.data_ptr(), k.data_ptr(), v.data_ptr(), grad_out.data_ptr(), out.data_ptr(),
                      lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                      _address(cu_seqlens))
-        bound = self._backward
-        if (bound is not None and bound[0] == grad_out.stride() and not _misaligned(addresses)
-                and not hooks_installed()):
-            _, (dq_kernel, dq_grid, dq_static), (dkdv_kernel, dkdv_grid, dkdv_static) = bound
-            qa, ka, va, ga, oa, la, da, dqa, dka, dva, ca = addresses
-            per_call = (ca, kernel_seed(seed), kernel_counter_base(offset))
-            stream = current_stream(self.device_index)
-            # In the kernels' signature order (_backward.py); dQ first: it writes delta for dK/dV.
-            dq_kernel(dq_grid, stream, qa, ka, va, ga, oa, la, da, dqa, *per_call, *dq_static)
-            # dQ's address stands for the fused pass's dQ buffer, which two passes do not read.
-            dkdv_kernel(dkdv_grid, stream, qa, ka, va, ga, la, da, dka, dva, dqa, *per_call,
-                        *dkdv_static)
-            return dq, dk, dv
-        dq_launch, dkdv_launch = _backward.launch_into(
+        dq_launch, dkdv_launch, dq_scale = _backward.launch_into(
             delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, self.geometry,
             *self.options, seed, offset, window=self.window)
         if dq_launch[0] is not None and dkdv_launch[0] is not None and not _misaligned(addresses):
-            self._backward = (grad_out.stride(), dq_launch, dkdv_launch)
+            self._backward = (strides, dq_launch, dkdv_launch, dq_scale)
         return dq, dk, dv
 
 

@@ -20,9 +20,9 @@ Features
   * A fused projection's output can be passed whole (``qkv_packed.flash_attention_qkvpacked``): the
     compiled backward then writes one gradient instead of three for autograd to concatenate.
   * A ``torch.library`` custom op with autograd, so ``torch.compile`` traces it without graph breaks;
-    eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead): a
-    launch plan per call signature keeps what the shapes fix (``_eager_plan.py``), and kernels are
-    called directly, past Triton's launch path (``_direct_launch.py``).
+    eager calls take a lighter ``autograd.Function`` over the same kernels (less host overhead). Both
+    go through a launch plan per call signature that keeps what the shapes fix (``_eager_plan.py``),
+    and kernels are called directly, past Triton's launch path (``_direct_launch.py``).
 
 Limits
   * fp16, bf16 (fast path) and fp32 (exact dots, for tests); head_dim 1..256 (padded internally to a
@@ -39,45 +39,42 @@ import math
 
 import torch
 
-from . import _backward, _forward
+from . import _forward
 from ._checks import check_inputs, check_window
 from ._debug_mask import keep_mask
 from ._eager_plan import plan_for
-from ._launch import call_geometry, check_runnable
-from ._philox import drop_threshold, next_seed_offset, philox_counters
+from ._launch import call_geometry
+from ._philox import drop_threshold, next_seed_offset
 
 
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
                   window_right):
     """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
-    check_runnable(q.device)
-    geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
-    seed, offset = 0, 0
-    if dropout_p > 0:
-        counters = philox_counters(geometry.batch, geometry.heads_q, geometry.seqlen_q,
-                                   geometry.seqlen_k)
-        seed, offset = next_seed_offset(q.device, counters)
-    out, lse = _forward.forward(q, k, v, cu_seqlens, geometry, softmax_scale, causal, dropout_p,
-                                seed, offset, window=(window_left, window_right))
+    plan = plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
+                    window_right)
+    seed, offset = next_seed_offset(q.device, plan.philox_counters) if dropout_p > 0 else (0, 0)
+    out, lse = plan.forward(q, k, v, cu_seqlens, seed, offset)
     return out, lse, torch.tensor([seed, offset], dtype=torch.int64)
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale,
                    causal, dropout_p, window_left, window_right, grads=None):
     """Returns (dq, dk, dv): new contiguous tensors, or written into ``grads`` (views may be strided)."""
-    geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
+    plan = plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
+                    window_right)
     seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    return _backward.backward(grad_out, q, k, v, out, lse, cu_seqlens, geometry, softmax_scale,
-                              causal, dropout_p, seed, offset, window=(window_left, window_right),
-                              grads=grads)
+    return plan.backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, offset, grads=grads)
 
 
-# Two entry points to the same kernels. torch.compile needs an operator it can trace: the custom ops
-# below. In eager mode their dispatch (schema checks, aliasing checks, the autograd wrapper) costs
-# several hundred microseconds of host time per forward+backward on an H100 host, more than the
-# kernels themselves at short sequences, so eager calls go through a plain autograd.Function.
+# Two entry points to the same kernels, both through launch plans (_eager_plan.py). torch.compile
+# needs an operator it can trace: the custom ops below. In eager mode their dispatch (schema checks,
+# aliasing checks, the autograd wrapper) costs several hundred microseconds of host time per
+# forward+backward on an H100 host, more than the kernels themselves at short sequences, so eager
+# calls go through a plain autograd.Function. A compiled graph calls the ops without the autograd
+# wrapper; the plan spares it the rest: without it, GPT-2 small's compiled step at 1024 x 16 waited
+# ~10 ms per step on the host (train_notes.md, 2026-12-02).
 @torch.library.custom_op("flashtrain::flash_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
                 max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float,

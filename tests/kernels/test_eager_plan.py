@@ -5,18 +5,26 @@ interpreter a plan always takes the ordinary path; on a GPU its later calls take
 import pytest
 import torch
 
-from kernels import _direct_launch, _eager_plan, flash_attention
+from kernels import _backward, _direct_launch, _eager_plan, _forward, flash_attention
+from kernels._launch import call_geometry
+from kernels._philox import next_seed_offset, philox_counters
+from kernels._launch import Tiles
 
 from .numerics import random_qkv
 
 SCALE = 0.2     # passed explicitly: the plan key holds the scale as given
 
 def _op_path(q, k, v, grad_out, seed, causal, dropout_p, cu_seqlens=None, max_seqlen=0):
-    """The custom op with its autograd: Triton's launch path, no plan."""
+    """Triton's launch path, no plan: the forward and backward launchers called directly, with the
+    dropout seed and offset drawn as a call draws them."""
     torch.manual_seed(seed)
-    out = torch.ops.flashtrain.flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, SCALE,
-                                                       causal, dropout_p)[0]
-    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
+    seed_offset = (next_seed_offset(q.device, philox_counters(geometry.batch, geometry.heads_q,
+                                                              geometry.seqlen_q, geometry.seqlen_k))
+                   if dropout_p > 0 else (0, 0))
+    options = (geometry, SCALE, causal, dropout_p, *seed_offset)
+    out, lse = _forward.forward(q, k, v, cu_seqlens, *options)
+    return (out, *_backward.backward(grad_out, q, k, v, out, lse, cu_seqlens, *options))
 
 
 def _eager_path(q, k, v, grad_out, seed, causal, dropout_p, cu_seqlens=None, max_seqlen=None):
@@ -74,6 +82,23 @@ def test_plan_reproduces_the_ordinary_launch_path_bit_for_bit(device, case, drop
     plan = _eager_plan.plan_for(q, k, v, None, 0, SCALE, True, dropout_p)
     if device == "cuda":
         assert plan._forward is not None and plan._backward is not None, "plan never bound"
+
+
+@pytest.mark.gpu
+def test_bound_fused_backward_matches_the_ordinary_path_on_gpu():
+    """Head dim 64 with dropout: the default backward is the fused pass, whose bound replay adds dQ
+    into its own float32 buffer and scales it. dK and dV are written per key block (bitwise equal);
+    dQ is summed by atomic adds, so its last bits depend on the order the blocks finish."""
+    q, k, v = random_qkv((2, 1024, 4, 64), (2, 1024, 4, 64), torch.bfloat16, "cuda")
+    grad_out = torch.randn(q.shape, device="cuda").to(q.dtype)
+    theirs = _op_path(q, k, v, grad_out, 8, True, 0.1)
+    for seed in (8, 8, 8):      # the first call binds the plan, the later ones replay it
+        ours = _eager_path(q, k, v, grad_out, seed, True, 0.1)
+        for name, mine, other in zip(("out", "dk", "dv"), (ours[0], *ours[2:]), (theirs[0], *theirs[2:])):
+            assert torch.equal(mine, other), f"{name} differs from the ordinary launch path"
+        torch.testing.assert_close(ours[1], theirs[1], rtol=1e-2, atol=1e-2)
+    plan = _eager_plan.plan_for(q, k, v, None, 0, SCALE, True, 0.1)
+    assert plan._backward is not None and plan._backward[3] is not None, "the fused pass never bound"
 
 
 def test_plan_reproduces_variable_length_calls(device):
@@ -134,34 +159,75 @@ def test_one_plan_per_call_signature(device):
             is not _eager_plan.plan_for(packed, packed, packed, three, 8, 0.25, True, 0.0))
 
 
-def test_bound_launches_pass_what_the_ordinary_path_passes(monkeypatch):
-    """The bound path lists each kernel's arguments itself (addresses, then seed and offset, then the
-    static ones). With launches recorded instead of run, a plan's second call must pass exactly what
-    its first (ordinary) call passed: the same grids and scalars, the same input addresses, and an
-    address wherever the ordinary path passed a tensor. Runs without a GPU."""
+def _attend_eagerly(q, k, v):
+    return flash_attention(q, k, v, causal=True, dropout_p=0.1, softmax_scale=0.3)
+
+
+def _attend_through_the_op(q, k, v):
+    """The custom op a compiled graph calls (its autograd included)."""
+    return torch.ops.flashtrain.flash_attention_forward(q, k, v, None, 0, 0.3, True, 0.1)[0]
+
+
+def _attend_packed(qkv, heads_k):
+    """The packed op: its backward writes dQ, dK, dV into strided slices of one gradient."""
+    return torch.ops.flashtrain.flash_attention_qkv_forward(qkv, heads_k, None, 0, 0.3, True, 0.1)[0]
+
+
+def _packed(q, k, v):
+    qkv = torch.cat((q, k, v), dim=2).detach().requires_grad_()
+    return (qkv,), lambda: _attend_packed(qkv, k.shape[2])
+
+
+# Per entry point: (leaves to differentiate, a call) for q, k, v.
+ENTRIES = {"eager": lambda q, k, v: ((q, k, v), lambda: _attend_eagerly(q, k, v)),
+           "custom op": lambda q, k, v: ((q, k, v), lambda: _attend_through_the_op(q, k, v)),
+           "packed op": _packed}
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """Kernel launches recorded instead of run, as ``(kernel name, "ordinary" or "bound", grid,
+    arguments)`` with tensors as ("address", data_ptr). CPU tensors, on any machine: the kernels never
+    run, so neither the interpreter nor a GPU is needed."""
     calls = []
 
-    def record(name, grid, args):
-        calls.append((name, tuple(grid), tuple(
+    def record(name, path, grid, args):
+        calls.append((name, path, tuple(grid), tuple(
             ("address", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)))
 
     def ordinary_launch(self, grid, args, kwargs):
         name = self.kernel.fn.__name__
-        record(name, grid, args)
-        return lambda bound_grid, stream, *bound_args: record(name, bound_grid, bound_args)
+        record(name, "ordinary", grid, args)
+        return lambda bound_grid, stream, *bound_args: record(name, "bound", bound_grid, bound_args)
 
     monkeypatch.setattr(_direct_launch.DirectLauncher, "launch", ordinary_launch)
+    monkeypatch.setattr(_eager_plan, "check_runnable", lambda device: None)
     monkeypatch.setattr(_eager_plan, "current_stream", lambda device_index: 0)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})     # these fake bound kernels stay in here
+    return calls
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("fused", [False, True], ids=["two passes", "fused backward"])
+def test_bound_launches_pass_what_the_ordinary_path_passes(recorded_launches, monkeypatch, entry, fused):
+    """The bound path lists each kernel's arguments itself (addresses, then seed and offset, then the
+    static ones). A plan's second call must take the bound launches and pass exactly what its first
+    (ordinary) call passed: the same grids and scalars, the same input addresses, and an address
+    wherever the ordinary path passed a tensor. Eager calls and the custom ops that compiled graphs
+    call share the plans."""
+    calls = recorded_launches
+    if fused:
+        monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(16, 32, 1, 1, fused=True))
     q, k, v = random_qkv((2, 48, 4, 32), (2, 48, 2, 32), torch.float32, "cpu")
     grad_out = torch.randn(q.shape)
-    inputs = {t.data_ptr() for t in (q, k, v, grad_out)}
+    leaves, attend = ENTRIES[entry](q, k, v)
+    inputs = {t.data_ptr() for t in (q, k, v, grad_out, *leaves)}
     for _ in range(2):
         torch.manual_seed(7)        # the same seed and offset in both calls
-        out = flash_attention(q, k, v, causal=True, dropout_p=0.1, softmax_scale=0.3)
-        torch.autograd.grad(out, (q, k, v), grad_out)
-    assert [name for name, _, _ in calls] == ["_forward_kernel", "_dq_kernel", "_dkdv_kernel"] * 2
-    for (name, grid, ordinary), (_, bound_grid, bound) in zip(calls[:3], calls[3:]):
+        torch.autograd.grad(attend(), leaves, grad_out)
+    assert [name for name, *_ in calls] == ["_forward_kernel", "_dq_kernel", "_dkdv_kernel"] * 2
+    assert [path for _, path, *_ in calls] == ["ordinary"] * 3 + ["bound"] * 3
+    for (name, _, grid, ordinary), (_, _, bound_grid, bound) in zip(calls[:3], calls[3:]):
         assert bound_grid == grid + (1,) * (3 - len(grid)), name
         assert len(bound) == len(ordinary), name
         for position, (expected, got) in enumerate(zip(ordinary, bound)):
@@ -171,3 +237,17 @@ def test_bound_launches_pass_what_the_ordinary_path_passes(monkeypatch):
                     assert got == expected[1], (name, position)
             else:
                 assert got == expected, (name, position)
+
+
+def test_gradients_into_views_with_other_strides_do_not_replay_a_binding(recorded_launches):
+    """The packed op and the split op over the same q, k, v views share a plan, but write their
+    gradients with different strides (slices of one tensor against three): each binding replays
+    only for calls with its own strides."""
+    qkv = torch.randn(2, 48, 6, 32, requires_grad=True)
+    q, k, v = qkv.split(2, dim=2)
+    for attend in (lambda: _attend_packed(qkv, 2), lambda: _attend_packed(qkv, 2),
+                   lambda: _attend_through_the_op(q, k, v)):
+        out = attend()
+        torch.autograd.grad(out, qkv, torch.randn(out.shape))
+    # forward, dQ, dK/dV per call: the packed op binds, then replays; the split op's backward does not.
+    assert [path for _, path, *_ in recorded_launches] == ["ordinary"] * 3 + ["bound"] * 3 + ["bound"] + ["ordinary"] * 2
