@@ -340,7 +340,8 @@ def main():
                              "drifts); records get paired_ratio against the setting's first system")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="parts grid and bert: after timing, profile this many steps of each "
-                             "system and record its top GPU kernels (kernel_profile)")
+                             "system and record its top GPU kernels (kernel_profile) and its top "
+                             "operators by host time (host_profile)")
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up one")
     parser.add_argument("--agree-steps", type=int, default=200)

@@ -2,6 +2,7 @@
 
     python scripts/reproduce.py run --corpus /data/linux-6.1 --out results/ [--only 1k 4k]
     python scripts/reproduce.py report results/ [more dirs] --md docs/results/reproduction_h100.md
+    python scripts/reproduce.py compare results/ --pairs s2l_4k:s2l_2k [--context 4096]
 
 ``run`` trains each model with ``python -m trainer`` (configs/experiment/repro_linux_*.yaml: GPT-2
 small, the same tokens per step and in total at every context), times it, and scores it with
@@ -19,7 +20,9 @@ s2l_2k_seq64_sqrtlr, s2l_4k_seq64_sqrtlr (the same with the learning rate raised
 root of the batch's growth); s2l_1k_halflr, s2l_2k_halflr, s2l_4k_halflr (the s2l arms at half the
 last stage's peak learning rate) and s2l_*_quarterlr (at a quarter of it); t2_flash,
 t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention; run with --no-eval).
-``report`` writes the Markdown tables and a PNG of loss against position.
+``report`` writes the Markdown tables and a PNG of loss against position. ``compare`` says whether
+one run's perplexity on the shared targets is lower than another's beyond document-to-document noise
+(a paired bootstrap over the target documents, ``trainer/paired_bootstrap.py``).
 """
 
 import argparse
@@ -36,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer import metrics as trainer_metrics  # noqa: E402
+from trainer import paired_bootstrap  # noqa: E402
 from trainer.run_summary import training_seconds  # noqa: E402
 def continue_at(previous: str, seqlen: int) -> list[str]:
     """183 more steps (20% of the 60M tokens) of the stage ``previous``'s model at ``seqlen``,
@@ -349,6 +353,29 @@ def plot(records, path: Path, caption: str, rows):
     figure.savefig(path, dpi=120)
 
 
+def compare(args):
+    """Paired bootstrap over the shared target documents for each ``A:B`` pair of run records."""
+    records = collect(args.dirs)
+    comparisons = []
+    try:
+        for pair in args.pairs:
+            names = pair.split(":")
+            if len(names) != 2:
+                raise paired_bootstrap.ComparisonError(f"--pairs takes A:B, got {pair!r}")
+            evaluated = []
+            for name in names:
+                runs = ((records.get(name) or {}).get("evaluation") or {}).get("runs")
+                if not runs:
+                    raise paired_bootstrap.ComparisonError(f"{name}: no evaluated run record in {args.dirs}")
+                evaluated.append(runs[0])
+            comparisons.append(paired_bootstrap.compare_runs(*evaluated, args.context))
+            print(paired_bootstrap.describe(comparisons[-1]))
+    except paired_bootstrap.ComparisonError as error:
+        sys.exit(f"error: {error}")
+    if args.json:
+        args.json.write_text(json.dumps(comparisons, indent=1))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -373,9 +400,15 @@ def main():
     reporting.add_argument("--rows", nargs="+", help="records to tabulate, in order (default: every "
                            "run of every variant series, grouped by series)")
     reporting.add_argument("--plot-rows", nargs="+", help="records to plot (default: 1k 2k 4k 1k_to_4k)")
+    comparing = commands.add_parser("compare", help="is A's perplexity lower than B's beyond noise? "
+                                    "(paired bootstrap over the shared target documents)")
+    comparing.add_argument("dirs", nargs="+")
+    comparing.add_argument("--pairs", nargs="+", required=True, help="A:B record names")
+    comparing.add_argument("--context", type=int, default=4096, help="the evaluation context compared")
+    comparing.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.runs_in_order = list(STAGES)
-    run(args) if args.command == "run" else report(args)
+    {"run": run, "report": report, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def measure(record, build, window, windows, ceiling, profile_steps=0):
         fill_timing(record, system, rates, warmup_s, ceiling)
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if profile_steps:
-            record["kernel_profile"] = kernel_profile(system, profile_steps)
+            record.update(profiles(system, profile_steps))
     except Exception as error:  # noqa: BLE001 - record why a setting could not run, keep going
         record["error"] = failure(error)
     finally:
@@ -79,6 +79,19 @@ def kernel_profile(system, steps, activity=torch.profiler.ProfilerActivity.CUDA,
     return {"total_ms_per_step": sum(own_time(event) for event in events) / 1e3 / steps,
             "top": [[event.key[:160], own_time(event) / 1e3 / steps, event.count / steps]
                     for event in events[:top]]}
+
+
+def host_profile(system, steps) -> dict:
+    """Where ``steps`` steps spend host time: operators (and the compiled graphs' and custom ops'
+    calls) by their own CPU time, as ``kernel_profile`` lists kernels. A step whose GPU kernels
+    take less than its wall time waits on this (the profiler's own overhead inflates it alike)."""
+    return kernel_profile(system, steps, torch.profiler.ProfilerActivity.CPU,
+                          own_time=lambda event: event.self_cpu_time_total)
+
+
+def profiles(system, steps) -> dict:
+    """``kernel_profile`` (GPU time) and ``host_profile`` (CPU time) of ``steps`` steps each."""
+    return {"kernel_profile": kernel_profile(system, steps), "host_profile": host_profile(system, steps)}
 
 
 def fill_timing(record, system, rates, warmup_s, ceiling):
@@ -127,7 +140,7 @@ def measure_interleaved(records, builds, window, windows, ceiling, profile_steps
             fill_timing(record, system, rates[id(record)], record["warmup_s"], ceiling)
             record["interleaved"] = True
             if profile_steps:
-                record["kernel_profile"] = kernel_profile(system, profile_steps)
+                record.update(profiles(system, profile_steps))
             if running[0][0] is not record:
                 first = rates[id(running[0][0])]
                 record["paired_ratio"] = statistics.median(

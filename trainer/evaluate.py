@@ -85,11 +85,14 @@ def position_buckets(length: int) -> list[tuple[int, int]]:
 
 
 def summarize(nll: torch.Tensor, target_start: int) -> dict:
+    """Loss and perplexity on the targets, loss per position bucket, and each document's mean loss on
+    its targets (for paired comparisons between models: ``trainer.paired_bootstrap``)."""
     targets = nll[:, target_start:]
     loss = float(targets.mean())
     buckets = [{"start": lo, "end": hi, "loss": float(nll[:, lo:hi].mean()), "tokens": nll[:, lo:hi].numel()}
                for lo, hi in position_buckets(nll.shape[1])]
-    return {"loss": loss, "ppl": math.exp(loss), "target_tokens": targets.numel(), "buckets": buckets}
+    return {"loss": loss, "ppl": math.exp(loss), "target_tokens": targets.numel(), "buckets": buckets,
+            "document_losses": targets.double().mean(dim=1).tolist()}
 
 
 def model_context(model) -> int | None:

@@ -112,6 +112,10 @@ def test_command_line_end_to_end_and_errors(tmp_path):
     entries = report["runs"][0]["contexts"]
     assert [e["effective_context"] for e in entries] == [16, 32]   # trained on 32 positions
     assert report["documents"] == 3 and entries[0]["target_tokens"] == 3 * 16
+    # Each document's mean target loss, for paired comparisons: their mean is the reported loss.
+    for entry in entries:
+        assert len(entry["document_losses"]) == 3
+        assert sum(entry["document_losses"]) / 3 == pytest.approx(entry["loss"], rel=1e-6)
     (run / "tokenizer.json").unlink()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2 and "no tokenizer" in result.stderr and "Traceback" not in result.stderr

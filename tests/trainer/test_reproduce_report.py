@@ -189,3 +189,25 @@ def test_mixed_context_arms_are_the_half_rate_arms_with_1k_micro_batches_mixed_i
     overrides = [o.format(runs="/runs", tag="") for o in reproduce.STAGES["s2l_4k_mix"][1][1]]
     config = compose_run(overrides + ["data.path=/corpus"])
     assert (config.data.seqlen, config.data.mix_seqlen, config.trainer.micro_batch_size) == (4096, 1024, 4)
+
+
+def test_compare_pairs_runs_on_their_shared_target_documents(tmp_path):
+    def evaluated(name, losses, sha="same"):
+        entry = record(name, 100, 10, 4096)
+        entry["evaluation"]["runs"][0].update(name=name, targets_sha1=sha, contexts=[
+            {"context": 4096, "effective_context": 4096, "ppl": 2.0, "document_losses": losses}])
+        (tmp_path / f"{name}.json").write_text(json.dumps(entry))
+    evaluated("4k", [1.0, 1.5, 2.0, 2.5])
+    evaluated("2k", [1.1, 1.6, 2.1, 2.6])
+    evaluated("other", [1.0, 1.5, 2.0, 2.5], sha="elsewhere")
+    command = [sys.executable, "scripts/reproduce.py", "compare", str(tmp_path)]
+    result = subprocess.run(command + ["--pairs", "4k:2k", "--json", str(tmp_path / "c.out")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("4k lower")
+    assert json.loads((tmp_path / "c.out").read_text())[0]["loss_difference"] == pytest.approx(-0.1)
+    for pairs, message in ((["4k:other"], "different documents"), (["4k:missing"], "no evaluated run"),
+                           (["4k"], "takes A:B")):
+        result = subprocess.run(command + ["--pairs", *pairs], capture_output=True, text=True, cwd=ROOT,
+                                timeout=120)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
