@@ -47,14 +47,34 @@ from ._launch import call_geometry
 from ._philox import drop_threshold, next_seed_offset
 
 
+def new_rng_state(device: torch.device, dropout_p: float, seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """The dropout draw a forward hands its backward. With dropout: [seed, offset], a CPU int64
+    tensor (read back without a device sync). Without: an empty tensor on the inputs' device, so a
+    dropout-free compiled graph has no CPU tensor in it and CUDA-graph compile modes can capture it
+    (inductor skips graphs with CPU tensors)."""
+    if dropout_p > 0:
+        return torch.tensor([seed, offset], dtype=torch.int64)
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def fake_rng_state(device: torch.device, dropout_p: float) -> torch.Tensor:
+    """``new_rng_state``'s shape and device, for the ops' fake (tracing) implementations."""
+    return (torch.empty(2, dtype=torch.int64, device="cpu") if dropout_p > 0
+            else torch.empty(0, dtype=torch.int64, device=device))
+
+
+def seed_and_offset(rng_state: torch.Tensor, dropout_p: float) -> tuple[int, int]:
+    return tuple(rng_state.tolist()) if dropout_p > 0 else (0, 0)
+
+
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
                   window_right):
-    """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
+    """Returns (out, lse, rng_state); rng_state as ``new_rng_state`` makes it."""
     plan = plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
                     window_right)
     seed, offset = next_seed_offset(q.device, plan.philox_counters) if dropout_p > 0 else (0, 0)
     out, lse = plan.forward(q, k, v, cu_seqlens, seed, offset)
-    return out, lse, torch.tensor([seed, offset], dtype=torch.int64)
+    return out, lse, new_rng_state(q.device, dropout_p, seed, offset)
 
 
 def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale,
@@ -62,7 +82,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqle
     """Returns (dq, dk, dv): new contiguous tensors, or written into ``grads`` (views may be strided)."""
     plan = plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
                     window_right)
-    seed, offset = rng_state.tolist()     # a CPU tensor: no device sync
+    seed, offset = seed_and_offset(rng_state, dropout_p)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     return plan.backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, offset, grads=grads)
@@ -80,7 +100,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
                 max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float,
                 window_left: int = -1, window_right: int = -1
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, rng_state); rng_state is a CPU int64 tensor [seed, offset]."""
+    """Returns (out, lse, rng_state); rng_state as ``new_rng_state`` makes it."""
     return _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p,
                          window_left, window_right)
 
@@ -90,7 +110,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_
       window_right=-1):
     geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     lse = q.new_empty(_forward.lse_shape(geometry, q.shape[0]), dtype=torch.float32)
-    return q.new_empty(q.shape), lse, torch.empty(2, dtype=torch.int64, device="cpu")
+    return q.new_empty(q.shape), lse, fake_rng_state(q.device, dropout_p)
 
 
 @torch.library.custom_op("flashtrain::flash_attention_backward", mutates_args=())
@@ -192,7 +212,7 @@ def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None,
     if torch.compiler.is_compiling():
         out, _lse, rng_state = _forward_op(*args)
         if return_debug_mask:
-            seed, offset = rng_state.tolist()
+            seed, offset = seed_and_offset(rng_state, dropout_p)
     else:
         plan = plan_for(*args)
         seed, offset = (next_seed_offset(q.device, plan.philox_counters) if dropout_p > 0

@@ -16,7 +16,7 @@ import torch
 from ._checks import check_inputs, check_window
 from ._forward import lse_shape
 from ._launch import call_geometry
-from .flash_attention import _backward_impl, _forward_impl, flash_attention
+from .flash_attention import _backward_impl, _forward_impl, fake_rng_state, flash_attention
 
 
 def split_qkv(qkv: torch.Tensor, heads_k: int):
@@ -39,7 +39,7 @@ def _(qkv, heads_k, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, wi
     q, k, _ = split_qkv(qkv, heads_k)
     geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     lse = qkv.new_empty(lse_shape(geometry, q.shape[0]), dtype=torch.float32)
-    return q.new_empty(q.shape), lse, torch.empty(2, dtype=torch.int64, device="cpu")
+    return q.new_empty(q.shape), lse, fake_rng_state(q.device, dropout_p)
 
 
 @torch.library.custom_op("flashtrain::flash_attention_qkv_backward", mutates_args=())

@@ -14,6 +14,9 @@ from hydra.core.config_store import ConfigStore
 
 from .data.config import DataConfig
 
+# torch.compile modes that capture CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 def _one_of(key: str, value: str, allowed: tuple) -> None:
     if value not in allowed:
@@ -84,7 +87,8 @@ class TrainerConfig:
     compile: bool = False                # torch.compile the model (and its loss)
     # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune.
     # The last two capture CUDA graphs, which replay the attention kernel's dropout seed: they are
-    # refused while attention dropout is on.
+    # refused while flash attention dropout is on. Without it, the flash ops hold no CPU tensor and
+    # the step is captured (tests/trainer/test_gpu_trainer.py).
     compile_mode: str = "default"
     skip_nonfinite: bool = False         # skip (and count) steps whose loss is not finite instead of stopping
     sample_tokens: int = 64              # tokens generated from the final model (causal models), 0 = none
@@ -139,8 +143,7 @@ class RunConfig:
             raise ValueError("BERT needs a WordPiece tokenizer: set data.tokenizer=wordpiece")
         if self.trainer.precision == "fp16" and self.trainer.device == "cpu":
             raise ValueError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        cuda_graphs = self.trainer.compile and self.trainer.compile_mode in ("reduce-overhead",
-                                                                             "max-autotune")
+        cuda_graphs = self.trainer.compile and self.trainer.compile_mode in CUDA_GRAPH_MODES
         flash = self.model.attention in ("auto", "flash")
         if cuda_graphs and flash and self.model.attn_dropout != 0.0:
             raise ValueError(f"trainer.compile_mode={self.trainer.compile_mode} captures CUDA graphs, "

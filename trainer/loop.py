@@ -20,7 +20,7 @@ from .build import compile_model, make_model, model_config_dict, resolve_device
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
                          load_checkpoint, load_sharded, resumable_checkpoint, save_checkpoint,
                          set_rng_state, sharded_state)
-from .config import RunConfig
+from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import build_data
 from .data.tokenizer import write_tokenizer
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
@@ -122,6 +122,7 @@ class Trainer:
             self.wrapped = wrap_model(self.model, self.context, self.device)
         self.forward = compile_model(self.wrapped, self.model, trainer.compile_mode) if trainer.compile \
             else self.wrapped
+        self.cuda_graphs = trainer.compile and trainer.compile_mode in CUDA_GRAPH_MODES
         self.autocast_dtype = DTYPES[self.precision]
         # With a cap on targets per sequence the MLM head runs on a fixed number of positions.
         self.loss_options = ({"max_targets": config.data.mlm_max_predictions}
@@ -210,6 +211,10 @@ class Trainer:
             # the count dynamic (tests/trainer/test_trainer.py).
             torch._dynamo.maybe_mark_dynamic(batch.cu_seqlens, 0)
             documents = {"cu_seqlens": batch.cu_seqlens, "max_seqlen": batch.max_seqlen}
+        if self.cuda_graphs:
+            # Graph replays write their outputs into the same memory. Each call's start marks the
+            # last call's outputs consumed (its loss is already added into the step's total).
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             return self.forward(batch.input_ids, batch.attention_mask, targets=batch.targets,
                                 **documents, **self.loss_options)
