@@ -15,7 +15,9 @@ Parts:
   grid   GPT-2 small at 1024 x 16 and 4096 x 4, attention dropout 0.1 and 0: stock_sdpa,
          flashtrain_flash and flashtrain_sdpa compiled, flashtrain_eager uncompiled (materialized
          attention, the Hugging Face way and the paper's baseline); on request
-         flashtrain_flash_two_pass (with dropout: the backward without its fused pass).
+         flashtrain_flash_two_pass (with dropout: the backward without its fused pass), and
+         without dropout flashtrain_flash_graphs and stock_sdpa_graphs (compile mode
+         reduce-overhead: the step captured in CUDA graphs).
   long   micro-batch 1 at 8K..64K context (position table sized to the context): flashtrain_flash
          (activation checkpointing only where the plain run is out of memory), and how far
          stock_sdpa and flashtrain_eager get before running out of memory.
@@ -114,7 +116,8 @@ class TrainerSystem:
 class StockSystem:
     """scripts/stock_gpt2.py, compiled, fed the windows of flashtrain's sampler (same data)."""
 
-    def __init__(self, windows, batch, vocab_size, seqlen, attn_dropout, seed=1337, lr=6e-4, warmup=20):
+    def __init__(self, windows, batch, vocab_size, seqlen, attn_dropout, seed=1337, lr=6e-4, warmup=20,
+                 mode="default"):
         torch.manual_seed(seed)
         config = stock_gpt2.StockConfig(vocab_size=vocab_size, seqlen=seqlen, attn_dropout=attn_dropout)
         self.model = stock_gpt2.StockGPT(config).cuda().train()
@@ -122,7 +125,8 @@ class StockSystem:
         # The trainer's schedule with optim.schedule=constant: linear warm-up, then flat.
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                           lambda step: min(1.0, (step + 1) / warmup))
-        self.forward = torch.compile(self.model)
+        self.forward = torch.compile(self.model, mode=mode)
+        self.cuda_graphs = mode == "reduce-overhead"
         self.windows = windows
         self.tokens_per_step = seqlen * batch
         matmul = sum(p.numel() for name, p in self.model.named_parameters() if name != "wpe.weight"
@@ -134,7 +138,11 @@ class StockSystem:
     def step(self):
         batch = next(self.windows)
         inputs, targets = stock_gpt2.to_device(batch.input_ids, batch.targets, "cuda")
-        self.last = stock_gpt2.train_step(self.forward, self.model, self.optimizer, inputs, targets)
+        if self.cuda_graphs:
+            # The next replay overwrites this step's loss: mark the step, keep a copy.
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = stock_gpt2.train_step(self.forward, self.model, self.optimizer, inputs, targets)
+        self.last = loss.clone() if self.cuda_graphs else loss
         self.schedule.step()
 
     def sync(self):
@@ -144,12 +152,12 @@ class StockSystem:
         self.model = self.optimizer = self.forward = self.last = None
 
 
-def stock_system(args, seqlen, batch, attn_dropout, seed=1337):
+def stock_system(args, seqlen, batch, attn_dropout, seed=1337, mode="default"):
     """The stock model over the same data pipeline output as the trainer's (same vocabulary)."""
     config = run_config(gpt2_overrides(args, seqlen, batch, "flash", False, attn_dropout, seed))
     data = build_data(config.data, batch, seed, log=lambda *_: None)
     padded = -(-data.vocab_size // 64) * 64
-    return StockSystem(data.train, batch, padded, seqlen, attn_dropout, seed)
+    return StockSystem(data.train, batch, padded, seqlen, attn_dropout, seed, mode=mode)
 
 
 def gpt2_record(system, seqlen, batch, compiled, attn_dropout, **extra):
@@ -186,6 +194,18 @@ def part_grid(args, workdir, ceiling, records):
                 overrides = gpt2_overrides(args, seqlen, batch, "flash", True, p)
                 systems.append((gpt2_record("flashtrain_flash_two_pass", seqlen, batch, True, p),
                                 functools.partial(TrainerSystem, overrides, workdir, two_pass=True)))
+            if p == 0:      # CUDA graphs would replay one flash dropout mask: refused with dropout
+                if "stock_sdpa_graphs" in args.systems:
+                    systems.append((gpt2_record("stock_sdpa_graphs", seqlen, batch, True, p,
+                                                compile_mode="reduce-overhead"),
+                                    functools.partial(stock_system, args, seqlen, batch, p,
+                                                      mode="reduce-overhead")))
+                if "flashtrain_flash_graphs" in args.systems:
+                    overrides = gpt2_overrides(args, seqlen, batch, "flash", True, p,
+                                               extra=["trainer.compile_mode=reduce-overhead"])
+                    systems.append((gpt2_record("flashtrain_flash_graphs", seqlen, batch, True, p,
+                                                compile_mode="reduce-overhead"),
+                                    functools.partial(TrainerSystem, overrides, workdir)))
             for record in time_systems(args, systems, ceiling):
                 records.append(record)
     return records

@@ -26,3 +26,18 @@ def test_two_pass_system_turns_the_fused_pass_off_during_its_own_steps():
         system.step()
     assert seen == [False, True]
     assert fused_now()                       # restored after the step
+
+
+def test_cuda_graph_systems_run_only_without_dropout(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(bench_train, "time_systems",
+                        lambda args, systems, ceiling: chosen.append(systems) or [r for r, _ in systems])
+    args = type("Args", (), dict(settings=["1024:16"], dropouts=[0.1, 0.0], corpus="C", cache="K",
+                                 num_proc=1, systems=["stock_sdpa_graphs", "flashtrain_flash_graphs"]))()
+    bench_train.part_grid(args, "W", 1.0, [])
+    with_dropout, without = chosen
+    assert with_dropout == []      # one replayed dropout mask: not a system to time
+    (stock_record, stock_build), (flash_record, flash_build) = without
+    assert stock_record["system"] == "stock_sdpa_graphs" and stock_build.keywords == {"mode": "reduce-overhead"}
+    assert flash_record["compile_mode"] == "reduce-overhead"
+    assert "trainer.compile_mode=reduce-overhead" in flash_build.args[0]
