@@ -137,6 +137,7 @@ def test_progressive_rows_count_every_earlier_stage(tmp_path):
 
 def test_sixty_four_sequence_arms_keep_the_sequences_and_the_tokens_of_the_1k_arm():
     import reproduce
+    import reproduce_recipes
 
     def setting(run):
         overrides = dict(o.split("=", 1) for o in reproduce.STAGES[run][-1][1])
@@ -158,19 +159,20 @@ def test_sixty_four_sequence_arms_keep_the_sequences_and_the_tokens_of_the_1k_ar
     assert lr["s2l_4k_seq64"] is None           # the stage's configured rate
     assert float(lr["s2l_2k_seq64_sqrtlr"]) == pytest.approx(OmegaConf.load(
         ROOT / "configs/experiment/repro_linux_s2l_stage2.yaml").optim.lr * 2 ** 0.5, rel=1e-3)
-    assert float(lr["s2l_4k_seq64_sqrtlr"]) == pytest.approx(2 * reproduce.S2L_STAGE2_LR)
+    assert float(lr["s2l_4k_seq64_sqrtlr"]) == pytest.approx(2 * reproduce_recipes.S2L_STAGE2_LR)
 
 
 @pytest.mark.parametrize("name, divisor", [("halflr", 2), ("quarterlr", 4)])
 def test_lower_learning_rate_arms_differ_from_the_s2l_arms_only_in_the_rate(name, divisor):
     import reproduce
+    import reproduce_recipes
     for k in (1, 2, 4):
         plain, lower = reproduce.STAGES[f"s2l_{k}k"], reproduce.STAGES[f"s2l_{k}k_{name}"]
         assert lower[0] == plain[0]                                   # the shared first stage
         extra = [o for o in lower[1][1] if o not in plain[1][1]]
         assert [o for o in plain[1][1] if o not in lower[1][1]] == []
         assert len(extra) == 1 and extra[0].startswith("optim.lr=")
-        assert float(extra[0].split("=")[1]) == pytest.approx(reproduce.S2L_STAGE2_LR / divisor)
+        assert float(extra[0].split("=")[1]) == pytest.approx(reproduce_recipes.S2L_STAGE2_LR / divisor)
     assert reproduce.BASELINE[f"s2l_4k_{name}"] == f"s2l_1k_{name}"
     assert reproduce.series_of("s2l_4k_halflr_h200") == ("s2l_4k_halflr", "_h200")
 
