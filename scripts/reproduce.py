@@ -11,8 +11,8 @@ documents at least that long, targets at positions 3072-4095, each model at 1K, 
 context (a model trained on less is scored with a sliding window at its own context). One JSON per
 run (``<name>.json``: command, wall time, metrics, evaluation) lands in ``--out``.
 
-Runs (their stages and overrides: ``scripts/reproduce_recipes.py``): 1k, 2k, 4k (from scratch); 1k_to_4k (75% of the tokens at 1K, then 25% at 4K with the
-positions stretched: the long-document fine-tuning recipe); s2l_1k, s2l_2k, s2l_4k (the rotary
+Runs (their stages and overrides: ``scripts/reproduce_recipes.py``): 1k, 2k, 4k (from scratch);
+1k_to_4k (75% of the tokens at 1K, then 25% at 4K with the positions stretched: the long-document fine-tuning recipe); s2l_1k, s2l_2k, s2l_4k (the rotary
 decoder, 80% of the tokens at 1K in a shared first stage, the last 20% at 1K, 2K or 4K); p2l_1k,
 p2l_2k, p2l_4k (progressive: 60% at 1K, then 20% at 1K/2K/2K, then 20% at 1K/2K/4K); s2l_2k_seq64,
 s2l_4k_seq64 (the s2l arms with 64 sequences per step, as s2l_1k has, in fewer steps), and
