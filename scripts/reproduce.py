@@ -12,18 +12,18 @@ context (a model trained on less is scored with a sliding window at its own cont
 run (``<name>.json``: command, wall time, metrics, evaluation) lands in ``--out``.
 
 Runs (their stages and overrides: ``scripts/reproduce_recipes.py``): 1k, 2k, 4k (from scratch);
-1k_to_4k (75% of the tokens at 1K, then 25% at 4K with the positions stretched: the long-document fine-tuning recipe); s2l_1k, s2l_2k, s2l_4k (the rotary
-decoder, 80% of the tokens at 1K in a shared first stage, the last 20% at 1K, 2K or 4K); p2l_1k,
-p2l_2k, p2l_4k (progressive: 60% at 1K, then 20% at 1K/2K/2K, then 20% at 1K/2K/4K); s2l_2k_seq64,
-s2l_4k_seq64 (the s2l arms with 64 sequences per step, as s2l_1k has, in fewer steps), and
-s2l_2k_seq64_sqrtlr, s2l_4k_seq64_sqrtlr (the same with the learning rate raised by the square
-root of the batch's growth); s2l_1k_halflr, s2l_2k_halflr, s2l_4k_halflr (the s2l arms at half the
-last stage's peak learning rate) and s2l_*_quarterlr (at a quarter of it); t2_flash,
-t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention; run with --no-eval).
-``report`` writes the Markdown tables and a PNG of loss against position. ``compare`` says whether
-one run's perplexity on the shared targets is lower than another's beyond document-to-document noise
-(a paired bootstrap over the target documents, ``trainer/paired_bootstrap.py``).
-"""
+1k_to_4k (75% of the tokens at 1K, then 25% at 4K with the positions stretched: the long-document
+fine-tuning recipe); s2l_1k, s2l_2k, s2l_4k (the rotary decoder, 80% of the tokens at 1K in a shared
+first stage, the last 20% at 1K, 2K or 4K); p2l_1k, p2l_2k, p2l_4k (progressive: 60% at 1K, then 20%
+at 1K/2K/2K, then 20% at 1K/2K/4K); s2l_2k_seq64, s2l_4k_seq64 (the s2l arms with 64 sequences per
+step, as s2l_1k has, in fewer steps), and s2l_2k_seq64_sqrtlr, s2l_4k_seq64_sqrtlr (the same with
+the learning rate raised by the square root of the batch's growth); s2l_1k_halflr, s2l_2k_halflr,
+s2l_4k_halflr (the s2l arms at half the last stage's peak learning rate) and s2l_*_quarterlr (at a
+quarter of it); t2_flash, t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention;
+run with --no-eval). ``report`` writes the Markdown tables and a PNG of loss against position.
+``compare`` says whether one run's perplexity on the shared targets is lower than another's beyond
+document-to-document noise (a paired bootstrap over the target documents,
+``trainer/paired_bootstrap.py``). """
 
 import argparse
 import datetime
