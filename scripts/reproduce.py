@@ -19,10 +19,11 @@ at 1K/2K/2K, then 20% at 1K/2K/4K); s2l_2k_seq64, s2l_4k_seq64 (the s2l arms wit
 step, as s2l_1k has, in fewer steps), and s2l_2k_seq64_sqrtlr, s2l_4k_seq64_sqrtlr (the same with
 the learning rate raised by the square root of the batch's growth); s2l_1k_halflr, s2l_2k_halflr,
 s2l_4k_halflr (the s2l arms at half the last stage's peak learning rate) and s2l_*_quarterlr (at a
-quarter of it); t2_flash, t2_sdpa, t2_eager (Table 2 analog: a 300-step 1K run with each attention;
-run with --no-eval). ``report`` writes the Markdown tables and a PNG of loss against position.
-``compare`` says whether one run's perplexity on the shared targets is lower than another's beyond
-document-to-document noise (a paired bootstrap over the target documents,
+quarter of it); s2l_*_mix and s2l_*_mix75 (the half-rate arms with a half or three quarters of the
+last stage's micro-batches at 1K context); t2_flash, t2_sdpa, t2_eager (Table 2 analog: a 300-step
+1K run with each attention; run with --no-eval). ``report`` writes the Markdown tables and a PNG of
+loss against position. ``compare`` says whether one run's perplexity on the shared targets is lower
+than another's beyond document-to-document noise (a paired bootstrap over the target documents,
 ``trainer/paired_bootstrap.py``). """
 
 import argparse
