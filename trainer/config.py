@@ -87,8 +87,8 @@ class TrainerConfig:
     compile: bool = False                # torch.compile the model (and its loss)
     # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune.
     # The last two capture CUDA graphs, which replay the attention kernel's dropout seed: they are
-    # refused while flash attention dropout is on. Without it, the flash ops hold no CPU tensor and
-    # the step is captured (tests/trainer/test_gpu_trainer.py).
+    # refused while flash attention dropout is on, and with grad_accum > 1. Without dropout, the
+    # flash ops hold no CPU tensor and the step is captured (tests/trainer/test_gpu_trainer.py).
     compile_mode: str = "default"
     skip_nonfinite: bool = False         # skip (and count) steps whose loss is not finite instead of stopping
     sample_tokens: int = 64              # tokens generated from the final model (causal models), 0 = none
@@ -149,6 +149,13 @@ class RunConfig:
             raise ValueError(f"trainer.compile_mode={self.trainer.compile_mode} captures CUDA graphs, "
                              "which would replay one flash-attention dropout mask at every step; set "
                              "model.attn_dropout=0.0 or use compile_mode=default")
+        if cuda_graphs and self.trainer.grad_accum > 1:
+            # PyTorch's CUDA-graph trees hand the first micro-batch's gradients to .grad in graph
+            # memory that the next micro-batch's replay overwrites (pytorch/pytorch#169545, #96693).
+            raise ValueError(f"trainer.compile_mode={self.trainer.compile_mode} captures CUDA graphs, "
+                             f"which lose gradients accumulated over micro-batches "
+                             f"(trainer.grad_accum={self.trainer.grad_accum}); use grad_accum=1 with a "
+                             "larger micro_batch_size, or compile_mode=default")
         if self.data.document_aware and self.model.attention not in ("auto", "flash"):
             raise ValueError("data.document_aware=true packs documents with cu_seqlens, which only "
                              "model.attention=flash (or auto on CUDA) supports")

@@ -213,7 +213,8 @@ class Trainer:
             documents = {"cu_seqlens": batch.cu_seqlens, "max_seqlen": batch.max_seqlen}
         if self.cuda_graphs:
             # Graph replays write their outputs into the same memory. Each call's start marks the
-            # last call's outputs consumed (its loss is already added into the step's total).
+            # last call's outputs consumed: its loss is already added into the step's total, and its
+            # gradients were used by the optimizer step (one micro-batch per step in these modes).
             torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             return self.forward(batch.input_ids, batch.attention_mask, targets=batch.targets,

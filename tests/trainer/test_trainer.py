@@ -293,6 +293,9 @@ def test_compile_modes_that_capture_cuda_graphs_refuse_flash_dropout():
     config = compose_run(["model=gpt2_small_nodropout", "trainer.compile=true",
                           "trainer.compile_mode=reduce-overhead"])
     assert config.trainer.compile_mode == "reduce-overhead"
+    with pytest.raises(Exception, match="lose gradients accumulated over micro-batches"):
+        compose_run(["model=gpt2_small_nodropout", "trainer.compile=true",
+                     "trainer.compile_mode=reduce-overhead", "trainer.grad_accum=2"])
     with pytest.raises(Exception, match="compile_mode"):
         compose_run(["trainer.compile_mode=fastest"])
 
