@@ -17,9 +17,9 @@ driver query per tensor), the dropout seed and offset.
 Three things are checked per call because the key does not fix them: every address 16-byte aligned
 (Triton specializes on it; the bound kernels are all aligned ones), the output gradient's strides,
 and the strides of gradients written into given views (the packed qkv op's slices). A call that
-differs takes the ordinary path, which handles any case. The fused backward (``_backward.py``) is
-replayed with its float32 dQ buffer and final scaling. So do all calls under
-the interpreter or while a launch hook (a profiler) is installed.
+differs takes the ordinary path, which handles any case. So do all calls under the interpreter or
+while a launch hook (a profiler) is installed. The fused backward (``_backward.py``) is replayed
+with its float32 dQ buffer and final scaling.
 """
 
 import torch
