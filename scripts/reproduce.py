@@ -171,6 +171,11 @@ def report(args):
              "|---|---|---|---|---|---|" + "---|" * len(args.contexts)]
     lines += [report_row(name, records, args.contexts) for name in rows if name in records]
     text = "\n".join(lines) + "\n"
+    paired = paired_lines([name for name in rows if name in records], records, max(args.contexts))
+    if paired:
+        text += (f"\nEach run against its series' next shorter context, on the shared targets at "
+                 f"{max(args.contexts)} (paired bootstrap over the documents):\n\n"
+                 + "".join(f"- {line}\n" for line in paired))
     if any(name in records for name in TABLE2_RUNS):
         text += "\n" + table2(records)
     print(text)
@@ -241,6 +246,42 @@ def plot(records, path: Path, caption: str, rows):
     figure.savefig(path, dpi=120)
 
 
+def evaluated_run(records: dict, name: str | None) -> dict | None:
+    """The evaluation of run record ``name`` (``trainer.evaluate``'s entry, named as the record), or
+    None."""
+    runs = ((records.get(name) or {}).get("evaluation") or {}).get("runs")
+    return dict(runs[0], name=name) if runs else None
+
+
+def shorter_arm(name: str, records: dict) -> str | None:
+    """The record of the same series at the next shorter context: 4k -> 2k -> 1k in the run's name,
+    else the run its time is compared with (a 2K arm whose series has no 1K arm of its own)."""
+    run, tag = series_of(name)
+    for longer, shorter in (("4k", "2k"), ("2k", "1k")):
+        if longer in run:
+            candidate = run.replace(longer, shorter, 1) + tag
+            if candidate in records:
+                return candidate
+            fallback = BASELINE.get(run, "1k") + tag
+            return fallback if fallback in records and fallback != name else None
+    return None
+
+
+def paired_lines(rows, records: dict, context: int) -> list[str]:
+    """``paired_bootstrap.describe`` of each row against ``shorter_arm``, where both evaluations
+    hold per-document losses at ``context`` (older records do not)."""
+    lines = []
+    for name in rows:
+        mine, theirs = evaluated_run(records, name), evaluated_run(records, shorter_arm(name, records))
+        if mine is None or theirs is None:
+            continue
+        try:
+            lines.append(paired_bootstrap.describe(paired_bootstrap.compare_runs(mine, theirs, context)))
+        except paired_bootstrap.ComparisonError:
+            continue
+    return lines
+
+
 def compare(args):
     """Paired bootstrap over the shared target documents for each ``A:B`` pair of run records."""
     records = collect(args.dirs)
@@ -250,12 +291,10 @@ def compare(args):
             names = pair.split(":")
             if len(names) != 2:
                 raise paired_bootstrap.ComparisonError(f"--pairs takes A:B, got {pair!r}")
-            evaluated = []
-            for name in names:
-                runs = ((records.get(name) or {}).get("evaluation") or {}).get("runs")
-                if not runs:
+            evaluated = [evaluated_run(records, name) for name in names]
+            for name, run in zip(names, evaluated):
+                if run is None:
                     raise paired_bootstrap.ComparisonError(f"{name}: no evaluated run record in {args.dirs}")
-                evaluated.append(runs[0])
             comparisons.append(paired_bootstrap.compare_runs(*evaluated, args.context))
             print(paired_bootstrap.describe(comparisons[-1]))
     except paired_bootstrap.ComparisonError as error:

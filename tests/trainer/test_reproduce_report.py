@@ -193,15 +193,35 @@ def test_mixed_context_arms_are_the_half_rate_arms_with_1k_micro_batches_mixed_i
     assert (config.data.seqlen, config.data.mix_seqlen, config.trainer.micro_batch_size) == (4096, 1024, 4)
 
 
+def evaluated(tmp_path, name, losses, sha="same"):
+    """A run record evaluated at 4096 with per-document losses."""
+    entry = record(name, 100, 10, 4096)
+    entry["evaluation"]["runs"][0].update(name=name.split("_h")[0], targets_sha1=sha, contexts=[
+        {"context": 4096, "effective_context": 4096, "ppl": 2.0, "document_losses": losses}])
+    (tmp_path / f"{name}.json").write_text(json.dumps(entry))
+
+
+def test_report_compares_each_arm_with_its_series_next_shorter_context(tmp_path):
+    evaluated(tmp_path, "s2l_1k_mix_h1", [1.2, 1.7, 2.2, 2.7])
+    evaluated(tmp_path, "s2l_2k_mix75_h1", [1.1, 1.6, 2.1, 2.6])     # no 1k_mix75 arm: 1k_mix
+    evaluated(tmp_path, "s2l_4k_mix75_h1", [1.1, 1.6, 2.1, 2.6])     # a tie with 2K
+    evaluated(tmp_path, "s2l_4k_mix_h1", [1.0, 1.5, 2.0, 2.5])       # no 2k_mix arm in this series
+    result = subprocess.run([sys.executable, "scripts/reproduce.py", "report", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    paired = [line[2:] for line in result.stdout.splitlines() if line.startswith("- ")]
+    assert len(paired) == 3, result.stdout
+    assert any(line.startswith("s2l_2k_mix75_h1") and "s2l_1k_mix_h1" in line and line.endswith("s2l_2k_mix75_h1 lower")
+               for line in paired)
+    assert any(line.startswith("s2l_4k_mix75_h1") and "s2l_2k_mix75_h1" in line and line.endswith("a tie")
+               for line in paired)
+    assert any(line.startswith("s2l_4k_mix_h1") and "s2l_1k_mix_h1" in line for line in paired)
+
+
 def test_compare_pairs_runs_on_their_shared_target_documents(tmp_path):
-    def evaluated(name, losses, sha="same"):
-        entry = record(name, 100, 10, 4096)
-        entry["evaluation"]["runs"][0].update(name=name, targets_sha1=sha, contexts=[
-            {"context": 4096, "effective_context": 4096, "ppl": 2.0, "document_losses": losses}])
-        (tmp_path / f"{name}.json").write_text(json.dumps(entry))
-    evaluated("4k", [1.0, 1.5, 2.0, 2.5])
-    evaluated("2k", [1.1, 1.6, 2.1, 2.6])
-    evaluated("other", [1.0, 1.5, 2.0, 2.5], sha="elsewhere")
+    evaluated(tmp_path, "4k", [1.0, 1.5, 2.0, 2.5])
+    evaluated(tmp_path, "2k", [1.1, 1.6, 2.1, 2.6])
+    evaluated(tmp_path, "other", [1.0, 1.5, 2.0, 2.5], sha="elsewhere")
     command = [sys.executable, "scripts/reproduce.py", "compare", str(tmp_path)]
     result = subprocess.run(command + ["--pairs", "4k:2k", "--json", str(tmp_path / "c.out")],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
