@@ -1,7 +1,7 @@
 """dK/dV pass for Hopper (sm_90) written in Gluon: the next query block's two score-side products in
 flight while the current block's dV and dK products run, with Q and dO arriving by TMA.
 
-Why: the portable dK/dV pass (``_backward._dkdv_kernel``) waits on each of its four products as it
+Why: the portable dK/dV pass (``_backward_kernels._dkdv_kernel``) waits on each of its four products as it
 issues it, so its elementwise work (the probabilities recomputed from lse, dS = P∘(dP − δ)) never
 overlaps a product. Per key block (K and V held in shared memory, loaded once), for query blocks
 i = first .. last:
@@ -16,7 +16,7 @@ them before their stage of Q/dO is reused. Q and dO arrive by TMA into STAGES sh
 stages (one mbarrier each); a stage is refilled at the top of the iteration after the one that
 used it, STAGES - 2 blocks ahead of the block that iteration waits for, so STAGES >= 3.
 
-The same arguments as ``_backward._dkdv_kernel`` (launch plans pass them), for the calls
+The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dkdv_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, one query
 head per kv-head, no window, no dropout, whole query and key blocks, and with the causal mask as
 many queries as keys (its mask is the plain diagonal). δ comes from the dQ pass, launched first.
@@ -104,7 +104,7 @@ def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp,
     return s, dp, p, ds, dk, dv
 
 
-# The signature of _backward._dkdv_kernel (launch plans pass the same arguments), plus STAGES
+# The signature of _backward_kernels._dkdv_kernel (launch plans pass the same arguments), plus STAGES
 # and num_warps.
 @gluon.jit(do_not_specialize=["seed", "counter_base"])
 def _dkdv_gluon_kernel(

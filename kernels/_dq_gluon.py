@@ -1,7 +1,7 @@
 """dQ pass for Hopper (sm_90) written in Gluon: the next key block's two products in flight while the
 current block's dQ product runs, with K and V arriving by TMA.
 
-The portable dQ pass (``_backward._dq_kernel``) waits on each of its three products as it issues
+The portable dQ pass (``_backward_kernels._dq_kernel``) waits on each of its three products as it issues
 it. Per query block (Q and dO held in shared memory, loaded once; δ = rowsum(dO∘O) computed and
 stored first, for the dK/dV pass), for key blocks j:
 
@@ -15,7 +15,7 @@ stage of K/V is reused. K and V arrive by TMA into STAGES stages (one mbarrier e
 the top of the iteration after the one that used them, so STAGES >= 3). With the causal mask the
 key blocks every row sees run that loop unmasked and the diagonal blocks run it masked.
 
-The same arguments as ``_backward._dq_kernel`` (launch plans pass them), for the calls
+The same arguments as ``_backward_kernels._dq_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dq_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, no window,
 no dropout, whole query and key blocks, and with the causal mask as many queries as keys.
 """
@@ -86,7 +86,7 @@ def _key_blocks(q_smem, do_smem, k_desc, v_desc, k_smem, v_smem, bars, s, dp, ds
     return s, dp, ds, dq
 
 
-# The signature of _backward._dq_kernel (launch plans pass the same arguments), plus STAGES and
+# The signature of _backward_kernels._dq_kernel (launch plans pass the same arguments), plus STAGES and
 # num_warps.
 @gluon.jit(do_not_specialize=["seed", "counter_base"])
 def _dq_gluon_kernel(

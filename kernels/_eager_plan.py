@@ -18,8 +18,8 @@ Three things are checked per call because the key does not fix them: every addre
 (Triton specializes on it; the bound kernels are all aligned ones), the output gradient's strides,
 and the strides of gradients written into given views (the packed qkv op's slices). A call that
 differs takes the ordinary path, which handles any case. So do all calls under the interpreter or
-while a launch hook (a profiler) is installed. The fused backward (``_backward.py``) is replayed
-with its float32 dQ buffer and final scaling.
+while a launch hook (a profiler) is installed. The fused backward (``_backward_kernels.py``) is
+replayed with its float32 dQ buffer and final scaling.
 """
 
 import torch
@@ -106,7 +106,7 @@ class EagerPlan:
                 qa, ka, va, ga, oa, la, da, dqa, dka, dva, dsa, ca = addresses
                 per_call = (ca, kernel_seed(seed), kernel_counter_base(offset))
                 stream = current_stream(self.device_index)
-                # In the kernels' signature order (_backward.py); dQ first: it writes delta for
+                # In the kernels' signature order (_backward_kernels.py); dQ first: it writes delta for
                 # dK/dV (the fused backward's dQ pass writes only delta).
                 dq_kernel(dq_grid, stream, qa, ka, va, ga, oa, la, da, dqa, *per_call, *dq_static)
                 dkdv_kernel(dkdv_grid, stream, qa, ka, va, ga, la, da, dka, dva, dsa, *per_call,

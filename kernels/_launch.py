@@ -129,7 +129,7 @@ class Tiles:
     # call qualifies (_hopper.gluon_device and the kernel's gluon_*call).
     gluon: bool = False
     # dK/dV only: the pass also adds dQ into a float32 buffer by atomic adds, and the dQ pass
-    # computes delta alone (FlashAttention-2's single pass; _backward.py). Portable kernel only.
+    # computes delta alone (FlashAttention-2's single pass; _backward_kernels.py). Portable kernel only.
     fused: bool = False
 
     def __post_init__(self):
@@ -208,7 +208,7 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
             return Tiles(64, 64, 4, 3, fused=True)
         return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
-        if dropout:     # the dropout path runs untransposed tiles (_backward.py): its own sweep.
+        if dropout:     # the dropout path runs untransposed tiles (_backward_kernels.py): its own sweep.
             # Causal: without pipelining, 128x64 beats 64x32 by 0-9 % (whole backward, 2K-16K).
             return Tiles(128, 64, 8, 1) if causal else Tiles(128, 64, 8, 2)
         # On sm_90 the Gluon pass with the same tiles: whole backward +6.7 % without a mask, +4.5 %

@@ -47,7 +47,7 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
     # (64-query tiles) are left out there by the sweep's own timing, not here.
     Tiles(*t, gluon=True) for t in [(32, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 3), (32, 64, 4, 4),
                                     (64, 128, 8, 3), (64, 64, 4, 3)]] + [
-    # The fused backward (_backward.py): this pass also adds dQ by atomic adds, the dQ pass only
+    # The fused backward (_backward_kernels.py): this pass also adds dQ by atomic adds, the dQ pass only
     # computes delta; its dQ tiles are then those of that delta pass.
     Tiles(*t, fused=True) for t in [(64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 1),
                                     (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3), (32, 128, 4, 3)]]

@@ -118,7 +118,7 @@ def test_activation_checkpointing_replays_the_mask(device):
 
 
 def test_dkdv_mask_layouts_give_the_same_gradients(device, monkeypatch):
-    """The dK/dV pass can apply the mask two ways (kernels/_backward.py); both are one mask."""
+    """The dK/dV pass can apply the mask two ways (kernels/_backward_kernels.py); both are one mask."""
     from kernels import _backward
     q, k, v = random_qkv((1, 50, 2, 32), (1, 50, 2, 32), torch.float32, device)
     grad_out = torch.randn(1, 50, 2, 32, device=device)
