@@ -9,10 +9,14 @@ alternating windows, each paired with the first system's window of the same roun
 import gc
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import triton
+
+import gpu_idle
 
 DATASHEET_FLOPS = 989e12       # dense bf16, H100 SXM
 
@@ -89,9 +93,24 @@ def host_profile(system, steps) -> dict:
                           own_time=lambda event: event.self_cpu_time_total)
 
 
+def idle_profile(system, steps) -> dict:
+    """Where the GPU is idle during ``steps`` steps (``gpu_idle.summarize``): the intervals in which
+    no kernel, copy or memset runs, with what runs either side of them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            system.step()
+        system.sync()
+    with tempfile.TemporaryDirectory() as scratch:
+        trace = Path(scratch) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        return gpu_idle.summarize_trace(trace, steps)
+
+
 def profiles(system, steps) -> dict:
-    """``kernel_profile`` (GPU time) and ``host_profile`` (CPU time) of ``steps`` steps each."""
-    return {"kernel_profile": kernel_profile(system, steps), "host_profile": host_profile(system, steps)}
+    """``kernel_profile`` (GPU time), ``host_profile`` (CPU time) and ``idle_profile`` (the GPU's
+    idle intervals) of ``steps`` steps each."""
+    return {"kernel_profile": kernel_profile(system, steps), "host_profile": host_profile(system, steps),
+            "idle_profile": idle_profile(system, steps)}
 
 
 def fill_timing(record, system, rates, warmup_s, ceiling):
