@@ -95,7 +95,10 @@ def host_profile(system, steps) -> dict:
 
 def idle_profile(system, steps) -> dict:
     """Where the GPU is idle during ``steps`` steps (``gpu_idle.summarize``): the intervals in which
-    no kernel, copy or memset runs, with what runs either side of them."""
+    no kernel, copy or memset runs, with what runs either side of them. One step is queued before
+    the profiler starts: profiling from an idle GPU (after the last window's sync) would count the
+    host's head start on the first step, which a window pays once, as idle time of every step."""
+    system.step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         for _ in range(steps):
             system.step()
