@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import os
 
 import torch
 
@@ -21,6 +22,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device
+
+
+def check_attention_runs(config: RunConfig, device: torch.device):
+    """Refuse, before any data is built, a run whose attention cannot run on ``device``."""
+    if config.model.attention == "flash" and device.type != "cuda" \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"model.attention=flash runs the Triton kernels, which need a CUDA GPU "
+                         f"(this run is on {device}); use model.attention=auto or sdpa here")
+    attention = resolve_attention(config.model.attention, device)
+    for key in ("document_aware", "mlm_pack_sequences"):
+        if getattr(config.data, key) and attention != "flash":
+            raise ValueError(f"data.{key}=true packs documents with cu_seqlens, which only the "
+                             f"flash kernel supports; on {device} attention resolves to {attention}")
 
 
 def model_overrides(config: RunConfig, vocab_size: int) -> dict:

@@ -14,15 +14,15 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from models import generate, save_model
-from models.attention import resolve as resolve_attention
 
-from .build import compile_model, make_model, model_config_dict, resolve_device
+from .build import check_attention_runs, compile_model, make_model, model_config_dict, resolve_device
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
                          load_checkpoint, load_sharded, resumable_checkpoint, save_checkpoint,
                          set_rng_state, sharded_state)
 from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import build_data
 from .data.tokenizer import write_tokenizer
+from .fit_report import announce, flops_per_token, window_record
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
 from .metrics import MetricsWriter, close_logging, log, read_metrics, setup_logging
@@ -32,11 +32,6 @@ from .run_lock import RunLock
 from .run_summary import format_summary, peak_flops, summarize
 from .stop_signals import StopSignals, resume_command
 
-
-
-# More passes over the training split than this draw a warning: past ~4 epochs repeated data is
-# worth much less than new data (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
-MAX_QUIET_EPOCHS = 4
 
 
 class NonFiniteLoss(RuntimeError):
@@ -85,15 +80,7 @@ class Trainer:
             log.warning(warning)
         # What a checkpoint records and a resume compares is the format the run computed in.
         trainer.precision = self.precision
-        if config.model.attention == "flash" and self.device.type != "cuda" \
-                and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"model.attention=flash runs the Triton kernels, which need a CUDA GPU "
-                             f"(this run is on {self.device}); use model.attention=auto or sdpa here")
-        for key in ("document_aware", "mlm_pack_sequences"):
-            if getattr(config.data, key) and resolve_attention(config.model.attention, self.device) != "flash":
-                raise ValueError(f"data.{key}=true packs documents with cu_seqlens, which only the "
-                                 f"flash kernel supports; on {self.device} attention resolves to "
-                                 f"{resolve_attention(config.model.attention, self.device)}")
+        check_attention_runs(config, self.device)
         seed_everything(trainer.seed + self.context.rank)   # dropout differs per rank; weights do not
 
         # Rank 0 trains the tokenizer and writes the token cache; the others then read it.
@@ -310,24 +297,11 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
         trainer = self.config.trainer
-        tokens_per_step = trainer.micro_batch_size * trainer.grad_accum * self.context.world_size * self.config.data.seqlen
-        data = self.config.data
-        flops_per_token = self.model.flops_per_token(data.seqlen)
-        if data.mix_seqlen:      # the mixed-in short micro-batches attend over fewer keys
-            flops_per_token = ((1 - data.mix_fraction) * flops_per_token
-                               + data.mix_fraction * self.model.flops_per_token(data.mix_seqlen))
-        params = sum(p.numel() for p in self.model.parameters())
-        attention = resolve_attention(self.model.config.attention, self.device)
-        log.info(f"run {self.run_dir}: {self.config.model.name} ({params / 1e6:.2f}M parameters, "
-                 f"{attention} attention), "
-                 f"{self.device}, {self.precision}, {self.context.world_size} process(es), "
-                 f"{tokens_per_step} tokens per step, steps {self.step}..{trainer.max_steps}")
+        tokens_per_step = (trainer.micro_batch_size * trainer.grad_accum * self.context.world_size
+                           * self.config.data.seqlen)
+        flops = flops_per_token(self.model, self.config.data)
         corpus_tokens = max(1, len(self.data.splits["train"].tokens))
-        epochs = trainer.max_steps * tokens_per_step / corpus_tokens
-        if epochs > MAX_QUIET_EPOCHS:
-            log.warning(f"this run reads its {corpus_tokens:,}-token training split {epochs:.1f} times "
-                        f"(max_steps {trainer.max_steps} x {tokens_per_step} tokens): expect validation "
-                        "loss to rise from overfitting; add data or lower trainer.max_steps")
+        announce(self, tokens_per_step, corpus_tokens)
         bar = tqdm(total=trainer.max_steps, initial=self.step, disable=not self.context.is_main,
                    desc="train", dynamic_ncols=True)
         last_eval, final_loss = None, None
@@ -346,19 +320,8 @@ class Trainer:
                     self.check_finite()          # waits for the GPU: the window's time is then exact
                     elapsed = time.time() - window_start
                     tokens_per_s = window_tokens / elapsed
-                    final_loss = float(result["loss"])
-                    grad_norm = result["grad_norm"]
-                    record = {"step": self.step, "tokens": self.tokens,
-                              "epoch": round(self.tokens / corpus_tokens, 4), "loss": final_loss,
-                              "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": None if grad_norm is None else float(grad_norm),
-                              "tokens_per_s": tokens_per_s,
-                              "mfu": tokens_per_s * flops_per_token / self.context.world_size / self.peak_flops
-                              if self.peak_flops else None,
-                              "mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9
-                              if self.device.type == "cuda" else None}
-                    if self.skipped:
-                        record["skipped_steps"] = self.skipped
+                    record = window_record(self, result, tokens_per_s, corpus_tokens, flops)
+                    final_loss = record["loss"]
                     self.metrics.write(record)
                     bar.set_postfix(loss=f"{final_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_tokens = time.time(), 0

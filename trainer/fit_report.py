@@ -1,0 +1,55 @@
+"""What ``Trainer.fit`` tells the user: the run's opening line (and a warning when it would
+re-read its data too often) and the metrics record of each log window."""
+
+import torch
+
+from models.attention import resolve as resolve_attention
+
+from .metrics import log
+
+# More passes over the training split than this draw a warning: past ~4 epochs repeated data is
+# worth much less than new data (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
+MAX_QUIET_EPOCHS = 4
+
+
+def flops_per_token(model, data) -> float:
+    """Model FLOPs per trained token at ``data.seqlen``, or the mix of two lengths the run trains."""
+    flops = model.flops_per_token(data.seqlen)
+    if data.mix_seqlen:      # the mixed-in short micro-batches attend over fewer keys
+        flops = (1 - data.mix_fraction) * flops + data.mix_fraction * model.flops_per_token(data.mix_seqlen)
+    return flops
+
+
+def announce(trainer, tokens_per_step: int, corpus_tokens: int):
+    """Log the run's opening line; warn if ``max_steps`` reads the training split too many times."""
+    config, steps = trainer.config, trainer.config.trainer.max_steps
+    params = sum(p.numel() for p in trainer.model.parameters())
+    attention = resolve_attention(trainer.model.config.attention, trainer.device)
+    log.info(f"run {trainer.run_dir}: {config.model.name} ({params / 1e6:.2f}M parameters, "
+             f"{attention} attention), {trainer.device}, {trainer.precision}, "
+             f"{trainer.context.world_size} process(es), {tokens_per_step} tokens per step, "
+             f"steps {trainer.step}..{steps}")
+    epochs = steps * tokens_per_step / corpus_tokens
+    if epochs > MAX_QUIET_EPOCHS:
+        log.warning(f"this run reads its {corpus_tokens:,}-token training split {epochs:.1f} times "
+                    f"(max_steps {steps} x {tokens_per_step} tokens): expect validation "
+                    "loss to rise from overfitting; add data or lower trainer.max_steps")
+
+
+def window_record(trainer, result: dict, tokens_per_s: float, corpus_tokens: int,
+                  flops: float) -> dict:
+    """The metrics line of a log window that ended with the step whose ``result`` is given (its
+    loss and gradient norm are read back here: the caller has already waited for the GPU)."""
+    grad_norm = result["grad_norm"]
+    cuda = trainer.device.type == "cuda"
+    record = {"step": trainer.step, "tokens": trainer.tokens,
+              "epoch": round(trainer.tokens / corpus_tokens, 4), "loss": float(result["loss"]),
+              "lr": trainer.scheduler.get_last_lr()[0],
+              "grad_norm": None if grad_norm is None else float(grad_norm),
+              "tokens_per_s": tokens_per_s,
+              "mfu": (tokens_per_s * flops / trainer.context.world_size / trainer.peak_flops
+                      if trainer.peak_flops else None),
+              "mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9 if cuda else None}
+    if trainer.skipped:
+        record["skipped_steps"] = trainer.skipped
+    return record
