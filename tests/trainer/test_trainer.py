@@ -1,4 +1,5 @@
-"""The training loop end to end on CPU: configs, resume, checkpoints, failures, DDP, logging."""
+"""The training loop end to end on CPU: runs, resume, checkpoints, failures, DDP, FSDP, logging
+(configuration checks: test_run_config.py)."""
 
 import os
 import re
@@ -17,34 +18,10 @@ from trainer.loop import NonFiniteLoss, Trainer, run
 
 from .helpers import ROOT, compose_run, run_cli, tiny_overrides
 
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-
 
 def read_metrics(run_dir: Path):
     metrics = trainer_metrics.read_metrics(run_dir)
     return metrics["train"], metrics["eval"]
-
-
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_validates(experiment, tmp_path):
-    overrides = [f"experiment={experiment}"]
-    text = (ROOT / "configs" / "experiment" / f"{experiment}.yaml").read_text()
-    if "init_from: ???" in text:
-        overrides.append(f"model.init_from={tmp_path / 'model.pt'}")
-    if "override /data: linux" in text:
-        overrides.append(f"data.path={tmp_path}")
-    config = compose_run(overrides)
-    assert config.experiment == experiment
-    assert config.trainer.max_steps >= 1 and config.data.seqlen >= 2
-
-
-def test_paper_setups_have_the_paper_numbers():
-    one_k, four_k = compose_run(["experiment=gpt2s_owt_1k"]), compose_run(["experiment=gpt2s_owt_4k"])
-    assert one_k.model.name == "gpt2_small" and one_k.data.seqlen == 1024 and one_k.optim.lr == 6e-4
-    assert one_k.trainer.micro_batch_size * one_k.trainer.grad_accum == 512
-    tokens = lambda c: c.trainer.micro_batch_size * c.trainer.grad_accum * c.data.seqlen
-    assert tokens(one_k) == tokens(four_k) and four_k.data.seqlen == 4096
-    assert compose_run(["experiment=gpt2m_owt_1k"]).optim.lr == 1.5e-4
 
 
 def test_run_writes_metrics_checkpoints_and_evaluates(tmp_path):
@@ -152,24 +129,6 @@ def test_wandb_offline_files_are_written_and_a_resume_continues_the_same_run(tmp
     # wandb writes one directory per offline session; all carry the run's id, and `wandb sync`
     # uploads them into that one run
     assert len(sessions) == 2 and all(p.name.endswith(f"-{run_id}") for p in sessions)
-
-
-@pytest.mark.parametrize("override, words", [
-    ("trainer.no_such_key=1", "no_such_key"),
-    ("trainer.max_steps=many", "max_steps"),
-    ("model=bert_tiny", "objective"),
-    ("trainer.precision=fp8", "trainer.precision"),
-])
-def test_bad_configs_exit_with_a_short_message(override, words):
-    result = run_cli([override, "logger=none"])
-    assert result.returncode != 0
-    assert words in result.stderr and "Traceback" not in result.stderr
-
-
-def test_missing_data_path_is_named(tmp_path):
-    result = run_cli(["data=files", f"data.path={tmp_path / 'absent'}", "logger=none",
-                      f"hydra.run.dir={tmp_path / 'run'}"])
-    assert result.returncode != 0 and "absent" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_quickstart_command_runs(tmp_path):
@@ -280,65 +239,10 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
-def test_a_chosen_model_is_not_overridden_by_the_default_experiment():
-    small = compose_run(["model=gpt2_small"])
-    assert (small.model.name, small.model.d_model, small.model.n_layer) == ("gpt2_small", None, None)
-    quickstart = compose_run([])
-    assert (quickstart.model.d_model, quickstart.model.n_layer, quickstart.model.n_head) == (256, 4, 4)
-
-
-def test_compile_modes_that_capture_cuda_graphs_refuse_flash_dropout():
-    with pytest.raises(Exception, match="replay one flash-attention dropout mask"):
-        compose_run(["model=gpt2_small", "trainer.compile=true", "trainer.compile_mode=reduce-overhead"])
-    config = compose_run(["model=gpt2_small_nodropout", "trainer.compile=true",
-                          "trainer.compile_mode=reduce-overhead"])
-    assert config.trainer.compile_mode == "reduce-overhead"
-    with pytest.raises(Exception, match="lose gradients accumulated over micro-batches"):
-        compose_run(["model=gpt2_small_nodropout", "trainer.compile=true",
-                     "trainer.compile_mode=reduce-overhead", "trainer.grad_accum=2"])
-    with pytest.raises(Exception, match="compile_mode"):
-        compose_run(["trainer.compile_mode=fastest"])
-
-
-@pytest.mark.parametrize("override,message", [
-    ("+trainer.max_step=10", "unknown configuration key.*trainer.max_step \\(did you mean trainer.max_steps"),
-    ("data.path=/x", "data.path is set but data.source=python_stdlib"),
-    ("optim.grad_clip=-1", "optim.grad_clip=-1"),
-    ("data.vocab_size=10", "minimum of 257"),
-    ("trainer.device=tpu", "expected auto, cpu, cuda or cuda:N"),
-])
-def test_silently_accepted_input_is_now_refused(override, message, tmp_path):
-    result = run_cli([override, "trainer.max_steps=1", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert result.returncode == 2, result.stderr
-    assert re.search(message, result.stderr) and "Traceback" not in result.stderr
-
-
-def test_fp16_and_flash_on_a_cpu_are_refused_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if torch.cuda.is_available():
-        pytest.skip("device=auto picks the GPU here")
-    for extra, message in (({"trainer.device": "auto", "trainer.precision": "fp16"}, "fp16 needs a GPU"),
-                           ({"model.attention": "flash"}, "flash runs the Triton kernels")):
-        with pytest.raises(ValueError, match=message):
-            Trainer(compose_run(tiny_overrides(tmp_path, **extra)), tmp_path / "run")
-
-
 def test_the_final_sample_fits_a_short_context(tmp_path):
     summary = run(compose_run(tiny_overrides(tmp_path, **{"trainer.sample_tokens": 64, "trainer.max_steps": 2})),
                   tmp_path / "run")
     assert summary["steps"] == 2                     # seqlen 32: 16 prompt + 16 new tokens, no error
-
-
-def test_errors_are_named_before_any_data_work(tmp_path, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if torch.cuda.is_available():
-        pytest.skip("attention=auto resolves to flash here")
-    with pytest.raises(ValueError, match="document_aware=true .* resolves to sdpa"):
-        Trainer(compose_run(tiny_overrides(tmp_path, **{"data.document_aware": "true"})), tmp_path / "b")
-    assert not (tmp_path / "cache").exists()          # refused before tokenizing anything
-    with pytest.raises(ValueError, match="model.init_from=.*does not exist"):
-        Trainer(compose_run(tiny_overrides(tmp_path, **{"model.init_from": str(tmp_path / "none.pt")})),
-                tmp_path / "a")
 
 
 def test_a_corpus_of_one_file_trains_with_its_end_held_out(tmp_path):
