@@ -17,7 +17,7 @@ from ._forward import LOG2E, lse_strides
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
                       dkdv_tiles, dot_precision, dq_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
-                      kernel_counter_base, kernel_seed)
+                      seed_arguments)
 
 # How the dK/dV pass, whose tiles are transposed against the forward's, applies the dropout mask:
 #   "untransposed": compute that tile in the forward's orientation (each thread generates its own
@@ -104,7 +104,7 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
 
 
 def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geometry: Geometry,
-                softmax_scale: float, causal: bool, dropout_p: float, seed: int, offset: int,
+                softmax_scale: float, causal: bool, dropout_p: float, seed, offset: int,
                 tiles: tuple[Tiles, Tiles] | None = None, window: Window = NO_WINDOW):
     """Launch the dQ pass, then the dK/dV pass, writing into ``delta``, ``dq``, ``dk``, ``dv``.
     Returns, per pass, ``(bound kernel or None, 3-D grid, static arguments)``: the same for every
@@ -118,7 +118,9 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
     fused = dkdv_options.get("ACCUMULATE_DQ", False)
     # The fused dK/dV pass adds dQ here; the two-pass one does not read it.
     dq_accumulator = new_dq_accumulator(dq) if fused else dq
-    seed, counter_base = kernel_seed(seed), kernel_counter_base(offset)
+    seed, counter_base, in_memory = seed_arguments(seed, offset)
+    if in_memory:           # only with dropout, which only the portable passes take
+        dq_options["SEED_IN_MEMORY"] = dkdv_options["SEED_IN_MEMORY"] = True
     # dQ first: it also writes delta, which dK/dV reads.
     dq_arguments = (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, seed, counter_base,
                     *dq_static)

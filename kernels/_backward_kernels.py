@@ -113,8 +113,10 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASK_LAYOUT: tl.constexpr,
-    ACCUMULATE_DQ: tl.constexpr = False,
+    ACCUMULATE_DQ: tl.constexpr = False, SEED_IN_MEMORY: tl.constexpr = False,
 ):
+    if SEED_IN_MEMORY:      # seed is then the address of a seed drawn on the device (_philox.py)
+        seed = tl.load(seed)
     # GradQAcc (float32, q's shape; stride_aq*): where ACCUMULATE_DQ adds the unscaled dQ. Without
     # it, any tensor: it is not read.
     block_n = tl.program_id(0)
@@ -244,7 +246,10 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, DELTA_ONLY: tl.constexpr = False,
+    SEED_IN_MEMORY: tl.constexpr = False,
 ):
+    if SEED_IN_MEMORY:      # seed is then the address of a seed drawn on the device (_philox.py)
+        seed = tl.load(seed)
     # DELTA_ONLY: store delta and stop (the fused backward's first pass; GradQ is not written).
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)

@@ -27,7 +27,7 @@ import torch
 from . import _backward, _forward
 from ._direct_launch import current_stream, hooks_installed
 from ._launch import call_geometry, check_runnable
-from ._philox import kernel_counter_base, kernel_seed, philox_counters
+from ._philox import philox_counters, seed_arguments
 
 
 # Plans are small (a few tuples); the cap only bounds a run whose shapes never repeat
@@ -37,12 +37,14 @@ MAX_PLANS = 512
 
 
 def plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left=-1,
-             window_right=-1) -> "EagerPlan":
+             window_right=-1, seed_in_memory=False) -> "EagerPlan":
+    """``seed_in_memory``: the calls pass a ``_philox.device_seed`` tensor, which the bound kernels
+    read from memory (a constexpr of their own)."""
     device = q.device
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, device,
            torch._C._cuda_getDevice() if device.type == "cuda" else -1,
            None if cu_seqlens is None else cu_seqlens.shape[0], max_seqlen, softmax_scale, causal,
-           dropout_p, window_left, window_right)
+           dropout_p, window_left, window_right, seed_in_memory)
     plan = _PLANS.get(key)
     if plan is None:
         plan = EagerPlan(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p,
@@ -78,8 +80,8 @@ class EagerPlan:
                      _address(cu_seqlens))
         if self._forward is not None and not _misaligned(addresses) and not hooks_installed():
             kernel, grid, static = self._forward
-            kernel(grid, current_stream(self.device_index), *addresses, kernel_seed(seed),
-                   kernel_counter_base(offset), *static)
+            kernel(grid, current_stream(self.device_index), *addresses, *_per_call_seed(seed, offset),
+                   *static)
             return out, lse
         launched = _forward.launch_into(out, lse, q, k, v, cu_seqlens, self.geometry,
                                         *self.options, seed, offset, window=self.window)
@@ -104,7 +106,7 @@ class EagerPlan:
                          dq_sum.data_ptr(), _address(cu_seqlens))
             if not _misaligned(addresses):
                 qa, ka, va, ga, oa, la, da, dqa, dka, dva, dsa, ca = addresses
-                per_call = (ca, kernel_seed(seed), kernel_counter_base(offset))
+                per_call = (ca, *_per_call_seed(seed, offset))
                 stream = current_stream(self.device_index)
                 # In the kernels' signature order (_backward_kernels.py); dQ first: it writes delta for
                 # dK/dV (the fused backward's dQ pass writes only delta).
@@ -123,6 +125,12 @@ class EagerPlan:
         if dq_launch[0] is not None and dkdv_launch[0] is not None and not _misaligned(addresses):
             self._backward = (strides, dq_launch, dkdv_launch, dq_scale)
         return dq, dk, dv
+
+
+def _per_call_seed(seed, offset) -> tuple[int, int]:
+    """The seed and counter base arguments of a bound launch (a device seed by its address)."""
+    argument, counter_base, in_memory = seed_arguments(seed, offset)
+    return (argument.data_ptr() if in_memory else argument), counter_base
 
 
 def _misaligned(addresses) -> bool:

@@ -17,7 +17,7 @@ from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
                       dot_precision, forward_tiles, gluon_forward_tiles, tma_forward_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
-                      head_first_pair, kernel_counter_base, kernel_seed, pair_counter_base)
+                      head_first_pair, pair_counter_base, seed_arguments)
 from ._tiles import (key_block_ranges, load_rows, normalized_rows, online_softmax_block,
                      sequence_bounds, store_rows)
 
@@ -58,8 +58,10 @@ def _forward_kernel(
     qk_scale, counters_per_row, drop_threshold, drop_rescale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPPER: tl.constexpr, LOWER: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+    PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, SEED_IN_MEMORY: tl.constexpr = False,
 ):
+    if SEED_IN_MEMORY:      # seed is then the address of a seed drawn on the device (_philox.py)
+        seed = tl.load(seed)
     # Reverse order: with causal masking the last query blocks do the most work; start them first.
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
@@ -209,8 +211,10 @@ def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale
     so a launch plan (``_eager_plan.py``) can repeat the launch with new addresses."""
     launcher, grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale,
                                                     causal, dropout_p, tiles, window)
-    arguments = (q, k, v, out, lse, cu_seqlens, kernel_seed(seed), kernel_counter_base(offset),
-                 *static)
+    seed_argument, counter_base, in_memory = seed_arguments(seed, offset)
+    if in_memory:           # only with dropout, which only the portable kernel takes
+        options["SEED_IN_MEMORY"] = True
+    arguments = (q, k, v, out, lse, cu_seqlens, seed_argument, counter_base, *static)
     bound = _hopper.launch(launcher, FORWARD, grid, arguments, options)
     return bound, grid3(grid), static
 

@@ -112,6 +112,26 @@ def kernel_counter_base(offset: int) -> int:
     return offset // 4 + 2**40
 
 
+def device_seed(device: torch.device) -> torch.Tensor:
+    """A seed drawn on the device, for calls that CUDA graphs capture: (1,) int64 in [2**62, 2**63),
+    already in ``kernel_seed``'s form. ``next_seed_offset`` reads the generator on the host, which a
+    captured graph would replay as the same numbers (the same mask every step); a ``randint`` on the
+    device is capture-safe (PyTorch advances the generator at every replay), ``torch.manual_seed``
+    still governs it, and activation checkpointing replays it. Every call gets its own Philox key
+    and counts from counter base ``kernel_counter_base(0)``; the kernels read the seed from memory
+    (``SEED_IN_MEMORY``)."""
+    return torch.randint(2**62, 2**63 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def seed_arguments(seed, offset: int) -> tuple:
+    """``(seed argument, counter base, seed in memory)`` of a launch: a host seed as ``kernel_seed``
+    makes it with the counter base of ``offset``, or a ``device_seed`` tensor itself (the kernel
+    loads it) with counter base 0."""
+    if isinstance(seed, torch.Tensor):
+        return seed, kernel_counter_base(0), True
+    return kernel_seed(seed), kernel_counter_base(offset), False
+
+
 def next_seed_offset(device: torch.device, counters: int) -> tuple[int, int]:
     """Take ``(seed, offset)`` from the device's default generator and advance it past this call.
 

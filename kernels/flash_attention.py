@@ -29,12 +29,15 @@ Limits
     power of two >= 16, so 80 costs as much as 128); any sequence length >= 1.
   * CUDA runs the compiled kernels. CPU runs them only under the Triton interpreter
     (TRITON_INTERPRET=1 set before import), which is slow and meant for tests.
-  * Dropout offsets are read from the generator on the host: not CUDA-graph-capture safe.
+  * Dropout seeds are read from the generator on the host, which a CUDA graph would replay as
+    one mask; inside ``device_dropout_seeds()`` compiled calls draw them on the device instead
+    (capture-safe, ``_philox.device_seed``).
 
 Tested on: NVIDIA H100 80GB HBM3 (PyTorch 2.11, Triton 3.6); CPU via the Triton 3.6 interpreter.
 Tile sizes per head dimension are in ``_launch.py``.
 """
 
+import contextlib
 import math
 
 import torch
@@ -44,7 +47,30 @@ from ._checks import check_inputs, check_window
 from ._debug_mask import keep_mask
 from ._eager_plan import plan_for
 from ._launch import call_geometry
-from ._philox import drop_threshold, next_seed_offset
+from ._philox import device_seed, drop_threshold, next_seed_offset
+
+# Whether compiled calls draw their dropout seed on the device (``device_dropout_seeds``). Read in
+# ``flash_attention`` while torch.compile traces it, so each compiled graph holds the value it was
+# traced with (and dynamo recompiles if it changes); the ops themselves take it as an argument.
+_seeds_on_device = False
+
+
+@contextlib.contextmanager
+def device_dropout_seeds(enabled: bool = True):
+    """Within this context, models compiled (and run) here draw attention-dropout seeds on the
+    device: what compile modes with CUDA graphs need, since a seed read on the host at capture
+    would be replayed as the same mask at every step. Eager calls are unaffected."""
+    global _seeds_on_device
+    previous, _seeds_on_device = _seeds_on_device, enabled
+    try:
+        yield
+    finally:
+        _seeds_on_device = previous
+
+
+def seeds_on_device() -> bool:
+    """Whether ``device_dropout_seeds`` is in effect (read while tracing; see there)."""
+    return _seeds_on_device
 
 
 def new_rng_state(device: torch.device, dropout_p: float, seed: int = 0, offset: int = 0) -> torch.Tensor:
@@ -57,21 +83,35 @@ def new_rng_state(device: torch.device, dropout_p: float, seed: int = 0, offset:
     return torch.empty(0, dtype=torch.int64, device=device)
 
 
-def fake_rng_state(device: torch.device, dropout_p: float) -> torch.Tensor:
-    """``new_rng_state``'s shape and device, for the ops' fake (tracing) implementations."""
+def fake_rng_state(device: torch.device, dropout_p: float, seed_on_device: bool = False) -> torch.Tensor:
+    """The rng_state a forward returns, for the ops' fake (tracing) implementations: as
+    ``new_rng_state`` makes it, or a ``device_seed``'s (1,) on the device."""
+    if dropout_p > 0 and seed_on_device:
+        return torch.empty(1, dtype=torch.int64, device=device)
     return (torch.empty(2, dtype=torch.int64, device="cpu") if dropout_p > 0
             else torch.empty(0, dtype=torch.int64, device=device))
 
 
-def seed_and_offset(rng_state: torch.Tensor, dropout_p: float) -> tuple[int, int]:
-    return tuple(rng_state.tolist()) if dropout_p > 0 else (0, 0)
+def seed_and_offset(rng_state: torch.Tensor, dropout_p: float) -> tuple:
+    """(seed, offset) of a forward's rng_state: host integers, or a device seed tensor and 0."""
+    if dropout_p == 0:
+        return 0, 0
+    if rng_state.numel() == 1:
+        return rng_state, 0
+    return tuple(rng_state.tolist())
 
 
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
-                  window_right):
-    """Returns (out, lse, rng_state); rng_state as ``new_rng_state`` makes it."""
+                  window_right, seed_on_device=False):
+    """Returns (out, lse, rng_state); rng_state as ``new_rng_state`` makes it, or with
+    ``seed_on_device`` (and dropout) the ``device_seed`` the kernels read."""
+    in_memory = seed_on_device and dropout_p > 0
     plan = plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
-                    window_right)
+                    window_right, seed_in_memory=in_memory)
+    if in_memory:
+        rng_state = device_seed(q.device)
+        out, lse = plan.forward(q, k, v, cu_seqlens, rng_state, 0)
+        return out, lse, rng_state
     seed, offset = next_seed_offset(q.device, plan.philox_counters) if dropout_p > 0 else (0, 0)
     out, lse = plan.forward(q, k, v, cu_seqlens, seed, offset)
     return out, lse, new_rng_state(q.device, dropout_p, seed, offset)
@@ -80,9 +120,9 @@ def _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropou
 def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_scale,
                    causal, dropout_p, window_left, window_right, grads=None):
     """Returns (dq, dk, dv): new contiguous tensors, or written into ``grads`` (views may be strided)."""
-    plan = plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
-                    window_right)
     seed, offset = seed_and_offset(rng_state, dropout_p)
+    plan = plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left,
+                    window_right, seed_in_memory=isinstance(seed, torch.Tensor))
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     return plan.backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, offset, grads=grads)
@@ -98,19 +138,19 @@ def _backward_impl(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqle
 @torch.library.custom_op("flashtrain::flash_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None,
                 max_seqlen: int, softmax_scale: float, causal: bool, dropout_p: float,
-                window_left: int = -1, window_right: int = -1
+                window_left: int = -1, window_right: int = -1, seed_on_device: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, rng_state); rng_state as ``new_rng_state`` makes it."""
+    """Returns (out, lse, rng_state), as ``_forward_impl``."""
     return _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p,
-                         window_left, window_right)
+                         window_left, window_right, seed_on_device)
 
 
 @_forward_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left=-1,
-      window_right=-1):
+      window_right=-1, seed_on_device=False):
     geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     lse = q.new_empty(_forward.lse_shape(geometry, q.shape[0]), dtype=torch.float32)
-    return q.new_empty(q.shape), lse, fake_rng_state(q.device, dropout_p)
+    return q.new_empty(q.shape), lse, fake_rng_state(q.device, dropout_p, seed_on_device)
 
 
 @torch.library.custom_op("flashtrain::flash_attention_backward", mutates_args=())
@@ -130,7 +170,7 @@ def _(grad_out, q, k, v, out, lse, rng_state, cu_seqlens, max_seqlen, softmax_sc
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left, window_right = inputs
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left, window_right, _ = inputs
     out, lse, rng_state = output
     ctx.save_for_backward(q, k, v, out, lse, rng_state, cu_seqlens)
     ctx.max_seqlen, ctx.softmax_scale, ctx.causal, ctx.dropout_p = (max_seqlen, softmax_scale,
@@ -147,7 +187,7 @@ def _saved_backward_args(ctx, grad_out):
 
 def _op_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
     dq, dk, dv = _backward_op(*_saved_backward_args(ctx, grad_out))
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flashtrain::flash_attention_forward", _op_backward,
@@ -210,9 +250,11 @@ def flash_attention(q, k, v, *, causal=False, dropout_p=0.0, softmax_scale=None,
     args = (q, k, v, cu_seqlens, max_seqlen if cu_seqlens is not None else 0, float(softmax_scale),
             bool(causal), float(dropout_p), window_left, window_right)
     if torch.compiler.is_compiling():
-        out, _lse, rng_state = _forward_op(*args)
+        out, _lse, rng_state = _forward_op(*args, seeds_on_device())
         if return_debug_mask:
             seed, offset = seed_and_offset(rng_state, dropout_p)
+            if isinstance(seed, torch.Tensor):      # a device seed: the mask is made on the host
+                seed = int(seed.item())
     else:
         plan = plan_for(*args)
         seed, offset = (next_seed_offset(q.device, plan.philox_counters) if dropout_p > 0

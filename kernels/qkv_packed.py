@@ -16,7 +16,8 @@ import torch
 from ._checks import check_inputs, check_window
 from ._forward import lse_shape
 from ._launch import call_geometry
-from .flash_attention import _backward_impl, _forward_impl, fake_rng_state, flash_attention
+from .flash_attention import (_backward_impl, _forward_impl, fake_rng_state, flash_attention,
+                              seeds_on_device)
 
 
 def split_qkv(qkv: torch.Tensor, heads_k: int):
@@ -27,19 +28,20 @@ def split_qkv(qkv: torch.Tensor, heads_k: int):
 @torch.library.custom_op("flashtrain::flash_attention_qkv_forward", mutates_args=())
 def _forward_op(qkv: torch.Tensor, heads_k: int, cu_seqlens: torch.Tensor | None, max_seqlen: int,
                 softmax_scale: float, causal: bool, dropout_p: float, window_left: int = -1,
-                window_right: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                window_right: int = -1, seed_on_device: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, rng_state), as ``flashtrain::flash_attention_forward``."""
     return _forward_impl(*split_qkv(qkv, heads_k), cu_seqlens, max_seqlen, softmax_scale, causal,
-                         dropout_p, window_left, window_right)
+                         dropout_p, window_left, window_right, seed_on_device)
 
 
 @_forward_op.register_fake
 def _(qkv, heads_k, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left=-1,
-      window_right=-1):
+      window_right=-1, seed_on_device=False):
     q, k, _ = split_qkv(qkv, heads_k)
     geometry = call_geometry(q, k, cu_seqlens, max_seqlen)
     lse = qkv.new_empty(lse_shape(geometry, q.shape[0]), dtype=torch.float32)
-    return q.new_empty(q.shape), lse, fake_rng_state(q.device, dropout_p)
+    return q.new_empty(q.shape), lse, fake_rng_state(q.device, dropout_p, seed_on_device)
 
 
 @torch.library.custom_op("flashtrain::flash_attention_qkv_backward", mutates_args=())
@@ -62,7 +64,7 @@ def _(grad_out, qkv, heads_k, out, lse, rng_state, cu_seqlens, max_seqlen, softm
 
 
 def _save_for_backward(ctx, inputs, output):
-    qkv, heads_k, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left, window_right = inputs
+    qkv, heads_k, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, window_left, window_right, _ = inputs
     out, lse, rng_state = output
     ctx.save_for_backward(qkv, out, lse, rng_state, cu_seqlens)
     ctx.options = (heads_k, max_seqlen, softmax_scale, causal, dropout_p, window_left, window_right)
@@ -73,7 +75,7 @@ def _op_backward(ctx, grad_out, _grad_lse, _grad_rng_state):
     qkv, out, lse, rng_state, cu_seqlens = ctx.saved_tensors
     heads_k, max_seqlen, *rest = ctx.options
     grad_qkv = _backward_op(grad_out, qkv, heads_k, out, lse, rng_state, cu_seqlens, max_seqlen, *rest)
-    return grad_qkv, None, None, None, None, None, None, None, None
+    return grad_qkv, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flashtrain::flash_attention_qkv_forward", _op_backward,
@@ -119,5 +121,6 @@ def flash_attention_qkvpacked(qkv, heads_k=None, *, causal=False, dropout_p=0.0,
     scale = 1.0 / math.sqrt(qkv.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, _lse, _rng_state = _forward_op(qkv, heads_k, cu_seqlens,
                                         max_seqlen if cu_seqlens is not None else 0, scale,
-                                        bool(causal), float(dropout_p), window_left, window_right)
+                                        bool(causal), float(dropout_p), window_left, window_right,
+                                        seeds_on_device())
     return out

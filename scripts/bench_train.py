@@ -16,8 +16,8 @@ Parts:
          flashtrain_flash and flashtrain_sdpa compiled, flashtrain_eager uncompiled (materialized
          attention, the Hugging Face way and the paper's baseline); on request
          flashtrain_flash_two_pass (with dropout: the backward without its fused pass), and
-         without dropout flashtrain_flash_graphs and stock_sdpa_graphs (compile mode
-         reduce-overhead: the step captured in CUDA graphs).
+         flashtrain_flash_graphs and stock_sdpa_graphs (compile mode reduce-overhead: the step
+         captured in CUDA graphs; with dropout, flash draws its seeds on the device).
   long   micro-batch 1 at 8K..64K context (position table sized to the context): flashtrain_flash
          (activation checkpointing only where the plain run is out of memory), and how far
          stock_sdpa and flashtrain_eager get before running out of memory.
@@ -194,18 +194,18 @@ def part_grid(args, workdir, ceiling, records):
                 overrides = gpt2_overrides(args, seqlen, batch, "flash", True, p)
                 systems.append((gpt2_record("flashtrain_flash_two_pass", seqlen, batch, True, p),
                                 functools.partial(TrainerSystem, overrides, workdir, two_pass=True)))
-            if p == 0:      # CUDA graphs would replay one flash dropout mask: refused with dropout
-                if "stock_sdpa_graphs" in args.systems:
-                    systems.append((gpt2_record("stock_sdpa_graphs", seqlen, batch, True, p,
-                                                compile_mode="reduce-overhead"),
-                                    functools.partial(stock_system, args, seqlen, batch, p,
-                                                      mode="reduce-overhead")))
-                if "flashtrain_flash_graphs" in args.systems:
-                    overrides = gpt2_overrides(args, seqlen, batch, "flash", True, p,
-                                               extra=["trainer.compile_mode=reduce-overhead"])
-                    systems.append((gpt2_record("flashtrain_flash_graphs", seqlen, batch, True, p,
-                                                compile_mode="reduce-overhead"),
-                                    functools.partial(TrainerSystem, overrides, workdir)))
+            # With dropout too: in these modes flash draws its dropout seeds on the device.
+            if "stock_sdpa_graphs" in args.systems:
+                systems.append((gpt2_record("stock_sdpa_graphs", seqlen, batch, True, p,
+                                            compile_mode="reduce-overhead"),
+                                functools.partial(stock_system, args, seqlen, batch, p,
+                                                  mode="reduce-overhead")))
+            if "flashtrain_flash_graphs" in args.systems:
+                overrides = gpt2_overrides(args, seqlen, batch, "flash", True, p,
+                                           extra=["trainer.compile_mode=reduce-overhead"])
+                systems.append((gpt2_record("flashtrain_flash_graphs", seqlen, batch, True, p,
+                                            compile_mode="reduce-overhead"),
+                                functools.partial(TrainerSystem, overrides, workdir)))
             for record in time_systems(args, systems, ceiling):
                 records.append(record)
     return records

@@ -144,11 +144,6 @@ class RunConfig:
         if self.trainer.precision == "fp16" and self.trainer.device == "cpu":
             raise ValueError("trainer.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
         cuda_graphs = self.trainer.compile and self.trainer.compile_mode in CUDA_GRAPH_MODES
-        flash = self.model.attention in ("auto", "flash")
-        if cuda_graphs and flash and self.model.attn_dropout != 0.0:
-            raise ValueError(f"trainer.compile_mode={self.trainer.compile_mode} captures CUDA graphs, "
-                             "which would replay one flash-attention dropout mask at every step; set "
-                             "model.attn_dropout=0.0 or use compile_mode=default")
         if cuda_graphs and self.trainer.grad_accum > 1:
             # PyTorch's CUDA-graph trees hand the first micro-batch's gradients to .grad in graph
             # memory that the next micro-batch's replay overwrites (pytorch/pytorch#169545, #96693).

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from kernels.flash_attention import device_dropout_seeds
 from models import generate, save_model
 
 from .build import check_attention_runs, compile_model, make_model, model_config_dict, resolve_device
@@ -203,7 +204,8 @@ class Trainer:
             # last call's outputs consumed: its loss is already added into the step's total, and its
             # gradients were used by the optimizer step (one micro-batch per step in these modes).
             torch.compiler.cudagraph_mark_step_begin()
-        with self._autocast():
+        # Captured graphs need dropout seeds drawn on the device (a host seed would replay one mask).
+        with self._autocast(), device_dropout_seeds(self.cuda_graphs):
             return self.forward(batch.input_ids, batch.attention_mask, targets=batch.targets,
                                 **documents, **self.loss_options)
 

@@ -30,8 +30,10 @@ def outputs_and_grads(fn, q, k, v, grad_out=None):
     return out, grads, grad_out
 
 
-def check_against_reference(q, k, v, **kwargs):
-    """Kernel forward and gradients vs float64; error at most 2x PyTorch's own in the same dtype."""
+def check_against_reference(q, k, v, flash_outputs=None, **kwargs):
+    """Kernel forward and gradients vs float64; error at most 2x PyTorch's own in the same dtype.
+    ``flash_outputs``: ``(out, (dq, dk, dv), grad_out)`` computed by the caller, checked instead of
+    a ``flash_attention`` call with ``kwargs``."""
     mask_kwargs = {key: kwargs.pop(key) for key in ("dropout_mask",) if key in kwargs}
     dropout_p = kwargs.get("dropout_p", 0.0)
     kernel = lambda q, k, v: flash_attention(q, k, v, **kwargs)
@@ -45,7 +47,7 @@ def check_against_reference(q, k, v, **kwargs):
                                                 **reference_kwargs)
     in_dtype = lambda q, k, v: attention_reference(q, k, v, **reference_kwargs)
 
-    out, grads, grad_out = outputs_and_grads(kernel, q, k, v)
+    out, grads, grad_out = flash_outputs or outputs_and_grads(kernel, q, k, v)
     out_exact, grads_exact, _ = outputs_and_grads(exact, q, k, v, grad_out.double())
     out_torch, grads_torch, _ = outputs_and_grads(in_dtype, q, k, v, grad_out)
     assert out.shape == q.shape and out.dtype == q.dtype

@@ -1,9 +1,13 @@
 """GPU-only trainer checks: compile modes that capture CUDA graphs, with the flash kernel."""
 
+import math
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from kernels import flash_attention
+from kernels.flash_attention import device_dropout_seeds
 from trainer.loop import Trainer
 
 from .helpers import compose_run, tiny_overrides
@@ -11,14 +15,14 @@ from .helpers import compose_run, tiny_overrides
 pytestmark = pytest.mark.gpu
 
 
-def _losses(tmp_path, mode: str) -> list[float]:
+def _losses(tmp_path, mode: str, attn_dropout: float = 0.0) -> list[float]:
     torch._dynamo.reset()
     counters.clear()
     overrides = tiny_overrides(tmp_path, **{"trainer.device": "cuda", "trainer.precision": "bf16",
                                             "model.attention": "flash", "model.dropout": 0.0,
-                                            "model.attn_dropout": 0.0, "trainer.compile": "true",
+                                            "model.attn_dropout": attn_dropout, "trainer.compile": "true",
                                             "trainer.compile_mode": mode})
-    trainer = Trainer(compose_run(overrides), tmp_path / mode)
+    trainer = Trainer(compose_run(overrides), tmp_path / f"{mode}-{attn_dropout}")
     try:
         return [float(trainer.train_step()["loss"]) for _ in range(6)]
     finally:
@@ -33,3 +37,29 @@ def test_reduce_overhead_captures_the_flash_step_and_trains_like_the_default_mod
     graphed = _losses(tmp_path, "reduce-overhead")
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(default), rtol=2e-2, atol=2e-2)
+
+
+def test_reduce_overhead_with_attention_dropout_captures_and_trains(tmp_path):
+    """With attention dropout the trainer has the flash ops draw their seeds on the device: still no
+    CPU tensor in the graph, and training follows the uncaptured mode's losses (other masks, so
+    within dropout's noise rather than rounding)."""
+    default = _losses(tmp_path, "default", 0.1)
+    graphed = _losses(tmp_path, "reduce-overhead", 0.1)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert all(math.isfinite(loss) for loss in graphed)
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(default), rtol=5e-2, atol=5e-2)
+
+
+def test_captured_dropout_draws_a_new_mask_at_every_replay():
+    torch._dynamo.reset()
+    counters.clear()
+    q, k, v = torch.randn(3, 1, 256, 4, 64, device="cuda", dtype=torch.bfloat16)
+    layer = torch.compile(lambda q, k, v: flash_attention(q, k, v, causal=True, dropout_p=0.5),
+                          mode="reduce-overhead")
+    outputs = []
+    with device_dropout_seeds():
+        for _ in range(4):          # a warm-up run, the recording, then two replays
+            torch.compiler.cudagraph_mark_step_begin()
+            outputs.append(layer(q, k, v).clone())
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert not torch.equal(outputs[2], outputs[3]) and not torch.equal(outputs[1], outputs[2])
