@@ -5,7 +5,7 @@ the kernels read the seed from memory, the backward regenerates the forward's ma
 import pytest
 import torch
 
-from kernels import flash_attention
+from kernels import flash_attention, flash_attention_qkvpacked
 from kernels._debug_mask import keep_mask
 from kernels._launch import call_geometry
 from kernels._philox import drop_threshold
@@ -79,3 +79,27 @@ def test_compiled_calls_inside_the_context_draw_on_the_device(device):
     torch.manual_seed(3)
     assert torch.equal(first, _forward_with_device_seed(q, k, v, True)[0])
     assert not torch.equal(first, second)                # a fresh mask per call
+
+
+def test_the_packed_qkv_op_takes_the_setting_too(device):
+    torch._dynamo.reset()
+    qkv = torch.randn(1, 24, 6, 32, device=device, requires_grad=True)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(lambda qkv: flash_attention_qkvpacked(qkv, causal=True, dropout_p=P),
+                             backend=recording_backend)
+    with device_dropout_seeds():
+        torch.manual_seed(5)
+        out = compiled(qkv)
+        out.sum().backward()
+    calls = [node for graph in graphs for node in graph.graph.nodes
+             if "flash_attention_qkv_forward" in str(node.target)]
+    assert calls and all(node.args[-1] is True for node in calls)
+    q, k, v = (t.detach() for t in qkv.split(2, dim=2))
+    torch.manual_seed(5)
+    assert torch.equal(out, _forward_with_device_seed(q, k, v, True)[0])
+    assert torch.isfinite(qkv.grad).all()
