@@ -1,4 +1,5 @@
-"""scripts/bench_train.py: the two-pass A/B system swaps the attention backward for its own steps only."""
+"""scripts/bench_train.py: the two-pass A/B system swaps the attention backward for its own steps only;
+the CUDA-graph systems are built at every dropout."""
 
 import sys
 
@@ -28,16 +29,17 @@ def test_two_pass_system_turns_the_fused_pass_off_during_its_own_steps():
     assert fused_now()                       # restored after the step
 
 
-def test_cuda_graph_systems_run_only_without_dropout(monkeypatch):
+def test_cuda_graph_systems_run_with_and_without_dropout(monkeypatch):
+    """With dropout too: flash then draws its seeds on the device (tests/kernels/test_device_seeds.py)."""
     chosen = []
     monkeypatch.setattr(bench_train, "time_systems",
                         lambda args, systems, ceiling: chosen.append(systems) or [r for r, _ in systems])
     args = type("Args", (), dict(settings=["1024:16"], dropouts=[0.1, 0.0], corpus="C", cache="K",
                                  num_proc=1, systems=["stock_sdpa_graphs", "flashtrain_flash_graphs"]))()
     bench_train.part_grid(args, "W", 1.0, [])
-    with_dropout, without = chosen
-    assert with_dropout == []      # one replayed dropout mask: not a system to time
-    (stock_record, stock_build), (flash_record, flash_build) = without
-    assert stock_record["system"] == "stock_sdpa_graphs" and stock_build.keywords == {"mode": "reduce-overhead"}
-    assert flash_record["compile_mode"] == "reduce-overhead"
-    assert "trainer.compile_mode=reduce-overhead" in flash_build.args[0]
+    for systems, dropout in zip(chosen, (0.1, 0.0)):
+        (stock_record, stock_build), (flash_record, flash_build) = systems
+        assert stock_record["system"] == "stock_sdpa_graphs" and stock_build.keywords == {"mode": "reduce-overhead"}
+        assert stock_record["attn_dropout"] == flash_record["attn_dropout"] == dropout
+        assert flash_record["compile_mode"] == "reduce-overhead"
+        assert "trainer.compile_mode=reduce-overhead" in flash_build.args[0]
