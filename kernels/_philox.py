@@ -116,8 +116,9 @@ def device_seed(device: torch.device) -> torch.Tensor:
     """A seed drawn on the device, for calls that CUDA graphs capture: (1,) int64 in [2**62, 2**63),
     already in ``kernel_seed``'s form. ``next_seed_offset`` reads the generator on the host, which a
     captured graph would replay as the same numbers (the same mask every step); a ``randint`` on the
-    device is capture-safe (PyTorch advances the generator at every replay), ``torch.manual_seed``
-    still governs it, and activation checkpointing replays it. Every call gets its own Philox key
+    device is capture-safe (PyTorch advances the generator at every replay) and ``torch.manual_seed``
+    still governs it (tests/kernels/test_device_seeds.py). A checkpointed recompute, which restores
+    the generator, should draw the same seed again; that is not tested. Every call gets its own Philox key
     and counts from counter base ``kernel_counter_base(0)``; the kernels read the seed from memory
     (``SEED_IN_MEMORY``)."""
     return torch.randint(2**62, 2**63 - 1, (1,), device=device, dtype=torch.int64)
