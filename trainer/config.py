@@ -86,9 +86,8 @@ class TrainerConfig:
     precision: str = "auto"
     compile: bool = False                # torch.compile the model (and its loss)
     # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune.
-    # The last two capture CUDA graphs, which replay the attention kernel's dropout seed: they are
-    # refused while flash attention dropout is on, and with grad_accum > 1. Without dropout, the
-    # flash ops hold no CPU tensor and the step is captured (tests/trainer/test_gpu_trainer.py).
+    # The last two capture CUDA graphs: the flash ops then draw their dropout seeds on the device
+    # (a new mask at every replay); refused with grad_accum > 1 (tests/trainer/test_gpu_trainer.py).
     compile_mode: str = "default"
     skip_nonfinite: bool = False         # skip (and count) steps whose loss is not finite instead of stopping
     sample_tokens: int = 64              # tokens generated from the final model (causal models), 0 = none

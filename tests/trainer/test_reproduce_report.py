@@ -233,3 +233,20 @@ def test_compare_pairs_runs_on_their_shared_target_documents(tmp_path):
         result = subprocess.run(command + ["--pairs", *pairs], capture_output=True, text=True, cwd=ROOT,
                                 timeout=120)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_long_finetune_config_for_rotary_models_is_the_recipe_that_was_measured():
+    """configs/experiment/finetune_long_rope.yaml packages s2l_4k_mix75 with model.extend_method=ntk
+    (the series that gave 1K > 2K > 4K); the two must not drift apart."""
+    import reproduce
+    measured = [o.format(runs="/runs", tag="_ntk") for o in reproduce.STAGES["s2l_4k_mix75"][1][1]]
+    recipe = compose_run(measured + ["model.extend_method=ntk", "data.path=/corpus"])
+    packaged = compose_run(["experiment=finetune_long_rope", "model.init_from=/runs/model.pt",
+                            "data.path=/corpus"])
+    for section, fields in {"model": ("extend_method",),
+                            "data": ("seqlen", "document_aware", "mix_seqlen", "mix_fraction"),
+                            "optim": ("lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay"),
+                            "trainer": ("max_steps", "micro_batch_size", "grad_accum", "compile")}.items():
+        for field in fields:
+            assert getattr(getattr(packaged, section), field) == getattr(getattr(recipe, section), field), \
+                f"{section}.{field}"
