@@ -79,6 +79,19 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
     return build_model(section.name, seed=seed, **overrides)
 
 
+def pack_mixed_windows(data, model, config: RunConfig) -> bool:
+    """Run the mixed-in short micro-batches (data.mix_seqlen) as rows of data.seqlen, where that
+    computes the same thing: attention cut at every window (document-aware batches) and scores that
+    depend only on relative positions (rotary; learned GPT-2 positions are absolute). Returns
+    whether it did."""
+    section = config.data
+    if not (section.mix_seqlen and section.mix_pack and section.document_aware
+            and getattr(model.config, "arch", None) == "rope"):
+        return False
+    data.train.pack_into_long_rows()
+    return True
+
+
 def model_config_dict(model) -> dict:
     return dataclasses.asdict(model.config)
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from kernels.flash_attention import device_dropout_seeds
 from models import generate, save_model
 
-from .build import check_attention_runs, compile_model, make_model, model_config_dict, resolve_device
+from .build import (check_attention_runs, compile_model, make_model, model_config_dict, pack_mixed_windows,
+                    resolve_device)
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
                          load_checkpoint, load_sharded, resumable_checkpoint, save_checkpoint,
                          set_rng_state, sharded_state)
@@ -95,6 +96,9 @@ class Trainer:
                                    self.context.rank, self.context.world_size, log=quiet)
 
         self.model = make_model(config, self.data.vocab_size, trainer.seed).to(self.device)
+        if pack_mixed_windows(self.data, self.model, config):
+            log.info(f"data.mix_seqlen: short windows run {config.data.seqlen // config.data.mix_seqlen} "
+                     f"to a row of {config.data.seqlen} tokens (one compiled shape)")
         self.sharded = self.context.enabled and trainer.distributed == "fsdp"
         if self.sharded:    # FSDP shards the parameters in place; the optimizer must see the shards
             self.wrapped = wrap_model(self.model, self.context, self.device, "fsdp",
@@ -189,7 +193,8 @@ class Trainer:
         fuses the head's matmul output with the cross entropy (no float32 logits in memory)."""
         documents = {}
         if self.config.data.mix_seqlen:
-            # Two batch shapes (B x L and kB x L/k): each its own static graph. Unmarked, dynamo's
+            # Two batch shapes (B x L and kB x L/k, unless pack_mixed_windows ran the short ones as
+            # B x L): each its own static graph. Unmarked, dynamo's
             # second compilation would make both dimensions dynamic and serve both shapes with it.
             torch._dynamo.mark_static(batch.input_ids)
             torch._dynamo.mark_static(batch.targets)

@@ -95,3 +95,79 @@ def test_the_trainer_compiles_one_static_graph_per_length(tmp_path, monkeypatch)
     assert {(2, 32), (8, 8)} <= token_shapes
     assert all(isinstance(size, int) for shape in token_shapes for size in shape), token_shapes
     assert summary["steps"] == 4
+
+
+def documents_split(tokens: int = 4000) -> TokenSplit:
+    """Documents of 37 tokens, so that windows hold document starts at varying places."""
+    return TokenSplit(np.arange(tokens, dtype=np.int64) % 997, np.arange(0, tokens + 1, 37).clip(max=tokens))
+
+
+def test_packed_short_micro_batches_are_the_same_windows_as_long_rows():
+    plain = MixedContextWindows(documents_split(), seqlen=64, batch_size=2, short_seqlen=16,
+                                short_fraction=0.5, document_aware=True)
+    packed = MixedContextWindows(documents_split(), seqlen=64, batch_size=2, short_seqlen=16,
+                                 short_fraction=0.5, document_aware=True)
+    packed.pack_into_long_rows()
+    for index in range(6):
+        a, b = next(plain), next(packed)
+        assert tuple(b.input_ids.shape) == (2, 64) and b.max_seqlen == 64
+        assert torch.equal(a.input_ids.reshape(-1), b.input_ids.reshape(-1))
+        assert torch.equal(a.targets.reshape(-1), b.targets.reshape(-1))
+        assert torch.equal(a.cu_seqlens, b.cu_seqlens)
+        if index % 2:           # a short one: a cut at the end of every 16-token window
+            assert set(range(0, 129, 16)) <= set(b.cu_seqlens.tolist())
+    with pytest.raises(DataError, match="needs data.document_aware=true"):
+        MixedContextWindows(split(), seqlen=64, batch_size=2, short_seqlen=16,
+                            short_fraction=0.5).pack_into_long_rows()
+
+
+@pytest.mark.parametrize("arch", ["rope", "gpt2"])
+def test_a_packed_short_batch_computes_the_same_loss_and_gradients_on_a_rotary_model(arch):
+    """What makes packing exact for rotary models, and why it is not done for learned positions:
+    the same windows as rows of 16 or laid end to end in rows of 64, attention cut at every window."""
+    from models import build_model
+    settings = dict(vocab_size=997, max_seqlen=64, d_model=32, n_head=2, n_layer=2, attention="flash",
+                    dropout=0.0, attn_dropout=0.0)
+    if arch == "rope":
+        settings["n_kv_head"] = 1
+    model = build_model(f"{arch}_tiny", seed=0, **settings)
+    windows = MixedContextWindows(documents_split(), seqlen=64, batch_size=1, short_seqlen=16,
+                                  short_fraction=0.5, document_aware=True)
+    next(windows)
+    short = next(windows)                     # four windows of 16 tokens
+    long_rows = short.input_ids.reshape(1, 64), short.targets.reshape(1, 64)
+
+    def loss_and_grads(input_ids, targets, max_seqlen):
+        model.zero_grad()
+        loss = model(input_ids, None, targets=targets, cu_seqlens=short.cu_seqlens, max_seqlen=max_seqlen)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_a, grads_a = loss_and_grads(short.input_ids, short.targets, 16)
+    loss_b, grads_b = loss_and_grads(*long_rows, 64)
+    if arch == "gpt2":      # positions 16..63 are other learned vectors: a different computation
+        assert not torch.allclose(loss_a, loss_b, atol=1e-3)
+        return
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_the_trainer_packs_short_windows_for_rotary_models_into_one_shape(tmp_path, monkeypatch):
+    from trainer import loop
+    from trainer.loop import run
+    shapes = []
+    original = loop.Trainer._loss
+
+    def recording(self, batch):
+        shapes.append(tuple(batch.input_ids.shape))
+        return original(self, batch)
+    monkeypatch.setattr(loop.Trainer, "_loss", recording)
+    overrides = {"model": "rope_tiny", "model.n_head": 2, "data.mix_seqlen": 8, "data.document_aware": "true",
+                 "model.attention": "flash", "model.dropout": 0.0, "model.attn_dropout": 0.0,
+                 "trainer.max_steps": 4, "trainer.eval_interval": 4, "trainer.save_interval": 4}
+    run(compose_run(tiny_overrides(tmp_path, **overrides)), tmp_path / "packed")
+    assert set(shapes) == {(2, 32)}
+    shapes.clear()
+    run(compose_run(tiny_overrides(tmp_path, **overrides, **{"data.mix_pack": "false"})), tmp_path / "plain")
+    assert set(shapes) == {(2, 32), (8, 8)}

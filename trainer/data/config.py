@@ -43,6 +43,10 @@ class DataConfig:
     # short-context training for part of every step (trainer/data/mixed_context.py). Causal only.
     mix_seqlen: int | None = None
     mix_fraction: float = 0.5
+    # Run the short micro-batches as rows of data.seqlen (windows end to end, attention cut at each)
+    # when that computes the same thing: document-aware batches and a rotary model. One compiled
+    # shape instead of two.
+    mix_pack: bool = True
     objective: str = "causal"            # causal (GPT windows) | mlm (BERT)
     mlm_probability: float = 0.15
     # None: each token is a target with mlm_probability (Hugging Face's collator). A number K: as

@@ -9,6 +9,12 @@ step as diverse as short-context training while the rest teaches the long contex
 Micro-batch k (counted from the start of training) is a short one when ``floor((k + 1) * f)`` exceeds
 ``floor(k * f)`` for the fraction f: an even interleave (f = 1/2: long, short, long, short, ...)
 fixed by k alone, so resuming needs only the count and the two samplers' positions.
+
+After ``pack_into_long_rows()`` a short micro-batch runs as rows of the long length: ``seqlen / short_seqlen``
+windows laid end to end in each row. That needs attention to stop at window edges (document-aware
+batches: their ``cu_seqlens`` cut at every window) and a model whose attention scores depend only
+on relative positions (rotary); the computation is then the same, and a compiled model serves every
+micro-batch with one graph instead of compiling a second shape (~40 s of a 4K stage on an H200).
 """
 
 from fractions import Fraction
@@ -31,6 +37,7 @@ class MixedContextWindows:
         if not 0.0 < short_fraction < 1.0:
             raise DataError(f"data.mix_fraction must be in (0, 1); got {short_fraction}")
         self.seqlen = seqlen
+        self.pack_short = False          # see pack_into_long_rows
         self.fraction = Fraction(short_fraction).limit_denominator(1000)
         self.long = CausalWindows(split, seqlen, batch_size, seed, rank, world_size, document_aware,
                                   span=span)
@@ -38,6 +45,15 @@ class MixedContextWindows:
                                    rank, world_size, document_aware, name="train (mixed-in short windows)",
                                    span=span)
         self.count = 0                   # micro-batches drawn so far
+
+    def pack_into_long_rows(self):
+        """From now on, run each short micro-batch as rows of the long length (module docstring).
+        The caller vouches for the model: its attention scores must depend only on relative
+        positions."""
+        if not self.short.document_aware:
+            raise DataError("packing short windows into long rows needs data.document_aware=true "
+                            "(attention must stop at each window's edge)")
+        self.pack_short = True
 
     def is_short(self, index: int) -> bool:
         """Whether micro-batch ``index`` is drawn at the short context."""
@@ -47,9 +63,18 @@ class MixedContextWindows:
         return self
 
     def __next__(self) -> Batch:
-        sampler = self.short if self.is_short(self.count) else self.long
+        short = self.is_short(self.count)
         self.count += 1
-        return next(sampler)
+        if not short:
+            return next(self.long)
+        batch = next(self.short)
+        if not self.pack_short:
+            return batch
+        # Row-major, so the flattened tokens and their cu_seqlens (a cut at every window's end) are
+        # unchanged. max_seqlen is the long rows' bound too: one value for every micro-batch, or a
+        # compiled model would specialize on each.
+        return Batch(batch.input_ids.reshape(-1, self.seqlen), batch.targets.reshape(-1, self.seqlen),
+                     None, batch.cu_seqlens, self.seqlen)
 
     def state_dict(self):
         return {"count": self.count, "long": self.long.state_dict(), "short": self.short.state_dict(),
