@@ -256,11 +256,13 @@ def part_bert(args, workdir, ceiling, records):
                                            log=lambda *_: None).train.real_fraction
     systems = []
     for attention, mode, *layout in (run.split(":") for run in args.bert_runs):
-        compiled = mode == "compiled"
+        compiled = mode != "eager"
         rows = layout == ["rows"]
         overrides = base + [f"model.attention={attention}", f"trainer.compile={compiled}"]
-        record = dict(system=f"flashtrain_{attention}", model="bert_large", seqlen=512,
-                      batch=args.bert_batch, compile=compiled, attn_dropout=0.1,
+        if mode == "graphs":
+            overrides.append("trainer.compile_mode=reduce-overhead")
+        record = dict(system=f"flashtrain_{attention}" + ("_graphs" if mode == "graphs" else ""),
+                      model="bert_large", seqlen=512, batch=args.bert_batch, compile=compiled, attn_dropout=0.1,
                       padding_fraction=1 - real_fraction[rows],
                       mlm_max_predictions=args.bert_max_predictions)
         if rows:                         # flash only: several sequences per row (cu_seqlens)
@@ -343,13 +345,14 @@ def main():
     parser.add_argument("--contexts", nargs="+", type=int, default=[8192, 16384, 32768, 65536])
     parser.add_argument("--bert-batch", type=int, default=16)
     parser.add_argument("--bert-runs", nargs="+", choices=[f"{a}:{c}" for a in ("flash", "sdpa", "eager")
-                                                           for c in ("eager", "compiled")]
-                        + [f"flash:{c}:{layout}" for c in ("eager", "compiled")
+                                                           for c in ("eager", "compiled", "graphs")]
+                        + [f"flash:{c}:{layout}" for c in ("eager", "compiled", "graphs")
                            for layout in ("packed", "padded", "rows")],
                         default=["flash:eager", "flash:compiled", "sdpa:eager", "sdpa:compiled", "eager:eager"],
-                        help="ATTENTION:eager|compiled[:packed|padded|rows], the part bert systems in "
-                             "order (flash's layout: model.unpad=true|false, or several sequences per "
-                             "row, data.mlm_pack_sequences=true)")
+                        help="ATTENTION:eager|compiled|graphs[:packed|padded|rows], the part bert systems "
+                             "in order (graphs: compiled with trainer.compile_mode=reduce-overhead, which "
+                             "needs --bert-max-predictions; flash's layout: model.unpad=true|false, or "
+                             "several sequences per row, data.mlm_pack_sequences=true)")
     parser.add_argument("--bert-max-predictions", type=int, default=None,
                         help="data.mlm_max_predictions for part bert (the original BERT data's cap, "
                              "80 at 512 tokens: a fixed number of MLM head positions per batch); "

@@ -9,7 +9,7 @@ import torch
 from models import build_model, extend_context
 from models.attention import resolve as resolve_attention
 
-from .config import RunConfig
+from .config import CUDA_GRAPH_MODES, RunConfig
 from .model_source import ModelSourceError, find_model
 
 
@@ -79,17 +79,29 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
     return build_model(section.name, seed=seed, **overrides)
 
 
-def pack_mixed_windows(data, model, config: RunConfig) -> bool:
-    """Run the mixed-in short micro-batches (data.mix_seqlen) as rows of data.seqlen, where that
-    computes the same thing: attention cut at every window (document-aware batches) and scores that
-    depend only on relative positions (rotary; learned GPT-2 positions are absolute). Returns
-    whether it did."""
+def fit_batches_to_run(data, model, config: RunConfig) -> list[str]:
+    """Lay the training batches out for this model and compile mode, where a layout computes the
+    same thing in fewer shapes; returns what changed, for the log.
+
+    - Mixed-in short windows (data.mix_seqlen) run as rows of data.seqlen when attention is cut at
+      every window (document-aware batches) and scores depend only on relative positions (rotary;
+      learned GPT-2 positions are absolute): one compiled shape instead of two.
+    - Under CUDA graphs, packed MLM rows carry cu_seqlens of one fixed length (empty segments at
+      the end), so the step is captured once rather than once per number of sequences."""
+    changes = []
     section = config.data
-    if not (section.mix_seqlen and section.mix_pack and section.document_aware
+    if (section.mix_seqlen and section.mix_pack and section.document_aware
             and getattr(model.config, "arch", None) == "rope"):
-        return False
-    data.train.pack_into_long_rows()
-    return True
+        data.train.pack_into_long_rows()
+        changes.append(f"data.mix_seqlen: short windows run {section.seqlen // section.mix_seqlen} to a "
+                       f"row of {section.seqlen} tokens (one compiled shape)")
+    trainer = config.trainer
+    if (trainer.compile and trainer.compile_mode in CUDA_GRAPH_MODES and section.objective == "mlm"
+            and section.mlm_pack_sequences):
+        data.train.fix_segment_count()
+        changes.append(f"data.mlm_pack_sequences: cu_seqlens fixed at {data.train.cu_length} entries "
+                       "(CUDA graphs need one batch shape)")
+    return changes
 
 
 def model_config_dict(model) -> dict:

@@ -150,6 +150,11 @@ class RunConfig:
                              f"which lose gradients accumulated over micro-batches "
                              f"(trainer.grad_accum={self.trainer.grad_accum}); use grad_accum=1 with a "
                              "larger micro_batch_size, or compile_mode=default")
+        if cuda_graphs and self.data.objective == "mlm" and self.data.mlm_max_predictions is None:
+            raise ValueError(f"trainer.compile_mode={self.trainer.compile_mode} captures CUDA graphs, "
+                             "which need one batch shape, but the MLM head's target count changes "
+                             "from batch to batch; set data.mlm_max_predictions (e.g. 80 at "
+                             "data.seqlen=512, as BERT did), or use compile_mode=default")
         if self.data.document_aware and self.model.attention not in ("auto", "flash"):
             raise ValueError("data.document_aware=true packs documents with cu_seqlens, which only "
                              "model.attention=flash (or auto on CUDA) supports")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from kernels.flash_attention import device_dropout_seeds
 from models import generate, save_model
 
-from .build import (check_attention_runs, compile_model, make_model, model_config_dict, pack_mixed_windows,
+from .build import (check_attention_runs, compile_model, fit_batches_to_run, make_model, model_config_dict,
                     resolve_device)
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
                          load_checkpoint, load_sharded, resumable_checkpoint, save_checkpoint,
@@ -96,9 +96,8 @@ class Trainer:
                                    self.context.rank, self.context.world_size, log=quiet)
 
         self.model = make_model(config, self.data.vocab_size, trainer.seed).to(self.device)
-        if pack_mixed_windows(self.data, self.model, config):
-            log.info(f"data.mix_seqlen: short windows run {config.data.seqlen // config.data.mix_seqlen} "
-                     f"to a row of {config.data.seqlen} tokens (one compiled shape)")
+        for change in fit_batches_to_run(self.data, self.model, config):
+            log.info(change)
         self.sharded = self.context.enabled and trainer.distributed == "fsdp"
         if self.sharded:    # FSDP shards the parameters in place; the optimizer must see the shards
             self.wrapped = wrap_model(self.model, self.context, self.device, "fsdp",

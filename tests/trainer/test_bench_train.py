@@ -43,3 +43,22 @@ def test_cuda_graph_systems_run_with_and_without_dropout(monkeypatch):
         assert stock_record["attn_dropout"] == flash_record["attn_dropout"] == dropout
         assert flash_record["compile_mode"] == "reduce-overhead"
         assert "trainer.compile_mode=reduce-overhead" in flash_build.args[0]
+
+
+def test_bert_graphs_runs_compile_with_cuda_graphs_and_a_fixed_target_count(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(bench_train, "time_systems",
+                        lambda args, systems, ceiling: chosen.extend(systems) or [r for r, _ in systems])
+    monkeypatch.setattr(bench_train, "build_data", lambda *a, **k: type(
+        "Data", (), {"train": type("Train", (), {"real_fraction": 0.95})()})())
+    args = type("Args", (), dict(corpus="C", cache="K", num_proc=1, bert_batch=16, bert_max_predictions=80,
+                                 bert_runs=["flash:graphs:rows", "sdpa:graphs", "sdpa:compiled"]))()
+    bench_train.part_bert(args, "W", 1.0, [])
+    (rows, rows_build), (sdpa, sdpa_build), (plain, plain_build) = chosen
+    assert (rows["system"], sdpa["system"], plain["system"]) == (
+        "flashtrain_flash_graphs", "flashtrain_sdpa_graphs", "flashtrain_sdpa")
+    for build in (rows_build, sdpa_build):
+        assert "trainer.compile_mode=reduce-overhead" in build.args[0] and "trainer.compile=True" in build.args[0]
+    assert "data.mlm_max_predictions=80" in rows_build.args[0]
+    assert not any("compile_mode" in o for o in plain_build.args[0])
+    assert rows["layout"] == "rows" and "data.mlm_pack_sequences=true" in rows_build.args[0]

@@ -15,14 +15,14 @@ from .helpers import compose_run, tiny_overrides
 pytestmark = pytest.mark.gpu
 
 
-def _losses(tmp_path, mode: str, attn_dropout: float = 0.0) -> list[float]:
+def _losses(tmp_path, mode: str, attn_dropout: float = 0.0, **extra) -> list[float]:
     torch._dynamo.reset()
     counters.clear()
     overrides = tiny_overrides(tmp_path, **{"trainer.device": "cuda", "trainer.precision": "bf16",
                                             "model.attention": "flash", "model.dropout": 0.0,
                                             "model.attn_dropout": attn_dropout, "trainer.compile": "true",
-                                            "trainer.compile_mode": mode})
-    trainer = Trainer(compose_run(overrides), tmp_path / f"{mode}-{attn_dropout}")
+                                            "trainer.compile_mode": mode, **extra})
+    trainer = Trainer(compose_run(overrides), tmp_path / f"{mode}-{attn_dropout}-{len(extra)}")
     try:
         return [float(trainer.train_step()["loss"]) for _ in range(6)]
     finally:
@@ -45,6 +45,18 @@ def test_reduce_overhead_with_attention_dropout_captures_and_trains(tmp_path):
     within dropout's noise rather than rounding)."""
     default = _losses(tmp_path, "default", 0.1)
     graphed = _losses(tmp_path, "reduce-overhead", 0.1)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert all(math.isfinite(loss) for loss in graphed)
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(default), rtol=5e-2, atol=5e-2)
+
+
+def test_reduce_overhead_captures_masked_lm_packed_rows_once(tmp_path):
+    """Packed MLM rows under CUDA graphs: a fixed target count and cu_seqlens of one length
+    (trainer.build.fit_batches_to_run), so every step replays one captured graph."""
+    mlm = {"model": "bert_tiny", "data.objective": "mlm", "data.tokenizer": "wordpiece",
+           "data.mlm_pack_sequences": "true", "data.mlm_max_predictions": 3}
+    default = _losses(tmp_path, "default", 0.1, **mlm)
+    graphed = _losses(tmp_path, "reduce-overhead", 0.1, **mlm)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert all(math.isfinite(loss) for loss in graphed)
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(default), rtol=5e-2, atol=5e-2)

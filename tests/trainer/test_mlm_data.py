@@ -137,3 +137,54 @@ def test_mlm_packed_rows_hold_the_same_sequences_as_padded_rows(tmp_path, max_pr
         plain.train.load_state_dict(state)
     with pytest.raises(ValueError, match="mlm_pack_sequences"):
         config(tmp_path, mlm_pack_sequences=True)
+
+
+def test_fixed_segment_counts_give_every_packed_batch_one_shape_and_the_same_segments(tmp_path):
+    # For CUDA graphs: cu_seqlens of one length in every batch of an epoch, the batch's own
+    # segments first, then empty ones at the end; tokens, targets and positions unchanged.
+    from models.masked_lm import positions_in_segments
+    cfg = config(tmp_path, tokenizer="wordpiece", objective="mlm", seqlen=64, mlm_max_predictions=6,
+                 mlm_pack_sequences=True)
+    plain = build_data(cfg, batch_size=4, log=lambda *_: None).train
+    fixed = build_data(cfg, batch_size=4, log=lambda *_: None).train
+    fixed.fix_segment_count()
+    lengths = set()
+    for _ in range(fixed._order.batches_per_epoch):
+        a, b = next(plain), next(fixed)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+        own = a.cu_seqlens.numel()
+        assert b.cu_seqlens.numel() == fixed.cu_length >= own
+        assert torch.equal(b.cu_seqlens[:own], a.cu_seqlens)
+        assert (b.cu_seqlens[own:] == a.input_ids.numel()).all()
+        assert torch.equal(positions_in_segments(b.cu_seqlens, b.input_ids.numel()),
+                           positions_in_segments(a.cu_seqlens, a.input_ids.numel()))
+        lengths.add(own)
+    assert len(lengths) > 1              # the batches' own counts did vary
+    unpacked = build_data(config(tmp_path, tokenizer="wordpiece", objective="mlm", seqlen=64),
+                          batch_size=4, log=lambda *_: None).train
+    with pytest.raises(ValueError, match="only packed MLM rows"):
+        unpacked.fix_segment_count()
+
+
+def test_empty_trailing_segments_leave_the_masked_lm_loss_and_gradients_unchanged(tmp_path):
+    from models import build_model
+    cfg = config(tmp_path, tokenizer="wordpiece", objective="mlm", seqlen=64, mlm_max_predictions=6,
+                 mlm_pack_sequences=True)
+    data = build_data(cfg, batch_size=2, log=lambda *_: None)
+    batch = next(data.train)
+    model = build_model("bert_tiny", seed=0, vocab_size=data.vocab_size, max_seqlen=64, d_model=32,
+                        n_head=2, n_layer=2, attention="flash", dropout=0.0, attn_dropout=0.1)
+
+    def loss_and_grads(cu_seqlens):
+        model.zero_grad()
+        torch.manual_seed(3)             # the same dropout masks
+        loss = model(batch.input_ids, batch.attention_mask, targets=batch.targets, max_targets=6,
+                     cu_seqlens=cu_seqlens, max_seqlen=64)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    padded = torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:].repeat(5)])
+    loss_a, grads_a = loss_and_grads(batch.cu_seqlens)
+    loss_b, grads_b = loss_and_grads(padded)
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))

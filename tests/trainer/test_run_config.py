@@ -75,6 +75,28 @@ def test_compile_modes_that_capture_cuda_graphs_take_dropout_but_not_accumulatio
         compose_run(["trainer.compile_mode=fastest"])
 
 
+def test_cuda_graphs_with_masked_lm_need_a_fixed_target_count_and_fix_the_segment_count(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer.build import fit_batches_to_run
+    from trainer.data import build_data
+    graphs = {"model": "bert_tiny", "data.objective": "mlm", "data.tokenizer": "wordpiece",
+              "trainer.compile": "true", "trainer.compile_mode": "reduce-overhead",
+              "data.mlm_pack_sequences": "true"}
+    with pytest.raises(Exception, match="MLM head's target count changes from batch to batch; set "
+                                        "data.mlm_max_predictions"):
+        compose_run(tiny_overrides(tmp_path, **graphs))
+    config = compose_run(tiny_overrides(tmp_path, **graphs, **{"data.mlm_max_predictions": 3}))
+    data = build_data(config.data, batch_size=2, log=lambda *_: None)
+    bert = SimpleNamespace(config=SimpleNamespace(arch="bert"))
+    assert "cu_seqlens fixed" in " ".join(fit_batches_to_run(data, bert, config))
+    assert len({next(data.train).cu_seqlens.numel() for _ in range(6)}) == 1
+    default_mode = compose_run(tiny_overrides(tmp_path, **{**graphs, "trainer.compile_mode": "default",
+                                                           "data.mlm_max_predictions": 3}))
+    data = build_data(default_mode.data, batch_size=2, log=lambda *_: None)
+    assert fit_batches_to_run(data, bert, default_mode) == [] and data.train.cu_length is None
+
+
 @pytest.mark.parametrize("override,message", [
     ("+trainer.max_step=10", "unknown configuration key.*trainer.max_step \\(did you mean trainer.max_steps"),
     ("data.path=/x", "data.path is set but data.source=python_stdlib"),

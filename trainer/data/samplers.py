@@ -198,12 +198,23 @@ class MaskedSequences:
             raise DataError(f"the {name} split has no tokens for MLM sequences")
         self.starts, self.lengths = np.asarray(starts), np.asarray(lengths)
         self.rows = None                 # packed: each row's sequence indices
+        self.cu_length = None            # see fix_segment_count
         if pack:
             # Row target budget: with a cap K the model's head holds K positions per row.
             counts = None if max_predictions is None else [self._target_count(n) for n in lengths]
             self.rows = pack_sequences(self.lengths + 2, seqlen, counts, max_predictions)
         count = len(starts) if self.rows is None else len(self.rows)
         self._order = _Shuffled(count, batch_size, seed, rank, world_size, f"the {name} split")
+
+    def fix_segment_count(self):
+        """Give every packed batch's ``cu_seqlens`` one length, the most that any batch of these
+        rows can need, filled with empty segments at the end (exact: they hold no token). A batch
+        shape that never changes is what CUDA graphs capture once; the kernels' programs for the
+        empty segments exit at once."""
+        if self.rows is None:
+            raise DataError("only packed MLM rows (data.mlm_pack_sequences=true) carry cu_seqlens")
+        segments = [len(row) + int((self.lengths[row] + 2).sum() < self.seqlen) for row in self.rows]
+        self.cu_length = sum(sorted(segments)[-self._order.batch_size:]) + 1
 
     @property
     def real_fraction(self) -> float:
@@ -232,7 +243,11 @@ class MaskedSequences:
                 bounds.append(row * self.seqlen + offset)
         batch = Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(mask))
         if self.rows is not None:
-            batch.cu_seqlens = torch.tensor(bounds + [len(rows) * self.seqlen], dtype=torch.int32)
+            total = len(rows) * self.seqlen
+            bounds.append(total)
+            if self.cu_length is not None:
+                bounds.extend([total] * (self.cu_length - len(bounds)))
+            batch.cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
             batch.max_seqlen = self.seqlen
         return batch
 
