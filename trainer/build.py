@@ -1,9 +1,11 @@
-"""Turn a RunConfig into the objects a run needs: device, model (new or loaded)."""
+"""Turn a RunConfig into the objects a run needs: seeds, device, model (new or loaded), batch layout."""
 
 import dataclasses
 import logging
 import os
+import random
 
+import numpy as np
 import torch
 
 from models import build_model, extend_context
@@ -11,6 +13,12 @@ from models.attention import resolve as resolve_attention
 
 from .config import CUDA_GRAPH_MODES, RunConfig
 from .model_source import ModelSourceError, find_model
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -3,12 +3,10 @@
 import contextlib
 import math
 import os
-import random
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -17,7 +15,7 @@ from kernels.flash_attention import device_dropout_seeds
 from models import generate, save_model
 
 from .build import (check_attention_runs, compile_model, fit_batches_to_run, make_model, model_config_dict,
-                    resolve_device)
+                    resolve_device, seed_everything)
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
                          load_checkpoint, load_sharded, resumable_checkpoint, save_checkpoint,
                          set_rng_state, sharded_state)
@@ -38,12 +36,6 @@ from .stop_signals import StopSignals, resume_command
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
