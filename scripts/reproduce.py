@@ -21,7 +21,9 @@ the learning rate raised by the square root of the batch's growth); s2l_1k_halfl
 s2l_4k_halflr (the s2l arms at half the last stage's peak learning rate) and s2l_*_quarterlr (at a
 quarter of it); s2l_*_mix and s2l_*_mix75 (the half-rate arms with a half or three quarters of the
 last stage's micro-batches at 1K context); t2_flash, t2_sdpa, t2_eager (Table 2 analog: a 300-step
-1K run with each attention; run with --no-eval). ``report`` writes the Markdown tables and a PNG of
+1K run with each attention; run with --no-eval); lc_1k, lc_2k, lc_4k (the long-context recipe that
+gave 1K > 2K > 4K: s2l_1k_mix and the mix75 arms with the rotary base raised). Without --only,
+``run`` trains the Table 4 set: 1k, 2k, 4k, 1k_to_4k. ``report`` writes the Markdown tables and a PNG of
 loss against position. ``compare`` says whether one run's perplexity on the shared targets is lower
 than another's beyond document-to-document noise (a paired bootstrap over the target documents,
 ``trainer/paired_bootstrap.py``). """
@@ -43,7 +45,7 @@ from trainer import metrics as trainer_metrics  # noqa: E402
 from trainer import paired_bootstrap  # noqa: E402
 from trainer.run_summary import training_seconds  # noqa: E402
 
-from reproduce_recipes import BASELINE, EARLIER_STAGES, STAGES, TABLE2_RUNS  # noqa: E402
+from reproduce_recipes import BASELINE, DEFAULT_RUNS, EARLIER_STAGES, STAGES, TABLE2_RUNS  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -310,7 +312,9 @@ def main():
     running.add_argument("--corpus", required=True, help="the Linux corpus directory")
     running.add_argument("--out", type=Path, required=True, help="where the per-run JSON goes")
     running.add_argument("--runs", help="where run directories go (default: a new temporary one)")
-    running.add_argument("--only", nargs="+", choices=list(STAGES), default=list(STAGES))
+    running.add_argument("--only", nargs="+", choices=list(STAGES), default=DEFAULT_RUNS, metavar="RUN",
+                         help=f"runs to train (default: {' '.join(DEFAULT_RUNS)}, the Table 4 set; "
+                              "lc_1k lc_2k lc_4k: the long-context recipe); one of: " + " ".join(STAGES))
     running.add_argument("--cache", default="/tmp/flashtrain-cache")
     running.add_argument("--num-proc", type=int, default=12)
     running.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096])

@@ -250,3 +250,16 @@ def test_the_long_finetune_config_for_rotary_models_is_the_recipe_that_was_measu
         for field in fields:
             assert getattr(getattr(packaged, section), field) == getattr(getattr(recipe, section), field), \
                 f"{section}.{field}"
+
+
+def test_the_long_context_recipe_runs_are_the_measured_series_and_the_default_is_table_4():
+    import reproduce
+    for k in (1, 2, 4):
+        measured = reproduce.STAGES["s2l_1k_mix" if k == 1 else f"s2l_{k}k_mix75"]
+        named = reproduce.STAGES[f"lc_{k}k"]
+        assert named[0] == measured[0]                                # the shared first stage
+        extra = [o for o in named[1][1] if o not in measured[1][1]]
+        assert [o for o in measured[1][1] if o not in named[1][1]] == []
+        assert extra == ([] if k == 1 else ["model.extend_method=ntk"])
+    assert reproduce.BASELINE["lc_4k"] == reproduce.BASELINE["lc_2k"] == "lc_1k"
+    assert reproduce.DEFAULT_RUNS == ["1k", "2k", "4k", "1k_to_4k"]
