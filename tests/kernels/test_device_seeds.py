@@ -45,6 +45,24 @@ def test_forward_and_backward_use_the_mask_of_the_device_seed(causal, device):
                             flash_outputs=(out, grads, grad_out))
 
 
+def test_packed_documents_use_the_mask_of_the_device_seed(device):
+    # The variable-length path (document-aware GPT batches, packed BERT rows) under CUDA graphs.
+    cu_seqlens = torch.tensor([0, 7, 30, 31], dtype=torch.int32, device=device)
+    q, k, v = random_qkv((31, 2, 32), (31, 2, 32), torch.float32, device)
+    scale = q.shape[-1] ** -0.5
+    out, lse, rng_state = torch.ops.flashtrain.flash_attention_forward(
+        q, k, v, cu_seqlens, 23, scale, True, P, -1, -1, True)
+    assert rng_state.device == q.device
+    keep = keep_mask(call_geometry(q, k, cu_seqlens, 23), int(rng_state.item()), 0, drop_threshold(P),
+                     q.device)
+    assert keep.shape == (3, 2, 23, 23)
+    grad_out = torch.randn_like(out)
+    grads = torch.ops.flashtrain.flash_attention_backward(
+        grad_out, q, k, v, out, lse, rng_state, cu_seqlens, 23, scale, True, P, -1, -1)
+    check_against_reference(q, k, v, causal=True, dropout_p=P, cu_seqlens=cu_seqlens, max_seqlen=23,
+                            dropout_mask=keep, flash_outputs=(out, grads, grad_out))
+
+
 def test_seeds_differ_per_call_and_follow_manual_seed(device):
     q, k, v = random_qkv((1, 32, 2, 16), (1, 32, 2, 16), torch.float32, device, requires_grad=False)
     torch.manual_seed(7)
