@@ -1,0 +1,57 @@
+"""scripts/kernel_resources.py: the attention kernels compiled for sm_90 on a machine without a GPU,
+with the specialization a launch would give them."""
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.trainer.helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import kernel_resources  # noqa: E402
+
+
+def fake_kernel(*params):
+    return SimpleNamespace(params=[SimpleNamespace(name=name, is_constexpr=constexpr, default=default)
+                                   for name, constexpr, default in params], fn=SimpleNamespace(__name__="k"))
+
+
+def test_specialization_follows_tritons_rules():
+    kernel = fake_kernel(("Q", False, None), ("cu", False, None), ("stride", False, None),
+                         ("heads", False, None), ("group", False, None), ("base", False, None),
+                         ("scale", False, None), ("BLOCK", True, None), ("FLAG", True, False))
+    q = torch.empty(2, 3, device="meta", dtype=torch.bfloat16)
+    signature, constants, attrs = kernel_resources.specialize(
+        kernel, (q, None, 768, 12, 1, 2**40, 0.125), {"BLOCK": 64})
+    assert signature == {"Q": "*bf16", "cu": "constexpr", "stride": "i32", "heads": "i32",
+                         "group": "constexpr", "base": "i64", "scale": "fp32", "BLOCK": "constexpr",
+                         "FLAG": "constexpr"}
+    assert constants == {(1,): None, (4,): 1, (7,): 64, (8,): False}      # defaults fill in
+    assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]],
+                     (5,): [["tt.divisibility", 16]]}                       # 768 and 2**40, not 12
+    with pytest.raises(ValueError, match="takes 7 runtime arguments; got 2"):
+        kernel_resources.specialize(kernel, (q, None), {})
+
+
+def test_the_forward_compiles_for_sm90_here_and_reports_its_resources():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile, not interpret
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_resources.py"), "--pass",
+                             "forward", "--batch", "1", "--seqlen", "256", "--heads", "2", "--causal",
+                             "--tiles", "64,64,4,2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = dict(field.split("=") for field in result.stdout.split())
+    assert report["kernel"] == "_forward_kernel" and report["num_warps"] == "4"
+    assert 32 <= int(report["registers"]) <= 255 and int(report["stack_bytes"]) >= 0
+    assert int(report["shared_bytes"]) > 0 and int(report["sass_instructions"]) > 100
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        kernel_resources.parse_args(["--pass", "dkdv", "--seed-in-memory"])
+    with pytest.raises(SystemExit):
+        kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,64"])
