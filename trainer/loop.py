@@ -184,9 +184,9 @@ class Trainer:
         fuses the head's matmul output with the cross entropy (no float32 logits in memory)."""
         documents = {}
         if self.config.data.mix_seqlen:
-            # Two batch shapes (B x L and kB x L/k, unless pack_mixed_windows ran the short ones as
-            # B x L): each its own static graph. Unmarked, dynamo's
-            # second compilation would make both dimensions dynamic and serve both shapes with it.
+            # Two batch shapes (B x L and kB x L/k, unless fit_batches_to_run packed the short ones
+            # as B x L): each its own static graph. Unmarked, dynamo's second compilation would
+            # make both dimensions dynamic and serve both shapes with it.
             torch._dynamo.mark_static(batch.input_ids)
             torch._dynamo.mark_static(batch.targets)
         if batch.cu_seqlens is not None:
