@@ -171,3 +171,23 @@ def test_the_trainer_packs_short_windows_for_rotary_models_into_one_shape(tmp_pa
     shapes.clear()
     run(compose_run(tiny_overrides(tmp_path, **overrides, **{"data.mix_pack": "false"})), tmp_path / "plain")
     assert set(shapes) == {(2, 32), (8, 8)}
+
+
+def test_the_long_context_recipe_fine_tunes_a_rotary_run_end_to_end(tmp_path):
+    """finetune_long_rope's mechanics at toy size: a rotary run continued at 4x its context with the
+    NTK base, three micro-batches in four at the old context, packed into long rows."""
+    from trainer.loop import run
+    rope = {"model": "rope_tiny", "model.n_head": 2, "data.document_aware": "true", "model.attention": "flash",
+            "model.dropout": 0.0, "model.attn_dropout": 0.0, "data.seqlen": 16}
+    run(compose_run(tiny_overrides(tmp_path, **rope, **{"trainer.max_steps": 2})), tmp_path / "short")
+    summary = run(compose_run(tiny_overrides(tmp_path, **{**rope, "data.seqlen": 64}, **{
+        "data.mix_seqlen": 16, "data.mix_fraction": 0.75, "model.extend_method": "ntk",
+        "model.init_from": str(tmp_path / "short" / "model.pt"),
+        "data.tokenizer_file": str(tmp_path / "short" / "tokenizer.json"), "trainer.max_steps": 4,
+        "trainer.eval_interval": 4, "trainer.save_interval": 4})), tmp_path / "long")
+    state = torch.load(tmp_path / "long" / "model.pt", weights_only=True)
+    assert state["config"]["max_seqlen"] == 64 and summary["steps"] == 4
+    assert np.isfinite(summary["final_loss"])
+    log = (tmp_path / "long" / "train.log").read_text()
+    assert "context extended 16 -> 64 positions (rotary base raised, NTK-aware)" in log
+    assert "short windows run 4 to a row of 64 tokens" in log
