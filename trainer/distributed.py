@@ -108,6 +108,13 @@ def local_value(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def shutdown(context: DistributedContext):
+def shutdown(context: DistributedContext, finished: bool = False):
+    """Leave the process group. After a finished run every rank first waits for the others: gloo
+    tears a rank's connections down while a peer may still be sending to it, which now and then
+    aborted a process that had finished ("terminate called without an active exception"). Not after
+    a failure: a rank that waited there while another sat in a different collective would hang
+    instead of failing, which torchrun notices and ends."""
     if context.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

@@ -379,20 +379,22 @@ class Trainer:
             out = generate(self.model, prompt, new_tokens, temperature=0.8, top_k=50, generator=generator)
         return self.data.tokenizer.decode(out[0].tolist())
 
-    def close(self):
+    def close(self, finished: bool = False):
         self.metrics.close()
         close_logging()
         self._release_lock()
-        shutdown(self.context)
+        shutdown(self.context, finished)
 
 
 def run(config: RunConfig, run_dir: Path, on_start=None) -> dict:
     """Build the run and train it. ``on_start(trainer)`` runs once the run is accepted (data,
     model and any resume checked), before the first step."""
     trainer = Trainer(config, run_dir)
+    finished = False
     try:
         if on_start is not None and trainer.context.is_main:
             on_start(trainer)
-        return trainer.fit()
+        summary, finished = trainer.fit(), True
+        return summary
     finally:
-        trainer.close()
+        trainer.close(finished)
