@@ -186,7 +186,8 @@ def report(args):
     if args.json:
         args.json.write_text(json.dumps({"records": records}, indent=1))
     if args.plot:
-        plot(records, args.plot, args.caption, args.plot_rows or [r for r in ("1k", "2k", "4k", "1k_to_4k")])
+        plot(records, args.plot, args.caption, args.plot_rows or [r for r in ("1k", "2k", "4k", "1k_to_4k")],
+             args.title)
 
 
 def seconds_to_reach(metrics, target_ppl: float) -> float | None:
@@ -223,7 +224,7 @@ def table2(records) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records, path: Path, caption: str, rows):
+def plot(records, path: Path, caption: str, rows, title: str = "GPT-2 small on the Linux corpus"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -239,7 +240,7 @@ def plot(records, path: Path, caption: str, rows):
     axis.set_xscale("log", base=2)
     axis.set_xlabel("token position in document")
     axis.set_ylabel("validation loss (nats)")
-    axis.set_title("GPT-2 small on the Linux corpus: loss by position, same target tokens")
+    axis.set_title(f"{title}: loss by position, same target tokens")
     axis.legend()
     dates = sorted({r.get("date", "") for r in records.values()})
     figure.text(0.01, 0.01, f"{caption}; {', '.join(dates)}\npython scripts/reproduce.py run (configs/"
@@ -328,6 +329,7 @@ def main():
     reporting.add_argument("--json", type=Path)
     reporting.add_argument("--plot", type=Path)
     reporting.add_argument("--caption", default="", help="card and software versions, for the plot")
+    reporting.add_argument("--title", default="GPT-2 small on the Linux corpus", help="the plot's model and data")
     reporting.add_argument("--rows", nargs="+", help="records to tabulate, in order (default: every "
                            "run of every variant series, grouped by series)")
     reporting.add_argument("--plot-rows", nargs="+", help="records to plot (default: 1k 2k 4k 1k_to_4k)")
