@@ -112,6 +112,14 @@ def entry_point():
         for number, overrides, message in FAILED_JOBS:
             print(f"  job {number} ({overrides}): {message}", file=sys.stderr)
         sys.exit(1)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose run finished (outputs written, process group left) exits without
+        # interpreter finalization. There, objects that still reference gloo's threads and work
+        # items are torn down in no set order, which now and then aborted a finished process
+        # ("terminate called without an active exception", exit -6; pytorch/pytorch#179291).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
