@@ -62,9 +62,11 @@ DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64
                                     (128, 32, 4, 3), (128, 128, 8, 3)]]
 
 
-# Two tilings of the same call differ by bf16 rounding (~1e-3 relative); a miscompiled kernel by
-# far more (0.4-0.7 for the warp-specialized Hopper kernels, attention_notes.md v7).
-AGREEMENT = 2e-2
+# Two tilings of the same call differ by bf16 rounding (each is ~2.5e-3 from float32, so at most
+# ~5e-3 apart); a miscompiled kernel by more: 0.4-0.7 for the warp-specialized Hopper kernels
+# (attention_notes.md v7), but only 1.2e-2 for the untransposed dropout dK/dV at 16 x 128 without a
+# mask (v13), which an earlier bound of 2e-2 let through.
+AGREEMENT = 8e-3
 
 
 def relative_difference(result, reference) -> float:

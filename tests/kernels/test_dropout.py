@@ -132,3 +132,18 @@ def test_dkdv_mask_layouts_give_the_same_gradients(device, monkeypatch):
     monkeypatch.setattr(_backward, "DKDV_MASK_LAYOUT", "broadcast")
     for mine, theirs in zip(grads(), chosen):
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_tiles_the_untransposed_layout_miscompiles_take_the_broadcast_one():
+    # On a GPU the untransposed layout's dK is wrong at 16 x 128 tiles (attention_notes.md, v13);
+    # the interpreter, which runs it exactly, keeps the chosen layout for every tiling.
+    from kernels._backward import DKDV_MASK_LAYOUT, dkdv_mask_layout
+    from kernels._launch import Tiles
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert DKDV_MASK_LAYOUT == "untransposed"
+    assert dkdv_mask_layout(Tiles(16, 128, 4, 3), gpu) == "broadcast"
+    assert dkdv_mask_layout(Tiles(16, 128, 4, 3, fused=True), gpu) == "broadcast"
+    for measured_exact in (Tiles(16, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(64, 64, 4, 3),
+                           Tiles(128, 64, 8, 2)):
+        assert dkdv_mask_layout(measured_exact, gpu) == "untransposed"
+    assert dkdv_mask_layout(Tiles(16, 128, 4, 3), cpu) == "untransposed"

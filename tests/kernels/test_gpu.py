@@ -330,6 +330,26 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
         check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
 
 
+# Every portable dK/dV tiling tune_attention.py times, with dropout; 16 x 128 once gave a wrong dK
+# with the untransposed mask layout (attention_notes.md, v13) and now takes the broadcast one.
+PORTABLE_DKDV_TILES = [(16, 128, 4, 3), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 3),
+                       (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2)]
+
+
+@pytest.mark.parametrize("tiles", PORTABLE_DKDV_TILES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_portable_dkdv_tiling_with_dropout_on_gpu(tiles, causal, monkeypatch):
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(*tiles))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, 1024, 4, 64), (2, 1024, 4, 64), torch.bfloat16, "cuda")
+    torch.manual_seed(5)
+    _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
+    torch.manual_seed(5)
+    check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal, dropout_p", [(False, 0.0), (True, 0.0), (True, 0.1)])
 def test_fused_backward_on_gpu(head_dim, causal, dropout_p, monkeypatch):
