@@ -41,8 +41,15 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, stride_qn, stride
                        EVEN_D: tl.constexpr, MASKED: tl.constexpr, UPPER: tl.constexpr,
                        LOWER: tl.constexpr,
                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
-                       MASK_LAYOUT: tl.constexpr, ACCUMULATE_DQ: tl.constexpr):
+                       MASK_LAYOUT: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+                       SEED_IN_MEMORY: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
+        if DROPOUT and SEED_IN_MEMORY:
+            # Loaded where it is used rather than held across the loop: this pass sits at the
+            # register cap, where a live 64-bit seed cost +7.8 % (attention_notes.md, v13).
+            philox_seed = tl.load(seed)
+        else:
+            philox_seed = seed
         rows = m0 + offs_m
         row_ok = rows < len_q
         q = load_rows(q_ptrs + m0 * stride_qn, row_ok, d_ok, MASKED, EVEN_D)
@@ -65,8 +72,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, stride_qn, stride
             if MASKED:
                 p = tl.where(visible_tile(rows, cols, len_k, upper, lower, UPPER, LOWER), p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M, BLOCK_N,
-                                     N_ROUNDS)
+            keep = dropout_keep_tile(philox_seed, pair_counters, n0, drop_threshold, BLOCK_M,
+                                     BLOCK_N, N_ROUNDS)
             p_dropped = tl.where(keep, p, 0.0)
             dp = tl.where(keep, dp, 0.0)
             dv = tl.dot(tl.trans(p_dropped.to(do.dtype)), do, dv, input_precision=PRECISION)
@@ -83,7 +90,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, stride_qn, stride
             if DROPOUT:
                 pair_counters = pair_counter_base(counter_base, dropout_first_pair + m0 // 2,
                                                   counters_per_row, BLOCK_M)
-                keep = dropout_keep_tile(seed, pair_counters, n0, drop_threshold, BLOCK_M,
+                keep = dropout_keep_tile(philox_seed, pair_counters, n0, drop_threshold, BLOCK_M,
                                          BLOCK_N, N_ROUNDS)
                 keepT = tl.trans(keep)
                 pT_dropped = tl.where(keepT, pT, 0.0)
@@ -115,8 +122,8 @@ def _dkdv_kernel(
     PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr, MASK_LAYOUT: tl.constexpr,
     ACCUMULATE_DQ: tl.constexpr = False, SEED_IN_MEMORY: tl.constexpr = False,
 ):
-    if SEED_IN_MEMORY:      # seed is then the address of a seed drawn on the device (_philox.py)
-        seed = tl.load(seed)
+    # With SEED_IN_MEMORY, seed is the address of a seed drawn on the device (_philox.py), loaded
+    # inside the query-block loop.
     # GradQAcc (float32, q's shape; stride_aq*): where ACCUMULATE_DQ adds the unscaled dQ. Without
     # it, any tensor: it is not read.
     block_n = tl.program_id(0)
@@ -194,7 +201,7 @@ def _dkdv_kernel(
                 Lse + row_stats, Delta + row_stats, stage_lo, stage_hi, n0, cols, offs_m, d_ok,
                 len_q, len_k, upper, lower, qk_scale, seed, counter_base, dropout_first_pair,
                 counters_per_row, drop_threshold, BLOCK_M, BLOCK_N, EVEN_D, stage != 1, UPPER,
-                LOWER, DROPOUT, PRECISION, N_ROUNDS, MASK_LAYOUT, ACCUMULATE_DQ)
+                LOWER, DROPOUT, PRECISION, N_ROUNDS, MASK_LAYOUT, ACCUMULATE_DQ, SEED_IN_MEMORY)
 
     if DROPOUT:
         dk *= softmax_scale * drop_rescale
