@@ -42,7 +42,8 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
                             (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2),
                             (16, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3), (128, 64, 8, 2),
                             (128, 64, 8, 1), (64, 64, 8, 2),
-                            # 8 warps: under the 255-register cap that 64x64x4 hits (attention_notes v12)
+                            # 8 warps: under the 255-register cap that 64x64x4 hits (attention_notes
+                            # v12), yet about half its speed at head dim 64 (v13); not yet timed at 128
                             (64, 64, 8, 3)]] + [
     # The Gluon dK/dV (_dkdv_gluon.py; sm_90, no band or dropout, no GQA); num_stages = Q/dO
     # stages (3 or more). Tiles that spilled registers at head dim 128 when compiled for sm_90
