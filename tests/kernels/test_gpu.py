@@ -330,8 +330,9 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
         check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
 
 
-# Every portable dK/dV tiling tune_attention.py times, with dropout; 16 x 128 once gave a wrong dK
-# with the untransposed mask layout (attention_notes.md, v13) and now takes the broadcast one.
+# Eight of the portable dK/dV tilings tune_attention.py times, the 16-row ones among them, with
+# dropout: 16 x 128 gave a wrong dK with the untransposed mask layout (attention_notes.md, v13) and
+# now takes the broadcast one.
 PORTABLE_DKDV_TILES = [(16, 128, 4, 3), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 3),
                        (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2)]
 
