@@ -2,6 +2,7 @@
 strides) and print, as JSON, its loops' TTGIR and ptxas's register and stack use.
 
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dq]
+    python -m tests.kernels.gluon_compile keep BLOCK_M BLOCK_N NUM_WARPS     # _philox_gluon's mask
 
 Run as its own process: with TRITON_INTERPRET=1 (the test session's setting) Triton's standard
 library is the interpreter's and a Gluon kernel cannot be compiled."""
@@ -20,6 +21,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from kernels._dkdv_gluon import _dkdv_gluon_kernel
 from kernels._dq_gluon import _dq_gluon_kernel
 from kernels._forward_gluon import _forward_gluon_kernel
+from kernels._philox_gluon import _keep_mask_gluon_kernel
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "Delta": "*fp32",
             "GradOut": "*bf16", "GradQ": "*bf16", "GradK": "*bf16", "GradV": "*bf16", "cu_seqlens": "*i32"}
@@ -59,9 +61,22 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
                           options=dict(num_warps=num_warps, num_stages=1))
 
 
-def main():
-    kernel = compile_for_sm90(*map(int, sys.argv[1:7]), *sys.argv[7:8])
-    loops = re.findall(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S)
+def compile_keep_mask_for_sm90(block_m, block_n, num_warps):
+    """``_philox_gluon._keep_mask_gluon_kernel`` as ``_philox_gluon.keep_mask`` launches it."""
+    function = _keep_mask_gluon_kernel
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, N_ROUNDS=7, num_warps=num_warps)
+    types = dict(Mask="*i8", seed="i64", counter_base="i64")
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32")
+                 for name in function.arg_names}
+    source = GluonASTSource(function, signature,
+                            {(function.arg_names.index(k),): v for k, v in constexprs.items()},
+                            {(0,): [["tt.divisibility", 16]]})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=1))
+
+
+def resources(kernel) -> tuple[int, int]:
+    """ptxas's registers and stack (spill) bytes per thread, as cuobjdump reports them."""
     with tempfile.TemporaryDirectory() as directory:
         cubin = Path(directory) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -69,6 +84,21 @@ def main():
         usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True,
                                text=True, check=True).stdout
     registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    return registers, stack
+
+
+def main():
+    if sys.argv[1] == "keep":
+        kernel = compile_keep_mask_for_sm90(*map(int, sys.argv[2:5]))
+        registers, stack = resources(kernel)
+        print(json.dumps(dict(conversions=kernel.asm["ttgir"].count("convert_layout"),
+                              shared=kernel.asm["ttgir"].count("local_alloc"),
+                              high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])),
+                              registers=registers, stack=stack)))
+        return
+    kernel = compile_for_sm90(*map(int, sys.argv[1:7]), *sys.argv[7:8])
+    loops = re.findall(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S)
+    registers, stack = resources(kernel)
     print(json.dumps(dict(loops=loops, registers=registers, stack=stack)))
 
 

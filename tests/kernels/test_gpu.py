@@ -174,6 +174,23 @@ sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
                                   reason="the Gluon kernels' warpgroup MMAs are sm_90's")
 
 
+@sm90_exactly
+@pytest.mark.parametrize("block_m, block_n, warps", [(64, 64, 4), (128, 64, 8), (64, 128, 4)])
+@pytest.mark.parametrize("offset", [0, 12 * 2**32 + 4])
+def test_gluon_keep_mask_equals_the_portable_kernels(block_m, block_n, warps, offset):
+    # The mask the Gluon passes would apply is the one every other kernel regenerates, bit for bit;
+    # the large offset puts counters past 2**32 (the high counter word).
+    from kernels import _debug_mask, _philox_gluon
+    from kernels._launch import Geometry
+    geometry = Geometry(2, 3, 3, 256, 384, 64, varlen=False)
+    for threshold in (26, 128):
+        portable = _debug_mask.keep_mask(geometry, 1234, offset, threshold, torch.device("cuda"))
+        gluon = _philox_gluon.keep_mask(geometry, 1234, offset, threshold, torch.device("cuda"),
+                                        block_m, block_n, warps)
+        assert torch.equal(gluon, portable)
+        assert 0.3 < portable.float().mean().item() < 0.95
+
+
 GLUON_TILES = [(64, (128, 128, 8, 3)), (64, (64, 64, 4, 3)), (128, (128, 64, 8, 3)),
                (128, (128, 128, 8, 2))]
 GLUON_LENGTHS = [(1024, 4), (4096, 2), (1088, 4)]
