@@ -132,7 +132,7 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
     # The fused dK/dV pass adds dQ here; the two-pass one does not read it.
     dq_accumulator = new_dq_accumulator(dq) if fused else dq
     seed, counter_base, in_memory = seed_arguments(seed, offset)
-    if in_memory:           # only with dropout, which only the portable passes take
+    if in_memory:           # only with dropout: the portable passes and the Gluon dK/dV take it
         dq_options["SEED_IN_MEMORY"] = dkdv_options["SEED_IN_MEMORY"] = True
     # dQ first: it also writes delta, which dK/dV reads.
     dq_arguments = (q, k, v, grad_out, out, lse, delta, dq, cu_seqlens, seed, counter_base,

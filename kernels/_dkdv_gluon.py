@@ -16,10 +16,17 @@ them before their stage of Q/dO is reused. Q and dO arrive by TMA into STAGES sh
 stages (one mbarrier each); a stage is refilled at the top of the iteration after the one that
 used it, STAGES - 2 blocks ahead of the block that iteration waits for, so STAGES >= 3.
 
+With dropout each block's keep-mask is regenerated from the seed and counters exactly as the
+portable passes do (``_philox_gluon.keep_tile_transposed``): by default built in the forward's
+orientation, where each thread runs Philox only for the counters it holds, and moved to the
+transposed tile through shared memory (``MASK_LAYOUT="untransposed"``), or built in the
+transposed tile directly ("broadcast", 4x the Philox work). Dropped entries of Pᵀ and dPᵀ are 0
+and the 1 / (1 - p) scale is applied to dK and dV once, at the end, as in the portable pass.
+
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dkdv_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, one query
-head per kv-head, no window, no dropout, whole query and key blocks, and with the causal mask as
-many queries as keys (its mask is the plain diagonal). δ comes from the dQ pass, launched first.
+head per kv-head, no window, whole query and key blocks, and with the causal mask as many queries
+as keys (its mask is the plain diagonal). δ comes from the dQ pass, launched first.
 """
 
 from triton.experimental import gluon
@@ -28,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._gluon_shared import head_descriptor
+from ._philox_gluon import keep_tile_transposed
 
 
 @gluon.jit
@@ -53,24 +61,38 @@ def _row_statistics(lse_ptr, delta_ptr, block, BLOCK_M: gl.constexpr, s_layout: 
 
 
 @gluon.jit
-def _elementwise_step(s, dp, lse, delta, block, n0, qk_scale, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, CAUSAL_MASK: gl.constexpr, s_layout: gl.constexpr):
-    """Pᵀ and dSᵀ of query block ``block`` from its transposed score and dP tiles (keys along
-    rows); with the mask, keys after a query get probability 0."""
+def _elementwise_step(s, dp, lse, delta, block, n0, qk_scale, dropout, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr,
+                      N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+                      s_layout: gl.constexpr):
+    """The Pᵀ that multiplies dO (dropped entries 0) and dSᵀ of query block ``block`` from its
+    transposed score and dP tiles (keys along rows); with the mask, keys after a query get
+    probability 0. ``dropout`` = (seed, counter base, the head's first row pair, counters per
+    row, threshold): the block's keep-mask, applied as the portable pass applies it (dropped dP
+    entries 0; the 1 / (1 - p) scale applied to dK and dV at the end)."""
     p = gl.exp2(s * qk_scale - lse[None, :])
     if CAUSAL_MASK:
         rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
         cols = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         p = gl.where(rows[:, None] <= cols[None, :], p, 0.0)
-    return p, p * (dp - delta[None, :])
+    p_dropped = p
+    if DROPOUT:
+        seed, counter_base, first_pair, counters_per_row, threshold = dropout
+        keep = keep_tile_transposed(seed, counter_base, first_pair + block * (BLOCK_M // 2),
+                                    counters_per_row, n0, threshold, BLOCK_M, BLOCK_N, N_ROUNDS,
+                                    MASK_LAYOUT, num_warps, s_layout)
+        p_dropped = gl.where(keep, p, 0.0)
+        dp = gl.where(keep, dp, 0.0)
+    return p_dropped, p * (dp - delta[None, :])
 
 
 @gluon.jit
 def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv,
-                  lse_ptr, delta_ptr, first, begin, end, n_items, n0, qk_scale,
+                  lse_ptr, delta_ptr, first, begin, end, n_items, n0, qk_scale, dropout,
                   dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, s_layout: gl.constexpr,
-                  a_layout: gl.constexpr):
+                  STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr,
+                  N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+                  s_layout: gl.constexpr, a_layout: gl.constexpr):
     """Query blocks ``begin`` .. ``end`` - 1, overlapped: on entry ``p`` and ``ds`` hold block
     begin - 1's tiles (not yet multiplied into dV and dK); on exit block end - 1's. ``first`` is
     this program's first query block (stage indices count from it)."""
@@ -98,8 +120,9 @@ def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp,
         # block are done while dV and dK of the current one may still run under its elementwise
         # step.
         s, dp = warpgroup_mma_wait(num_outstanding=2, deps=(s, dp))
-        p, ds = _elementwise_step(s, dp, lse, delta, following, n0, qk_scale, BLOCK_M, BLOCK_N,
-                                  CAUSAL_MASK, s_layout)
+        p, ds = _elementwise_step(s, dp, lse, delta, following, n0, qk_scale, dropout, BLOCK_M,
+                                  BLOCK_N, CAUSAL_MASK, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps,
+                                  s_layout)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     return s, dp, p, ds, dk, dv
 
@@ -118,12 +141,14 @@ def _dkdv_gluon_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.gluon_dkdv_call), with as many queries as
     # keys, and group_size is 1.
-    gl.static_assert(not (LOWER or DROPOUT or VARLEN),
-                     "windows, dropout and packed input run the portable kernel")
+    gl.static_assert(not (LOWER or VARLEN), "windows and packed input run the portable kernel")
+    # The keep-mask's counters cover 16-row pairs and 32-column blocks (_philox.py).
+    gl.static_assert(not DROPOUT or (BLOCK_M % 16 == 0 and BLOCK_N % 32 == 0),
+                     "dropout needs query blocks of 16 rows and key blocks of 32 columns")
     gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
     # A block's stage is refilled at the top of the iteration after its products: with 2 stages
     # the refill would be the very block that iteration waits for, so nothing is loaded ahead.
@@ -189,6 +214,14 @@ def _dkdv_gluon_kernel(
     row_stats = batch64 * stride_lse_b + head64 * stride_lse_h
     lse_ptr = Lse + row_stats
     delta_ptr = Delta + row_stats
+    if DROPOUT:
+        if SEED_IN_MEMORY:      # a seed drawn on the device (_philox.device_seed)
+            seed = gl.load(seed)
+        # The first row pair of this (batch, head) in the counter layout (_philox.head_first_pair).
+        head_pair = (batch64 * heads_q + head64) * (gl.cdiv(seqlen_q, 16) * 8)
+        dropout = (seed, counter_base, head_pair, counters_per_row, drop_threshold)
+    else:
+        dropout = 0
 
     # The first query block's tiles (nothing accumulated yet); with the mask it is a diagonal one.
     mbarrier.wait(bars.index(0), 0)
@@ -199,20 +232,22 @@ def _dkdv_gluon_kernel(
                        is_async=True)
     lse, delta = _row_statistics(lse_ptr, delta_ptr, first, BLOCK_M, s_layout)
     s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
-    p, ds = _elementwise_step(s, dp, lse, delta, first, n0, qk_scale, BLOCK_M, BLOCK_N, UPPER,
-                              s_layout)
+    p, ds = _elementwise_step(s, dp, lse, delta, first, n0, qk_scale, dropout, BLOCK_M, BLOCK_N,
+                              UPPER, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps, s_layout)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
 
     if UPPER:   # the rest of the diagonal blocks, masked
         s, dp, p, ds, dk, dv = _query_blocks(
             k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
-            delta_ptr, first, first + 1, full_start, n_items, n0, qk_scale, dtype, BLOCK_M,
-            BLOCK_N, STAGES, True, s_layout, a_layout)
+            delta_ptr, first, first + 1, full_start, n_items, n0, qk_scale, dropout, dtype,
+            BLOCK_M, BLOCK_N, STAGES, True, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps, s_layout,
+            a_layout)
     s, dp, p, ds, dk, dv = _query_blocks(
         k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
         delta_ptr, first, gl.maximum(full_start, first + 1), n_blocks, n_items, n0, qk_scale,
-        dtype, BLOCK_M, BLOCK_N, STAGES, False, s_layout, a_layout)
+        dropout, dtype, BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps,
+        s_layout, a_layout)
 
     stage = (n_items - 1) % STAGES
     dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_smem.index(stage), dv,
@@ -228,9 +263,14 @@ def _dkdv_gluon_kernel(
     rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, g_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
     rows64 = rows.to(gl.int64)[:, None]
+    if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass
+        dk = dk * (softmax_scale * drop_rescale)
+        dv = dv * drop_rescale
+    else:
+        dk = dk * softmax_scale
     gl.store(GradK + batch64 * stride_dkb + head64 * stride_dkh + rows64 * stride_dkn
              + cols[None, :],
-             (dk * softmax_scale).to(GradK.dtype.element_ty))
+             dk.to(GradK.dtype.element_ty))
     gl.store(GradV + batch64 * stride_dvb + head64 * stride_dvh + rows64 * stride_dvn
              + cols[None, :],
              dv.to(GradV.dtype.element_ty))

@@ -54,6 +54,15 @@ def keep_tile(seed, counter_base, first_pair, counters_per_row, col_start, drop_
     """Keep-mask of the (BLOCK_M, BLOCK_N) tile whose row pairs start at ``first_pair`` (the head's
     first pair + m0 // 2, m0 a multiple of 16) and whose columns start at ``col_start`` (a multiple
     of 32), in ``layout``: ``_philox.dropout_keep_tile`` for Gluon."""
+    return gl.set_auto_layout(_keep_tile_auto(seed, counter_base, first_pair, counters_per_row,
+                                              col_start, drop_threshold, BLOCK_M, BLOCK_N,
+                                              N_ROUNDS), layout)
+
+
+@gluon.jit
+def _keep_tile_auto(seed, counter_base, first_pair, counters_per_row, col_start, drop_threshold,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, N_ROUNDS: gl.constexpr):
+    """``keep_tile`` with its layout still automatic."""
     PAIR_BLOCKS: gl.constexpr = BLOCK_M // 16
     BLOCKS: gl.constexpr = BLOCK_N // 32
     auto: gl.constexpr = gl.AutoLayout()
@@ -70,7 +79,37 @@ def keep_tile(seed, counter_base, first_pair, counters_per_row, col_start, drop_
     w0, w1, w2, w3 = philox4x32(seed, counters, N_ROUNDS)
     word = gl.where(w == 0, w0, gl.where(w == 1, w1, gl.where(w == 2, w2, w3)))
     byte = ((word >> (16 * s + 8 * c).to(gl.uint32)) & 0xFF).to(gl.int32)
-    return gl.set_auto_layout(gl.reshape(byte >= drop_threshold, [BLOCK_M, BLOCK_N]), layout)
+    return gl.reshape(byte >= drop_threshold, [BLOCK_M, BLOCK_N])
+
+
+@gluon.jit
+def keep_tile_transposed(seed, counter_base, first_pair, counters_per_row, col_start,
+                         drop_threshold, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
+                         num_warps: gl.constexpr, layout: gl.constexpr):
+    """The transposed keep-mask, (BLOCK_N keys, BLOCK_M queries), in ``layout`` (the accumulator
+    of a transposed score tile). "untransposed": generated in the forward's orientation, where
+    each thread computes only its own counters, and moved through shared memory; "broadcast":
+    generated in ``layout`` directly, each thread computing every counter it touches (4x the
+    Philox work, no shared memory)."""
+    if MASK_LAYOUT == "untransposed":
+        # Warps over whole 16-row pair blocks and whole 32-column counter blocks, so that no two
+        # threads compute the same counter.
+        WARPS_M: gl.constexpr = num_warps if num_warps <= BLOCK_M // 16 else BLOCK_M // 16
+        WARPS_N: gl.constexpr = num_warps // WARPS_M
+        gl.static_assert(WARPS_M * WARPS_N == num_warps and (BLOCK_N // WARPS_N) % 32 == 0,
+                         "each warp needs whole 16-row and 32-column blocks of the mask")
+        forward: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+            instr_shape=[16, BLOCK_N // WARPS_N, 16])
+        keep = keep_tile(seed, counter_base, first_pair, counters_per_row, col_start,
+                         drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS, forward)
+        keep = gl.convert_layout(gl.permute(keep.to(gl.int8), [1, 0]), layout) != 0
+    else:
+        keep = _keep_tile_auto(seed, counter_base, first_pair, counters_per_row, col_start,
+                               drop_threshold, BLOCK_M, BLOCK_N, N_ROUNDS)
+        keep = gl.set_auto_layout(gl.permute(keep, [1, 0]), layout)
+    return keep
 
 
 @gluon.jit(do_not_specialize=["seed", "counter_base"])

@@ -2,6 +2,7 @@
 strides) and print, as JSON, its loops' TTGIR and ptxas's register and stack use.
 
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dq]
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL dkdv untransposed|broadcast
     python -m tests.kernels.gluon_compile keep BLOCK_M BLOCK_N NUM_WARPS     # _philox_gluon's mask
 
 Run as its own process: with TRITON_INTERPRET=1 (the test session's setting) Triton's standard
@@ -28,16 +29,19 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*f
 FLOATS = ("qk_scale", "softmax_scale", "drop_rescale")
 
 
-def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kernel="forward"):
+def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kernel="forward",
+                     mask_layout=None):
+    """``mask_layout`` (dK/dV only): compile with dropout, its mask in that layout."""
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                      UPPER=bool(causal), LOWER=False, DROPOUT=False, VARLEN=False, PRECISION="tf32",
-                      N_ROUNDS=7, num_warps=num_warps)
+                      UPPER=bool(causal), LOWER=False, DROPOUT=mask_layout is not None, VARLEN=False,
+                      PRECISION="tf32", N_ROUNDS=7, num_warps=num_warps)
     if kernel == "forward":
         function = _forward_gluon_kernel
         constexprs["KV_STAGES"] = stages
     elif kernel == "dkdv":
         function = _dkdv_gluon_kernel
-        constexprs.update(STAGES=stages, MASK_LAYOUT="untransposed")
+        constexprs.update(STAGES=stages, MASK_LAYOUT=mask_layout or "untransposed",
+                          SEED_IN_MEMORY=False)
     else:
         function = _dq_gluon_kernel
         constexprs["STAGES"] = stages
@@ -51,6 +55,8 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOATS:
             signature[name] = "fp32"
+        elif name in ("seed", "counter_base"):
+            signature[name] = "i64"
         else:
             signature[name] = "i32"
             if name.startswith("stride") and name != "stride_lse_h":
@@ -96,10 +102,11 @@ def main():
                               high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])),
                               registers=registers, stack=stack)))
         return
-    kernel = compile_for_sm90(*map(int, sys.argv[1:7]), *sys.argv[7:8])
+    kernel = compile_for_sm90(*map(int, sys.argv[1:7]), *sys.argv[7:9])
     loops = re.findall(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S)
     registers, stack = resources(kernel)
-    print(json.dumps(dict(loops=loops, registers=registers, stack=stack)))
+    print(json.dumps(dict(loops=loops, registers=registers, stack=stack,
+                          high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])))))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,13 @@ from .numerics import outputs_and_grads, random_qkv
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def compiled_for_sm90(kernel, head_dim, block_m, block_n, stages, warps, causal) -> dict:
+def compiled_for_sm90(kernel, head_dim, block_m, block_n, stages, warps, causal,
+                     mask_layout=None) -> dict:
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    dropout = [mask_layout] if mask_layout else []
     result = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_compile", str(head_dim),
-                             str(block_m), str(block_n), str(stages), str(warps), str(causal), kernel],
+                             str(block_m), str(block_n), str(stages), str(warps), str(causal), kernel,
+                             *dropout],
                             cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
@@ -51,6 +54,25 @@ def test_compiles_for_sm90_with_the_overlapped_schedule(kernel, head_dim, block_
     assert compiled["stack"] == 0 and compiled["registers"] <= 255
 
 
+@pytest.mark.parametrize("head_dim, block_m, block_n, warps, causal", [
+    (64, 32, 128, 8, 1), (64, 32, 128, 8, 0), (128, 32, 128, 8, 0)])
+def test_dkdv_with_dropout_compiles_for_sm90_with_the_same_schedule(head_dim, block_m, block_n,
+                                                                     warps, causal):
+    # The keep-mask generated in the forward's orientation and moved to the transposed tile: one
+    # Philox counter per thread for these tiles (two high multiplies a round, 14, at each of the
+    # kernel's two or three elementwise steps; 64-bit counter arithmetic adds a few), where the
+    # mask built in the transposed orientation costs four; products and waits as without dropout.
+    compiled = compiled_for_sm90("dkdv", head_dim, block_m, block_n, 3, warps, causal,
+                                 "untransposed")
+    assert len(compiled["loops"]) == 1 + causal
+    for loop in compiled["loops"]:
+        assert loop.count("ttng.warp_group_dot ") == 4
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["2", "0"]
+    steps = 2 + causal
+    assert compiled["high_multiplies"] < 2 * 14 * steps
+    assert compiled["stack"] == 0
+
+
 def test_the_calls_its_schedule_covers():
     # (causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, group_size, block_m, block_n)
     assert _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4096, 4096, 128, 1, 32, 128)
@@ -59,7 +81,9 @@ def test_the_calls_its_schedule_covers():
     assert not _hopper.gluon_dkdv_call(True, (-1, -1), 0.0, 2048, 4096, 64, 1, 32, 128)  # causal, Nq != Nk
     assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4096, 4096, 128, 2, 32, 128)  # GQA
     assert not _hopper.gluon_dkdv_call(False, (64, 64), 0.0, 4096, 4096, 128, 1, 32, 128)  # a window
-    assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.1, 4096, 4096, 128, 1, 32, 128)  # dropout
+    assert _hopper.gluon_dkdv_call(True, (-1, -1), 0.1, 4096, 4096, 128, 1, 32, 128)  # dropout
+    assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.1, 4096, 4096, 128, 1, 8, 128)  # pairs of 16 rows
+    assert not _hopper.gluon_dkdv_call(False, (64, 64), 0.1, 4096, 4096, 128, 1, 32, 128)  # window
     assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4000, 4096, 128, 1, 64, 128)  # ragged queries
     assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4096, 4000, 128, 1, 32, 128)  # ragged keys
     assert not _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4096, 4096, 96, 1, 32, 128)   # head dim
