@@ -15,9 +15,14 @@ stage of K/V is reused. K and V arrive by TMA into STAGES stages (one mbarrier e
 the top of the iteration after the one that used them, so STAGES >= 3). With the causal mask the
 key blocks every row sees run that loop unmasked and the diagonal blocks run it masked.
 
+With dropout each block's keep-mask is regenerated in the score tile's own layout
+(``_philox_gluon.keep_tile``: each thread runs Philox only for the counters it holds), dropped
+entries of dP are 0, δ is stored and used as δ·(1 − p), and dQ is scaled by 1 / (1 − p) at the
+end, as in the portable pass.
+
 The same arguments as ``_backward_kernels._dq_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dq_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, no window,
-no dropout, whole query and key blocks, and with the causal mask as many queries as keys.
+whole query and key blocks, and with the causal mask as many queries as keys.
 """
 
 from triton.experimental import gluon
@@ -26,6 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._gluon_shared import head_descriptor
+from ._philox_gluon import keep_tile
 
 
 @gluon.jit
@@ -44,21 +50,30 @@ def _load_key_block(k_desc, v_desc, k_smem, v_smem, bars, block, n_blocks,
 
 
 @gluon.jit
-def _elementwise_step(s, dp, lse, delta, block, m0, qk_scale, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, CAUSAL_MASK: gl.constexpr, s_layout: gl.constexpr):
-    """P and dS of key block ``block``; with the mask, keys after a query get probability 0."""
+def _elementwise_step(s, dp, lse, delta, block, m0, qk_scale, dropout, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr,
+                      N_ROUNDS: gl.constexpr, s_layout: gl.constexpr):
+    """dS of key block ``block``; with the mask, keys after a query get probability 0; with
+    ``dropout`` = (seed, counter base, this block's first row pair, counters per row,
+    threshold), dropped entries of dP are 0."""
     p = gl.exp2(s * qk_scale - lse[:, None])
     if CAUSAL_MASK:
         rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
         cols = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         p = gl.where(cols[None, :] <= rows[:, None], p, 0.0)
+    if DROPOUT:
+        seed, counter_base, first_pair, counters_per_row, threshold = dropout
+        keep = keep_tile(seed, counter_base, first_pair, counters_per_row, block * BLOCK_N,
+                         threshold, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
+        dp = gl.where(keep, dp, 0.0)
     return p * (dp - delta[:, None])
 
 
 @gluon.jit
 def _key_blocks(q_smem, do_smem, k_desc, v_desc, k_smem, v_smem, bars, s, dp, ds, dq, lse, delta,
-                begin, end, n_blocks, m0, qk_scale, dtype: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr,
+                begin, end, n_blocks, m0, qk_scale, dropout, dtype: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
                 s_layout: gl.constexpr, a_layout: gl.constexpr):
     """Key blocks ``begin`` .. ``end`` - 1, overlapped: on entry ``ds`` holds block begin - 1's
     tile (not yet multiplied into dQ); on exit block end - 1's."""
@@ -80,8 +95,8 @@ def _key_blocks(q_smem, do_smem, k_desc, v_desc, k_smem, v_smem, bars, s, dp, ds
         # Products complete in issue order: one outstanding means S and dP of the following block
         # are done while dQ's product for the current one may still run under the elementwise step.
         s, dp = warpgroup_mma_wait(num_outstanding=1, deps=(s, dp))
-        ds = _elementwise_step(s, dp, lse, delta, following, m0, qk_scale, BLOCK_M, BLOCK_N,
-                               CAUSAL_MASK, s_layout)
+        ds = _elementwise_step(s, dp, lse, delta, following, m0, qk_scale, dropout, BLOCK_M,
+                               BLOCK_N, CAUSAL_MASK, DROPOUT, N_ROUNDS, s_layout)
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
     return s, dp, ds, dq
 
@@ -100,11 +115,13 @@ def _dq_gluon_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.gluon_dq_call), with as many queries as keys.
-    gl.static_assert(not (LOWER or DROPOUT or VARLEN),
-                     "windows, dropout and packed input run the portable kernel")
+    gl.static_assert(not (LOWER or VARLEN), "windows and packed input run the portable kernel")
+    # The keep-mask's counters cover 16-row pairs and 32-column blocks (_philox.py).
+    gl.static_assert(not DROPOUT or (BLOCK_M % 16 == 0 and BLOCK_N % 32 == 0),
+                     "dropout needs query blocks of 16 rows and key blocks of 32 columns")
     gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
     # A block's stage is refilled at the top of the iteration after its product: with 2 stages
     # the refill would be the very block that iteration waits for, so nothing is loaded ahead.
@@ -179,6 +196,16 @@ def _dq_gluon_kernel(
     mbarrier.wait(q_bar, 0)
     do = do_smem.load(rows_layout)
     delta = gl.convert_layout(gl.sum(o.to(gl.float32) * do.to(gl.float32), 1), s_rows)
+    if DROPOUT:
+        # Stored and used as δ·(1 − p), as the portable pass does (_backward_kernels.py).
+        delta = delta / drop_rescale
+        if SEED_IN_MEMORY:      # a seed drawn on the device (_philox.device_seed)
+            seed = gl.load(seed)
+        # This query block's first row pair in the counter layout (_philox.head_first_pair).
+        first_pair = (batch64 * heads_q + head64) * (gl.cdiv(seqlen_q, 16) * 8) + m0 // 2
+        dropout = (seed, counter_base, first_pair, counters_per_row, drop_threshold)
+    else:
+        dropout = 0
     gl.store(Delta + row_stats + stat_rows, delta)
 
     # The first key block's tiles (nothing accumulated yet).
@@ -188,17 +215,19 @@ def _dq_gluon_kernel(
     dp = warpgroup_mma(do_smem, v_smem.index(0).permute((1, 0)), zeros, use_acc=False,
                        is_async=True)
     s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
-    ds = _elementwise_step(s, dp, lse, delta, 0, m0, qk_scale, BLOCK_M, BLOCK_N, UPPER, s_layout)
+    ds = _elementwise_step(s, dp, lse, delta, 0, m0, qk_scale, dropout, BLOCK_M, BLOCK_N, UPPER,
+                           DROPOUT, N_ROUNDS, s_layout)
     dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, g_layout)
 
     s, dp, ds, dq = _key_blocks(q_smem, do_smem, k_desc, v_desc, k_smem, v_smem, bars, s, dp, ds,
-                                dq, lse, delta, 1, n_full, n_end, m0, qk_scale, dtype, BLOCK_M,
-                                BLOCK_N, STAGES, False, s_layout, a_layout)
+                                dq, lse, delta, 1, n_full, n_end, m0, qk_scale, dropout, dtype,
+                                BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS, s_layout,
+                                a_layout)
     if UPPER:   # the diagonal blocks, masked
         s, dp, ds, dq = _key_blocks(q_smem, do_smem, k_desc, v_desc, k_smem, v_smem, bars, s, dp,
                                     ds, dq, lse, delta, n_full, n_end, n_end, m0,
-                                    qk_scale, dtype, BLOCK_M, BLOCK_N, STAGES, True, s_layout,
-                                    a_layout)
+                                    qk_scale, dropout, dtype, BLOCK_M, BLOCK_N, STAGES, True,
+                                    DROPOUT, N_ROUNDS, s_layout, a_layout)
 
     last = n_end - 1
     dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k_smem.index(last % STAGES), dq,
@@ -209,7 +238,11 @@ def _dq_gluon_kernel(
     for stage in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(stage))
 
+    if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass
+        scale = softmax_scale * drop_rescale
+    else:
+        scale = softmax_scale
     rows = (m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))).to(gl.int64)
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
     gl.store(GradQ + batch64 * stride_dqb + head64 * stride_dqh + rows[:, None] * stride_dqn
-             + cols[None, :], (dq * softmax_scale).to(GradQ.dtype.element_ty))
+             + cols[None, :], (dq * scale).to(GradQ.dtype.element_ty))

@@ -69,18 +69,18 @@ def gluon_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: 
 def gluon_dq_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,
                   head_dim: int, block_m: int, block_n: int) -> bool:
     """The calls the Gluon dQ schedule covers: the forward's, and whole query blocks too (it reads
-    lse and writes δ and dQ unmasked)."""
-    return (gluon_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_n)
-            and seqlen_q >= block_m and seqlen_q % block_m == 0)
+    lse and writes δ and dQ unmasked), and dropout too (its keep-mask from ``_philox_gluon``, in
+    16-row and 32-column blocks)."""
+    dropout_blocks = dropout_p == 0 or (block_m % 16 == 0 and block_n % 32 == 0)
+    return (gluon_call(causal, window, 0.0, seqlen_q, seqlen_k, head_dim, block_n)
+            and seqlen_q >= block_m and seqlen_q % block_m == 0 and dropout_blocks)
 
 
 def gluon_dkdv_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,
                     head_dim: int, group_size: int, block_m: int, block_n: int) -> bool:
-    """The calls the Gluon dK/dV schedule covers: the dQ pass's, with one query head per kv-head,
-    and dropout too (its keep-mask from ``_philox_gluon``, in 16-row and 32-column blocks)."""
-    dropout_blocks = dropout_p == 0 or (block_m % 16 == 0 and block_n % 32 == 0)
-    return (gluon_dq_call(causal, window, 0.0, seqlen_q, seqlen_k, head_dim, block_m, block_n)
-            and group_size == 1 and dropout_blocks)
+    """The calls the Gluon dK/dV schedule covers: the dQ pass's, with one query head per kv-head."""
+    return (gluon_dq_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_m, block_n)
+            and group_size == 1)
 
 
 def masked(causal: bool, window, length: int, block: int) -> bool:

@@ -2,7 +2,7 @@
 strides) and print, as JSON, its loops' TTGIR and ptxas's register and stack use.
 
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dq]
-    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL dkdv untransposed|broadcast
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL dkdv|dq untransposed|broadcast
     python -m tests.kernels.gluon_compile keep BLOCK_M BLOCK_N NUM_WARPS     # _philox_gluon's mask
 
 Run as its own process: with TRITON_INTERPRET=1 (the test session's setting) Triton's standard
@@ -31,7 +31,7 @@ FLOATS = ("qk_scale", "softmax_scale", "drop_rescale")
 
 def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kernel="forward",
                      mask_layout=None):
-    """``mask_layout`` (dK/dV only): compile with dropout, its mask in that layout."""
+    """With ``mask_layout``, compile with dropout (dK/dV: its mask in that layout; dQ: any value)."""
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                       UPPER=bool(causal), LOWER=False, DROPOUT=mask_layout is not None, VARLEN=False,
                       PRECISION="tf32", N_ROUNDS=7, num_warps=num_warps)
@@ -44,7 +44,7 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
                           SEED_IN_MEMORY=False)
     else:
         function = _dq_gluon_kernel
-        constexprs["STAGES"] = stages
+        constexprs.update(STAGES=stages, SEED_IN_MEMORY=False)
     names = function.arg_names
     signature, attrs = {}, {}
     for i, name in enumerate(names):

@@ -54,22 +54,26 @@ def test_compiles_for_sm90_with_the_overlapped_schedule(kernel, head_dim, block_
     assert compiled["stack"] == 0 and compiled["registers"] <= 255
 
 
-@pytest.mark.parametrize("head_dim, block_m, block_n, warps, causal", [
-    (64, 32, 128, 8, 1), (64, 32, 128, 8, 0), (128, 32, 128, 8, 0)])
-def test_dkdv_with_dropout_compiles_for_sm90_with_the_same_schedule(head_dim, block_m, block_n,
-                                                                     warps, causal):
-    # The keep-mask generated in the forward's orientation and moved to the transposed tile: one
-    # Philox counter per thread for these tiles (two high multiplies a round, 14, at each of the
-    # kernel's two or three elementwise steps; 64-bit counter arithmetic adds a few), where the
-    # mask built in the transposed orientation costs four; products and waits as without dropout.
-    compiled = compiled_for_sm90("dkdv", head_dim, block_m, block_n, 3, warps, causal,
+@pytest.mark.parametrize("kernel, head_dim, block_m, block_n, warps, causal, products, pending", [
+    ("dkdv", 64, 32, 128, 8, 1, 4, "2"), ("dkdv", 64, 32, 128, 8, 0, 4, "2"),
+    ("dkdv", 128, 32, 128, 8, 0, 4, "2"), ("dq", 128, 64, 64, 4, 1, 3, "1"),
+    ("dq", 64, 64, 64, 4, 0, 3, "1")])
+def test_dropout_compiles_for_sm90_with_the_same_schedule(kernel, head_dim, block_m, block_n, warps,
+                                                          causal, products, pending):
+    # The products and waits as without dropout, no spills, and the keep-mask's Philox work per
+    # thread only its own counters' (two high multiplies a round, 14 per counter, at each of the
+    # kernel's two or three elementwise steps; 64-bit counter arithmetic adds a few). dK/dV builds
+    # the mask in the forward's orientation and moves it to its transposed tile; built in that
+    # tile directly it would cost four times the counters.
+    compiled = compiled_for_sm90(kernel, head_dim, block_m, block_n, 3, warps, causal,
                                  "untransposed")
     assert len(compiled["loops"]) == 1 + causal
     for loop in compiled["loops"]:
-        assert loop.count("ttng.warp_group_dot ") == 4
-        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["2", "0"]
+        assert loop.count("ttng.warp_group_dot ") == products
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == [pending, "0"]
+    counters = (block_m // 2) * (block_n // 8) // (32 * warps)
     steps = 2 + causal
-    assert compiled["high_multiplies"] < 2 * 14 * steps
+    assert compiled["high_multiplies"] < (counters + 1) * 14 * steps
     assert compiled["stack"] == 0
 
 
@@ -93,7 +97,8 @@ def test_the_calls_its_schedule_covers():
     assert not _hopper.gluon_dq_call(False, (-1, -1), 0.0, 4000, 4096, 128, 64, 64)   # ragged queries
     assert not _hopper.gluon_dq_call(False, (-1, -1), 0.0, 4096, 4000, 128, 64, 64)   # ragged keys
     assert not _hopper.gluon_dq_call(True, (-1, -1), 0.0, 2048, 4096, 128, 64, 64)    # causal, Nq != Nk
-    assert not _hopper.gluon_dq_call(False, (-1, -1), 0.1, 4096, 4096, 128, 64, 64)   # dropout
+    assert _hopper.gluon_dq_call(False, (-1, -1), 0.1, 4096, 4096, 128, 64, 64)       # dropout
+    assert not _hopper.gluon_dq_call(False, (-1, -1), 0.1, 4096, 4096, 128, 64, 16)   # 32-key blocks
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path (test_gpu.py: the GPU)")

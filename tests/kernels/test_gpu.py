@@ -275,7 +275,7 @@ GLUON_DKDV_DROPOUT_TILES = [(64, (32, 128, 8, 3)), (128, (32, 128, 8, 3)), (128,
 def test_gluon_dkdv_with_dropout_on_gpu(head_dim, tiles, mask_layout, causal, monkeypatch):
     # Gradients against float64 under the mask return_debug_mask materializes: the Gluon pass
     # regenerates the portable kernels' mask (_philox_gluon.py), in either layout.
-    from kernels import _backward, _eager_plan, _forward
+    from kernels import _backward, _eager_plan, _forward, _hopper
     from kernels._launch import Tiles, call_geometry
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(*tiles, gluon=True))
     monkeypatch.setattr(_backward, "DKDV_MASK_LAYOUT", mask_layout)
@@ -287,18 +287,47 @@ def test_gluon_dkdv_with_dropout_on_gpu(head_dim, tiles, mask_layout, causal, mo
                                        *_backward.new_gradients(q, k, v, lse)[1:], geometry, 0.1,
                                        causal, 0.1)
     assert configs[1][0] is _backward.DKDV_GLUON
+    fallbacks = len(_hopper.FALLBACKS)
     torch.manual_seed(9)
     _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
     torch.manual_seed(9)
     check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+    assert len(_hopper.FALLBACKS) == fallbacks       # the Gluon pass compiled and ran
 
 
 @sm90_exactly
-def test_gluon_dkdv_reads_a_device_seed_like_the_portable_pass():
-    # The seed CUDA graphs use (drawn on the device, read from memory): the Gluon pass and the
-    # portable one give the same gradients for it, so they apply the same mask.
-    from kernels import _backward, _forward
-    from kernels._launch import Tiles, call_geometry, dq_tiles
+@pytest.mark.parametrize("head_dim, tiles", [(64, (64, 64, 4, 3)), (128, (64, 64, 4, 3)),
+                                             (128, (128, 64, 8, 3))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_dq_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch):
+    # The Gluon dQ pass (which also writes δ for the dK/dV pass) under the mask return_debug_mask
+    # materializes, against float64.
+    from kernels import _backward, _eager_plan, _forward, _hopper
+    from kernels._launch import Tiles, call_geometry
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(64, 64, 4, 3))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    configs = _backward.launch_configs(torch.empty_like(q), q, k, v, out, lse,
+                                       *_backward.new_gradients(q, k, v, lse)[1:], geometry, 0.1,
+                                       causal, 0.1)
+    assert configs[0][0] is _backward.DQ_GLUON
+    fallbacks = len(_hopper.FALLBACKS)
+    torch.manual_seed(4)
+    _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
+    torch.manual_seed(4)
+    check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+    assert len(_hopper.FALLBACKS) == fallbacks       # the Gluon pass compiled and ran
+
+
+@sm90_exactly
+def test_gluon_backward_reads_a_device_seed_like_the_portable_passes():
+    # The seed CUDA graphs use (drawn on the device, read from memory): the Gluon passes and the
+    # portable ones give the same gradients for it, so they apply the same mask.
+    from kernels import _backward, _forward, _hopper
+    from kernels._launch import Tiles, call_geometry
     from kernels._philox import device_seed
     q, k, v = (t.detach() for t in random_qkv((2, 1024, 4, 64), (2, 1024, 4, 64), torch.bfloat16,
                                               "cuda"))
@@ -308,11 +337,13 @@ def test_gluon_dkdv_reads_a_device_seed_like_the_portable_pass():
     args = dict(geometry=geometry, softmax_scale=0.125, causal=True, dropout_p=0.1, seed=seed,
                 offset=0)
     out, lse = _forward.forward(q, k, v, None, **args)
-    dq = dq_tiles(64, q.device, q.dtype, True)
+    fallbacks = len(_hopper.FALLBACKS)
     gluon = _backward.backward(grad_out, q, k, v, out, lse, None,
-                               tiles=(Tiles(32, 128, 8, 3, gluon=True), dq), **args)
+                               tiles=(Tiles(32, 128, 8, 3, gluon=True),
+                                      Tiles(64, 64, 4, 3, gluon=True)), **args)
+    assert len(_hopper.FALLBACKS) == fallbacks       # the Gluon passes compiled and ran
     portable = _backward.backward(grad_out, q, k, v, out, lse, None,
-                                  tiles=(Tiles(64, 64, 4, 3), dq), **args)
+                                  tiles=(Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3)), **args)
     for mine, theirs in zip(gluon, portable):
         assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 8e-3
 
