@@ -12,8 +12,8 @@ orientation (keys along rows, as the Gluon dK/dV pass holds its tiles) the same 
 each thread compute four times as many counters; there the tile is generated in the forward's
 orientation and converted.
 
-Not used by a kernel yet: the building block for dropout in the Gluon passes. Its mask must equal
-``_debug_mask.keep_mask`` bit for bit (a GPU test), which is what makes it the same dropout.
+Used by the Gluon dQ and dK/dV passes with dropout. Its mask must equal ``_debug_mask.keep_mask``
+bit for bit (a GPU test), which is what makes it the same dropout as the portable kernels'.
 """
 
 import torch
