@@ -1,0 +1,241 @@
+"""GPU-only checks of the Gluon kernels for sm_90 (_forward_gluon.py, _dq_gluon.py, _dkdv_gluon.py,
+_philox_gluon.py): numerics against float64 at real sizes, the calls each one takes, and that the
+dropout they apply is the portable kernels' mask."""
+
+import pytest
+import torch
+
+from kernels import flash_attention
+
+from .numerics import check_against_reference, random_qkv
+from .test_gpu import sm90_exactly
+
+pytestmark = pytest.mark.gpu
+
+
+@sm90_exactly
+@pytest.mark.parametrize("block_m, block_n, warps", [(64, 64, 4), (128, 64, 8), (64, 128, 4)])
+@pytest.mark.parametrize("offset", [0, 12 * 2**32 + 4])
+def test_gluon_keep_mask_equals_the_portable_kernels(block_m, block_n, warps, offset):
+    # The mask the Gluon passes would apply is the one every other kernel regenerates, bit for bit;
+    # the large offset puts counters past 2**32 (the high counter word).
+    from kernels import _debug_mask, _philox_gluon
+    from kernels._launch import Geometry
+    geometry = Geometry(2, 3, 3, 256, 384, 64, varlen=False)
+    for threshold in (26, 128):
+        portable = _debug_mask.keep_mask(geometry, 1234, offset, threshold, torch.device("cuda"))
+        gluon = _philox_gluon.keep_mask(geometry, 1234, offset, threshold, torch.device("cuda"),
+                                        block_m, block_n, warps)
+        assert torch.equal(gluon, portable)
+        assert 0.3 < portable.float().mean().item() < 0.95
+
+
+GLUON_TILES = [(64, (128, 128, 8, 3)), (64, (64, 64, 4, 3)), (128, (128, 64, 8, 3)),
+               (128, (128, 128, 8, 2))]
+GLUON_LENGTHS = [(1024, 4), (4096, 2), (1088, 4)]
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles, seqlen, heads_k", [
+    (head_dim, tiles, seqlen, heads_k) for head_dim, tiles in GLUON_TILES for seqlen, heads_k in GLUON_LENGTHS
+    if seqlen % tiles[1] == 0])     # whole key blocks: other lengths run the portable kernel
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypatch):
+    # Against float64, through flash_attention (the backward is portable); GQA; a length that is
+    # a whole number of key blocks but not of query blocks (1088 = 17 x 64); the causal mask's
+    # diagonal blocks; the launch plan's second call (bound kernel, its own descriptor scratch)
+    # gives the same result.
+    from kernels import _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    gluon = Tiles(*tiles, gluon=True)
+    monkeypatch.setattr(_forward, "default_tiles", lambda *args: gluon)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD_GLUON
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (flash_attention(q, k, v, causal=causal) for _ in range(2))
+    assert torch.equal(first, second)
+
+
+@sm90_exactly
+def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
+    from kernels import _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    monkeypatch.setattr(_forward, "default_tiles", lambda *args: Tiles(128, 64, 8, 3, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    for seqlen_q, seqlen_k, causal in ((1000, 1000, False), (1000, 1000, True),   # ragged key block
+                                       (512, 1024, True)):                        # causal, Nq != Nk
+        q, k, v = random_qkv((2, seqlen_q, 4, 128), (2, seqlen_k, 4, 128), torch.bfloat16, "cuda")
+        geometry = call_geometry(q, k, None, 0)
+        out, lse = _forward.new_outputs(q, geometry)
+        assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD
+        check_against_reference(q, k, v, causal=causal)
+
+
+GLUON_DKDV_TILES = [(64, (32, 128, 8, 3)), (64, (64, 128, 8, 3)), (64, (32, 64, 4, 3)),
+                    (128, (32, 128, 8, 3)), (128, (32, 64, 4, 4))]
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", GLUON_DKDV_TILES)
+@pytest.mark.parametrize("seqlen", [1024, 4096])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_dkdv_on_gpu(head_dim, tiles, seqlen, causal, monkeypatch):
+    # Gradients against float64 through flash_attention (forward and dQ portable); the causal
+    # mask's diagonal blocks; the launch plan's second call gives the same gradients.
+    from kernels import _backward, _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    gluon = Tiles(*tiles, gluon=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: gluon)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    grad_out = torch.randn_like(q)
+    configs = _backward.launch_configs(grad_out, q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+                                       geometry, 0.1, causal, 0.0)
+    assert configs[1][0] is _backward.DKDV_GLUON
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
+                     for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# Tiles the dropout variant compiles without spilling (test_gluon_backward.py), and one that spills.
+GLUON_DKDV_DROPOUT_TILES = [(64, (32, 128, 8, 3)), (128, (32, 128, 8, 3)), (128, (32, 64, 4, 3))]
+
+
+def gluon_pass_matches_reference_with_dropout(head_dim, causal, launcher_name):
+    """The Gluon pass ``launcher_name`` of ``_backward`` (tiles patched by the caller) is chosen,
+    compiles and runs (no silent fallback to the portable pass), and the gradients match float64
+    under the mask return_debug_mask materializes: it regenerates the portable kernels' mask."""
+    from kernels import _backward, _forward, _hopper
+    from kernels._launch import call_geometry
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    configs = _backward.launch_configs(torch.empty_like(q), q, k, v, out, lse,
+                                       *_backward.new_gradients(q, k, v, lse)[1:], geometry, 0.1,
+                                       causal, 0.1)
+    assert getattr(_backward, launcher_name) in (configs[0][0], configs[1][0])
+    fallbacks = len(_hopper.FALLBACKS)
+    torch.manual_seed(9)
+    _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
+    torch.manual_seed(9)
+    check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+    assert len(_hopper.FALLBACKS) == fallbacks
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", GLUON_DKDV_DROPOUT_TILES)
+@pytest.mark.parametrize("mask_layout", ["untransposed", "broadcast"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_dkdv_with_dropout_on_gpu(head_dim, tiles, mask_layout, causal, monkeypatch):
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    monkeypatch.setattr(_backward, "DKDV_MASK_LAYOUT", mask_layout)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    gluon_pass_matches_reference_with_dropout(head_dim, causal, "DKDV_GLUON")
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", [(64, (64, 64, 4, 3)), (128, (64, 64, 4, 3)),
+                                             (128, (128, 64, 8, 3))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_dq_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch):
+    # The dQ pass also writes δ, which the (portable) dK/dV pass reads.
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(64, 64, 4, 3))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    gluon_pass_matches_reference_with_dropout(head_dim, causal, "DQ_GLUON")
+
+
+@sm90_exactly
+def test_gluon_backward_reads_a_device_seed_like_the_portable_passes():
+    # The seed CUDA graphs use (drawn on the device, read from memory): the Gluon passes and the
+    # portable ones give the same gradients for it, so they apply the same mask.
+    from kernels import _backward, _forward, _hopper
+    from kernels._launch import Tiles, call_geometry
+    from kernels._philox import device_seed
+    q, k, v = (t.detach() for t in random_qkv((2, 1024, 4, 64), (2, 1024, 4, 64), torch.bfloat16,
+                                              "cuda"))
+    grad_out = torch.randn_like(q)
+    geometry = call_geometry(q, k, None, 0)
+    seed = device_seed(q.device)
+    args = dict(geometry=geometry, softmax_scale=0.125, causal=True, dropout_p=0.1, seed=seed,
+                offset=0)
+    out, lse = _forward.forward(q, k, v, None, **args)
+    fallbacks = len(_hopper.FALLBACKS)
+    gluon = _backward.backward(grad_out, q, k, v, out, lse, None,
+                               tiles=(Tiles(32, 128, 8, 3, gluon=True),
+                                      Tiles(64, 64, 4, 3, gluon=True)), **args)
+    assert len(_hopper.FALLBACKS) == fallbacks       # the Gluon passes compiled and ran
+    portable = _backward.backward(grad_out, q, k, v, out, lse, None,
+                                  tiles=(Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3)), **args)
+    for mine, theirs in zip(gluon, portable):
+        assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 8e-3
+
+
+GLUON_DQ_TILES = [(64, (64, 64, 4, 3)), (64, (128, 64, 8, 3)), (128, (64, 64, 4, 3)),
+                  (128, (128, 64, 8, 3)), (128, (64, 32, 4, 3))]
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", GLUON_DQ_TILES)
+@pytest.mark.parametrize("seqlen, heads_k", [(1024, 4), (4096, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_dq_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypatch):
+    # Gradients against float64 through flash_attention (δ from this pass feeds the portable
+    # dK/dV); GQA; the causal mask's diagonal blocks; the launch plan's second call.
+    from kernels import _backward, _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    grad_out = torch.randn_like(q)
+    configs = _backward.launch_configs(grad_out, q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+                                       geometry, 0.1, causal, 0.0)
+    assert configs[0][0] is _backward.DQ_GLUON
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
+                     for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_backward_both_passes_on_gpu(head_dim, causal, monkeypatch):
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(64, 64, 4, 3, gluon=True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(32, 128, 8, 3, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, 2048, 4, head_dim), (2, 2048, 4, head_dim), torch.bfloat16, "cuda")
+    check_against_reference(q, k, v, causal=causal)
+
+
+@sm90_exactly
+def test_gluon_dkdv_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
+    from kernels import _backward, _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(32, 128, 8, 3, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    for seqlen_q, seqlen_k, heads_k, causal in ((1000, 1000, 4, False),    # ragged blocks
+                                                (1024, 1024, 2, False),    # GQA
+                                                (512, 1024, 4, True)):     # causal, Nq != Nk
+        q, k, v = random_qkv((2, seqlen_q, 4, 128), (2, seqlen_k, heads_k, 128), torch.bfloat16, "cuda")
+        geometry = call_geometry(q, k, None, 0)
+        out, lse = _forward.new_outputs(q, geometry)
+        configs = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
+                                           *_backward.new_gradients(q, k, v, lse)[1:], geometry, 0.1,
+                                           causal, 0.0)
+        assert configs[1][0] is _backward.DKDV
+        check_against_reference(q, k, v, causal=causal)
