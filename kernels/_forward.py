@@ -190,10 +190,12 @@ def _gluon_takes(q, k, v, geometry: Geometry, causal: bool, dropout_p: float, wi
 def default_tiles(q, k, v, geometry: Geometry, causal: bool, dropout_p: float,
                   window: Window) -> Tiles:
     """The fastest measured forward that takes the call: the Gluon kernel's tiles (causal, head dim
-    128, sm_90, as many queries as keys, whole key blocks, no window or dropout), the TMA kernel's
-    (no band or dropout, whole key blocks), else the portable kernel's tuned tiles."""
+    128, sm_90, as many queries as keys, whole key blocks, no window or dropout: its dropout is not
+    yet measured), the TMA kernel's (no band or dropout, whole key blocks), else the portable
+    kernel's tuned tiles."""
     gluon = gluon_forward_tiles(geometry.head_dim, q.device, q.dtype, causal)
-    if gluon is not None and _gluon_takes(q, k, v, geometry, causal, dropout_p, window, gluon):
+    if (gluon is not None and dropout_p == 0
+            and _gluon_takes(q, k, v, geometry, causal, dropout_p, window, gluon)):
         return gluon
     tma = tma_forward_tiles(geometry.head_dim, q.device, q.dtype)
     if (tma is not None and dropout_p == 0
@@ -212,7 +214,9 @@ def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale
     launcher, grid, static, options = launch_config(q, k, v, out, lse, geometry, softmax_scale,
                                                     causal, dropout_p, tiles, window)
     seed_argument, counter_base, in_memory = seed_arguments(seed, offset)
-    if in_memory:           # only with dropout, which only the portable kernel takes
+    # Only with dropout. The portable and Gluon kernels take a device seed; the TMA kernel, which
+    # no default chooses with dropout, does not.
+    if in_memory:
         options["SEED_IN_MEMORY"] = True
     arguments = (q, k, v, out, lse, cu_seqlens, seed_argument, counter_base, *static)
     bound = _hopper.launch(launcher, FORWARD, grid, arguments, options)

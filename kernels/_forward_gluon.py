@@ -15,10 +15,13 @@ schedule is written out:
 K and V arrive by TMA into KV_STAGES stages, each with its own mbarrier, loaded KV_STAGES - 1
 blocks ahead. With a causal mask the key blocks every row of the query block sees run that loop
 unmasked and the diagonal blocks run it again with the mask; blocks past the diagonal are not
-touched. The same arguments as ``_forward._forward_kernel`` (launch plans pass them), for the
-calls ``_hopper.gluon_supported`` lets through: padded input, no window, no dropout, whole key
-blocks, head_dim 64 or 128, fp16/bf16, and for causal calls as many queries as keys. The default
-only where it was measured fastest (``_launch.gluon_forward_tiles``: causal, head dim 128); the
+touched. With dropout each block's keep-mask is regenerated in the score tile's own layout
+(``_philox_gluon.keep_tile``), the row sums take the undropped probabilities and P·V the kept
+ones, and 1 / (1 - p) is applied once at the end, as in the portable kernel. The same arguments
+as ``_forward._forward_kernel`` (launch plans pass them), for the calls
+``_hopper.gluon_supported`` lets through: padded input, no window, whole key blocks, head_dim 64
+or 128, fp16/bf16, and for causal calls as many queries as keys. The default only where it was
+measured fastest (``_launch.gluon_forward_tiles``: causal, head dim 128, no dropout); the
 interpreter cannot run Gluon, so the tests that exercise it are GPU-marked.
 """
 
@@ -28,6 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._gluon_shared import head_descriptor
+from ._philox_gluon import keep_tile
 
 
 @gluon.jit
@@ -65,9 +69,21 @@ def _causal_scores(s, block, m0, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
+def _dropped(p, block, dropout, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             N_ROUNDS: gl.constexpr, s_layout: gl.constexpr):
+    """``p`` of key block ``block`` with its dropped entries 0; ``dropout`` = (seed, counter base,
+    this query block's first row pair, counters per row, threshold)."""
+    seed, counter_base, first_pair, counters_per_row, threshold = dropout
+    keep = keep_tile(seed, counter_base, first_pair, counters_per_row, block * BLOCK_N, threshold,
+                     BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
+    return gl.where(keep, p, 0.0)
+
+
+@gluon.jit
 def _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p, m_i, l_i, acc,
-                first, end, n_loaded, m0, qk_scale, dtype: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr,
+                first, end, n_loaded, m0, qk_scale, dropout, dtype: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
+                CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
                 s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
     """Key blocks ``first`` .. ``end`` - 1, overlapped: on entry ``p`` holds block first - 1's
     probabilities (not yet multiplied by V); on exit block end - 1's."""
@@ -92,6 +108,8 @@ def _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p, m_
         if CAUSAL_MASK:
             s = _causal_scores(s, following, m0, BLOCK_M, BLOCK_N, s_layout)
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+        if DROPOUT:
+            p = _dropped(p, following, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
     return s, p, m_i, l_i, acc
@@ -112,11 +130,13 @@ def _forward_gluon_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.gluon_call), with as many queries as keys.
-    gl.static_assert(not (LOWER or DROPOUT or VARLEN),
-                     "windows, dropout and packed input run the portable kernel")
+    gl.static_assert(not (LOWER or VARLEN), "windows and packed input run the portable kernel")
+    # The keep-mask's counters cover 16-row pairs and 32-column blocks (_philox.py).
+    gl.static_assert(not DROPOUT or (BLOCK_M % 16 == 0 and BLOCK_N % 32 == 0),
+                     "dropout needs query blocks of 16 rows and key blocks of 32 columns")
     gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
     gl.static_assert(KV_STAGES >= 2, "the next key block must be in flight")
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -191,16 +211,25 @@ def _forward_gluon_kernel(
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    if DROPOUT:
+        if SEED_IN_MEMORY:      # a seed drawn on the device (_philox.device_seed)
+            seed = gl.load(seed)
+        # This query block's first row pair in the counter layout (_philox.head_first_pair).
+        first_pair = (batch64 * heads_q + head) * (gl.cdiv(seqlen_q, 16) * 8) + m0 // 2
+        dropout = (seed, counter_base, first_pair, counters_per_row, drop_threshold)
+        p = _dropped(p, 0, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
+    else:
+        dropout = 0
 
     s, p, m_i, l_i, acc = _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p,
-                                      m_i, l_i, acc, 1, n_full, n_end, m0, qk_scale, dtype,
-                                      BLOCK_M, BLOCK_N, KV_STAGES, False, s_layout, o_rows,
-                                      p_layout)
+                                      m_i, l_i, acc, 1, n_full, n_end, m0, qk_scale, dropout, dtype,
+                                      BLOCK_M, BLOCK_N, KV_STAGES, False, DROPOUT, N_ROUNDS,
+                                      s_layout, o_rows, p_layout)
     if UPPER:   # the diagonal blocks, masked
         s, p, m_i, l_i, acc = _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s,
                                           p, m_i, l_i, acc, n_full, n_end, n_end, m0, qk_scale,
-                                          dtype, BLOCK_M, BLOCK_N, KV_STAGES, True, s_layout,
-                                          o_rows, p_layout)
+                                          dropout, dtype, BLOCK_M, BLOCK_N, KV_STAGES, True,
+                                          DROPOUT, N_ROUNDS, s_layout, o_rows, p_layout)
 
     last = n_end - 1
     mbarrier.wait(v_bars.index(last % KV_STAGES), (last // KV_STAGES) & 1)
@@ -213,8 +242,11 @@ def _forward_gluon_kernel(
         mbarrier.invalidate(k_bars.index(stage))
         mbarrier.invalidate(v_bars.index(stage))
 
-    # Every row saw at least key 0, so l_i > 0.
-    acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    # Every row saw at least key 0, so l_i > 0. With dropout the kept weights entered unscaled.
+    if DROPOUT:
+        acc = acc * (drop_rescale / gl.convert_layout(l_i, o_rows))[:, None]
+    else:
+        acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
     rows = m0 + gl.arange(0, BLOCK_M, layout=o_rows)
     cols = gl.arange(0, HEAD_DIM, layout=o_cols)
     o_base = Out + batch64 * stride_ob + head.to(gl.int64) * stride_oh

@@ -58,12 +58,12 @@ def gluon_device(tensors, varlen: bool) -> bool:
 
 def gluon_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int, head_dim: int,
                block_n: int) -> bool:
-    """The calls the Gluon forward's schedule covers: no window, no dropout, head dim 64 or 128,
-    whole key blocks (it masks no ragged end), and with the causal mask as many queries as keys
-    (its mask is the plain diagonal)."""
-    return (window[0] < 0 and window[1] < 0 and dropout_p == 0 and head_dim in (64, 128)
+    """The calls the Gluon forward's schedule covers: no window, head dim 64 or 128, whole key
+    blocks (it masks no ragged end), with the causal mask as many queries as keys (its mask is the
+    plain diagonal), and with dropout key blocks of 32 columns (the keep-mask's counter blocks)."""
+    return (window[0] < 0 and window[1] < 0 and head_dim in (64, 128)
             and seqlen_k >= block_n and seqlen_k % block_n == 0
-            and (not causal or seqlen_q == seqlen_k))
+            and (not causal or seqlen_q == seqlen_k) and (dropout_p == 0 or block_n % 32 == 0))
 
 
 def gluon_dq_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,

@@ -2,7 +2,7 @@
 strides) and print, as JSON, its loops' TTGIR and ptxas's register and stack use.
 
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dq]
-    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL dkdv|dq untransposed|broadcast
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL KERNEL untransposed|broadcast   # dropout
     python -m tests.kernels.gluon_compile keep BLOCK_M BLOCK_N NUM_WARPS     # _philox_gluon's mask
 
 Run as its own process: with TRITON_INTERPRET=1 (the test session's setting) Triton's standard
@@ -31,13 +31,14 @@ FLOATS = ("qk_scale", "softmax_scale", "drop_rescale")
 
 def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kernel="forward",
                      mask_layout=None):
-    """With ``mask_layout``, compile with dropout (dK/dV: its mask in that layout; dQ: any value)."""
+    """With ``mask_layout``, compile with dropout (dK/dV: its mask in that layout; dQ and the
+    forward: any value)."""
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                       UPPER=bool(causal), LOWER=False, DROPOUT=mask_layout is not None, VARLEN=False,
                       PRECISION="tf32", N_ROUNDS=7, num_warps=num_warps)
     if kernel == "forward":
         function = _forward_gluon_kernel
-        constexprs["KV_STAGES"] = stages
+        constexprs.update(KV_STAGES=stages, SEED_IN_MEMORY=False)
     elif kernel == "dkdv":
         function = _dkdv_gluon_kernel
         constexprs.update(STAGES=stages, MASK_LAYOUT=mask_layout or "untransposed",

@@ -42,6 +42,27 @@ def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_n, causa
     assert compiled["stack"] == 0 and compiled["registers"] <= 255
 
 
+@pytest.mark.parametrize("head_dim, block_n, causal", [(128, 64, 1), (64, 128, 0)])
+def test_compiles_with_dropout_with_the_same_schedule(head_dim, block_n, causal):
+    # The keep-mask is built in the score tile's own layout: no spills, the same products and
+    # waits, and Philox work per thread that of its own counters only (two high multiplies a
+    # round, 14 per counter, at each of the kernel's two or three softmax steps; 64-bit counter
+    # arithmetic adds a few).
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_compile", str(head_dim), "128",
+                             str(block_n), "3", "8", str(causal), "forward", "untransposed"], cwd=ROOT,
+                            env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled = json.loads(result.stdout.splitlines()[-1])
+    assert len(compiled["loops"]) == 1 + causal
+    for loop in compiled["loops"]:
+        assert loop.count("ttng.warp_group_dot ") == 2
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0"]
+    counters = (128 // 2) * (block_n // 8) // (32 * 8)
+    assert compiled["high_multiplies"] < (counters + 1) * 14 * (2 + causal)
+    assert compiled["stack"] == 0
+
+
 def test_the_calls_its_schedule_covers():
     # (causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_n)
     assert _hopper.gluon_call(False, (-1, -1), 0.0, 4096, 4096, 128, 64)
@@ -50,7 +71,8 @@ def test_the_calls_its_schedule_covers():
     assert not _hopper.gluon_call(True, (-1, -1), 0.0, 2048, 4096, 64, 64)  # causal, Nq != Nk
     assert not _hopper.gluon_call(False, (256, 256), 0.0, 4096, 4096, 128, 64)   # a window
     assert not _hopper.gluon_call(True, (256, -1), 0.0, 4096, 4096, 128, 64)     # causal + window
-    assert not _hopper.gluon_call(False, (-1, -1), 0.1, 4096, 4096, 128, 64)     # dropout
+    assert _hopper.gluon_call(True, (-1, -1), 0.1, 4096, 4096, 128, 64)          # dropout
+    assert not _hopper.gluon_call(False, (-1, -1), 0.1, 4096, 4096, 128, 16)     # 32-key blocks
     assert not _hopper.gluon_call(False, (-1, -1), 0.0, 4000, 4000, 128, 64)     # ragged key block
     assert not _hopper.gluon_call(False, (-1, -1), 0.0, 4096, 4096, 96, 64)      # head dim
     assert not _hopper.gluon_call(False, (-1, -1), 0.0, 32, 32, 64, 64)          # under one block

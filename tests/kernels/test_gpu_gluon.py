@@ -60,6 +60,29 @@ def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypa
 
 
 @sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", [(64, (64, 64, 4, 3)), (128, (64, 64, 4, 3)),
+                                             (128, (128, 128, 8, 2))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_forward_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch):
+    # Output and (through the portable backward, which reads its lse) gradients against float64
+    # under the mask return_debug_mask materializes; the Gluon kernel compiled and ran.
+    from kernels import _eager_plan, _forward, _hopper
+    from kernels._launch import Tiles, call_geometry
+    monkeypatch.setattr(_forward, "default_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.1)[0] is _forward.FORWARD_GLUON
+    fallbacks = len(_hopper.FALLBACKS)
+    torch.manual_seed(6)
+    _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
+    torch.manual_seed(6)
+    check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+    assert len(_hopper.FALLBACKS) == fallbacks
+
+
+@sm90_exactly
 def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles, call_geometry
@@ -156,9 +179,10 @@ def test_gluon_dq_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch):
 
 
 @sm90_exactly
-def test_gluon_backward_reads_a_device_seed_like_the_portable_passes():
-    # The seed CUDA graphs use (drawn on the device, read from memory): the Gluon passes and the
-    # portable ones give the same gradients for it, so they apply the same mask.
+def test_gluon_kernels_read_a_device_seed_like_the_portable_ones():
+    # The seed CUDA graphs use (drawn on the device, read from memory): the Gluon forward and
+    # backward passes and the portable ones give the same output and gradients for it, so they
+    # apply the same mask.
     from kernels import _backward, _forward, _hopper
     from kernels._launch import Tiles, call_geometry
     from kernels._philox import device_seed
@@ -171,6 +195,10 @@ def test_gluon_backward_reads_a_device_seed_like_the_portable_passes():
                 offset=0)
     out, lse = _forward.forward(q, k, v, None, **args)
     fallbacks = len(_hopper.FALLBACKS)
+    gluon_out, gluon_lse = _forward.forward(q, k, v, None, tiles=Tiles(64, 64, 4, 3, gluon=True),
+                                            **args)
+    assert ((gluon_out.float() - out.float()).norm() / out.float().norm()).item() < 8e-3
+    torch.testing.assert_close(gluon_lse, lse, rtol=1e-4, atol=1e-4)
     gluon = _backward.backward(grad_out, q, k, v, out, lse, None,
                                tiles=(Tiles(32, 128, 8, 3, gluon=True),
                                       Tiles(64, 64, 4, 3, gluon=True)), **args)
