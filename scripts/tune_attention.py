@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import _backward, _forward, _hopper  # noqa: E402
 from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles, forward_tiles  # noqa: E402
+from kernels._philox import device_seed  # noqa: E402
 
 FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                (128, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3),
@@ -184,6 +185,25 @@ def rounds_study(head_dim, seqlen, dtype=torch.bfloat16):
     _backward.DKDV_MASK_LAYOUT = chosen
 
 
+def seed_study(head_dim, seqlen, dtype=torch.bfloat16, rounds=3):
+    """Time the default backward (causal, dropout 0.1) of GPT-2 small's attention (hidden 768,
+    16384 tokens) with a host seed and with a seed drawn on the device (the variant CUDA graphs
+    run, which reads it from memory), alternated ``rounds`` times in this process."""
+    heads, batch = 768 // head_dim, 16384 // seqlen
+    shape = (batch, seqlen, heads, head_dim)
+    q, k, v, grad_out = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(4))
+    geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
+    for _ in range(rounds):
+        for name, seed in (("host", 5), ("device", device_seed(q.device))):
+            args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=True,
+                        dropout_p=0.1, seed=seed, offset=0)
+            out, lse = _forward.forward(q, k, v, None, **args)
+            bwd = do_bench(lambda: _backward.backward(grad_out, q, k, v, out, lse, None, **args),
+                           warmup=25, rep=200, return_mode="median")
+            print(f"d={head_dim} N={seqlen} {batch}x{heads} heads, {name} seed: backward "
+                  f"{bwd:.3f} ms", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -198,10 +218,12 @@ def main():
                              "against the tuned tiles")
     parser.add_argument("--rounds-study", action="store_true",
                         help="only time dropout against the number of Philox rounds")
+    parser.add_argument("--seed-study", action="store_true",
+                        help="only time the backward with a host seed against a device seed")
     args = parser.parse_args()
-    if args.rounds_study:
+    if args.rounds_study or args.seed_study:
         for head_dim in args.head_dims:
-            rounds_study(head_dim, args.seqlen)
+            (rounds_study if args.rounds_study else seed_study)(head_dim, args.seqlen)
         return
     records = []
     for head_dim in args.head_dims:

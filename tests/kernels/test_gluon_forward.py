@@ -22,14 +22,20 @@ from .numerics import random_qkv
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("head_dim, block_n, causal", [(128, 64, 0), (64, 128, 0), (64, 64, 1)])
-def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_n, causal):
+def compiled_for_sm90(head_dim, block_n, causal, *dropout) -> dict:
+    """The forward with 128-query tiles, 3 stages and 8 warps, compiled for sm_90 in its own
+    process (tests/kernels/gluon_compile.py); ``dropout``: ("untransposed",) compiles it with."""
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_compile", str(head_dim), "128",
-                             str(block_n), "3", "8", str(causal)], cwd=ROOT, env=environment, capture_output=True,
-                            text=True, timeout=300)
+                             str(block_n), "3", "8", str(causal), "forward", *dropout], cwd=ROOT,
+                            env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    compiled = json.loads(result.stdout.splitlines()[-1])
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("head_dim, block_n, causal", [(128, 64, 0), (64, 128, 0), (64, 64, 1)])
+def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_n, causal):
+    compiled = compiled_for_sm90(head_dim, block_n, causal)
     # One key loop, and with the causal mask a second one for the diagonal blocks. In each: two
     # asynchronous products (S_{j+1}, then P_j·V_j), a wait that leaves one outstanding (the softmax
     # step runs under P_j·V_j), then a full wait; K/V by TMA.
@@ -48,12 +54,7 @@ def test_compiles_with_dropout_with_the_same_schedule(head_dim, block_n, causal)
     # waits, and Philox work per thread that of its own counters only (two high multiplies a
     # round, 14 per counter, at each of the kernel's two or three softmax steps; 64-bit counter
     # arithmetic adds a few).
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_compile", str(head_dim), "128",
-                             str(block_n), "3", "8", str(causal), "forward", "untransposed"], cwd=ROOT,
-                            env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    compiled = json.loads(result.stdout.splitlines()[-1])
+    compiled = compiled_for_sm90(head_dim, block_n, causal, "untransposed")
     assert len(compiled["loops"]) == 1 + causal
     for loop in compiled["loops"]:
         assert loop.count("ttng.warp_group_dot ") == 2

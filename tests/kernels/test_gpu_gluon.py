@@ -60,29 +60,6 @@ def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypa
 
 
 @sm90_exactly
-@pytest.mark.parametrize("head_dim, tiles", [(64, (64, 64, 4, 3)), (128, (64, 64, 4, 3)),
-                                             (128, (128, 128, 8, 2))])
-@pytest.mark.parametrize("causal", [False, True])
-def test_gluon_forward_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch):
-    # Output and (through the portable backward, which reads its lse) gradients against float64
-    # under the mask return_debug_mask materializes; the Gluon kernel compiled and ran.
-    from kernels import _eager_plan, _forward, _hopper
-    from kernels._launch import Tiles, call_geometry
-    monkeypatch.setattr(_forward, "default_tiles", lambda *args: Tiles(*tiles, gluon=True))
-    monkeypatch.setattr(_eager_plan, "_PLANS", {})
-    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.1)[0] is _forward.FORWARD_GLUON
-    fallbacks = len(_hopper.FALLBACKS)
-    torch.manual_seed(6)
-    _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
-    torch.manual_seed(6)
-    check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
-    assert len(_hopper.FALLBACKS) == fallbacks
-
-
-@sm90_exactly
 def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles, call_geometry
@@ -97,6 +74,23 @@ def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
         check_against_reference(q, k, v, causal=causal)
 
 
+def gluon_backward_pass_matches_reference(q, k, v, causal, launcher):
+    """Without dropout: the Gluon backward pass ``launcher`` (tiles patched by the caller) is chosen,
+    the gradients match float64, and the launch plan's second call gives the same gradients."""
+    from kernels import _backward, _forward
+    from kernels._launch import call_geometry
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    grad_out = torch.randn_like(q)
+    configs = _backward.launch_configs(grad_out, q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+                                       geometry, 0.1, causal, 0.0)
+    assert launcher in (configs[0][0], configs[1][0])
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
+                     for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 GLUON_DKDV_TILES = [(64, (32, 128, 8, 3)), (64, (64, 128, 8, 3)), (64, (32, 64, 4, 3)),
                     (128, (32, 128, 8, 3)), (128, (32, 64, 4, 4))]
 
@@ -108,32 +102,23 @@ GLUON_DKDV_TILES = [(64, (32, 128, 8, 3)), (64, (64, 128, 8, 3)), (64, (32, 64, 
 def test_gluon_dkdv_on_gpu(head_dim, tiles, seqlen, causal, monkeypatch):
     # Gradients against float64 through flash_attention (forward and dQ portable); the causal
     # mask's diagonal blocks; the launch plan's second call gives the same gradients.
-    from kernels import _backward, _eager_plan, _forward
-    from kernels._launch import Tiles, call_geometry
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
     gluon = Tiles(*tiles, gluon=True)
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: gluon)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    grad_out = torch.randn_like(q)
-    configs = _backward.launch_configs(grad_out, q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
-                                       geometry, 0.1, causal, 0.0)
-    assert configs[1][0] is _backward.DKDV_GLUON
-    check_against_reference(q, k, v, causal=causal)
-    first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
-                     for _ in range(2))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    gluon_backward_pass_matches_reference(q, k, v, causal, _backward.DKDV_GLUON)
 
 
 # Tiles the dropout variant compiles without spilling (test_gluon_backward.py), and one that spills.
 GLUON_DKDV_DROPOUT_TILES = [(64, (32, 128, 8, 3)), (128, (32, 128, 8, 3)), (128, (32, 64, 4, 3))]
 
 
-def gluon_pass_matches_reference_with_dropout(head_dim, causal, launcher_name):
-    """The Gluon pass ``launcher_name`` of ``_backward`` (tiles patched by the caller) is chosen,
-    compiles and runs (no silent fallback to the portable pass), and the gradients match float64
-    under the mask return_debug_mask materializes: it regenerates the portable kernels' mask."""
+def gluon_kernel_matches_reference_with_dropout(head_dim, causal, launcher):
+    """The Gluon kernel ``launcher`` (tiles patched by the caller) is chosen for the call, compiles
+    and runs (no silent fallback to the portable kernel), and the output and gradients match
+    float64 under the mask return_debug_mask materializes: it regenerates the portable mask."""
     from kernels import _backward, _forward, _hopper
     from kernels._launch import call_geometry
     q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
@@ -142,13 +127,28 @@ def gluon_pass_matches_reference_with_dropout(head_dim, causal, launcher_name):
     configs = _backward.launch_configs(torch.empty_like(q), q, k, v, out, lse,
                                        *_backward.new_gradients(q, k, v, lse)[1:], geometry, 0.1,
                                        causal, 0.1)
-    assert getattr(_backward, launcher_name) in (configs[0][0], configs[1][0])
+    chosen = (_forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.1)[0],
+              configs[0][0], configs[1][0])
+    assert launcher in chosen
     fallbacks = len(_hopper.FALLBACKS)
     torch.manual_seed(9)
     _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
     torch.manual_seed(9)
     check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
     assert len(_hopper.FALLBACKS) == fallbacks
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", [(64, (64, 64, 4, 3)), (128, (64, 64, 4, 3)),
+                                             (128, (128, 128, 8, 2))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_forward_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch):
+    # The gradients come from the portable backward, which reads this kernel's lse.
+    from kernels import _eager_plan, _forward
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_forward, "default_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    gluon_kernel_matches_reference_with_dropout(head_dim, causal, _forward.FORWARD_GLUON)
 
 
 @sm90_exactly
@@ -161,7 +161,7 @@ def test_gluon_dkdv_with_dropout_on_gpu(head_dim, tiles, mask_layout, causal, mo
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(*tiles, gluon=True))
     monkeypatch.setattr(_backward, "DKDV_MASK_LAYOUT", mask_layout)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
-    gluon_pass_matches_reference_with_dropout(head_dim, causal, "DKDV_GLUON")
+    gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_GLUON)
 
 
 @sm90_exactly
@@ -175,7 +175,7 @@ def test_gluon_dq_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch):
     monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(*tiles, gluon=True))
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(64, 64, 4, 3))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
-    gluon_pass_matches_reference_with_dropout(head_dim, causal, "DQ_GLUON")
+    gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DQ_GLUON)
 
 
 @sm90_exactly
@@ -220,21 +220,12 @@ GLUON_DQ_TILES = [(64, (64, 64, 4, 3)), (64, (128, 64, 8, 3)), (128, (64, 64, 4,
 def test_gluon_dq_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypatch):
     # Gradients against float64 through flash_attention (δ from this pass feeds the portable
     # dK/dV); GQA; the causal mask's diagonal blocks; the launch plan's second call.
-    from kernels import _backward, _eager_plan, _forward
-    from kernels._launch import Tiles, call_geometry
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
     monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(*tiles, gluon=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    grad_out = torch.randn_like(q)
-    configs = _backward.launch_configs(grad_out, q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
-                                       geometry, 0.1, causal, 0.0)
-    assert configs[0][0] is _backward.DQ_GLUON
-    check_against_reference(q, k, v, causal=causal)
-    first, second = (torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), grad_out)
-                     for _ in range(2))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    gluon_backward_pass_matches_reference(q, k, v, causal, _backward.DQ_GLUON)
 
 
 @sm90_exactly
