@@ -70,6 +70,16 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     dropout = dropout_p > 0
     kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout),
                                   dq_tiles(geometry.head_dim, q.device, q.dtype, dropout))
+    # The Gluon passes read q, k, v and the output gradient by TMA.
+    gluon_device = ((q_tiles.gluon or kv_tiles.gluon)
+                    and _hopper.gluon_device((q, k, v, grad_out), varlen))
+    call = (causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim)
+    gluon_dkdv = kv_tiles.gluon and gluon_device and _hopper.gluon_dkdv_call(
+        *call, geometry.group_size, kv_tiles.block_m, kv_tiles.block_n)
+    if tiles is None and kv_tiles.gluon and not gluon_dkdv:
+        # A call the Gluon pass does not take runs the portable pass's own tiles (with dropout
+        # they differ from the Gluon pass's).
+        kv_tiles = dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout, hopper=False)
     if tiles is None and kv_tiles.fused and torch.are_deterministic_algorithms_enabled():
         # The fused pass sums dQ by atomic adds in whatever order the blocks finish: not bitwise
         # reproducible. Under torch.use_deterministic_algorithms the default is the two passes.
@@ -101,16 +111,12 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
         dq_config[2]["DELTA_ONLY"] = True
         dkdv_config[2]["ACCUMULATE_DQ"] = True
     dq_launcher, dkdv_launcher = DQ, DKDV
-    # The Gluon passes read q, k, v and the output gradient by TMA.
-    on_sm90 = (q_tiles.gluon or kv_tiles.gluon) and _hopper.gluon_device((q, k, v, grad_out), varlen)
-    call = (causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim)
     # The fused backward's delta-only pass is the portable kernel's (the Gluon dQ has no such mode).
-    if (on_sm90 and q_tiles.gluon and not kv_tiles.fused
+    if (gluon_device and q_tiles.gluon and not kv_tiles.fused
             and _hopper.gluon_dq_call(*call, q_tiles.block_m, q_tiles.block_n)):
         dq_launcher = DQ_GLUON
         dq_config[2]["STAGES"] = q_tiles.num_stages
-    if on_sm90 and kv_tiles.gluon and _hopper.gluon_dkdv_call(*call, geometry.group_size,
-                                                              kv_tiles.block_m, kv_tiles.block_n):
+    if gluon_dkdv:
         dkdv_launcher = DKDV_GLUON
         dkdv_config[2]["STAGES"] = kv_tiles.num_stages
     return (dq_launcher, *dq_config), (dkdv_launcher, *dkdv_config)

@@ -189,13 +189,12 @@ def _gluon_takes(q, k, v, geometry: Geometry, causal: bool, dropout_p: float, wi
 
 def default_tiles(q, k, v, geometry: Geometry, causal: bool, dropout_p: float,
                   window: Window) -> Tiles:
-    """The fastest measured forward that takes the call: the Gluon kernel's tiles (causal, head dim
-    128, sm_90, as many queries as keys, whole key blocks, no window or dropout: its dropout is not
-    yet measured), the TMA kernel's (no band or dropout, whole key blocks), else the portable
-    kernel's tuned tiles."""
-    gluon = gluon_forward_tiles(geometry.head_dim, q.device, q.dtype, causal)
-    if (gluon is not None and dropout_p == 0
-            and _gluon_takes(q, k, v, geometry, causal, dropout_p, window, gluon)):
+    """The fastest measured forward that takes the call: the Gluon kernel's tiles where they were
+    measured fastest (``gluon_forward_tiles``) and the call qualifies (sm_90, no window, whole key
+    blocks, with the causal mask as many queries as keys), the TMA kernel's (no band or dropout,
+    whole key blocks), else the portable kernel's tuned tiles."""
+    gluon = gluon_forward_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout_p > 0)
+    if gluon is not None and _gluon_takes(q, k, v, geometry, causal, dropout_p, window, gluon):
         return gluon
     tma = tma_forward_tiles(geometry.head_dim, q.device, q.dtype)
     if (tma is not None and dropout_p == 0

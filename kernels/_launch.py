@@ -169,18 +169,25 @@ def tma_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -
 
 
 def gluon_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype,
-                        causal: bool) -> Tiles | None:
-    """Tiles of the Gluon forward where it beat both the portable and the TMA kernels: on an H200
-    (bf16, 16384 tokens, hidden 2048; docs/results/attention_notes.md, v8) at head dim 128 with the
-    causal mask, 486 forward TFLOP/s against 432 (portable) and 428 (TMA). None elsewhere: without a
-    mask it tied the TMA forward (531 against 535), at head dim 64 it lost, and its warpgroup MMAs
-    exist on sm_90 only."""
-    if (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim != 128
-            or not causal):
+                        causal: bool, dropout: bool = False) -> Tiles | None:
+    """Tiles of the Gluon forward where it beat the portable and TMA kernels (H200, bf16, 16384
+    tokens, hidden 2048, same process; docs/results/attention_notes.md). Without dropout (v8): head
+    dim 128 with the causal mask, 486 forward TFLOP/s against 432 (portable) and 428 (TMA); without
+    a mask it tied the TMA forward (531 against 535) and at head dim 64 it lost. With dropout
+    (v14, where the TMA forward does not apply): head dim 128, 414 against 392 without a mask and
+    374 against 355 causal; head dim 64 without a mask, 298 against 276. None elsewhere, and off
+    sm_90 (its warpgroup MMAs exist there only)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
         return None
     if capability(device)[0] != 9:
         return None
-    return Tiles(64, 64, 4, 3, gluon=True)
+    if dropout:
+        if head_dim == 128:
+            return Tiles(64, 64, 4, 3, gluon=True) if causal else Tiles(128, 128, 8, 3, gluon=True)
+        return None if causal else Tiles(128, 64, 8, 4, gluon=True)
+    if head_dim == 128 and causal:
+        return Tiles(64, 64, 4, 3, gluon=True)
+    return None
 
 
 def capability(device: torch.device) -> tuple[int, int]:
@@ -194,8 +201,9 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
-               dropout: bool = False) -> Tiles:
-    """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed."""
+               dropout: bool = False, hopper: bool = True) -> Tiles:
+    """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed. ``hopper=False``
+    gives the portable pass's own tiles, for calls the Gluon pass does not take."""
     if device.type != "cuda":
         return Tiles(16, 32, 1, 1)
     if dtype == torch.float32:
@@ -208,13 +216,18 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
             return Tiles(64, 64, 4, 3, fused=True)
         return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
-        if dropout:     # the dropout path runs untransposed tiles (_backward_kernels.py): its own sweep.
-            # Causal: without pipelining, 128x64 beats 64x32 by 0-9 % (whole backward, 2K-16K).
+        if dropout:
+            # On sm_90 the Gluon pass: +12 % dK/dV TFLOP/s without a mask, +18 % causal against
+            # the portable tiles below (H200, 16K tokens; attention_notes.md, v14).
+            if hopper and _hopper_gpu(device):
+                return Tiles(32, 64, 4, 4, gluon=True)
+            # The portable dropout path runs untransposed tiles (_backward_kernels.py): its own
+            # sweep. Causal: without pipelining, 128x64 beats 64x32 by 0-9 % (whole backward, 2K-16K).
             return Tiles(128, 64, 8, 1) if causal else Tiles(128, 64, 8, 2)
         # On sm_90 the Gluon pass with the same tiles: whole backward +6.7 % without a mask, +4.5 %
         # causal (H200, 16K tokens; attention_notes.md, v9). Calls it does not cover (varlen, GQA,
         # ragged blocks) run the portable pass with these tiles.
-        return Tiles(32, 64, 4, 3, gluon=head_dim == 128 and _hopper_gpu(device))
+        return Tiles(32, 64, 4, 3, gluon=head_dim == 128 and hopper and _hopper_gpu(device))
     return Tiles(32, 32, 4, 2)
 
 

@@ -104,10 +104,11 @@ def test_the_calls_its_schedule_covers():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path (test_gpu.py: the GPU)")
 @pytest.mark.parametrize("causal", [False, True])
 def test_gluon_backward_tiles_run_the_portable_passes_without_sm90(causal, device, monkeypatch):
-    # Under the interpreter (no Gluon there) the Gluon tiles' calls run the portable passes.
+    # Under the interpreter (no Gluon there) the Gluon tiles' calls run the portable passes, the
+    # dK/dV pass with the portable pass's own default tiles (hopper=False).
     q, k, v = random_qkv((1, 64, 2, 64), (1, 64, 2, 64), torch.float32, device)
-    tiles = Tiles(16, 32, 1, 3, gluon=True)
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: tiles)
+    tiles, portable = Tiles(16, 32, 1, 3, gluon=True), Tiles(32, 64, 1, 1)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, hopper=True: tiles if hopper else portable)
     monkeypatch.setattr(_backward, "dq_tiles", lambda *args: tiles)
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.new_outputs(q, geometry)
@@ -116,6 +117,7 @@ def test_gluon_backward_tiles_run_the_portable_passes_without_sm90(causal, devic
                                        1 / math.sqrt(64), causal, 0.0)
     assert configs[0][0] is _backward.DQ and configs[1][0] is _backward.DKDV
     assert "STAGES" not in configs[0][3] and "STAGES" not in configs[1][3]
+    assert (configs[0][3]["BLOCK_M"], configs[1][3]["BLOCK_M"], configs[1][3]["BLOCK_N"]) == (16, 32, 64)
     from kernels import flash_attention
     _, grads, grad_out = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal),
                                            q, k, v)
@@ -138,8 +140,9 @@ def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatc
     for causal in (False, True):
         assert _launch.dq_tiles(64, cuda, bf16).gluon
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal).gluon          # tied the portable pass
-        assert not _launch.dq_tiles(128, cuda, bf16, dropout=True).gluon      # no dropout in Gluon
-        assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).gluon
+        assert not _launch.dq_tiles(128, cuda, bf16, dropout=True).gluon      # tied the portable pass
+        assert _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).gluon
+        assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True, hopper=False).gluon
         # The fused backward: faster with dropout at head dim 64 only (slower at 128).
         assert _launch.dkdv_tiles(64, cuda, bf16, causal, dropout=True).fused
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal).fused

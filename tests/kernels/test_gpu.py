@@ -51,12 +51,19 @@ def test_cuda_generator_offset_advances_and_checkpoint_replays():
     flash_attention(q, k, v, dropout_p=0.1)
     assert generator.get_offset() > before
     grad_out = torch.randn_like(q)
-    torch.manual_seed(7)
-    plain = torch.autograd.grad(flash_attention(q, k, v, dropout_p=0.1), (q, k, v), grad_out)
-    torch.manual_seed(7)
-    replayed = torch.autograd.grad(
-        checkpoint(lambda q, k, v: flash_attention(q, k, v, dropout_p=0.1), q, k, v,
-                   use_reentrant=False), (q, k, v), grad_out)
+    # Deterministic algorithms: the default backward here (head dim 64 with dropout) is the fused
+    # pass, whose dQ sums by atomic adds in no fixed order; the two-pass backward is bitwise
+    # reproducible, so any difference below is the dropout mask not being replayed.
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(7)
+        plain = torch.autograd.grad(flash_attention(q, k, v, dropout_p=0.1), (q, k, v), grad_out)
+        torch.manual_seed(7)
+        replayed = torch.autograd.grad(
+            checkpoint(lambda q, k, v: flash_attention(q, k, v, dropout_p=0.1), q, k, v,
+                       use_reentrant=False), (q, k, v), grad_out)
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert all(torch.equal(a, b) for a, b in zip(plain, replayed))
 
 
@@ -131,16 +138,23 @@ def test_tma_forward_on_gpu(head_dim, causal, monkeypatch):
 @sm90
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_forward_is_the_fastest_measured_kernel(head_dim):
-    # head dim 128: TMA without a mask, Gluon (sm_90) with the causal mask; head dim 64: portable.
+    # Without dropout, head dim 128: TMA without a mask, Gluon (sm_90) with the causal mask; head
+    # dim 64: portable. With dropout on sm_90: Gluon at head dim 128, and at 64 without a mask.
     from kernels import _forward
     q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
-    config = lambda causal: _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0]
+    config = lambda causal, p=0.0: _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, p)[0]
     assert config(False) is (_forward.FORWARD_TMA if head_dim == 128 else _forward.FORWARD)
     sm90_exactly = torch.cuda.get_device_capability()[0] == 9
-    assert config(True) is (_forward.FORWARD_GLUON if head_dim == 128 and sm90_exactly
-                            else _forward.FORWARD)
-    check_against_reference(q, k, v, causal=False)
-    check_against_reference(q, k, v, causal=True)
+    gluon_or_portable = lambda gluon: _forward.FORWARD_GLUON if gluon and sm90_exactly else _forward.FORWARD
+    assert config(True) is gluon_or_portable(head_dim == 128)
+    assert config(False, 0.1) is gluon_or_portable(True)
+    assert config(True, 0.1) is gluon_or_portable(head_dim == 128)
+    for causal in (False, True):
+        check_against_reference(q, k, v, causal=causal)
+        torch.manual_seed(5)
+        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
+        torch.manual_seed(5)
+        check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
 
 
 def test_tma_forward_only_where_it_compiles():
@@ -178,7 +192,9 @@ sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_backward_is_the_fastest_measured_kernel(head_dim):
     # Without dropout: the Gluon dQ pass at head dims 64 and 128, the Gluon dK/dV pass at 128 only
-    # (at 64 the portable pass tied it); with dropout both passes are portable (fused at 64).
+    # (at 64 the portable pass tied it); with dropout the Gluon dK/dV pass at 128, the portable
+    # dQ pass, and the fused portable pass at 64. GQA, which the Gluon dK/dV pass does not take,
+    # runs the portable pass with its own tiles.
     from kernels import _backward
     q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
     for causal in (False, True):
@@ -188,13 +204,33 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
         launchers = lambda dropout_p: [config[0] for config in configs(dropout_p)]
         assert launchers(0.0) == [_backward.DQ_GLUON,
                                   _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
-        assert launchers(0.1) == [_backward.DQ, _backward.DKDV]
+        assert launchers(0.1) == [_backward.DQ,
+                                  _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
         assert configs(0.1)[1][3].get("ACCUMULATE_DQ", False) == (head_dim == 64)   # fused at 64
         check_against_reference(q, k, v, causal=causal)
         torch.manual_seed(5)
         _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
         torch.manual_seed(5)
         check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+
+
+@sm90_exactly
+def test_gqa_with_dropout_runs_the_portable_dkdv_tiles():
+    # The Gluon dK/dV pass takes one query head per kv-head; the default for GQA is the portable
+    # pass with its own dropout tiles, not the Gluon pass's.
+    from kernels import _backward, _forward
+    from kernels._launch import call_geometry
+    q, k, v = random_qkv((2, 1024, 4, 128), (2, 1024, 2, 128), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
+                                    *_backward.new_gradients(q, k, v, lse)[1:], geometry, 0.1,
+                                    True, 0.1)[1]
+    assert dkdv[0] is _backward.DKDV and (dkdv[3]["BLOCK_M"], dkdv[3]["BLOCK_N"]) == (128, 64)
+    torch.manual_seed(5)
+    _, keep = flash_attention(q, k, v, causal=True, dropout_p=0.1, return_debug_mask=True)
+    torch.manual_seed(5)
+    check_against_reference(q, k, v, causal=True, dropout_p=0.1, dropout_mask=keep)
 
 
 # Eight of the portable dK/dV tilings tune_attention.py times, the 16-row ones among them, with
@@ -209,7 +245,7 @@ PORTABLE_DKDV_TILES = [(16, 128, 4, 3), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64
 def test_every_portable_dkdv_tiling_with_dropout_on_gpu(tiles, causal, monkeypatch):
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(*tiles))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(*tiles))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, 1024, 4, 64), (2, 1024, 4, 64), torch.bfloat16, "cuda")
     torch.manual_seed(5)
@@ -224,7 +260,7 @@ def test_fused_backward_on_gpu(head_dim, causal, dropout_p, monkeypatch):
     # The single-pass backward (dQ by atomic adds) at the tiles the tune times, with GQA.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(64, 64, 4, 3, fused=True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(64, 64, 4, 3, fused=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((1, 4096, 2, head_dim), (1, 4096, 1, head_dim), torch.bfloat16, "cuda")
     if dropout_p:

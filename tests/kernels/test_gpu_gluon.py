@@ -60,18 +60,25 @@ def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypa
 
 
 @sm90_exactly
-def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(dropout_p, monkeypatch):
+    # Gluon tiles as the default for every call: those the schedule does not cover run the
+    # portable kernel (default_tiles trusts only tiles it has checked against the call).
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles, call_geometry
-    monkeypatch.setattr(_forward, "default_tiles", lambda *args: Tiles(128, 64, 8, 3, gluon=True))
+    monkeypatch.setattr(_forward, "gluon_forward_tiles", lambda *args: Tiles(128, 64, 8, 3, gluon=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     for seqlen_q, seqlen_k, causal in ((1000, 1000, False), (1000, 1000, True),   # ragged key block
                                        (512, 1024, True)):                        # causal, Nq != Nk
         q, k, v = random_qkv((2, seqlen_q, 4, 128), (2, seqlen_k, 4, 128), torch.bfloat16, "cuda")
         geometry = call_geometry(q, k, None, 0)
         out, lse = _forward.new_outputs(q, geometry)
-        assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD
-        check_against_reference(q, k, v, causal=causal)
+        assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, dropout_p)[0] is _forward.FORWARD
+        torch.manual_seed(3)
+        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, return_debug_mask=True)
+        torch.manual_seed(3)
+        check_against_reference(q, k, v, causal=causal, dropout_p=dropout_p,
+                                dropout_mask=keep if dropout_p else None)
 
 
 def gluon_backward_pass_matches_reference(q, k, v, causal, launcher):
@@ -105,7 +112,7 @@ def test_gluon_dkdv_on_gpu(head_dim, tiles, seqlen, causal, monkeypatch):
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     gluon = Tiles(*tiles, gluon=True)
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: gluon)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: gluon)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
     gluon_backward_pass_matches_reference(q, k, v, causal, _backward.DKDV_GLUON)
@@ -158,7 +165,7 @@ def test_gluon_forward_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch)
 def test_gluon_dkdv_with_dropout_on_gpu(head_dim, tiles, mask_layout, causal, monkeypatch):
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(*tiles, gluon=True))
     monkeypatch.setattr(_backward, "DKDV_MASK_LAYOUT", mask_layout)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_GLUON)
@@ -173,7 +180,7 @@ def test_gluon_dq_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch):
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(*tiles, gluon=True))
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(64, 64, 4, 3))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(64, 64, 4, 3))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DQ_GLUON)
 
@@ -235,7 +242,7 @@ def test_gluon_backward_both_passes_on_gpu(head_dim, causal, monkeypatch):
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(64, 64, 4, 3, gluon=True))
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(32, 128, 8, 3, gluon=True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(32, 128, 8, 3, gluon=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, 2048, 4, head_dim), (2, 2048, 4, head_dim), torch.bfloat16, "cuda")
     check_against_reference(q, k, v, causal=causal)
@@ -245,7 +252,7 @@ def test_gluon_backward_both_passes_on_gpu(head_dim, causal, monkeypatch):
 def test_gluon_dkdv_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
     from kernels import _backward, _eager_plan, _forward
     from kernels._launch import Tiles, call_geometry
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(32, 128, 8, 3, gluon=True))
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(32, 128, 8, 3, gluon=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     for seqlen_q, seqlen_k, heads_k, causal in ((1000, 1000, 4, False),    # ragged blocks
                                                 (1024, 1024, 2, False),    # GQA

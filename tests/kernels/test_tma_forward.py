@@ -198,7 +198,7 @@ def test_default_tiles_take_the_gluon_forward_where_it_takes_the_call(device, mo
     gluon = Tiles(32, 32, 1, 1, gluon=True)
     monkeypatch.setattr(_forward, "tma_forward_tiles", lambda *args: TMA)
     monkeypatch.setattr(_forward, "gluon_forward_tiles",
-                        lambda head_dim, device, dtype, causal: gluon if causal else None)
+                        lambda head_dim, device, dtype, causal, dropout: gluon if causal else None)
     # The interpreter has no Gluon; the device and dtype checks are the kernel's own GPU tests'.
     monkeypatch.setattr(_hopper, "gluon_supported",
                         lambda tensors, varlen, *call: not varlen and _hopper.gluon_call(*call))
@@ -213,7 +213,7 @@ def test_default_tiles_take_the_gluon_forward_where_it_takes_the_call(device, mo
     assert chosen(64, 64, causal=False) == TMA
     assert chosen(32, 64) == portable        # causal with fewer queries than keys: not its diagonal
     assert chosen(70, 70) == portable        # ragged last key block
-    assert chosen(64, 64, dropout_p=0.1) == portable
+    assert chosen(64, 64, dropout_p=0.1) == gluon           # key blocks of 32: the mask's counter blocks
     assert chosen(64, 64, window=(16, 0)) == portable
 
 
@@ -228,6 +228,13 @@ def test_gluon_forward_tiles_exist_only_for_measured_settings(monkeypatch):
     assert _launch.gluon_forward_tiles(128, cuda, torch.bfloat16, False) is None   # tied TMA
     assert _launch.gluon_forward_tiles(64, cuda, torch.bfloat16, True) is None     # lost
     assert _launch.gluon_forward_tiles(128, cuda, torch.float32, True) is None
+    # With dropout (no TMA forward there) it beat the portable kernel at head dim 128 and at 64
+    # without a mask; head dim 64 causal is not measured.
+    for causal in (False, True):
+        assert _launch.gluon_forward_tiles(128, cuda, torch.bfloat16, causal, dropout=True) is not None
+    assert _launch.gluon_forward_tiles(64, cuda, torch.bfloat16, False, dropout=True) is not None
+    assert _launch.gluon_forward_tiles(64, cuda, torch.bfloat16, True, dropout=True) is None
+    assert _launch.gluon_forward_tiles(256, cuda, torch.bfloat16, False, dropout=True) is None
 
 
 def test_tma_forward_tiles_exist_only_for_measured_settings():
