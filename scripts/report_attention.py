@@ -164,6 +164,8 @@ def plots(result, out_dir: Path, stem: str):
     plt.close(figure)
 
     sweep = [r for r in result["records"] if r.get("sweep") == "memory"]
+    if not sweep:       # a run with --skip-memory-sweep
+        return
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for provider in sorted({r["provider"] for r in sweep}):
         points = [(r["seqlen"], r["peak_mem_gb"]) for r in sweep
@@ -189,12 +191,13 @@ def main():
     result = json.loads(args.json.read_text())
     cells = _cells(result["records"])
     stem = args.json.stem
+    swept = any(r.get("sweep") == "memory" for r in result["records"])
+    plot_names = f"`{stem}_speed.png`" + (f", `{stem}_memory.png`" if swept else "")
     header = (f"# Attention benchmark: {result['card']}\n\n"
               f"Measured {result['date']} with PyTorch {result['torch']}, Triton {result['triton']}, "
-              f"CUDA {result['cuda']}, cuDNN {result['cudnn']}, Python {result['python']}; all "
-              f"providers in one process on one card ({result['seconds']} s end to end).\n\n"
-              f"Command: `{result['command']}` (records: `{args.json.name}`; plots: "
-              f"`{stem}_speed.png`, `{stem}_memory.png`).\n\n"
+              f"CUDA {result['cuda']}, cuDNN {result['cudnn']}, Python {result['python']}; each "
+              f"cell's providers in one process on one card ({result['seconds']} s of benchmark).\n\n"
+              f"Command: `{result['command']}` (records: `{args.json.name}`; plots: {plot_names}).\n\n"
               "Protocol: batch × seqlen = 16384 tokens, hidden 2048 (32 heads of 64 or 16 heads of "
               "128); FLOPs 4·B·H·N²·D forward (halved when causal), ×2.5 backward, ×3.5 "
               "forward+backward; `triton.testing.do_bench` medians. flashtrain reads (B, N, H, D) "
@@ -205,7 +208,8 @@ def main():
               "within 2x of the time the host takes to issue it.\n")
     dtypes = sorted({k[0] for k in cells})
     body = "\n\n".join(speed_table(cells, dtype) for dtype in dtypes)
-    memory = ("## Memory sweep (forward+backward)\n\n" + memory_table(result["records"]))
+    memory = ("## Memory sweep (forward+backward)\n\n"
+              + (memory_table(result["records"]) if swept else "Not run here (--skip-memory-sweep)."))
     out = args.json.with_suffix(".md")
     existing = out.read_text() if out.exists() else ""
     # Everything below this marker is written by hand (analysis, targets) and kept.
