@@ -112,12 +112,15 @@ def targets(cells, records):
         best = max(fwdbwd(cells[k], p) or 0 for p in SDPA)
         ratios.append((fwdbwd(cells[k], "flashtrain") / best, k))
     met = sum(r >= 1 for r, _ in ratios)
-    lines.append(f"- Target 2 (dropout 0.1, >= the best SDPA backend): met in {met} of {len(ratios)} cells; "
-                 f"ratio to the best ranges {min(ratios)[0]:.2f}–{max(ratios)[0]:.2f}.")
+    if ratios:      # a partial grid (--seqlens, --head-dims) may lack some targets' cells
+        lines.append(f"- Target 2 (dropout 0.1, >= the best SDPA backend): met in {met} of {len(ratios)} "
+                     f"cells; ratio to the best ranges {min(ratios)[0]:.2f}–{max(ratios)[0]:.2f}.")
     for head_dim in sorted({k[1] for k in cells}):
         long = [k for k in cells if k[1] == head_dim and k[4] == 0 and k[2] >= 4096]
         values = [fwdbwd(cells[k], "flashtrain") / fwdbwd(cells[k], "sdpa_cudnn") for k in long
                   if fwdbwd(cells[k], "sdpa_cudnn")]
+        if not values:
+            continue
         lines.append(f"- Target 3 (no dropout, ratio to cuDNN), head dim {head_dim}, seqlen >= 4096: "
                      f"{min(values):.2f}–{max(values):.2f}.")
     longest = [r for r in records if r.get("sweep") == "memory" and r["provider"] == "flashtrain"
