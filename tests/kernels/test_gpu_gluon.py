@@ -265,3 +265,30 @@ def test_gluon_dkdv_tiles_leave_other_calls_to_the_portable_kernel(monkeypatch):
                                            causal, 0.0)
         assert configs[1][0] is _backward.DKDV
         check_against_reference(q, k, v, causal=causal)
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_default_kernels_in_float16_on_gpu(head_dim, dropout_p):
+    # The other GPU tests of the Gluon kernels run bf16; fp16 takes the same defaults.
+    from kernels import _backward, _forward
+    from kernels._launch import call_geometry
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.float16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    for causal in (False, True):
+        forward = _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, dropout_p)[0]
+        backward = [config[0] for config in _backward.launch_configs(
+            torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+            geometry, 0.1, causal, dropout_p)]
+        gluon_forward = head_dim == 128 and (causal or dropout_p > 0) or (dropout_p > 0 and not causal)
+        assert (forward is _forward.FORWARD_GLUON) == gluon_forward
+        assert (backward[1] is _backward.DKDV_GLUON) == (head_dim == 128)
+        if not dropout_p:
+            check_against_reference(q, k, v, causal=causal)
+            continue
+        torch.manual_seed(9)
+        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, return_debug_mask=True)
+        torch.manual_seed(9)
+        check_against_reference(q, k, v, causal=causal, dropout_p=dropout_p, dropout_mask=keep)
