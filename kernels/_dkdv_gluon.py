@@ -23,6 +23,13 @@ transposed tile through shared memory (``MASK_LAYOUT="untransposed"``), or built
 transposed tile directly ("broadcast", 4x the Philox work). Dropped entries of Pᵀ and dPᵀ are 0
 and the 1 / (1 - p) scale is applied to dK and dV once, at the end, as in the portable pass.
 
+With ``ACCUMULATE_DQ`` the pass is the whole backward but δ (FlashAttention-2's single pass, as
+the portable pass's fused form): block i's dSᵀ also goes to shared memory, a fifth product
+dQᵀ_i = Kᵀ·dSᵀ_i (head_dim rows, so a warpgroup product even for 32-query blocks) is issued with
+dV and dK, and its float32 tile is added to ``GradQAcc`` by atomic adds once the three complete;
+``_backward.finish_dq`` applies the scale. Five products per block instead of the two passes'
+seven, and one keep-mask regeneration instead of two.
+
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dkdv_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, one query
 head per kv-head, no window, whole query and key blocks, and with the causal mask as many queries
@@ -87,22 +94,61 @@ def _elementwise_step(s, dp, lse, delta, block, n0, qk_scale, dropout, BLOCK_M: 
 
 
 @gluon.jit
+def _stage_ds(ds, block, dq_out, dtype: gl.constexpr):
+    """Write query block ``block``'s dSᵀ into its half of the double buffer, for its dQᵀ product
+    (whose B operand must be in shared memory). The other half may still be read by the previous
+    block's product; the barrier every warp passes before that product is issued makes the
+    writes of all warps complete."""
+    dq_out[0].index(block % 2).store(ds.to(dtype))
+    fence_async_shared()       # the writes visible to the tensor cores' (async) reads
+
+
+@gluon.jit
+def _issue_dq(k_smem, block, dq_out, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+              dq_layout: gl.constexpr):
+    """Start dQᵀ = Kᵀ·dSᵀ of query block ``block`` (its dSᵀ staged, and a barrier passed since)."""
+    zeros = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, dq_layout)
+    return warpgroup_mma(k_smem.permute((1, 0)), dq_out[0].index(block % 2), zeros,
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _add_dq(dq, block, dq_out, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+            dq_layout: gl.constexpr):
+    """Add query block ``block``'s dQᵀ tile (head_dim × BLOCK_M, unscaled) to the float32 dQ sum;
+    the programs of other key blocks add their shares of the same rows."""
+    dq_base, stride_aqn = dq_out[1], dq_out[2]
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, dq_layout))
+    rows = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_layout))
+    gl.atomic_add(dq_base + rows.to(gl.int64)[None, :] * stride_aqn + dims[:, None], dq,
+                  sem="relaxed")
+
+
+@gluon.jit
 def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv,
-                  lse_ptr, delta_ptr, first, begin, end, n_items, n0, qk_scale, dropout,
+                  lse_ptr, delta_ptr, first, begin, end, n_items, n0, qk_scale, dropout, dq_out,
                   dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr,
-                  N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
-                  s_layout: gl.constexpr, a_layout: gl.constexpr):
+                  N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr, ACCUMULATE_DQ: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, num_warps: gl.constexpr, s_layout: gl.constexpr,
+                  a_layout: gl.constexpr, dq_layout: gl.constexpr):
     """Query blocks ``begin`` .. ``end`` - 1, overlapped: on entry ``p`` and ``ds`` hold block
     begin - 1's tiles (not yet multiplied into dV and dK); on exit block end - 1's. ``first`` is
-    this program's first query block (stage indices count from it)."""
+    this program's first query block (stage indices count from it). ``dq_out`` = (dSᵀ double
+    buffer, this head's float32 dQ sum, its row stride), used with ``ACCUMULATE_DQ``: there block
+    begin - 1's dSᵀ is staged on entry, and block end - 1's on exit."""
     for following in range(begin, end):
         current = following - 1
         # Every warpgroup has finished block current - 1's products (waited at the end of the last
-        # iteration) before its stage is refilled with block current - 1 + STAGES.
+        # iteration) before its stage is refilled with block current - 1 + STAGES; and every warp
+        # has staged block current's dSᵀ before its dQᵀ product reads it.
         gl.thread_barrier()
         _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, current - first + STAGES - 1,
                           current + STAGES - 1, n_items, BLOCK_M, STAGES)
+        if ACCUMULATE_DQ:
+            # First, so that it completes first: its accumulator is freed (added to dQ) before the
+            # elementwise step, the point of highest register use.
+            dq = _issue_dq(k_smem, current, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
         index = following - first
         stage = index % STAGES
         mbarrier.wait(bars.index(stage), (index // STAGES) & 1)
@@ -115,14 +161,19 @@ def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp,
                            is_async=True)
         dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(stage), dk,
                            is_async=True)
+        if ACCUMULATE_DQ:
+            # Products complete in issue order: four outstanding means dQᵀ is done.
+            dq = warpgroup_mma_wait(num_outstanding=4, deps=(dq, ))
+            _add_dq(dq, current, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
         lse, delta = _row_statistics(lse_ptr, delta_ptr, following, BLOCK_M, s_layout)
-        # Products complete in issue order: two outstanding means Sᵀ and dPᵀ of the following
-        # block are done while dV and dK of the current one may still run under its elementwise
-        # step.
+        # Two outstanding: Sᵀ and dPᵀ of the following block are done while dV and dK of the
+        # current one may still run under its elementwise step.
         s, dp = warpgroup_mma_wait(num_outstanding=2, deps=(s, dp))
         p, ds = _elementwise_step(s, dp, lse, delta, following, n0, qk_scale, dropout, BLOCK_M,
                                   BLOCK_N, CAUSAL_MASK, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps,
                                   s_layout)
+        if ACCUMULATE_DQ:
+            _stage_ds(ds, following, dq_out, dtype)
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
     return s, dp, p, ds, dk, dv
 
@@ -141,7 +192,8 @@ def _dkdv_gluon_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
+    STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
+    SEED_IN_MEMORY: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.gluon_dkdv_call), with as many queries as
     # keys, and group_size is 1.
@@ -153,6 +205,9 @@ def _dkdv_gluon_kernel(
     # A block's stage is refilled at the top of the iteration after its products: with 2 stages
     # the refill would be the very block that iteration waits for, so nothing is loaded ahead.
     gl.static_assert(STAGES >= 3, "the next query block must be in flight: 3 stages or more")
+    # dQᵀ's head_dim rows are split across the warps, 16 each: none may be left without rows.
+    gl.static_assert(not ACCUMULATE_DQ or HEAD_DIM >= 16 * num_warps,
+                     "the fused pass needs head_dim >= 16 * num_warps")
     dtype: gl.constexpr = Q.dtype.element_ty
 
     block_n = gl.program_id(0)
@@ -179,11 +234,20 @@ def _dkdv_gluon_kernel(
     g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=g_layout, k_width=2)
+    # dQᵀ (head_dim × queries) of the fused form: head_dim along rows, so 64-row warpgroup tiles.
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
 
     k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
+    if ACCUMULATE_DQ:
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        dq_out = (ds_smem, GradQAcc + batch64 * stride_aqb + head64 * stride_aqh, stride_aqn)
+    else:
+        dq_out = 0
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
@@ -234,27 +298,35 @@ def _dkdv_gluon_kernel(
     s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
     p, ds = _elementwise_step(s, dp, lse, delta, first, n0, qk_scale, dropout, BLOCK_M, BLOCK_N,
                               UPPER, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps, s_layout)
+    if ACCUMULATE_DQ:
+        _stage_ds(ds, first, dq_out, dtype)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
 
     if UPPER:   # the rest of the diagonal blocks, masked
         s, dp, p, ds, dk, dv = _query_blocks(
             k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
-            delta_ptr, first, first + 1, full_start, n_items, n0, qk_scale, dropout, dtype,
-            BLOCK_M, BLOCK_N, STAGES, True, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps, s_layout,
-            a_layout)
+            delta_ptr, first, first + 1, full_start, n_items, n0, qk_scale, dropout, dq_out, dtype,
+            BLOCK_M, BLOCK_N, STAGES, True, DROPOUT, N_ROUNDS, MASK_LAYOUT, ACCUMULATE_DQ,
+            HEAD_DIM, num_warps, s_layout, a_layout, dq_layout)
     s, dp, p, ds, dk, dv = _query_blocks(
         k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
         delta_ptr, first, gl.maximum(full_start, first + 1), n_blocks, n_items, n0, qk_scale,
-        dropout, dtype, BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps,
-        s_layout, a_layout)
+        dropout, dq_out, dtype, BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS, MASK_LAYOUT,
+        ACCUMULATE_DQ, HEAD_DIM, num_warps, s_layout, a_layout, dq_layout)
 
     stage = (n_items - 1) % STAGES
     dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_smem.index(stage), dv,
                        is_async=True)
     dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(stage), dk,
                        is_async=True)
-    dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+    if ACCUMULATE_DQ:
+        gl.thread_barrier()        # every warp's dSᵀ of the last block staged
+        dq = _issue_dq(k_smem, n_blocks - 1, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
+        dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+        _add_dq(dq, n_blocks - 1, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
+    else:
+        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
 
     mbarrier.invalidate(kv_bar)
     for stage in gl.static_range(STAGES):

@@ -55,7 +55,10 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
     # computes delta; its dQ tiles are then those of that delta pass.
     Tiles(*t, fused=True) for t in [(64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 1),
                                     (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3), (32, 128, 4, 3),
-                                    (64, 64, 8, 3)]]
+                                    (64, 64, 8, 3)]] + [
+    # The Gluon fused pass (_dkdv_gluon.py with ACCUMULATE_DQ): 8 warps need head dim 128.
+    Tiles(*t, gluon=True, fused=True) for t in [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3),
+                                                (32, 128, 8, 4)]]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
                           (32, 128, 4, 3), (64, 64, 8, 3)]] + [

@@ -1,7 +1,7 @@
 """Compile a Gluon kernel for sm_90 as a launch on an H100 would (bf16, aligned pointers and
 strides) and print, as JSON, its loops' TTGIR and ptxas's register and stack use.
 
-    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dq]
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dkdv_fused|dq]
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL KERNEL untransposed|broadcast   # dropout
     python -m tests.kernels.gluon_compile keep BLOCK_M BLOCK_N NUM_WARPS     # _philox_gluon's mask
 
@@ -25,7 +25,8 @@ from kernels._forward_gluon import _forward_gluon_kernel
 from kernels._philox_gluon import _keep_mask_gluon_kernel
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "Delta": "*fp32",
-            "GradOut": "*bf16", "GradQ": "*bf16", "GradK": "*bf16", "GradV": "*bf16", "cu_seqlens": "*i32"}
+            "GradOut": "*bf16", "GradQ": "*bf16", "GradK": "*bf16", "GradV": "*bf16", "GradQAcc": "*fp32",
+            "cu_seqlens": "*i32"}
 FLOATS = ("qk_scale", "softmax_scale", "drop_rescale")
 
 
@@ -39,10 +40,10 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
     if kernel == "forward":
         function = _forward_gluon_kernel
         constexprs.update(KV_STAGES=stages, SEED_IN_MEMORY=False)
-    elif kernel == "dkdv":
+    elif kernel in ("dkdv", "dkdv_fused"):     # dkdv_fused: it also adds dQ (ACCUMULATE_DQ)
         function = _dkdv_gluon_kernel
         constexprs.update(STAGES=stages, MASK_LAYOUT=mask_layout or "untransposed",
-                          SEED_IN_MEMORY=False)
+                          ACCUMULATE_DQ=kernel == "dkdv_fused", SEED_IN_MEMORY=False)
     else:
         function = _dq_gluon_kernel
         constexprs.update(STAGES=stages, SEED_IN_MEMORY=False)

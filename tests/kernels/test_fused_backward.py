@@ -61,9 +61,34 @@ def test_fused_backward_on_packed_sequences_equals_two_passes(device, monkeypatc
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_tiles_are_portable_only():
-    with pytest.raises(ValueError, match="fused backward is a portable kernel"):
-        Tiles(64, 64, 4, 3, gluon=True, fused=True)
+def test_fused_tiles_are_portable_or_gluon():
+    with pytest.raises(ValueError, match="fused backward has no TMA kernel"):
+        Tiles(64, 64, 4, 3, tma=True, fused=True)
+    assert Tiles(32, 64, 4, 3, gluon=True, fused=True).fused     # _dkdv_gluon.py, ACCUMULATE_DQ
+
+
+def test_gluon_fused_tiles_run_the_portable_fused_pass_without_sm90(device, monkeypatch):
+    # Under the interpreter (no Gluon) the tiles' fused form is kept: the portable pass adds dQ.
+    q, k, v = random_qkv((1, 64, 2, 64), (1, 64, 2, 64), torch.float32, device)
+    monkeypatch.setattr(_backward, "dkdv_tiles",
+                        lambda *args, **kwargs: Tiles(16, 32, 1, 3, gluon=True, fused=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    from kernels import _forward
+    from kernels._launch import call_geometry
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    dq_config, dkdv_config = _backward.launch_configs(
+        torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+        geometry, 0.125, True, 0.0)
+    assert dkdv_config[0] is _backward.DKDV and dkdv_config[3]["ACCUMULATE_DQ"]
+    assert dq_config[3]["DELTA_ONLY"]
+    _, grads, grad_out = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=True),
+                                           q, k, v)
+    _, exact, _ = outputs_and_grads(
+        lambda q, k, v: attention_reference(q, k, v, causal=True, compute_dtype=torch.float64),
+        q, k, v, grad_out.double())
+    for mine, truth in zip(grads, exact):
+        assert (mine.double() - truth).abs().max().item() < 1e-5
 
 
 def test_deterministic_mode_turns_the_default_fused_pass_back_into_two(device, monkeypatch):

@@ -77,6 +77,22 @@ def test_dropout_compiles_for_sm90_with_the_same_schedule(kernel, head_dim, bloc
     assert compiled["stack"] == 0
 
 
+@pytest.mark.parametrize("causal, mask_layout", [(0, None), (1, "untransposed")])
+def test_fused_pass_compiles_for_sm90_with_dq_first(causal, mask_layout):
+    # ACCUMULATE_DQ at head dim 64: per query block five products, dQᵀ issued first so that a wait
+    # leaving four running frees its accumulator (one atomic add of the tile) before the
+    # elementwise step; then the schedule of the two-pass kernel, one dSᵀ store for the next
+    # block's dQᵀ and the one barrier at the top. No spills.
+    compiled = compiled_for_sm90("dkdv_fused", 64, 32, 64, 3, 4, causal, mask_layout)
+    assert len(compiled["loops"]) == 1 + causal
+    for loop in compiled["loops"]:
+        assert loop.count("ttng.warp_group_dot ") == 5
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["4", "2", "0"]
+        assert loop.count("tt.atomic_rmw") == 1 and loop.count("local_store") == 1
+        assert loop.count("gpu.barrier") == 1
+    assert compiled["stack"] == 0
+
+
 def test_the_calls_its_schedule_covers():
     # (causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, group_size, block_m, block_n)
     assert _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4096, 4096, 128, 1, 32, 128)

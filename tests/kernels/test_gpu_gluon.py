@@ -292,3 +292,37 @@ def test_default_kernels_in_float16_on_gpu(head_dim, dropout_p):
         _, keep = flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, return_debug_mask=True)
         torch.manual_seed(9)
         check_against_reference(q, k, v, causal=causal, dropout_p=dropout_p, dropout_mask=keep)
+
+
+# The Gluon fused pass (ACCUMULATE_DQ): the spill-free head-dim-64 tile and two at 128 (they spill
+# 88-416 bytes when compiled for sm_90; attention_notes.md).
+GLUON_FUSED_TILES = [(64, (32, 64, 4, 3)), (128, (32, 64, 4, 4)), (128, (32, 128, 8, 3))]
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", GLUON_FUSED_TILES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_fused_backward_on_gpu(head_dim, tiles, dropout_p, causal, monkeypatch):
+    # dK, dV and (by atomic adds) dQ from the Gluon pass, δ from the portable delta-only pass;
+    # against float64, under the call's own mask with dropout. Not compared across calls: the
+    # atomic adds make dQ's rounding depend on the order blocks finish.
+    from kernels import _backward, _eager_plan, _forward, _hopper
+    from kernels._launch import Tiles, call_geometry
+    monkeypatch.setattr(_backward, "dkdv_tiles",
+                        lambda *args, **kwargs: Tiles(*tiles, gluon=True, fused=True))
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    if dropout_p:
+        gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_GLUON)
+        return
+    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    dq_config, dkdv_config = _backward.launch_configs(
+        torch.empty_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
+        geometry, 0.1, causal, 0.0)
+    assert dkdv_config[0] is _backward.DKDV_GLUON and dkdv_config[3]["ACCUMULATE_DQ"]
+    assert dq_config[0] is _backward.DQ and dq_config[3]["DELTA_ONLY"]
+    fallbacks = len(_hopper.FALLBACKS)
+    check_against_reference(q, k, v, causal=causal)
+    assert len(_hopper.FALLBACKS) == fallbacks
