@@ -1,8 +1,13 @@
-"""Registers, spills and shared memory of the portable attention kernels on sm_90, compiled on this
+"""Registers, spills and shared memory of the attention kernels on sm_90, compiled on this
 machine, no GPU needed (Triton ships ptxas and cuobjdump).
 
     python scripts/kernel_resources.py --pass dkdv --seqlen 4096 --heads 12 --head-dim 64 --causal \
         --dropout 0.1 --tiles 64,64,4,3 --fused [--seed-in-memory]
+    python scripts/kernel_resources.py --pass dkdv --head-dim 128 --tiles 32,64,4,4 --gluon --fused
+
+``--gluon`` compiles the pass's Gluon kernel (``_forward_gluon.py``, ``_dq_gluon.py``,
+``_dkdv_gluon.py``; stages from the tiles) instead of the portable one; with ``--fused`` the
+dK/dV pass is the one that also adds dQ.
 
 Each pass is compiled with the arguments the library itself would launch it with (``launch_config``
 of the forward, ``launch_configs`` of the backward), so the constexprs, the integer
@@ -21,6 +26,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources, PTXASError
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,7 +37,7 @@ from kernels._launch import NO_WINDOW, Tiles, call_geometry  # noqa: E402
 from kernels._philox import kernel_counter_base, kernel_seed  # noqa: E402
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-         torch.int64: "i64"}
+         torch.int64: "i64", torch.int8: "i8"}
 OPTIONS = ("num_warps", "num_stages")
 
 
@@ -48,14 +56,16 @@ def specialize(kernel: triton.runtime.JITFunction, arguments: tuple, constexprs:
             constants[(index,)] = constexprs.get(name, param.default)
             continue
         value = given[name]
-        if value is None or (type(value) is int and value == 1):
+        # do_not_specialize (the dropout seed and counter base): typed, never specialized on value.
+        fixed = getattr(param, "do_not_specialize", False)
+        if value is None or (type(value) is int and value == 1 and not fixed):
             signature[name], constants[(index,)] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + TYPES[value.dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]       # PyTorch allocations are aligned
         elif type(value) is int:
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
+            if value % 16 == 0 and not fixed:
                 attrs[(index,)] = [["tt.divisibility", 16]]
         elif type(value) is bool:
             signature[name] = "i1"
@@ -64,26 +74,41 @@ def specialize(kernel: triton.runtime.JITFunction, arguments: tuple, constexprs:
     return signature, constants, attrs
 
 
-def resources(kernel, arguments, options: dict, capability: int = 90) -> dict:
-    """Compile for sm_``capability`` and read the cubin's resource usage."""
-    constexprs = {k: v for k, v in options.items() if k not in OPTIONS}
+def compile_for(kernel, arguments, options: dict, capability: int = 90):
+    """``kernel`` (a Triton or Gluon JIT function) compiled for sm_``capability`` as a launch with
+    ``arguments`` and ``options`` (constexprs, num_warps, num_stages) would compile it."""
+    # A Gluon kernel also takes num_warps as a constexpr parameter (its layouts are built from it).
+    params = {p.name for p in kernel.params}
+    constexprs = {k: v for k, v in options.items() if k not in OPTIONS or k in params}
     signature, constants, attrs = specialize(kernel, arguments, constexprs)
-    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs),
-                              target=GPUTarget("cuda", capability, 32),
-                              options={k: options[k] for k in OPTIONS if k in options})
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    return triton.compile(source(kernel, signature, constants, attrs),
+                          target=GPUTarget("cuda", capability, 32),
+                          options={k: options[k] for k in OPTIONS if k in options})
+
+
+def usage(compiled) -> dict:
+    """ptxas's registers and stack (spilled) bytes per thread, the shared memory, and the SASS
+    instruction count of a compiled kernel, read from its cubin."""
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"flashtrain-{kernel.fn.__name__}-{os.getpid()}.cubin"
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"flashtrain-{compiled.name}-{os.getpid()}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     try:
-        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], check=True,
-                               capture_output=True, text=True).stdout
+        report = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], check=True,
+                                capture_output=True, text=True).stdout
         sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], check=True, capture_output=True,
                               text=True).stdout
     finally:
         cubin.unlink(missing_ok=True)
-    fields = dict(part.split(":") for line in usage.splitlines() if "REG:" in line for part in line.split())
-    return {"kernel": kernel.fn.__name__, "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "shared_bytes": compiled.metadata.shared, "sass_instructions": sass.count(" ;"),
+    fields = dict(part.split(":") for line in report.splitlines() if "REG:" in line for part in line.split())
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+            "shared_bytes": compiled.metadata.shared, "sass_instructions": sass.count(" ;")}
+
+
+def resources(kernel, arguments, options: dict, capability: int = 90) -> dict:
+    """Compile for sm_``capability`` and read the cubin's resource usage."""
+    compiled = compile_for(kernel, arguments, options, capability)
+    return {"kernel": kernel.fn.__name__, **usage(compiled),
             **{k: options[k] for k in OPTIONS if k in options}}
 
 
@@ -97,21 +122,31 @@ def pass_arguments(args) -> tuple:
     geometry = call_geometry(q, k, None, 0)
     scale = args.head_dim ** -0.5
     block_m, block_n, warps, stages = args.tiles
-    tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused)
+    tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused, gluon=args.gluon)
     seed = torch.empty(1, dtype=torch.int64, device="meta") if args.seed_in_memory else kernel_seed(1234)
     counter_base = kernel_counter_base(0 if args.seed_in_memory else 4 * 12345)
     in_memory = {"SEED_IN_MEMORY": True} if args.seed_in_memory else {}
+    # The library picks a Gluon kernel only for tensors on an sm_90 GPU; on meta tensors the choice
+    # is made here, with the stage option the library would add.
     if args.pass_ == "forward":
         launcher, _, static, options = _forward.launch_config(q, k, v, out, lse, geometry, scale, args.causal,
                                                               args.dropout, tiles, NO_WINDOW)
+        if args.gluon:
+            launcher, options = _forward.FORWARD_GLUON, {**options, "KV_STAGES": stages}
         return launcher.kernel, (q, k, v, out, lse, None, seed, counter_base, *static), {**options, **in_memory}
     (dq_launcher, _, dq_static, dq_options), (dkdv_launcher, _, dkdv_static, dkdv_options) = \
         _backward.launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry, scale, args.causal,
                                  args.dropout, (tiles, tiles), NO_WINDOW)
+    if args.mask_layout:
+        dkdv_options["MASK_LAYOUT"] = args.mask_layout
     delta = torch.empty_like(lse)
     if args.pass_ == "dq":
+        if args.gluon and not args.fused:       # the fused backward's delta-only pass is portable
+            dq_launcher, dq_options = _backward.DQ_GLUON, {**dq_options, "STAGES": stages}
         return dq_launcher.kernel, (q, k, v, grad_out, out, lse, delta, dq, None, seed, counter_base,
                                     *dq_static), {**dq_options, **in_memory}
+    if args.gluon:
+        dkdv_launcher, dkdv_options = _backward.DKDV_GLUON, {**dkdv_options, "STAGES": stages}
     accumulator = torch.empty(shape, dtype=torch.float32, device="meta")
     return dkdv_launcher.kernel, (q, k, v, grad_out, lse, delta, dk, dv, accumulator, None, seed,
                                   counter_base, *dkdv_static), {**dkdv_options, **in_memory}
@@ -129,6 +164,10 @@ def parse_args(argv=None):
     parser.add_argument("--tiles", type=lambda s: tuple(int(x) for x in s.split(",")), default=(64, 64, 4, 3),
                         help="BLOCK_M,BLOCK_N,num_warps,num_stages")
     parser.add_argument("--fused", action="store_true", help="dkdv: the fused pass that adds dQ by atomics")
+    parser.add_argument("--gluon", action="store_true", help="the pass's Gluon kernel for sm_90")
+    parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
+                        help="dkdv with dropout: how the transposed tile gets its keep-mask "
+                             "(default: the library's choice for the tiles)")
     parser.add_argument("--seed-in-memory", action="store_true", help="the variant CUDA graphs use")
     args = parser.parse_args(argv)
     if len(args.tiles) != 4:
@@ -141,7 +180,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     kernel, arguments, options = pass_arguments(args)
-    report = resources(kernel, arguments, options)
+    try:
+        report = resources(kernel, arguments, options)
+    except (CompilationError, OutOfResources, PTXASError) as error:
+        # One line, not the compiler's traceback: which kernel, which options, what failed.
+        sys.exit(f"kernel_resources: {kernel.fn.__name__} does not compile for sm_90 with {options}: "
+                 f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
     print(" ".join(f"{key}={value}" for key, value in report.items()))
     return report
 

@@ -295,15 +295,19 @@ def test_default_kernels_in_float16_on_gpu(head_dim, dropout_p):
 
 
 # The Gluon fused pass (ACCUMULATE_DQ): the spill-free head-dim-64 tile and two at 128 (they spill
-# 88-416 bytes when compiled for sm_90; attention_notes.md).
-GLUON_FUSED_TILES = [(64, (32, 64, 4, 3)), (128, (32, 64, 4, 4)), (128, (32, 128, 8, 3))]
+# 88-368 bytes when compiled for sm_90), all causal or not, with or without dropout, except 32x128x8
+# causal without dropout, on which ptxas crashes (attention_notes.md; the library would warn and
+# run the portable pass).
+GLUON_FUSED_CASES = [(head_dim, tiles, causal, dropout_p)
+                     for head_dim, tiles in [(64, (32, 64, 4, 3)), (128, (32, 64, 4, 4)),
+                                             (128, (32, 128, 8, 3))]
+                     for causal in (False, True) for dropout_p in (0.0, 0.1)
+                     if not (tiles == (32, 128, 8, 3) and causal and not dropout_p)]
 
 
 @sm90_exactly
-@pytest.mark.parametrize("head_dim, tiles", GLUON_FUSED_TILES)
-@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-@pytest.mark.parametrize("causal", [False, True])
-def test_gluon_fused_backward_on_gpu(head_dim, tiles, dropout_p, causal, monkeypatch):
+@pytest.mark.parametrize("head_dim, tiles, causal, dropout_p", GLUON_FUSED_CASES)
+def test_gluon_fused_backward_on_gpu(head_dim, tiles, causal, dropout_p, monkeypatch):
     # dK, dV and (by atomic adds) dQ from the Gluon pass, δ from the portable delta-only pass;
     # against float64, under the call's own mask with dropout. Not compared across calls: the
     # atomic adds make dQ's rounding depend on the order blocks finish.

@@ -55,3 +55,27 @@ def test_bad_arguments_are_named():
         kernel_resources.parse_args(["--pass", "dkdv", "--seed-in-memory"])
     with pytest.raises(SystemExit):
         kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,64"])
+
+
+def run_script(*arguments):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile, not interpret
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_resources.py"), *arguments,
+                           "--batch", "1", "--seqlen", "256", "--heads", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_gluon_kernels_compile_here_too():
+    # The fused Gluon dK/dV pass with dropout at head dim 64: the kernel the options name, spill-free.
+    result = run_script("--pass", "dkdv", "--head-dim", "64", "--tiles", "32,64,4,3", "--gluon",
+                        "--fused", "--causal", "--dropout", "0.1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = dict(field.split("=") for field in result.stdout.split())
+    assert report["kernel"] == "_dkdv_gluon_kernel" and report["stack_bytes"] == "0"
+
+
+def test_a_kernel_that_does_not_compile_is_named_in_one_line():
+    # The Gluon dK/dV pass refuses 2 stages (it keeps the next query block in flight).
+    result = run_script("--pass", "dkdv", "--head-dim", "64", "--tiles", "32,64,4,2", "--gluon")
+    assert result.returncode != 0
+    assert "kernel_resources: _dkdv_gluon_kernel does not compile for sm_90" in result.stderr
+    assert "Traceback" not in result.stderr
