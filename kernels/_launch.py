@@ -218,7 +218,7 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
         return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
         if dropout:
-            # On sm_90 the Gluon pass: +12 % dK/dV TFLOP/s without a mask, +18 % causal against
+            # On sm_90 the Gluon pass: whole backward +12 % without a mask, +18 % causal against
             # the portable tiles below (H200, 16K tokens; attention_notes.md, v14).
             if hopper and _hopper_gpu(device):
                 return Tiles(32, 64, 4, 4, gluon=True)
