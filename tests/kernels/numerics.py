@@ -62,3 +62,27 @@ def check_against_reference(q, k, v, flash_outputs=None, **kwargs):
         error, torch_error = rel_err(mine, truth), rel_err(theirs, truth)
         assert error <= 2 * torch_error + floor, (
             f"{name}: kernel error {error:.3e} > 2 x PyTorch's {torch_error:.3e} + {floor:.0e}")
+
+
+def assert_gradients_match_float64(q, k, v, causal: bool, atol: float = 1e-5):
+    """flash_attention's gradients (float32 inputs, the interpreter's tests) within ``atol`` of
+    the float64 reference's, for the same output gradient."""
+    _, grads, grad_out = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=causal),
+                                           q, k, v)
+    _, exact, _ = outputs_and_grads(
+        lambda q, k, v: attention_reference(q, k, v, causal=causal, compute_dtype=torch.float64),
+        q, k, v, grad_out.double())
+    for mine, truth in zip(grads, exact):
+        assert (mine.double() - truth).abs().max().item() < atol
+
+
+def backward_launch_configs(q, k, v, causal: bool, dropout_p: float):
+    """The (dQ, dK/dV) launch configurations the library would use for a backward of this call
+    (``_backward.launch_configs``: launcher, grid, static arguments, options)."""
+    from kernels import _backward, _forward
+    from kernels._launch import call_geometry
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    return _backward.launch_configs(torch.empty_like(q), q, k, v, out, lse,
+                                    *_backward.new_gradients(q, k, v, lse)[1:], geometry,
+                                    q.shape[-1] ** -0.5, causal, dropout_p)

@@ -9,7 +9,8 @@ from kernels import _backward, _eager_plan, attention_reference, flash_attention
 from kernels._launch import Tiles
 from kernels._philox import effective_dropout_p
 
-from .numerics import outputs_and_grads, random_qkv
+from .numerics import (assert_gradients_match_float64, backward_launch_configs, outputs_and_grads,
+                       random_qkv)
 
 
 @pytest.fixture
@@ -73,22 +74,10 @@ def test_gluon_fused_tiles_run_the_portable_fused_pass_without_sm90(device, monk
     monkeypatch.setattr(_backward, "dkdv_tiles",
                         lambda *args, **kwargs: Tiles(16, 32, 1, 3, gluon=True, fused=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
-    from kernels import _forward
-    from kernels._launch import call_geometry
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    dq_config, dkdv_config = _backward.launch_configs(
-        torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
-        geometry, 0.125, True, 0.0)
+    dq_config, dkdv_config = backward_launch_configs(q, k, v, True, 0.0)
     assert dkdv_config[0] is _backward.DKDV and dkdv_config[3]["ACCUMULATE_DQ"]
     assert dq_config[3]["DELTA_ONLY"]
-    _, grads, grad_out = outputs_and_grads(lambda q, k, v: flash_attention(q, k, v, causal=True),
-                                           q, k, v)
-    _, exact, _ = outputs_and_grads(
-        lambda q, k, v: attention_reference(q, k, v, causal=True, compute_dtype=torch.float64),
-        q, k, v, grad_out.double())
-    for mine, truth in zip(grads, exact):
-        assert (mine.double() - truth).abs().max().item() < 1e-5
+    assert_gradients_match_float64(q, k, v, causal=True)
 
 
 def test_deterministic_mode_turns_the_default_fused_pass_back_into_two(device, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 
 from kernels import flash_attention
 
-from .numerics import check_against_reference, random_qkv
+from .numerics import backward_launch_configs, check_against_reference, random_qkv
 from .test_gpu import sm90_exactly
 
 pytestmark = pytest.mark.gpu
@@ -311,8 +311,8 @@ def test_gluon_fused_backward_on_gpu(head_dim, tiles, causal, dropout_p, monkeyp
     # dK, dV and (by atomic adds) dQ from the Gluon pass, δ from the portable delta-only pass;
     # against float64, under the call's own mask with dropout. Not compared across calls: the
     # atomic adds make dQ's rounding depend on the order blocks finish.
-    from kernels import _backward, _eager_plan, _forward, _hopper
-    from kernels._launch import Tiles, call_geometry
+    from kernels import _backward, _eager_plan, _hopper
+    from kernels._launch import Tiles
     monkeypatch.setattr(_backward, "dkdv_tiles",
                         lambda *args, **kwargs: Tiles(*tiles, gluon=True, fused=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
@@ -320,11 +320,7 @@ def test_gluon_fused_backward_on_gpu(head_dim, tiles, causal, dropout_p, monkeyp
         gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_GLUON)
         return
     q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    dq_config, dkdv_config = _backward.launch_configs(
-        torch.empty_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
-        geometry, 0.1, causal, 0.0)
+    dq_config, dkdv_config = backward_launch_configs(q, k, v, causal, 0.0)
     assert dkdv_config[0] is _backward.DKDV_GLUON and dkdv_config[3]["ACCUMULATE_DQ"]
     assert dq_config[0] is _backward.DQ and dq_config[3]["DELTA_ONLY"]
     fallbacks = len(_hopper.FALLBACKS)
