@@ -11,8 +11,10 @@ also checked against a float32 reference (one head of one sequence, under the ca
 mask; at most twice PyTorch's own error in that dtype, as in the tests): the run exits non-zero if
 any cell fails, or if flashtrain cannot run one. Then a memory sweep: forward+backward, head dim
 64, 16 heads, batch 1, seqlen 128 ... 65536, flashtrain against standard (materialized) attention.
-Another provider that cannot run a cell records why. Writes JSON, then the Markdown tables and PNG
-plots beside it (scripts/report_attention.py).
+Another provider that cannot run a cell records why. Writes JSON after every cell (marked
+``"complete": false`` until the run ends, so a run cut short keeps what it measured);
+``scripts/report_attention.py`` turns it into Markdown tables and PNG plots. ``--causal`` and
+``--dropouts`` measure part of the grid.
 """
 
 import argparse
@@ -234,15 +236,18 @@ def _skip_reason(provider, seqlen, dropout_p):
     return None
 
 
-def run_grid(dtypes, head_dims, seqlens, providers, log):
+def run_grid(dtypes, head_dims, seqlens, providers, log, causals=(False, True),
+             dropouts=(0.0, 0.1), save=lambda records: None):
+    """Measure every cell; ``save`` receives the records so far after each cell, so that a run cut
+    short (a time limit, a crash) keeps what it measured."""
     records = []
     for dtype in dtypes:
         for head_dim in head_dims:
             heads = 2048 // head_dim
             for seqlen in seqlens:
                 batch = 16384 // seqlen
-                for causal in (False, True):
-                    for dropout_p in (0.0, 0.1):
+                for causal in causals:
+                    for dropout_p in dropouts:
                         shape = (batch, seqlen, heads, head_dim, dtype, causal, dropout_p)
                         skipped = {p: _skip_reason(p, seqlen, dropout_p) for p in providers}
                         measured = measure_cell([p for p in providers if not skipped[p]], *shape)
@@ -251,7 +256,16 @@ def run_grid(dtypes, head_dims, seqlens, providers, log):
                         measured = iter(measured)
                         records += [dict(base_record(p, *shape), error=skipped[p]) if skipped[p]
                                     else next(measured) for p in providers]
+                        save(records)
     return records
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Write ``result`` atomically: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(result, indent=1))
+    temporary.replace(path)
 
 
 def run_memory_sweep(log):
@@ -274,7 +288,7 @@ def environment():
                 command="python " + " ".join(shlex.quote(a) for a in sys.argv))
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/results/attention_h100.json"))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
@@ -283,8 +297,20 @@ def main():
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
     parser.add_argument("--fp16-providers", nargs="+", default=["flashtrain", "sdpa_flash", "sdpa_cudnn"],
                         help="providers measured for float16 (the bf16 grid runs all of them)")
+    parser.add_argument("--causal", type=int, nargs="+", choices=[0, 1], default=[0, 1],
+                        help="which masks to measure (0: none, 1: causal)")
+    parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1],
+                        help="attention dropout probabilities to measure")
     parser.add_argument("--skip-memory-sweep", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    bad = [p for p in args.dropouts if not 0.0 <= p < 1.0]
+    if bad:
+        parser.error(f"--dropouts must be in [0, 1); got {bad}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py measures GPU speed; no CUDA device is visible.")
 
@@ -301,16 +327,19 @@ def main():
                  if "rel_err" in record else ""), flush=True)
 
     records = []
+
+    def save(partial):      # after each cell: the file so far, marked incomplete
+        write_json(args.out, dict(environment(), seconds=round(time.time() - started), complete=False,
+                                  records=records + partial))
+
     for dtype_name in args.dtypes:
         providers = args.providers if dtype_name == "bfloat16" else args.fp16_providers
-        records += run_grid([getattr(torch, dtype_name)], args.head_dims, args.seqlens, providers, log)
+        records += run_grid([getattr(torch, dtype_name)], args.head_dims, args.seqlens, providers, log,
+                            causals=[bool(c) for c in args.causal], dropouts=args.dropouts, save=save)
     if not args.skip_memory_sweep:
         records += run_memory_sweep(log)
-    result = dict(environment(), seconds=round(time.time() - started), records=records)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=1))
-    temporary.replace(args.out)
+    write_json(args.out, dict(environment(), seconds=round(time.time() - started), complete=True,
+                              records=records))
     print(f"wrote {args.out} ({len(records)} records, {time.time() - started:.0f}s)")
     wrong = [r for r in records if r["provider"] == "flashtrain"
              and (r.get("check_passed") is False or "error" in r)]

@@ -200,6 +200,8 @@ def main():
               f"Measured {result['date']} with PyTorch {result['torch']}, Triton {result['triton']}, "
               f"CUDA {result['cuda']}, cuDNN {result['cudnn']}, Python {result['python']}; each "
               f"cell's providers in one process on one card ({result['seconds']} s of benchmark).\n\n"
+              + ("**This run was cut short**: the file holds the cells measured before it stopped.\n\n"
+                 if result.get("complete") is False else "") +
               f"Command: `{result['command']}` (records: `{args.json.name}`; plots: {plot_names}).\n\n"
               "Protocol: batch × seqlen = 16384 tokens, hidden 2048 (32 heads of 64 or 16 heads of "
               "128); FLOPs 4·B·H·N²·D forward (halved when causal), ×2.5 backward, ×3.5 "

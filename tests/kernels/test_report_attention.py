@@ -14,10 +14,10 @@ def cell(provider, fwd, fwdbwd, **extra):
                 dropout_p=0.1, fwd_tflops=fwd, fwdbwd_tflops=fwdbwd, **extra)
 
 
-def write_run(path: Path, records):
+def write_run(path: Path, records, **extra):
     path.write_text(json.dumps(dict(card="card", torch="t", triton="tr", cuda="c", cudnn=1,
                                     python="3", date="2026-12-02", command="python x", seconds=5,
-                                    records=records)))
+                                    records=records, **extra)))
 
 
 def test_a_run_without_a_memory_sweep_gets_no_memory_table_or_plot(tmp_path):
@@ -36,3 +36,10 @@ def test_a_run_without_a_memory_sweep_gets_no_memory_table_or_plot(tmp_path):
     (tmp_path / "grid.md").write_text(text + "\nA reading of the run.\n")
     subprocess.run([sys.executable, str(SCRIPT), str(run)], check=True, capture_output=True)
     assert (tmp_path / "grid.md").read_text().endswith("<!-- analysis -->\n\nA reading of the run.\n")
+
+
+def test_a_run_cut_short_says_so(tmp_path):
+    run = tmp_path / "cut.json"
+    write_run(run, [cell("flashtrain", 300, 250), cell("sdpa_flash", 200, 200)], complete=False)
+    subprocess.run([sys.executable, str(SCRIPT), str(run)], check=True, capture_output=True)
+    assert "**This run was cut short**" in (tmp_path / "cut.md").read_text()
