@@ -102,17 +102,27 @@ def measure(fn, reference=None):
         return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-def hopper_candidates(candidates, default):
+KINDS = ("tma", "gluon", "fused", "gluon-fused")
+
+
+def kind(tiles) -> str | None:
+    """Which special kernel the tiles choose (None: the portable two-pass kernel)."""
+    if tiles.gluon and tiles.fused:
+        return "gluon-fused"
+    return next((name for name in ("tma", "gluon", "fused") if getattr(tiles, name)), None)
+
+
+def hopper_candidates(candidates, default, kinds=KINDS):
     """The tuned tiles, the same tiles as the portable two-pass kernel (where the default is itself a
     TMA, Gluon or fused choice, so that the comparison it rests on is repeated in every run), and
-    the TMA, Gluon and fused candidates: without sweeping every portable tile again."""
+    the candidates of the special kernels in ``kinds``: without sweeping every portable tile again."""
     plain = dataclasses.replace(default, tma=False, gluon=False, fused=False)
     baseline = [default] if plain == default else [default, plain]
-    return baseline + [t for t in candidates if (t.tma or t.gluon or t.fused) and t not in baseline]
+    return baseline + [t for t in candidates if kind(t) in kinds and t not in baseline]
 
 
 def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv", "dq"),
-          hopper_only=False):
+          hopper_only=False, kinds=KINDS):
     heads = 2048 // head_dim
     batch = 16384 // seqlen
     shape = (batch, seqlen, heads, head_dim)
@@ -126,7 +136,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     default_dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
     default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0)
     grads = _backward.backward(grad_out, q, k, v, out, lse, None, **args)
-    forward = (hopper_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype)) if hopper_only
+    forward = (hopper_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype), kinds) if hopper_only
                else FORWARD)
     rows = []
     for tiles in forward if "forward" in kernels else []:
@@ -146,8 +156,8 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None, tiles=pair,
                                                 **args), grads)
         return name, tiles, ms, 2.5 * flops
-    dkdv = hopper_candidates(DKDV, default_dkdv) if hopper_only else DKDV
-    dq = hopper_candidates(DQ, default_dq) if hopper_only else DQ
+    dkdv = hopper_candidates(DKDV, default_dkdv, kinds) if hopper_only else DKDV
+    dq = hopper_candidates(DQ, default_dq, kinds) if hopper_only else DQ
     rows += [backward_row("dkdv(+fixed dq)", t, (t, default_dq), 1, _backward.DKDV)
              for t in (dkdv if "dkdv" in kernels else [])]
     rows += [backward_row("dq(+fixed dkdv)", t, (default_dkdv, t), 0, _backward.DQ)
@@ -219,6 +229,8 @@ def main():
     parser.add_argument("--hopper-only", action="store_true",
                         help="time only the TMA, Gluon and fused candidates (forward, dK/dV, dQ) "
                              "against the tuned tiles")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="with --hopper-only: which special kernels' candidates to time")
     parser.add_argument("--rounds-study", action="store_true",
                         help="only time dropout against the number of Philox rounds")
     parser.add_argument("--seed-study", action="store_true",
@@ -233,7 +245,7 @@ def main():
         for causal in map(bool, args.causal):
             for dropout_p in args.dropout:
                 found = sweep(head_dim, args.seqlen, causal, dropout_p, torch.bfloat16, args.kernels,
-                              args.hopper_only)
+                              args.hopper_only, args.kinds)
                 records += found
                 # Written after every setting, so that a sweep cut short keeps what it measured.
                 args.out.with_suffix(".tmp").write_text(json.dumps(records, indent=1))

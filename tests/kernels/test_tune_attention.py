@@ -51,3 +51,14 @@ def test_hopper_candidates_keep_the_portable_twin_of_a_special_default():
     assert tune_attention.hopper_candidates(candidates, gluon)[:2] == [gluon, Tiles(32, 64, 4, 3)]
     plain = Tiles(64, 64, 4, 3)
     assert tune_attention.hopper_candidates(candidates, plain) == [plain, Tiles(64, 64, 4, 3, gluon=True), fused]
+
+
+def test_hopper_candidates_can_be_limited_to_some_kinds():
+    # --kinds gluon-fused: the default and its portable twin, then the Gluon fused tiles only.
+    from kernels._launch import Tiles
+    default = Tiles(32, 64, 4, 4, gluon=True)
+    candidates = [Tiles(64, 64, 4, 3, fused=True), Tiles(32, 64, 4, 3, gluon=True),
+                  Tiles(32, 64, 4, 3, gluon=True, fused=True), Tiles(128, 64, 4, 2, tma=True)]
+    assert tune_attention.hopper_candidates(candidates, default, ("gluon-fused",)) == [
+        default, Tiles(32, 64, 4, 4), Tiles(32, 64, 4, 3, gluon=True, fused=True)]
+    assert [tune_attention.kind(t) for t in candidates] == ["fused", "gluon", "gluon-fused", "tma"]
