@@ -5,8 +5,8 @@ All read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/
 input (packed input would need a descriptor per sequence). The Gluon kernels issue warpgroup MMAs
 (sm_90 only) and take only what they were written for: no window, whole blocks, head dims 64 and
 128, the causal mask only with as many queries as keys (and for dK/dV one query head per kv-head),
-and dropout with blocks of 16 queries and 32 keys (the keep-mask's counter blocks; the defaults do
-not choose them with dropout yet). Every other call runs the portable kernel.
+and dropout with blocks of 16 queries and 32 keys (the keep-mask's counter blocks). Every other
+call runs the portable kernel.
 """
 
 import warnings
