@@ -25,10 +25,13 @@ and the 1 / (1 - p) scale is applied to dK and dV once, at the end, as in the po
 
 With ``ACCUMULATE_DQ`` the pass is the whole backward but δ (FlashAttention-2's single pass, as
 the portable pass's fused form): block i's dSᵀ also goes to shared memory, a fifth product
-dQᵀ_i = Kᵀ·dSᵀ_i (head_dim rows, so a warpgroup product even for 32-query blocks) is issued with
-dV and dK, and its float32 tile is added to ``GradQAcc`` by atomic adds once the three complete;
-``_backward.finish_dq`` applies the scale. Five products per block instead of the two passes'
-seven, and one keep-mask regeneration instead of two.
+dQᵀ_i = Kᵀ·dSᵀ_i (head_dim rows, so a warpgroup product even for 32-query blocks) is issued
+first, and its float32 tile is staged in shared memory and added to ``GradQAcc`` by the copy
+engine (a TMA reduce-add, issued after the next iteration's barrier), not by per-element atomics,
+which cost 1.5-2x more time (attention_notes v15); ``_backward.finish_dq`` applies the scale.
+Five products per block instead of the two passes' seven, and one keep-mask regeneration
+instead of two. Measured on the H200 it is still slower than the defaults in every cell (v15),
+so no default uses it.
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dkdv_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, one query
@@ -41,7 +44,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from ._gluon_shared import head_descriptor
+from ._gluon_shared import head_descriptor, tma_reduce_add
 from ._philox_gluon import keep_tile_transposed
 
 
@@ -112,16 +115,33 @@ def _issue_dq(k_smem, block, dq_out, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constex
                          use_acc=False, is_async=True)
 
 
+# Shared tiles that query blocks' dQ passes through on its way to the float32 sum: block b's
+# is b % DQ_BUFFERS, so a tile is rewritten three blocks later and its copy (issued one
+# block later) has had two iterations to read it.
+DQ_BUFFERS = gl.constexpr(3)
+
+
 @gluon.jit
-def _add_dq(dq, block, dq_out, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-            dq_layout: gl.constexpr):
-    """Add query block ``block``'s dQᵀ tile (head_dim × BLOCK_M, unscaled) to the float32 dQ sum;
-    the programs of other key blocks add their shares of the same rows."""
-    dq_base, stride_aqn = dq_out[1], dq_out[2]
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, dq_layout))
-    rows = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, dq_layout))
-    gl.atomic_add(dq_base + rows.to(gl.int64)[None, :] * stride_aqn + dims[:, None], dq,
-                  sem="relaxed")
+def _stage_dq(dq, block, dq_out):
+    """Write query block ``block``'s dQᵀ tile (head_dim × BLOCK_M, unscaled, float32) into its
+    shared buffer, transposed to dQ's (query, head_dim) order, for ``_reduce_dq``."""
+    dq_out[2].index(block % DQ_BUFFERS).permute((1, 0)).store(dq)
+    fence_async_shared()       # the writes visible to the copy engine's reads
+
+
+@gluon.jit
+def _reduce_dq(block, dq_out, BLOCK_M: gl.constexpr):
+    """Add query block ``block``'s staged tile (every warp's share written, a barrier passed since)
+    to the float32 dQ sum, into which the programs of other key blocks add their shares."""
+    tma_reduce_add(dq_out[1], [block * BLOCK_M, 0], dq_out[2].index(block % DQ_BUFFERS))
+
+
+@gluon.jit
+def _before_barrier(ACCUMULATE_DQ: gl.constexpr):
+    """Before the barrier that precedes a block's dQ staging: the copy issued three blocks earlier
+    from the same buffer has finished reading it (one later copy may still run)."""
+    if ACCUMULATE_DQ:
+        tma.store_wait(DQ_BUFFERS - 2)
 
 
 @gluon.jit
@@ -135,19 +155,26 @@ def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp,
     """Query blocks ``begin`` .. ``end`` - 1, overlapped: on entry ``p`` and ``ds`` hold block
     begin - 1's tiles (not yet multiplied into dV and dK); on exit block end - 1's. ``first`` is
     this program's first query block (stage indices count from it). ``dq_out`` = (dSᵀ double
-    buffer, this head's float32 dQ sum, its row stride), used with ``ACCUMULATE_DQ``: there block
-    begin - 1's dSᵀ is staged on entry, and block end - 1's on exit."""
+    buffer, the TMA descriptor of this head's float32 dQ sum, the dQ staging buffers), used with
+    ``ACCUMULATE_DQ``: there block begin - 1's dSᵀ is staged on entry, and block end - 1's on exit,
+    and the dQ of every block before begin - 1 is staged and its copy to the sum issued, but
+    block begin - 2's."""
     for following in range(begin, end):
         current = following - 1
         # Every warpgroup has finished block current - 1's products (waited at the end of the last
         # iteration) before its stage is refilled with block current - 1 + STAGES; and every warp
-        # has staged block current's dSᵀ before its dQᵀ product reads it.
+        # has staged block current's dSᵀ before its dQᵀ product reads it, and block current - 1's
+        # dQ before the copy engine reads it.
+        _before_barrier(ACCUMULATE_DQ)
         gl.thread_barrier()
+        if ACCUMULATE_DQ:
+            if current > first:
+                _reduce_dq(current - 1, dq_out, BLOCK_M)
         _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, current - first + STAGES - 1,
                           current + STAGES - 1, n_items, BLOCK_M, STAGES)
         if ACCUMULATE_DQ:
-            # First, so that it completes first: its accumulator is freed (added to dQ) before the
-            # elementwise step, the point of highest register use.
+            # First, so that it completes first: its accumulator is freed (staged in shared memory)
+            # before the elementwise step, the point of highest register use.
             dq = _issue_dq(k_smem, current, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
         index = following - first
         stage = index % STAGES
@@ -164,7 +191,7 @@ def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp,
         if ACCUMULATE_DQ:
             # Products complete in issue order: four outstanding means dQᵀ is done.
             dq = warpgroup_mma_wait(num_outstanding=4, deps=(dq, ))
-            _add_dq(dq, current, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
+            _stage_dq(dq, current, dq_out)
         lse, delta = _row_statistics(lse_ptr, delta_ptr, following, BLOCK_M, s_layout)
         # Two outstanding: Sᵀ and dPᵀ of the following block are done while dV and dK of the
         # current one may still run under its elementwise step.
@@ -245,7 +272,11 @@ def _dkdv_gluon_kernel(
     if ACCUMULATE_DQ:
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
-        dq_out = (ds_smem, GradQAcc + batch64 * stride_aqb + head64 * stride_aqh, stride_aqn)
+        dq_desc = head_descriptor(GradQAcc, batch, stride_aqb, head, stride_aqh, seqlen_q,
+                                  stride_aqn, BLOCK_M, HEAD_DIM)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFFERS, BLOCK_M, HEAD_DIM],
+                                            dq_desc.layout)
+        dq_out = (ds_smem, dq_desc, dq_smem)
     else:
         dq_out = 0
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -321,10 +352,16 @@ def _dkdv_gluon_kernel(
     dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(stage), dk,
                        is_async=True)
     if ACCUMULATE_DQ:
-        gl.thread_barrier()        # every warp's dSᵀ of the last block staged
+        _before_barrier(ACCUMULATE_DQ)
+        gl.thread_barrier()        # every warp's dSᵀ of the last block staged, and the dQ before it
+        if n_blocks - 1 > first:
+            _reduce_dq(n_blocks - 2, dq_out, BLOCK_M)
         dq = _issue_dq(k_smem, n_blocks - 1, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
         dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
-        _add_dq(dq, n_blocks - 1, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
+        _stage_dq(dq, n_blocks - 1, dq_out)
+        gl.thread_barrier()        # every warp's share of the last dQ staged
+        _reduce_dq(n_blocks - 1, dq_out, BLOCK_M)
+        tma.store_wait(0)          # shared memory is read before the program ends
     else:
         dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
 

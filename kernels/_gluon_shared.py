@@ -1,7 +1,9 @@
 """Pieces the Gluon kernels for sm_90 (_forward_gluon.py, _dq_gluon.py, _dkdv_gluon.py) share."""
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import tma
 
 
@@ -17,3 +19,15 @@ def head_descriptor(tensor, batch, stride_b, head, stride_h, rows, stride_row,
                                       + head.to(gl.int64) * stride_h,
                                       [rows, HEAD_DIM], [stride_row, 1], [BLOCK_ROWS, HEAD_DIM],
                                       layout)
+
+
+@builtin
+def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """global[the box at ``coord``] += shared tile ``src`` (same layout as the descriptor's), by the
+    copy engine (``cp.reduce.async.bulk.tensor ... .add``): one instruction from one thread for a
+    whole tile, instead of an atomic per element or four. It completes like a TMA store, in bulk
+    groups: ``tma.store_wait(n)`` returns once at most n are still reading shared memory.
+    Triton 3.6's Gluon has the operation in its builder but no wrapper for it."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle,
+                                              coord, src.handle)

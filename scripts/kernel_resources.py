@@ -163,7 +163,7 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--tiles", type=lambda s: tuple(int(x) for x in s.split(",")), default=(64, 64, 4, 3),
                         help="BLOCK_M,BLOCK_N,num_warps,num_stages")
-    parser.add_argument("--fused", action="store_true", help="dkdv: the fused pass that adds dQ by atomics")
+    parser.add_argument("--fused", action="store_true", help="dkdv: the fused pass that also adds dQ into a float32 sum")
     parser.add_argument("--gluon", action="store_true", help="the pass's Gluon kernel for sm_90")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
                         help="dkdv with dropout: how the transposed tile gets its keep-mask "

@@ -80,16 +80,20 @@ def test_dropout_compiles_for_sm90_with_the_same_schedule(kernel, head_dim, bloc
 @pytest.mark.parametrize("causal, mask_layout", [(0, None), (1, "untransposed")])
 def test_fused_pass_compiles_for_sm90_with_dq_first(causal, mask_layout):
     # ACCUMULATE_DQ at head dim 64: per query block five products, dQᵀ issued first so that a wait
-    # leaving four running frees its accumulator (one atomic add of the tile) before the
-    # elementwise step; then the schedule of the two-pass kernel, one dSᵀ store for the next
-    # block's dQᵀ and the one barrier at the top. No spills.
+    # leaving four running frees its accumulator (staged in shared memory for the copy engine's
+    # reduce) before the elementwise step; then the schedule of the two-pass kernel, one dSᵀ store
+    # for the next block's dQᵀ, and the one barrier at the top, after the wait for the copy that
+    # last read this block's dQ buffer and before the previous block's copy. No atomics, no spills.
     compiled = compiled_for_sm90("dkdv_fused", 64, 32, 64, 3, 4, causal, mask_layout)
     assert len(compiled["loops"]) == 1 + causal
     for loop in compiled["loops"]:
         assert loop.count("ttng.warp_group_dot ") == 5
         assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["4", "2", "0"]
-        assert loop.count("tt.atomic_rmw") == 1 and loop.count("local_store") == 1
+        assert "atomic_rmw" not in loop and loop.count("local_store") == 2
+        assert loop.count("ttng.async_tma_reduce add") == 1
         assert loop.count("gpu.barrier") == 1
+        wait, barrier = loop.index("async_tma_store_wait {pendings = 1"), loop.index("gpu.barrier")
+        assert wait < barrier < loop.index("async_tma_reduce")
     assert compiled["stack"] == 0
 
 

@@ -308,9 +308,9 @@ GLUON_FUSED_CASES = [(head_dim, tiles, causal, dropout_p)
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, tiles, causal, dropout_p", GLUON_FUSED_CASES)
 def test_gluon_fused_backward_on_gpu(head_dim, tiles, causal, dropout_p, monkeypatch):
-    # dK, dV and (by atomic adds) dQ from the Gluon pass, δ from the portable delta-only pass;
-    # against float64, under the call's own mask with dropout. Not compared across calls: the
-    # atomic adds make dQ's rounding depend on the order blocks finish.
+    # dK, dV and (by the copy engine's reduce-adds) dQ from the Gluon pass, δ from the portable
+    # delta-only pass; against float64, under the call's own mask with dropout. Not compared
+    # across calls: the adds make dQ's rounding depend on the order blocks finish.
     from kernels import _backward, _eager_plan, _hopper
     from kernels._launch import Tiles
     monkeypatch.setattr(_backward, "dkdv_tiles",
