@@ -45,7 +45,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._gluon_shared import head_descriptor, tma_reduce_add
-from ._philox_gluon import keep_tile_transposed
+from ._philox_gluon import dropout_arguments, keep_tile_transposed
 
 
 @gluon.jit
@@ -310,11 +310,9 @@ def _dkdv_gluon_kernel(
     lse_ptr = Lse + row_stats
     delta_ptr = Delta + row_stats
     if DROPOUT:
-        if SEED_IN_MEMORY:      # a seed drawn on the device (_philox.device_seed)
-            seed = gl.load(seed)
-        # The first row pair of this (batch, head) in the counter layout (_philox.head_first_pair).
-        head_pair = (batch64 * heads_q + head64) * (gl.cdiv(seqlen_q, 16) * 8)
-        dropout = (seed, counter_base, head_pair, counters_per_row, drop_threshold)
+        # From the head's first row pair: each block adds its own (_elementwise_step).
+        dropout = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, 0,
+                                    counters_per_row, drop_threshold, SEED_IN_MEMORY)
     else:
         dropout = 0
 

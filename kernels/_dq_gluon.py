@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._gluon_shared import head_descriptor
-from ._philox_gluon import keep_tile
+from ._philox_gluon import dropout_arguments, keep_tile
 
 
 @gluon.jit
@@ -199,11 +199,8 @@ def _dq_gluon_kernel(
     if DROPOUT:
         # Stored and used as δ·(1 − p), as the portable pass does (_backward_kernels.py).
         delta = delta / drop_rescale
-        if SEED_IN_MEMORY:      # a seed drawn on the device (_philox.device_seed)
-            seed = gl.load(seed)
-        # This query block's first row pair in the counter layout (_philox.head_first_pair).
-        first_pair = (batch64 * heads_q + head64) * (gl.cdiv(seqlen_q, 16) * 8) + m0 // 2
-        dropout = (seed, counter_base, first_pair, counters_per_row, drop_threshold)
+        dropout = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, m0,
+                                    counters_per_row, drop_threshold, SEED_IN_MEMORY)
     else:
         dropout = 0
     gl.store(Delta + row_stats + stat_rows, delta)

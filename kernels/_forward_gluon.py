@@ -32,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._gluon_shared import head_descriptor
-from ._philox_gluon import keep_tile
+from ._philox_gluon import dropout_arguments, keep_tile
 
 
 @gluon.jit
@@ -213,11 +213,8 @@ def _forward_gluon_kernel(
     l_i = gl.sum(p, 1)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     if DROPOUT:
-        if SEED_IN_MEMORY:      # a seed drawn on the device (_philox.device_seed)
-            seed = gl.load(seed)
-        # This query block's first row pair in the counter layout (_philox.head_first_pair).
-        first_pair = (batch64 * heads_q + head) * (gl.cdiv(seqlen_q, 16) * 8) + m0 // 2
-        dropout = (seed, counter_base, first_pair, counters_per_row, drop_threshold)
+        dropout = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, m0,
+                                    counters_per_row, drop_threshold, SEED_IN_MEMORY)
         p = _dropped(p, 0, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
     else:
         dropout = 0

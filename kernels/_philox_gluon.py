@@ -48,6 +48,19 @@ def philox4x32(seed, counters, N_ROUNDS: gl.constexpr):
 
 
 @gluon.jit
+def dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, first_row,
+                      counters_per_row, drop_threshold, SEED_IN_MEMORY: gl.constexpr):
+    """What ``keep_tile`` and ``keep_tile_transposed`` take, as one tuple: (seed, counter base,
+    the first row pair of rows from ``first_row`` of this (batch, head) in the counter layout
+    (``_philox.head_first_pair``), counters per row, threshold). With ``SEED_IN_MEMORY`` ``seed``
+    points at a seed drawn on the device (``_philox.device_seed``) and is loaded here."""
+    if SEED_IN_MEMORY:
+        seed = gl.load(seed)
+    first_pair = (batch.to(gl.int64) * heads_q + head) * (gl.cdiv(seqlen_q, 16) * 8) + first_row // 2
+    return (seed, counter_base, first_pair, counters_per_row, drop_threshold)
+
+
+@gluon.jit
 def keep_tile(seed, counter_base, first_pair, counters_per_row, col_start, drop_threshold,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, N_ROUNDS: gl.constexpr,
               layout: gl.constexpr):
