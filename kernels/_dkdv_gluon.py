@@ -156,9 +156,9 @@ def _query_blocks(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp,
     begin - 1's tiles (not yet multiplied into dV and dK); on exit block end - 1's. ``first`` is
     this program's first query block (stage indices count from it). ``dq_out`` = (dSᵀ double
     buffer, the TMA descriptor of this head's float32 dQ sum, the dQ staging buffers), used with
-    ``ACCUMULATE_DQ``: there block begin - 1's dSᵀ is staged on entry, and block end - 1's on exit,
-    and the dQ of every block before begin - 1 is staged and its copy to the sum issued, but
-    block begin - 2's."""
+    ``ACCUMULATE_DQ``: there block begin - 1's dSᵀ is staged on entry, and block end - 1's on exit;
+    on entry the dQ of the blocks before begin - 1 is staged and the copies to the sum issued for
+    all but the last of them (begin - 2), whose copy the first iteration issues."""
     for following in range(begin, end):
         current = following - 1
         # Every warpgroup has finished block current - 1's products (waited at the end of the last
