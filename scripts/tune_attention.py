@@ -46,7 +46,7 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
                             # 8 warps: under the 255-register cap that 64x64x4 hits (attention_notes
                             # v12), yet about half its speed at head dim 64 (v13); not yet timed at 128
                             (64, 64, 8, 3)]] + [
-    # The Gluon dK/dV (_dkdv_gluon.py; sm_90, no band or dropout, no GQA); num_stages = Q/dO
+    # The Gluon dK/dV (_dkdv_gluon.py; sm_90, no band, no GQA); num_stages = Q/dO
     # stages (3 or more). Tiles that spilled registers at head dim 128 when compiled for sm_90
     # (64-query tiles) are left out there by the sweep's own timing, not here.
     Tiles(*t, gluon=True) for t in [(32, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 3), (32, 64, 4, 4),
@@ -56,13 +56,14 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
     Tiles(*t, fused=True) for t in [(64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 1),
                                     (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3), (32, 128, 4, 3),
                                     (64, 64, 8, 3)]] + [
-    # The Gluon fused pass (_dkdv_gluon.py with ACCUMULATE_DQ): 8 warps need head dim 128.
+    # The Gluon fused pass (_dkdv_gluon.py with ACCUMULATE_DQ; dQ by TMA reduce-add): 8 warps need
+    # head dim 128 (at 64 they are recorded as not compiling).
     Tiles(*t, gluon=True, fused=True) for t in [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3),
                                                 (32, 128, 8, 4)]]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
                           (32, 128, 4, 3), (64, 64, 8, 3)]] + [
-    # The Gluon dQ (_dq_gluon.py; sm_90, no band or dropout); num_stages = K/V stages (3 or more).
+    # The Gluon dQ (_dq_gluon.py; sm_90, no band); num_stages = K/V stages (3 or more).
     Tiles(*t, gluon=True) for t in [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3),
                                     (128, 32, 4, 3), (128, 128, 8, 3)]]
 
