@@ -68,7 +68,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     counter base), which is fixed by the tensors' shapes and strides, the dtype and the options."""
     varlen = geometry.varlen
     dropout = dropout_p > 0
-    kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout),
+    kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout,
+                                             seqlen=geometry.seqlen_q),
                                   dq_tiles(geometry.head_dim, q.device, q.dtype, dropout))
     # The Gluon passes read q, k, v and the output gradient by TMA.
     gluon_device = ((q_tiles.gluon or kv_tiles.gluon)
@@ -79,7 +80,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     if tiles is None and kv_tiles.gluon and not gluon_dkdv:
         # A call the Gluon pass does not take runs the portable pass's own tiles (with dropout
         # they differ from the Gluon pass's).
-        kv_tiles = dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout, hopper=False)
+        kv_tiles = dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout, hopper=False,
+                              seqlen=geometry.seqlen_q)
     if tiles is None and kv_tiles.fused and torch.are_deterministic_algorithms_enabled():
         # The fused pass sums dQ by atomic adds in whatever order the blocks finish: not bitwise
         # reproducible. Under torch.use_deterministic_algorithms the default is the two passes.

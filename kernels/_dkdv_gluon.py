@@ -30,8 +30,11 @@ first, and its float32 tile is staged in shared memory and added to ``GradQAcc``
 engine (a TMA reduce-add, issued after the next iteration's barrier), not by per-element atomics,
 which cost 1.5-2x more time (attention_notes v15); ``_backward.finish_dq`` applies the scale.
 Five products per block instead of the two passes' seven, and one keep-mask regeneration
-instead of two. Measured on the H200 it is still slower than the defaults in every cell (v15),
-so no default uses it.
+instead of two. With 32-query blocks it is slower than the defaults in every cell measured on
+the H200 (v15). With 64-query blocks (``IN_TURN``) the next block's tiles no longer fit beside
+this one's, and the blocks run one after another (``_dkdv_gluon_steps._query_blocks_in_turn``:
+one dSᵀ and one dQ buffer, STAGES >= 2); that form is the default at head dim 64 without a mask
+from 4096 queries on (``_launch.dkdv_tiles``; attention_notes v16).
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dkdv_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, one query
@@ -44,56 +47,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
+from ._dkdv_gluon_steps import (_elementwise_step, _load_query_block, _query_blocks_in_turn,
+                                _row_statistics)
 from ._gluon_shared import head_descriptor, tma_reduce_add
-from ._philox_gluon import dropout_arguments, keep_tile_transposed
-
-
-@gluon.jit
-def _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, index, block, n_items,
-                      BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """Start the TMA copies of query block ``block`` (the ``index``-th of this program's blocks, if
-    it exists) into its stage; one barrier counts both copies."""
-    stage = index % STAGES
-    exists = index < n_items
-    mbarrier.expect(bars.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes,
-                    pred=exists)
-    tma.async_copy_global_to_shared(q_desc, [block * BLOCK_M, 0], bars.index(stage),
-                                    q_smem.index(stage), pred=exists)
-    tma.async_copy_global_to_shared(do_desc, [block * BLOCK_M, 0], bars.index(stage),
-                                    do_smem.index(stage), pred=exists)
-
-
-@gluon.jit
-def _row_statistics(lse_ptr, delta_ptr, block, BLOCK_M: gl.constexpr, s_layout: gl.constexpr):
-    """lse and δ of query block ``block``, laid out along the columns of the transposed tiles."""
-    cols = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-    return gl.load(lse_ptr + cols), gl.load(delta_ptr + cols)
-
-
-@gluon.jit
-def _elementwise_step(s, dp, lse, delta, block, n0, qk_scale, dropout, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr,
-                      N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
-                      s_layout: gl.constexpr):
-    """The Pᵀ that multiplies dO (dropped entries 0) and dSᵀ of query block ``block`` from its
-    transposed score and dP tiles (keys along rows); with the mask, keys after a query get
-    probability 0. ``dropout`` = (seed, counter base, the head's first row pair, counters per
-    row, threshold): the block's keep-mask, applied as the portable pass applies it (dropped dP
-    entries 0; the 1 / (1 - p) scale applied to dK and dV at the end)."""
-    p = gl.exp2(s * qk_scale - lse[None, :])
-    if CAUSAL_MASK:
-        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
-        cols = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        p = gl.where(rows[:, None] <= cols[None, :], p, 0.0)
-    p_dropped = p
-    if DROPOUT:
-        seed, counter_base, first_pair, counters_per_row, threshold = dropout
-        keep = keep_tile_transposed(seed, counter_base, first_pair + block * (BLOCK_M // 2),
-                                    counters_per_row, n0, threshold, BLOCK_M, BLOCK_N, N_ROUNDS,
-                                    MASK_LAYOUT, num_warps, s_layout)
-        p_dropped = gl.where(keep, p, 0.0)
-        dp = gl.where(keep, dp, 0.0)
-    return p_dropped, p * (dp - delta[None, :])
+from ._philox_gluon import dropout_arguments
 
 
 @gluon.jit
@@ -231,7 +188,10 @@ def _dkdv_gluon_kernel(
     gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
     # A block's stage is refilled at the top of the iteration after its products: with 2 stages
     # the refill would be the very block that iteration waits for, so nothing is loaded ahead.
-    gl.static_assert(STAGES >= 3, "the next query block must be in flight: 3 stages or more")
+    # The fused pass with 64-query tiles takes its blocks one after another (_query_blocks_in_turn).
+    IN_TURN: gl.constexpr = ACCUMULATE_DQ and BLOCK_M >= 64
+    gl.static_assert(STAGES >= 3 or (IN_TURN and STAGES >= 2),
+                     "the next query block must be in flight: 3 stages or more")
     # dQᵀ's head_dim rows are split across the warps, 16 each: none may be left without rows.
     gl.static_assert(not ACCUMULATE_DQ or HEAD_DIM >= 16 * num_warps,
                      "the fused pass needs head_dim >= 16 * num_warps")
@@ -271,11 +231,16 @@ def _dkdv_gluon_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     if ACCUMULATE_DQ:
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
-        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
         dq_desc = head_descriptor(GradQAcc, batch, stride_aqb, head, stride_aqh, seqlen_q,
                                   stride_aqn, BLOCK_M, HEAD_DIM)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFFERS, BLOCK_M, HEAD_DIM],
-                                            dq_desc.layout)
+        if IN_TURN:
+            ds_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_N, BLOCK_M], ds_layout)
+            dq_smem = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M, HEAD_DIM],
+                                                dq_desc.layout)
+        else:
+            ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+            dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFFERS, BLOCK_M, HEAD_DIM],
+                                                dq_desc.layout)
         dq_out = (ds_smem, dq_desc, dq_smem)
     else:
         dq_out = 0
@@ -301,7 +266,7 @@ def _dkdv_gluon_kernel(
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [n0, 0], kv_bar, v_smem)
-    for index in gl.static_range(STAGES - 1):
+    for index in gl.static_range(STAGES if IN_TURN else STAGES - 1):
         _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, index, first + index, n_items,
                           BLOCK_M, STAGES)
     mbarrier.wait(kv_bar, 0)
@@ -316,52 +281,68 @@ def _dkdv_gluon_kernel(
     else:
         dropout = 0
 
-    # The first query block's tiles (nothing accumulated yet); with the mask it is a diagonal one.
-    mbarrier.wait(bars.index(0), 0)
-    zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-    s = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), zeros, use_acc=False,
-                      is_async=True)
-    dp = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), zeros, use_acc=False,
-                       is_async=True)
-    lse, delta = _row_statistics(lse_ptr, delta_ptr, first, BLOCK_M, s_layout)
-    s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
-    p, ds = _elementwise_step(s, dp, lse, delta, first, n0, qk_scale, dropout, BLOCK_M, BLOCK_N,
-                              UPPER, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps, s_layout)
-    if ACCUMULATE_DQ:
-        _stage_ds(ds, first, dq_out, dtype)
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
-
-    if UPPER:   # the rest of the diagonal blocks, masked
-        s, dp, p, ds, dk, dv = _query_blocks(
-            k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
-            delta_ptr, first, first + 1, full_start, n_items, n0, qk_scale, dropout, dq_out, dtype,
-            BLOCK_M, BLOCK_N, STAGES, True, DROPOUT, N_ROUNDS, MASK_LAYOUT, ACCUMULATE_DQ,
-            HEAD_DIM, num_warps, s_layout, a_layout, dq_layout)
-    s, dp, p, ds, dk, dv = _query_blocks(
-        k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
-        delta_ptr, first, gl.maximum(full_start, first + 1), n_blocks, n_items, n0, qk_scale,
-        dropout, dq_out, dtype, BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS, MASK_LAYOUT,
-        ACCUMULATE_DQ, HEAD_DIM, num_warps, s_layout, a_layout, dq_layout)
-
-    stage = (n_items - 1) % STAGES
-    dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_smem.index(stage), dv,
-                       is_async=True)
-    dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(stage), dk,
-                       is_async=True)
-    if ACCUMULATE_DQ:
-        _before_barrier(ACCUMULATE_DQ)
-        gl.thread_barrier()        # every warp's dSᵀ of the last block staged, and the dQ before it
-        if n_blocks - 1 > first:
-            _reduce_dq(n_blocks - 2, dq_out, BLOCK_M)
-        dq = _issue_dq(k_smem, n_blocks - 1, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
-        dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
-        _stage_dq(dq, n_blocks - 1, dq_out)
-        gl.thread_barrier()        # every warp's share of the last dQ staged
-        _reduce_dq(n_blocks - 1, dq_out, BLOCK_M)
+    if IN_TURN:
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
+        if UPPER:   # the diagonal blocks, masked
+            dk, dv = _query_blocks_in_turn(
+                k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, dk, dv, lse_ptr,
+                delta_ptr, first, first, full_start, n_items, n0, qk_scale, dropout, dq_out, dtype,
+                BLOCK_M, BLOCK_N, STAGES, True, DROPOUT, N_ROUNDS, MASK_LAYOUT, HEAD_DIM,
+                num_warps, s_layout, a_layout, dq_layout)
+        dk, dv = _query_blocks_in_turn(
+            k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, dk, dv, lse_ptr, delta_ptr,
+            first, gl.maximum(full_start, first), n_blocks, n_items, n0, qk_scale, dropout, dq_out,
+            dtype, BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS, MASK_LAYOUT, HEAD_DIM,
+            num_warps, s_layout, a_layout, dq_layout)
         tma.store_wait(0)          # shared memory is read before the program ends
     else:
-        dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
+        # The first query block's tiles (nothing accumulated yet); with the mask it is a diagonal one.
+        mbarrier.wait(bars.index(0), 0)
+        zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        s = warpgroup_mma(k_smem, q_smem.index(0).permute((1, 0)), zeros, use_acc=False,
+                          is_async=True)
+        dp = warpgroup_mma(v_smem, do_smem.index(0).permute((1, 0)), zeros, use_acc=False,
+                           is_async=True)
+        lse, delta = _row_statistics(lse_ptr, delta_ptr, first, BLOCK_M, s_layout)
+        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+        p, ds = _elementwise_step(s, dp, lse, delta, first, n0, qk_scale, dropout, BLOCK_M, BLOCK_N,
+                                  UPPER, DROPOUT, N_ROUNDS, MASK_LAYOUT, num_warps, s_layout)
+        if ACCUMULATE_DQ:
+            _stage_ds(ds, first, dq_out, dtype)
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
+
+        if UPPER:   # the rest of the diagonal blocks, masked
+            s, dp, p, ds, dk, dv = _query_blocks(
+                k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
+                delta_ptr, first, first + 1, full_start, n_items, n0, qk_scale, dropout, dq_out, dtype,
+                BLOCK_M, BLOCK_N, STAGES, True, DROPOUT, N_ROUNDS, MASK_LAYOUT, ACCUMULATE_DQ,
+                HEAD_DIM, num_warps, s_layout, a_layout, dq_layout)
+        s, dp, p, ds, dk, dv = _query_blocks(
+            k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, p, ds, dk, dv, lse_ptr,
+            delta_ptr, first, gl.maximum(full_start, first + 1), n_blocks, n_items, n0, qk_scale,
+            dropout, dq_out, dtype, BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS, MASK_LAYOUT,
+            ACCUMULATE_DQ, HEAD_DIM, num_warps, s_layout, a_layout, dq_layout)
+
+        stage = (n_items - 1) % STAGES
+        dv = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_smem.index(stage), dv,
+                           is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(stage), dk,
+                           is_async=True)
+        if ACCUMULATE_DQ:
+            _before_barrier(ACCUMULATE_DQ)
+            gl.thread_barrier()        # every warp's dSᵀ of the last block staged, and the dQ before it
+            if n_blocks - 1 > first:
+                _reduce_dq(n_blocks - 2, dq_out, BLOCK_M)
+            dq = _issue_dq(k_smem, n_blocks - 1, dq_out, HEAD_DIM, BLOCK_M, dq_layout)
+            dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+            _stage_dq(dq, n_blocks - 1, dq_out)
+            gl.thread_barrier()        # every warp's share of the last dQ staged
+            _reduce_dq(n_blocks - 1, dq_out, BLOCK_M)
+            tma.store_wait(0)          # shared memory is read before the program ends
+        else:
+            dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
 
     mbarrier.invalidate(kv_bar)
     for stage in gl.static_range(STAGES):

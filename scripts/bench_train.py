@@ -98,7 +98,8 @@ class TrainerSystem:
         # The attention backward's tiles are chosen at every call (inside the compiled graph too),
         # so swapping the chooser for this step's calls swaps the kernel for this system alone.
         default = _backward.dkdv_tiles
-        _backward.dkdv_tiles = lambda *args: dataclasses.replace(default(*args), fused=False)
+        _backward.dkdv_tiles = lambda *args, **kwargs: dataclasses.replace(default(*args, **kwargs),
+                                                                          fused=False)
         try:
             self.last = self.trainer.train_step()
         finally:

@@ -135,7 +135,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     out, lse = _forward.forward(q, k, v, None, tiles=forward_tiles(head_dim, q.device, dtype), **args)
     default_dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
-    default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0)
+    default_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0, seqlen=seqlen)
     grads = _backward.backward(grad_out, q, k, v, out, lse, None, **args)
     forward = (hopper_candidates(FORWARD, forward_tiles(head_dim, q.device, dtype), kinds) if hopper_only
                else FORWARD)

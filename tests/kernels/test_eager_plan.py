@@ -217,7 +217,7 @@ def test_bound_launches_pass_what_the_ordinary_path_passes(recorded_launches, mo
     call share the plans."""
     calls = recorded_launches
     if fused:
-        monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(16, 32, 1, 1, fused=True))
+        monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(16, 32, 1, 1, fused=True))
     q, k, v = random_qkv((2, 48, 4, 32), (2, 48, 2, 32), torch.float32, "cpu")
     grad_out = torch.randn(q.shape)
     leaves, attend = ENTRIES[entry](q, k, v)

@@ -18,8 +18,8 @@ def fused(monkeypatch, device):
     """Run every backward of the test fused, with the device's default tile sizes."""
     default = _backward.dkdv_tiles
 
-    def fused_tiles(*args):
-        tiles = default(*args)
+    def fused_tiles(*args, **kwargs):
+        tiles = default(*args, **kwargs)
         return Tiles(tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, fused=True)
     monkeypatch.setattr(_backward, "dkdv_tiles", fused_tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
@@ -57,8 +57,8 @@ def test_fused_backward_on_packed_sequences_equals_two_passes(device, monkeypatc
     call = lambda q, k, v: flash_attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=39)
     _, two_passes, grad_out = outputs_and_grads(call, q, k, v)
     default = _backward.dkdv_tiles
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(
-        *(getattr(default(*args), f) for f in ("block_m", "block_n", "num_warps", "num_stages")),
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(
+        *(getattr(default(*args, **kwargs), f) for f in ("block_m", "block_n", "num_warps", "num_stages")),
         fused=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     _, fused_grads, _ = outputs_and_grads(call, q, k, v, grad_out)
@@ -88,8 +88,8 @@ def test_deterministic_mode_turns_the_default_fused_pass_back_into_two(device, m
     # The default tiles say fused; torch.use_deterministic_algorithms must win over them, since
     # atomic adds make dQ depend on the order the blocks finish.
     default = _backward.dkdv_tiles
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(
-        *(getattr(default(*args), f) for f in ("block_m", "block_n", "num_warps", "num_stages")),
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(
+        *(getattr(default(*args, **kwargs), f) for f in ("block_m", "block_n", "num_warps", "num_stages")),
         fused=True))
     from kernels import _forward
     from kernels._launch import call_geometry

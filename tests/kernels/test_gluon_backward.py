@@ -97,6 +97,26 @@ def test_fused_pass_compiles_for_sm90_with_dq_first(causal, mask_layout):
     assert compiled["stack"] == 0
 
 
+# Without a mask, with and without dropout: the calls it is the default for; causal with dropout
+# spills 8 bytes (it is not a default there).
+@pytest.mark.parametrize("causal, mask_layout", [(0, None), (0, "untransposed"), (1, None)])
+def test_fused_pass_with_64_query_blocks_takes_them_in_turn(causal, mask_layout):
+    # ACCUMULATE_DQ with 64-query blocks (head dim 64, the default for long calls without a mask):
+    # per block Sᵀ waited for first (one product left running), then dPᵀ; the dSᵀ store, and
+    # one barrier after the wait for the previous block's reduce; the three gradient products
+    # waited for together; the dQ store, a second barrier, one reduce. No atomics, no spills.
+    compiled = compiled_for_sm90("dkdv_fused", 64, 64, 64, 3, 4, causal, mask_layout)
+    assert len(compiled["loops"]) == 1 + causal
+    for loop in compiled["loops"]:
+        assert loop.count("ttng.warp_group_dot ") == 5
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0", "0"]
+        assert "atomic_rmw" not in loop and loop.count("ttng.async_tma_reduce add") == 1
+        assert loop.count("gpu.barrier") == 2
+        wait, barrier = loop.index("async_tma_store_wait {pendings = 0"), loop.index("gpu.barrier")
+        assert wait < barrier < loop.index("async_tma_reduce")
+    assert compiled["stack"] == 0
+
+
 def test_the_calls_its_schedule_covers():
     # (causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, group_size, block_m, block_n)
     assert _hopper.gluon_dkdv_call(False, (-1, -1), 0.0, 4096, 4096, 128, 1, 32, 128)
@@ -128,7 +148,7 @@ def test_gluon_backward_tiles_run_the_portable_passes_without_sm90(causal, devic
     # dK/dV pass with the portable pass's own default tiles (hopper=False).
     q, k, v = random_qkv((1, 64, 2, 64), (1, 64, 2, 64), torch.float32, device)
     tiles, portable = Tiles(16, 32, 1, 3, gluon=True), Tiles(32, 64, 1, 1)
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, hopper=True: tiles if hopper else portable)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, hopper=True, **kwargs: tiles if hopper else portable)
     monkeypatch.setattr(_backward, "dq_tiles", lambda *args: tiles)
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.new_outputs(q, geometry)
@@ -160,5 +180,19 @@ def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatc
         assert _launch.dkdv_tiles(64, cuda, bf16, causal, dropout=True).fused
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal).fused
         assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).fused
+    # The fused Gluon pass with 64-query tiles: at head dim 64, without a mask, from 4096 queries
+    # on; with or without dropout. The portable tiles stay for shorter or causal calls, and for
+    # calls the Gluon pass does not take (hopper=False).
+    long = _launch.FUSED_GLUON_MIN_SEQLEN
+    for dropout in (False, True):
+        tiles = _launch.dkdv_tiles(64, cuda, bf16, False, dropout, seqlen=long)
+        assert (tiles.gluon, tiles.fused, tiles.block_m, tiles.block_n) == (True, True, 64, 64)
+        assert not _launch.dkdv_tiles(64, cuda, bf16, False, dropout, seqlen=long - 1).gluon
+        assert not _launch.dkdv_tiles(64, cuda, bf16, True, dropout, seqlen=long).gluon
+        assert not _launch.dkdv_tiles(64, cuda, bf16, False, dropout, hopper=False,
+                                      seqlen=long).gluon
+        assert not _launch.dkdv_tiles(128, cuda, bf16, False, dropout, seqlen=long).fused
+    monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
+    assert not _launch.dkdv_tiles(64, cuda, bf16, False, seqlen=long).gluon
     assert not _launch.dq_tiles(128, cuda, torch.float32).gluon
     assert not _launch.dq_tiles(256, cuda, bf16).gluon

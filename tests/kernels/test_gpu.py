@@ -215,6 +215,38 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
 
 
 @sm90_exactly
+def test_long_calls_without_a_mask_at_head_dim_64_run_the_fused_gluon_pass():
+    # From 4096 queries on, with or without dropout: dK, dV and dQ from the Gluon pass with
+    # 64-query tiles, δ from the portable delta-only pass; against float64. Causal stays on the
+    # two passes.
+    from kernels import _backward, _forward
+    from kernels._launch import call_geometry
+    q, k, v = random_qkv((1, 4096, 2, 64), (1, 4096, 2, 64), torch.bfloat16, "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    for causal, dropout_p in [(False, 0.0), (False, 0.1), (True, 0.0)]:
+        dq, dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
+                                            *_backward.new_gradients(q, k, v, lse)[1:], geometry,
+                                            0.125, causal, dropout_p)
+        fused = not causal
+        assert (dkdv[0] is _backward.DKDV_GLUON) == fused
+        assert dkdv[3].get("ACCUMULATE_DQ", False) == fused
+        assert dq[3].get("DELTA_ONLY", False) == fused
+        if not dropout_p:
+            check_against_reference(q, k, v, causal=causal)
+            continue
+        torch.manual_seed(5)
+        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=dropout_p,
+                                  return_debug_mask=True)
+        torch.manual_seed(5)
+        check_against_reference(q, k, v, causal=causal, dropout_p=dropout_p, dropout_mask=keep)
+        torch.manual_seed(5)
+        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
+        torch.manual_seed(5)
+        check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+
+
+@sm90_exactly
 def test_gqa_with_dropout_runs_the_portable_dkdv_tiles():
     # The Gluon dK/dV pass takes one query head per kv-head; the default for GQA is the portable
     # pass with its own dropout tiles, not the Gluon pass's.

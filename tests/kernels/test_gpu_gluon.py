@@ -294,13 +294,15 @@ def test_default_kernels_in_float16_on_gpu(head_dim, dropout_p):
         check_against_reference(q, k, v, causal=causal, dropout_p=dropout_p, dropout_mask=keep)
 
 
-# The Gluon fused pass (ACCUMULATE_DQ): the spill-free head-dim-64 tile and two at 128 (they spill
-# 88-368 bytes when compiled for sm_90), all causal or not, with or without dropout, except 32x128x8
-# causal without dropout, on which ptxas crashes (attention_notes.md; the library would warn and
-# run the portable pass).
+# The Gluon fused pass (ACCUMULATE_DQ): the spill-free 32-query head-dim-64 tile and two at 128
+# (they spill 88-368 bytes when compiled for sm_90), and the 64-query tiles whose blocks run in turn
+# (64x64x4x3 is the default at head dim 64 without a mask for long calls), all causal or not, with
+# or without dropout, except 32x128x8 causal without dropout, on which ptxas crashes
+# (attention_notes.md; the library would warn and run the portable pass).
 GLUON_FUSED_CASES = [(head_dim, tiles, causal, dropout_p)
                      for head_dim, tiles in [(64, (32, 64, 4, 3)), (128, (32, 64, 4, 4)),
-                                             (128, (32, 128, 8, 3))]
+                                             (128, (32, 128, 8, 3)), (64, (64, 64, 4, 3)),
+                                             (128, (64, 128, 8, 2))]
                      for causal in (False, True) for dropout_p in (0.0, 0.1)
                      if not (tiles == (32, 128, 8, 3) and causal and not dropout_p)]
 

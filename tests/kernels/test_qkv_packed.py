@@ -46,8 +46,8 @@ def test_packed_equals_the_split_views(device, compiled, heads_k, options):
 def test_packed_documents_and_the_fused_pass_write_their_slices(device, monkeypatch):
     # Variable length, and the fused backward (dQ through a float32 buffer copied into its slice).
     default = _backward.dkdv_tiles
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args: Tiles(
-        *(getattr(default(*args), f) for f in ("block_m", "block_n", "num_warps", "num_stages")),
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(
+        *(getattr(default(*args, **kwargs), f) for f in ("block_m", "block_n", "num_warps", "num_stages")),
         fused=True))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     qkv = torch.randn(50, 6, 16, device=device)
