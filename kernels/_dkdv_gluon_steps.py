@@ -16,7 +16,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from ._gluon_shared import tma_reduce_add
+from ._gluon_shared import load_block_pair, tma_reduce_add
 from ._philox_gluon import keep_tile_transposed
 
 
@@ -26,14 +26,7 @@ def _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, index, block, n_it
                       BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """Start the TMA copies of query block ``block`` (the ``index``-th of this program's blocks, if
     it exists) into its stage; one barrier counts both copies."""
-    stage = index % STAGES
-    exists = index < n_items
-    mbarrier.expect(bars.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes,
-                    pred=exists)
-    tma.async_copy_global_to_shared(q_desc, [block * BLOCK_M, 0], bars.index(stage),
-                                    q_smem.index(stage), pred=exists)
-    tma.async_copy_global_to_shared(do_desc, [block * BLOCK_M, 0], bars.index(stage),
-                                    do_smem.index(stage), pred=exists)
+    load_block_pair(q_desc, do_desc, q_smem, do_smem, bars, index, block * BLOCK_M, n_items, STAGES)
 
 
 @gluon.jit

@@ -30,7 +30,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from ._gluon_shared import head_descriptor
+from ._gluon_shared import head_descriptor, load_block_pair
 from ._philox_gluon import dropout_arguments, keep_tile
 
 
@@ -39,14 +39,7 @@ def _load_key_block(k_desc, v_desc, k_smem, v_smem, bars, block, n_blocks,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """Start the TMA copies of key block ``block`` (if it exists) into its stage; one barrier
     counts both copies."""
-    stage = block % STAGES
-    exists = block < n_blocks
-    mbarrier.expect(bars.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes,
-                    pred=exists)
-    tma.async_copy_global_to_shared(k_desc, [block * BLOCK_N, 0], bars.index(stage),
-                                    k_smem.index(stage), pred=exists)
-    tma.async_copy_global_to_shared(v_desc, [block * BLOCK_N, 0], bars.index(stage),
-                                    v_smem.index(stage), pred=exists)
+    load_block_pair(k_desc, v_desc, k_smem, v_smem, bars, block, block * BLOCK_N, n_blocks, STAGES)
 
 
 @gluon.jit

@@ -4,7 +4,7 @@ from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
-from triton.experimental.gluon.language.nvidia.hopper import tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 
 @gluon.jit
@@ -19,6 +19,22 @@ def head_descriptor(tensor, batch, stride_b, head, stride_h, rows, stride_row,
                                       + head.to(gl.int64) * stride_h,
                                       [rows, HEAD_DIM], [stride_row, 1], [BLOCK_ROWS, HEAD_DIM],
                                       layout)
+
+
+@gluon.jit
+def load_block_pair(a_desc, b_desc, a_smem, b_smem, bars, index, row, n_items,
+                    STAGES: gl.constexpr):
+    """Start the TMA copies of a program's ``index``-th block of two tensors (Q and dO, or K and V;
+    rows from ``row``), if it exists (``index < n_items``), into stage ``index % STAGES`` of their
+    shared buffers; one barrier counts both copies."""
+    stage = index % STAGES
+    exists = index < n_items
+    mbarrier.expect(bars.index(stage), a_desc.block_type.nbytes + b_desc.block_type.nbytes,
+                    pred=exists)
+    tma.async_copy_global_to_shared(a_desc, [row, 0], bars.index(stage), a_smem.index(stage),
+                                    pred=exists)
+    tma.async_copy_global_to_shared(b_desc, [row, 0], bars.index(stage), b_smem.index(stage),
+                                    pred=exists)
 
 
 @builtin
