@@ -186,10 +186,11 @@ def _dkdv_gluon_kernel(
     gl.static_assert(not DROPOUT or (BLOCK_M % 16 == 0 and BLOCK_N % 32 == 0),
                      "dropout needs query blocks of 16 rows and key blocks of 32 columns")
     gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
-    # A block's stage is refilled at the top of the iteration after its products: with 2 stages
-    # the refill would be the very block that iteration waits for, so nothing is loaded ahead.
     # The fused pass with 64-query tiles takes its blocks one after another (_query_blocks_in_turn).
     IN_TURN: gl.constexpr = ACCUMULATE_DQ and BLOCK_M >= 64
+    # The overlapped loop refills a block's stage at the top of the iteration after its products:
+    # with 2 stages the refill would be the very block that iteration waits for, so nothing is
+    # loaded ahead. The in-turn loop refills it as soon as the block is done, so 2 suffice there.
     gl.static_assert(STAGES >= 3 or (IN_TURN and STAGES >= 2),
                      "the next query block must be in flight: 3 stages or more")
     # dQᵀ's head_dim rows are split across the warps, 16 each: none may be left without rows.

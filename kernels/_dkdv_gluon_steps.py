@@ -5,10 +5,11 @@ another (``_query_blocks_in_turn``).
 Why a second loop: the overlapped loop keeps the next block's Sᵀ and dPᵀ in registers beside
 this block's Pᵀ, dSᵀ, dK and dV. With 64-query blocks and the fifth (dQ) product that no longer
 fits in 255 registers, so each block's five products and its dQ write finish before the next
-block starts, and the tensor cores idle through the elementwise step. Measured on the H200 it is
-still the faster fused form at head dim 64 without a mask for long sequences (attention_notes
-v16), where the 64-query blocks halve the per-block fixed costs (barriers, fences, reduce issue)
-that bounded the 32-query form (v15).
+block starts, and the tensor cores idle through the elementwise step. What it buys: 64-query
+blocks halve the per-block fixed costs (barriers, fences, the reduce's issue) that bounded the
+32-query form (attention_notes v15). On the H200 it beats the two-pass default at head dim 64
+without a mask from 4K tokens on, and loses at 1K, with the causal mask, and at head dim 128,
+where it spills (v16).
 """
 
 from triton.experimental import gluon
@@ -18,7 +19,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from ._gluon_shared import load_block_pair, tma_reduce_add
 from ._philox_gluon import keep_tile_transposed
-
 
 
 @gluon.jit
@@ -99,15 +99,14 @@ def _query_blocks_in_turn(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars
         index = block - first
         stage = index % STAGES
         mbarrier.wait(bars.index(stage), (index // STAGES) & 1)
-        # Made here, not before the loop: the products write their results over them, and zeros
-        # held across the loop would take 64 registers.
         zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
         s = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), zeros, use_acc=False,
                           is_async=True)
         dp = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), zeros, use_acc=False,
                            is_async=True)
-        # Sᵀ first, and its probabilities before dPᵀ is waited for: lse is freed before δ and dPᵀ
-        # are held (per-query statistics cost 16 registers each in this layout).
+        # Sᵀ first, and its probabilities before dPᵀ is waited for, so that lse is dead before δ
+        # and dPᵀ are live (per-query statistics take 16 registers each in this layout; at d128
+        # causal this spilled 256 bytes instead of 304).
         cols = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         lse = gl.load(lse_ptr + cols)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))

@@ -57,9 +57,11 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
                                     (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3), (32, 128, 4, 3),
                                     (64, 64, 8, 3)]] + [
     # The Gluon fused pass (_dkdv_gluon.py with ACCUMULATE_DQ; dQ by TMA reduce-add): 8 warps need
-    # head dim 128 (at 64 they are recorded as not compiling).
+    # head dim 128 (at 64 they are recorded as not compiling). 64-query tiles take their blocks in
+    # turn (_dkdv_gluon_steps.py; 2 stages suffice there).
     Tiles(*t, gluon=True, fused=True) for t in [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3),
-                                                (32, 128, 8, 4)]]
+                                                (32, 128, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3),
+                                                (64, 64, 4, 4), (64, 128, 8, 2)]]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
                           (32, 128, 4, 3), (64, 64, 8, 3)]] + [
@@ -113,12 +115,15 @@ def kind(tiles) -> str | None:
     return next((name for name in ("tma", "gluon", "fused") if getattr(tiles, name)), None)
 
 
-def hopper_candidates(candidates, default, kinds=KINDS):
+def hopper_candidates(candidates, default, kinds=KINDS, portable=None):
     """The tuned tiles, the same tiles as the portable two-pass kernel (where the default is itself a
-    TMA, Gluon or fused choice, so that the comparison it rests on is repeated in every run), and
-    the candidates of the special kernels in ``kinds``: without sweeping every portable tile again."""
+    TMA, Gluon or fused choice, so that the comparison it rests on is repeated in every run), the
+    ``portable`` tiles (those the calls a special kernel does not take run; the default before it,
+    where it is one), and the candidates of the special kernels in ``kinds``: without sweeping every
+    portable tile again."""
     plain = dataclasses.replace(default, tma=False, gluon=False, fused=False)
-    baseline = [default] if plain == default else [default, plain]
+    baseline = [default] + [t for t in dict.fromkeys((plain, portable))
+                            if t is not None and t != default]
     return baseline + [t for t in candidates if kind(t) in kinds and t not in baseline]
 
 
@@ -157,7 +162,9 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
         ms = measure(lambda: _backward.backward(grad_out, q, k, v, out, lse, None, tiles=pair,
                                                 **args), grads)
         return name, tiles, ms, 2.5 * flops
-    dkdv = hopper_candidates(DKDV, default_dkdv, kinds) if hopper_only else DKDV
+    portable_dkdv = dkdv_tiles(head_dim, q.device, dtype, causal, dropout_p > 0, hopper=False,
+                               seqlen=seqlen)
+    dkdv = hopper_candidates(DKDV, default_dkdv, kinds, portable_dkdv) if hopper_only else DKDV
     dq = hopper_candidates(DQ, default_dq, kinds) if hopper_only else DQ
     rows += [backward_row("dkdv(+fixed dq)", t, (t, default_dq), 1, _backward.DKDV)
              for t in (dkdv if "dkdv" in kernels else [])]

@@ -51,6 +51,13 @@ def test_hopper_candidates_keep_the_portable_twin_of_a_special_default():
     assert tune_attention.hopper_candidates(candidates, gluon)[:2] == [gluon, Tiles(32, 64, 4, 3)]
     plain = Tiles(64, 64, 4, 3)
     assert tune_attention.hopper_candidates(candidates, plain) == [plain, Tiles(64, 64, 4, 3, gluon=True), fused]
+    # A special default that replaced other portable tiles (the fused Gluon pass at head dim 64 for
+    # long calls, over 32x128 two passes) is timed against those as well.
+    gluon_fused, before = Tiles(64, 64, 4, 3, gluon=True, fused=True), Tiles(32, 128, 4, 3)
+    assert tune_attention.hopper_candidates(candidates, gluon_fused, portable=before)[:3] == [
+        gluon_fused, plain, before]
+    assert tune_attention.hopper_candidates(candidates, gluon, portable=Tiles(32, 64, 4, 3))[:2] == [
+        gluon, Tiles(32, 64, 4, 3)]
 
 
 def test_hopper_candidates_can_be_limited_to_some_kinds():
