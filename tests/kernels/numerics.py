@@ -64,6 +64,16 @@ def check_against_reference(q, k, v, flash_outputs=None, **kwargs):
             f"{name}: kernel error {error:.3e} > 2 x PyTorch's {torch_error:.3e} + {floor:.0e}")
 
 
+def check_dropout_against_reference(q, k, v, causal: bool, dropout_p: float, seed: int = 5):
+    """``check_against_reference`` with dropout: the keep-mask the kernels draw from ``seed``
+    (materialized by return_debug_mask) is the reference's mask, and the checked call draws the
+    same one from the same seed."""
+    torch.manual_seed(seed)
+    _, keep = flash_attention(q, k, v, causal=causal, dropout_p=dropout_p, return_debug_mask=True)
+    torch.manual_seed(seed)
+    check_against_reference(q, k, v, causal=causal, dropout_p=dropout_p, dropout_mask=keep)
+
+
 def assert_gradients_match_float64(q, k, v, causal: bool, atol: float = 1e-5):
     """flash_attention's gradients (float32 inputs, the interpreter's tests) within ``atol`` of
     the float64 reference's, for the same output gradient."""

@@ -77,44 +77,44 @@ def test_dropout_compiles_for_sm90_with_the_same_schedule(kernel, head_dim, bloc
     assert compiled["stack"] == 0
 
 
-@pytest.mark.parametrize("causal, mask_layout", [(0, None), (1, "untransposed")])
-def test_fused_pass_compiles_for_sm90_with_dq_first(causal, mask_layout):
-    # ACCUMULATE_DQ at head dim 64: per query block five products, dQᵀ issued first so that a wait
-    # leaving four running frees its accumulator (staged in shared memory for the copy engine's
-    # reduce) before the elementwise step; then the schedule of the two-pass kernel, one dSᵀ store
-    # for the next block's dQᵀ, and the one barrier at the top, after the wait for the copy that
-    # last read this block's dQ buffer and before the previous block's copy. No atomics, no spills.
-    compiled = compiled_for_sm90("dkdv_fused", 64, 32, 64, 3, 4, causal, mask_layout)
+def assert_fused_schedule(block_m, causal, mask_layout, pendings, barriers, store_wait_pendings):
+    """The fused pass (ACCUMULATE_DQ, head dim 64, 64-key blocks), compiled for sm_90: in each loop
+    (a second one for the causal diagonal) five products waited for as ``pendings`` says, no
+    atomics, one TMA reduce of dQ, ``barriers`` barriers, the first after the wait for the copy that
+    last read the dQ buffer and before the reduce; no spills. Returns the loops."""
+    compiled = compiled_for_sm90("dkdv_fused", 64, block_m, 64, 3, 4, causal, mask_layout)
     assert len(compiled["loops"]) == 1 + causal
     for loop in compiled["loops"]:
         assert loop.count("ttng.warp_group_dot ") == 5
-        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["4", "2", "0"]
-        assert "atomic_rmw" not in loop and loop.count("local_store") == 2
-        assert loop.count("ttng.async_tma_reduce add") == 1
-        assert loop.count("gpu.barrier") == 1
-        wait, barrier = loop.index("async_tma_store_wait {pendings = 1"), loop.index("gpu.barrier")
-        assert wait < barrier < loop.index("async_tma_reduce")
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == pendings
+        assert "atomic_rmw" not in loop and loop.count("ttng.async_tma_reduce add") == 1
+        assert loop.count("gpu.barrier") == barriers
+        wait = loop.index(f"async_tma_store_wait {{pendings = {store_wait_pendings}")
+        assert wait < loop.index("gpu.barrier") < loop.index("async_tma_reduce")
     assert compiled["stack"] == 0
+    return compiled["loops"]
+
+
+@pytest.mark.parametrize("causal, mask_layout", [(0, None), (1, "untransposed")])
+def test_fused_pass_compiles_for_sm90_with_dq_first(causal, mask_layout):
+    # 32-query blocks: per query block dQᵀ issued first so that a wait leaving four running frees
+    # its accumulator (staged in shared memory for the copy engine's reduce) before the
+    # elementwise step; then the schedule of the two-pass kernel, one dSᵀ store for the next
+    # block's dQᵀ, and the one barrier at the top, after the wait for the copy that last read this
+    # block's dQ buffer (one of three) and before the previous block's copy.
+    loops = assert_fused_schedule(32, causal, mask_layout, ["4", "2", "0"], 1, 1)
+    assert all(loop.count("local_store") == 2 for loop in loops)
 
 
 # Without a mask, with and without dropout: the calls it is the default for; causal with dropout
 # spills 8 bytes (it is not a default there).
 @pytest.mark.parametrize("causal, mask_layout", [(0, None), (0, "untransposed"), (1, None)])
 def test_fused_pass_with_64_query_blocks_takes_them_in_turn(causal, mask_layout):
-    # ACCUMULATE_DQ with 64-query blocks (head dim 64, the default for long calls without a mask):
-    # per block Sᵀ waited for first (one product left running), then dPᵀ; the dSᵀ store, and
-    # one barrier after the wait for the previous block's reduce; the three gradient products
-    # waited for together; the dQ store, a second barrier, one reduce. No atomics, no spills.
-    compiled = compiled_for_sm90("dkdv_fused", 64, 64, 64, 3, 4, causal, mask_layout)
-    assert len(compiled["loops"]) == 1 + causal
-    for loop in compiled["loops"]:
-        assert loop.count("ttng.warp_group_dot ") == 5
-        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0", "0"]
-        assert "atomic_rmw" not in loop and loop.count("ttng.async_tma_reduce add") == 1
-        assert loop.count("gpu.barrier") == 2
-        wait, barrier = loop.index("async_tma_store_wait {pendings = 0"), loop.index("gpu.barrier")
-        assert wait < barrier < loop.index("async_tma_reduce")
-    assert compiled["stack"] == 0
+    # 64-query blocks (the default for long calls without a mask): per block Sᵀ waited for first
+    # (one product left running), then dPᵀ; the dSᵀ store, and one barrier after the wait for the
+    # previous block's reduce; the three gradient products waited for together; the dQ store, a
+    # second barrier, one reduce.
+    assert_fused_schedule(64, causal, mask_layout, ["1", "0", "0"], 2, 0)
 
 
 def test_the_calls_its_schedule_covers():

@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import flash_attention
 from kernels._philox import effective_dropout_p
 
-from .numerics import check_against_reference, random_qkv
+from .numerics import check_against_reference, check_dropout_against_reference, random_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -151,10 +151,7 @@ def test_default_forward_is_the_fastest_measured_kernel(head_dim):
     assert config(True, 0.1) is gluon_or_portable(head_dim == 128)
     for causal in (False, True):
         check_against_reference(q, k, v, causal=causal)
-        torch.manual_seed(5)
-        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
-        torch.manual_seed(5)
-        check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+        check_dropout_against_reference(q, k, v, causal, 0.1)
 
 
 def test_tma_forward_only_where_it_compiles():
@@ -208,10 +205,7 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
                                   _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
         assert configs(0.1)[1][3].get("ACCUMULATE_DQ", False) == (head_dim == 64)   # fused at 64
         check_against_reference(q, k, v, causal=causal)
-        torch.manual_seed(5)
-        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
-        torch.manual_seed(5)
-        check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
+        check_dropout_against_reference(q, k, v, causal, 0.1)
 
 
 @sm90_exactly
@@ -232,18 +226,10 @@ def test_long_calls_without_a_mask_at_head_dim_64_run_the_fused_gluon_pass():
         assert (dkdv[0] is _backward.DKDV_GLUON) == fused
         assert dkdv[3].get("ACCUMULATE_DQ", False) == fused
         assert dq[3].get("DELTA_ONLY", False) == fused
-        if not dropout_p:
+        if dropout_p:
+            check_dropout_against_reference(q, k, v, causal, dropout_p)
+        else:
             check_against_reference(q, k, v, causal=causal)
-            continue
-        torch.manual_seed(5)
-        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=dropout_p,
-                                  return_debug_mask=True)
-        torch.manual_seed(5)
-        check_against_reference(q, k, v, causal=causal, dropout_p=dropout_p, dropout_mask=keep)
-        torch.manual_seed(5)
-        _, keep = flash_attention(q, k, v, causal=causal, dropout_p=0.1, return_debug_mask=True)
-        torch.manual_seed(5)
-        check_against_reference(q, k, v, causal=causal, dropout_p=0.1, dropout_mask=keep)
 
 
 @sm90_exactly
