@@ -32,9 +32,11 @@ which cost 1.5-2x more time (attention_notes v15); ``_backward.finish_dq`` appli
 Five products per block instead of the two passes' seven, and one keep-mask regeneration
 instead of two. With 32-query blocks it is slower than the defaults in every cell measured on
 the H200 (v15). With 64-query blocks (``IN_TURN``) the next block's tiles no longer fit beside
-this one's, and the blocks run one after another (``_dkdv_gluon_steps._query_blocks_in_turn``:
-one dSᵀ and one dQ buffer, STAGES >= 2); that form is the default at head dim 64 without a mask
-from 4096 queries on (``_launch.dkdv_tiles``; attention_notes v16).
+this one's elementwise step, and the blocks' elementwise steps run one after another, the next
+block's Sᵀ and dPᵀ overlapping this block's dQ write (``_dkdv_gluon_steps._query_blocks_in_turn``:
+one dSᵀ and one dQ buffer, STAGES >= 2); that form is the default at head dim 64 without dropout
+from 2048 queries on (4096 causal), and with dropout without a mask from 4096
+(``_launch.dkdv_tiles``; attention_notes v16, v17).
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dkdv_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, one query
@@ -47,8 +49,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from ._dkdv_gluon_steps import (_elementwise_step, _load_query_block, _query_blocks_in_turn,
-                                _row_statistics)
+from ._dkdv_gluon_steps import (_elementwise_step, _issue_score_tiles, _load_query_block,
+                                _query_blocks_in_turn, _row_statistics)
 from ._gluon_shared import head_descriptor, tma_reduce_add
 from ._philox_gluon import dropout_arguments
 
@@ -285,17 +287,20 @@ def _dkdv_gluon_kernel(
     if IN_TURN:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, g_layout)
+        s, dp = _issue_score_tiles(k_smem, v_smem, q_smem, do_smem, bars, 0, n_items, BLOCK_M,
+                                   BLOCK_N, STAGES, s_layout)
+        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
         if UPPER:   # the diagonal blocks, masked
-            dk, dv = _query_blocks_in_turn(
-                k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, dk, dv, lse_ptr,
+            s, dp, dk, dv = _query_blocks_in_turn(
+                k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, dk, dv, lse_ptr,
                 delta_ptr, first, first, full_start, n_items, n0, qk_scale, dropout, dq_out, dtype,
                 BLOCK_M, BLOCK_N, STAGES, True, DROPOUT, N_ROUNDS, MASK_LAYOUT, HEAD_DIM,
                 num_warps, s_layout, a_layout, dq_layout)
-        dk, dv = _query_blocks_in_turn(
-            k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, dk, dv, lse_ptr, delta_ptr,
-            first, gl.maximum(full_start, first), n_blocks, n_items, n0, qk_scale, dropout, dq_out,
-            dtype, BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS, MASK_LAYOUT, HEAD_DIM,
-            num_warps, s_layout, a_layout, dq_layout)
+        s, dp, dk, dv = _query_blocks_in_turn(
+            k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, dk, dv, lse_ptr,
+            delta_ptr, first, gl.maximum(full_start, first), n_blocks, n_items, n0, qk_scale,
+            dropout, dq_out, dtype, BLOCK_M, BLOCK_N, STAGES, False, DROPOUT, N_ROUNDS,
+            MASK_LAYOUT, HEAD_DIM, num_warps, s_layout, a_layout, dq_layout)
         tma.store_wait(0)          # shared memory is read before the program ends
     else:
         # The first query block's tiles (nothing accumulated yet); with the mask it is a diagonal one.

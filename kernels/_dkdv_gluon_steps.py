@@ -3,13 +3,13 @@ loops, and the loop of its fused form with 64-query blocks, which takes the bloc
 another (``_query_blocks_in_turn``).
 
 Why a second loop: the overlapped loop keeps the next block's Sᵀ and dPᵀ in registers beside
-this block's Pᵀ, dSᵀ, dK and dV. With 64-query blocks and the fifth (dQ) product that no longer
-fits in 255 registers, so each block's five products and its dQ write finish before the next
-block starts, and the tensor cores idle through the elementwise step. What it buys: 64-query
-blocks halve the per-block fixed costs (barriers, fences, the reduce's issue) that bounded the
-32-query form (attention_notes v15). On the H200 it beats the two-pass default at head dim 64
-without a mask from 4K tokens on, and loses at 1K, with the causal mask, and at head dim 128,
-where it spills (v16).
+this block's Pᵀ, dSᵀ, dK and dV through the elementwise step. With 64-query blocks and the fifth
+(dQ) product that no longer fits in 255 registers, so each block's elementwise step runs alone;
+the next block's Sᵀ and dPᵀ are issued with this block's three products and overlap its dQ
+write instead. What it buys: 64-query blocks halve the per-block fixed costs (barriers, fences,
+the reduce's issue) that bounded the 32-query form (attention_notes v15). On the H200 it beats
+the two-pass default at head dim 64 from 2K tokens on without a mask and from 4K causal, and
+loses at 1K and at head dim 128, where it spills (v16, v17).
 """
 
 from triton.experimental import gluon
@@ -81,38 +81,49 @@ def _score_gradient(p, dp, delta, block, n0, dropout, BLOCK_M: gl.constexpr,
 
 
 @gluon.jit
-def _query_blocks_in_turn(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, dk, dv, lse_ptr,
-                          delta_ptr, first, begin, end, n_items, n0, qk_scale, dropout, dq_out,
-                          dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr,
-                          N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
-                          HEAD_DIM: gl.constexpr, num_warps: gl.constexpr,
-                          s_layout: gl.constexpr, a_layout: gl.constexpr, dq_layout: gl.constexpr):
+def _issue_score_tiles(k_smem, v_smem, q_smem, do_smem, bars, index, n_items,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                       s_layout: gl.constexpr):
+    """Start Sᵀ and dPᵀ of this program's ``index``-th query block, once its copies have landed.
+    Past the last block (``index == n_items``) nothing was loaded: the products read a stage no
+    copy is writing, and their results are discarded."""
+    stage = index % STAGES
+    mbarrier.wait(bars.index(stage), (index // STAGES) & 1, pred=index < n_items)
+    zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    s = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), zeros, use_acc=False,
+                      is_async=True)
+    dp = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), zeros, use_acc=False,
+                       is_async=True)
+    return s, dp
+
+
+@gluon.jit
+def _query_blocks_in_turn(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars, s, dp, dk, dv,
+                          lse_ptr, delta_ptr, first, begin, end, n_items, n0, qk_scale, dropout,
+                          dq_out, dtype: gl.constexpr, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr,
+                          DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
+                          MASK_LAYOUT: gl.constexpr, HEAD_DIM: gl.constexpr,
+                          num_warps: gl.constexpr, s_layout: gl.constexpr,
+                          a_layout: gl.constexpr, dq_layout: gl.constexpr):
     """The fused pass's query blocks ``begin`` .. ``end`` - 1 one after another, for 64-query
-    tiles, whose accumulators leave no registers for the next block's tiles: each block's five
-    products and its dQ write finish before the next block starts. ``dq_out`` = (dSᵀ buffer, the
-    float32 dQ sum's descriptor, the dQ staging buffer), one of each. On entry the stages hold
-    the next STAGES blocks (or their copies are in flight)."""
+    tiles, whose accumulators leave no registers for a second block's elementwise step: each
+    block's three products (dV, dK, dQᵀ) are issued together with the next block's Sᵀ and dPᵀ,
+    which run while this block's dQ is staged and its reduce issued. On entry ``s`` and ``dp``
+    are block begin's tiles (waited for); on exit block end's (past the last block, garbage).
+    ``dq_out`` = (dSᵀ buffer, the float32 dQ sum's descriptor, the dQ staging buffer), one of
+    each. On entry the stages hold the next STAGES blocks (or their copies are in flight)."""
     ds_smem = dq_out[0].index(0)
     dq_smem = dq_out[2].index(0)
     for block in range(begin, end):
         index = block - first
         stage = index % STAGES
-        mbarrier.wait(bars.index(stage), (index // STAGES) & 1)
-        zeros = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-        s = warpgroup_mma(k_smem, q_smem.index(stage).permute((1, 0)), zeros, use_acc=False,
-                          is_async=True)
-        dp = warpgroup_mma(v_smem, do_smem.index(stage).permute((1, 0)), zeros, use_acc=False,
-                           is_async=True)
-        # Sᵀ first, and its probabilities before dPᵀ is waited for, so that lse is dead before δ
-        # and dPᵀ are live (per-query statistics take 16 registers each in this layout; at d128
-        # causal this spilled 256 bytes instead of 304).
         cols = block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
+        # lse is dead before δ is loaded (per-query statistics take 16 registers each in this
+        # layout).
         lse = gl.load(lse_ptr + cols)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
         p = _probabilities(s, lse, block, n0, qk_scale, BLOCK_M, BLOCK_N, CAUSAL_MASK, s_layout)
         delta = gl.load(delta_ptr + cols)
-        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
         p, ds = _score_gradient(p, dp, delta, block, n0, dropout, BLOCK_M, BLOCK_N, DROPOUT,
                                 N_ROUNDS, MASK_LAYOUT, num_warps, s_layout)
         ds_smem.store(ds.to(dtype))
@@ -129,7 +140,10 @@ def _query_blocks_in_turn(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars
         dq = warpgroup_mma(k_smem.permute((1, 0)), ds_smem,
                            gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, dq_layout), use_acc=False,
                            is_async=True)
-        dq, dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dq, dk, dv))
+        s, dp = _issue_score_tiles(k_smem, v_smem, q_smem, do_smem, bars, index + 1, n_items,
+                                   BLOCK_M, BLOCK_N, STAGES, s_layout)
+        # Products complete in issue order: two outstanding means dQᵀ, dK and dV are done.
+        dq, dk, dv = warpgroup_mma_wait(num_outstanding=2, deps=(dq, dk, dv))
         dq_smem.permute((1, 0)).store(dq)
         fence_async_shared()
         # Every warp's products of this block are done (its stage and the dSᵀ buffer are free)
@@ -138,4 +152,8 @@ def _query_blocks_in_turn(k_smem, v_smem, q_desc, do_desc, q_smem, do_smem, bars
         tma_reduce_add(dq_out[1], [block * BLOCK_M, 0], dq_smem)
         _load_query_block(q_desc, do_desc, q_smem, do_smem, bars, index + STAGES,
                           block + STAGES, n_items, BLOCK_M, STAGES)
-    return dk, dv
+        # Waited for here, not at the top of the next iteration: tiles still in flight across the
+        # loop's back edge make ptxas serialize every warpgroup MMA of the kernel (its C7514
+        # "non wgmma instructions reading accumulator registers"), which the compile tests check.
+        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+    return s, dp, dk, dv

@@ -201,9 +201,20 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-# From this many queries on, the fused Gluon pass with 64-query tiles is the default at head dim 64
-# without a mask (below). Measured: +4.5 % at 4096 and +9 % at 16384 tokens, but -11 % at 1024.
-FUSED_GLUON_MIN_SEQLEN = 4096
+# From these query lengths on, the fused Gluon pass with 64-query blocks is the default at head
+# dim 64 (dkdv_tiles): without dropout, from 2048 without a mask and 4096 causal; with dropout,
+# from 4096 without a mask. Below them it gained nothing beyond noise or lost (attention_notes v17).
+FUSED_GLUON_MIN_SEQLEN = 2048
+FUSED_GLUON_MIN_SEQLEN_CAUSAL_OR_DROPOUT = 4096
+
+
+def _fused_gluon_pays(causal: bool, dropout: bool, seqlen: int) -> bool:
+    """Whether the fused Gluon pass beat the two-pass default for a head-dim-64 call (H200)."""
+    if causal and dropout:
+        return False
+    if causal or dropout:
+        return seqlen >= FUSED_GLUON_MIN_SEQLEN_CAUSAL_OR_DROPOUT
+    return seqlen >= FUSED_GLUON_MIN_SEQLEN
 
 
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
@@ -215,13 +226,12 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
         return Tiles(16, 32, 1, 1)
     if dtype == torch.float32:
         return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
-    if (head_dim == 64 and not causal and seqlen >= FUSED_GLUON_MIN_SEQLEN and hopper
-            and _hopper_gpu(device)):
+    if head_dim == 64 and hopper and _fused_gluon_pays(causal, dropout, seqlen) and _hopper_gpu(device):
         # The fused Gluon pass, 64-query blocks one after another (_dkdv_gluon.py): whole backward
-        # against the tiles below, three alternating rounds in one process (H200, 16K tokens;
-        # attention_notes.md, v16): +4.5 % (4K) and +9 % (16K) without dropout, +4 % and +6 % with
-        # it. Shorter sequences and the causal mask stay on the passes below: -11 % at 1K, -3.5 %
-        # causal at 4K.
+        # against the tiles below, five alternating rounds in one process (H200; attention_notes.md,
+        # v17): without dropout +2.3 to +5.1 % without a mask (2K-16K tokens) and +2.7 to +11 %
+        # causal (4K-16K); with dropout without a mask -0.2 to +1.5 % (4K-16K). 1K tokens (-1 %),
+        # causal 2K (+0.6 %, noise) and causal with dropout (4K: -2 %) stay on the passes below.
         return Tiles(64, 64, 4, 3, gluon=True, fused=True)
     if head_dim <= 64:
         # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).

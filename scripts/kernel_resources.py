@@ -13,13 +13,17 @@ Each pass is compiled with the arguments the library itself would launch it with
 of the forward, ``launch_configs`` of the backward), so the constexprs, the integer
 specializations (equal to 1, divisible by 16, 32 or 64 bits) and the alignment hints are the ones
 a GPU run compiles. A kernel at the 255-register cap, or with stack (spilled) bytes, is a candidate
-for smaller tiles or more warps before any GPU time is spent; speed itself is measured on the GPU.
+for smaller tiles or more warps before any GPU time is spent; ``wgmma_serialized`` names ptxas's
+reason when it made every warpgroup MMA wait for the one before (the source's overlap then counts
+for nothing). Speed itself is measured on the GPU.
 """
 
 import argparse
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -102,7 +106,28 @@ def usage(compiled) -> dict:
         cubin.unlink(missing_ok=True)
     fields = dict(part.split(":") for line in report.splitlines() if "REG:" in line for part in line.split())
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "shared_bytes": compiled.metadata.shared, "sass_instructions": sass.count(" ;")}
+            "shared_bytes": compiled.metadata.shared, "sass_instructions": sass.count(" ;"),
+            "wgmma_serialized": ";".join(wgmma_serialization(compiled)) or "no"}
+
+
+def wgmma_serialization(compiled) -> list[str]:
+    """ptxas's reasons for serializing the kernel's warpgroup MMAs, if it did (its "Potential
+    Performance Loss" notes): then each product is waited for as it is issued, whatever overlap
+    the source asks for, and nothing else in the compiler's output says so. Empty for kernels
+    without warpgroup MMAs or before sm_90."""
+    ptx = compiled.asm.get("ptx", "")
+    if "wgmma.mma_async" not in ptx:
+        return []
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        notes = subprocess.run([tools / "ptxas", "--gpu-name", target, "-v", source, "-o",
+                                Path(folder) / "kernel.cubin"], check=True, capture_output=True,
+                               text=True)
+    return re.findall(r"wgmma\.mma_async instructions are serialized due to (.+?) in the function",
+                      notes.stdout + notes.stderr)
 
 
 def resources(kernel, arguments, options: dict, capability: int = 90) -> dict:

@@ -1,6 +1,7 @@
 """Compile a Gluon kernel for sm_90 as the library would launch it (bf16, 2 x 4096 tokens, 4
 heads; ``scripts/kernel_resources.py`` derives the specialization from the arguments) and print,
-as JSON, its loops' TTGIR and ptxas's register and stack use. The compiled-schedule tests read it.
+as JSON, its loops' TTGIR, ptxas's register and stack use, and ptxas's reasons for serializing its
+warpgroup MMAs (none, for a kernel whose schedule holds). The compiled-schedule tests read it.
 
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dkdv_fused|dq]
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL KERNEL untransposed|broadcast   # dropout
@@ -58,7 +59,8 @@ def main():
     loops = re.findall(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S)
     use = kernel_resources.usage(kernel)
     print(json.dumps(dict(loops=loops, registers=use["registers"], stack=use["stack_bytes"],
-                          high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])))))
+                          high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])),
+                          serialized=kernel_resources.wgmma_serialization(kernel))))
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ def test_compiles_for_sm90_with_the_overlapped_schedule(kernel, head_dim, block_
         assert loop.count("ttng.warp_group_dot ") == products
         assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == [pending, "0"]
         assert loop.count("ttng.async_tma_copy_global_to_local") == 2
-    # No register spills (ptxas's report, as cuobjdump prints it).
+    # No register spills (ptxas's report, as cuobjdump prints it), and ptxas kept the products
+    # asynchronous.
     assert compiled["stack"] == 0 and compiled["registers"] <= 255
+    assert compiled["serialized"] == []
 
 
 @pytest.mark.parametrize("kernel, head_dim, block_m, block_n, warps, causal, products, pending", [
@@ -74,14 +76,15 @@ def test_dropout_compiles_for_sm90_with_the_same_schedule(kernel, head_dim, bloc
     counters = (block_m // 2) * (block_n // 8) // (32 * warps)
     steps = 2 + causal
     assert compiled["high_multiplies"] < (counters + 1) * 14 * steps
-    assert compiled["stack"] == 0
+    assert compiled["stack"] == 0 and compiled["serialized"] == []
 
 
 def assert_fused_schedule(block_m, causal, mask_layout, pendings, barriers, store_wait_pendings):
     """The fused pass (ACCUMULATE_DQ, head dim 64, 64-key blocks), compiled for sm_90: in each loop
     (a second one for the causal diagonal) five products waited for as ``pendings`` says, no
     atomics, one TMA reduce of dQ, ``barriers`` barriers, the first after the wait for the copy that
-    last read the dQ buffer and before the reduce; no spills. Returns the loops."""
+    last read the dQ buffer and before the reduce; no spills, and ptxas kept the products
+    asynchronous. Returns the loops."""
     compiled = compiled_for_sm90("dkdv_fused", 64, block_m, 64, 3, 4, causal, mask_layout)
     assert len(compiled["loops"]) == 1 + causal
     for loop in compiled["loops"]:
@@ -91,7 +94,7 @@ def assert_fused_schedule(block_m, causal, mask_layout, pendings, barriers, stor
         assert loop.count("gpu.barrier") == barriers
         wait = loop.index(f"async_tma_store_wait {{pendings = {store_wait_pendings}")
         assert wait < loop.index("gpu.barrier") < loop.index("async_tma_reduce")
-    assert compiled["stack"] == 0
+    assert compiled["stack"] == 0 and compiled["serialized"] == []
     return compiled["loops"]
 
 
@@ -106,15 +109,20 @@ def test_fused_pass_compiles_for_sm90_with_dq_first(causal, mask_layout):
     assert all(loop.count("local_store") == 2 for loop in loops)
 
 
-# Without a mask, with and without dropout: the calls it is the default for; causal with dropout
-# spills 8 bytes (it is not a default there).
+# The calls it is the default for: without a mask with and without dropout, causal without.
 @pytest.mark.parametrize("causal, mask_layout", [(0, None), (0, "untransposed"), (1, None)])
 def test_fused_pass_with_64_query_blocks_takes_them_in_turn(causal, mask_layout):
-    # 64-query blocks (the default for long calls without a mask): per block Sᵀ waited for first
-    # (one product left running), then dPᵀ; the dSᵀ store, and one barrier after the wait for the
-    # previous block's reduce; the three gradient products waited for together; the dQ store, a
-    # second barrier, one reduce.
-    assert_fused_schedule(64, causal, mask_layout, ["1", "0", "0"], 2, 0)
+    # 64-query blocks (the default for long head-dim-64 calls): per block the elementwise step on
+    # tiles already waited for; the dSᵀ store, and one barrier after the wait for the previous
+    # block's reduce; the three gradient products, then the next block's Sᵀ and dPᵀ; a wait that
+    # leaves those two running while the dQ store, a second barrier and one reduce are issued;
+    # then the wait for them, at the end of the iteration (in flight across the loop's back edge
+    # they made ptxas serialize every product).
+    loops = assert_fused_schedule(64, causal, mask_layout, ["2", "0"], 2, 0)
+    for loop in loops:
+        waits = [wait.start() for wait in re.finditer(r"warp_group_dot_wait ", loop)]
+        assert loop.rindex("ttng.warp_group_dot ") < waits[0] < loop.index("async_tma_reduce") \
+            < waits[1]
 
 
 def test_the_calls_its_schedule_covers():
@@ -180,18 +188,22 @@ def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatc
         assert _launch.dkdv_tiles(64, cuda, bf16, causal, dropout=True).fused
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal).fused
         assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).fused
-    # The fused Gluon pass with 64-query tiles: at head dim 64, without a mask, from 4096 queries
-    # on; with or without dropout. The portable tiles stay for shorter or causal calls, and for
-    # calls the Gluon pass does not take (hopper=False).
+    # The fused Gluon pass with 64-query tiles, at head dim 64: without dropout from 2048 queries
+    # on without a mask and from 4096 causal; with dropout from 4096 without a mask, never causal.
+    # The portable tiles stay for shorter calls and for calls the Gluon pass does not take
+    # (hopper=False).
     long = _launch.FUSED_GLUON_MIN_SEQLEN
-    for dropout in (False, True):
-        tiles = _launch.dkdv_tiles(64, cuda, bf16, False, dropout, seqlen=long)
+    longer = _launch.FUSED_GLUON_MIN_SEQLEN_CAUSAL_OR_DROPOUT
+    assert (long, longer) == (2048, 4096)
+    for causal, dropout, shortest in [(False, False, long), (True, False, longer),
+                                      (False, True, longer)]:
+        tiles = _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=shortest)
         assert (tiles.gluon, tiles.fused, tiles.block_m, tiles.block_n) == (True, True, 64, 64)
-        assert not _launch.dkdv_tiles(64, cuda, bf16, False, dropout, seqlen=long - 1).gluon
-        assert not _launch.dkdv_tiles(64, cuda, bf16, True, dropout, seqlen=long).gluon
-        assert not _launch.dkdv_tiles(64, cuda, bf16, False, dropout, hopper=False,
-                                      seqlen=long).gluon
-        assert not _launch.dkdv_tiles(128, cuda, bf16, False, dropout, seqlen=long).fused
+        assert not _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=shortest - 1).gluon
+        assert not _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, hopper=False,
+                                      seqlen=shortest).gluon
+        assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout, seqlen=shortest).fused
+    assert not _launch.dkdv_tiles(64, cuda, bf16, True, True, seqlen=16384).gluon
     monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
     assert not _launch.dkdv_tiles(64, cuda, bf16, False, seqlen=long).gluon
     assert not _launch.dq_tiles(128, cuda, torch.float32).gluon

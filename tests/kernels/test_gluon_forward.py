@@ -44,8 +44,10 @@ def test_compiles_for_sm90_with_the_overlapped_schedule(head_dim, block_n, causa
         assert loop.count("ttng.warp_group_dot ") == 2
         assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0"]
         assert loop.count("ttng.async_tma_copy_global_to_local") == 2
-    # No register spills (ptxas's report, as cuobjdump prints it).
+    # No register spills (ptxas's report, as cuobjdump prints it), and ptxas kept the products
+    # asynchronous.
     assert compiled["stack"] == 0 and compiled["registers"] <= 255
+    assert compiled["serialized"] == []
 
 
 @pytest.mark.parametrize("head_dim, block_n, causal", [(128, 64, 1), (64, 128, 0)])
@@ -61,7 +63,7 @@ def test_compiles_with_dropout_with_the_same_schedule(head_dim, block_n, causal)
         assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0"]
     counters = (128 // 2) * (block_n // 8) // (32 * 8)
     assert compiled["high_multiplies"] < (counters + 1) * 14 * (2 + causal)
-    assert compiled["stack"] == 0
+    assert compiled["stack"] == 0 and compiled["serialized"] == []
 
 
 def test_the_calls_its_schedule_covers():

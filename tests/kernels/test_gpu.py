@@ -209,21 +209,25 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
 
 
 @sm90_exactly
-def test_long_calls_without_a_mask_at_head_dim_64_run_the_fused_gluon_pass():
-    # From 4096 queries on, with or without dropout: dK, dV and dQ from the Gluon pass with
-    # 64-query tiles, δ from the portable delta-only pass; against float64. Causal stays on the
-    # two passes.
+@pytest.mark.parametrize("seqlen", [2048, 4096])
+def test_long_calls_at_head_dim_64_run_the_fused_gluon_pass(seqlen):
+    # Without dropout from 2048 queries on without a mask and from 4096 causal; with dropout from
+    # 4096 without a mask: dK, dV and dQ from the Gluon pass with 64-query tiles, δ from the
+    # portable delta-only pass; against float64. The other calls stay on the portable passes.
     from kernels import _backward, _forward
     from kernels._launch import call_geometry
-    q, k, v = random_qkv((1, 4096, 2, 64), (1, 4096, 2, 64), torch.bfloat16, "cuda")
+    q, k, v = random_qkv((1, seqlen, 2, 64), (1, seqlen, 2, 64), torch.bfloat16, "cuda")
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.new_outputs(q, geometry)
-    for causal, dropout_p in [(False, 0.0), (False, 0.1), (True, 0.0)]:
+    for causal, dropout_p in [(False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)]:
         dq, dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
                                             *_backward.new_gradients(q, k, v, lse)[1:], geometry,
                                             0.125, causal, dropout_p)
-        fused = not causal
-        assert (dkdv[0] is _backward.DKDV_GLUON) == fused
+        gluon = {(False, 0.0): True, (False, 0.1): seqlen >= 4096,
+                 (True, 0.0): seqlen >= 4096, (True, 0.1): False}[causal, dropout_p]
+        assert (dkdv[0] is _backward.DKDV_GLUON) == gluon
+        # With dropout the portable pass's default is fused too (one mask regeneration).
+        fused = gluon or dropout_p > 0
         assert dkdv[3].get("ACCUMULATE_DQ", False) == fused
         assert dq[3].get("DELTA_ONLY", False) == fused
         if dropout_p:
