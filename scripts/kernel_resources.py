@@ -105,9 +105,13 @@ def usage(compiled) -> dict:
     finally:
         cubin.unlink(missing_ok=True)
     fields = dict(part.split(":") for line in report.splitlines() if "REG:" in line for part in line.split())
+    reasons = wgmma_serialization(compiled)
+    if reasons:
+        print(f"kernel_resources: ptxas serialized {compiled.name}'s warpgroup MMAs: "
+              + "; ".join(reasons), file=sys.stderr)
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "shared_bytes": compiled.metadata.shared, "sass_instructions": sass.count(" ;"),
-            "wgmma_serialized": ";".join(wgmma_serialization(compiled)) or "no"}
+            "wgmma_serialized": "yes" if reasons else "no"}
 
 
 def wgmma_serialization(compiled) -> list[str]:
@@ -126,8 +130,13 @@ def wgmma_serialization(compiled) -> list[str]:
         notes = subprocess.run([tools / "ptxas", "--gpu-name", target, "-v", source, "-o",
                                 Path(folder) / "kernel.cubin"], check=True, capture_output=True,
                                text=True)
-    return re.findall(r"wgmma\.mma_async instructions are serialized due to (.+?) in the function",
-                      notes.stdout + notes.stderr)
+    return serialization_reasons(notes.stdout + notes.stderr)
+
+
+def serialization_reasons(ptxas_log: str) -> list[str]:
+    """The reasons in ptxas's -v output for serializing warpgroup MMAs (C7509-C7520 notes)."""
+    return [" ".join(reason.split()) for reason in re.findall(
+        r"wgmma\.mma_async instructions are serialized due to (.+?) (?:in|for) the function", ptxas_log)]
 
 
 def resources(kernel, arguments, options: dict, capability: int = 90) -> dict:

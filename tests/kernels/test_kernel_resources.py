@@ -71,6 +71,19 @@ def test_the_gluon_kernels_compile_here_too():
     assert result.returncode == 0, result.stderr[-2000:]
     report = dict(field.split("=") for field in result.stdout.split())
     assert report["kernel"] == "_dkdv_gluon_kernel" and report["stack_bytes"] == "0"
+    assert report["wgmma_serialized"] == "no"
+
+
+def test_ptxas_serialization_notes_are_read():
+    # ptxas's -v output for a kernel whose products it serialized (the fused dK/dV pass with the
+    # next block's tiles in flight across the loop's back edge, compiled for sm_90a).
+    log = """ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in the function '_dkdv_gluon_kernel'
+ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the function '_dkdv_gluon_kernel'
+ptxas info    : Used 206 registers, used 1 barriers"""
+    assert kernel_resources.serialization_reasons(log) == [
+        "non wgmma instructions reading accumulator registers of a wgmma between start and end of "
+        "the pipeline stage", "insufficient register resources"]
+    assert kernel_resources.serialization_reasons("ptxas info    : Used 236 registers") == []
 
 
 def test_a_kernel_that_does_not_compile_is_named_in_one_line():
