@@ -68,8 +68,9 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     counter base), which is fixed by the tensors' shapes and strides, the dtype and the options."""
     varlen = geometry.varlen
     dropout = dropout_p > 0
+    deterministic = torch.are_deterministic_algorithms_enabled()
     kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout,
-                                             seqlen=geometry.seqlen_q),
+                                             seqlen=geometry.seqlen_q, deterministic=deterministic),
                                   dq_tiles(geometry.head_dim, q.device, q.dtype, dropout))
     # The Gluon passes read q, k, v and the output gradient by TMA.
     gluon_device = ((q_tiles.gluon or kv_tiles.gluon)
@@ -81,10 +82,11 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
         # A call the Gluon pass does not take runs the portable pass's own tiles (with dropout
         # they differ from the Gluon pass's).
         kv_tiles = dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout, hopper=False,
-                              seqlen=geometry.seqlen_q)
-    if tiles is None and kv_tiles.fused and torch.are_deterministic_algorithms_enabled():
+                              seqlen=geometry.seqlen_q, deterministic=deterministic)
+    if tiles is None and kv_tiles.fused and deterministic:
         # The fused pass sums dQ by atomic adds in whatever order the blocks finish: not bitwise
-        # reproducible. Under torch.use_deterministic_algorithms the default is the two passes.
+        # reproducible. Under torch.use_deterministic_algorithms the default is the two passes
+        # (dkdv_tiles gives their tiles; this holds whatever the tile rule says).
         kv_tiles = dataclasses.replace(kv_tiles, fused=False)
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))

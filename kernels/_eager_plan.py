@@ -8,7 +8,9 @@ and scalar arguments per kernel, and Triton's specialization of each of them.
 
 A plan is keyed on everything those depend on: q's, k's and v's shapes and strides, the dtype, the
 device (and the current one, which Triton compiles for), the number of sequences and max_seqlen
-of packed input, scale, causal, dropout_p and the window.
+of packed input, scale, causal, dropout_p, the window, and whether
+``torch.use_deterministic_algorithms`` is on (it turns the fused backward, whose dQ is summed by
+atomic adds, into the two passes).
 Its first forward and first backward run the ordinary launch path and keep the static arguments and
 the bound kernels. Later calls with the same key allocate their outputs and launch those kernels
 with only what changes per call: the tensors' addresses (as integers: the launcher then skips a
@@ -44,7 +46,8 @@ def plan_for(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p, 
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, device,
            torch._C._cuda_getDevice() if device.type == "cuda" else -1,
            None if cu_seqlens is None else cu_seqlens.shape[0], max_seqlen, softmax_scale, causal,
-           dropout_p, window_left, window_right, seed_in_memory)
+           dropout_p, window_left, window_right, seed_in_memory,
+           torch.are_deterministic_algorithms_enabled())
     plan = _PLANS.get(key)
     if plan is None:
         plan = EagerPlan(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, dropout_p,

@@ -218,15 +218,20 @@ def _fused_gluon_pays(causal: bool, dropout: bool, seqlen: int) -> bool:
 
 
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
-               dropout: bool = False, hopper: bool = True, seqlen: int = 0) -> Tiles:
+               dropout: bool = False, hopper: bool = True, seqlen: int = 0,
+               deterministic: bool = False) -> Tiles:
     """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed. ``hopper=False``
     gives the portable pass's own tiles, for calls the Gluon pass does not take. ``seqlen``: the
-    call's query length (0 if unknown)."""
+    call's query length (0 if unknown). ``deterministic``: tiles of the two passes only, never of
+    the fused pass, whose dQ is summed by atomic adds in no fixed order (under
+    ``torch.use_deterministic_algorithms``); where the fused Gluon pass is the default, the tiles
+    the two-pass default had before it."""
     if device.type != "cuda":
         return Tiles(16, 32, 1, 1)
     if dtype == torch.float32:
         return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
-    if head_dim == 64 and hopper and _fused_gluon_pays(causal, dropout, seqlen) and _hopper_gpu(device):
+    if (head_dim == 64 and hopper and not deterministic and _fused_gluon_pays(causal, dropout, seqlen)
+            and _hopper_gpu(device)):
         # The fused Gluon pass, 64-query blocks one after another (_dkdv_gluon.py): whole backward
         # against the tiles below, five alternating rounds in one process (H200; attention_notes.md,
         # v17): without dropout +2.3 to +5.1 % without a mask (2K-16K tokens) and +2.7 to +11 %
@@ -239,7 +244,7 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
         # With dropout the fused pass (dQ added by atomics, one mask regeneration instead of two):
         # whole backward +19.5 % causal (H200, 16K tokens; attention_notes.md, v10).
         if dropout:
-            return Tiles(64, 64, 4, 3, fused=True)
+            return Tiles(64, 64, 4, 3, fused=not deterministic)
         return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
         if dropout:

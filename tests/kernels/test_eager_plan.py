@@ -239,6 +239,25 @@ def test_bound_launches_pass_what_the_ordinary_path_passes(recorded_launches, mo
                 assert got == expected, (name, position)
 
 
+def test_deterministic_algorithms_do_not_replay_a_fused_backward(recorded_launches, monkeypatch):
+    """A plan made while deterministic algorithms are off binds the fused backward (dQ summed by
+    atomic adds, in no fixed order). Once they are on, calls of the same signature take a plan of
+    their own, whose backward is the two passes."""
+    calls = recorded_launches
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: Tiles(16, 32, 1, 1, fused=True))
+    q, k, v = random_qkv((2, 48, 4, 32), (2, 48, 2, 32), torch.float32, "cpu")
+    grad_out = torch.randn(q.shape)
+    torch.autograd.grad(_attend_eagerly(q, k, v), (q, k, v), grad_out)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.autograd.grad(_attend_eagerly(q, k, v), (q, k, v), grad_out)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [path for _, path, *_ in calls] == ["ordinary"] * 6
+    fused_plan, deterministic_plan = _eager_plan._PLANS.values()
+    assert fused_plan is not deterministic_plan
+
+
 def test_gradients_into_views_with_other_strides_do_not_replay_a_binding(recorded_launches):
     """The packed op and the split op over the same q, k, v views share a plan, but write their
     gradients with different strides (slices of one tensor against three): each binding replays

@@ -204,6 +204,12 @@ def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatc
                                       seqlen=shortest).gluon
         assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout, seqlen=shortest).fused
     assert not _launch.dkdv_tiles(64, cuda, bf16, True, True, seqlen=16384).gluon
+    # Under deterministic algorithms: the two-pass default's tiles (portable at head dim 64),
+    # never fused.
+    for causal, dropout in [(False, False), (True, False), (False, True), (True, True)]:
+        tiles = _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=16384, deterministic=True)
+        assert not tiles.gluon and not tiles.fused
+        assert (tiles.block_m, tiles.block_n) == ((32, 128) if not (causal or dropout) else (64, 64))
     monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
     assert not _launch.dkdv_tiles(64, cuda, bf16, False, seqlen=long).gluon
     assert not _launch.dq_tiles(128, cuda, torch.float32).gluon
