@@ -6,13 +6,14 @@ edge cuts (masked), the blocks every query of the block sees entirely (no masks)
 diagonal, a right window edge and the ragged end (masked). Blocks outside the band are skipped.
 """
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _forward_gluon, _forward_tma, _hopper
+from . import _forward_gluon, _forward_pingpong, _forward_tma, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
                       dot_precision, forward_tiles, gluon_forward_tiles, tma_forward_tiles)
@@ -126,6 +127,7 @@ def _forward_kernel(
 FORWARD = DirectLauncher(_forward_kernel)
 FORWARD_TMA = DirectLauncher(_forward_tma._forward_tma_kernel)
 FORWARD_GLUON = DirectLauncher(_forward_gluon._forward_gluon_kernel)
+FORWARD_PINGPONG = DirectLauncher(_forward_pingpong._forward_pingpong_kernel)
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -148,12 +150,15 @@ def new_outputs(q: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torc
 def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, causal: bool,
                   dropout_p: float, tiles: Tiles | None = None, window: Window = NO_WINDOW):
     """``(launcher, grid, static arguments, constexprs and options)`` of the forward launch: the
-    TMA or Gluon kernel where the tiles ask for it and the call qualifies, else the portable one;
-    all but the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed, counter base),
-    which is fixed by the tensors' shapes and strides, the dtype and the options."""
+    TMA, Gluon or ping-pong kernel where the tiles ask for it and the call qualifies, else the
+    portable one; all but the leading per-call arguments (q, k, v, out, lse, cu_seqlens, seed,
+    counter base), which is fixed by the tensors' shapes and strides, the dtype and the options."""
     chosen_by_caller = tiles is not None
     tiles = tiles or default_tiles(q, k, v, geometry, causal, dropout_p, window)
-    # default_tiles only returns TMA or Gluon tiles for calls it checked; a caller's are checked here.
+    # default_tiles only returns Hopper tiles for calls it checked; a caller's are checked here.
+    if tiles.pingpong and chosen_by_caller and not _pingpong_takes(q, k, v, geometry, causal,
+                                                                   dropout_p, window, tiles):
+        tiles = forward_tiles(geometry.head_dim, q.device, q.dtype)
     tma = tiles.tma and (not chosen_by_caller or _hopper.supported((q, k, v), geometry.varlen))
     gluon = tiles.gluon and (not chosen_by_caller or _gluon_takes(q, k, v, geometry, causal,
                                                                  dropout_p, window, tiles))
@@ -174,10 +179,32 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
     if tma:
         options["MASKED"] = _hopper.masked(causal, window, geometry.seqlen_k, tiles.block_n)
         return FORWARD_TMA, grid, static, options
+    if tiles.pingpong:
+        # Persistent: one program per SM (or per tile, if fewer), each walking its tiles.
+        programs = min(grid[0] * grid[1] * grid[2], multiprocessors(q.device))
+        options.update(KV_STAGES=tiles.num_stages, HEAD_MAJOR=tiles.head_major)
+        return FORWARD_PINGPONG, (programs,), (*static, geometry.batch), options
     if gluon:
         options["KV_STAGES"] = tiles.num_stages
         return FORWARD_GLUON, grid, static, options
     return FORWARD, grid, static, options
+
+
+def _pingpong_takes(q, k, v, geometry: Geometry, causal: bool, dropout_p: float, window: Window,
+                    tiles: Tiles) -> bool:
+    return _hopper.pingpong_supported((q, k, v), geometry.varlen, causal, window, dropout_p,
+                                      geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim,
+                                      tiles.block_n)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The device's SM count (the persistent kernel's program count), asked once per device."""
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _gluon_takes(q, k, v, geometry: Geometry, causal: bool, dropout_p: float, window: Window,
@@ -192,7 +219,8 @@ def default_tiles(q, k, v, geometry: Geometry, causal: bool, dropout_p: float,
     """The fastest measured forward that takes the call: the Gluon kernel's tiles where they were
     measured fastest (``gluon_forward_tiles``) and the call qualifies (sm_90, no window, whole key
     blocks, with the causal mask as many queries as keys), the TMA kernel's (no band or dropout,
-    whole key blocks), else the portable kernel's tuned tiles."""
+    whole key blocks), else the portable kernel's tuned tiles. The ping-pong kernel runs only for
+    tiles a caller passes (``Tiles(..., pingpong=True)``) until its GPU tests have run."""
     gluon = gluon_forward_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout_p > 0)
     if gluon is not None and _gluon_takes(q, k, v, geometry, causal, dropout_p, window, gluon):
         return gluon
@@ -218,7 +246,18 @@ def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale
     if in_memory:
         options["SEED_IN_MEMORY"] = True
     arguments = (q, k, v, out, lse, cu_seqlens, seed_argument, counter_base, *static)
-    bound = _hopper.launch(launcher, FORWARD, grid, arguments, options)
+    if launcher is not FORWARD_PINGPONG:
+        bound = _hopper.launch(launcher, FORWARD, grid, arguments, options)
+        return bound, grid3(grid), static
+    # The persistent kernel has its own grid and one more argument: if it cannot compile, the
+    # portable kernel runs the call with its own launch.
+    _, portable_grid, portable_static, portable_options = launch_config(
+        q, k, v, out, lse, geometry, softmax_scale, causal, dropout_p,
+        forward_tiles(geometry.head_dim, q.device, q.dtype), window)
+    portable_launch = (portable_grid, (*arguments[:8], *portable_static), portable_options)
+    bound = _hopper.launch(launcher, FORWARD, grid, arguments, options, portable_launch)
+    if _hopper.fell_back(launcher, options):
+        return bound, grid3(portable_grid), portable_static
     return bound, grid3(grid), static
 
 

@@ -1,5 +1,6 @@
-"""Which calls the Hopper kernels (``_forward_tma.py``, ``_forward_gluon.py``, ``_dq_gluon.py``,
-``_dkdv_gluon.py``) can take, and their launch with a fallback to the portable kernel.
+"""Which calls the Hopper kernels (``_forward_tma.py``, ``_forward_gluon.py``,
+``_forward_pingpong.py``, ``_dq_gluon.py``, ``_dkdv_gluon.py``) can take, and their launch with a
+fallback to the portable kernel.
 
 All read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and padded
 input (packed input would need a descriptor per sequence). The Gluon kernels issue warpgroup MMAs
@@ -67,6 +68,24 @@ def gluon_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: 
             and (not causal or seqlen_q == seqlen_k) and (dropout_p == 0 or block_n % 32 == 0))
 
 
+def pingpong_supported(tensors, varlen: bool, causal: bool, window, dropout_p: float,
+                       seqlen_q: int, seqlen_k: int, head_dim: int, block_n: int) -> bool:
+    """Whether a call can take the ping-pong forward (``_forward_pingpong.py``): the Gluon
+    forward's calls without dropout, on sm_90, with q, k and v each readable as one matrix of
+    (batch x seqlen) rows and (heads x head_dim) columns (one TMA descriptor per tensor)."""
+    return (dropout_p == 0
+            and gluon_call(causal, window, 0.0, seqlen_q, seqlen_k, head_dim, block_n)
+            and gluon_device(tensors, varlen)
+            and all(rows_of_one_matrix(t) for t in tensors))
+
+
+def rows_of_one_matrix(t: torch.Tensor) -> bool:
+    """Whether a (batch, seqlen, heads, head_dim) tensor's sequences follow each other as rows of
+    one matrix (batch stride = seqlen x row stride) with its heads side by side in each row (head
+    stride = head_dim): true of contiguous tensors and of q, k, v sliced from one packed qkv."""
+    return t.stride(0) == t.shape[1] * t.stride(1) and t.stride(2) == t.shape[3]
+
+
 def gluon_dq_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,
                   head_dim: int, block_m: int, block_n: int) -> bool:
     """The calls the Gluon dQ schedule covers: the forward's, and whole query blocks too (it reads
@@ -97,10 +116,11 @@ def _compile_failure(error: Exception) -> bool:
     return isinstance(error, RuntimeError) and "PassManager::run failed" in str(error)
 
 
-def launch(launcher, portable, grid, args, options: dict):
+def launch(launcher, portable, grid, args, options: dict, portable_launch=None):
     """Launch ``launcher`` (a Hopper kernel or ``portable``); if Triton cannot compile the Hopper
-    kernel for these options, warn once and launch the portable kernel instead (same grid and
-    arguments; it takes the options but ``HOPPER_ONLY_OPTIONS``). Returns what the launch returns."""
+    kernel for these options, warn once and launch the portable kernel instead: with
+    ``portable_launch`` (its own grid, arguments and options) where given, else with the same grid
+    and arguments and the options but ``HOPPER_ONLY_OPTIONS``. Returns what the launch returns."""
     if launcher is portable:
         return portable.launch(grid, args, options)
     key = (launcher.kernel.__name__, tuple(sorted(options.items()))) if FALLBACKS else None
@@ -114,6 +134,8 @@ def launch(launcher, portable, grid, args, options: dict):
             warnings.warn(f"{launcher.kernel.__name__} did not compile for {dict(options)} "
                           f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
                           f"the portable kernel runs these calls", RuntimeWarning, stacklevel=3)
+    if portable_launch is not None:
+        return portable.launch(*portable_launch)
     portable_options = {name: value for name, value in options.items()
                         if name not in HOPPER_ONLY_OPTIONS}
     return portable.launch(grid, args, portable_options)
@@ -121,3 +143,8 @@ def launch(launcher, portable, grid, args, options: dict):
 
 # Constexprs of the Hopper kernels that the portable ones do not take.
 HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES", "STAGES")
+
+
+def fell_back(launcher, options: dict) -> bool:
+    """Whether ``launcher`` failed to compile for ``options`` (the portable kernel runs them)."""
+    return (launcher.kernel.__name__, tuple(sorted(options.items()))) in FALLBACKS

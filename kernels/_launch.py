@@ -132,6 +132,12 @@ class Tiles:
     # computes delta alone (FlashAttention-2's single pass): the portable pass
     # (_backward_kernels.py), or with gluon the Gluon one (_dkdv_gluon.py, ACCUMULATE_DQ).
     fused: bool = False
+    # Forward only, with gluon: the ping-pong kernel (_forward_pingpong.py): block_m // 64 consumer
+    # warpgroups (2 or 3) and a producer warp, in a persistent grid; num_warps is one warpgroup's
+    # (4), num_stages its K/V stages. head_major: its tiles ordered head by head, else query block
+    # by query block.
+    pingpong: bool = False
+    head_major: bool = False
 
     def __post_init__(self):
         # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).
@@ -141,6 +147,12 @@ class Tiles:
             raise ValueError(f"tiles choose one kernel, TMA or Gluon; got {self}")
         if self.fused and self.tma:
             raise ValueError(f"the fused backward has no TMA kernel; got {self}")
+        if self.pingpong and not (self.gluon and self.block_m in (128, 192) and self.num_warps == 4
+                                  and not self.fused):
+            raise ValueError("ping-pong tiles are Gluon forward tiles of 2 or 3 warpgroups' 64 rows "
+                             f"(block_m 128 or 192, num_warps 4); got {self}")
+        if self.head_major and not self.pingpong:
+            raise ValueError(f"head_major orders the ping-pong kernel's tiles; got {self}")
 
 
 # Chosen on an H100 80GB HBM3 (bf16, 16384 tokens, hidden 2048) with scripts/tune_attention.py;

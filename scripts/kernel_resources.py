@@ -7,7 +7,8 @@ machine, no GPU needed (Triton ships ptxas and cuobjdump).
 
 ``--gluon`` compiles the pass's Gluon kernel (``_forward_gluon.py``, ``_dq_gluon.py``,
 ``_dkdv_gluon.py``; stages from the tiles) instead of the portable one; with ``--fused`` the
-dK/dV pass is the one that also adds dQ.
+dK/dV pass is the one that also adds dQ; with ``--pingpong`` (forward) the ping-pong kernel
+(``_forward_pingpong.py``: BLOCK_M // 64 consumer warpgroups, ``--head-major`` tile order).
 
 Each pass is compiled with the arguments the library itself would launch it with (``launch_config``
 of the forward, ``launch_configs`` of the backward), so the constexprs, the integer
@@ -167,6 +168,9 @@ def pass_arguments(args) -> tuple:
                                                               args.dropout, tiles, NO_WINDOW)
         if args.gluon:
             launcher, options = _forward.FORWARD_GLUON, {**options, "KV_STAGES": stages}
+        if args.pingpong:    # the persistent kernel's extra argument: the number of sequences
+            launcher, static = _forward.FORWARD_PINGPONG, (*static, args.batch)
+            options = {**options, "HEAD_MAJOR": args.head_major}
         return launcher.kernel, (q, k, v, out, lse, None, seed, counter_base, *static), {**options, **in_memory}
     (dq_launcher, _, dq_static, dq_options), (dkdv_launcher, _, dkdv_static, dkdv_options) = \
         _backward.launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry, scale, args.causal,
@@ -199,6 +203,9 @@ def parse_args(argv=None):
                         help="BLOCK_M,BLOCK_N,num_warps,num_stages")
     parser.add_argument("--fused", action="store_true", help="dkdv: the fused pass that also adds dQ into a float32 sum")
     parser.add_argument("--gluon", action="store_true", help="the pass's Gluon kernel for sm_90")
+    parser.add_argument("--pingpong", action="store_true",
+                        help="forward: the ping-pong Gluon kernel (BLOCK_M // 64 consumer warpgroups)")
+    parser.add_argument("--head-major", action="store_true", help="with --pingpong: its tiles head by head")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
                         help="dkdv with dropout: how the transposed tile gets its keep-mask "
                              "(default: the library's choice for the tiles)")
@@ -206,6 +213,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if len(args.tiles) != 4:
         parser.error(f"--tiles takes BLOCK_M,BLOCK_N,num_warps,num_stages; got {args.tiles}")
+    if (args.pingpong or args.head_major) and not (args.pass_ == "forward" and args.gluon):
+        parser.error("--pingpong and --head-major are options of the forward's Gluon kernel (--gluon)")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

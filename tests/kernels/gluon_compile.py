@@ -3,7 +3,7 @@ heads; ``scripts/kernel_resources.py`` derives the specialization from the argum
 as JSON, its loops' TTGIR, ptxas's register and stack use, and ptxas's reasons for serializing its
 warpgroup MMAs (none, for a kernel whose schedule holds). The compiled-schedule tests read it.
 
-    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dkdv_fused|dq]
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dkdv_fused|dq|pingpong|pingpong_head_major]
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL KERNEL untransposed|broadcast   # dropout
     python -m tests.kernels.gluon_compile keep BLOCK_M BLOCK_N NUM_WARPS     # _philox_gluon's mask
 
@@ -28,9 +28,12 @@ import kernel_resources  # noqa: E402
 def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kernel="forward",
                      mask_layout=None):
     """With ``mask_layout``, compile with dropout (dK/dV: its mask in that layout; dQ and the
-    forward: any value). ``kernel`` "dkdv_fused": the dK/dV pass that also adds dQ."""
+    forward: any value). ``kernel`` "dkdv_fused": the dK/dV pass that also adds dQ;
+    "pingpong" and "pingpong_head_major": the ping-pong forward in either tile order."""
+    pingpong = kernel.startswith("pingpong")
     args = SimpleNamespace(
-        pass_="dkdv" if kernel.startswith("dkdv") else kernel, batch=2, seqlen=4096, heads=4,
+        pass_="dkdv" if kernel.startswith("dkdv") else "forward" if pingpong else kernel,
+        batch=2, seqlen=4096, heads=4, pingpong=pingpong, head_major=kernel.endswith("head_major"),
         head_dim=head_dim, causal=bool(causal), dropout=0.1 if mask_layout else 0.0,
         tiles=(block_m, block_n, num_warps, stages), fused=kernel == "dkdv_fused", gluon=True,
         seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None)
@@ -60,7 +63,10 @@ def main():
     use = kernel_resources.usage(kernel)
     print(json.dumps(dict(loops=loops, registers=use["registers"], stack=use["stack_bytes"],
                           high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])),
-                          serialized=kernel_resources.wgmma_serialization(kernel))))
+                          serialized=kernel_resources.wgmma_serialization(kernel),
+                          # Registers per thread the warp-specialized partitions ask for.
+                          partitions=re.findall(r"requestedRegisters = array<i32: ([\d, ]+)>",
+                                                kernel.asm["ttgir"]))))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,42 @@ def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypa
     assert torch.equal(first, second)
 
 
+# (head dim, tiles, head-major): the tiles measured fastest in their cells (attention_notes v18),
+# and both tile orders and consumer counts at head dim 64 and 128.
+PINGPONG_TILES = [(128, (192, 64, 4, 3), True), (64, (192, 128, 4, 3), False),
+                  (64, (128, 128, 4, 3), True), (128, (128, 128, 4, 2), False)]
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles, head_major", PINGPONG_TILES)
+@pytest.mark.parametrize("seqlen, heads_k, packed", [(1024, 4, False), (4096, 2, False), (640, 1, True)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pingpong_forward_on_gpu(head_dim, tiles, head_major, seqlen, heads_k, packed, causal,
+                                 monkeypatch):
+    # Against float64, through flash_attention; GQA; 640 tokens: a partial last query tile of 192
+    # rows (its extra rows read the next sequence's queries) and, packed, q, k and v as strided
+    # slices of one (batch, seqlen, heads, head_dim) tensor; more tiles than programs at 4096;
+    # the launch plan's second call gives the same result.
+    from kernels import _eager_plan, _forward
+    from kernels._launch import Tiles, call_geometry
+    from kernels.qkv_packed import split_qkv
+    pingpong = Tiles(*tiles, gluon=True, pingpong=True, head_major=head_major)
+    monkeypatch.setattr(_forward, "default_tiles", lambda *args: pingpong)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    if packed:
+        qkv = torch.randn(2, seqlen, 4 + 2 * heads_k, head_dim, device="cuda").to(torch.bfloat16)
+        q, k, v = (t.detach().requires_grad_() for t in split_qkv(qkv, heads_k))
+    else:
+        q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16,
+                             "cuda")
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD_PINGPONG
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (flash_attention(q, k, v, causal=causal) for _ in range(2))
+    assert torch.equal(first, second)
+
+
 @sm90_exactly
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_gluon_tiles_leave_other_calls_to_the_portable_kernel(dropout_p, monkeypatch):

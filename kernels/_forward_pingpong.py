@@ -1,0 +1,380 @@
+"""Forward pass for Hopper (sm_90) in Gluon with warp specialization: two or three consumer
+warpgroups of 64 query rows take turns at the tensor cores while a one-warp producer issues the
+TMA copies (FlashAttention-3's ping-pong schedule), in a persistent grid.
+
+Why: in the one-warpgroup Gluon forward (``_forward_gluon.py``) and the portable kernel, the
+tensor cores idle while a warpgroup runs its softmax. At head dim 64 a 64-row warpgroup's
+exponentials for a 128-key block take as many special-function cycles (8192 at 16 per cycle) as
+its two products take tensor-core cycles. Here each consumer, in its turn, issues S = Q·Kᵀ of the
+next key block and O += P·V of this one, passes the turn on (an mbarrier), and runs its softmax
+step while the others' products run. Measured in docs/results/attention_notes.md (v18).
+
+- Consumers: BLOCK_M // 64 (2 or 3), each with its own 64 rows of a BLOCK_M-row tile; all of a
+  tile's consumers take the same key blocks, so the turns alternate strictly. Registers per
+  consumer thread: 240 with two, 160 with three (``setmaxnreg``; the producer keeps 24).
+- Producer: per tile, Q of each consumer (double-buffered: the next tile's Q lands while this one
+  runs), then K and V into KV_STAGES stages as the consumers free them (an mbarrier per stage
+  counting one release per consumer).
+- Persistent: one program per SM walks the tiles (``programs``), so a tile's start and end (first
+  score tile, last P·V, the stores) overlap the producer's loads for the next tile instead of
+  leaving an SM idle. Barrier phases continue from tile to tile. HEAD_MAJOR orders the tiles head
+  by head (programs running at once share a few heads' K and V), else query block by query block
+  (of every head); within a head, the last query block (the most work under the causal mask)
+  comes first. Which order is faster depends on the configuration (v18); the tiles name it.
+- With the causal mask (as many queries as keys) the key blocks that reach past the tile's first
+  query are masked for all its consumers.
+
+The same arguments as ``_forward._forward_kernel`` (launch plans pass them) and then ``batches``;
+for the calls ``_hopper.pingpong_supported`` lets through: sm_90, padded fp16/bf16 input whose
+sequences are rows of one matrix (batch stride = seqlen x row stride, heads adjacent: one 2-D TMA
+descriptor per tensor), no window, no dropout, whole key blocks, head dim 64 or 128. The last
+query tile of a sequence may be partial: its extra rows read the next sequence's queries (or
+zeros past the end) and are not stored. The interpreter cannot run Gluon; the GPU-marked tests
+run it.
+
+It runs only for tiles a caller passes (``Tiles(..., gluon=True, pingpong=True)``): no default
+chooses it until its GPU tests (``test_gpu_gluon.py -k pingpong``) have run on this form of it.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+
+ROWS = gl.constexpr(64)     # query rows per consumer warpgroup
+
+
+@gluon.jit
+def _key_block_range(block_m, seqlen_k, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     CAUSAL: gl.constexpr):
+    """(key blocks, unmasked key blocks) of query tile ``block_m``."""
+    if CAUSAL:    # up to the block of the tile's last query; masked from its first query's
+        n_blocks = gl.minimum(gl.cdiv((block_m + 1) * TILE_M, BLOCK_N), seqlen_k // BLOCK_N)
+        n_full = (block_m * TILE_M) // BLOCK_N
+    else:
+        n_blocks = seqlen_k // BLOCK_N
+        n_full = n_blocks
+    return n_blocks, n_full
+
+
+@gluon.jit
+def _producer(descs, buffers, bars, geometry, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+              HEAD_MAJOR: gl.constexpr):
+    """One warp: per tile, each consumer's Q (into the tile parity's Q buffers), then K and V of
+    every key block as stages free up."""
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_smem, v_smem = buffers
+    q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
+    n_tiles, n_query_blocks, heads, group_size, seqlen_q, seqlen_k = geometry
+    loaded = 0
+    it = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        block_m, head, batch = _tile_coords(tile, n_tiles, n_query_blocks, heads, HEAD_MAJOR)
+        head_k = head // group_size
+        n_blocks, n_full = _key_block_range(block_m, seqlen_k, NUM_CONSUMERS * ROWS, BLOCK_N,
+                                            CAUSAL)
+        for c in gl.static_range(NUM_CONSUMERS):
+            buffer = (it % 2) * NUM_CONSUMERS + c
+            mbarrier.wait(q_empty.index(buffer), ((it // 2) & 1) ^ 1)
+            mbarrier.expect(q_bars.index(buffer), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                q_desc, [batch * seqlen_q + (block_m * NUM_CONSUMERS + c) * ROWS,
+                         head * HEAD_DIM],
+                q_bars.index(buffer), q_smem.index(buffer))
+        for block in range(n_blocks):
+            stage = loaded % KV_STAGES
+            # A fresh barrier counts as having completed phase 1: the first pass needs no release.
+            mbarrier.wait(kv_empty.index(stage), ((loaded // KV_STAGES) & 1) ^ 1)
+            row = batch * seqlen_k + block * BLOCK_N
+            mbarrier.expect(k_bars.index(stage), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [row, head_k * HEAD_DIM], k_bars.index(stage),
+                                            k_smem.index(stage))
+            mbarrier.expect(v_bars.index(stage), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [row, head_k * HEAD_DIM], v_bars.index(stage),
+                                            v_smem.index(stage))
+            loaded += 1
+        it += 1
+
+
+@gluon.jit
+def _tile_coords(tile, n_tiles, n_query_blocks, heads, HEAD_MAJOR: gl.constexpr):
+    """(query block, head, batch) of a tile. Within a head, tiles run from the last query block
+    (the most work with the causal mask) to the first. HEAD_MAJOR: the tiles of one head are
+    consecutive, so the programs running at once share few heads' K and V in L2; else the tiles
+    of one query block (of every head) are."""
+    if HEAD_MAJOR:
+        block_m = n_query_blocks - 1 - tile % n_query_blocks
+        pair = tile // n_query_blocks
+    else:
+        block_m = n_query_blocks - 1 - tile // (n_tiles // n_query_blocks)
+        pair = tile % (n_tiles // n_query_blocks)
+    return block_m, pair % heads, pair // heads
+
+
+@gluon.jit
+def _wait_turn(turns, c: gl.constexpr, round):
+    """Consumer c's ``round``-th turn: consumer 0 goes first (its first wait is on the fresh
+    barrier's completed phase 1), consumer c > 0 after consumer c - 1's first arrival."""
+    first: gl.constexpr = 1 if c == 0 else 0
+    mbarrier.wait(turns.index(c), (round + first) & 1)
+
+
+@gluon.jit
+def _pass_turn(turns, c: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+    """The tensor cores go to the next consumer in the ring."""
+    mbarrier.arrive(turns.index((c + 1) % NUM_CONSUMERS), count=1)
+
+
+@gluon.jit
+def _causal_scores(s, block, row0, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Scores of key block ``block`` with the keys after each query (rows from ``row0``) -inf."""
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    cols = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    return gl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+
+
+@gluon.jit
+def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, end, first, round0,
+                row0, qk_scale, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
+                KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """Consumer c's key blocks ``begin`` .. ``end`` - 1 of a tile whose block 0 is the ``first``-th
+    loaded overall and whose first turn is ``round0``: per block, in its turn, S of this block and
+    P.V of the one before are issued; then the softmax step under P.V. On entry ``p`` holds block
+    begin - 1's probabilities; on exit block end - 1's."""
+    q_smem, k_smem, v_smem = buffers
+    q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    for following in range(begin, end):
+        index = first + following
+        stage = index % KV_STAGES
+        mbarrier.wait(k_bars.index(stage), (index // KV_STAGES) & 1)
+        current_stage = (index - 1) % KV_STAGES
+        mbarrier.wait(v_bars.index(current_stage), ((index - 1) // KV_STAGES) & 1)
+        _wait_turn(turns, c, round0 + following)
+        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s, use_acc=False,
+                          is_async=True)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
+                            v_smem.index(current_stage), acc, is_async=True)
+        _pass_turn(turns, c, NUM_CONSUMERS)
+        # Products complete in issue order: one outstanding means S_following is done while
+        # P_current.V_current may still run under the softmax step.
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        if CAUSAL_MASK:
+            s = _causal_scores(s, following, row0, BLOCK_N, s_layout)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        # This consumer is done with K_current and V_current.
+        mbarrier.arrive(kv_empty.index(current_stage), count=1)
+    return s, p, m_i, l_i, acc
+
+
+@gluon.jit
+def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
+              HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    """Consumer c: its 64 query rows of each of the program's tiles, taking turns at the tensor
+    cores with the other consumers; writes its rows of O and lse."""
+    q_smem, k_smem, v_smem = buffers
+    q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
+    out_ptr0, stride_ob, stride_on, stride_oh, lse_ptr0, stride_lse_b, stride_lse_h = out_args
+    n_tiles, n_query_blocks, heads, group_size, seqlen_q, seqlen_k = geometry
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    first = 0       # key blocks consumed before this tile
+    round0 = 0      # turns taken before this tile
+    it = 0          # tiles done
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        block_m, head, batch = _tile_coords(tile, n_tiles, n_query_blocks, heads, HEAD_MAJOR)
+        n_blocks, n_full = _key_block_range(block_m, seqlen_k, NUM_CONSUMERS * ROWS, BLOCK_N,
+                                            CAUSAL)
+        row0 = (block_m * NUM_CONSUMERS + c) * ROWS
+        buffer = (it % 2) * NUM_CONSUMERS + c
+        q = q_smem.index(buffer)
+        mbarrier.wait(q_bars.index(buffer), (it // 2) & 1)
+
+        # Key block 0: S_0 and its softmax step (nothing accumulated yet).
+        stage = first % KV_STAGES
+        mbarrier.wait(k_bars.index(stage), (first // KV_STAGES) & 1)
+        _wait_turn(turns, c, round0)
+        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)),
+                          gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                          is_async=True)
+        _pass_turn(turns, c, NUM_CONSUMERS)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        if CAUSAL:    # harmless where block 0 is seen whole; query i always sees key 0
+            s = _causal_scores(s, 0, row0, BLOCK_N, s_layout)
+        m_i = gl.max(s, 1) * qk_scale
+        p = gl.exp2(s * qk_scale - m_i[:, None])
+        l_i = gl.sum(p, 1)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+
+        s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc, 1, n_full,
+                                          first, round0, row0, qk_scale, dtype, BLOCK_N,
+                                          KV_STAGES, False, NUM_CONSUMERS, s_layout, o_layout,
+                                          p_layout)
+        if CAUSAL:    # the diagonal block, masked
+            s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc,
+                                              gl.maximum(n_full, 1), n_blocks, first, round0,
+                                              row0, qk_scale, dtype, BLOCK_N, KV_STAGES, True,
+                                              NUM_CONSUMERS, s_layout, o_layout, p_layout)
+        # Every S product of this tile has been waited for: Q's buffer may be refilled.
+        mbarrier.arrive(q_empty.index(buffer), count=1)
+
+        last = first + n_blocks - 1
+        last_stage = last % KV_STAGES
+        mbarrier.wait(v_bars.index(last_stage), (last // KV_STAGES) & 1)
+        _wait_turn(turns, c, round0 + n_blocks)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last_stage),
+                            acc, is_async=True)
+        _pass_turn(turns, c, NUM_CONSUMERS)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(kv_empty.index(last_stage), count=1)
+
+        acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
+        out_ptr = out_ptr0 + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
+        rows = row0 + gl.arange(0, ROWS, layout=o_rows)
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        gl.store(out_ptr + rows.to(gl.int64)[:, None] * stride_on + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=(rows < seqlen_q)[:, None])
+        lse_ptr = lse_ptr0 + batch.to(gl.int64) * stride_lse_b + head.to(gl.int64) * stride_lse_h
+        lse_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        gl.store(lse_ptr + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < seqlen_q)
+        first += n_blocks
+        round0 += n_blocks + 1
+        it += 1
+
+
+@gluon.jit
+def _consumer_0(descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM: gl.constexpr,
+                BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    _consumer(0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES,
+              CAUSAL, NUM_CONSUMERS, HEAD_MAJOR)
+
+
+@gluon.jit
+def _consumer_1(descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM: gl.constexpr,
+                BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    _consumer(1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES,
+              CAUSAL, NUM_CONSUMERS, HEAD_MAJOR)
+
+
+@gluon.jit
+def _consumer_2(descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM: gl.constexpr,
+                BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    _consumer(2, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES,
+              CAUSAL, NUM_CONSUMERS, HEAD_MAJOR)
+
+
+@gluon.jit
+def _producer_worker(descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM: gl.constexpr,
+                     BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                     NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    _producer(descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, CAUSAL,
+              NUM_CONSUMERS, HEAD_MAJOR)
+
+
+@gluon.jit
+def _forward_pingpong_kernel(
+    Q, K, V, Out, Lse, cu_seqlens, seed, counter_base,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_lse_b, stride_lse_h,
+    seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
+    qk_scale, counters_per_row, drop_threshold, drop_rescale, batches,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
+    PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
+    HEAD_MAJOR: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
+):
+    # UPPER is the causal mask here (no window: _hopper.pingpong_call), as many queries as keys.
+    gl.static_assert(not (LOWER or VARLEN or DROPOUT),
+                     "windows, packed input and dropout run the other kernels")
+    gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
+    gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
+    NUM_CONSUMERS: gl.constexpr = BLOCK_M // ROWS
+    gl.static_assert(NUM_CONSUMERS * ROWS == BLOCK_M and (NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3),
+                     "BLOCK_M is two or three consumers' 64 rows")
+    gl.static_assert(KV_STAGES >= 2, "the next key block must be in flight")
+    # The register file split: 65536 per SM over 2 or 3 consumer warpgroups and the producer's.
+    CONSUMER_REGS: gl.constexpr = 240 if NUM_CONSUMERS == 2 else 160
+    dtype: gl.constexpr = Q.dtype.element_ty
+    n_query_blocks = gl.cdiv(seqlen_q, BLOCK_M)
+    n_tiles = n_query_blocks * heads_q * batches
+    heads_k = heads_q // group_size
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    # (batch x seqlen) rows by (heads x head_dim) columns; a head's tile is the box at
+    # [batch x seqlen + row, head x head_dim].
+    q_desc = tma.make_tensor_descriptor(Q, [batches * seqlen_q, heads_q * HEAD_DIM],
+                                        [stride_qn, 1], [ROWS, HEAD_DIM], q_layout)
+    k_desc = tma.make_tensor_descriptor(K, [batches * seqlen_k, heads_k * HEAD_DIM],
+                                        [stride_kn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+    v_desc = tma.make_tensor_descriptor(V, [batches * seqlen_k, heads_k * HEAD_DIM],
+                                        [stride_vn, 1], [BLOCK_N, HEAD_DIM], kv_layout)
+    # Q double-buffered: [tile parity x NUM_CONSUMERS + consumer].
+    q_smem = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, ROWS, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2 * NUM_CONSUMERS, 1],
+                                       mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2 * NUM_CONSUMERS, 1],
+                                        mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [KV_STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [KV_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [KV_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2 * NUM_CONSUMERS):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    for c in gl.static_range(NUM_CONSUMERS):
+        mbarrier.init(turns.index(c), count=1)
+    for stage in gl.static_range(KV_STAGES):
+        mbarrier.init(k_bars.index(stage), count=1)
+        mbarrier.init(v_bars.index(stage), count=1)
+        mbarrier.init(kv_empty.index(stage), count=NUM_CONSUMERS)
+    fence_async_shared()
+
+    descs = (q_desc, k_desc, v_desc)
+    buffers = (q_smem, k_smem, v_smem)
+    bars = (q_bars, q_empty, k_bars, v_bars, kv_empty, turns)
+    out_args = (Out, stride_ob, stride_on, stride_oh, Lse, stride_lse_b, stride_lse_h)
+    geometry = (n_tiles, n_query_blocks, heads_q, group_size, seqlen_q, seqlen_k)
+    # The argument tuples are written out per partition: Gluon passes a tuple's constexprs through
+    # only when the tuple is built in the call.
+    if NUM_CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer_0, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer_1, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_producer_worker, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM,
+                                BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer_0, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer_1, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer_2, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_producer_worker, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM,
+                                BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

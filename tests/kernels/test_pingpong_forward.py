@@ -1,0 +1,138 @@
+"""The ping-pong forward (_forward_pingpong.py): it compiles for sm_90 into the partitions and the
+schedule it was written for (checked here on the CPU, from the compiler's output), tiles that ask
+for it run it only for the calls it takes, and if it cannot compile the portable kernel runs the
+call with its own launch. Its numerics need a GPU (test_gpu_gluon.py):
+the interpreter cannot run Gluon."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from triton.compiler.errors import CompilationError
+
+from kernels import _forward, _hopper, attention_reference
+from kernels._launch import Tiles, call_geometry
+
+from .numerics import random_qkv
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compiled_for_sm90(head_dim, block_m, block_n, stages, causal, head_major) -> dict:
+    """The ping-pong forward compiled for sm_90 in its own process (tests/kernels/gluon_compile.py)."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    kernel = "pingpong_head_major" if head_major else "pingpong"
+    result = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_compile", str(head_dim),
+                             str(block_m), str(block_n), str(stages), "4", str(causal), kernel],
+                            cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+# The tiles measured fastest in their cells (attention_notes v18) and the two-consumer causal form.
+@pytest.mark.parametrize("head_dim, block_m, block_n, stages, causal, head_major", [
+    (128, 192, 64, 3, 0, 1), (64, 192, 128, 3, 1, 0), (64, 128, 128, 3, 0, 1), (64, 128, 128, 3, 1, 0)])
+def test_compiles_for_sm90_with_the_ping_pong_schedule(head_dim, block_m, block_n, stages, causal,
+                                                       head_major):
+    compiled = compiled_for_sm90(head_dim, block_m, block_n, stages, causal, head_major)
+    consumers = block_m // 64
+    # The workers: every consumer but the first (the default partition) and the producer warp,
+    # with the register split the kernel asks for.
+    consumer_regs = {2: "240", 3: "160"}[consumers]
+    assert compiled["partitions"] == [", ".join([consumer_regs] * (consumers - 1) + ["24"])]
+    # Each consumer's key loop (with the causal mask a second one for the masked blocks): S of the
+    # next block and P·V of this one issued together, a wait that leaves P·V outstanding under the
+    # softmax step, then a full wait; the producer's loop issues two TMA copies per block.
+    # (Each match runs from a loop's start to the first yield: from the innermost loop's start.)
+    loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
+    consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
+    assert len(consumer_loops) == consumers * (1 + causal)
+    for loop in consumer_loops:
+        assert loop.count("ttng.warp_group_dot ") == 2
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["1", "0"]
+    assert any(loop.count("ttng.async_tma_copy_global_to_local") == 2 for loop in loops)
+    # ptxas kept the products asynchronous. (Three consumers at 160 registers spill a few of a
+    # tile's scalars at head dim 64 without a mask; the measured speed includes that.)
+    assert compiled["serialized"] == []
+    if consumers == 2 or causal or head_dim == 128:
+        assert compiled["stack"] <= 8
+
+
+def test_tiles_name_the_ping_pong_kernel_only_as_a_gluon_forward():
+    assert Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True).pingpong
+    for bad in (dict(gluon=False), dict(num_warps=8), dict(block_m=64), dict(fused=True)):
+        fields = dict(block_m=128, block_n=64, num_warps=4, num_stages=3, gluon=True, pingpong=True)
+        with pytest.raises(ValueError, match="ping-pong tiles"):
+            Tiles(**{**fields, **bad})
+    with pytest.raises(ValueError, match="head_major"):
+        Tiles(128, 64, 4, 3, gluon=True, head_major=True)
+
+
+def test_rows_of_one_matrix():
+    # Contiguous tensors and q, k, v sliced from one packed (batch, seqlen, 3, heads, head_dim).
+    assert _hopper.rows_of_one_matrix(torch.empty(2, 256, 4, 64))
+    packed = torch.empty(2, 256, 3, 4, 64)
+    assert all(_hopper.rows_of_one_matrix(packed[:, :, i]) for i in range(3))
+    # Heads first in memory, or sequences not back to back: one descriptor cannot read them.
+    assert not _hopper.rows_of_one_matrix(torch.empty(2, 4, 256, 64).transpose(1, 2))
+    assert not _hopper.rows_of_one_matrix(torch.empty(2, 512, 4, 64)[:, :256])
+
+
+def test_ping_pong_tiles_run_it_only_for_the_calls_it_takes(device, monkeypatch):
+    # A caller's ping-pong tiles: calls outside its schedule, or whose tensors one descriptor
+    # cannot read, run the portable kernel. (The interpreter has no Gluon: the device check is the
+    # GPU tests'.)
+    monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
+    monkeypatch.setattr(_forward, "multiprocessors", lambda device: 132)
+    tiles = Tiles(128, 64, 4, 3, gluon=True, pingpong=True)
+
+    def chosen(q, k, causal=False, dropout_p=0.0, window=(-1, -1)):
+        geometry = call_geometry(q, k, None, 0)
+        out, lse = _forward.new_outputs(q, geometry)
+        return _forward.launch_config(q, k, k, out, lse, geometry, 0.125, causal, dropout_p, tiles,
+                                      window)[:3]
+    q = torch.randn(2, 256, 4, 64, device=device)
+    launcher, grid, static = chosen(q, q)
+    # 2 query tiles x 4 heads x 2 sequences: fewer tiles than SMs, one program each.
+    assert launcher is _forward.FORWARD_PINGPONG and grid == (16,) and static[-1] == 2
+    assert chosen(q, q, causal=True)[0] is _forward.FORWARD_PINGPONG
+    assert chosen(q, q, dropout_p=0.1)[0] is _forward.FORWARD                 # no dropout
+    assert chosen(q, q, window=(32, 0))[0] is _forward.FORWARD
+    assert chosen(q, q[:, :200])[0] is _forward.FORWARD                      # ragged key block
+    assert chosen(q[:, :128], q, causal=True)[0] is _forward.FORWARD         # causal, Nq != Nk
+    heads_first = torch.randn(2, 4, 256, 64, device=device).transpose(1, 2)
+    assert chosen(heads_first, heads_first)[0] is _forward.FORWARD           # not rows of one matrix
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_ping_pong_kernel_that_cannot_compile_leaves_the_call_to_the_portable_one(
+        device, causal, monkeypatch):
+    # Its grid and arguments are not the portable kernel's: the fallback launches the portable
+    # kernel with its own, and the launch plan keeps those.
+    q, k, v = random_qkv((2, 128, 2, 64), (2, 128, 2, 64), torch.float32, device, requires_grad=False)
+    geometry = call_geometry(q, k, None, 0)
+    tiles = Tiles(128, 64, 4, 2, gluon=True, pingpong=True)
+    monkeypatch.setattr(_forward, "_pingpong_takes", lambda *args: True)
+    monkeypatch.setattr(_forward, "multiprocessors", lambda device: 3)
+    monkeypatch.setattr(_hopper, "FALLBACKS", set())
+
+    def refuse(grid, args, options):
+        raise CompilationError("", None, "out of registers")
+    monkeypatch.setattr(_forward.FORWARD_PINGPONG, "launch", refuse)
+    out, lse = _forward.new_outputs(q, geometry)
+    launcher, grid, static, _ = _forward.launch_config(q, k, v, out, lse, geometry, 0.125, causal, 0.0, tiles)
+    assert launcher is _forward.FORWARD_PINGPONG and grid == (3,) and static[-1] == 2
+    with pytest.warns(RuntimeWarning, match="portable kernel"):
+        _, launched_grid, launched_static = _forward.launch_into(
+            out, lse, q, k, v, None, geometry, 1 / math.sqrt(64), causal, 0.0, 0, 0, tiles)
+    portable = _forward.launch_config(q, k, v, out, lse, geometry, 1 / math.sqrt(64), causal, 0.0,
+                                      _forward.forward_tiles(64, q.device, q.dtype))
+    assert launched_grid[0] == portable[1][0] and launched_static == portable[2]
+    exact = attention_reference(q, k, v, causal=causal, compute_dtype=torch.float64)
+    assert (out.double() - exact).abs().max().item() < 1e-5
