@@ -257,38 +257,6 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
 
 
 @gluon.jit
-def _consumer_0(descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM: gl.constexpr,
-                BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
-    _consumer(0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES,
-              CAUSAL, NUM_CONSUMERS, HEAD_MAJOR)
-
-
-@gluon.jit
-def _consumer_1(descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM: gl.constexpr,
-                BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
-    _consumer(1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES,
-              CAUSAL, NUM_CONSUMERS, HEAD_MAJOR)
-
-
-@gluon.jit
-def _consumer_2(descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM: gl.constexpr,
-                BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
-    _consumer(2, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES,
-              CAUSAL, NUM_CONSUMERS, HEAD_MAJOR)
-
-
-@gluon.jit
-def _producer_worker(descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM: gl.constexpr,
-                     BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
-    _producer(descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, CAUSAL,
-              NUM_CONSUMERS, HEAD_MAJOR)
-
-
-@gluon.jit
 def _forward_pingpong_kernel(
     Q, K, V, Out, Lse, cu_seqlens, seed, counter_base,
     stride_qb, stride_qn, stride_qh,
@@ -356,25 +324,25 @@ def _forward_pingpong_kernel(
     bars = (q_bars, q_empty, k_bars, v_bars, kv_empty, turns)
     out_args = (Out, stride_ob, stride_on, stride_oh, Lse, stride_lse_b, stride_lse_h)
     geometry = (n_tiles, n_query_blocks, heads_q, group_size, seqlen_q, seqlen_k)
-    # The argument tuples are written out per partition: Gluon passes a tuple's constexprs through
-    # only when the tuple is built in the call.
+    # The argument tuples are written out in each call: Gluon passes a tuple's constexprs (the
+    # consumer's index among them) through only when the tuple is built in the call.
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer_0, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer_1, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_producer_worker, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM,
-                                BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
+                         NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
-            (_consumer_0, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer_1, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer_2, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                           KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_producer_worker, (descs, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM,
-                                BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
+                         NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
