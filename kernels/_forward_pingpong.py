@@ -3,9 +3,10 @@ warpgroups of 64 query rows take turns at the tensor cores while a one-warp prod
 TMA copies (FlashAttention-3's ping-pong schedule), in a persistent grid.
 
 Why: in the one-warpgroup Gluon forward (``_forward_gluon.py``) and the portable kernel, the
-tensor cores idle while a warpgroup runs its softmax. At head dim 64 a 64-row warpgroup's
-exponentials for a 128-key block take as many special-function cycles (8192 at 16 per cycle) as
-its two products take tensor-core cycles. Here each consumer, in its turn, issues S = Q·Kᵀ of the
+tensor cores idle while a warpgroup runs its softmax (at head dim 64 a 64-row warpgroup's
+exponentials for a 128-key block take as many special-function cycles, 8192 at 16 per cycle, as
+its two products take tensor-core cycles; v18 did not settle whether that unit or instruction
+issue is the bound). Here each consumer, in its turn, issues S = Q·Kᵀ of the
 next key block and O += P·V of this one, passes the turn on (an mbarrier), and runs its softmax
 step while the others' products run. Measured in docs/results/attention_notes.md (v18).
 
