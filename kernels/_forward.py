@@ -250,13 +250,17 @@ def launch_into(out, lse, q, k, v, cu_seqlens, geometry: Geometry, softmax_scale
         bound = _hopper.launch(launcher, FORWARD, grid, arguments, options)
         return bound, grid3(grid), static
     # The persistent kernel has its own grid and one more argument: if it cannot compile, the
-    # portable kernel runs the call with its own launch.
-    _, portable_grid, portable_static, portable_options = launch_config(
-        q, k, v, out, lse, geometry, softmax_scale, causal, dropout_p,
-        forward_tiles(geometry.head_dim, q.device, q.dtype), window)
-    portable_launch = (portable_grid, (*arguments[:8], *portable_static), portable_options)
+    # portable kernel runs the call with its own launch (derived only then).
+    def portable_config():
+        return launch_config(q, k, v, out, lse, geometry, softmax_scale, causal, dropout_p,
+                             forward_tiles(geometry.head_dim, q.device, q.dtype), window)[1:]
+
+    def portable_launch():
+        portable_grid, portable_static, portable_options = portable_config()
+        return portable_grid, (*arguments[:8], *portable_static), portable_options
     bound = _hopper.launch(launcher, FORWARD, grid, arguments, options, portable_launch)
     if _hopper.fell_back(launcher, options):
+        portable_grid, portable_static, _ = portable_config()
         return bound, grid3(portable_grid), portable_static
     return bound, grid3(grid), static
 

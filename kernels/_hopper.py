@@ -118,24 +118,24 @@ def _compile_failure(error: Exception) -> bool:
 
 def launch(launcher, portable, grid, args, options: dict, portable_launch=None):
     """Launch ``launcher`` (a Hopper kernel or ``portable``); if Triton cannot compile the Hopper
-    kernel for these options, warn once and launch the portable kernel instead: with
-    ``portable_launch`` (its own grid, arguments and options) where given, else with the same grid
-    and arguments and the options but ``HOPPER_ONLY_OPTIONS``. Returns what the launch returns."""
+    kernel for these options, warn once and launch the portable kernel instead: with the grid,
+    arguments and options ``portable_launch()`` returns where given (a kernel whose launch differs
+    from the portable one's), else with the same grid and arguments and the options but
+    ``HOPPER_ONLY_OPTIONS``. Returns what the launch returns."""
     if launcher is portable:
         return portable.launch(grid, args, options)
-    key = (launcher.kernel.__name__, tuple(sorted(options.items()))) if FALLBACKS else None
-    if key is None or key not in FALLBACKS:
+    if not fell_back(launcher, options):
         try:
             return launcher.launch(grid, args, options)
         except Exception as error:  # noqa: BLE001 - only compile failures are handled, see above
             if not _compile_failure(error):
                 raise
-            FALLBACKS.add((launcher.kernel.__name__, tuple(sorted(options.items()))))
+            FALLBACKS.add(_fallback_key(launcher, options))
             warnings.warn(f"{launcher.kernel.__name__} did not compile for {dict(options)} "
                           f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
                           f"the portable kernel runs these calls", RuntimeWarning, stacklevel=3)
     if portable_launch is not None:
-        return portable.launch(*portable_launch)
+        return portable.launch(*portable_launch())
     portable_options = {name: value for name, value in options.items()
                         if name not in HOPPER_ONLY_OPTIONS}
     return portable.launch(grid, args, portable_options)
@@ -147,4 +147,8 @@ HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES", "STAGES")
 
 def fell_back(launcher, options: dict) -> bool:
     """Whether ``launcher`` failed to compile for ``options`` (the portable kernel runs them)."""
-    return (launcher.kernel.__name__, tuple(sorted(options.items()))) in FALLBACKS
+    return bool(FALLBACKS) and _fallback_key(launcher, options) in FALLBACKS
+
+
+def _fallback_key(launcher, options: dict) -> tuple:
+    return (launcher.kernel.__name__, tuple(sorted(options.items())))
