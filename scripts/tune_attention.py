@@ -1,6 +1,6 @@
 """Sweep tile sizes, warps and pipeline stages of the three attention kernels on this GPU,
-and on sm_90+ the TMA and Gluon forwards and the Gluon dQ and dK/dV passes (marked ``tma``,
-``gluon``) against them. A candidate of
+and on sm_90+ the TMA, Gluon and ping-pong forwards and the Gluon dQ and dK/dV passes (marked
+``tma``, ``gluon``, ``pingpong``) against them. A candidate of
 theirs that does not compile or does not apply (the portable kernel would run in its place) is
 recorded as an error, not timed.
 
@@ -38,7 +38,14 @@ FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3
                                   (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)]] + [
     # The Gluon forward (_forward_gluon.py; sm_90, no band or dropout); num_stages = K/V stages.
     Tiles(*t, gluon=True) for t in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
-                                    (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 4)]]
+                                    (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 4)]] + [
+    # The ping-pong forward (_forward_pingpong.py; sm_90, no band or dropout): block_m / 64
+    # consumer warpgroups; num_stages = K/V stages; each tile order (head by head or query block
+    # by query block), which moved it by up to 30 % (attention_notes v18).
+    Tiles(*t, gluon=True, pingpong=True, head_major=head_major)
+    for t in [(128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3), (192, 64, 4, 3), (192, 128, 4, 2),
+              (192, 128, 4, 3)]
+    for head_major in (False, True)]
 DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3),
                             (32, 64, 4, 3), (64, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 2),
                             (16, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3), (128, 64, 8, 2),
@@ -105,11 +112,13 @@ def measure(fn, reference=None):
         return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-KINDS = ("tma", "gluon", "fused", "gluon-fused")
+KINDS = ("tma", "gluon", "pingpong", "fused", "gluon-fused")
 
 
 def kind(tiles) -> str | None:
     """Which special kernel the tiles choose (None: the portable two-pass kernel)."""
+    if tiles.pingpong:
+        return "pingpong"
     if tiles.gluon and tiles.fused:
         return "gluon-fused"
     return next((name for name in ("tma", "gluon", "fused") if getattr(tiles, name)), None)
@@ -121,7 +130,8 @@ def hopper_candidates(candidates, default, kinds=KINDS, portable=None):
     ``portable`` tiles (those the calls a special kernel does not take run; the default before it,
     where it is one), and the candidates of the special kernels in ``kinds``: without sweeping every
     portable tile again."""
-    plain = dataclasses.replace(default, tma=False, gluon=False, fused=False)
+    plain = dataclasses.replace(default, tma=False, gluon=False, fused=False, pingpong=False,
+                                head_major=False)
     baseline = [default] + [t for t in dict.fromkeys((plain, portable))
                             if t is not None and t != default]
     return baseline + [t for t in candidates if kind(t) in kinds and t not in baseline]
@@ -173,6 +183,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
                  num_stages=t.num_stages, tma=t.tma, gluon=t.gluon, fused=t.fused,
+                 pingpong=t.pingpong, head_major=t.head_major,
                  ms=ms if isinstance(ms, float) else None,
                  tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
                  error=None if isinstance(ms, float) else ms)
@@ -235,7 +246,7 @@ def main():
     parser.add_argument("--causal", nargs="+", type=int, choices=[0, 1], default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("tune.json"))
     parser.add_argument("--hopper-only", action="store_true",
-                        help="time only the TMA, Gluon and fused candidates (forward, dK/dV, dQ) "
+                        help="time only the TMA, Gluon, ping-pong and fused candidates (forward, dK/dV, dQ) "
                              "against the tuned tiles")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="with --hopper-only: which special kernels' candidates to time")
@@ -264,7 +275,9 @@ def main():
                     print(f"d={head_dim} causal={causal} p={dropout_p} {kernel:>16}: " + "  ".join(
                         f"({r['block_m']},{r['block_n']},{r['num_warps']},{r['num_stages']}"
                         f"{',tma' if r['tma'] else ''}{',gluon' if r['gluon'] else ''}"
-                        f"{',fused' if r.get('fused') else ''}) "
+                        f"{',fused' if r.get('fused') else ''}"
+                        f"{',pingpong' if r.get('pingpong') else ''}"
+                        f"{',head-major' if r.get('head_major') else ''}) "
                         f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
 
 

@@ -69,3 +69,17 @@ def test_hopper_candidates_can_be_limited_to_some_kinds():
     assert tune_attention.hopper_candidates(candidates, default, ("gluon-fused",)) == [
         default, Tiles(32, 64, 4, 4), Tiles(32, 64, 4, 3, gluon=True, fused=True)]
     assert [tune_attention.kind(t) for t in candidates] == ["fused", "gluon", "gluon-fused", "tma"]
+
+
+def test_ping_pong_candidates_are_their_own_kind():
+    # Ping-pong tiles are Gluon tiles too; --kinds gluon must not time them, and a ping-pong
+    # default is timed against its portable twin.
+    from kernels._launch import Tiles
+    pingpong = Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)
+    gluon = Tiles(128, 64, 8, 3, gluon=True)
+    assert [tune_attention.kind(t) for t in (pingpong, gluon)] == ["pingpong", "gluon"]
+    assert tune_attention.hopper_candidates([pingpong, gluon], Tiles(128, 64, 4, 3), ("gluon",)) == [
+        Tiles(128, 64, 4, 3), gluon]
+    assert tune_attention.hopper_candidates([gluon], pingpong, ("pingpong",)) == [
+        pingpong, Tiles(192, 64, 4, 3)]
+    assert sum(tune_attention.kind(t) == "pingpong" for t in tune_attention.FORWARD) == 12
