@@ -16,7 +16,8 @@ import triton.language as tl
 from . import _forward_gluon, _forward_pingpong, _forward_tma, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
-                      dot_precision, forward_tiles, gluon_forward_tiles, tma_forward_tiles)
+                      dot_precision, forward_tiles, gluon_forward_tiles, pingpong_forward_tiles,
+                      tma_forward_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       head_first_pair, pair_counter_base, seed_arguments)
 from ._tiles import (key_block_ranges, load_rows, normalized_rows, online_softmax_block,
@@ -216,11 +217,17 @@ def _gluon_takes(q, k, v, geometry: Geometry, causal: bool, dropout_p: float, wi
 
 def default_tiles(q, k, v, geometry: Geometry, causal: bool, dropout_p: float,
                   window: Window) -> Tiles:
-    """The fastest measured forward that takes the call: the Gluon kernel's tiles where they were
-    measured fastest (``gluon_forward_tiles``) and the call qualifies (sm_90, no window, whole key
-    blocks, with the causal mask as many queries as keys), the TMA kernel's (no band or dropout,
-    whole key blocks), else the portable kernel's tuned tiles. The ping-pong kernel runs only for
-    tiles a caller passes (``Tiles(..., pingpong=True)``) until its GPU tests have run."""
+    """The fastest measured forward that takes the call: the ping-pong kernel's tiles where they
+    were measured fastest (``pingpong_forward_tiles``: long enough calls without dropout) and the
+    call qualifies (the Gluon kernel's calls, each tensor readable by one descriptor), the Gluon
+    kernel's where they were (``gluon_forward_tiles``) and the call qualifies (sm_90, no window,
+    whole key blocks, with the causal mask as many queries as keys), the TMA kernel's (no band or
+    dropout, whole key blocks), else the portable kernel's tuned tiles."""
+    pingpong = pingpong_forward_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout_p > 0,
+                                      geometry.seqlen_k)
+    if pingpong is not None and _pingpong_takes(q, k, v, geometry, causal, dropout_p, window,
+                                                pingpong):
+        return pingpong
     gluon = gluon_forward_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout_p > 0)
     if gluon is not None and _gluon_takes(q, k, v, geometry, causal, dropout_p, window, gluon):
         return gluon

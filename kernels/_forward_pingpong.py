@@ -33,8 +33,10 @@ query tile of a sequence may be partial: its extra rows read the next sequence's
 zeros past the end) and are not stored. The interpreter cannot run Gluon; the GPU-marked tests
 run it.
 
-It runs only for tiles a caller passes (``Tiles(..., gluon=True, pingpong=True)``): no default
-chooses it until its GPU tests (``test_gpu_gluon.py -k pingpong``) have run on this form of it.
+``default_tiles`` chooses it where it was measured faster than the previous default, in the same
+process (``_launch.pingpong_forward_tiles``: head dim 128 without a mask from 1024 tokens, 64
+causal from 4096, 64 without a mask from 16384; attention_notes v19); elsewhere it runs for tiles
+a caller passes (``Tiles(..., gluon=True, pingpong=True)``).
 """
 
 from triton.experimental import gluon

@@ -203,6 +203,37 @@ def gluon_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype,
     return None
 
 
+# Where the ping-pong forward beat the previous default forward (H200, bf16, hidden 2048, batch x
+# seqlen = 16K tokens, same process; docs/results/attention_notes.md v18, confirmed through the
+# library in v19), without dropout. The smallest length measured where it won, in tokens (v18's
+# figures; v19: +13 / +17 / +13 % at d128, +14 / +20 / +25 % at d64 causal 4K / 8K / 16K, +11 % at
+# d64 without a mask 16K):
+PINGPONG_MIN_SEQLEN = {
+    (128, False): 1024,     # 3 warpgroups, 64-key blocks: +14 / +21 / +17 % at 1K / 4K / 16K
+    (64, True): 4096,       # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %)
+    (64, False): 16384,     # 2 warpgroups: +7 % at 16K (4K: +2 %, within the rounds' spread)
+}
+PINGPONG_TILES = {
+    (128, False): Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True),
+    (64, True): Tiles(192, 128, 4, 3, gluon=True, pingpong=True),
+    (64, False): Tiles(128, 128, 4, 3, gluon=True, pingpong=True, head_major=True),
+}
+
+
+def pingpong_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
+                           dropout: bool, seqlen_k: int) -> Tiles | None:
+    """Tiles of the ping-pong forward where it was measured fastest (``PINGPONG_MIN_SEQLEN``);
+    None elsewhere: with dropout (it has none), head dim 128 causal (it lost: 0.66-0.99 of the
+    default), and off sm_90."""
+    key = (head_dim, causal)
+    if (dropout or key not in PINGPONG_TILES or seqlen_k < PINGPONG_MIN_SEQLEN[key]
+            or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
+        return None
+    if capability(device)[0] != 9:
+        return None
+    return PINGPONG_TILES[key]
+
+
 def capability(device: torch.device) -> tuple[int, int]:
     """The CUDA device's compute capability, asked of the driver once per device."""
     return _capability(device.index if device.index is not None else torch.cuda.current_device())

@@ -136,3 +136,54 @@ def test_a_ping_pong_kernel_that_cannot_compile_leaves_the_call_to_the_portable_
     assert launched_grid[0] == portable[1][0] and launched_static == portable[2]
     exact = attention_reference(q, k, v, causal=causal, compute_dtype=torch.float64)
     assert (out.double() - exact).abs().max().item() < 1e-5
+
+
+def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
+    from kernels import _launch
+    cuda = torch.device("cuda", 0)
+
+    def tiles(head_dim, causal, seqlen, dtype=torch.bfloat16, dropout=False, device=cuda):
+        return _launch.pingpong_forward_tiles(head_dim, device, dtype, causal, dropout, seqlen)
+    for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
+        monkeypatch.setattr(_launch, "capability", lambda device: capability)
+        assert (tiles(128, False, 4096) is not None) == expected
+    monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
+    assert tiles(128, False, 4096, device=torch.device("cpu")) is None
+    # From the shortest length where it won (attention_notes v18), with the tiles that won there.
+    assert tiles(128, False, 1024) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)
+    assert tiles(128, False, 512) is None
+    assert tiles(64, True, 4096) == Tiles(192, 128, 4, 3, gluon=True, pingpong=True)
+    assert tiles(64, True, 2048) is None                      # lost below 4K
+    assert tiles(64, False, 16384) == Tiles(128, 128, 4, 3, gluon=True, pingpong=True,
+                                            head_major=True)
+    assert tiles(64, False, 8192) is None
+    assert tiles(128, True, 16384) is None                    # lost at head dim 128 causal
+    assert tiles(128, False, 4096, dropout=True) is None      # the kernel has no dropout
+    assert tiles(128, False, 4096, dtype=torch.float32) is None
+    assert tiles(256, False, 16384) is None
+
+
+def test_default_tiles_take_the_ping_pong_forward_only_for_calls_it_takes(device, monkeypatch):
+    # Its tiles come first where they exist and the call qualifies; else the next kernel's.
+    pingpong = Tiles(128, 64, 4, 3, gluon=True, pingpong=True)
+    monkeypatch.setattr(_forward, "pingpong_forward_tiles",
+                        lambda head_dim, device, dtype, causal, dropout, seqlen_k:
+                        pingpong if seqlen_k >= 128 and not dropout else None)
+    monkeypatch.setattr(_forward, "gluon_forward_tiles", lambda *args: None)
+    monkeypatch.setattr(_forward, "tma_forward_tiles", lambda *args: None)
+    # The interpreter has no Gluon; the device check is the GPU tests'.
+    monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
+    portable = _forward.forward_tiles(64, torch.device(device), torch.float32)
+
+    def chosen(q, k, causal=True, dropout_p=0.0, window=(-1, -1)):
+        return _forward.default_tiles(q, k, k, call_geometry(q, k, None, 0), causal, dropout_p,
+                                      window)
+    q = torch.randn(1, 128, 2, 64, device=device)
+    assert chosen(q, q) == pingpong
+    assert chosen(q, q, causal=False) == pingpong
+    assert chosen(q[:, :64], q[:, :64]) == portable                      # too short
+    assert chosen(q, q, dropout_p=0.1) == portable
+    assert chosen(q, q, window=(32, 0)) == portable
+    assert chosen(q[:, :64], q) == portable                              # causal, Nq != Nk
+    heads_first = torch.randn(1, 2, 128, 64, device=device).transpose(1, 2)
+    assert chosen(heads_first, heads_first) == portable                  # not rows of one matrix
