@@ -1,7 +1,7 @@
 """The ping-pong forward (_forward_pingpong.py): it compiles for sm_90 into the partitions and the
 schedule it was written for (checked here on the CPU, from the compiler's output), tiles that ask
-for it run it only for the calls it takes, and if it cannot compile the portable kernel runs the
-call with its own launch. Its numerics need a GPU (test_gpu_gluon.py):
+for it run it only for the calls it takes, the default chooses it only in the measured settings,
+and if it cannot compile the portable kernel runs the call with its own launch. Its numerics need a GPU (test_gpu_gluon.py):
 the interpreter cannot run Gluon."""
 
 import json
