@@ -224,7 +224,7 @@ def default_tiles(q, k, v, geometry: Geometry, causal: bool, dropout_p: float,
     whole key blocks, with the causal mask as many queries as keys), the TMA kernel's (no band or
     dropout, whole key blocks), else the portable kernel's tuned tiles."""
     pingpong = pingpong_forward_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout_p > 0,
-                                      geometry.seqlen_k)
+                                      geometry.seqlen_q, geometry.seqlen_k)
     if pingpong is not None and _pingpong_takes(q, k, v, geometry, causal, dropout_p, window,
                                                 pingpong):
         return pingpong

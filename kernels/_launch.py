@@ -221,12 +221,14 @@ PINGPONG_TILES = {
 
 
 def pingpong_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
-                           dropout: bool, seqlen_k: int) -> Tiles | None:
-    """Tiles of the ping-pong forward where it was measured fastest (``PINGPONG_MIN_SEQLEN``);
-    None elsewhere: with dropout (it has none), head dim 128 causal (it lost: 0.66-0.99 of the
-    default), and off sm_90."""
+                           dropout: bool, seqlen_q: int, seqlen_k: int) -> Tiles | None:
+    """Tiles of the ping-pong forward where it was measured fastest (``PINGPONG_MIN_SEQLEN``, as
+    many queries as keys); None elsewhere: with dropout (it has none), head dim 128 causal (it
+    lost: 0.66-0.99 of the default), few queries (each 128- or 192-row tile would be mostly
+    padding, e.g. one query against a long cache: unmeasured), and off sm_90."""
     key = (head_dim, causal)
-    if (dropout or key not in PINGPONG_TILES or seqlen_k < PINGPONG_MIN_SEQLEN[key]
+    if (dropout or key not in PINGPONG_TILES
+            or min(seqlen_q, seqlen_k) < PINGPONG_MIN_SEQLEN[key]
             or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
         return None
     if capability(device)[0] != 9:

@@ -142,8 +142,10 @@ def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
     from kernels import _launch
     cuda = torch.device("cuda", 0)
 
-    def tiles(head_dim, causal, seqlen, dtype=torch.bfloat16, dropout=False, device=cuda):
-        return _launch.pingpong_forward_tiles(head_dim, device, dtype, causal, dropout, seqlen)
+    def tiles(head_dim, causal, seqlen, dtype=torch.bfloat16, dropout=False, device=cuda,
+              seqlen_q=None):
+        return _launch.pingpong_forward_tiles(head_dim, device, dtype, causal, dropout,
+                                              seqlen if seqlen_q is None else seqlen_q, seqlen)
     for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
         monkeypatch.setattr(_launch, "capability", lambda device: capability)
         assert (tiles(128, False, 4096) is not None) == expected
@@ -152,6 +154,7 @@ def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
     # From the shortest length where it won (attention_notes v18), with the tiles that won there.
     assert tiles(128, False, 1024) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)
     assert tiles(128, False, 512) is None
+    assert tiles(128, False, 4096, seqlen_q=1) is None       # one query against a long cache
     assert tiles(64, True, 4096) == Tiles(192, 128, 4, 3, gluon=True, pingpong=True)
     assert tiles(64, True, 2048) is None                      # lost below 4K
     assert tiles(64, False, 16384) == Tiles(128, 128, 4, 3, gluon=True, pingpong=True,
@@ -167,8 +170,8 @@ def test_default_tiles_take_the_ping_pong_forward_only_for_calls_it_takes(device
     # Its tiles come first where they exist and the call qualifies; else the next kernel's.
     pingpong = Tiles(128, 64, 4, 3, gluon=True, pingpong=True)
     monkeypatch.setattr(_forward, "pingpong_forward_tiles",
-                        lambda head_dim, device, dtype, causal, dropout, seqlen_k:
-                        pingpong if seqlen_k >= 128 and not dropout else None)
+                        lambda head_dim, device, dtype, causal, dropout, seqlen_q, seqlen_k:
+                        pingpong if min(seqlen_q, seqlen_k) >= 128 and not dropout else None)
     monkeypatch.setattr(_forward, "gluon_forward_tiles", lambda *args: None)
     monkeypatch.setattr(_forward, "tma_forward_tiles", lambda *args: None)
     # The interpreter has no Gluon; the device check is the GPU tests'.
