@@ -35,6 +35,20 @@ GLUON_TILES = [(64, (128, 128, 8, 3)), (64, (64, 64, 4, 3)), (128, (128, 64, 8, 
 GLUON_LENGTHS = [(1024, 4), (4096, 2), (1088, 4)]
 
 
+def check_default_forward(q, k, v, causal, launcher):
+    """The default forward of this call is ``launcher``'s kernel; through flash_attention it
+    matches float64, and the launch plan's second call (bound kernel, its own descriptor scratch)
+    gives the first call's result."""
+    from kernels import _forward
+    from kernels._launch import call_geometry
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is launcher
+    check_against_reference(q, k, v, causal=causal)
+    first, second = (flash_attention(q, k, v, causal=causal) for _ in range(2))
+    assert torch.equal(first, second)
+
+
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, tiles, seqlen, heads_k", [
     (head_dim, tiles, seqlen, heads_k) for head_dim, tiles in GLUON_TILES for seqlen, heads_k in GLUON_LENGTHS
@@ -46,17 +60,12 @@ def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypa
     # diagonal blocks; the launch plan's second call (bound kernel, its own descriptor scratch)
     # gives the same result.
     from kernels import _eager_plan, _forward
-    from kernels._launch import Tiles, call_geometry
+    from kernels._launch import Tiles
     gluon = Tiles(*tiles, gluon=True)
     monkeypatch.setattr(_forward, "default_tiles", lambda *args: gluon)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD_GLUON
-    check_against_reference(q, k, v, causal=causal)
-    first, second = (flash_attention(q, k, v, causal=causal) for _ in range(2))
-    assert torch.equal(first, second)
+    check_default_forward(q, k, v, causal, _forward.FORWARD_GLUON)
 
 
 # (head dim, tiles, head-major): the tiles measured fastest in their cells (attention_notes v18),
@@ -76,7 +85,7 @@ def test_pingpong_forward_on_gpu(head_dim, tiles, head_major, seqlen, heads_k, p
     # slices of one (batch, seqlen, heads, head_dim) tensor; more tiles than programs at 4096;
     # the launch plan's second call gives the same result.
     from kernels import _eager_plan, _forward
-    from kernels._launch import Tiles, call_geometry
+    from kernels._launch import Tiles
     from kernels.qkv_packed import split_qkv
     pingpong = Tiles(*tiles, gluon=True, pingpong=True, head_major=head_major)
     monkeypatch.setattr(_forward, "default_tiles", lambda *args: pingpong)
@@ -87,12 +96,7 @@ def test_pingpong_forward_on_gpu(head_dim, tiles, head_major, seqlen, heads_k, p
     else:
         q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16,
                              "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    assert _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, 0.0)[0] is _forward.FORWARD_PINGPONG
-    check_against_reference(q, k, v, causal=causal)
-    first, second = (flash_attention(q, k, v, causal=causal) for _ in range(2))
-    assert torch.equal(first, second)
+    check_default_forward(q, k, v, causal, _forward.FORWARD_PINGPONG)
 
 
 @sm90_exactly
