@@ -1,6 +1,6 @@
 """Backward pass launches: the dQ and dK/dV passes (``_backward_kernels.py``, the algorithm and its
 fused single-pass form) with their tuned tiles, strides and scalars, the Gluon passes for sm_90
-(``_dq_gluon.py``, ``_dkdv_gluon.py``) where a call qualifies, and the fused pass's float32 dQ
+(``_dq_gluon.py``, ``_dkdv_gluon.py``, ``_dkdv_warp_specialized.py``) where a call qualifies, and the fused pass's float32 dQ
 buffer. ``backward`` is the entry point; ``launch_into`` also returns what a launch plan
 (``_eager_plan.py``) needs to repeat the launches.
 """
@@ -10,7 +10,7 @@ import dataclasses
 import torch
 import triton
 
-from . import _dkdv_gluon, _dq_gluon, _hopper
+from . import _dkdv_gluon, _dkdv_warp_specialized, _dq_gluon, _hopper
 from ._backward_kernels import _dkdv_kernel, _dq_kernel
 from ._direct_launch import DirectLauncher, grid3
 from ._forward import LOG2E, lse_strides
@@ -44,6 +44,7 @@ DQ = DirectLauncher(_dq_kernel)
 DKDV = DirectLauncher(_dkdv_kernel)
 DKDV_GLUON = DirectLauncher(_dkdv_gluon._dkdv_gluon_kernel)
 DQ_GLUON = DirectLauncher(_dq_gluon._dq_gluon_kernel)
+DKDV_WARP_SPECIALIZED = DirectLauncher(_dkdv_warp_specialized._dkdv_warp_specialized_kernel)
 
 
 def contiguous_batched_strides(shape, varlen: bool) -> tuple[int, int, int]:
@@ -77,7 +78,7 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
                     and _hopper.gluon_device((q, k, v, grad_out), varlen))
     call = (causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim)
     gluon_dkdv = kv_tiles.gluon and gluon_device and _hopper.gluon_dkdv_call(
-        *call, geometry.group_size, kv_tiles.block_m, kv_tiles.block_n)
+        *call, geometry.group_size, kv_tiles.block_m, kv_tiles.block_n, kv_tiles.warp_specialized)
     if tiles is None and kv_tiles.gluon and not gluon_dkdv:
         # A call the Gluon pass does not take runs the portable pass's own tiles (with dropout
         # they differ from the Gluon pass's).
@@ -87,7 +88,7 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
         # The fused pass sums dQ by atomic adds in whatever order the blocks finish: not bitwise
         # reproducible. Under torch.use_deterministic_algorithms the default is the two passes
         # (dkdv_tiles gives their tiles; this holds whatever the tile rule says).
-        kv_tiles = dataclasses.replace(kv_tiles, fused=False)
+        kv_tiles = dataclasses.replace(kv_tiles, fused=False, warp_specialized=False)
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
@@ -121,7 +122,7 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
         dq_launcher = DQ_GLUON
         dq_config[2]["STAGES"] = q_tiles.num_stages
     if gluon_dkdv:
-        dkdv_launcher = DKDV_GLUON
+        dkdv_launcher = DKDV_WARP_SPECIALIZED if kv_tiles.warp_specialized else DKDV_GLUON
         dkdv_config[2]["STAGES"] = kv_tiles.num_stages
     return (dq_launcher, *dq_config), (dkdv_launcher, *dkdv_config)
 

@@ -1,5 +1,6 @@
 """Which calls the Hopper kernels (``_forward_tma.py``, ``_forward_gluon.py``,
-``_forward_pingpong.py``, ``_dq_gluon.py``, ``_dkdv_gluon.py``) can take, and their launch with a
+``_forward_pingpong.py``, ``_dq_gluon.py``, ``_dkdv_gluon.py``, ``_dkdv_warp_specialized.py``)
+can take, and their launch with a
 fallback to the portable kernel.
 
 All read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and padded
@@ -97,10 +98,12 @@ def gluon_dq_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_
 
 
 def gluon_dkdv_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,
-                    head_dim: int, group_size: int, block_m: int, block_n: int) -> bool:
-    """The calls the Gluon dK/dV schedule covers: the dQ pass's, with one query head per kv-head."""
+                    head_dim: int, group_size: int, block_m: int, block_n: int,
+                    warp_specialized: bool = False) -> bool:
+    """The calls the Gluon dK/dV schedule covers: the dQ pass's, with one query head per kv-head;
+    the warp-specialized pass's (``_dkdv_warp_specialized.py``) without dropout."""
     return (gluon_dq_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_m, block_n)
-            and group_size == 1)
+            and group_size == 1 and not (warp_specialized and dropout_p > 0))
 
 
 def masked(causal: bool, window, length: int, block: int) -> bool:

@@ -138,6 +138,10 @@ class Tiles:
     # by query block.
     pingpong: bool = False
     head_major: bool = False
+    # dK/dV only, with gluon and fused: the warp-specialized pass (_dkdv_warp_specialized.py), two
+    # consumer warpgroups of 64 keys each (block_n 128, one warpgroup's num_warps 4) over 64-query
+    # blocks, and a producer warp; num_stages counts its Q/dO stages. No dropout.
+    warp_specialized: bool = False
 
     def __post_init__(self):
         # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).
@@ -153,6 +157,12 @@ class Tiles:
                              f"(block_m 128 or 192, num_warps 4); got {self}")
         if self.head_major and not self.pingpong:
             raise ValueError(f"head_major orders the ping-pong kernel's tiles; got {self}")
+        if self.warp_specialized and not (self.gluon and self.fused and self.block_m == 64
+                                          and self.block_n == 128 and self.num_warps == 4
+                                          and self.num_stages >= 2):
+            raise ValueError("warp-specialized tiles are fused Gluon dK/dV tiles of 64 queries, two "
+                             "warpgroups' 64 keys (block_n 128, num_warps 4) and at least 2 stages; "
+                             f"got {self}")
 
 
 # Chosen on an H100 80GB HBM3 (bf16, 16384 tokens, hidden 2048) with scripts/tune_attention.py;
@@ -262,6 +272,11 @@ def _fused_gluon_pays(causal: bool, dropout: bool, seqlen: int) -> bool:
     return seqlen >= FUSED_GLUON_MIN_SEQLEN
 
 
+# From this query length on, the warp-specialized fused pass is the default at head dim 128 without
+# dropout (dkdv_tiles; the shortest length measured).
+WARP_SPECIALIZED_MIN_SEQLEN = 4096
+
+
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
                dropout: bool = False, hopper: bool = True, seqlen: int = 0,
                deterministic: bool = False) -> Tiles:
@@ -292,6 +307,13 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
             return Tiles(64, 64, 4, 3, fused=not deterministic)
         return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
+        if (head_dim == 128 and not dropout and hopper and not deterministic
+                and seqlen >= WARP_SPECIALIZED_MIN_SEQLEN and _hopper_gpu(device)):
+            # The warp-specialized fused pass (_dkdv_warp_specialized.py): whole backward against
+            # the two-pass Gluon default below, three rounds in one process (H200, 16K tokens per
+            # batch; attention_notes.md, v20): +33 / +27 % without a mask and +16 / +26 % causal at
+            # 4K / 16K tokens.
+            return Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True)
         if dropout:
             # On sm_90 the Gluon pass: whole backward +12 % without a mask, +18 % causal against
             # the portable tiles below (H200, 16K tokens; attention_notes.md, v14).

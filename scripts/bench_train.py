@@ -35,7 +35,6 @@ in the same round (``paired_ratio``), for machines whose speed drifts during a r
 """
 
 import argparse
-import dataclasses
 import datetime
 import functools
 import json
@@ -83,7 +82,8 @@ class TrainerSystem:
 
     def __init__(self, overrides, workdir, two_pass: bool = False):
         """``two_pass``: the attention backward without the fused dK/dV pass, where that is the
-        default (head dim 64 with dropout): an A/B of the default in the same process."""
+        default (head dim 64 with dropout, long calls at head dims 64 and 128): an A/B of the
+        default in the same process."""
         self.trainer = Trainer(run_config(overrides), Path(tempfile.mkdtemp(dir=workdir)))
         config = self.trainer.config
         self.tokens_per_step = config.trainer.micro_batch_size * config.trainer.grad_accum * config.data.seqlen
@@ -97,9 +97,10 @@ class TrainerSystem:
             return
         # The attention backward's tiles are chosen at every call (inside the compiled graph too),
         # so swapping the chooser for this step's calls swaps the kernel for this system alone.
+        # The two passes' tiles are the ones the default gives under deterministic algorithms.
         default = _backward.dkdv_tiles
-        _backward.dkdv_tiles = lambda *args, **kwargs: dataclasses.replace(default(*args, **kwargs),
-                                                                          fused=False)
+        _backward.dkdv_tiles = lambda *args, **kwargs: default(*args, **{**kwargs,
+                                                                      "deterministic": True})
         try:
             self.last = self.trainer.train_step()
         finally:

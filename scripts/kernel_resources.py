@@ -8,7 +8,9 @@ machine, no GPU needed (Triton ships ptxas and cuobjdump).
 ``--gluon`` compiles the pass's Gluon kernel (``_forward_gluon.py``, ``_dq_gluon.py``,
 ``_dkdv_gluon.py``; stages from the tiles) instead of the portable one; with ``--fused`` the
 dK/dV pass is the one that also adds dQ; with ``--pingpong`` (forward) the ping-pong kernel
-(``_forward_pingpong.py``: BLOCK_M // 64 consumer warpgroups, ``--head-major`` tile order).
+(``_forward_pingpong.py``: BLOCK_M // 64 consumer warpgroups, ``--head-major`` tile order); with
+``--warp-specialized`` (dkdv, fused) the pass of two consumer warpgroups and a producer warp
+(``_dkdv_warp_specialized.py``: tiles 64,128,4,STAGES).
 
 Each pass is compiled with the arguments the library itself would launch it with (``launch_config``
 of the forward, ``launch_configs`` of the backward), so the constexprs, the integer
@@ -157,7 +159,8 @@ def pass_arguments(args) -> tuple:
     geometry = call_geometry(q, k, None, 0)
     scale = args.head_dim ** -0.5
     block_m, block_n, warps, stages = args.tiles
-    tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused, gluon=args.gluon)
+    tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused, gluon=args.gluon,
+                  warp_specialized=args.warp_specialized)
     seed = torch.empty(1, dtype=torch.int64, device="meta") if args.seed_in_memory else kernel_seed(1234)
     counter_base = kernel_counter_base(0 if args.seed_in_memory else 4 * 12345)
     in_memory = {"SEED_IN_MEMORY": True} if args.seed_in_memory else {}
@@ -184,7 +187,8 @@ def pass_arguments(args) -> tuple:
         return dq_launcher.kernel, (q, k, v, grad_out, out, lse, delta, dq, None, seed, counter_base,
                                     *dq_static), {**dq_options, **in_memory}
     if args.gluon:
-        dkdv_launcher, dkdv_options = _backward.DKDV_GLUON, {**dkdv_options, "STAGES": stages}
+        launcher = _backward.DKDV_WARP_SPECIALIZED if args.warp_specialized else _backward.DKDV_GLUON
+        dkdv_launcher, dkdv_options = launcher, {**dkdv_options, "STAGES": stages}
     accumulator = torch.empty(shape, dtype=torch.float32, device="meta")
     return dkdv_launcher.kernel, (q, k, v, grad_out, lse, delta, dk, dv, accumulator, None, seed,
                                   counter_base, *dkdv_static), {**dkdv_options, **in_memory}
@@ -206,6 +210,8 @@ def parse_args(argv=None):
     parser.add_argument("--pingpong", action="store_true",
                         help="forward: the ping-pong Gluon kernel (BLOCK_M // 64 consumer warpgroups)")
     parser.add_argument("--head-major", action="store_true", help="with --pingpong: its tiles head by head")
+    parser.add_argument("--warp-specialized", action="store_true",
+                        help="dkdv with --gluon --fused: two consumer warpgroups and a producer warp")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
                         help="dkdv with dropout: how the transposed tile gets its keep-mask "
                              "(default: the library's choice for the tiles)")
@@ -215,6 +221,10 @@ def parse_args(argv=None):
         parser.error(f"--tiles takes BLOCK_M,BLOCK_N,num_warps,num_stages; got {args.tiles}")
     if (args.pingpong or args.head_major) and not (args.pass_ == "forward" and args.gluon):
         parser.error("--pingpong and --head-major are options of the forward's Gluon kernel (--gluon)")
+    if args.warp_specialized and not (args.pass_ == "dkdv" and args.gluon and args.fused):
+        parser.error("--warp-specialized is an option of the fused Gluon dK/dV pass (--gluon --fused)")
+    if args.warp_specialized and args.tiles[:3] != (64, 128, 4):
+        parser.error(f"--warp-specialized takes tiles 64,128,4,STAGES; got {args.tiles}")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

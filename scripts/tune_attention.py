@@ -68,7 +68,11 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
     # turn (_dkdv_gluon_steps.py; 2 stages suffice there).
     Tiles(*t, gluon=True, fused=True) for t in [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3),
                                                 (32, 128, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3),
-                                                (64, 64, 4, 4), (64, 128, 8, 2)]]
+                                                (64, 64, 4, 4), (64, 128, 8, 2)]] + [
+    # The warp-specialized fused pass (_dkdv_warp_specialized.py; sm_90, no band, GQA or dropout):
+    # two consumer warpgroups of 64 keys, 64-query blocks; num_stages = Q/dO stages (3 do not fit
+    # shared memory at head dim 128).
+    Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True) for stages in (2, 3)]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
                           (32, 128, 4, 3), (64, 64, 8, 3)]] + [
@@ -112,13 +116,15 @@ def measure(fn, reference=None):
         return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
-KINDS = ("tma", "gluon", "pingpong", "fused", "gluon-fused")
+KINDS = ("tma", "gluon", "pingpong", "fused", "gluon-fused", "warp-specialized")
 
 
 def kind(tiles) -> str | None:
     """Which special kernel the tiles choose (None: the portable two-pass kernel)."""
     if tiles.pingpong:
         return "pingpong"
+    if tiles.warp_specialized:
+        return "warp-specialized"
     if tiles.gluon and tiles.fused:
         return "gluon-fused"
     return next((name for name in ("tma", "gluon", "fused") if getattr(tiles, name)), None)
@@ -131,7 +137,7 @@ def hopper_candidates(candidates, default, kinds=KINDS, portable=None):
     where it is one), and the candidates of the special kernels in ``kinds``: without sweeping every
     portable tile again."""
     plain = dataclasses.replace(default, tma=False, gluon=False, fused=False, pingpong=False,
-                                head_major=False)
+                                head_major=False, warp_specialized=False)
     baseline = [default] + [t for t in dict.fromkeys((plain, portable))
                             if t is not None and t != default]
     return baseline + [t for t in candidates if kind(t) in kinds and t not in baseline]
@@ -183,7 +189,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
     return [dict(kernel=kernel, head_dim=head_dim, seqlen=seqlen, causal=causal, dropout_p=dropout_p,
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
                  num_stages=t.num_stages, tma=t.tma, gluon=t.gluon, fused=t.fused,
-                 pingpong=t.pingpong, head_major=t.head_major,
+                 pingpong=t.pingpong, head_major=t.head_major, warp_specialized=t.warp_specialized,
                  ms=ms if isinstance(ms, float) else None,
                  tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
                  error=None if isinstance(ms, float) else ms)
@@ -277,7 +283,8 @@ def main():
                         f"{',tma' if r['tma'] else ''}{',gluon' if r['gluon'] else ''}"
                         f"{',fused' if r.get('fused') else ''}"
                         f"{',pingpong' if r.get('pingpong') else ''}"
-                        f"{',head-major' if r.get('head_major') else ''}) "
+                        f"{',head-major' if r.get('head_major') else ''}"
+                        f"{',warp-specialized' if r.get('warp_specialized') else ''}) "
                         f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
 
 

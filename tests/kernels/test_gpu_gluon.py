@@ -347,13 +347,26 @@ GLUON_FUSED_CASES = [(head_dim, tiles, causal, dropout_p)
                      if not (tiles == (32, 128, 8, 3) and causal and not dropout_p)]
 
 
+def fused_pass_matches_reference(q, k, v, causal, launcher):
+    """Without dropout: the fused dK/dV pass ``launcher`` (tiles patched by the caller) is chosen
+    and adds dQ, δ comes from the portable delta-only pass, it compiles and runs (no fallback to
+    the portable pass), and the gradients match float64."""
+    from kernels import _backward, _hopper
+    dq_config, dkdv_config = backward_launch_configs(q, k, v, causal, 0.0)
+    assert dkdv_config[0] is launcher and dkdv_config[3]["ACCUMULATE_DQ"]
+    assert dq_config[0] is _backward.DQ and dq_config[3]["DELTA_ONLY"]
+    fallbacks = len(_hopper.FALLBACKS)
+    check_against_reference(q, k, v, causal=causal)
+    assert len(_hopper.FALLBACKS) == fallbacks
+
+
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, tiles, causal, dropout_p", GLUON_FUSED_CASES)
 def test_gluon_fused_backward_on_gpu(head_dim, tiles, causal, dropout_p, monkeypatch):
     # dK, dV and (by the copy engine's reduce-adds) dQ from the Gluon pass, δ from the portable
     # delta-only pass; against float64, under the call's own mask with dropout. Not compared
     # across calls: the adds make dQ's rounding depend on the order blocks finish.
-    from kernels import _backward, _eager_plan, _hopper
+    from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     monkeypatch.setattr(_backward, "dkdv_tiles",
                         lambda *args, **kwargs: Tiles(*tiles, gluon=True, fused=True))
@@ -362,9 +375,42 @@ def test_gluon_fused_backward_on_gpu(head_dim, tiles, causal, dropout_p, monkeyp
         gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_GLUON)
         return
     q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
-    dq_config, dkdv_config = backward_launch_configs(q, k, v, causal, 0.0)
-    assert dkdv_config[0] is _backward.DKDV_GLUON and dkdv_config[3]["ACCUMULATE_DQ"]
-    assert dq_config[0] is _backward.DQ and dq_config[3]["DELTA_ONLY"]
-    fallbacks = len(_hopper.FALLBACKS)
-    check_against_reference(q, k, v, causal=causal)
-    assert len(_hopper.FALLBACKS) == fallbacks
+    fused_pass_matches_reference(q, k, v, causal, _backward.DKDV_GLUON)
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 2), (64, 3)])
+@pytest.mark.parametrize("seqlen", [1024, 4096])
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monkeypatch):
+    # dK, dV and (by the copy engine's reduce-adds, each consumer its columns) dQ from the
+    # warp-specialized pass, δ from the portable delta-only pass; against float64; the causal
+    # mask's diagonal blocks (each consumer's own 64 keys); more query blocks than stages.
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
+    fused_pass_matches_reference(q, k, v, causal, _backward.DKDV_WARP_SPECIALIZED)
+
+
+@sm90_exactly
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_long_calls_at_head_dim_128_run_the_warp_specialized_pass(dtype):
+    # Without dropout from WARP_SPECIALIZED_MIN_SEQLEN queries on, causal or not; with dropout
+    # the Gluon two-pass default; GQA, which it does not take, the portable pass. Against float64.
+    from kernels import _backward, _hopper
+    from kernels._launch import WARP_SPECIALIZED_MIN_SEQLEN
+    n = WARP_SPECIALIZED_MIN_SEQLEN
+    for heads_k in (2, 1):
+        q, k, v = random_qkv((1, n, 2, 128), (1, n, heads_k, 128), dtype, "cuda")
+        for causal, dropout_p in [(False, 0.0), (True, 0.0), (True, 0.1)]:
+            launcher = backward_launch_configs(q, k, v, causal, dropout_p)[1][0]
+            expected = (_backward.DKDV_WARP_SPECIALIZED if not dropout_p else _backward.DKDV_GLUON) \
+                if heads_k == 2 else _backward.DKDV
+            assert launcher is expected
+            if not dropout_p:
+                fallbacks = len(_hopper.FALLBACKS)
+                check_against_reference(q, k, v, causal=causal)
+                assert len(_hopper.FALLBACKS) == fallbacks

@@ -83,3 +83,18 @@ def test_ping_pong_candidates_are_their_own_kind():
     assert tune_attention.hopper_candidates([gluon], pingpong, ("pingpong",)) == [
         pingpong, Tiles(192, 64, 4, 3)]
     assert sum(tune_attention.kind(t) == "pingpong" for t in tune_attention.FORWARD) == 12
+
+
+def test_warp_specialized_candidates_are_their_own_kind():
+    # They are fused Gluon tiles too; --kinds gluon-fused must not time them, and a
+    # warp-specialized default is timed against its portable twin and the portable tiles.
+    from kernels._launch import Tiles
+    specialized = Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True)
+    fused = Tiles(64, 64, 4, 3, gluon=True, fused=True)
+    assert [tune_attention.kind(t) for t in (specialized, fused)] == ["warp-specialized", "gluon-fused"]
+    assert tune_attention.hopper_candidates([specialized, fused], Tiles(32, 64, 4, 3),
+                                            ("gluon-fused",)) == [Tiles(32, 64, 4, 3), fused]
+    assert tune_attention.hopper_candidates([fused], specialized, ("warp-specialized",),
+                                            Tiles(32, 64, 4, 3)) == [
+        specialized, Tiles(64, 128, 4, 2), Tiles(32, 64, 4, 3)]
+    assert sum(tune_attention.kind(t) == "warp-specialized" for t in tune_attention.DKDV) == 2

@@ -1,0 +1,250 @@
+"""Fused dK/dV/dQ pass for Hopper (sm_90) in Gluon, laid out as FlashAttention-3's backward: two
+consumer warpgroups and a producer warp, one program per 128-key block.
+
+Why: the single-warpgroup Gluon pass (``_dkdv_gluon.py``) holds a whole key block's dK and dV
+(2 x 128 x head_dim float32) beside its score tiles; at head dim 128 that leaves no registers to
+overlap the products with the elementwise work. Here each consumer warpgroup c owns 64 keys
+(n0 + 64c .. n0 + 64c + 63) and their dK and dV, and a producer warp loads K and V once, then Q
+and dO of each 64-query block into STAGES shared-memory stages. Per query block, each consumer:
+
+    S_c = Q·K_cᵀ, dP_c = dO·V_cᵀ          (64 queries x 64 keys, untransposed: lse and δ are per
+                                            row, 2 registers each; transposed tiles need them per
+                                            column, 16 each, and spilled)
+    P_c = exp2(S_c·scale − lse)           -> shared; dV_c += P_cᵀ·dO issued at once (as FA3 does),
+                                            running while dS is computed
+    dS_c = P_c∘(dP_c − δ)                 -> columns 64c.. of a shared 64 x 128 tile
+    dK_c += dS_cᵀ·Q
+    once both halves of dS are written:   dQ[:, 64c:64c+64] = dS·K[:, 64c:64c+64]
+                                          -> shared -> one TMA reduce-add into the float32 dQ sum
+
+so each block's dQ is one product per consumer over all 128 keys: five products per block, as in
+the other fused passes. With the causal mask the blocks holding a query before one of the
+consumer's keys apply it under a runtime branch, so the registers the mask needs are spilled
+there only, not in every block (at head dim 128 the consumers are at their 240-register limit).
+
+Measured on an H200 (bf16, hidden 2048; attention_notes.md, v20): the whole backward at head
+dim 128 +16 to +33 % against the two-pass Gluon default; at head dim 64 it lost (0.77-0.85x), as
+each consumer's 64-row tiles halve the work per barrier.
+
+The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), with
+ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through without dropout: padded
+input, fp16/bf16, head dim 64 or 128, one query head per kv-head, no window, whole 64-query and
+128-key blocks, and with the causal mask as many queries as keys. δ comes from the portable
+delta-only pass, launched first; ``_backward.finish_dq`` applies dQ's scale.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+
+from kernels._gluon_shared import head_descriptor, tma_reduce_add
+
+ROWS = gl.constexpr(64)     # keys per consumer warpgroup; queries per block
+
+
+@gluon.jit
+def _producer(descs, buffers, bars, n0, first, n_items, STAGES: gl.constexpr):
+    """One warp: K and V of the key block, then Q and dO of each query block as stages free up."""
+    q_desc, do_desc, k_desc, v_desc, dq_desc = descs
+    q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
+    kv_bar, qdo_full, qdo_empty, ds_full, ds_empty = bars
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [n0, 0], kv_bar, v_smem)
+    for index in range(n_items):
+        stage = index % STAGES
+        # A fresh barrier counts as having completed phase 1: the first pass needs no release.
+        mbarrier.wait(qdo_empty.index(stage), ((index // STAGES) & 1) ^ 1)
+        mbarrier.expect(qdo_full.index(stage),
+                        q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        row = (first + index) * ROWS
+        tma.async_copy_global_to_shared(q_desc, [row, 0], qdo_full.index(stage),
+                                        q_smem.index(stage))
+        tma.async_copy_global_to_shared(do_desc, [row, 0], qdo_full.index(stage),
+                                        do_smem.index(stage))
+
+
+@gluon.jit
+def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, first, n_blocks, n0,
+                  qk_scale, CAUSAL_MASK: gl.constexpr, STAGES: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, dq_layout: gl.constexpr):
+    """Consumer c's share of query blocks ``first`` .. ``n_blocks`` - 1 (stage and barrier phases
+    count from ``first``): returns its dK and dV (dK unscaled)."""
+    q_desc, do_desc, k_desc, v_desc, dq_desc = descs
+    q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
+    kv_bar, qdo_full, qdo_empty, ds_full, ds_empty = bars
+    lse_ptr, delta_ptr = stats
+    dtype: gl.constexpr = q_smem.dtype
+    k_rows = k_smem.slice(c * ROWS, ROWS, dim=0)        # this consumer's keys
+    v_rows = v_smem.slice(c * ROWS, ROWS, dim=0)
+    k_cols = k_smem.slice(c * ROWS, ROWS, dim=1)        # all keys, this consumer's dQ columns
+    zeros = gl.zeros([ROWS, ROWS], gl.float32, s_layout)
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    for block in range(first, n_blocks):
+        index = block - first
+        stage = index % STAGES
+        mbarrier.wait(qdo_full.index(stage), (index // STAGES) & 1)
+        s = warpgroup_mma(q_smem.index(stage), k_rows.permute((1, 0)), zeros, use_acc=False,
+                          is_async=True)
+        dp = warpgroup_mma(do_smem.index(stage), v_rows.permute((1, 0)), zeros, use_acc=False,
+                           is_async=True)
+        queries = block * ROWS + gl.arange(0, ROWS, layout=rows_layout)
+        lse = gl.load(lse_ptr + queries)
+        delta = gl.load(delta_ptr + queries)
+        s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        if CAUSAL_MASK:     # key j visible to query i when j <= i (as many queries as keys)
+            offset = n0 + c * ROWS - block * ROWS
+            if offset >= 0:     # a block with a query before one of this consumer's keys
+                local_keys = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+                local_queries = gl.arange(0, ROWS, layout=rows_layout)
+                p = gl.where(local_keys[None, :] - local_queries[:, None] <= -offset, p, 0.0)
+        # P into this consumer's tile (its last reader, the previous block's dV product, was
+        # waited for), and dV's product started on it while dS is computed.
+        p_smem.index(c).store(p.to(dtype))
+        fence_async_shared()            # visible to the tensor cores' (async) reads
+        gl.thread_barrier()             # every warp of this warpgroup has written its share
+        dv = warpgroup_mma(p_smem.index(c).permute((1, 0)), do_smem.index(stage), dv,
+                           is_async=True)
+        ds = p * (dp - delta[:, None])
+        # dS into this consumer's columns of the shared tile, once both consumers' products of
+        # block - 2 (same buffer) have read it.
+        buffer = index % 2
+        mbarrier.wait(ds_empty.index(buffer), ((index // 2) & 1) ^ 1)
+        ds_cols = ds_smem.index(buffer).slice(c * ROWS, ROWS, dim=1)
+        ds_cols.store(ds.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(ds_full.index(buffer), count=1)
+        dk = warpgroup_mma(ds_cols.permute((1, 0)), q_smem.index(stage), dk, is_async=True)
+        mbarrier.wait(ds_full.index(buffer), (index // 2) & 1)
+        dq = warpgroup_mma(ds_smem.index(buffer), k_cols,
+                           gl.zeros([ROWS, ROWS], gl.float32, dq_layout), use_acc=False,
+                           is_async=True)
+        dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+        mbarrier.arrive(qdo_empty.index(stage), count=1)
+        mbarrier.arrive(ds_empty.index(buffer), count=1)
+        # dQ's 64 x 64 tile to the float32 sum: this consumer's buffer free (the previous
+        # block's reduce has read it), written by every warp, then one bulk reduce.
+        tma.store_wait(0)
+        gl.thread_barrier()
+        dq_smem.index(c).store(dq)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma_reduce_add(dq_desc, [block * ROWS, c * ROWS], dq_smem.index(c))
+    return dk, dv
+
+
+@gluon.jit
+def _consumer(c: gl.constexpr, descs, buffers, bars, stats, out_args, n0, first, n_blocks,
+              qk_scale, softmax_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr):
+    """Consumer c: dK and dV of keys n0 + 64c .. n0 + 64c + 63, and its columns of each block's dQ."""
+    kv_bar = bars[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, ROWS, 16])
+    g_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, ROWS, 16])
+    dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, g_layout)
+    dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, g_layout)
+    mbarrier.wait(kv_bar, 0)
+    dk, dv = _query_blocks(c, descs, buffers, bars, dk, dv, stats, first, n_blocks, n0,
+                           qk_scale, CAUSAL, STAGES, HEAD_DIM, s_layout, dq_layout)
+    tma.store_wait(0)          # shared memory is read before the program ends
+    grad_k, stride_dkn, grad_v, stride_dvn = out_args
+    rows = n0 + c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, g_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
+    rows64 = rows.to(gl.int64)[:, None]
+    gl.store(grad_k + rows64 * stride_dkn + cols[None, :],
+             (dk * softmax_scale).to(grad_k.dtype.element_ty))
+    gl.store(grad_v + rows64 * stride_dvn + cols[None, :], dv.to(grad_v.dtype.element_ty))
+
+
+@gluon.jit(do_not_specialize=["seed", "counter_base"])
+def _dkdv_warp_specialized_kernel(
+    Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQAcc, cu_seqlens, seed, counter_base,
+    stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_gb, stride_gn, stride_gh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_aqb, stride_aqn, stride_aqh, stride_lse_b, stride_lse_h,
+    seqlen_q, seqlen_k, heads_q, group_size, window_left, window_right,
+    softmax_scale, qk_scale, counters_per_row, drop_threshold, drop_rescale,
+    HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
+    PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
+    SEED_IN_MEMORY: gl.constexpr = False,
+):
+    gl.static_assert(not (LOWER or VARLEN or DROPOUT), "no window, packed input or dropout")
+    gl.static_assert(ACCUMULATE_DQ, "the fused pass only")
+    gl.static_assert(BLOCK_M == ROWS and BLOCK_N == 2 * ROWS and num_warps == 4,
+                     "64-query blocks, 128-key blocks over two consumer warpgroups")
+    gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
+    gl.static_assert(STAGES >= 2, "the next query block must be in flight")
+    dtype: gl.constexpr = Q.dtype.element_ty
+    block_n = gl.program_id(0)
+    head = gl.program_id(1)
+    batch = gl.program_id(2)
+    n0 = block_n * BLOCK_N
+    batch64 = batch.to(gl.int64)
+    head64 = head.to(gl.int64)
+
+    q_desc = head_descriptor(Q, batch, stride_qb, head, stride_qh, seqlen_q, stride_qn, ROWS,
+                             HEAD_DIM)
+    do_desc = head_descriptor(GradOut, batch, stride_gb, head, stride_gh, seqlen_q, stride_gn,
+                              ROWS, HEAD_DIM)
+    k_desc = head_descriptor(K, batch, stride_kb, head, stride_kh, seqlen_k, stride_kn, BLOCK_N,
+                             HEAD_DIM)
+    v_desc = head_descriptor(V, batch, stride_vb, head, stride_vh, seqlen_k, stride_vn, BLOCK_N,
+                             HEAD_DIM)
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], gl.float32)
+    dq_desc = tma.make_tensor_descriptor(GradQAcc + batch64 * stride_aqb + head64 * stride_aqh,
+                                         [seqlen_q, HEAD_DIM], [stride_aqn, 1], [ROWS, ROWS],
+                                         dq_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], ds_layout)
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], dtype)
+    p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, ROWS], p_layout)       # per consumer
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS, ROWS], dq_layout)  # per consumer
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    qdo_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(qdo_full.index(stage), count=1)
+        mbarrier.init(qdo_empty.index(stage), count=2)
+    for buffer in gl.static_range(2):
+        mbarrier.init(ds_full.index(buffer), count=2)
+        mbarrier.init(ds_empty.index(buffer), count=2)
+    fence_async_shared()
+
+    n_blocks = seqlen_q // ROWS
+    if UPPER:       # the first query block with a query that sees one of these keys
+        first = n0 // ROWS
+    else:
+        first = 0
+    n_items = n_blocks - first
+    row_stats = batch64 * stride_lse_b + head64 * stride_lse_h
+    stats = (Lse + row_stats, Delta + row_stats)
+    grad_k = GradK + batch64 * stride_dkb + head64 * stride_dkh
+    grad_v = GradV + batch64 * stride_dvb + head64 * stride_dvh
+    descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
+    buffers = (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem)
+    bars = (kv_bar, qdo_full, qdo_empty, ds_full, ds_empty)
+    out_args = (grad_k, stride_dkn, grad_v, stride_dvn)
+    gl.warp_specialize([
+        (_consumer, (0, descs, buffers, bars, stats, out_args, n0, first, n_blocks,
+                     qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER)),
+        (_consumer, (1, descs, buffers, bars, stats, out_args, n0, first, n_blocks,
+                     qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER)),
+        (_producer, (descs, buffers, bars, n0, first, n_items, STAGES)),
+    ], [4, 1], [240, 24])

@@ -1,0 +1,160 @@
+"""The warp-specialized fused backward (_dkdv_warp_specialized.py): it compiles for sm_90 into the
+partitions and the schedule it was written for (checked here on the CPU, from the compiler's
+output), tiles that ask for it run it only for the calls it takes, the default chooses it only in
+the measured settings, and if it cannot compile the portable pass runs the call. Its numerics
+need a GPU (test_gpu_gluon.py): the interpreter cannot run Gluon."""
+
+import re
+
+import pytest
+import torch
+from triton.compiler.errors import CompilationError
+
+from kernels import _backward, _eager_plan, _forward, _hopper
+from kernels._launch import Tiles, call_geometry
+
+from .numerics import assert_gradients_match_float64, random_qkv
+from .test_gluon_backward import compiled_for_sm90
+
+WARP_SPECIALIZED = Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True)
+
+
+@pytest.mark.parametrize("head_dim, causal", [(128, 0), (128, 1), (64, 0)])
+def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
+    compiled = compiled_for_sm90("dkdv_warp_specialized", head_dim, 64, 128, 2, 4, causal)
+    # Workers: the second consumer warpgroup and the producer warp, at the registers asked for
+    # (the first consumer is the default partition).
+    assert compiled["partitions"] == ["240, 24"]
+    # One query-block loop per consumer. Without the mask: five products (S, dP, dV, dK, dQ), the
+    # first two waited for before the elementwise step, the other three together at the end, and
+    # one TMA reduce-add of the consumer's dQ columns. (A loop's match ends at its first yield:
+    # with the causal mask that is the mask's branch, after S and dP.)
+    loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
+    consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
+    assert len(consumer_loops) == 2
+    for loop in consumer_loops:
+        if causal:
+            assert loop.count("ttng.warp_group_dot ") == 2 and "scf.if" in loop
+            continue
+        assert loop.count("ttng.warp_group_dot ") == 5
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["0", "0"]
+        assert loop.count("ttng.async_tma_reduce add") == 1 and "atomic_rmw" not in loop
+    # ptxas kept the products asynchronous. Spills: none at head dim 64; at 128 the consumers sit
+    # at 240 registers, a few bytes without the mask and the mask's registers (inside its
+    # branch) with it; the measured speed includes them.
+    assert compiled["serialized"] == []
+    limit = {(64, 0): 0, (128, 0): 16, (128, 1): 256}[head_dim, causal]
+    assert compiled["stack"] <= limit
+
+
+def test_tiles_name_it_only_as_a_fused_gluon_pass_of_its_shape():
+    assert WARP_SPECIALIZED.warp_specialized
+    for bad in (dict(gluon=False), dict(fused=False), dict(block_m=32), dict(block_n=64),
+                dict(num_warps=8), dict(num_stages=1)):
+        fields = dict(block_m=64, block_n=128, num_warps=4, num_stages=2, gluon=True, fused=True,
+                      warp_specialized=True)
+        with pytest.raises(ValueError, match="warp-specialized"):
+            Tiles(**{**fields, **bad})
+
+
+def test_the_calls_it_takes():
+    # (causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, group_size, block_m, block_n,
+    # warp_specialized): the Gluon dK/dV pass's calls, without dropout.
+    call = dict(causal=True, window=(-1, -1), dropout_p=0.0, seqlen_q=4096, seqlen_k=4096,
+                head_dim=128, group_size=1, block_m=64, block_n=128, warp_specialized=True)
+    assert _hopper.gluon_dkdv_call(**call)
+    assert _hopper.gluon_dkdv_call(**{**call, "head_dim": 64})
+    assert not _hopper.gluon_dkdv_call(**{**call, "dropout_p": 0.1})
+    assert _hopper.gluon_dkdv_call(**{**call, "dropout_p": 0.1, "warp_specialized": False})
+    assert not _hopper.gluon_dkdv_call(**{**call, "group_size": 2})
+    assert not _hopper.gluon_dkdv_call(**{**call, "seqlen_q": 4032, "seqlen_k": 4032})  # ragged keys
+    assert not _hopper.gluon_dkdv_call(**{**call, "causal": False, "seqlen_q": 4000})   # ragged queries
+    assert not _hopper.gluon_dkdv_call(**{**call, "seqlen_q": 2048})                    # causal, Nq != Nk
+
+
+def test_warp_specialized_tiles_are_the_default_only_where_measured_faster(monkeypatch):
+    from kernels import _launch
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    shortest = _launch.WARP_SPECIALIZED_MIN_SEQLEN
+
+    def tiles(head_dim=128, causal=False, dropout=False, seqlen=shortest, **kwargs):
+        return _launch.dkdv_tiles(head_dim, kwargs.pop("device", cuda), kwargs.pop("dtype", bf16),
+                                  causal, dropout, seqlen=seqlen, **kwargs)
+    for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
+        monkeypatch.setattr(_launch, "capability", lambda device: capability)
+        assert tiles().warp_specialized == expected
+    monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
+    for causal in (False, True):
+        assert tiles(causal=causal) == WARP_SPECIALIZED
+        assert tiles(causal=causal, dtype=torch.float16) == WARP_SPECIALIZED
+        assert tiles(causal=causal, seqlen=16384) == WARP_SPECIALIZED
+        # Below the shortest length measured, the two-pass Gluon default.
+        assert tiles(causal=causal, seqlen=shortest - 1) == Tiles(32, 64, 4, 3, gluon=True)
+        assert not tiles(causal=causal, dropout=True).warp_specialized      # it has no dropout
+        assert not tiles(causal=causal, deterministic=True).fused          # dQ by unordered adds
+        assert not tiles(causal=causal, hopper=False).gluon                # calls it does not take
+        assert not tiles(64, causal, seqlen=16384).warp_specialized        # lost at head dim 64
+        assert not tiles(causal=causal, dtype=torch.float32).warp_specialized
+        assert not tiles(causal=causal, device=torch.device("cpu")).warp_specialized
+
+
+def chosen(q, k, causal=False, dropout_p=0.0, window=(-1, -1), tiles=None):
+    """The dK/dV launcher and options ``launch_configs`` picks for this call."""
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    configs = _backward.launch_configs(torch.empty_like(q), q, k, k, out, lse,
+                                       *_backward.new_gradients(q, k, k, lse)[1:], geometry, 0.125,
+                                       causal, dropout_p, tiles, window)
+    return configs[1][0], configs[1][3]
+
+
+def test_warp_specialized_tiles_run_it_only_for_the_calls_it_takes(device, monkeypatch):
+    # The default's tiles where it takes the call; elsewhere the portable pass with its own tiles.
+    # (The interpreter has no Gluon: the device check is the GPU tests'.)
+    monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
+    portable = Tiles(32, 64, 1, 1)
+    monkeypatch.setattr(_backward, "dkdv_tiles",
+                        lambda *args, hopper=True, **kwargs: WARP_SPECIALIZED if hopper else portable)
+    q = torch.randn(2, 256, 4, 64, device=device)
+    launcher, options = chosen(q, q)
+    assert launcher is _backward.DKDV_WARP_SPECIALIZED
+    assert options["ACCUMULATE_DQ"] and options["STAGES"] == 2
+    assert chosen(q, q, causal=True)[0] is _backward.DKDV_WARP_SPECIALIZED
+    for call in (dict(q=q, k=q, dropout_p=0.1), dict(q=q, k=q, window=(32, 0)),
+                 dict(q=q, k=q[:, :, :2]),                   # GQA
+                 dict(q=q, k=q[:, :192]),                    # ragged key block
+                 dict(q=q[:, :128], k=q, causal=True)):      # causal, Nq != Nk
+        launcher, options = chosen(**call)
+        assert launcher is _backward.DKDV and (options["BLOCK_M"], options["BLOCK_N"]) == (32, 64)
+    # Tiles a caller passes: a call it does not take runs the portable pass with those tiles.
+    launcher, options = chosen(q, q, dropout_p=0.1, tiles=(WARP_SPECIALIZED, portable))
+    assert launcher is _backward.DKDV and "STAGES" not in options
+
+
+def test_deterministic_algorithms_leave_it_out(device, monkeypatch):
+    # Its dQ is summed by reduce-adds in whatever order blocks finish: the two passes instead.
+    monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, deterministic=False, **kwargs:
+                        Tiles(32, 64, 1, 1) if deterministic else WARP_SPECIALIZED)
+    q = torch.randn(1, 256, 2, 64, device=device)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    launcher, options = chosen(q, q)
+    assert launcher is _backward.DKDV and not options.get("ACCUMULATE_DQ", False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_warp_specialized_pass_that_cannot_compile_leaves_the_call_to_the_portable_one(
+        device, causal, monkeypatch):
+    q, k, v = random_qkv((1, 256, 2, 64), (1, 256, 2, 64), torch.float32, device)
+    monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
+    monkeypatch.setattr(_hopper, "FALLBACKS", set())
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: WARP_SPECIALIZED)
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(16, 32, 1, 1))
+
+    def refuse(grid, args, options):
+        raise CompilationError("", None, "out of registers")
+    monkeypatch.setattr(_backward.DKDV_WARP_SPECIALIZED, "launch", refuse)
+    with pytest.warns(RuntimeWarning, match="portable kernel"):
+        assert_gradients_match_float64(q, k, v, causal)
+    assert len(_hopper.FALLBACKS) == 1
