@@ -23,8 +23,9 @@ consumer's keys apply it under a runtime branch, so the registers the mask needs
 there only, not in every block (at head dim 128 the consumers are at their 240-register limit).
 
 Measured on an H200 (bf16, hidden 2048; attention_notes.md, v20): the whole backward at head
-dim 128 +16 to +33 % against the two-pass Gluon default; at head dim 64 it lost (0.77-0.85x), as
-each consumer's 64-row tiles halve the work per barrier.
+dim 128 +7 to +30 % against the two-pass Gluon default without a mask (1K-16K tokens), +9 to
++24 % causal from 4K (below 4K causal it tied or lost); at head dim 64 it lost (0.77-0.85x), each
+consumer's 64 x 64 products being half the work per shared-dS barrier.
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), with
 ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through without dropout: padded

@@ -272,9 +272,11 @@ def _fused_gluon_pays(causal: bool, dropout: bool, seqlen: int) -> bool:
     return seqlen >= FUSED_GLUON_MIN_SEQLEN
 
 
-# From this query length on, the warp-specialized fused pass is the default at head dim 128 without
-# dropout (dkdv_tiles; the shortest length measured).
-WARP_SPECIALIZED_MIN_SEQLEN = 4096
+# From these query lengths on (by causal), the warp-specialized fused pass is the default at head dim
+# 128 without dropout (dkdv_tiles). Whole backward through flash_attention against the two-pass
+# Gluon default, three rounds in one process (H200; attention_notes.md, v20): without a mask
+# +7 / +16 / +27 / +30 / +30 % at 1K / 2K / 4K / 8K / 16K tokens; causal -4 / -0.3 / +9 / +13 / +24 %.
+WARP_SPECIALIZED_MIN_SEQLEN = {False: 1024, True: 4096}
 
 
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
@@ -308,11 +310,9 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
         return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
         if (head_dim == 128 and not dropout and hopper and not deterministic
-                and seqlen >= WARP_SPECIALIZED_MIN_SEQLEN and _hopper_gpu(device)):
-            # The warp-specialized fused pass (_dkdv_warp_specialized.py): whole backward against
-            # the two-pass Gluon default below, three rounds in one process (H200, 16K tokens per
-            # batch; attention_notes.md, v20): +33 / +27 % without a mask and +16 / +26 % causal at
-            # 4K / 16K tokens.
+                and seqlen >= WARP_SPECIALIZED_MIN_SEQLEN[causal] and _hopper_gpu(device)):
+            # The warp-specialized fused pass (_dkdv_warp_specialized.py), from the lengths where
+            # it beat the two-pass Gluon default below (WARP_SPECIALIZED_MIN_SEQLEN).
             return Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True)
         if dropout:
             # On sm_90 the Gluon pass: whole backward +12 % without a mask, +18 % causal against

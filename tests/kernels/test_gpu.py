@@ -190,10 +190,10 @@ sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @sm90_exactly
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_backward_is_the_fastest_measured_kernel(head_dim):
-    # Without dropout: the Gluon dQ pass at head dims 64 and 128, the Gluon dK/dV pass at 128 only
-    # (at 64 the portable pass tied it); with dropout the Gluon dK/dV pass at 128, the portable
-    # dQ pass, and the fused portable pass at 64. GQA, which the Gluon dK/dV pass does not take,
-    # runs the portable pass with its own tiles.
+    # 1K tokens. Without dropout: the Gluon dQ pass at head dims 64 and 128 and the portable
+    # dK/dV pass at 64 (it tied the Gluon one); at 128 the warp-specialized fused pass without a
+    # mask (its delta-only dQ pass is the portable kernel's), the Gluon dK/dV pass causal; with
+    # dropout the Gluon dK/dV pass at 128, the portable dQ pass, and the fused portable pass at 64.
     from kernels import _backward
     q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
     for causal in (False, True):
@@ -201,8 +201,10 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
             torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
             geometry, 0.1, causal, dropout_p)
         launchers = lambda dropout_p: [config[0] for config in configs(dropout_p)]
-        assert launchers(0.0) == [_backward.DQ_GLUON,
-                                  _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
+        expected = {64: [_backward.DQ_GLUON, _backward.DKDV],
+                    128: [_backward.DQ_GLUON, _backward.DKDV_GLUON] if causal
+                    else [_backward.DQ, _backward.DKDV_WARP_SPECIALIZED]}[head_dim]
+        assert launchers(0.0) == expected
         assert launchers(0.1) == [_backward.DQ,
                                   _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
         assert configs(0.1)[1][3].get("ACCUMULATE_DQ", False) == (head_dim == 64)   # fused at 64

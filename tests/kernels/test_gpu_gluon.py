@@ -324,7 +324,9 @@ def test_default_kernels_in_float16_on_gpu(head_dim, dropout_p):
             geometry, 0.1, causal, dropout_p)]
         gluon_forward = head_dim == 128 and (causal or dropout_p > 0) or (dropout_p > 0 and not causal)
         assert (forward is _forward.FORWARD_GLUON) == gluon_forward
-        assert (backward[1] is _backward.DKDV_GLUON) == (head_dim == 128)
+        specialized = head_dim == 128 and not causal and not dropout_p      # from 1K tokens
+        assert (backward[1] is _backward.DKDV_WARP_SPECIALIZED) == specialized
+        assert (backward[1] is _backward.DKDV_GLUON) == (head_dim == 128 and not specialized)
         if not dropout_p:
             check_against_reference(q, k, v, causal=causal)
             continue
@@ -398,11 +400,11 @@ def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monk
 @sm90_exactly
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_long_calls_at_head_dim_128_run_the_warp_specialized_pass(dtype):
-    # Without dropout from WARP_SPECIALIZED_MIN_SEQLEN queries on, causal or not; with dropout
-    # the Gluon two-pass default; GQA, which it does not take, the portable pass. Against float64.
+    # Without dropout from WARP_SPECIALIZED_MIN_SEQLEN queries on (causal: 4K); with dropout the
+    # Gluon two-pass default; GQA, which it does not take, the portable pass. Against float64.
     from kernels import _backward, _hopper
     from kernels._launch import WARP_SPECIALIZED_MIN_SEQLEN
-    n = WARP_SPECIALIZED_MIN_SEQLEN
+    n = WARP_SPECIALIZED_MIN_SEQLEN[True]
     for heads_k in (2, 1):
         q, k, v = random_qkv((1, n, 2, 128), (1, n, heads_k, 128), dtype, "cuda")
         for causal, dropout_p in [(False, 0.0), (True, 0.0), (True, 0.1)]:
