@@ -39,7 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from kernels._gluon_shared import head_descriptor, tma_reduce_add
+from ._gluon_shared import head_descriptor, tma_reduce_add
 
 ROWS = gl.constexpr(64)     # keys per consumer warpgroup; queries per block
 
