@@ -18,7 +18,8 @@ and dO of each 64-query block into STAGES shared-memory stages. Per query block,
                                           -> shared -> one TMA reduce-add into the float32 dQ sum
 
 so each block's dQ is one product per consumer over all 128 keys: five products per block, as in
-the other fused passes. With the causal mask the blocks holding a query before one of the
+the other fused passes. (At head dim 64 dQ has 64 columns: consumer 0 computes it, consumer 1
+only its dV and dK.) With the causal mask the blocks holding a query before one of the
 consumer's keys apply it under a runtime branch, so the registers the mask needs are spilled
 there only, not in every block (at head dim 128 the consumers are at their 240-register limit).
 
@@ -119,21 +120,25 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, first, n
         gl.thread_barrier()
         mbarrier.arrive(ds_full.index(buffer), count=1)
         dk = warpgroup_mma(ds_cols.permute((1, 0)), q_smem.index(stage), dk, is_async=True)
-        mbarrier.wait(ds_full.index(buffer), (index // 2) & 1)
-        dq = warpgroup_mma(ds_smem.index(buffer), k_cols,
-                           gl.zeros([ROWS, ROWS], gl.float32, dq_layout), use_acc=False,
-                           is_async=True)
-        dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+        if c * ROWS < HEAD_DIM:     # this consumer's 64 of dQ's columns exist (at head dim 64: c = 0)
+            mbarrier.wait(ds_full.index(buffer), (index // 2) & 1)
+            dq = warpgroup_mma(ds_smem.index(buffer), k_cols,
+                               gl.zeros([ROWS, ROWS], gl.float32, dq_layout), use_acc=False,
+                               is_async=True)
+            dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+        else:
+            dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
         mbarrier.arrive(qdo_empty.index(stage), count=1)
         mbarrier.arrive(ds_empty.index(buffer), count=1)
-        # dQ's 64 x 64 tile to the float32 sum: this consumer's buffer free (the previous
-        # block's reduce has read it), written by every warp, then one bulk reduce.
-        tma.store_wait(0)
-        gl.thread_barrier()
-        dq_smem.index(c).store(dq)
-        fence_async_shared()
-        gl.thread_barrier()
-        tma_reduce_add(dq_desc, [block * ROWS, c * ROWS], dq_smem.index(c))
+        if c * ROWS < HEAD_DIM:
+            # dQ's 64 x 64 tile to the float32 sum: this consumer's buffer free (the previous
+            # block's reduce has read it), written by every warp, then one bulk reduce.
+            tma.store_wait(0)
+            gl.thread_barrier()
+            dq_smem.index(c).store(dq)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma_reduce_add(dq_desc, [block * ROWS, c * ROWS], dq_smem.index(c))
     return dk, dv
 
 
