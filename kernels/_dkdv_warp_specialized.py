@@ -218,7 +218,8 @@ def _dkdv_warp_specialized_kernel(
     ds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], ds_layout)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], dtype)
     p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, ROWS], p_layout)       # per consumer
-    dq_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS, ROWS], dq_layout)  # per consumer
+    # One dQ staging tile per consumer that owns dQ columns (both at head dim 128, one at 64).
+    dq_smem = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // ROWS, ROWS, ROWS], dq_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     qdo_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

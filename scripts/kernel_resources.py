@@ -223,7 +223,7 @@ def parse_args(argv=None):
         parser.error("--pingpong and --head-major are options of the forward's Gluon kernel (--gluon)")
     if args.warp_specialized and not (args.pass_ == "dkdv" and args.gluon and args.fused):
         parser.error("--warp-specialized is an option of the fused Gluon dK/dV pass (--gluon --fused)")
-    if args.warp_specialized and args.tiles[:3] != (64, 128, 4):
+    if args.warp_specialized and (args.tiles[:3] != (64, 128, 4) or args.tiles[3] < 2):
         parser.error(f"--warp-specialized takes tiles 64,128,4,STAGES; got {args.tiles}")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")

@@ -60,6 +60,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):                 # ... of 64 x 128 tiles over 4 warps
         kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "32,64,4,3", "--gluon", "--fused",
                                      "--warp-specialized"])
+    with pytest.raises(SystemExit):                 # ... and at least 2 stages
+        kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,128,4,1", "--gluon", "--fused",
+                                     "--warp-specialized"])
     args = kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,128,4,2", "--gluon",
                                         "--fused", "--warp-specialized"])
     assert kernel_resources.pass_arguments(args)[0].fn.__name__ == "_dkdv_warp_specialized_kernel"
