@@ -272,11 +272,22 @@ def _fused_gluon_pays(causal: bool, dropout: bool, seqlen: int) -> bool:
     return seqlen >= FUSED_GLUON_MIN_SEQLEN
 
 
-# From these query lengths on (by causal), the warp-specialized fused pass is the default at head dim
-# 128 without dropout (dkdv_tiles). Whole backward through flash_attention against the two-pass
-# Gluon default, three rounds in one process (H200; attention_notes.md, v20): without a mask
-# +7 / +16 / +27 / +30 / +30 % at 1K / 2K / 4K / 8K / 16K tokens; causal -4 / -0.3 / +9 / +13 / +24 %.
-WARP_SPECIALIZED_MIN_SEQLEN = {False: 1024, True: 4096}
+# From these query lengths on (by head dim, then causal), the warp-specialized fused pass is the
+# default without dropout (dkdv_tiles), with WARP_SPECIALIZED_STAGES. Whole backward through the
+# library against the previous default, three rounds in one process (H200; attention_notes.md):
+# - head dim 128 (v20): without a mask +7 / +16 / +27 / +30 / +30 % at 1K / 2K / 4K / 8K / 16K
+#   tokens; causal -4 / -0.3 / +9 / +13 / +24 %.
+# - head dim 64 (v21, against the fused Gluon pass): without a mask +6 / +8 / +13 % at 2K / 4K / 16K;
+#   causal -5 / +7 / +12 % at 2K / 4K / 16K.
+WARP_SPECIALIZED_MIN_SEQLEN = {64: {False: 2048, True: 4096}, 128: {False: 1024, True: 4096}}
+# Three stages fit at head dim 64 (148 KB of shared memory); at 128 three need 246 KB, past sm_90's 227.
+WARP_SPECIALIZED_STAGES = {64: 3, 128: 2}
+
+
+def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: int) -> bool:
+    """Whether the warp-specialized fused pass beat the previous default for this call (H200)."""
+    thresholds = WARP_SPECIALIZED_MIN_SEQLEN.get(head_dim)
+    return thresholds is not None and not dropout and seqlen >= thresholds[causal]
 
 
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
@@ -292,6 +303,12 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
         return Tiles(16, 32, 1, 1)
     if dtype == torch.float32:
         return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
+    if (hopper and not deterministic and _warp_specialized_pays(head_dim, causal, dropout, seqlen)
+            and _hopper_gpu(device)):
+        # The warp-specialized fused pass (_dkdv_warp_specialized.py), from the lengths where it
+        # beat the previous defaults below (WARP_SPECIALIZED_MIN_SEQLEN).
+        return Tiles(64, 128, 4, WARP_SPECIALIZED_STAGES[head_dim], gluon=True, fused=True,
+                     warp_specialized=True)
     if (head_dim == 64 and hopper and not deterministic and _fused_gluon_pays(causal, dropout, seqlen)
             and _hopper_gpu(device)):
         # The fused Gluon pass, 64-query blocks one after another (_dkdv_gluon.py): whole backward
@@ -309,11 +326,6 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
             return Tiles(64, 64, 4, 3, fused=not deterministic)
         return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
     if head_dim <= 128:
-        if (head_dim == 128 and not dropout and hopper and not deterministic
-                and seqlen >= WARP_SPECIALIZED_MIN_SEQLEN[causal] and _hopper_gpu(device)):
-            # The warp-specialized fused pass (_dkdv_warp_specialized.py), from the lengths where
-            # it beat the two-pass Gluon default below (WARP_SPECIALIZED_MIN_SEQLEN).
-            return Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True)
         if dropout:
             # On sm_90 the Gluon pass: whole backward +12 % without a mask, +18 % causal against
             # the portable tiles below (H200, 16K tokens; attention_notes.md, v14).

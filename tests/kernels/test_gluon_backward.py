@@ -188,17 +188,20 @@ def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatc
         assert _launch.dkdv_tiles(64, cuda, bf16, causal, dropout=True).fused
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal).fused
         assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).fused
-    # The fused Gluon pass with 64-query tiles, at head dim 64: without dropout from 2048 queries
-    # on without a mask and from 4096 causal; with dropout from 4096 without a mask, never causal.
+    # The fused Gluon pass with 64-query tiles, at head dim 64: with dropout from 4096 queries on
+    # without a mask, never causal. Without dropout it won from 2048 without a mask and from 4096
+    # causal, where the warp-specialized pass now beats it (test_warp_specialized_backward.py).
     # The portable tiles stay for shorter calls and for calls the Gluon pass does not take
     # (hopper=False).
     long = _launch.FUSED_GLUON_MIN_SEQLEN
     longer = _launch.FUSED_GLUON_MIN_SEQLEN_CAUSAL_OR_DROPOUT
     assert (long, longer) == (2048, 4096)
+    assert _launch._fused_gluon_pays(False, False, long) and _launch._fused_gluon_pays(True, False, longer)
     for causal, dropout, shortest in [(False, False, long), (True, False, longer),
                                       (False, True, longer)]:
         tiles = _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=shortest)
-        assert (tiles.gluon, tiles.fused, tiles.block_m, tiles.block_n) == (True, True, 64, 64)
+        assert (tiles.gluon, tiles.fused, tiles.block_m) == (True, True, 64)
+        assert (tiles.block_n, tiles.warp_specialized) == ((64, False) if dropout else (128, True))
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=shortest - 1).gluon
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, hopper=False,
                                       seqlen=shortest).gluon

@@ -214,10 +214,11 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
 
 @sm90_exactly
 @pytest.mark.parametrize("seqlen", [2048, 4096])
-def test_long_calls_at_head_dim_64_run_the_fused_gluon_pass(seqlen):
-    # Without dropout from 2048 queries on without a mask and from 4096 causal; with dropout from
-    # 4096 without a mask: dK, dV and dQ from the Gluon pass with 64-query tiles, δ from the
-    # portable delta-only pass; against float64. The other calls stay on the portable passes.
+def test_long_calls_at_head_dim_64_run_the_fused_gluon_passes(seqlen):
+    # Without dropout the warp-specialized pass from 2048 queries on without a mask and from 4096
+    # causal; with dropout the Gluon pass with 64-query tiles from 4096 without a mask. Both give
+    # dK, dV and dQ, δ from the portable delta-only pass; against float64. The other calls stay on
+    # the portable passes.
     from kernels import _backward, _forward
     from kernels._launch import call_geometry
     q, k, v = random_qkv((1, seqlen, 2, 64), (1, seqlen, 2, 64), torch.bfloat16, "cuda")
@@ -229,7 +230,9 @@ def test_long_calls_at_head_dim_64_run_the_fused_gluon_pass(seqlen):
                                             0.125, causal, dropout_p)
         gluon = {(False, 0.0): True, (False, 0.1): seqlen >= 4096,
                  (True, 0.0): seqlen >= 4096, (True, 0.1): False}[causal, dropout_p]
-        assert (dkdv[0] is _backward.DKDV_GLUON) == gluon
+        expected = (_backward.DKDV_GLUON if dropout_p else _backward.DKDV_WARP_SPECIALIZED) \
+            if gluon else _backward.DKDV
+        assert dkdv[0] is expected
         # With dropout the portable pass's default is fused too (one mask regeneration).
         fused = gluon or dropout_p > 0
         assert dkdv[3].get("ACCUMULATE_DQ", False) == fused

@@ -399,17 +399,20 @@ def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monk
 
 @sm90_exactly
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_long_calls_at_head_dim_128_run_the_warp_specialized_pass(dtype):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
     # Without dropout from WARP_SPECIALIZED_MIN_SEQLEN queries on (causal: 4K); with dropout the
-    # Gluon two-pass default; GQA, which it does not take, the portable pass. Against float64.
+    # previous default (head dim 128: the Gluon two-pass; 64, causal: the portable fused pass);
+    # GQA, which it does not take, the portable pass. Against float64.
     from kernels import _backward, _hopper
     from kernels._launch import WARP_SPECIALIZED_MIN_SEQLEN
-    n = WARP_SPECIALIZED_MIN_SEQLEN[True]
+    n = WARP_SPECIALIZED_MIN_SEQLEN[head_dim][True]
+    with_dropout = _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV
     for heads_k in (2, 1):
-        q, k, v = random_qkv((1, n, 2, 128), (1, n, heads_k, 128), dtype, "cuda")
+        q, k, v = random_qkv((1, n, 2, head_dim), (1, n, heads_k, head_dim), dtype, "cuda")
         for causal, dropout_p in [(False, 0.0), (True, 0.0), (True, 0.1)]:
             launcher = backward_launch_configs(q, k, v, causal, dropout_p)[1][0]
-            expected = (_backward.DKDV_WARP_SPECIALIZED if not dropout_p else _backward.DKDV_GLUON) \
+            expected = (_backward.DKDV_WARP_SPECIALIZED if not dropout_p else with_dropout) \
                 if heads_k == 2 else _backward.DKDV
             assert launcher is expected
             if not dropout_p:

@@ -74,33 +74,42 @@ def test_the_calls_it_takes():
     assert not _hopper.gluon_dkdv_call(**{**call, "seqlen_q": 2048})                    # causal, Nq != Nk
 
 
-def test_warp_specialized_tiles_are_the_default_only_where_measured_faster(monkeypatch):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_warp_specialized_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
     from kernels import _launch
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
-    # The shortest lengths where it won (attention_notes v20): 1K without a mask, 4K causal.
-    assert _launch.WARP_SPECIALIZED_MIN_SEQLEN == {False: 1024, True: 4096}
+    # The shortest lengths where it won (attention_notes v20, v21): at head dim 128, 1K without a
+    # mask and 4K causal; at 64, 2K and 4K. Three stages fit at 64, two at 128.
+    assert _launch.WARP_SPECIALIZED_MIN_SEQLEN == {64: {False: 2048, True: 4096},
+                                                   128: {False: 1024, True: 4096}}
+    expected_tiles = Tiles(64, 128, 4, {64: 3, 128: 2}[head_dim], gluon=True, fused=True,
+                           warp_specialized=True)
+    # What each head dim ran before, below those lengths.
+    previous = {(64, False): Tiles(32, 128, 4, 3), (64, True): Tiles(64, 64, 4, 3),
+                (128, False): Tiles(32, 64, 4, 3, gluon=True), (128, True): Tiles(32, 64, 4, 3, gluon=True)}
 
-    def tiles(head_dim=128, causal=False, dropout=False, seqlen=None, **kwargs):
-        seqlen = _launch.WARP_SPECIALIZED_MIN_SEQLEN[causal] if seqlen is None else seqlen
-        return _launch.dkdv_tiles(head_dim, kwargs.pop("device", cuda), kwargs.pop("dtype", bf16),
-                                  causal, dropout, seqlen=seqlen, **kwargs)
+    def tiles(causal=False, dropout=False, seqlen=None, **kwargs):
+        seqlen = _launch.WARP_SPECIALIZED_MIN_SEQLEN[head_dim][causal] if seqlen is None else seqlen
+        return _launch.dkdv_tiles(kwargs.pop("head_dim", head_dim), kwargs.pop("device", cuda),
+                                  kwargs.pop("dtype", bf16), causal, dropout, seqlen=seqlen, **kwargs)
     for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
         monkeypatch.setattr(_launch, "capability", lambda device: capability)
         assert tiles().warp_specialized == expected
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
     for causal in (False, True):
-        assert tiles(causal=causal) == WARP_SPECIALIZED
-        assert tiles(causal=causal, dtype=torch.float16) == WARP_SPECIALIZED
-        assert tiles(causal=causal, seqlen=16384) == WARP_SPECIALIZED
-        # Below the shortest length where it won, the two-pass Gluon default.
-        shorter = _launch.WARP_SPECIALIZED_MIN_SEQLEN[causal] // 2
-        assert tiles(causal=causal, seqlen=shorter) == Tiles(32, 64, 4, 3, gluon=True)
+        assert tiles(causal=causal) == expected_tiles
+        assert tiles(causal=causal, dtype=torch.float16) == expected_tiles
+        assert tiles(causal=causal, seqlen=16384) == expected_tiles
+        # Below the shortest length where it won, the previous default.
+        shorter = _launch.WARP_SPECIALIZED_MIN_SEQLEN[head_dim][causal] // 2
+        assert tiles(causal=causal, seqlen=shorter) == previous[head_dim, causal]
         assert not tiles(causal=causal, dropout=True).warp_specialized      # it has no dropout
         assert not tiles(causal=causal, deterministic=True).fused          # dQ by unordered adds
         assert not tiles(causal=causal, hopper=False).gluon                # calls it does not take
-        assert not tiles(64, causal, seqlen=16384).warp_specialized        # lost at head dim 64
         assert not tiles(causal=causal, dtype=torch.float32).warp_specialized
         assert not tiles(causal=causal, device=torch.device("cpu")).warp_specialized
+        for other in (32, 96, 256):                                        # never measured there
+            assert not tiles(causal=causal, head_dim=other, seqlen=16384).warp_specialized
 
 
 def chosen(q, k, causal=False, dropout_p=0.0, window=(-1, -1), tiles=None):
