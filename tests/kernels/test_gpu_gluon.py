@@ -270,6 +270,9 @@ def test_gluon_dq_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypatch):
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(*tiles, gluon=True))
+    # The two-pass dK/dV tiles (the deterministic ones): a fused default would compute dQ itself.
+    two_pass = _backward.dkdv_tiles
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: two_pass(*args, **{**kwargs, "deterministic": True}))
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16, "cuda")
     gluon_backward_pass_matches_reference(q, k, v, causal, _backward.DQ_GLUON)
@@ -381,7 +384,7 @@ def test_gluon_fused_backward_on_gpu(head_dim, tiles, causal, dropout_p, monkeyp
 
 
 @sm90_exactly
-@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 2), (64, 3)])
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 2), (64, 3), (64, 4)])
 @pytest.mark.parametrize("seqlen", [1024, 4096])
 @pytest.mark.parametrize("causal", [False, True])
 def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monkeypatch):
