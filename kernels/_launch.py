@@ -277,8 +277,9 @@ def _fused_gluon_pays(causal: bool, dropout: bool, seqlen: int) -> bool:
 # library against the previous default, three rounds in one process (H200; attention_notes.md):
 # - head dim 128 (v20): without a mask +7 / +16 / +27 / +30 / +30 % at 1K / 2K / 4K / 8K / 16K
 #   tokens; causal -4 / -0.3 / +9 / +13 / +24 %.
-# - head dim 64 (v21, against the fused Gluon pass): without a mask +6 / +8 / +13 % at 2K / 4K / 16K;
-#   causal -5 / +7 / +12 % at 2K / 4K / 16K.
+# - head dim 64 (v21; four stages): without a mask +4 / +8 / +9 / +9 % at 2K / 4K / 8K / 16K;
+#   causal +3 / +8 / +9 % at 4K / 8K / 16K. Below, three stages lost: -4 % at 1K without a mask,
+#   -13 / -2 % causal at 1K / 2K.
 WARP_SPECIALIZED_MIN_SEQLEN = {64: {False: 2048, True: 4096}, 128: {False: 1024, True: 4096}}
 # Four stages fit at head dim 64 (164 KB of shared memory; +1.4 to +1.9 % over three without a mask,
 # level causal, v21); at 128 three need 246 KB, past sm_90's 227.
