@@ -78,7 +78,7 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
                     and _hopper.gluon_device((q, k, v, grad_out), varlen))
     call = (causal, window, dropout_p, geometry.seqlen_q, geometry.seqlen_k, geometry.head_dim)
     gluon_dkdv = kv_tiles.gluon and gluon_device and _hopper.gluon_dkdv_call(
-        *call, geometry.group_size, kv_tiles.block_m, kv_tiles.block_n, kv_tiles.warp_specialized)
+        *call, geometry.group_size, kv_tiles.block_m, kv_tiles.block_n)
     if tiles is None and kv_tiles.gluon and not gluon_dkdv:
         # A call the Gluon pass does not take runs the portable pass's own tiles (with dropout
         # they differ from the Gluon pass's).

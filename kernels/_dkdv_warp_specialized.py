@@ -22,14 +22,17 @@ the other fused passes. (At head dim 64 dQ has 64 columns: consumer 0 computes i
 only its dV and dK.) With the causal mask the blocks holding a query before one of the
 consumer's keys apply it under a runtime branch, so the registers the mask needs are spilled
 there only, not in every block (at head dim 128 the consumers are at their 240-register limit).
+With dropout each consumer regenerates its 64 x 64 tile of the forward's keep-mask from the seed
+and counters (``_philox_gluon.keep_tile``): the tile is untransposed, in the forward's layout, so
+each thread computes only the counters it holds.
 
 Measured on an H200 (bf16, hidden 2048; attention_notes.md, v20): the whole backward at head
 dim 128 +7 to +30 % against the two-pass Gluon default without a mask (1K-16K tokens), +9 to
-+24 % causal from 4K (below 4K causal it tied or lost); at head dim 64 it lost (0.77-0.85x), each
-consumer's 64 x 64 products being half the work per shared-dS barrier.
++24 % causal from 4K (below 4K causal it tied or lost); at head dim 64 (v21) +3 to +9 % against
+the fused Gluon pass from 2K without a mask and 4K causal. With dropout: not yet measured.
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), with
-ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through without dropout: padded
+ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through: padded
 input, fp16/bf16, head dim 64 or 128, one query head per kv-head, no window, whole 64-query and
 128-key blocks, and with the causal mask as many queries as keys. δ comes from the portable
 delta-only pass, launched first; ``_backward.finish_dq`` applies dQ's scale.
@@ -41,6 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._gluon_shared import head_descriptor, tma_reduce_add
+from ._philox_gluon import dropout_arguments, keep_tile
 
 ROWS = gl.constexpr(64)     # keys per consumer warpgroup; queries per block
 
@@ -68,11 +72,13 @@ def _producer(descs, buffers, bars, n0, first, n_items, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, first, n_blocks, n0,
-                  qk_scale, CAUSAL_MASK: gl.constexpr, STAGES: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, dq_layout: gl.constexpr):
+def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks,
+                  n0, qk_scale, CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr,
+                  N_ROUNDS: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  s_layout: gl.constexpr, dq_layout: gl.constexpr):
     """Consumer c's share of query blocks ``first`` .. ``n_blocks`` - 1 (stage and barrier phases
-    count from ``first``): returns its dK and dV (dK unscaled)."""
+    count from ``first``): returns its dK and dV (dK unscaled, and without dropout's rescale).
+    ``dropout``: ``_philox_gluon.dropout_arguments``'s tuple (0 without dropout)."""
     q_desc, do_desc, k_desc, v_desc, dq_desc = descs
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
     kv_bar, qdo_full, qdo_empty, ds_full, ds_empty = bars
@@ -102,9 +108,21 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, first, n
                 local_keys = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
                 local_queries = gl.arange(0, ROWS, layout=rows_layout)
                 p = gl.where(local_keys[None, :] - local_queries[:, None] <= -offset, p, 0.0)
+        p_dropped = p
+        if DROPOUT:
+            # The block's keep-mask, regenerated from the seed and counters as the forward drew
+            # it: the tile is in the forward's orientation, so each thread computes only the
+            # Philox counters it holds. Dropped entries leave P (for dV) and dP; dS = P∘(dP − δ)
+            # keeps the undropped P, δ being stored times (1 − p) (_backward_kernels.py).
+            seed, counter_base, first_pair, counters_per_row, threshold = dropout
+            keep = keep_tile(seed, counter_base, first_pair + block * (ROWS // 2),
+                             counters_per_row, n0 + c * ROWS, threshold, ROWS, ROWS, N_ROUNDS,
+                             s_layout)
+            p_dropped = gl.where(keep, p, 0.0)
+            dp = gl.where(keep, dp, 0.0)
         # P into this consumer's tile (its last reader, the previous block's dV product, was
         # waited for), and dV's product started on it while dS is computed.
-        p_smem.index(c).store(p.to(dtype))
+        p_smem.index(c).store(p_dropped.to(dtype))
         fence_async_shared()            # visible to the tensor cores' (async) reads
         gl.thread_barrier()             # every warp of this warpgroup has written its share
         dv = warpgroup_mma(p_smem.index(c).permute((1, 0)), do_smem.index(stage), dv,
@@ -143,9 +161,10 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, first, n
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, descs, buffers, bars, stats, out_args, n0, first, n_blocks,
-              qk_scale, softmax_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr):
+def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, out_args, n0, first,
+              n_blocks, qk_scale, softmax_scale, drop_rescale, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
+              N_ROUNDS: gl.constexpr):
     """Consumer c: dK and dV of keys n0 + 64c .. n0 + 64c + 63, and its columns of each block's dQ."""
     kv_bar = bars[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -157,15 +176,20 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, stats, out_args, n0, first,
     dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, g_layout)
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, g_layout)
     mbarrier.wait(kv_bar, 0)
-    dk, dv = _query_blocks(c, descs, buffers, bars, dk, dv, stats, first, n_blocks, n0,
-                           qk_scale, CAUSAL, STAGES, HEAD_DIM, s_layout, dq_layout)
+    dk, dv = _query_blocks(c, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks, n0,
+                           qk_scale, CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM, s_layout,
+                           dq_layout)
     tma.store_wait(0)          # shared memory is read before the program ends
+    dk = dk * softmax_scale
+    if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass
+        dk = dk * drop_rescale
+        dv = dv * drop_rescale
     grad_k, stride_dkn, grad_v, stride_dvn = out_args
     rows = n0 + c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, g_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
     rows64 = rows.to(gl.int64)[:, None]
     gl.store(grad_k + rows64 * stride_dkn + cols[None, :],
-             (dk * softmax_scale).to(grad_k.dtype.element_ty))
+             dk.to(grad_k.dtype.element_ty))
     gl.store(grad_v + rows64 * stride_dvn + cols[None, :], dv.to(grad_v.dtype.element_ty))
 
 
@@ -184,7 +208,9 @@ def _dkdv_warp_specialized_kernel(
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False,
 ):
-    gl.static_assert(not (LOWER or VARLEN or DROPOUT), "no window, packed input or dropout")
+    gl.static_assert(not (LOWER or VARLEN), "no window or packed input")
+    # The keep-mask's counters cover 16-row pairs and 32-column blocks (_philox.py): whole ones
+    # here (64-query blocks, 64 keys per consumer).
     gl.static_assert(ACCUMULATE_DQ, "the fused pass only")
     gl.static_assert(BLOCK_M == ROWS and BLOCK_N == 2 * ROWS and num_warps == 4,
                      "64-query blocks, 128-key blocks over two consumer warpgroups")
@@ -248,10 +274,17 @@ def _dkdv_warp_specialized_kernel(
     buffers = (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem)
     bars = (kv_bar, qdo_full, qdo_empty, ds_full, ds_empty)
     out_args = (grad_k, stride_dkn, grad_v, stride_dvn)
+    if DROPOUT:
+        dropout = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, 0,
+                                    counters_per_row, drop_threshold, SEED_IN_MEMORY)
+    else:
+        dropout = 0
     gl.warp_specialize([
-        (_consumer, (0, descs, buffers, bars, stats, out_args, n0, first, n_blocks,
-                     qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER)),
-        (_consumer, (1, descs, buffers, bars, stats, out_args, n0, first, n_blocks,
-                     qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER)),
+        (_consumer, (0, descs, buffers, bars, stats, dropout, out_args, n0, first, n_blocks,
+                     qk_scale, softmax_scale, drop_rescale, HEAD_DIM, STAGES, UPPER, DROPOUT,
+                     N_ROUNDS)),
+        (_consumer, (1, descs, buffers, bars, stats, dropout, out_args, n0, first, n_blocks,
+                     qk_scale, softmax_scale, drop_rescale, HEAD_DIM, STAGES, UPPER, DROPOUT,
+                     N_ROUNDS)),
         (_producer, (descs, buffers, bars, n0, first, n_items, STAGES)),
     ], [4, 1], [240, 24])

@@ -98,12 +98,11 @@ def gluon_dq_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_
 
 
 def gluon_dkdv_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: int,
-                    head_dim: int, group_size: int, block_m: int, block_n: int,
-                    warp_specialized: bool = False) -> bool:
-    """The calls the Gluon dK/dV schedule covers: the dQ pass's, with one query head per kv-head;
-    the warp-specialized pass's (``_dkdv_warp_specialized.py``) without dropout."""
+                    head_dim: int, group_size: int, block_m: int, block_n: int) -> bool:
+    """The calls the Gluon dK/dV schedules cover, the warp-specialized one's
+    (``_dkdv_warp_specialized.py``) included: the dQ pass's, with one query head per kv-head."""
     return (gluon_dq_call(causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, block_m, block_n)
-            and group_size == 1 and not (warp_specialized and dropout_p > 0))
+            and group_size == 1)
 
 
 def masked(causal: bool, window, length: int, block: int) -> bool:

@@ -140,7 +140,7 @@ class Tiles:
     head_major: bool = False
     # dK/dV only, with gluon and fused: the warp-specialized pass (_dkdv_warp_specialized.py), two
     # consumer warpgroups of 64 keys each (block_n 128, one warpgroup's num_warps 4) over 64-query
-    # blocks, and a producer warp; num_stages counts its Q/dO stages. No dropout.
+    # blocks, and a producer warp; num_stages counts its Q/dO stages.
     warp_specialized: bool = False
 
     def __post_init__(self):

@@ -69,7 +69,7 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
     Tiles(*t, gluon=True, fused=True) for t in [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3),
                                                 (32, 128, 8, 4), (64, 64, 4, 2), (64, 64, 4, 3),
                                                 (64, 64, 4, 4), (64, 128, 8, 2)]] + [
-    # The warp-specialized fused pass (_dkdv_warp_specialized.py; sm_90, no band, GQA or dropout):
+    # The warp-specialized fused pass (_dkdv_warp_specialized.py; sm_90, no window or GQA):
     # two consumer warpgroups of 64 keys, 64-query blocks; num_stages = Q/dO stages (3 or more do
     # not fit shared memory at head dim 128; 4 is the default at 64).
     Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True) for stages in (2, 3, 4)]

@@ -246,14 +246,17 @@ def test_gluon_kernels_read_a_device_seed_like_the_portable_ones():
                                             **args)
     assert ((gluon_out.float() - out.float()).norm() / out.float().norm()).item() < 8e-3
     torch.testing.assert_close(gluon_lse, lse, rtol=1e-4, atol=1e-4)
-    gluon = _backward.backward(grad_out, q, k, v, out, lse, None,
-                               tiles=(Tiles(32, 128, 8, 3, gluon=True),
-                                      Tiles(64, 64, 4, 3, gluon=True)), **args)
-    assert len(_hopper.FALLBACKS) == fallbacks       # the Gluon passes compiled and ran
     portable = _backward.backward(grad_out, q, k, v, out, lse, None,
                                   tiles=(Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3)), **args)
-    for mine, theirs in zip(gluon, portable):
-        assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 8e-3
+    # The two-pass Gluon backward, and the warp-specialized fused pass (with the portable
+    # delta-only pass).
+    for tiles in [(Tiles(32, 128, 8, 3, gluon=True), Tiles(64, 64, 4, 3, gluon=True)),
+                  (Tiles(64, 128, 4, 4, gluon=True, fused=True, warp_specialized=True),
+                   Tiles(64, 64, 4, 3))]:
+        gluon = _backward.backward(grad_out, q, k, v, out, lse, None, tiles=tiles, **args)
+        assert len(_hopper.FALLBACKS) == fallbacks   # the Gluon passes compiled and ran
+        for mine, theirs in zip(gluon, portable):
+            assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 8e-3
 
 
 GLUON_DQ_TILES = [(64, (64, 64, 4, 3)), (64, (128, 64, 8, 3)), (128, (64, 64, 4, 3)),
@@ -398,6 +401,20 @@ def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monk
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
     fused_pass_matches_reference(q, k, v, causal, _backward.DKDV_WARP_SPECIALIZED)
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_specialized_backward_with_dropout_on_gpu(head_dim, stages, causal, monkeypatch):
+    # Each consumer regenerates its 64 x 64 tiles of the forward's keep-mask: the gradients match
+    # float64 under the mask return_debug_mask materializes, with no fallback.
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_WARP_SPECIALIZED)
 
 
 @sm90_exactly
