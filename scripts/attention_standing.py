@@ -1,0 +1,131 @@
+"""The attention grid as it stands: every cell from the latest run that measured it.
+
+    python scripts/attention_standing.py docs/results/attention_h200.json \\
+        docs/results/tma_h200.json:grid_pingpong_default_v19 \\
+        docs/results/hopper_h200.json:grid_d64_warp_specialized_default_v21 --md standing.md
+
+Each source is a ``bench_attention.py`` output (FILE) or a run of bench_attention records kept in
+a record file (FILE:RUN, e.g. ``tma_h200.json``'s runs), oldest first. A cell (dtype, head dim,
+seqlen, causal, dropout) takes all its providers from the last source that timed flashtrain in
+it, so every ratio compares providers measured in one process, never numbers from two runs.
+Prints the Markdown table (or writes it with ``--md``).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SDPA = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+CELL_FIELDS = ("dtype", "head_dim", "seqlen", "causal", "dropout_p")
+
+
+class SourceError(ValueError):
+    """A source that cannot be read as bench_attention records, with the reason."""
+
+
+def load_source(spec: str) -> tuple[str, list[dict]]:
+    """(name, records) of one source: ``FILE`` or ``FILE:RUN``."""
+    path, _, run = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SourceError(f"{spec}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{spec}: not JSON ({error})") from None
+    if run:
+        runs = {r.get("name"): r for r in data.get("runs", [])}
+        if run not in runs:
+            raise SourceError(f"{spec}: no run named {run!r} in {path} (runs holding bench "
+                              f"records: {', '.join(n for n, r in runs.items() if _bench_records(r)) or 'none'})")
+        records, name = _bench_records(runs[run]), f"{Path(path).name}:{run}"
+    else:
+        records, name = _bench_records(data), Path(path).name
+    if not records:
+        raise SourceError(f"{spec}: holds no bench_attention.py records (provider and cell fields)")
+    return name, records
+
+
+def _bench_records(holder: dict) -> list[dict]:
+    """The bench_attention records of a run or output: a list, or a whole output nested in it."""
+    records = holder.get("records", [])
+    if isinstance(records, dict):
+        records = records.get("records", [])
+    return [r for r in records if isinstance(r, dict) and "provider" in r
+            and all(field in r for field in CELL_FIELDS) and not r.get("sweep")]
+
+
+def standing(sources: list[tuple[str, list[dict]]]) -> dict:
+    """{cell: (source name, {provider: record})}: each cell from the last source with flashtrain."""
+    cells = {}
+    for name, records in sources:
+        by_cell = {}
+        for record in records:
+            by_cell.setdefault(tuple(record[f] for f in CELL_FIELDS), {})[record["provider"]] = record
+        for cell, providers in by_cell.items():
+            if "fwdbwd_tflops" in providers.get("flashtrain", {}):
+                cells[cell] = (name, providers)
+    return cells
+
+
+def _best_sdpa(providers: dict) -> tuple[str, float] | None:
+    timed = [(p, providers[p]["fwdbwd_tflops"]) for p in SDPA if "fwdbwd_tflops" in providers.get(p, {})]
+    return max(timed, key=lambda item: item[1]) if timed else None
+
+
+def markdown(cells: dict, specs: list[str]) -> str:
+    lines = ["# Attention grid: where each cell stands", "",
+             "Each cell as its latest run measured it (all its providers from that run, in one "
+             "process); the run is named per row, and its record (card, software, date, command) is "
+             "in that file. Written by `python scripts/attention_standing.py "
+             + " ".join(specs) + "`.", "",
+             "| dtype | head dim | seqlen | causal | dropout | flashtrain fwd / bwd / fwd+bwd | best SDPA "
+             "(fwd+bwd) | ours / best SDPA | ours / FA2 | float32 check | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for cell in sorted(cells):
+        name, providers = cells[cell]
+        ours = providers["flashtrain"]
+        best = _best_sdpa(providers)
+        fa2 = providers.get("sdpa_flash", {}).get("fwdbwd_tflops")
+        ratio = ours["fwdbwd_tflops"] / best[1] if best else None
+        if ratio is not None:
+            summary.setdefault(cell[:2] + cell[3:], []).append(ratio)
+        check = {True: "passed", False: "**failed**"}.get(ours.get("check_passed"), "–")
+        timings = " / ".join(f"{ours[f]:.0f}" if f in ours else "–"
+                             for f in ("fwd_tflops", "bwd_tflops", "fwdbwd_tflops"))
+        dtype, head_dim, seqlen, causal, dropout_p = cell
+        lines.append(
+            f"| {dtype} | {head_dim} | {seqlen} | {int(causal)} | {dropout_p} | {timings} | "
+            + (f"{best[0]} {best[1]:.0f}" if best else "–") + " | "
+            + (f"**{ratio:.2f}**" if ratio is not None else "–") + " | "
+            + (f"{ours['fwdbwd_tflops'] / fa2:.2f}" if fa2 else "–") + f" | {check} | `{name}` |")
+    lines += ["", "Forward+backward against the best SDPA backend of the same run, by setting:", ""]
+    for (dtype, head_dim, causal, dropout_p), ratios in sorted(summary.items()):
+        lines.append(f"- {dtype}, head dim {head_dim}, causal {int(causal)}, dropout {dropout_p}: "
+                     f"{min(ratios):.2f}–{max(ratios):.2f} ({sum(r >= 1 for r in ratios)} of "
+                     f"{len(ratios)} cells at or past it)")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="+", help="FILE or FILE:RUN, oldest first")
+    parser.add_argument("--md", type=Path, help="write the table here (else print it)")
+    args = parser.parse_args()
+    try:
+        sources = [load_source(spec) for spec in args.sources]
+    except SourceError as error:
+        sys.exit(f"attention_standing: {error}")
+    text = markdown(standing(sources), args.sources)
+    if args.md is None:
+        print(text, end="")
+        return
+    temporary = args.md.with_name(args.md.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(args.md)
+    print(f"wrote {args.md}")
+
+
+if __name__ == "__main__":
+    main()
