@@ -100,6 +100,16 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
         queries = block * ROWS + gl.arange(0, ROWS, layout=rows_layout)
         lse = gl.load(lse_ptr + queries)
         delta = gl.load(delta_ptr + queries)
+        if DROPOUT:
+            # The block's keep-mask, regenerated from the seed and counters as the forward drew
+            # it, while S and dP are computed: the tile is in the forward's orientation, so each
+            # thread computes only the Philox counters it holds. Dropped entries leave P (for dV)
+            # and dP; dS = P∘(dP − δ) keeps the undropped P, δ being stored times (1 − p)
+            # (_backward_kernels.py).
+            seed, counter_base, first_pair, counters_per_row, threshold = dropout
+            keep = keep_tile(seed, counter_base, first_pair + block * (ROWS // 2),
+                             counters_per_row, n0 + c * ROWS, threshold, ROWS, ROWS, N_ROUNDS,
+                             s_layout)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
         p = gl.exp2(s * qk_scale - lse[:, None])
         if CAUSAL_MASK:     # key j visible to query i when j <= i (as many queries as keys)
@@ -110,14 +120,6 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                 p = gl.where(local_keys[None, :] - local_queries[:, None] <= -offset, p, 0.0)
         p_dropped = p
         if DROPOUT:
-            # The block's keep-mask, regenerated from the seed and counters as the forward drew
-            # it: the tile is in the forward's orientation, so each thread computes only the
-            # Philox counters it holds. Dropped entries leave P (for dV) and dP; dS = P∘(dP − δ)
-            # keeps the undropped P, δ being stored times (1 − p) (_backward_kernels.py).
-            seed, counter_base, first_pair, counters_per_row, threshold = dropout
-            keep = keep_tile(seed, counter_base, first_pair + block * (ROWS // 2),
-                             counters_per_row, n0 + c * ROWS, threshold, ROWS, ROWS, N_ROUNDS,
-                             s_layout)
             p_dropped = gl.where(keep, p, 0.0)
             dp = gl.where(keep, dp, 0.0)
         # P into this consumer's tile (its last reader, the previous block's dV product, was
