@@ -316,9 +316,10 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
         # The fused Gluon pass, 64-query blocks one after another (_dkdv_gluon.py): whole backward
         # against the tiles below, five alternating rounds in one process (H200; attention_notes.md,
         # v17): without dropout +2.3 to +5.1 % without a mask (2K-16K tokens) and +2.7 to +11 %
-        # causal (4K-16K). With dropout without a mask v16 measured +4 to +6 % (4K-16K), and v17's
-        # loop adds 0.6-1.3 %. 1K tokens (-1 %), causal 2K (+0.6 %, noise) and causal with dropout
-        # (4K: -2 %) stay on the passes below.
+        # causal (4K-16K); since v21 the warp-specialized pass above takes those calls first, so
+        # this branch is reached with dropout only: without a mask v16 measured +4 to +6 %
+        # (4K-16K), and v17's loop adds 0.6-1.3 %. 1K tokens (-1 %), causal 2K (+0.6 %, noise) and
+        # causal with dropout (4K: -2 %) stay on the passes below.
         return Tiles(64, 64, 4, 3, gluon=True, fused=True)
     if head_dim <= 64:
         # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).
