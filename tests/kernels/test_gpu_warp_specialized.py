@@ -1,0 +1,98 @@
+"""GPU-only checks of the warp-specialized fused backward (_dkdv_warp_specialized.py): gradients
+against float64 with and without dropout, the calls the default sends to it, and its replay in a
+CUDA graph. Its compiled schedule is checked on the CPU (test_warp_specialized_backward.py)."""
+
+import pytest
+import torch
+
+from kernels import flash_attention
+
+from .numerics import backward_launch_configs, check_against_reference, random_qkv
+from .test_gpu import sm90_exactly
+from .test_gpu_gluon import fused_pass_matches_reference, gluon_kernel_matches_reference_with_dropout
+
+pytestmark = pytest.mark.gpu
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 2), (64, 3), (64, 4)])
+@pytest.mark.parametrize("seqlen", [1024, 4096])
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monkeypatch):
+    # dK, dV and (by the copy engine's reduce-adds, each consumer its columns) dQ from the
+    # warp-specialized pass, δ from the portable delta-only pass; against float64; the causal
+    # mask's diagonal blocks (each consumer's own 64 keys); more query blocks than stages.
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
+    fused_pass_matches_reference(q, k, v, causal, _backward.DKDV_WARP_SPECIALIZED)
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_specialized_backward_with_dropout_on_gpu(head_dim, stages, causal, monkeypatch):
+    # Each consumer regenerates its 64 x 64 tiles of the forward's keep-mask: the gradients match
+    # float64 under the mask return_debug_mask materializes, with no fallback.
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_WARP_SPECIALIZED)
+
+
+@sm90_exactly
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
+    # Without dropout from WARP_SPECIALIZED_MIN_SEQLEN queries on (causal: 4K); with dropout the
+    # previous default (head dim 128: the Gluon two-pass; 64, causal: the portable fused pass);
+    # GQA, which it does not take, the portable pass. Against float64.
+    from kernels import _backward, _hopper
+    from kernels._launch import WARP_SPECIALIZED_MIN_SEQLEN
+    n = WARP_SPECIALIZED_MIN_SEQLEN[head_dim][True]
+    with_dropout = _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV
+    for heads_k in (2, 1):
+        q, k, v = random_qkv((1, n, 2, head_dim), (1, n, heads_k, head_dim), dtype, "cuda")
+        for causal, dropout_p in [(False, 0.0), (True, 0.0), (True, 0.1)]:
+            launcher = backward_launch_configs(q, k, v, causal, dropout_p)[1][0]
+            expected = (_backward.DKDV_WARP_SPECIALIZED if not dropout_p else with_dropout) \
+                if heads_k == 2 else _backward.DKDV
+            assert launcher is expected
+            if not dropout_p:
+                fallbacks = len(_hopper.FALLBACKS)
+                check_against_reference(q, k, v, causal=causal)
+                assert len(_hopper.FALLBACKS) == fallbacks
+
+
+@sm90_exactly
+def test_warp_specialized_backward_replays_in_a_cuda_graph():
+    # The default at head dim 128 without a mask from 1K tokens, captured with its forward in a
+    # CUDA graph (as the trainer's reduce-overhead mode does): every replay's gradients equal the
+    # eager call's up to the rounding of dQ's unordered adds, and the eager ones match float64.
+    from kernels import _backward
+    q, k, v = random_qkv((2, 1024, 4, 128), (2, 1024, 4, 128), torch.bfloat16, "cuda")
+    assert backward_launch_configs(q, k, v, False, 0.0)[1][0] is _backward.DKDV_WARP_SPECIALIZED
+    check_against_reference(q, k, v)
+    grad_out = torch.randn_like(q)
+    step = lambda: torch.autograd.grad(flash_attention(q, k, v), (q, k, v), grad_out)
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):       # warm-up off the default stream, as capture asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):
+        for tensor in captured:
+            tensor.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for mine, theirs in zip(captured, eager):
+            assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 1e-3
