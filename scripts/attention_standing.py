@@ -24,8 +24,8 @@ class SourceError(ValueError):
     """A source that cannot be read as bench_attention records, with the reason."""
 
 
-def load_source(spec: str) -> tuple[str, list[dict]]:
-    """(name, records) of one source: ``FILE`` or ``FILE:RUN``."""
+def load_source(spec: str) -> tuple[str, list[dict], str]:
+    """(name, records, provenance) of one source: ``FILE`` or ``FILE:RUN``."""
     path, _, run = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     try:
         data = json.loads(Path(path).read_text())
@@ -38,12 +38,28 @@ def load_source(spec: str) -> tuple[str, list[dict]]:
         if run not in runs:
             raise SourceError(f"{spec}: no run named {run!r} in {path} (runs holding bench "
                               f"records: {', '.join(n for n, r in runs.items() if _bench_records(r)) or 'none'})")
-        records, name = _bench_records(runs[run]), f"{Path(path).name}:{run}"
+        holder, name = runs[run], f"{Path(path).name}:{run}"
     else:
-        records, name = _bench_records(data), Path(path).name
+        holder, name = data, Path(path).name
+    records = _bench_records(holder)
     if not records:
         raise SourceError(f"{spec}: holds no bench_attention.py records (provider and cell fields)")
-    return name, records
+    return name, records, _provenance(holder)
+
+
+def _provenance(holder: dict) -> str:
+    """Card, software, date and command of a run, from wherever its record keeps them: the output's
+    own fields, a run's ``versions`` and ``command``, or an output nested in the run."""
+    fields = {}
+    for source in (holder.get("records") if isinstance(holder.get("records"), dict) else {},
+                   holder, holder.get("versions", {})):
+        fields.update({k: v for k, v in source.items()
+                       if k in ("card", "torch", "triton", "cuda", "cudnn", "date", "command") and v})
+    software = ", ".join(f"{label} {fields[key]}" for key, label in
+                         (("torch", "PyTorch"), ("triton", "Triton"), ("cuda", "CUDA"), ("cudnn", "cuDNN"))
+                         if key in fields)
+    return "; ".join(part for part in (fields.get("card"), software, fields.get("date"),
+                                       f"`{fields['command']}`" if "command" in fields else None) if part)
 
 
 def _bench_records(holder: dict) -> list[dict]:
@@ -55,10 +71,10 @@ def _bench_records(holder: dict) -> list[dict]:
             and all(field in r for field in CELL_FIELDS) and not r.get("sweep")]
 
 
-def standing(sources: list[tuple[str, list[dict]]]) -> dict:
+def standing(sources: list[tuple]) -> dict:
     """{cell: (source name, {provider: record})}: each cell from the last source with flashtrain."""
     cells = {}
-    for name, records in sources:
+    for name, records, *_ in sources:
         by_cell = {}
         for record in records:
             by_cell.setdefault(tuple(record[f] for f in CELL_FIELDS), {})[record["provider"]] = record
@@ -73,12 +89,13 @@ def _best_sdpa(providers: dict) -> tuple[str, float] | None:
     return max(timed, key=lambda item: item[1]) if timed else None
 
 
-def markdown(cells: dict, specs: list[str]) -> str:
+def markdown(cells: dict, specs: list[str], sources: list[tuple]) -> str:
     lines = ["# Attention grid: where each cell stands", "",
              "Each cell as its latest run measured it (all its providers from that run, in one "
              "process); the run is named per row, and its record (card, software, date, command) is "
              "in that file. Written by `python scripts/attention_standing.py "
-             + " ".join(specs) + "`.", "",
+             + " ".join(specs) + "`. The runs, oldest first:", "",
+             *(f"- `{name}`: {provenance}" for name, _, provenance in sources), "",
              "| dtype | head dim | seqlen | causal | dropout | flashtrain fwd / bwd / fwd+bwd | best SDPA "
              "(fwd+bwd) | ours / best SDPA | ours / FA2 | float32 check | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -117,7 +134,7 @@ def main():
         sources = [load_source(spec) for spec in args.sources]
     except SourceError as error:
         sys.exit(f"attention_standing: {error}")
-    text = markdown(standing(sources), args.sources)
+    text = markdown(standing(sources), args.sources, sources)
     if args.md is None:
         print(text, end="")
         return

@@ -24,7 +24,7 @@ def row(text, seqlen):
 
 def test_each_cell_comes_whole_from_the_latest_run_that_timed_it(tmp_path):
     grid = tmp_path / "grid.json"
-    grid.write_text(json.dumps(dict(card="card", records=[
+    grid.write_text(json.dumps(dict(card="card", torch="2.11", date="2026-12-02", command="python bench", records=[
         record("flashtrain", 300, check_passed=True), record("sdpa_flash", 200),
         record("sdpa_cudnn", 400), record("flashtrain", 100, seqlen=1024, check_passed=True),
         record("sdpa_cudnn", 200, seqlen=1024),
@@ -33,7 +33,8 @@ def test_each_cell_comes_whole_from_the_latest_run_that_timed_it(tmp_path):
     # the way some runs keep it), and a run of other measurements that is not a grid.
     notes = tmp_path / "notes.json"
     notes.write_text(json.dumps(dict(runs=[
-        dict(name="rerun", records=dict(card="card", records=[
+        dict(name="rerun", command="python rerun", versions=dict(card="card2", date="2026-12-03"),
+             records=dict(records=[
             record("flashtrain", 450, check_passed=True), record("sdpa_cudnn", 440)])),
         dict(name="diagnostic", records=[{"measure": "bwd", "tflops": {"ws": 1}}])])))
     result = run(grid, f"{notes}:rerun")
@@ -50,6 +51,9 @@ def test_each_cell_comes_whole_from_the_latest_run_that_timed_it(tmp_path):
     out = tmp_path / "standing.md"
     assert run(grid, "--md", out).returncode == 0
     assert out.read_text().startswith("# Attention grid") and f"attention_standing.py {grid}`" in out.read_text()
+    # Each run's card, software, date and command, from wherever its record keeps them.
+    assert "- `grid.json`: card; PyTorch 2.11; 2026-12-02; `python bench`" in out.read_text()
+    assert "- `notes.json:rerun`: card2; 2026-12-03; `python rerun`" in run(grid, f"{notes}:rerun").stdout
 
 
 def test_sources_that_are_not_grids_are_named(tmp_path):
