@@ -1,7 +1,7 @@
 """Backward pass launches: the dQ and dK/dV passes (``_backward_kernels.py``, the algorithm and its
 fused single-pass form) with their tuned tiles, strides and scalars, the Gluon passes for sm_90
-(``_dq_gluon.py``, ``_dkdv_gluon.py``, ``_dkdv_warp_specialized.py``) where a call qualifies, and the fused pass's float32 dQ
-buffer. ``backward`` is the entry point; ``launch_into`` also returns what a launch plan
+(``_dq_gluon.py``, ``_dkdv_gluon.py``, ``_dkdv_warp_specialized.py``, ``_dkdv_ws_persistent.py``)
+where a call qualifies, and the fused pass's float32 dQ buffer. ``backward`` is the entry point; ``launch_into`` also returns what a launch plan
 (``_eager_plan.py``) needs to repeat the launches.
 """
 
@@ -10,10 +10,10 @@ import dataclasses
 import torch
 import triton
 
-from . import _dkdv_gluon, _dkdv_warp_specialized, _dq_gluon, _hopper
+from . import _dkdv_gluon, _dkdv_warp_specialized, _dkdv_ws_persistent, _dq_gluon, _hopper
 from ._backward_kernels import _dkdv_kernel, _dq_kernel
 from ._direct_launch import DirectLauncher, grid3
-from ._forward import LOG2E, lse_strides
+from ._forward import LOG2E, lse_strides, multiprocessors
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
                       dkdv_tiles, dot_precision, dq_tiles)
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
@@ -45,6 +45,7 @@ DKDV = DirectLauncher(_dkdv_kernel)
 DKDV_GLUON = DirectLauncher(_dkdv_gluon._dkdv_gluon_kernel)
 DQ_GLUON = DirectLauncher(_dq_gluon._dq_gluon_kernel)
 DKDV_WARP_SPECIALIZED = DirectLauncher(_dkdv_warp_specialized._dkdv_warp_specialized_kernel)
+DKDV_WS_PERSISTENT = DirectLauncher(_dkdv_ws_persistent._dkdv_ws_persistent_kernel)
 
 
 def contiguous_batched_strides(shape, varlen: bool) -> tuple[int, int, int]:
@@ -70,9 +71,15 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     varlen = geometry.varlen
     dropout = dropout_p > 0
     deterministic = torch.are_deterministic_algorithms_enabled()
+    # The persistent pass reads each tensor through one descriptor of (batch x seqlen) rows (no
+    # Gluon pass takes packed sequences).
+    one_matrix = not varlen and all(_hopper.rows_of_one_matrix(t) for t in (q, k, v, grad_out))
     kv_tiles, q_tiles = tiles or (dkdv_tiles(geometry.head_dim, q.device, q.dtype, causal, dropout,
-                                             seqlen=geometry.seqlen_q, deterministic=deterministic),
+                                             seqlen=geometry.seqlen_q, deterministic=deterministic,
+                                             persistent=one_matrix),
                                   dq_tiles(geometry.head_dim, q.device, q.dtype, dropout))
+    if kv_tiles.persistent and not one_matrix:     # a caller's tiles: the per-key-block grid
+        kv_tiles = dataclasses.replace(kv_tiles, persistent=False)
     # The Gluon passes read q, k, v and the output gradient by TMA.
     gluon_device = ((q_tiles.gluon or kv_tiles.gluon)
                     and _hopper.gluon_device((q, k, v, grad_out), varlen))
@@ -88,7 +95,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
         # The fused pass sums dQ by atomic adds in whatever order the blocks finish: not bitwise
         # reproducible. Under torch.use_deterministic_algorithms the default is the two passes
         # (dkdv_tiles gives their tiles; this holds whatever the tile rule says).
-        kv_tiles = dataclasses.replace(kv_tiles, fused=False, warp_specialized=False)
+        kv_tiles = dataclasses.replace(kv_tiles, fused=False, warp_specialized=False,
+                                       persistent=False)
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
@@ -124,6 +132,13 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     if gluon_dkdv:
         dkdv_launcher = DKDV_WARP_SPECIALIZED if kv_tiles.warp_specialized else DKDV_GLUON
         dkdv_config[2]["STAGES"] = kv_tiles.num_stages
+        if kv_tiles.persistent:
+            # One program per SM (or per tile, if fewer), each walking its tiles; one more
+            # argument, the batch size.
+            grid, static, options = dkdv_config
+            programs = min(grid[0] * grid[1] * grid[2], multiprocessors(q.device))
+            dkdv_launcher = DKDV_WS_PERSISTENT
+            dkdv_config = ((programs,), (*static, geometry.batch), options)
     return (dq_launcher, *dq_config), (dkdv_launcher, *dkdv_config)
 
 
@@ -151,13 +166,34 @@ def launch_into(delta, dq, dk, dv, grad_out, q, k, v, out, lse, cu_seqlens, geom
     dkdv_arguments = (q, k, v, grad_out, lse, delta, dk, dv, dq_accumulator, cu_seqlens, seed,
                       counter_base, *dkdv_static)
     dq_bound = _hopper.launch(dq_launcher, DQ, dq_grid, dq_arguments, dq_options)
-    dkdv_bound = _hopper.launch(dkdv_launcher, DKDV, dkdv_grid, dkdv_arguments, dkdv_options)
+    dkdv_bound, dkdv_grid, dkdv_static = _launch_dkdv(dkdv_launcher, dkdv_grid, dkdv_arguments,
+                                                      dkdv_static, dkdv_options, geometry)
     dq_scale = None
     if fused:
         # The scale the dQ pass applies in its epilogue: softmax scale, and 1 / (1 - p).
         dq_scale = softmax_scale * (drop_rescale(dropout_p) if dropout_p > 0 else 1.0)
         finish_dq(dq_accumulator, dq_scale, dq)
     return (dq_bound, grid3(dq_grid), dq_static), (dkdv_bound, grid3(dkdv_grid), dkdv_static), dq_scale
+
+
+def _launch_dkdv(launcher, grid, arguments, static, options: dict, geometry: Geometry):
+    """Launch the dK/dV pass; returns ``(bound kernel or None, grid, static arguments)`` of what
+    ran. The persistent pass has its own grid and one more argument: if it cannot compile, the
+    portable pass runs the call with the per-key-block grid (its fused form, as the dQ pass that
+    already ran computed δ alone)."""
+    if launcher is not DKDV_WS_PERSISTENT:
+        return _hopper.launch(launcher, DKDV, grid, arguments, options), grid, static
+    per_key_block = (triton.cdiv(geometry.seqlen_k, options["BLOCK_N"]), geometry.heads_k,
+                     geometry.batch)
+    portable_options = {name: value for name, value in options.items()
+                        if name not in _hopper.HOPPER_ONLY_OPTIONS}
+
+    def portable_launch():
+        return per_key_block, arguments[:-1], portable_options
+    bound = _hopper.launch(launcher, DKDV, grid, arguments, options, portable_launch)
+    if _hopper.fell_back(launcher, options):
+        return bound, per_key_block, static[:-1]
+    return bound, grid, static
 
 
 def new_dq_accumulator(dq: torch.Tensor) -> torch.Tensor:

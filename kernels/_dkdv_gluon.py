@@ -34,9 +34,9 @@ instead of two. With 32-query blocks it is slower than the defaults in every cel
 the H200 (v15). With 64-query blocks (``IN_TURN``) the next block's tiles no longer fit beside
 this one's elementwise step, and the blocks' elementwise steps run one after another, the next
 block's Sᵀ and dPᵀ overlapping this block's dQ write (``_dkdv_gluon_steps._query_blocks_in_turn``:
-one dSᵀ and one dQ buffer, STAGES >= 2); that form is the default at head dim 64 without dropout
-from 2048 queries on (4096 causal), and with dropout without a mask from 4096
-(``_launch.dkdv_tiles``; attention_notes v16, v17).
+one dSᵀ and one dQ buffer, STAGES >= 2); that form was the default at head dim 64 for long calls
+(attention_notes v16, v17) until the warp-specialized pass beat it on every one of them (v21, v22);
+it runs through explicit tiles.
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_dkdv_call`` lets through: padded input, fp16/bf16, head_dim 64 or 128, one query

@@ -73,12 +73,14 @@ def _producer(descs, buffers, bars, n0, first, n_items, STAGES: gl.constexpr):
 
 @gluon.jit
 def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks,
-                  n0, qk_scale, CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr,
-                  N_ROUNDS: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  s_layout: gl.constexpr, dq_layout: gl.constexpr):
-    """Consumer c's share of query blocks ``first`` .. ``n_blocks`` - 1 (stage and barrier phases
-    count from ``first``): returns its dK and dV (dK unscaled, and without dropout's rescale).
-    ``dropout``: ``_philox_gluon.dropout_arguments``'s tuple (0 without dropout)."""
+                  n0, base, q_row0, dq_col0, qk_scale, CAUSAL_MASK: gl.constexpr,
+                  DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, STAGES: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, dq_layout: gl.constexpr):
+    """Consumer c's share of query blocks ``first`` .. ``n_blocks`` - 1: returns its dK and dV (dK
+    unscaled, and without dropout's rescale). Stage and barrier phases count from ``base`` (the
+    query blocks the program took before this key block: 0 here, more in the persistent pass);
+    dQ's tile of query block b goes to row ``q_row0`` + 64b, column ``dq_col0`` + 64c of
+    ``dq_desc``. ``dropout``: ``_philox_gluon.dropout_arguments``'s tuple (0 without dropout)."""
     q_desc, do_desc, k_desc, v_desc, dq_desc = descs
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
     kv_bar, qdo_full, qdo_empty, ds_full, ds_empty = bars
@@ -90,7 +92,7 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
     zeros = gl.zeros([ROWS, ROWS], gl.float32, s_layout)
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     for block in range(first, n_blocks):
-        index = block - first
+        index = base + block - first
         stage = index % STAGES
         mbarrier.wait(qdo_full.index(stage), (index // STAGES) & 1)
         s = warpgroup_mma(q_smem.index(stage), k_rows.permute((1, 0)), zeros, use_acc=False,
@@ -158,7 +160,7 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
             dq_smem.index(c).store(dq)
             fence_async_shared()
             gl.thread_barrier()
-            tma_reduce_add(dq_desc, [block * ROWS, c * ROWS], dq_smem.index(c))
+            tma_reduce_add(dq_desc, [q_row0 + block * ROWS, dq_col0 + c * ROWS], dq_smem.index(c))
     return dk, dv
 
 
@@ -179,8 +181,8 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, out_args, n
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, g_layout)
     mbarrier.wait(kv_bar, 0)
     dk, dv = _query_blocks(c, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks, n0,
-                           qk_scale, CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM, s_layout,
-                           dq_layout)
+                           0, 0, 0, qk_scale, CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM,
+                           s_layout, dq_layout)
     tma.store_wait(0)          # shared memory is read before the program ends
     dk = dk * softmax_scale
     if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass

@@ -142,6 +142,9 @@ class Tiles:
     # consumer warpgroups of 64 keys each (block_n 128, one warpgroup's num_warps 4) over 64-query
     # blocks, and a producer warp; num_stages counts its Q/dO stages.
     warp_specialized: bool = False
+    # With warp_specialized: that pass in a persistent grid (_dkdv_ws_persistent.py), one program
+    # per SM walking the key blocks, where q, k, v and the output gradient are rows of one matrix.
+    persistent: bool = False
 
     def __post_init__(self):
         # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).
@@ -163,6 +166,8 @@ class Tiles:
             raise ValueError("warp-specialized tiles are fused Gluon dK/dV tiles of 64 queries, two "
                              "warpgroups' 64 keys (block_n 128, num_warps 4) and at least 2 stages; "
                              f"got {self}")
+        if self.persistent and not self.warp_specialized:
+            raise ValueError(f"persistent runs the warp-specialized dK/dV pass; got {self}")
 
 
 # Chosen on an H100 80GB HBM3 (bf16, 16384 tokens, hidden 2048) with scripts/tune_attention.py;
@@ -220,22 +225,26 @@ def gluon_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype,
 # d64 without a mask 16K):
 PINGPONG_MIN_SEQLEN = {
     (128, False): 1024,     # 3 warpgroups, 64-key blocks: +14 / +21 / +17 % at 1K / 4K / 16K
+    # causal, 3 warpgroups, 64-key blocks in query-block order, three runs (v19, v21, v22): +2 to
+    # +8 % at 1K-8K; 16K -1 % and +3 % (v21, v22)
+    (128, True): 1024,
     (64, True): 4096,       # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %)
-    (64, False): 16384,     # 2 warpgroups: +7 % at 16K (4K: +2 %, within the rounds' spread)
+    (64, False): 8192,      # 3 warpgroups, 64-key blocks: +8 / +3 % at 8K / 16K (4K: -2 %; v21)
 }
 PINGPONG_TILES = {
     (128, False): Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True),
+    (128, True): Tiles(192, 64, 4, 3, gluon=True, pingpong=True),
     (64, True): Tiles(192, 128, 4, 3, gluon=True, pingpong=True),
-    (64, False): Tiles(128, 128, 4, 3, gluon=True, pingpong=True, head_major=True),
+    (64, False): Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True),
 }
 
 
 def pingpong_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
                            dropout: bool, seqlen_q: int, seqlen_k: int) -> Tiles | None:
     """Tiles of the ping-pong forward where it was measured fastest (``PINGPONG_MIN_SEQLEN``, as
-    many queries as keys); None elsewhere: with dropout (it has none), head dim 128 causal (it
-    lost: 0.66-0.99 of the default), few queries (each 128- or 192-row tile would be mostly
-    padding, e.g. one query against a long cache: unmeasured), and off sm_90."""
+    many queries as keys); None elsewhere: with dropout (it has none), few queries (each 128- or
+    192-row tile would be mostly padding, e.g. one query against a long cache: unmeasured), and
+    off sm_90."""
     key = (head_dim, causal)
     if (dropout or key not in PINGPONG_TILES
             or min(seqlen_q, seqlen_k) < PINGPONG_MIN_SEQLEN[key]
@@ -256,31 +265,24 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-# From these query lengths on, the fused Gluon pass with 64-query blocks is the default at head
-# dim 64 (dkdv_tiles): without dropout, from 2048 without a mask and 4096 causal; with dropout,
-# from 4096 without a mask. Below them it gained nothing beyond noise or lost (attention_notes v17).
-FUSED_GLUON_MIN_SEQLEN = 2048
-FUSED_GLUON_MIN_SEQLEN_CAUSAL_OR_DROPOUT = 4096
-
-
-def _fused_gluon_pays(causal: bool, dropout: bool, seqlen: int) -> bool:
-    """Whether the fused Gluon pass beat the two-pass default for a head-dim-64 call (H200)."""
-    if causal and dropout:
-        return False
-    if causal or dropout:
-        return seqlen >= FUSED_GLUON_MIN_SEQLEN_CAUSAL_OR_DROPOUT
-    return seqlen >= FUSED_GLUON_MIN_SEQLEN
-
-
-# From these query lengths on (by head dim, then causal), the warp-specialized fused pass is the
-# default without dropout (dkdv_tiles), with WARP_SPECIALIZED_STAGES. Whole backward through the
-# library against the previous default, three rounds in one process (H200; attention_notes.md):
-# - head dim 128 (v20): without a mask +7 / +16 / +27 / +30 / +30 % at 1K / 2K / 4K / 8K / 16K
-#   tokens; causal -4 / -0.3 / +9 / +13 / +24 %.
-# - head dim 64 (v21; four stages): without a mask +4 / +8 / +9 / +9 % at 2K / 4K / 8K / 16K;
-#   causal +3 / +8 / +9 % at 4K / 8K / 16K. Below, three stages lost: -4 % at 1K without a mask,
-#   -13 / -2 % causal at 1K / 2K.
-WARP_SPECIALIZED_MIN_SEQLEN = {64: {False: 2048, True: 4096}, 128: {False: 1024, True: 4096}}
+# From these query lengths on (by head dim, causal, dropout), the warp-specialized fused pass is the
+# backward's default (dkdv_tiles), with WARP_SPECIALIZED_STAGES. Whole backward through the library
+# against the previous default, three rounds in one process (H200; attention_notes.md):
+# - head dim 128 without dropout (v20): without a mask +7 / +16 / +27 / +30 / +30 % at 1K / 2K / 4K /
+#   8K / 16K tokens; causal -4 / -0.3 / +9 / +13 / +24 %.
+# - head dim 64 without dropout (v21; four stages): without a mask +4 / +8 / +9 / +9 % at 2K / 4K /
+#   8K / 16K; causal +3 / +8 / +9 % at 4K / 8K / 16K. Below, three stages lost: -4 % at 1K without
+#   a mask, -13 / -2 % causal at 1K / 2K.
+# - dropout 0.1 (v22), against the dropout defaults: head dim 128 without a mask +8 / +22 / +27 /
+#   +30 / +34 % at 1K / 2K / 4K / 8K / 16K, causal -6 / +5 / +15 / +21 / +26 %; head dim 64
+#   without a mask +5 / +11 / +8 / +10 / +11 %, causal -10 / -1 / +6 / +10 / +13 %.
+# Every call that the fused Gluon pass with 64-query blocks (_dkdv_gluon.py, FUSE_DQ) was the default
+# for at head dim 64 (v16, v17) now runs this pass; that one stays reachable through explicit tiles.
+WARP_SPECIALIZED_MIN_SEQLEN = {
+    # (head_dim, causal, dropout): shortest query length where it won
+    (64, False, False): 2048, (64, True, False): 4096, (64, False, True): 1024, (64, True, True): 4096,
+    (128, False, False): 1024, (128, True, False): 4096, (128, False, True): 1024, (128, True, True): 2048,
+}
 # Four stages fit at head dim 64 (164 KB of shared memory; +1.4 to +1.9 % over three without a mask,
 # level causal, v21); at 128 three need 246 KB, past sm_90's 227.
 WARP_SPECIALIZED_STAGES = {64: 4, 128: 2}
@@ -288,39 +290,52 @@ WARP_SPECIALIZED_STAGES = {64: 4, 128: 2}
 
 def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: int) -> bool:
     """Whether the warp-specialized fused pass beat the previous default for this call (H200)."""
-    thresholds = WARP_SPECIALIZED_MIN_SEQLEN.get(head_dim)
-    return thresholds is not None and not dropout and seqlen >= thresholds[causal]
+    shortest = WARP_SPECIALIZED_MIN_SEQLEN.get((head_dim, causal, dropout))
+    return shortest is not None and seqlen >= shortest
+
+
+# The query lengths (shortest, longest) where the warp-specialized pass in a persistent grid
+# (_dkdv_ws_persistent.py) beat it in a grid of one program per key block, by (head dim, causal,
+# dropout); whole backward, three rounds in one process (H200; attention_notes.md, v22). Without
+# a mask: head dim 128 +8.5 / +6.2 / +2.0 / -1.5 / -0.7 % at 1K / 2K / 4K / 8K / 16K (1K again:
+# +8.4 %), 64 +16.5 / +10.6 / +5.2 / +1.9 / -1.0 % (1K again: +15.5 %); at head dim 64 and 1K
+# that is +12 % over the previous default, which the non-persistent pass had lost to (-4 %). At
+# head dim 128 and 4K the gain was within the rounds' spread and the grid's cell came out lower
+# than with one program per key block, so 4K stays there. Causal it lost (0.69-0.96); with
+# dropout too (head dim 128 -2 to -6 %; 64: +3 % at 2K, -1 / -2 % at 4K / 16K).
+WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 4096),
+                                      (128, False, False): (1024, 2048)}
+
+
+def _persistent_pays(head_dim: int, causal: bool, dropout: bool, seqlen: int) -> bool:
+    """Whether the persistent warp-specialized pass beat the non-persistent one here (H200)."""
+    lengths = WARP_SPECIALIZED_PERSISTENT_SEQLEN.get((head_dim, causal, dropout))
+    return lengths is not None and lengths[0] <= seqlen <= lengths[1]
 
 
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
                dropout: bool = False, hopper: bool = True, seqlen: int = 0,
-               deterministic: bool = False) -> Tiles:
+               deterministic: bool = False, persistent: bool = True) -> Tiles:
     """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed. ``hopper=False``
     gives the portable pass's own tiles, for calls the Gluon pass does not take. ``seqlen``: the
     call's query length (0 if unknown). ``deterministic``: tiles of the two passes only, never of
     the fused pass, whose dQ is summed by atomic adds in no fixed order (under
-    ``torch.use_deterministic_algorithms``); where the fused Gluon pass is the default, the tiles
-    the two-pass default had before it."""
+    ``torch.use_deterministic_algorithms``); where a fused pass is the default, the tiles the
+    two-pass default had before it. ``persistent=False``: never the persistent pass's tiles (for
+    calls it does not take: inputs that are not rows of one matrix)."""
     if device.type != "cuda":
         return Tiles(16, 32, 1, 1)
     if dtype == torch.float32:
         return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
-    if (hopper and not deterministic and _warp_specialized_pays(head_dim, causal, dropout, seqlen)
+    # The warp-specialized fused pass (_dkdv_warp_specialized.py), from the lengths where it beat
+    # the previous defaults below (WARP_SPECIALIZED_MIN_SEQLEN), in a persistent grid where that
+    # beat it (WARP_SPECIALIZED_PERSISTENT_SEQLEN).
+    in_a_persistent_grid = persistent and _persistent_pays(head_dim, causal, dropout, seqlen)
+    if (hopper and not deterministic
+            and (in_a_persistent_grid or _warp_specialized_pays(head_dim, causal, dropout, seqlen))
             and _hopper_gpu(device)):
-        # The warp-specialized fused pass (_dkdv_warp_specialized.py), from the lengths where it
-        # beat the previous defaults below (WARP_SPECIALIZED_MIN_SEQLEN).
         return Tiles(64, 128, 4, WARP_SPECIALIZED_STAGES[head_dim], gluon=True, fused=True,
-                     warp_specialized=True)
-    if (head_dim == 64 and hopper and not deterministic and _fused_gluon_pays(causal, dropout, seqlen)
-            and _hopper_gpu(device)):
-        # The fused Gluon pass, 64-query blocks one after another (_dkdv_gluon.py): whole backward
-        # against the tiles below, five alternating rounds in one process (H200; attention_notes.md,
-        # v17): without dropout +2.3 to +5.1 % without a mask (2K-16K tokens) and +2.7 to +11 %
-        # causal (4K-16K); since v21 the warp-specialized pass above takes those calls first, so
-        # this branch is reached with dropout only: without a mask v16 measured +4 to +6 %
-        # (4K-16K), and v17's loop adds 0.6-1.3 %. 1K tokens (-1 %), causal 2K (+0.6 %, noise) and
-        # causal with dropout (4K: -2 %) stay on the passes below.
-        return Tiles(64, 64, 4, 3, gluon=True, fused=True)
+                     warp_specialized=True, persistent=in_a_persistent_grid)
     if head_dim <= 64:
         # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).
         # With dropout the fused pass (dQ added by atomics, one mask regeneration instead of two):

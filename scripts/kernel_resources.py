@@ -10,7 +10,8 @@ machine, no GPU needed (Triton ships ptxas and cuobjdump).
 dK/dV pass is the one that also adds dQ; with ``--pingpong`` (forward) the ping-pong kernel
 (``_forward_pingpong.py``: BLOCK_M // 64 consumer warpgroups, ``--head-major`` tile order); with
 ``--warp-specialized`` (dkdv, fused) the pass of two consumer warpgroups and a producer warp
-(``_dkdv_warp_specialized.py``: tiles 64,128,4,STAGES).
+(``_dkdv_warp_specialized.py``: tiles 64,128,4,STAGES), with ``--persistent`` in its persistent
+grid (``_dkdv_ws_persistent.py``).
 
 Each pass is compiled with the arguments the library itself would launch it with (``launch_config``
 of the forward, ``launch_configs`` of the backward), so the constexprs, the integer
@@ -160,7 +161,7 @@ def pass_arguments(args) -> tuple:
     scale = args.head_dim ** -0.5
     block_m, block_n, warps, stages = args.tiles
     tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused, gluon=args.gluon,
-                  warp_specialized=args.warp_specialized)
+                  warp_specialized=args.warp_specialized, persistent=args.persistent)
     seed = torch.empty(1, dtype=torch.int64, device="meta") if args.seed_in_memory else kernel_seed(1234)
     counter_base = kernel_counter_base(0 if args.seed_in_memory else 4 * 12345)
     in_memory = {"SEED_IN_MEMORY": True} if args.seed_in_memory else {}
@@ -189,6 +190,8 @@ def pass_arguments(args) -> tuple:
     if args.gluon:
         launcher = _backward.DKDV_WARP_SPECIALIZED if args.warp_specialized else _backward.DKDV_GLUON
         dkdv_launcher, dkdv_options = launcher, {**dkdv_options, "STAGES": stages}
+        if args.persistent:     # the persistent kernel's extra argument: the number of sequences
+            dkdv_launcher, dkdv_static = _backward.DKDV_WS_PERSISTENT, (*dkdv_static, args.batch)
     accumulator = torch.empty(shape, dtype=torch.float32, device="meta")
     return dkdv_launcher.kernel, (q, k, v, grad_out, lse, delta, dk, dv, accumulator, None, seed,
                                   counter_base, *dkdv_static), {**dkdv_options, **in_memory}
@@ -212,6 +215,8 @@ def parse_args(argv=None):
     parser.add_argument("--head-major", action="store_true", help="with --pingpong: its tiles head by head")
     parser.add_argument("--warp-specialized", action="store_true",
                         help="dkdv with --gluon --fused: two consumer warpgroups and a producer warp")
+    parser.add_argument("--persistent", action="store_true",
+                        help="with --warp-specialized: that pass in a persistent grid")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
                         help="dkdv with dropout: how the transposed tile gets its keep-mask "
                              "(default: the library's choice for the tiles)")
@@ -225,6 +230,8 @@ def parse_args(argv=None):
         parser.error("--warp-specialized is an option of the fused Gluon dK/dV pass (--gluon --fused)")
     if args.warp_specialized and (args.tiles[:3] != (64, 128, 4) or args.tiles[3] < 2):
         parser.error(f"--warp-specialized takes tiles 64,128,4,STAGES; got {args.tiles}")
+    if args.persistent and not args.warp_specialized:
+        parser.error("--persistent is an option of the warp-specialized pass (--warp-specialized)")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

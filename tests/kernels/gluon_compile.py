@@ -3,7 +3,7 @@ heads; ``scripts/kernel_resources.py`` derives the specialization from the argum
 as JSON, its loops' TTGIR, ptxas's register and stack use, and ptxas's reasons for serializing its
 warpgroup MMAs (none, for a kernel whose schedule holds). The compiled-schedule tests read it.
 
-    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dkdv_fused|dkdv_warp_specialized|dq|pingpong|pingpong_head_major]
+    python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL [forward|dkdv|dkdv_fused|dkdv_warp_specialized|dkdv_ws_persistent|dq|pingpong|pingpong_head_major]
     python -m tests.kernels.gluon_compile HEAD_DIM BLOCK_M BLOCK_N STAGES NUM_WARPS CAUSAL KERNEL untransposed|broadcast   # dropout
     python -m tests.kernels.gluon_compile keep BLOCK_M BLOCK_N NUM_WARPS     # _philox_gluon's mask
 
@@ -30,14 +30,16 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
     """With ``mask_layout``, compile with dropout (dK/dV: its mask in that layout; dQ and the
     forward: any value). ``kernel`` "dkdv_fused": the dK/dV pass that also adds dQ;
     "dkdv_warp_specialized": its two-consumer form (``_dkdv_warp_specialized.py``);
+    "dkdv_ws_persistent": that form in a persistent grid (``_dkdv_ws_persistent.py``);
     "pingpong" and "pingpong_head_major": the ping-pong forward in either tile order."""
     pingpong = kernel.startswith("pingpong")
+    warp_specialized = kernel in ("dkdv_warp_specialized", "dkdv_ws_persistent")
     args = SimpleNamespace(
         pass_="dkdv" if kernel.startswith("dkdv") else "forward" if pingpong else kernel,
         batch=2, seqlen=4096, heads=4, pingpong=pingpong, head_major=kernel.endswith("head_major"),
         head_dim=head_dim, causal=bool(causal), dropout=0.1 if mask_layout else 0.0,
-        tiles=(block_m, block_n, num_warps, stages), fused=kernel in ("dkdv_fused", "dkdv_warp_specialized"), gluon=True,
-        warp_specialized=kernel == "dkdv_warp_specialized",
+        tiles=(block_m, block_n, num_warps, stages), fused=kernel == "dkdv_fused" or warp_specialized,
+        gluon=True, warp_specialized=warp_specialized, persistent=kernel == "dkdv_ws_persistent",
         seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None)
     return kernel_resources.compile_for(*kernel_resources.pass_arguments(args))
 

@@ -109,15 +109,15 @@ def test_fused_pass_compiles_for_sm90_with_dq_first(causal, mask_layout):
     assert all(loop.count("local_store") == 2 for loop in loops)
 
 
-# The calls it is the default for: without a mask with and without dropout, causal without.
+# The calls it was the default for (v16, v17): without a mask with and without dropout, causal without.
 @pytest.mark.parametrize("causal, mask_layout", [(0, None), (0, "untransposed"), (1, None)])
 def test_fused_pass_with_64_query_blocks_takes_them_in_turn(causal, mask_layout):
-    # 64-query blocks (the default for long head-dim-64 calls): per block the elementwise step on
-    # tiles already waited for; the dSᵀ store, and one barrier after the wait for the previous
-    # block's reduce; the three gradient products, then the next block's Sᵀ and dPᵀ; a wait that
-    # leaves those two running while the dQ store, a second barrier and one reduce are issued;
-    # then the wait for them, at the end of the iteration (in flight across the loop's back edge
-    # they made ptxas serialize every product).
+    # 64-query blocks (the default for long head-dim-64 calls until v21/v22): per block the
+    # elementwise step on tiles already waited for; the dSᵀ store, and one barrier after the wait
+    # for the previous block's reduce; the three gradient products, then the next block's Sᵀ and
+    # dPᵀ; a wait that leaves those two running while the dQ store, a second barrier and one
+    # reduce are issued; then the wait for them, at the end of the iteration (in flight across the
+    # loop's back edge they made ptxas serialize every product).
     loops = assert_fused_schedule(64, causal, mask_layout, ["2", "0"], 2, 0)
     for loop in loops:
         waits = [wait.start() for wait in re.finditer(r"warp_group_dot_wait ", loop)]
@@ -188,24 +188,15 @@ def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatc
         assert _launch.dkdv_tiles(64, cuda, bf16, causal, dropout=True).fused
         assert not _launch.dkdv_tiles(64, cuda, bf16, causal).fused
         assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).fused
-    # The fused Gluon pass with 64-query tiles, at head dim 64: with dropout from 4096 queries on
-    # without a mask, never causal. Without dropout it won from 2048 without a mask and from 4096
-    # causal, where the warp-specialized pass now beats it (test_warp_specialized_backward.py).
-    # The portable tiles stay for shorter calls and for calls the Gluon pass does not take
-    # (hopper=False).
-    long = _launch.FUSED_GLUON_MIN_SEQLEN
-    longer = _launch.FUSED_GLUON_MIN_SEQLEN_CAUSAL_OR_DROPOUT
-    assert (long, longer) == (2048, 4096)
-    assert _launch._fused_gluon_pays(False, False, long) and _launch._fused_gluon_pays(True, False, longer)
-    for causal, dropout, shortest in [(False, False, long), (True, False, longer),
-                                      (False, True, longer)]:
-        tiles = _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=shortest)
-        assert (tiles.gluon, tiles.fused, tiles.block_m) == (True, True, 64)
-        assert (tiles.block_n, tiles.warp_specialized) == ((64, False) if dropout else (128, True))
-        assert not _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=shortest - 1).gluon
-        assert not _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, hopper=False,
-                                      seqlen=shortest).gluon
-    assert not _launch.dkdv_tiles(64, cuda, bf16, True, True, seqlen=16384).gluon
+    # At head dim 64 the fused Gluon pass with 64-query tiles is no default any more: every call
+    # it won became the warp-specialized pass's (test_warp_specialized_backward.py). Below those
+    # lengths, and for calls the Gluon passes do not take (hopper=False), the portable tiles.
+    for causal, dropout in [(False, False), (True, False), (False, True), (True, True)]:
+        for seqlen in (1024, 2048, 4096, 16384):
+            tiles = _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=seqlen)
+            assert tiles.warp_specialized or not tiles.gluon
+            assert not _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, hopper=False,
+                                          seqlen=seqlen).gluon
     # Under deterministic algorithms: the two-pass default's tiles (portable at head dim 64),
     # never fused.
     for causal, dropout in [(False, False), (True, False), (False, True), (True, True)]:
@@ -213,6 +204,6 @@ def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatc
         assert not tiles.gluon and not tiles.fused
         assert (tiles.block_m, tiles.block_n) == ((32, 128) if not (causal or dropout) else (64, 64))
     monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
-    assert not _launch.dkdv_tiles(64, cuda, bf16, False, seqlen=long).gluon
+    assert not _launch.dkdv_tiles(64, cuda, bf16, False, seqlen=16384).gluon
     assert not _launch.dq_tiles(128, cuda, torch.float32).gluon
     assert not _launch.dq_tiles(256, cuda, bf16).gluon

@@ -138,9 +138,9 @@ def test_tma_forward_on_gpu(head_dim, causal, monkeypatch):
 @sm90
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_forward_is_the_fastest_measured_kernel(head_dim):
-    # 1024 tokens. Without dropout, head dim 128: ping-pong (sm_90; elsewhere TMA) without a mask,
-    # Gluon (sm_90) with the causal mask; head dim 64: portable (ping-pong from 4096 tokens causal,
-    # 16384 without a mask). With dropout on sm_90: Gluon at head dim 128, and at 64 without a mask.
+    # 1024 tokens. Without dropout, head dim 128: ping-pong on sm_90 (elsewhere TMA without a
+    # mask, portable causal); head dim 64: portable (ping-pong from 4096 tokens causal, 8192
+    # without a mask). With dropout on sm_90: Gluon at head dim 128, and at 64 without a mask.
     from kernels import _forward
     q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
     config = lambda causal, p=0.0: _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, p)[0]
@@ -148,7 +148,8 @@ def test_default_forward_is_the_fastest_measured_kernel(head_dim):
     no_mask_128 = _forward.FORWARD_PINGPONG if sm90_exactly else _forward.FORWARD_TMA
     assert config(False) is (no_mask_128 if head_dim == 128 else _forward.FORWARD)
     gluon_or_portable = lambda gluon: _forward.FORWARD_GLUON if gluon and sm90_exactly else _forward.FORWARD
-    assert config(True) is gluon_or_portable(head_dim == 128)
+    assert config(True) is (_forward.FORWARD_PINGPONG if head_dim == 128 and sm90_exactly
+                            else _forward.FORWARD)
     assert config(False, 0.1) is gluon_or_portable(True)
     assert config(True, 0.1) is gluon_or_portable(head_dim == 128)
     for causal in (False, True):
@@ -190,10 +191,11 @@ sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @sm90_exactly
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_backward_is_the_fastest_measured_kernel(head_dim):
-    # 1K tokens. Without dropout: the Gluon dQ pass at head dims 64 and 128 and the portable
-    # dK/dV pass at 64 (it tied the Gluon one); at 128 the warp-specialized fused pass without a
-    # mask (its delta-only dQ pass is the portable kernel's), the Gluon dK/dV pass causal; with
-    # dropout the Gluon dK/dV pass at 128, the portable dQ pass, and the fused portable pass at 64.
+    # 1K tokens. Without dropout and a mask: the warp-specialized fused pass in its persistent
+    # grid (its delta-only dQ pass is the portable kernel's); causal, the Gluon dQ pass and the
+    # portable dK/dV pass at 64 (it tied the Gluon one), the Gluon dK/dV pass at 128. With
+    # dropout the portable dQ pass, and without a mask the warp-specialized pass (one program per
+    # key block); causal the Gluon dK/dV pass at 128 and the fused portable pass at 64.
     from kernels import _backward
     q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
     for causal in (False, True):
@@ -201,24 +203,24 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
             torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
             geometry, 0.1, causal, dropout_p)
         launchers = lambda dropout_p: [config[0] for config in configs(dropout_p)]
-        expected = {64: [_backward.DQ_GLUON, _backward.DKDV],
-                    128: [_backward.DQ_GLUON, _backward.DKDV_GLUON] if causal
-                    else [_backward.DQ, _backward.DKDV_WARP_SPECIALIZED]}[head_dim]
+        expected = ({64: [_backward.DQ_GLUON, _backward.DKDV],
+                     128: [_backward.DQ_GLUON, _backward.DKDV_GLUON]}[head_dim] if causal
+                    else [_backward.DQ, _backward.DKDV_WS_PERSISTENT])
         assert launchers(0.0) == expected
-        assert launchers(0.1) == [_backward.DQ,
-                                  _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV]
-        assert configs(0.1)[1][3].get("ACCUMULATE_DQ", False) == (head_dim == 64)   # fused at 64
+        with_dropout = (_backward.DKDV_WARP_SPECIALIZED if not causal else
+                        _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV)
+        assert launchers(0.1) == [_backward.DQ, with_dropout]
+        assert configs(0.1)[1][3].get("ACCUMULATE_DQ", False) == (head_dim == 64 or not causal)
         check_against_reference(q, k, v, causal=causal)
         check_dropout_against_reference(q, k, v, causal, 0.1)
 
 
 @sm90_exactly
 @pytest.mark.parametrize("seqlen", [2048, 4096])
-def test_long_calls_at_head_dim_64_run_the_fused_gluon_passes(seqlen):
-    # Without dropout the warp-specialized pass from 2048 queries on without a mask and from 4096
-    # causal; with dropout the Gluon pass with 64-query tiles from 4096 without a mask. Both give
-    # dK, dV and dQ, δ from the portable delta-only pass; against float64. The other calls stay on
-    # the portable passes.
+def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
+    # With or without dropout, the warp-specialized pass from 2048 queries on without a mask (in
+    # its persistent grid without dropout) and from 4096 causal: dK, dV and dQ, δ from the
+    # portable delta-only pass; against float64. The other calls stay on the portable passes.
     from kernels import _backward, _forward
     from kernels._launch import call_geometry
     q, k, v = random_qkv((1, seqlen, 2, 64), (1, seqlen, 2, 64), torch.bfloat16, "cuda")
@@ -228,11 +230,10 @@ def test_long_calls_at_head_dim_64_run_the_fused_gluon_passes(seqlen):
         dq, dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
                                             *_backward.new_gradients(q, k, v, lse)[1:], geometry,
                                             0.125, causal, dropout_p)
-        gluon = {(False, 0.0): True, (False, 0.1): seqlen >= 4096,
-                 (True, 0.0): seqlen >= 4096, (True, 0.1): False}[causal, dropout_p]
-        expected = (_backward.DKDV_GLUON if dropout_p else _backward.DKDV_WARP_SPECIALIZED) \
-            if gluon else _backward.DKDV
-        assert dkdv[0] is expected
+        gluon = not causal or seqlen >= 4096
+        persistent = not causal and not dropout_p        # up to 4K tokens
+        assert dkdv[0] is (_backward.DKDV_WS_PERSISTENT if persistent else
+                           _backward.DKDV_WARP_SPECIALIZED if gluon else _backward.DKDV)
         # With dropout the portable pass's default is fused too (one mask regeneration).
         fused = gluon or dropout_p > 0
         assert dkdv[3].get("ACCUMULATE_DQ", False) == fused

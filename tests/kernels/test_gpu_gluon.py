@@ -68,10 +68,11 @@ def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypa
     check_default_forward(q, k, v, causal, _forward.FORWARD_GLUON)
 
 
-# (head dim, tiles, head-major): the tiles measured fastest in their cells (attention_notes v18),
-# and both tile orders and consumer counts at head dim 64 and 128.
+# (head dim, tiles, head-major): the tiles measured fastest in their cells (attention_notes v18,
+# v21, v22), and both tile orders and consumer counts at head dim 64 and 128.
 PINGPONG_TILES = [(128, (192, 64, 4, 3), True), (64, (192, 128, 4, 3), False),
-                  (64, (128, 128, 4, 3), True), (128, (128, 128, 4, 2), False)]
+                  (64, (128, 128, 4, 3), True), (128, (128, 128, 4, 2), False),
+                  (64, (192, 64, 4, 3), True), (128, (192, 64, 4, 3), False)]
 
 
 @sm90_exactly
@@ -328,11 +329,13 @@ def test_default_kernels_in_float16_on_gpu(head_dim, dropout_p):
         backward = [config[0] for config in _backward.launch_configs(
             torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
             geometry, 0.1, causal, dropout_p)]
-        gluon_forward = head_dim == 128 and (causal or dropout_p > 0) or (dropout_p > 0 and not causal)
+        gluon_forward = dropout_p > 0 and (head_dim == 128 or not causal)
         assert (forward is _forward.FORWARD_GLUON) == gluon_forward
-        specialized = head_dim == 128 and not causal and not dropout_p      # from 1K tokens
-        assert (backward[1] is _backward.DKDV_WARP_SPECIALIZED) == specialized
-        assert (backward[1] is _backward.DKDV_GLUON) == (head_dim == 128 and not specialized)
+        assert (forward is _forward.FORWARD_PINGPONG) == (head_dim == 128 and not dropout_p)
+        persistent = not causal and not dropout_p      # 1K-2K tokens (64: to 4K)
+        assert (backward[1] is _backward.DKDV_WS_PERSISTENT) == persistent
+        assert (backward[1] is _backward.DKDV_WARP_SPECIALIZED) == (not causal and dropout_p > 0)
+        assert (backward[1] is _backward.DKDV_GLUON) == (head_dim == 128 and causal)
         if not dropout_p:
             check_against_reference(q, k, v, causal=causal)
             continue
@@ -344,8 +347,9 @@ def test_default_kernels_in_float16_on_gpu(head_dim, dropout_p):
 
 # The Gluon fused pass (ACCUMULATE_DQ): the spill-free 32-query head-dim-64 tile and two at 128
 # (they spill 88-368 bytes when compiled for sm_90), and the 64-query tiles whose blocks run in turn
-# (64x64x4x3 is the default at head dim 64 without a mask for long calls), all causal or not, with
-# or without dropout, except 32x128x8 causal without dropout, on which ptxas crashes
+# (64x64x4x3 was the default at head dim 64 for long calls, until v21 without dropout and v22
+# with), all causal or not, with or without dropout, except 32x128x8 causal without dropout, on
+# which ptxas crashes
 # (attention_notes.md; the library would warn and run the portable pass).
 GLUON_FUSED_CASES = [(head_dim, tiles, causal, dropout_p)
                      for head_dim, tiles in [(64, (32, 64, 4, 3)), (128, (32, 64, 4, 4)),

@@ -49,20 +49,22 @@ def test_warp_specialized_backward_with_dropout_on_gpu(head_dim, stages, causal,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
-    # Without dropout from WARP_SPECIALIZED_MIN_SEQLEN queries on (causal: 4K); with dropout the
-    # previous default (head dim 128: the Gluon two-pass; 64, causal: the portable fused pass);
-    # GQA, which it does not take, the portable pass. Against float64.
+    # From WARP_SPECIALIZED_MIN_SEQLEN queries on (4K covers every causal and dropout case), with
+    # and without dropout, in the persistent grid without either at head dim 64; GQA, which it
+    # does not take, the portable pass. Against float64 (with dropout:
+    # test_warp_specialized_backward_with_dropout_on_gpu).
     from kernels import _backward, _hopper
     from kernels._launch import WARP_SPECIALIZED_MIN_SEQLEN
-    n = WARP_SPECIALIZED_MIN_SEQLEN[head_dim][True]
-    with_dropout = _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV
+    n = 4096
+    assert n >= max(WARP_SPECIALIZED_MIN_SEQLEN[key] for key in WARP_SPECIALIZED_MIN_SEQLEN
+                    if key[0] == head_dim)
     for heads_k in (2, 1):
         q, k, v = random_qkv((1, n, 2, head_dim), (1, n, heads_k, head_dim), dtype, "cuda")
-        for causal, dropout_p in [(False, 0.0), (True, 0.0), (True, 0.1)]:
+        for causal, dropout_p in [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1)]:
             launcher = backward_launch_configs(q, k, v, causal, dropout_p)[1][0]
-            expected = (_backward.DKDV_WARP_SPECIALIZED if not dropout_p else with_dropout) \
-                if heads_k == 2 else _backward.DKDV
-            assert launcher is expected
+            persistent = not causal and not dropout_p and head_dim == 64    # 4K: 64 only
+            assert launcher is (_backward.DKDV if heads_k == 1 else _backward.DKDV_WS_PERSISTENT
+                                if persistent else _backward.DKDV_WARP_SPECIALIZED)
             if not dropout_p:
                 fallbacks = len(_hopper.FALLBACKS)
                 check_against_reference(q, k, v, causal=causal)
@@ -70,13 +72,16 @@ def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
 
 
 @sm90_exactly
-def test_warp_specialized_backward_replays_in_a_cuda_graph():
-    # The default at head dim 128 without a mask from 1K tokens, captured with its forward in a
-    # CUDA graph (as the trainer's reduce-overhead mode does): every replay's gradients equal the
-    # eager call's up to the rounding of dQ's unordered adds, and the eager ones match float64.
+@pytest.mark.parametrize("seqlen, launcher", [(1024, "DKDV_WS_PERSISTENT"),
+                                              (8192, "DKDV_WARP_SPECIALIZED")])
+def test_warp_specialized_backward_replays_in_a_cuda_graph(seqlen, launcher):
+    # The default at head dim 128 without a mask (persistent grid to 2K tokens, one program per
+    # key block beyond), captured with its forward in a CUDA graph (as the trainer's
+    # reduce-overhead mode does): every replay's gradients equal the eager call's up to the
+    # rounding of dQ's unordered adds, and the eager ones match float64.
     from kernels import _backward
-    q, k, v = random_qkv((2, 1024, 4, 128), (2, 1024, 4, 128), torch.bfloat16, "cuda")
-    assert backward_launch_configs(q, k, v, False, 0.0)[1][0] is _backward.DKDV_WARP_SPECIALIZED
+    q, k, v = random_qkv((2, seqlen, 4, 128), (2, seqlen, 4, 128), torch.bfloat16, "cuda")
+    assert backward_launch_configs(q, k, v, False, 0.0)[1][0] is getattr(_backward, launcher)
     check_against_reference(q, k, v)
     grad_out = torch.randn_like(q)
     step = lambda: torch.autograd.grad(flash_attention(q, k, v), (q, k, v), grad_out)
@@ -96,3 +101,55 @@ def test_warp_specialized_backward_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         for mine, theirs in zip(captured, eager):
             assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 1e-3
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
+@pytest.mark.parametrize("batch, seqlen, packed", [(2, 1024, False), (2, 4096, False),
+                                                   (3, 640, True)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_persistent_backward_on_gpu(head_dim, stages, batch, seqlen, packed, causal, monkeypatch):
+    # The persistent grid against float64: at 4K more tiles (2 x 4 heads x 32 key blocks) than
+    # SMs, so programs walk several and carry their barrier phases across tiles; 640 tokens (five
+    # key blocks), packed: q, k and v strided slices of one (batch, seqlen, heads, head_dim)
+    # tensor, read through one descriptor each; causal tiles too (no default, still exact).
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    from kernels.qkv_packed import split_qkv
+    tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
+                  persistent=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    if packed:
+        qkv = torch.randn(batch, seqlen, 12, head_dim, device="cuda").to(torch.bfloat16)
+        q, k, v = (t.detach().requires_grad_() for t in split_qkv(qkv, 4))
+    else:
+        q, k, v = random_qkv((batch, seqlen, 4, head_dim), (batch, seqlen, 4, head_dim),
+                             torch.bfloat16, "cuda")
+    fused_pass_matches_reference(q, k, v, causal, _backward.DKDV_WS_PERSISTENT)
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
+def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, monkeypatch):
+    # Each tile's keep-mask from its own (batch, head) counters: the gradients match float64 under
+    # the mask return_debug_mask materializes, with no fallback.
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
+                  persistent=True)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    for causal in (False, True):
+        gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_WS_PERSISTENT)
+
+
+@sm90_exactly
+def test_tensors_one_descriptor_cannot_read_take_the_per_key_block_grid():
+    # Heads-first tensors (a transposed view): the default at 2K without a mask is the
+    # warp-specialized pass with one program per key block, not the persistent one; float64.
+    from kernels import _backward
+    q, k, v = (torch.randn(2, 4, 2048, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
+    assert backward_launch_configs(q, k, v, False, 0.0)[1][0] is _backward.DKDV_WARP_SPECIALIZED
+    check_against_reference(q, k, v)

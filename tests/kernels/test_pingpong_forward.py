@@ -157,10 +157,12 @@ def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
     assert tiles(128, False, 4096, seqlen_q=1) is None       # one query against a long cache
     assert tiles(64, True, 4096) == Tiles(192, 128, 4, 3, gluon=True, pingpong=True)
     assert tiles(64, True, 2048) is None                      # lost below 4K
-    assert tiles(64, False, 16384) == Tiles(128, 128, 4, 3, gluon=True, pingpong=True,
-                                            head_major=True)
-    assert tiles(64, False, 8192) is None
-    assert tiles(128, True, 16384) is None                    # lost at head dim 128 causal
+    assert tiles(64, False, 8192) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True,
+                                           head_major=True)            # v21
+    assert tiles(64, False, 4096) is None
+    assert tiles(128, True, 1024) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)   # v22
+    assert tiles(128, True, 16384) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)
+    assert tiles(128, True, 512) is None
     assert tiles(128, False, 4096, dropout=True) is None      # the kernel has no dropout
     assert tiles(128, False, 4096, dtype=torch.float32) is None
     assert tiles(256, False, 16384) is None

@@ -99,38 +99,46 @@ def test_the_calls_it_takes():
 def test_warp_specialized_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
     from kernels import _launch
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
-    # The shortest lengths where it won (attention_notes v20, v21): at head dim 128, 1K without a
-    # mask and 4K causal; at 64, 2K and 4K. Four stages fit at 64, two at 128.
-    assert _launch.WARP_SPECIALIZED_MIN_SEQLEN == {64: {False: 2048, True: 4096},
-                                                   128: {False: 1024, True: 4096}}
+    # The shortest lengths where it won (attention_notes v20, v21, v22), by (causal, dropout).
+    # Four stages fit at head dim 64, two at 128.
+    shortest = {64: {(False, False): 2048, (True, False): 4096, (False, True): 1024, (True, True): 4096},
+                128: {(False, False): 1024, (True, False): 4096, (False, True): 1024, (True, True): 2048}}
+    assert {key: value for key, value in _launch.WARP_SPECIALIZED_MIN_SEQLEN.items()
+            if key[0] == head_dim} == {(head_dim, *key): value for key, value in shortest[head_dim].items()}
     expected_tiles = Tiles(64, 128, 4, {64: 4, 128: 2}[head_dim], gluon=True, fused=True,
                            warp_specialized=True)
-    # What each head dim ran before, below those lengths.
-    previous = {(64, False): Tiles(32, 128, 4, 3), (64, True): Tiles(64, 64, 4, 3),
-                (128, False): Tiles(32, 64, 4, 3, gluon=True), (128, True): Tiles(32, 64, 4, 3, gluon=True)}
+    # What each call ran before, below those lengths: (causal, dropout) -> tiles.
+    previous = {64: {(False, False): Tiles(32, 128, 4, 3), (True, False): Tiles(64, 64, 4, 3),
+                     (False, True): Tiles(64, 64, 4, 3, fused=True),
+                     (True, True): Tiles(64, 64, 4, 3, fused=True)},
+                128: {(False, False): Tiles(32, 64, 4, 3, gluon=True),
+                      (True, False): Tiles(32, 64, 4, 3, gluon=True),
+                      (False, True): Tiles(32, 64, 4, 4, gluon=True),
+                      (True, True): Tiles(32, 64, 4, 4, gluon=True)}}[head_dim]
 
     def tiles(causal=False, dropout=False, seqlen=None, **kwargs):
-        seqlen = _launch.WARP_SPECIALIZED_MIN_SEQLEN[head_dim][causal] if seqlen is None else seqlen
+        # The per-key-block grid's rule (the persistent one's: test_ws_persistent_backward.py).
+        seqlen = shortest[head_dim][causal, dropout] if seqlen is None else seqlen
         return _launch.dkdv_tiles(kwargs.pop("head_dim", head_dim), kwargs.pop("device", cuda),
-                                  kwargs.pop("dtype", bf16), causal, dropout, seqlen=seqlen, **kwargs)
+                                  kwargs.pop("dtype", bf16), causal, dropout, seqlen=seqlen,
+                                  persistent=False, **kwargs)
     for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
         monkeypatch.setattr(_launch, "capability", lambda device: capability)
         assert tiles().warp_specialized == expected
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
-    for causal in (False, True):
-        assert tiles(causal=causal) == expected_tiles
-        assert tiles(causal=causal, dtype=torch.float16) == expected_tiles
-        assert tiles(causal=causal, seqlen=16384) == expected_tiles
+    for causal, dropout in shortest[head_dim]:
+        call = dict(causal=causal, dropout=dropout)
+        assert tiles(**call) == expected_tiles
+        assert tiles(**call, dtype=torch.float16) == expected_tiles
+        assert tiles(**call, seqlen=16384) == expected_tiles
         # Below the shortest length where it won, the previous default.
-        shorter = _launch.WARP_SPECIALIZED_MIN_SEQLEN[head_dim][causal] // 2
-        assert tiles(causal=causal, seqlen=shorter) == previous[head_dim, causal]
-        assert not tiles(causal=causal, dropout=True).warp_specialized      # it has no dropout
-        assert not tiles(causal=causal, deterministic=True).fused          # dQ by unordered adds
-        assert not tiles(causal=causal, hopper=False).gluon                # calls it does not take
-        assert not tiles(causal=causal, dtype=torch.float32).warp_specialized
-        assert not tiles(causal=causal, device=torch.device("cpu")).warp_specialized
+        assert tiles(**call, seqlen=shortest[head_dim][causal, dropout] // 2) == previous[causal, dropout]
+        assert not tiles(**call, deterministic=True).fused                 # dQ by unordered adds
+        assert not tiles(**call, hopper=False).gluon                       # calls it does not take
+        assert not tiles(**call, dtype=torch.float32).warp_specialized
+        assert not tiles(**call, device=torch.device("cpu")).warp_specialized
         for other in (32, 96, 256):                                        # never measured there
-            assert not tiles(causal=causal, head_dim=other, seqlen=16384).warp_specialized
+            assert not tiles(**call, head_dim=other, seqlen=16384).warp_specialized
 
 
 def chosen(q, k, causal=False, dropout_p=0.0, window=(-1, -1), tiles=None):

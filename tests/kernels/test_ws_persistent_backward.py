@@ -1,0 +1,149 @@
+"""The warp-specialized backward in a persistent grid (_dkdv_ws_persistent.py): it compiles for
+sm_90 into the same partitions and per-block schedule as the per-key-block pass (checked here on
+the CPU, from the compiler's output), the default chooses it only in the measured settings and for
+tensors one descriptor reads, its launch has its own grid and argument, and if it cannot compile
+the portable pass runs the call with its own grid. Its numerics need a GPU
+(test_gpu_warp_specialized.py): the interpreter cannot run Gluon."""
+
+import re
+
+import pytest
+import torch
+from triton.compiler.errors import CompilationError
+
+from kernels import _backward, _eager_plan, _forward, _hopper, _launch
+from kernels._launch import Tiles, call_geometry
+
+from .numerics import assert_gradients_match_float64, random_qkv
+from .test_gluon_backward import compiled_for_sm90
+
+WARP_SPECIALIZED = Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True)
+PERSISTENT = Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True, persistent=True)
+
+
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
+def test_compiles_for_sm90_with_the_per_block_schedule_of_the_warp_specialized_pass(head_dim,
+                                                                                    stages):
+    compiled = compiled_for_sm90("dkdv_ws_persistent", head_dim, 64, 128, stages, 4, 0)
+    assert compiled["partitions"] == ["240, 24"]
+    # Each consumer's query-block loop (inside its tile loop) as in the per-key-block pass: five
+    # products at most, S and dP waited for first, the rest at the end, one reduce-add of the
+    # consumer's dQ columns where it owns some; the producer's loop loads Q and dO by TMA.
+    loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
+    consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
+    assert len(consumer_loops) == 2
+    for c, loop in enumerate(consumer_loops):
+        owns_dq = c * 64 < head_dim
+        assert loop.count("ttng.warp_group_dot ") == 4 + owns_dq
+        assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["0", "0"]
+        assert loop.count("ttng.async_tma_reduce add") == owns_dq and "atomic_rmw" not in loop
+    producer_loops = [loop for loop in loops if "ttng.warp_group_dot " not in loop]
+    assert [loop.count("async_tma_copy_global_to_local") for loop in producer_loops] == [2]
+    # ptxas kept the products asynchronous; at head dim 128 the consumers' 240 registers spill a
+    # few bytes (the tile loop's state), none at 64; the measured speed includes them.
+    assert compiled["serialized"] == []
+    assert compiled["stack"] <= {64: 0, 128: 64}[head_dim]
+
+
+def test_tiles_name_it_only_as_the_warp_specialized_pass():
+    assert PERSISTENT.persistent and PERSISTENT.warp_specialized
+    with pytest.raises(ValueError, match="persistent"):
+        Tiles(64, 128, 4, 2, gluon=True, fused=True, persistent=True)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
+    # Without a mask or dropout: 1K-4K tokens at head dim 64, 1K-2K at 128 (attention_notes v22).
+    longest = {64: 4096, 128: 2048}[head_dim]
+    assert _launch.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (1024, 4096),
+                                                          (128, False, False): (1024, 2048)}
+
+    def tiles(seqlen, causal=False, dropout=False, **kwargs):
+        return _launch.dkdv_tiles(head_dim, cuda, bf16, causal, dropout, seqlen=seqlen, **kwargs)
+    stages = {64: 4, 128: 2}[head_dim]
+    for seqlen in (1024, longest):
+        assert tiles(seqlen) == Tiles(64, 128, 4, stages, gluon=True, fused=True,
+                                      warp_specialized=True, persistent=True)
+        # Tensors one descriptor cannot read: the per-key-block pass where it won, else the
+        # previous default (at head dim 64, 1K: the portable pass).
+        fallback = tiles(seqlen, persistent=False)
+        assert not fallback.persistent
+        assert fallback.warp_specialized == (seqlen >= _launch.WARP_SPECIALIZED_MIN_SEQLEN[
+            head_dim, False, False])
+        assert not tiles(seqlen, causal=True).persistent
+        assert not tiles(seqlen, dropout=True).persistent
+        assert not tiles(seqlen, deterministic=True).fused
+        assert not tiles(seqlen, hopper=False).gluon
+    for seqlen in (512, 2 * longest, 16384):
+        assert not tiles(seqlen).persistent
+    assert tiles(16384).warp_specialized
+    monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
+    assert not tiles(2048).gluon
+
+
+def dkdv_launch(q, k, causal=False, dropout_p=0.0, tiles=None, window=(-1, -1)):
+    """The dK/dV ``(launcher, grid, static arguments, options)`` ``launch_configs`` picks."""
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.new_outputs(q, geometry)
+    return _backward.launch_configs(torch.empty_like(q), q, k, k, out, lse,
+                                    *_backward.new_gradients(q, k, k, lse)[1:], geometry, 0.125,
+                                    causal, dropout_p, tiles, window)[1]
+
+
+def test_persistent_tiles_run_it_in_its_own_grid_for_the_calls_it_takes(device, monkeypatch):
+    # One program per SM (or per tile, if fewer) and the batch size as one more argument; tensors
+    # one descriptor cannot read take the per-key-block pass; calls outside the Gluon pass's
+    # schedule the portable one. (The interpreter has no Gluon: the device check is the GPU
+    # tests'.)
+    monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
+    monkeypatch.setattr(_backward, "multiprocessors", lambda device: 132)
+    portable = Tiles(32, 64, 1, 1)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, hopper=True, persistent=True, **kwargs:
+                        (PERSISTENT if persistent else WARP_SPECIALIZED) if hopper else portable)
+    q = torch.randn(2, 256, 4, 64, device=device)
+    launcher, grid, static, options = dkdv_launch(q, q)
+    # 2 key blocks x 4 heads x 2 sequences: fewer tiles than SMs, one program each.
+    assert launcher is _backward.DKDV_WS_PERSISTENT and grid == (16,) and static[-1] == 2
+    assert options["ACCUMULATE_DQ"] and options["STAGES"] == 2
+    longer = torch.randn(2, 8192, 4, 64, device=device)
+    assert dkdv_launch(longer, longer)[1] == (132,)           # 64 x 4 x 2 tiles over 132 SMs
+    heads_first = torch.randn(2, 4, 256, 64, device=device).transpose(1, 2)
+    assert dkdv_launch(heads_first, heads_first)[0] is _backward.DKDV_WARP_SPECIALIZED
+    assert dkdv_launch(q, q, window=(32, 0))[0] is _backward.DKDV
+    # A caller's persistent tiles for tensors it cannot read: the per-key-block pass.
+    launcher, grid, static, _ = dkdv_launch(heads_first, heads_first, tiles=(PERSISTENT, portable))
+    assert launcher is _backward.DKDV_WARP_SPECIALIZED and grid == (2, 4, 2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_persistent_pass_that_cannot_compile_leaves_the_call_to_the_portable_one(
+        device, causal, monkeypatch):
+    # Its grid and arguments are not the portable pass's: the fallback launches the portable
+    # fused pass (the delta-only dQ pass already ran) with the per-key-block grid, and the launch
+    # plan keeps that grid and those arguments.
+    q, k, v = random_qkv((2, 256, 2, 64), (2, 256, 2, 64), torch.float32, device)
+    monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
+    monkeypatch.setattr(_backward, "multiprocessors", lambda device: 3)
+    monkeypatch.setattr(_hopper, "FALLBACKS", set())
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: PERSISTENT)
+    monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(16, 32, 1, 1))
+
+    def refuse(grid, args, options):
+        raise CompilationError("", None, "out of registers")
+    monkeypatch.setattr(_backward.DKDV_WS_PERSISTENT, "launch", refuse)
+    launcher, grid, static, _ = dkdv_launch(q, k, causal)
+    assert launcher is _backward.DKDV_WS_PERSISTENT and grid == (3,) and static[-1] == 2
+    geometry = call_geometry(q, k, None, 0)
+    out, lse = _forward.forward(q, k, v, None, geometry, 0.125, causal, 0.0, 0, 0)
+    grad_out = torch.randn_like(q)
+    delta, dq, dk, dv = _backward.new_gradients(q, k, v, lse)
+    with pytest.warns(RuntimeWarning, match="portable kernel"):
+        _, (_, launched_grid, launched_static), _ = _backward.launch_into(
+            delta, dq, dk, dv, grad_out, q, k, v, out, lse, None, geometry, 0.125, causal, 0.0, 0,
+            0)
+    assert launched_grid == (2, 2, 2) and launched_static == static[:-1]
+    assert len(_hopper.FALLBACKS) == 1
+    assert_gradients_match_float64(q, k, v, causal)         # the whole call, fallen back
