@@ -197,6 +197,43 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, out_args, n
     gl.store(grad_v + rows64 * stride_dvn + cols[None, :], dv.to(grad_v.dtype.element_ty))
 
 
+@gluon.jit
+def _tiles_and_barriers(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr):
+    """The pass's shared memory: STAGES stages of Q and dO, the key block's K and V, two dS tiles
+    (64 queries x all 128 keys), a P tile per consumer, a dQ staging tile per consumer that owns
+    dQ columns (both at head dim 128, one at 64); and its barriers, initialized and fenced:
+    (kv_full, qdo_full, qdo_empty, ds_full, ds_empty). Barriers the caller initialized before
+    this call are fenced with them. The tiles' layouts are the TMA boxes' (``head_descriptor``)."""
+    qdo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], gl.float32)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], qdo_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], qdo_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], ds_layout)
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], dtype)
+    p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, ROWS], p_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // ROWS, ROWS, ROWS], dq_layout)
+    kv_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    qdo_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_full, count=1)
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(qdo_full.index(stage), count=1)
+        mbarrier.init(qdo_empty.index(stage), count=2)
+    for buffer in gl.static_range(2):
+        mbarrier.init(ds_full.index(buffer), count=2)
+        mbarrier.init(ds_empty.index(buffer), count=2)
+    fence_async_shared()
+    buffers = (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem)
+    return buffers, (kv_full, qdo_full, qdo_empty, ds_full, ds_empty)
+
+
 @gluon.jit(do_not_specialize=["seed", "counter_base"])
 def _dkdv_warp_specialized_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQAcc, cu_seqlens, seed, counter_base,
@@ -240,29 +277,7 @@ def _dkdv_warp_specialized_kernel(
     dq_desc = tma.make_tensor_descriptor(GradQAcc + batch64 * stride_aqb + head64 * stride_aqh,
                                          [seqlen_q, HEAD_DIM], [stride_aqn, 1], [ROWS, ROWS],
                                          dq_layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
-    ds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], ds_layout)
-    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], dtype)
-    p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, ROWS], p_layout)       # per consumer
-    # One dQ staging tile per consumer that owns dQ columns (both at head dim 128, one at 64).
-    dq_smem = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // ROWS, ROWS, ROWS], dq_layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    qdo_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for stage in gl.static_range(STAGES):
-        mbarrier.init(qdo_full.index(stage), count=1)
-        mbarrier.init(qdo_empty.index(stage), count=2)
-    for buffer in gl.static_range(2):
-        mbarrier.init(ds_full.index(buffer), count=2)
-        mbarrier.init(ds_empty.index(buffer), count=2)
-    fence_async_shared()
+    buffers, bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES)
 
     n_blocks = seqlen_q // ROWS
     if UPPER:       # the first query block with a query that sees one of these keys
@@ -275,8 +290,6 @@ def _dkdv_warp_specialized_kernel(
     grad_k = GradK + batch64 * stride_dkb + head64 * stride_dkh
     grad_v = GradV + batch64 * stride_dvb + head64 * stride_dvh
     descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
-    buffers = (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem)
-    bars = (kv_bar, qdo_full, qdo_empty, ds_full, ds_empty)
     out_args = (grad_k, stride_dkn, grad_v, stride_dvn)
     if DROPOUT:
         dropout = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, 0,

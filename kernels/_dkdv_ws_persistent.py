@@ -24,9 +24,9 @@ columns, so q, k, v and the output gradient must be rows of one matrix
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from ._dkdv_warp_specialized import ROWS, _query_blocks
+from ._dkdv_warp_specialized import ROWS, _query_blocks, _tiles_and_barriers
 from ._philox_gluon import dropout_arguments
 
 
@@ -189,34 +189,13 @@ def _dkdv_ws_persistent_kernel(
                                         [BLOCK_N, HEAD_DIM], kv_layout)
     dq_desc = tma.make_tensor_descriptor(GradQAcc, [batches * seqlen_q, columns], [stride_aqn, 1],
                                          [ROWS, ROWS], dq_layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], qdo_layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], qdo_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
-    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
-    ds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], ds_layout)
-    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], dtype)
-    p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, ROWS], p_layout)       # per consumer
-    # One dQ staging tile per consumer that owns dQ columns (both at head dim 128, one at 64).
-    dq_smem = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // ROWS, ROWS, ROWS], dq_layout)
-    kv_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    # Both consumers arrive when done with a tile's K and V (initialized before the shared fence).
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    qdo_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_full, count=1)
     mbarrier.init(kv_empty, count=2)
-    for stage in gl.static_range(STAGES):
-        mbarrier.init(qdo_full.index(stage), count=1)
-        mbarrier.init(qdo_empty.index(stage), count=2)
-    for buffer in gl.static_range(2):
-        mbarrier.init(ds_full.index(buffer), count=2)
-        mbarrier.init(ds_empty.index(buffer), count=2)
-    fence_async_shared()
+    buffers, block_bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES)
 
     descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
-    buffers = (q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem)
+    kv_full, qdo_full, qdo_empty, ds_full, ds_empty = block_bars
     bars = (kv_full, kv_empty, qdo_full, qdo_empty, ds_full, ds_empty)
     geometry = (n_tiles, n_kblocks, heads_q, seqlen_q, seqlen_k)
     pointers = (Lse, Delta, GradK, GradV)
