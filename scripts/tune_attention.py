@@ -71,8 +71,10 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
                                                 (64, 64, 4, 4), (64, 128, 8, 2)]] + [
     # The warp-specialized fused pass (_dkdv_warp_specialized.py; sm_90, no window or GQA):
     # two consumer warpgroups of 64 keys, 64-query blocks; num_stages = Q/dO stages (3 or more do
-    # not fit shared memory at head dim 128; 4 is the default at 64).
-    Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True) for stages in (2, 3, 4)]
+    # not fit shared memory at head dim 128; 4 is the default at 64), one program per key block or
+    # in a persistent grid (_dkdv_ws_persistent.py; q, k, v and dO rows of one matrix).
+    Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True, persistent=persistent)
+    for persistent in (False, True) for stages in (2, 3, 4)]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
                           (32, 128, 4, 3), (64, 64, 8, 3)]] + [
@@ -137,7 +139,7 @@ def hopper_candidates(candidates, default, kinds=KINDS, portable=None):
     where it is one), and the candidates of the special kernels in ``kinds``: without sweeping every
     portable tile again."""
     plain = dataclasses.replace(default, tma=False, gluon=False, fused=False, pingpong=False,
-                                head_major=False, warp_specialized=False)
+                                head_major=False, warp_specialized=False, persistent=False)
     baseline = [default] + [t for t in dict.fromkeys((plain, portable))
                             if t is not None and t != default]
     return baseline + [t for t in candidates if kind(t) in kinds and t not in baseline]
@@ -190,6 +192,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
                  num_stages=t.num_stages, tma=t.tma, gluon=t.gluon, fused=t.fused,
                  pingpong=t.pingpong, head_major=t.head_major, warp_specialized=t.warp_specialized,
+                 persistent=t.persistent,
                  ms=ms if isinstance(ms, float) else None,
                  tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
                  error=None if isinstance(ms, float) else ms)
@@ -284,7 +287,8 @@ def main():
                         f"{',fused' if r.get('fused') else ''}"
                         f"{',pingpong' if r.get('pingpong') else ''}"
                         f"{',head-major' if r.get('head_major') else ''}"
-                        f"{',warp-specialized' if r.get('warp_specialized') else ''}) "
+                        f"{',warp-specialized' if r.get('warp_specialized') else ''}"
+                        f"{',persistent' if r.get('persistent') else ''}) "
                         f"{r['tflops']:.0f}" for r in ok[:4]), flush=True)
 
 
