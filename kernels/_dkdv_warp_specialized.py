@@ -29,7 +29,10 @@ each thread computes only the counters it holds.
 Measured on an H200 (bf16, hidden 2048; attention_notes.md, v20): the whole backward at head
 dim 128 +7 to +30 % against the two-pass Gluon default without a mask (1K-16K tokens), +9 to
 +24 % causal from 4K (below 4K causal it tied or lost); at head dim 64 (v21) +3 to +9 % against
-the fused Gluon pass from 2K without a mask and 4K causal. With dropout: not yet measured.
+the fused Gluon pass from 2K without a mask and 4K causal. With dropout (v22), against the dropout
+defaults: d128 +8 to +34 % without a mask (1K-16K) and +5 to +26 % causal from 2K, d64 +5 to +11 %
+without a mask and +6 to +13 % causal from 4K. Short calls without a mask run it in a persistent
+grid (``_dkdv_ws_persistent.py``).
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), with
 ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through: padded

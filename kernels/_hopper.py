@@ -1,7 +1,6 @@
 """Which calls the Hopper kernels (``_forward_tma.py``, ``_forward_gluon.py``,
-``_forward_pingpong.py``, ``_dq_gluon.py``, ``_dkdv_gluon.py``, ``_dkdv_warp_specialized.py``)
-can take, and their launch with a
-fallback to the portable kernel.
+``_forward_pingpong.py``, ``_dq_gluon.py``, ``_dkdv_gluon.py``, ``_dkdv_warp_specialized.py``,
+``_dkdv_ws_persistent.py``) can take, and their launch with a fallback to the portable kernel.
 
 All read their tiles through tensor descriptors (TMA, sm_90 and later) for fp16/bf16 and padded
 input (packed input would need a descriptor per sequence). The Gluon kernels issue warpgroup MMAs
