@@ -9,7 +9,8 @@ three rounds that alternate between a cell's providers, each round a ``triton.te
 median; and peak memory of one forward+backward. Each flashtrain cell is
 also checked against a float32 reference (one head of one sequence, under the call's own dropout
 mask; at most twice PyTorch's own error in that dtype, as in the tests): the run exits non-zero if
-any cell fails, or if flashtrain cannot run one. Then a memory sweep: forward+backward, head dim
+any cell fails, or if flashtrain cannot run one. Each flashtrain record names the forward, dQ and
+dK/dV kernels the library ran for the cell (``kernels``). Then a memory sweep: forward+backward, head dim
 64, 16 heads, batch 1, seqlen 128 ... 65536, flashtrain against standard (materialized) attention.
 Another provider that cannot run a cell records why. Writes JSON after every cell (marked
 ``"complete": false`` until the run ends, so a run cut short keeps what it measured);
@@ -35,6 +36,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import attention_reference, flash_attention  # noqa: E402
+from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._philox import effective_dropout_p  # noqa: E402
 
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -203,6 +205,7 @@ def measure_cell(providers, batch, seqlen, heads, head_dim, dtype, causal, dropo
             fwdbwd_ms=both_ms, rounds_ms=rounds[provider], rep_ms=reps["rep"])
     if "flashtrain" in ready:
         inputs, _, grad_out = ready["flashtrain"]
+        records["flashtrain"]["kernels"] = chosen_kernels(*inputs, grad_out, causal, dropout_p)
         try:
             ours, theirs = flashtrain_errors(inputs, grad_out, causal, dropout_p)
             records["flashtrain"].update(rel_err=ours, torch_rel_err=theirs, check_passed=all(
