@@ -15,7 +15,8 @@ from ._backward_kernels import _dkdv_kernel, _dq_kernel
 from ._direct_launch import DirectLauncher, grid3
 from ._forward import LOG2E, lse_strides, multiprocessors
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
-                      dkdv_tiles, dot_precision, dq_tiles)
+                      dot_precision)
+from ._tile_rules import dkdv_tiles, dq_tiles
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       seed_arguments)
 

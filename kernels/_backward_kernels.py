@@ -10,7 +10,7 @@ Or, with dK/dV tiles marked ``fused``, FlashAttention-2's single pass: pass 1 co
 and pass 2 also adds each tile's dQ share, dS·K, to a float32 buffer by atomic adds. That is five
 products per tile instead of seven, and one dropout-mask regeneration instead of two, for atomic
 traffic and a dQ that is not bitwise deterministic. It is the default where it was measured faster
-(``_launch.dkdv_tiles``: head dim 64 with dropout), except under
+(``_tile_rules.dkdv_tiles``: head dim 64 with dropout), except under
 ``torch.use_deterministic_algorithms(True)``.
 As in the forward, tiles that need no mask (fully visible, fully in range) run a mask-free loop.
 Tiles marked ``gluon`` run a pass as the Gluon kernel for sm_90 (``_dq_gluon.py``,

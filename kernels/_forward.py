@@ -16,8 +16,8 @@ import triton.language as tl
 from . import _forward_gluon, _forward_pingpong, _forward_tma, _hopper
 from ._direct_launch import DirectLauncher, grid3
 from ._launch import (NO_WINDOW, Geometry, Tiles, Window, band_flags, band_offsets, batched_strides,
-                      dot_precision, forward_tiles, gluon_forward_tiles, pingpong_forward_tiles,
-                      tma_forward_tiles)
+                      dot_precision)
+from ._tile_rules import forward_tiles, gluon_forward_tiles, pingpong_forward_tiles, tma_forward_tiles
 from ._philox import (PHILOX_ROUNDS, counters_per_row, drop_rescale, drop_threshold,
                       head_first_pair, pair_counter_base, seed_arguments)
 from ._tiles import (key_block_ranges, load_rows, normalized_rows, online_softmax_block,

@@ -21,7 +21,7 @@ ones, and 1 / (1 - p) is applied once at the end, as in the portable kernel. The
 as ``_forward._forward_kernel`` (launch plans pass them), for the calls
 ``_hopper.gluon_supported`` lets through: padded input, no window, whole key blocks, head_dim 64
 or 128, fp16/bf16, and for causal calls as many queries as keys. The default only where it was
-measured fastest (``_launch.gluon_forward_tiles``: without dropout, causal at head dim 128; with
+measured fastest (``_tile_rules.gluon_forward_tiles``: without dropout, causal at head dim 128; with
 dropout, head dim 128, and 64 without a mask); the
 interpreter cannot run Gluon, so the tests that exercise it are GPU-marked.
 """

@@ -9,7 +9,7 @@ tile when the call has a band (causal, a window) or a ragged last key block, unm
 Measured on an H200 (docs/results/attention_notes.md, v7): +5-15 % forward TFLOP/s over the
 portable kernel at head dim 128 without a mask, 1-6 % at head dim 64, behind it with a causal mask
 (whose portable kernel masks only the diagonal tiles); the default tiles choose it only at head
-dim 128 without a band (``_launch.tma_forward_tiles``). Warp specialization of this loop
+dim 128 without a band (``_tile_rules.tma_forward_tiles``). Warp specialization of this loop
 (``tl.range(..., warp_specialize=True)``: a TMA producer warp and two consumer warpgroups) compiled
 on sm_90 with Triton 3.6 but gave wrong outputs with 128-row tiles and ran 40-50 % slower with
 64-row tiles, so the loop is not specialized.

@@ -34,7 +34,7 @@ Limits
     (capture-safe, ``_philox.device_seed``).
 
 Tested on: NVIDIA H100 80GB HBM3 (PyTorch 2.11, Triton 3.6); CPU via the Triton 3.6 interpreter.
-Tile sizes per head dimension are in ``_launch.py``.
+Tile sizes per head dimension and kernel are chosen in ``_tile_rules.py``.
 """
 
 import contextlib

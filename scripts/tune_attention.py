@@ -7,7 +7,7 @@ recorded as an error, not timed.
     python scripts/tune_attention.py --head-dims 64 128 --out tune.json
 
 Times each candidate with the FlashAttention-2 benchmark shape (16384 tokens, hidden 2048) and
-prints the fastest per kernel, head dim and mask; the chosen values go into ``kernels/_launch.py``.
+prints the fastest per kernel, head dim and mask; the chosen values go into ``kernels/_tile_rules.py``.
 Candidates that do not compile (e.g. too much shared memory), or whose output or gradients
 disagree with the tuned tiles' on the same inputs, are recorded as such, not timed.
 """
@@ -26,7 +26,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import _backward, _forward, _hopper  # noqa: E402
-from kernels._launch import Geometry, Tiles, dkdv_tiles, dq_tiles, forward_tiles  # noqa: E402
+from kernels._launch import Geometry, Tiles  # noqa: E402
+from kernels._tile_rules import dkdv_tiles, dq_tiles, forward_tiles  # noqa: E402
 from kernels._philox import device_seed  # noqa: E402
 
 FORWARD = [Tiles(*t) for t in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),

@@ -170,40 +170,40 @@ def test_gluon_backward_tiles_run_the_portable_passes_without_sm90(causal, devic
 
 
 def test_gluon_backward_tiles_are_defaults_only_where_measured_faster(monkeypatch):
-    from kernels import _launch
+    from kernels import _launch, _tile_rules
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
-    assert not _launch.dq_tiles(128, torch.device("cpu"), bf16).gluon
+    assert not _tile_rules.dq_tiles(128, torch.device("cpu"), bf16).gluon
     for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
         monkeypatch.setattr(_launch, "capability", lambda device: capability)
-        assert _launch.dq_tiles(128, cuda, bf16).gluon == expected
-        assert _launch.dkdv_tiles(128, cuda, bf16, causal=True).gluon == expected
+        assert _tile_rules.dq_tiles(128, cuda, bf16).gluon == expected
+        assert _tile_rules.dkdv_tiles(128, cuda, bf16, causal=True).gluon == expected
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
     for causal in (False, True):
-        assert _launch.dq_tiles(64, cuda, bf16).gluon
-        assert not _launch.dkdv_tiles(64, cuda, bf16, causal).gluon          # tied the portable pass
-        assert not _launch.dq_tiles(128, cuda, bf16, dropout=True).gluon      # tied the portable pass
-        assert _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).gluon
-        assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True, hopper=False).gluon
+        assert _tile_rules.dq_tiles(64, cuda, bf16).gluon
+        assert not _tile_rules.dkdv_tiles(64, cuda, bf16, causal).gluon          # tied the portable pass
+        assert not _tile_rules.dq_tiles(128, cuda, bf16, dropout=True).gluon      # tied the portable pass
+        assert _tile_rules.dkdv_tiles(128, cuda, bf16, causal, dropout=True).gluon
+        assert not _tile_rules.dkdv_tiles(128, cuda, bf16, causal, dropout=True, hopper=False).gluon
         # The fused backward: faster with dropout at head dim 64 only (slower at 128).
-        assert _launch.dkdv_tiles(64, cuda, bf16, causal, dropout=True).fused
-        assert not _launch.dkdv_tiles(64, cuda, bf16, causal).fused
-        assert not _launch.dkdv_tiles(128, cuda, bf16, causal, dropout=True).fused
+        assert _tile_rules.dkdv_tiles(64, cuda, bf16, causal, dropout=True).fused
+        assert not _tile_rules.dkdv_tiles(64, cuda, bf16, causal).fused
+        assert not _tile_rules.dkdv_tiles(128, cuda, bf16, causal, dropout=True).fused
     # At head dim 64 the fused Gluon pass with 64-query tiles is no default any more: every call
     # it won became the warp-specialized pass's (test_warp_specialized_backward.py). Below those
     # lengths, and for calls the Gluon passes do not take (hopper=False), the portable tiles.
     for causal, dropout in [(False, False), (True, False), (False, True), (True, True)]:
         for seqlen in (1024, 2048, 4096, 16384):
-            tiles = _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=seqlen)
+            tiles = _tile_rules.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=seqlen)
             assert tiles.warp_specialized or not tiles.gluon
-            assert not _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, hopper=False,
+            assert not _tile_rules.dkdv_tiles(64, cuda, bf16, causal, dropout, hopper=False,
                                           seqlen=seqlen).gluon
     # Under deterministic algorithms: the two-pass default's tiles (portable at head dim 64),
     # never fused.
     for causal, dropout in [(False, False), (True, False), (False, True), (True, True)]:
-        tiles = _launch.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=16384, deterministic=True)
+        tiles = _tile_rules.dkdv_tiles(64, cuda, bf16, causal, dropout, seqlen=16384, deterministic=True)
         assert not tiles.gluon and not tiles.fused
         assert (tiles.block_m, tiles.block_n) == ((32, 128) if not (causal or dropout) else (64, 64))
     monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
-    assert not _launch.dkdv_tiles(64, cuda, bf16, False, seqlen=16384).gluon
-    assert not _launch.dq_tiles(128, cuda, torch.float32).gluon
-    assert not _launch.dq_tiles(256, cuda, bf16).gluon
+    assert not _tile_rules.dkdv_tiles(64, cuda, bf16, False, seqlen=16384).gluon
+    assert not _tile_rules.dq_tiles(128, cuda, torch.float32).gluon
+    assert not _tile_rules.dq_tiles(256, cuda, bf16).gluon

@@ -54,7 +54,7 @@ def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
     # does not take, the portable pass. Against float64 (with dropout:
     # test_warp_specialized_backward_with_dropout_on_gpu).
     from kernels import _backward, _hopper
-    from kernels._launch import WARP_SPECIALIZED_MIN_SEQLEN
+    from kernels._tile_rules import WARP_SPECIALIZED_MIN_SEQLEN
     n = 4096
     assert n >= max(WARP_SPECIALIZED_MIN_SEQLEN[key] for key in WARP_SPECIALIZED_MIN_SEQLEN
                     if key[0] == head_dim)

@@ -139,12 +139,12 @@ def test_a_ping_pong_kernel_that_cannot_compile_leaves_the_call_to_the_portable_
 
 
 def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
-    from kernels import _launch
+    from kernels import _launch, _tile_rules
     cuda = torch.device("cuda", 0)
 
     def tiles(head_dim, causal, seqlen, dtype=torch.bfloat16, dropout=False, device=cuda,
               seqlen_q=None):
-        return _launch.pingpong_forward_tiles(head_dim, device, dtype, causal, dropout,
+        return _tile_rules.pingpong_forward_tiles(head_dim, device, dtype, causal, dropout,
                                               seqlen if seqlen_q is None else seqlen_q, seqlen)
     for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
         monkeypatch.setattr(_launch, "capability", lambda device: capability)

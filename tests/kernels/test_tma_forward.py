@@ -218,27 +218,27 @@ def test_default_tiles_take_the_gluon_forward_where_it_takes_the_call(device, mo
 
 
 def test_gluon_forward_tiles_exist_only_for_measured_settings(monkeypatch):
-    from kernels import _launch
+    from kernels import _launch, _tile_rules
     cuda = torch.device("cuda", 0)
-    assert _launch.gluon_forward_tiles(128, torch.device("cpu"), torch.bfloat16, True) is None
+    assert _tile_rules.gluon_forward_tiles(128, torch.device("cpu"), torch.bfloat16, True) is None
     for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:
         monkeypatch.setattr(_launch, "capability", lambda device: capability)
-        assert (_launch.gluon_forward_tiles(128, cuda, torch.bfloat16, True) is not None) == expected
+        assert (_tile_rules.gluon_forward_tiles(128, cuda, torch.bfloat16, True) is not None) == expected
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
-    assert _launch.gluon_forward_tiles(128, cuda, torch.bfloat16, False) is None   # tied TMA
-    assert _launch.gluon_forward_tiles(64, cuda, torch.bfloat16, True) is None     # lost
-    assert _launch.gluon_forward_tiles(128, cuda, torch.float32, True) is None
+    assert _tile_rules.gluon_forward_tiles(128, cuda, torch.bfloat16, False) is None   # tied TMA
+    assert _tile_rules.gluon_forward_tiles(64, cuda, torch.bfloat16, True) is None     # lost
+    assert _tile_rules.gluon_forward_tiles(128, cuda, torch.float32, True) is None
     # With dropout (no TMA forward there) it beat the portable kernel at head dim 128 and at 64
     # without a mask; head dim 64 causal is not measured.
     for causal in (False, True):
-        assert _launch.gluon_forward_tiles(128, cuda, torch.bfloat16, causal, dropout=True) is not None
-    assert _launch.gluon_forward_tiles(64, cuda, torch.bfloat16, False, dropout=True) is not None
-    assert _launch.gluon_forward_tiles(64, cuda, torch.bfloat16, True, dropout=True) is None
-    assert _launch.gluon_forward_tiles(256, cuda, torch.bfloat16, False, dropout=True) is None
+        assert _tile_rules.gluon_forward_tiles(128, cuda, torch.bfloat16, causal, dropout=True) is not None
+    assert _tile_rules.gluon_forward_tiles(64, cuda, torch.bfloat16, False, dropout=True) is not None
+    assert _tile_rules.gluon_forward_tiles(64, cuda, torch.bfloat16, True, dropout=True) is None
+    assert _tile_rules.gluon_forward_tiles(256, cuda, torch.bfloat16, False, dropout=True) is None
 
 
 def test_tma_forward_tiles_exist_only_for_measured_settings():
-    from kernels._launch import tma_forward_tiles
+    from kernels._tile_rules import tma_forward_tiles
     assert tma_forward_tiles(64, torch.device("cpu"), torch.bfloat16) is None
     if torch.cuda.is_available():
         cuda = torch.device("cuda")

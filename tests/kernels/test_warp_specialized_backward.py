@@ -97,13 +97,13 @@ def test_the_calls_it_takes():
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_warp_specialized_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
-    from kernels import _launch
+    from kernels import _launch, _tile_rules
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
     # The shortest lengths where it won (attention_notes v20, v21, v22), by (causal, dropout).
     # Four stages fit at head dim 64, two at 128.
     shortest = {64: {(False, False): 2048, (True, False): 4096, (False, True): 1024, (True, True): 4096},
                 128: {(False, False): 1024, (True, False): 4096, (False, True): 1024, (True, True): 2048}}
-    assert {key: value for key, value in _launch.WARP_SPECIALIZED_MIN_SEQLEN.items()
+    assert {key: value for key, value in _tile_rules.WARP_SPECIALIZED_MIN_SEQLEN.items()
             if key[0] == head_dim} == {(head_dim, *key): value for key, value in shortest[head_dim].items()}
     expected_tiles = Tiles(64, 128, 4, {64: 4, 128: 2}[head_dim], gluon=True, fused=True,
                            warp_specialized=True)
@@ -119,7 +119,7 @@ def test_warp_specialized_tiles_are_the_default_only_where_measured_faster(head_
     def tiles(causal=False, dropout=False, seqlen=None, **kwargs):
         # The per-key-block grid's rule (the persistent one's: test_ws_persistent_backward.py).
         seqlen = shortest[head_dim][causal, dropout] if seqlen is None else seqlen
-        return _launch.dkdv_tiles(kwargs.pop("head_dim", head_dim), kwargs.pop("device", cuda),
+        return _tile_rules.dkdv_tiles(kwargs.pop("head_dim", head_dim), kwargs.pop("device", cuda),
                                   kwargs.pop("dtype", bf16), causal, dropout, seqlen=seqlen,
                                   persistent=False, **kwargs)
     for capability, expected in [((9, 0), True), ((8, 0), False), ((10, 0), False)]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from triton.compiler.errors import CompilationError
 
-from kernels import _backward, _eager_plan, _forward, _hopper, _launch
+from kernels import _backward, _eager_plan, _forward, _hopper, _launch, _tile_rules
 from kernels._launch import Tiles, call_geometry
 
 from .numerics import assert_gradients_match_float64, random_qkv
@@ -57,11 +57,11 @@ def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, m
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
     # Without a mask or dropout: 1K-4K tokens at head dim 64, 1K-2K at 128 (attention_notes v22).
     longest = {64: 4096, 128: 2048}[head_dim]
-    assert _launch.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (1024, 4096),
+    assert _tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (1024, 4096),
                                                           (128, False, False): (1024, 2048)}
 
     def tiles(seqlen, causal=False, dropout=False, **kwargs):
-        return _launch.dkdv_tiles(head_dim, cuda, bf16, causal, dropout, seqlen=seqlen, **kwargs)
+        return _tile_rules.dkdv_tiles(head_dim, cuda, bf16, causal, dropout, seqlen=seqlen, **kwargs)
     stages = {64: 4, 128: 2}[head_dim]
     for seqlen in (1024, longest):
         assert tiles(seqlen) == Tiles(64, 128, 4, stages, gluon=True, fused=True,
@@ -70,7 +70,7 @@ def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, m
         # previous default (at head dim 64, 1K: the portable pass).
         fallback = tiles(seqlen, persistent=False)
         assert not fallback.persistent
-        assert fallback.warp_specialized == (seqlen >= _launch.WARP_SPECIALIZED_MIN_SEQLEN[
+        assert fallback.warp_specialized == (seqlen >= _tile_rules.WARP_SPECIALIZED_MIN_SEQLEN[
             head_dim, False, False])
         assert not tiles(seqlen, causal=True).persistent
         assert not tiles(seqlen, dropout=True).persistent

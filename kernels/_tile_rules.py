@@ -1,0 +1,211 @@
+"""Which tiles, and so which kernel, each call gets by default: every rule beside the measurements
+it rests on (docs/results/attention_notes.md has the experiments). The forward's (``forward_tiles``
+and the TMA, Gluon and ping-pong kernels' ``*_forward_tiles``), and the backward's dK/dV and dQ
+passes' (``dkdv_tiles``, ``dq_tiles``). Hopper kernels are chosen only on sm_90
+(``_launch.capability``, looked up at call time so tests can stand in for a GPU)."""
+
+import torch
+
+from . import _launch
+from ._launch import Tiles
+
+
+# Chosen on an H100 80GB HBM3 (bf16, 16384 tokens, hidden 2048) with scripts/tune_attention.py;
+# the sweep and its numbers are in docs/results/attention_notes.md. Head dims above 128 are sized to
+# fit shared memory and registers. float32 (tests only) uses small tiles: twice the bytes per element.
+def forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles:
+    if device.type != "cuda":
+        return Tiles(16, 32, 1, 1)   # the interpreter: small tiles run fastest in numpy
+    if dtype == torch.float32:
+        return Tiles(64, 32, 4, 2) if head_dim <= 128 else Tiles(32, 32, 4, 1)
+    if head_dim <= 128:
+        return Tiles(64, 64, 4, 3)
+    return Tiles(64, 32, 4, 2)
+
+
+def tma_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype) -> Tiles | None:
+    """Tiles of the TMA forward where it beat the portable kernel's tuned tiles in every run: on an
+    H200 (bf16, 16384 tokens, hidden 2048; docs/results/attention_notes.md, v7) at head dim 128
+    without a band, dropout or a ragged last key block, +5-15 % forward TFLOP/s in three runs. None
+    elsewhere: at head dim 64 it gained 1-6 % (noise), with a causal mask it lost, other head dims
+    and GPUs are unmeasured, and before sm_90 there is no TMA."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim != 128:
+        return None
+    if _launch.capability(device) < (9, 0):
+        return None
+    return Tiles(128, 64, 4, 2, tma=True)
+
+
+def gluon_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype,
+                        causal: bool, dropout: bool = False) -> Tiles | None:
+    """Tiles of the Gluon forward where it beat the portable and TMA kernels (H200, bf16, 16384
+    tokens, hidden 2048, same process; docs/results/attention_notes.md). Without dropout (v8): head
+    dim 128 with the causal mask, 486 forward TFLOP/s against 432 (portable) and 428 (TMA); without
+    a mask it tied the TMA forward (531 against 535) and at head dim 64 it lost. With dropout
+    (v14, where the TMA forward does not apply): head dim 128, 414 against 392 without a mask and
+    374 against 355 causal; head dim 64 without a mask, 298 against 276. None elsewhere, and off
+    sm_90 (its warpgroup MMAs exist there only)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+        return None
+    if _launch.capability(device)[0] != 9:
+        return None
+    if dropout:
+        if head_dim == 128:
+            return Tiles(64, 64, 4, 3, gluon=True) if causal else Tiles(128, 128, 8, 3, gluon=True)
+        return None if causal else Tiles(128, 64, 8, 4, gluon=True)
+    if head_dim == 128 and causal:
+        return Tiles(64, 64, 4, 3, gluon=True)
+    return None
+
+
+# Where the ping-pong forward beat the previous default forward (H200, bf16, hidden 2048, batch x
+# seqlen = 16K tokens, same process; docs/results/attention_notes.md v18, confirmed through the
+# library in v19), without dropout. The smallest length measured where it won, in tokens (v18's
+# figures; v19: +13 / +17 / +13 % at d128, +14 / +20 / +25 % at d64 causal 4K / 8K / 16K, +11 % at
+# d64 without a mask 16K):
+PINGPONG_MIN_SEQLEN = {
+    (128, False): 1024,     # 3 warpgroups, 64-key blocks: +14 / +21 / +17 % at 1K / 4K / 16K
+    # causal, 3 warpgroups, 64-key blocks in query-block order, three runs (v19, v21, v22): +2 to
+    # +8 % at 1K-8K; 16K -1 % and +3 % (v21, v22)
+    (128, True): 1024,
+    (64, True): 4096,       # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %)
+    (64, False): 8192,      # 3 warpgroups, 64-key blocks: +8 / +3 % at 8K / 16K (4K: -2 %; v21)
+}
+PINGPONG_TILES = {
+    (128, False): Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True),
+    (128, True): Tiles(192, 64, 4, 3, gluon=True, pingpong=True),
+    (64, True): Tiles(192, 128, 4, 3, gluon=True, pingpong=True),
+    (64, False): Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True),
+}
+
+
+def pingpong_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
+                           dropout: bool, seqlen_q: int, seqlen_k: int) -> Tiles | None:
+    """Tiles of the ping-pong forward where it was measured fastest (``PINGPONG_MIN_SEQLEN``, as
+    many queries as keys); None elsewhere: with dropout (it has none), few queries (each 128- or
+    192-row tile would be mostly padding, e.g. one query against a long cache: unmeasured), and
+    off sm_90."""
+    key = (head_dim, causal)
+    if (dropout or key not in PINGPONG_TILES
+            or min(seqlen_q, seqlen_k) < PINGPONG_MIN_SEQLEN[key]
+            or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
+        return None
+    if _launch.capability(device)[0] != 9:
+        return None
+    return PINGPONG_TILES[key]
+
+
+# From these query lengths on (by head dim, causal, dropout), the warp-specialized fused pass is the
+# backward's default (dkdv_tiles), with WARP_SPECIALIZED_STAGES. Whole backward through the library
+# against the previous default, three rounds in one process (H200; attention_notes.md):
+# - head dim 128 without dropout (v20): without a mask +7 / +16 / +27 / +30 / +30 % at 1K / 2K / 4K /
+#   8K / 16K tokens; causal -4 / -0.3 / +9 / +13 / +24 %.
+# - head dim 64 without dropout (v21; four stages): without a mask +4 / +8 / +9 / +9 % at 2K / 4K /
+#   8K / 16K; causal +3 / +8 / +9 % at 4K / 8K / 16K. Below, three stages lost: -4 % at 1K without
+#   a mask, -13 / -2 % causal at 1K / 2K.
+# - dropout 0.1 (v22), against the dropout defaults: head dim 128 without a mask +8 / +22 / +27 /
+#   +30 / +34 % at 1K / 2K / 4K / 8K / 16K, causal -6 / +5 / +15 / +21 / +26 %; head dim 64
+#   without a mask +5 / +11 / +8 / +10 / +11 %, causal -10 / -1 / +6 / +10 / +13 %.
+# Every call that the fused Gluon pass with 64-query blocks (_dkdv_gluon.py, FUSE_DQ) was the default
+# for at head dim 64 (v16, v17) now runs this pass; that one stays reachable through explicit tiles.
+WARP_SPECIALIZED_MIN_SEQLEN = {
+    # (head_dim, causal, dropout): shortest query length where it won
+    (64, False, False): 2048, (64, True, False): 4096, (64, False, True): 1024, (64, True, True): 4096,
+    (128, False, False): 1024, (128, True, False): 4096, (128, False, True): 1024, (128, True, True): 2048,
+}
+# Four stages fit at head dim 64 (164 KB of shared memory; +1.4 to +1.9 % over three without a mask,
+# level causal, v21); at 128 three need 246 KB, past sm_90's 227.
+WARP_SPECIALIZED_STAGES = {64: 4, 128: 2}
+
+
+def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: int) -> bool:
+    """Whether the warp-specialized fused pass beat the previous default for this call (H200)."""
+    shortest = WARP_SPECIALIZED_MIN_SEQLEN.get((head_dim, causal, dropout))
+    return shortest is not None and seqlen >= shortest
+
+
+# The query lengths (shortest, longest) where the warp-specialized pass in a persistent grid
+# (_dkdv_ws_persistent.py) beat it in a grid of one program per key block, by (head dim, causal,
+# dropout); whole backward, three rounds in one process (H200; attention_notes.md, v22). Without
+# a mask: head dim 128 +8.5 / +6.2 / +2.0 / -1.5 / -0.7 % at 1K / 2K / 4K / 8K / 16K (1K again:
+# +8.4 %), 64 +16.5 / +10.6 / +5.2 / +1.9 / -1.0 % (1K again: +15.5 %); at head dim 64 and 1K
+# that is +12 % over the previous default, which the non-persistent pass had lost to (-4 %). At
+# head dim 128 and 4K the gain was within the rounds' spread and the grid's cell came out lower
+# than with one program per key block, so 4K stays there. Causal it lost (0.69-0.96); with
+# dropout too (head dim 128 -2 to -6 %; 64: +3 % at 2K, -1 / -2 % at 4K / 16K).
+WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 4096),
+                                      (128, False, False): (1024, 2048)}
+
+
+def _persistent_pays(head_dim: int, causal: bool, dropout: bool, seqlen: int) -> bool:
+    """Whether the persistent warp-specialized pass beat the non-persistent one here (H200)."""
+    lengths = WARP_SPECIALIZED_PERSISTENT_SEQLEN.get((head_dim, causal, dropout))
+    return lengths is not None and lengths[0] <= seqlen <= lengths[1]
+
+
+def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
+               dropout: bool = False, hopper: bool = True, seqlen: int = 0,
+               deterministic: bool = False, persistent: bool = True) -> Tiles:
+    """Tiles of the dK/dV pass: block_n keys held on chip, block_m queries streamed. ``hopper=False``
+    gives the portable pass's own tiles, for calls the Gluon pass does not take. ``seqlen``: the
+    call's query length (0 if unknown). ``deterministic``: tiles of the two passes only, never of
+    the fused pass, whose dQ is summed by atomic adds in no fixed order (under
+    ``torch.use_deterministic_algorithms``); where a fused pass is the default, the tiles the
+    two-pass default had before it. ``persistent=False``: never the persistent pass's tiles (for
+    calls it does not take: inputs that are not rows of one matrix)."""
+    if device.type != "cuda":
+        return Tiles(16, 32, 1, 1)
+    if dtype == torch.float32:
+        return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
+    # The warp-specialized fused pass (_dkdv_warp_specialized.py), from the lengths where it beat
+    # the previous defaults below (WARP_SPECIALIZED_MIN_SEQLEN), in a persistent grid where that
+    # beat it (WARP_SPECIALIZED_PERSISTENT_SEQLEN).
+    in_a_persistent_grid = persistent and _persistent_pays(head_dim, causal, dropout, seqlen)
+    if (hopper and not deterministic
+            and (in_a_persistent_grid or _warp_specialized_pays(head_dim, causal, dropout, seqlen))
+            and _hopper_gpu(device)):
+        return Tiles(64, 128, 4, WARP_SPECIALIZED_STAGES[head_dim], gluon=True, fused=True,
+                     warp_specialized=True, persistent=in_a_persistent_grid)
+    if head_dim <= 64:
+        # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).
+        # With dropout the fused pass (dQ added by atomics, one mask regeneration instead of two):
+        # whole backward +19.5 % causal (H200, 16K tokens; attention_notes.md, v10).
+        if dropout:
+            return Tiles(64, 64, 4, 3, fused=not deterministic)
+        return Tiles(64, 64, 4, 3) if causal else Tiles(32, 128, 4, 3)
+    if head_dim <= 128:
+        if dropout:
+            # On sm_90 the Gluon pass: whole backward +12 % without a mask, +18 % causal against
+            # the portable tiles below (H200, 16K tokens; attention_notes.md, v14).
+            if hopper and _hopper_gpu(device):
+                return Tiles(32, 64, 4, 4, gluon=True)
+            # The portable dropout path runs untransposed tiles (_backward_kernels.py): its own
+            # sweep. Causal: without pipelining, 128x64 beats 64x32 by 0-9 % (whole backward, 2K-16K).
+            return Tiles(128, 64, 8, 1) if causal else Tiles(128, 64, 8, 2)
+        # On sm_90 the Gluon pass with the same tiles: whole backward +6.7 % without a mask, +4.5 %
+        # causal (H200, 16K tokens; attention_notes.md, v9). Calls it does not cover (varlen, GQA,
+        # ragged blocks) run the portable pass with these tiles.
+        return Tiles(32, 64, 4, 3, gluon=head_dim == 128 and hopper and _hopper_gpu(device))
+    return Tiles(32, 32, 4, 2)
+
+
+def dq_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, dropout: bool = False) -> Tiles:
+    """Tiles of the dQ pass: block_m queries held on chip, block_n keys streamed."""
+    if device.type != "cuda":
+        return Tiles(16, 32, 1, 1)
+    if dtype == torch.float32:
+        return Tiles(32, 32, 4, 1) if head_dim <= 128 else Tiles(16, 32, 4, 1)
+    # On sm_90 without dropout, the Gluon pass with the same tiles at head dim 64 and 128: whole
+    # backward +8 % (d64) and +5.7 % (d128) without a mask, +3.6 % and +4.2 % causal (H200, 16K
+    # tokens; attention_notes.md, v9). Calls it does not cover run the portable pass.
+    gluon = head_dim in (64, 128) and not dropout and _hopper_gpu(device)
+    if head_dim <= 64:
+        return Tiles(64, 64, 4, 3, gluon=gluon)
+    if head_dim <= 128:
+        return Tiles(64, 32, 4, 3, gluon=gluon)
+    return Tiles(64, 32, 4, 2)
+
+
+def _hopper_gpu(device: torch.device) -> bool:
+    """sm_90 exactly: the Gluon kernels' warpgroup MMAs exist there only."""
+    return _launch.capability(device)[0] == 9
