@@ -1,8 +1,8 @@
 """Backward pass launches: the dQ and dK/dV passes (``_backward_kernels.py``, the algorithm and its
 fused single-pass form) with their tuned tiles, strides and scalars, the Gluon passes for sm_90
 (``_dq_gluon.py``, ``_dkdv_gluon.py``, ``_dkdv_warp_specialized.py``, ``_dkdv_ws_persistent.py``)
-where a call qualifies, and the fused pass's float32 dQ buffer. ``backward`` is the entry point; ``launch_into`` also returns what a launch plan
-(``_eager_plan.py``) needs to repeat the launches.
+where a call qualifies, and the fused pass's float32 dQ buffer. ``backward`` is the entry point;
+``launch_into`` also returns what a launch plan (``_eager_plan.py``) needs to repeat the launches.
 """
 
 import dataclasses

@@ -31,20 +31,17 @@ from ._philox_gluon import dropout_arguments
 
 
 @gluon.jit
-def _tile_coordinates(tile, n_kblocks, heads):
-    """(key block, head, batch) of a tile; key block fastest, as the non-persistent grid runs them."""
+def _tile(tile, n_kblocks, heads, CAUSAL: gl.constexpr):
+    """(first key n0, head, batch, first query block) of a tile. Key block fastest, as the
+    non-persistent grid runs them; the first query block is the first with a query that sees one
+    of the keys from n0 on."""
     rest = tile // n_kblocks
-    return tile % n_kblocks, rest % heads, rest // heads
-
-
-@gluon.jit
-def _first_query_block(n0, CAUSAL: gl.constexpr):
-    """The first query block with a query that sees one of the keys from n0 on."""
+    n0 = (tile % n_kblocks) * (2 * ROWS)
     if CAUSAL:
         first = n0 // ROWS
     else:
         first = 0
-    return first
+    return n0, rest % heads, rest // heads, first
 
 
 @gluon.jit
@@ -72,9 +69,7 @@ def _producer(descs, buffers, bars, geometry, STAGES: gl.constexpr, CAUSAL: gl.c
     loaded = 0
     done = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        block_n, head, batch = _tile_coordinates(tile, n_kblocks, heads)
-        n0 = block_n * (2 * ROWS)
-        first = _first_query_block(n0, CAUSAL)
+        n0, head, batch, first = _tile(tile, n_kblocks, heads, CAUSAL)
         q_row0 = batch * seqlen_q
         col = head * HEAD_DIM
         # The first Q/dO block as soon as a stage is free: during the previous tile's last blocks.
@@ -115,9 +110,7 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
     loaded = 0
     done = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        block_n, head, batch = _tile_coordinates(tile, n_kblocks, heads)
-        n0 = block_n * (2 * ROWS)
-        first = _first_query_block(n0, CAUSAL)
+        n0, head, batch, first = _tile(tile, n_kblocks, heads, CAUSAL)
         batch64 = batch.to(gl.int64)
         head64 = head.to(gl.int64)
         row_stats = batch64 * stride_lse_b + head64 * stride_lse_h
