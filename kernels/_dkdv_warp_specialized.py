@@ -237,6 +237,22 @@ def _tiles_and_barriers(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl
     return buffers, (kv_full, qdo_full, qdo_empty, ds_full, ds_empty)
 
 
+@gluon.jit
+def _check_tiles(HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, LOWER: gl.constexpr, VARLEN: gl.constexpr,
+                 ACCUMULATE_DQ: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """What both warp-specialized kernels (this grid and the persistent one) support, checked
+    when they compile."""
+    gl.static_assert(not (LOWER or VARLEN), "no window or packed input")
+    # The keep-mask's counters cover 16-row pairs and 32-column blocks (_philox.py): whole ones
+    # here (64-query blocks, 64 keys per consumer).
+    gl.static_assert(ACCUMULATE_DQ, "the fused pass only")
+    gl.static_assert(BLOCK_M == ROWS and BLOCK_N == 2 * ROWS and NUM_WARPS == 4,
+                     "64-query blocks, 128-key blocks over two consumer warpgroups")
+    gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
+    gl.static_assert(STAGES >= 2, "the next query block must be in flight")
+
+
 @gluon.jit(do_not_specialize=["seed", "counter_base"])
 def _dkdv_warp_specialized_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, GradQAcc, cu_seqlens, seed, counter_base,
@@ -252,14 +268,7 @@ def _dkdv_warp_specialized_kernel(
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False,
 ):
-    gl.static_assert(not (LOWER or VARLEN), "no window or packed input")
-    # The keep-mask's counters cover 16-row pairs and 32-column blocks (_philox.py): whole ones
-    # here (64-query blocks, 64 keys per consumer).
-    gl.static_assert(ACCUMULATE_DQ, "the fused pass only")
-    gl.static_assert(BLOCK_M == ROWS and BLOCK_N == 2 * ROWS and num_warps == 4,
-                     "64-query blocks, 128-key blocks over two consumer warpgroups")
-    gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
-    gl.static_assert(STAGES >= 2, "the next query block must be in flight")
+    _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
     block_n = gl.program_id(0)
     head = gl.program_id(1)

@@ -26,7 +26,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from ._dkdv_warp_specialized import ROWS, _query_blocks, _tiles_and_barriers
+from ._dkdv_warp_specialized import ROWS, _check_tiles, _query_blocks, _tiles_and_barriers
 from ._philox_gluon import dropout_arguments
 
 
@@ -159,12 +159,7 @@ def _dkdv_ws_persistent_kernel(
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False,
 ):
-    gl.static_assert(not (LOWER or VARLEN), "no window or packed input")
-    gl.static_assert(ACCUMULATE_DQ, "the fused pass only")
-    gl.static_assert(BLOCK_M == ROWS and BLOCK_N == 2 * ROWS and num_warps == 4,
-                     "64-query blocks, 128-key blocks over two consumer warpgroups")
-    gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
-    gl.static_assert(STAGES >= 2, "the next query block must be in flight")
+    _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
     n_kblocks = seqlen_k // BLOCK_N
     n_tiles = n_kblocks * heads_q * batches
