@@ -80,7 +80,7 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
                                              persistent=one_matrix),
                                   dq_tiles(geometry.head_dim, q.device, q.dtype, dropout))
     if kv_tiles.persistent and not one_matrix:     # a caller's tiles: the per-key-block grid
-        kv_tiles = dataclasses.replace(kv_tiles, persistent=False)
+        kv_tiles = dataclasses.replace(kv_tiles, persistent=False, kv_buffers=1)
     # The Gluon passes read q, k, v and the output gradient by TMA.
     gluon_device = ((q_tiles.gluon or kv_tiles.gluon)
                     and _hopper.gluon_device((q, k, v, grad_out), varlen))
@@ -97,7 +97,7 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
         # reproducible. Under torch.use_deterministic_algorithms the default is the two passes
         # (dkdv_tiles gives their tiles; this holds whatever the tile rule says).
         kv_tiles = dataclasses.replace(kv_tiles, fused=False, warp_specialized=False,
-                                       persistent=False)
+                                       persistent=False, kv_buffers=1)
     inputs = (*batched_strides(q, varlen), *batched_strides(k, varlen), *batched_strides(v, varlen),
               *batched_strides(grad_out, varlen))
     scalars = (geometry.seqlen_q, geometry.seqlen_k, geometry.heads_q, geometry.group_size,
@@ -139,7 +139,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
             grid, static, options = dkdv_config
             programs = min(grid[0] * grid[1] * grid[2], multiprocessors(q.device))
             dkdv_launcher = DKDV_WS_PERSISTENT
-            dkdv_config = ((programs,), (*static, geometry.batch), options)
+            dkdv_config = ((programs,), (*static, geometry.batch),
+                           {**options, "KV_BUFFERS": kv_tiles.kv_buffers})
     return (dq_launcher, *dq_config), (dkdv_launcher, *dkdv_config)
 
 

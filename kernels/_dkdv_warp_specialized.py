@@ -202,30 +202,33 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, out_args, n
 
 @gluon.jit
 def _tiles_and_barriers(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                        STAGES: gl.constexpr):
-    """The pass's shared memory: STAGES stages of Q and dO, the key block's K and V, two dS tiles
-    (64 queries x all 128 keys), a P tile per consumer, a dQ staging tile per consumer that owns
-    dQ columns (both at head dim 128, one at 64); and its barriers, initialized and fenced:
-    (kv_full, qdo_full, qdo_empty, ds_full, ds_empty). Barriers the caller initialized before
-    this call are fenced with them. The tiles' layouts are the TMA boxes' (``head_descriptor``)."""
+                        STAGES: gl.constexpr, KV_BUFFERS: gl.constexpr):
+    """The pass's shared memory: STAGES stages of Q and dO, KV_BUFFERS buffers of a key block's K
+    and V (the persistent grid loads the next tile's into a second one), two dS tiles (64 queries
+    x all 128 keys), a P tile per consumer, a dQ staging tile per consumer that owns dQ columns
+    (both at head dim 128, one at 64); and its barriers, initialized and fenced: (kv_full, one
+    per K/V buffer, qdo_full, qdo_empty, ds_full, ds_empty). Barriers the caller initialized
+    before this call are fenced with them. The tiles' layouts are the TMA boxes'
+    (``head_descriptor``)."""
     qdo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], gl.float32)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], qdo_layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, ROWS, HEAD_DIM], qdo_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [KV_BUFFERS, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [KV_BUFFERS, BLOCK_N, HEAD_DIM], kv_layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
     ds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], ds_layout)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], dtype)
     p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, ROWS], p_layout)
     dq_smem = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // ROWS, ROWS, ROWS], dq_layout)
-    kv_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_full = gl.allocate_shared_memory(gl.int64, [KV_BUFFERS, 1], mbarrier.MBarrierLayout())
     qdo_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_full, count=1)
+    for buffer in gl.static_range(KV_BUFFERS):
+        mbarrier.init(kv_full.index(buffer), count=1)
     for stage in gl.static_range(STAGES):
         mbarrier.init(qdo_full.index(stage), count=1)
         mbarrier.init(qdo_empty.index(stage), count=2)
@@ -289,7 +292,12 @@ def _dkdv_warp_specialized_kernel(
     dq_desc = tma.make_tensor_descriptor(GradQAcc + batch64 * stride_aqb + head64 * stride_aqh,
                                          [seqlen_q, HEAD_DIM], [stride_aqn, 1], [ROWS, ROWS],
                                          dq_layout)
-    buffers, bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES)
+    buffers, bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, 1)
+    # One key block per program: its K/V buffer and barrier.
+    q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
+    buffers = (q_smem, do_smem, k_smem.index(0), v_smem.index(0), ds_smem, dq_smem, p_smem)
+    kv_full, qdo_full, qdo_empty, ds_full, ds_empty = bars
+    bars = (kv_full.index(0), qdo_full, qdo_empty, ds_full, ds_empty)
 
     n_blocks = seqlen_q // ROWS
     if UPPER:       # the first query block with a query that sees one of these keys

@@ -16,6 +16,13 @@ attention_notes v22) against the non-persistent pass without a mask: head dim 12
 (0.89-0.96 at d128 1K-4K, 0.69 at 16K: programs striding over key blocks of unequal work), so it
 is no causal default; it still computes the causal mask exactly for tiles that ask for it.
 
+K/V buffers (KV_BUFFERS, 1 or 2): with one, the producer waits for both consumers to finish a
+tile before it loads the next tile's K and V, so that load's latency is exposed at every tile.
+With two, tiles take the buffers in turn and the next tile's K and V load while this tile runs.
+Two fit shared memory at head dim 64 only (164 -> 197 KB). Whole backward, d64 without a mask,
+against one buffer (H200, attention_notes v23): +3.3 / +2.8 / +2.8 / +1.8 % at 1K / 2K / 4K /
+8K; causal +1.6 / +0.1 % at 1K / 4K.
+
 Descriptors: one 2-D descriptor per tensor over (batch x seqlen) rows and (heads x head_dim)
 columns, so q, k, v and the output gradient must be rows of one matrix
 (``_hopper.rows_of_one_matrix``); the float32 dQ sum is contiguous. The same arguments as
@@ -59,8 +66,9 @@ def _load_qdo(q_desc, do_desc, q_smem, do_smem, qdo_full, qdo_empty, loaded, row
 
 @gluon.jit
 def _producer(descs, buffers, bars, geometry, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              HEAD_DIM: gl.constexpr):
-    """One warp: per tile, its first Q/dO block, then K and V, then the rest of its Q/dO blocks."""
+              HEAD_DIM: gl.constexpr, KV_BUFFERS: gl.constexpr):
+    """One warp: per tile, its first Q/dO block, then K and V into the tile's K/V buffer (tiles
+    take the KV_BUFFERS buffers in turn), then the rest of its Q/dO blocks."""
     q_desc, do_desc, k_desc, v_desc, dq_desc = descs
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
     kv_full, kv_empty, qdo_full, qdo_empty, ds_full, ds_empty = bars
@@ -75,11 +83,16 @@ def _producer(descs, buffers, bars, geometry, STAGES: gl.constexpr, CAUSAL: gl.c
         # The first Q/dO block as soon as a stage is free: during the previous tile's last blocks.
         _load_qdo(q_desc, do_desc, q_smem, do_smem, qdo_full, qdo_empty, loaded,
                   q_row0 + first * ROWS, col, STAGES)
-        # K and V once both consumers have waited for every product reading the previous tile's.
-        mbarrier.wait(kv_empty, (done & 1) ^ 1)
-        mbarrier.expect(kv_full, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [batch * seqlen_k + n0, col], kv_full, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [batch * seqlen_k + n0, col], kv_full, v_smem)
+        # K and V once both consumers have waited for every product reading the buffer's
+        # previous tile (with two buffers, the tile before the previous one).
+        buffer = done % KV_BUFFERS
+        full = kv_full.index(buffer)
+        mbarrier.wait(kv_empty.index(buffer), ((done // KV_BUFFERS) & 1) ^ 1)
+        mbarrier.expect(full, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [batch * seqlen_k + n0, col], full,
+                                        k_smem.index(buffer))
+        tma.async_copy_global_to_shared(v_desc, [batch * seqlen_k + n0, col], full,
+                                        v_smem.index(buffer))
         for block in range(first + 1, n_blocks):
             _load_qdo(q_desc, do_desc, q_smem, do_smem, qdo_full, qdo_empty,
                       loaded + block - first, q_row0 + block * ROWS, col, STAGES)
@@ -90,7 +103,8 @@ def _producer(descs, buffers, bars, geometry, STAGES: gl.constexpr, CAUSAL: gl.c
 @gluon.jit
 def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides, drop, qk_scale,
               softmax_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr):
+              DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr,
+              KV_BUFFERS: gl.constexpr):
     """Consumer c of each tile: dK and dV of its keys n0 + 64c .. n0 + 64c + 63, and its columns of
     each query block's dQ (``_query_blocks``)."""
     kv_full, kv_empty, qdo_full, qdo_empty, ds_full, ds_empty = bars
@@ -105,7 +119,7 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
                                                        instr_shape=[16, HEAD_DIM, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, ROWS, 16])
-    block_bars = (kv_full, qdo_full, qdo_empty, ds_full, ds_empty)
+    q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
     n_blocks = seqlen_q // ROWS
     loaded = 0
     done = 0
@@ -122,12 +136,16 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
             dropout = 0
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, g_layout)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, g_layout)
-        mbarrier.wait(kv_full, done & 1)
-        dk, dv = _query_blocks(c, descs, buffers, block_bars, dk, dv, stats, dropout, first,
+        buffer = done % KV_BUFFERS
+        mbarrier.wait(kv_full.index(buffer), (done // KV_BUFFERS) & 1)
+        tile_buffers = (q_smem, do_smem, k_smem.index(buffer), v_smem.index(buffer), ds_smem,
+                        dq_smem, p_smem)
+        block_bars = (kv_full.index(buffer), qdo_full, qdo_empty, ds_full, ds_empty)
+        dk, dv = _query_blocks(c, descs, tile_buffers, block_bars, dk, dv, stats, dropout, first,
                                n_blocks, n0, loaded, batch * seqlen_q, head * HEAD_DIM, qk_scale,
                                CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM, s_layout, dq_layout)
         # Every product reading K and V has been waited for: the next tile's may load.
-        mbarrier.arrive(kv_empty, count=1)
+        mbarrier.arrive(kv_empty.index(buffer), count=1)
         dk = dk * softmax_scale
         if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass
             dk = dk * drop_rescale
@@ -157,7 +175,7 @@ def _dkdv_ws_persistent_kernel(
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
-    SEED_IN_MEMORY: gl.constexpr = False,
+    SEED_IN_MEMORY: gl.constexpr = False, KV_BUFFERS: gl.constexpr = 1,
 ):
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -178,9 +196,10 @@ def _dkdv_ws_persistent_kernel(
     dq_desc = tma.make_tensor_descriptor(GradQAcc, [batches * seqlen_q, columns], [stride_aqn, 1],
                                          [ROWS, ROWS], dq_layout)
     # Both consumers arrive when done with a tile's K and V (initialized before the shared fence).
-    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_empty, count=2)
-    buffers, block_bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES)
+    kv_empty = gl.allocate_shared_memory(gl.int64, [KV_BUFFERS, 1], mbarrier.MBarrierLayout())
+    for buffer in gl.static_range(KV_BUFFERS):
+        mbarrier.init(kv_empty.index(buffer), count=2)
+    buffers, block_bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, KV_BUFFERS)
 
     descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
     kv_full, qdo_full, qdo_empty, ds_full, ds_empty = block_bars
@@ -192,8 +211,10 @@ def _dkdv_ws_persistent_kernel(
     drop = (seed, counter_base, counters_per_row, drop_threshold, drop_rescale)
     gl.warp_specialize([
         (_consumer, (0, descs, buffers, bars, geometry, pointers, strides, drop, qk_scale,
-                     softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, SEED_IN_MEMORY)),
+                     softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, SEED_IN_MEMORY,
+                     KV_BUFFERS)),
         (_consumer, (1, descs, buffers, bars, geometry, pointers, strides, drop, qk_scale,
-                     softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, SEED_IN_MEMORY)),
-        (_producer, (descs, buffers, bars, geometry, STAGES, UPPER, HEAD_DIM)),
+                     softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, SEED_IN_MEMORY,
+                     KV_BUFFERS)),
+        (_producer, (descs, buffers, bars, geometry, STAGES, UPPER, HEAD_DIM, KV_BUFFERS)),
     ], [4, 1], [240, 24])

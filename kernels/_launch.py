@@ -146,6 +146,10 @@ class Tiles:
     # With warp_specialized: that pass in a persistent grid (_dkdv_ws_persistent.py), one program
     # per SM walking the key blocks, where q, k, v and the output gradient are rows of one matrix.
     persistent: bool = False
+    # With persistent: buffers of a tile's K and V (1 or 2). With 2, the producer loads the next
+    # tile's K and V while the consumers still read this tile's; it needs the shared memory of
+    # another K/V tile (head dim 64: 164 -> 197 KB; at 128 it does not fit).
+    kv_buffers: int = 1
 
     def __post_init__(self):
         # Dropout tiles are built from whole Philox counters: 32 columns by 16 rows (_philox.py).
@@ -169,6 +173,8 @@ class Tiles:
                              f"got {self}")
         if self.persistent and not self.warp_specialized:
             raise ValueError(f"persistent runs the warp-specialized dK/dV pass; got {self}")
+        if self.kv_buffers not in (1, 2) or (self.kv_buffers == 2 and not self.persistent):
+            raise ValueError(f"kv_buffers is 1, or 2 in the persistent pass; got {self}")
 
 
 def capability(device: torch.device) -> tuple[int, int]:

@@ -136,6 +136,12 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 4096),
                                       (128, False, False): (1024, 2048)}
 
+# K/V buffers of the persistent pass by head dim. Two let the producer load the next tile's K and
+# V while the consumers still read this tile's; they fit shared memory at head dim 64 only. Whole
+# backward against one buffer (d64, no mask, three rounds in one process, H200; attention_notes
+# v23): +3.3 / +2.8 / +2.8 / +1.8 % at 1K / 2K / 4K / 8K; the rounds did not overlap in any cell.
+PERSISTENT_KV_BUFFERS = {64: 2}
+
 
 def _persistent_pays(head_dim: int, causal: bool, dropout: bool, seqlen: int) -> bool:
     """Whether the persistent warp-specialized pass beat the non-persistent one here (H200)."""
@@ -165,7 +171,8 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
             and (in_a_persistent_grid or _warp_specialized_pays(head_dim, causal, dropout, seqlen))
             and _hopper_gpu(device)):
         return Tiles(64, 128, 4, WARP_SPECIALIZED_STAGES[head_dim], gluon=True, fused=True,
-                     warp_specialized=True, persistent=in_a_persistent_grid)
+                     warp_specialized=True, persistent=in_a_persistent_grid,
+                     kv_buffers=PERSISTENT_KV_BUFFERS.get(head_dim, 1) if in_a_persistent_grid else 1)
     if head_dim <= 64:
         # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).
         # With dropout the fused pass (dQ added by atomics, one mask regeneration instead of two):

@@ -11,7 +11,8 @@ dK/dV pass is the one that also adds dQ; with ``--pingpong`` (forward) the ping-
 (``_forward_pingpong.py``: BLOCK_M // 64 consumer warpgroups, ``--head-major`` tile order); with
 ``--warp-specialized`` (dkdv, fused) the pass of two consumer warpgroups and a producer warp
 (``_dkdv_warp_specialized.py``: tiles 64,128,4,STAGES), with ``--persistent`` in its persistent
-grid (``_dkdv_ws_persistent.py``).
+grid (``_dkdv_ws_persistent.py``; ``--kv-buffers 2``: the next tile's K and V loaded into a
+second buffer).
 
 Each pass is compiled with the arguments the library itself would launch it with (``launch_config``
 of the forward, ``launch_configs`` of the backward), so the constexprs, the integer
@@ -161,7 +162,8 @@ def pass_arguments(args) -> tuple:
     scale = args.head_dim ** -0.5
     block_m, block_n, warps, stages = args.tiles
     tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused, gluon=args.gluon,
-                  warp_specialized=args.warp_specialized, persistent=args.persistent)
+                  warp_specialized=args.warp_specialized, persistent=args.persistent,
+                  kv_buffers=args.kv_buffers)
     seed = torch.empty(1, dtype=torch.int64, device="meta") if args.seed_in_memory else kernel_seed(1234)
     counter_base = kernel_counter_base(0 if args.seed_in_memory else 4 * 12345)
     in_memory = {"SEED_IN_MEMORY": True} if args.seed_in_memory else {}
@@ -192,6 +194,7 @@ def pass_arguments(args) -> tuple:
         dkdv_launcher, dkdv_options = launcher, {**dkdv_options, "STAGES": stages}
         if args.persistent:     # the persistent kernel's extra argument: the number of sequences
             dkdv_launcher, dkdv_static = _backward.DKDV_WS_PERSISTENT, (*dkdv_static, args.batch)
+            dkdv_options["KV_BUFFERS"] = args.kv_buffers
     accumulator = torch.empty(shape, dtype=torch.float32, device="meta")
     return dkdv_launcher.kernel, (q, k, v, grad_out, lse, delta, dk, dv, accumulator, None, seed,
                                   counter_base, *dkdv_static), {**dkdv_options, **in_memory}
@@ -217,6 +220,8 @@ def parse_args(argv=None):
                         help="dkdv with --gluon --fused: two consumer warpgroups and a producer warp")
     parser.add_argument("--persistent", action="store_true",
                         help="with --warp-specialized: that pass in a persistent grid")
+    parser.add_argument("--kv-buffers", type=int, choices=[1, 2], default=1,
+                        help="with --persistent: buffers of a tile's K and V")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
                         help="dkdv with dropout: how the transposed tile gets its keep-mask "
                              "(default: the library's choice for the tiles)")
@@ -232,6 +237,8 @@ def parse_args(argv=None):
         parser.error(f"--warp-specialized takes tiles 64,128,4,STAGES; got {args.tiles}")
     if args.persistent and not args.warp_specialized:
         parser.error("--persistent is an option of the warp-specialized pass (--warp-specialized)")
+    if args.kv_buffers != 1 and not args.persistent:
+        parser.error("--kv-buffers is an option of the persistent pass (--persistent)")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

@@ -73,9 +73,12 @@ DKDV = [Tiles(*t) for t in [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (
     # The warp-specialized fused pass (_dkdv_warp_specialized.py; sm_90, no window or GQA):
     # two consumer warpgroups of 64 keys, 64-query blocks; num_stages = Q/dO stages (3 or more do
     # not fit shared memory at head dim 128; 4 is the default at 64), one program per key block or
-    # in a persistent grid (_dkdv_ws_persistent.py; q, k, v and dO rows of one matrix).
-    Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True, persistent=persistent)
-    for persistent in (False, True) for stages in (2, 3, 4)]
+    # in a persistent grid (_dkdv_ws_persistent.py; q, k, v and dO rows of one matrix), there with
+    # one or two K/V buffers (two fit shared memory at head dim 64 only; at 128 they are recorded
+    # as not compiling).
+    Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True, persistent=persistent,
+          kv_buffers=kv_buffers)
+    for persistent, kv_buffers in ((False, 1), (True, 1), (True, 2)) for stages in (2, 3, 4)]
 DQ = [Tiles(*t) for t in [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                           (64, 32, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (32, 64, 4, 3),
                           (32, 128, 4, 3), (64, 64, 8, 3)]] + [
@@ -140,7 +143,8 @@ def hopper_candidates(candidates, default, kinds=KINDS, portable=None):
     where it is one), and the candidates of the special kernels in ``kinds``: without sweeping every
     portable tile again."""
     plain = dataclasses.replace(default, tma=False, gluon=False, fused=False, pingpong=False,
-                                head_major=False, warp_specialized=False, persistent=False)
+                                head_major=False, warp_specialized=False, persistent=False,
+                                kv_buffers=1)
     baseline = [default] + [t for t in dict.fromkeys((plain, portable))
                             if t is not None and t != default]
     return baseline + [t for t in candidates if kind(t) in kinds and t not in baseline]

@@ -234,6 +234,8 @@ def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
         persistent = not causal and not dropout_p        # up to 4K tokens
         assert dkdv[0] is (_backward.DKDV_WS_PERSISTENT if persistent else
                            _backward.DKDV_WARP_SPECIALIZED if gluon else _backward.DKDV)
+        if persistent:      # with two K/V buffers at head dim 64
+            assert dkdv[3]["KV_BUFFERS"] == 2
         # With dropout the portable pass's default is fused too (one mask regeneration).
         fused = gluon or dropout_p > 0
         assert dkdv[3].get("ACCUMULATE_DQ", False) == fused

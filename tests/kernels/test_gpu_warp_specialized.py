@@ -104,20 +104,22 @@ def test_warp_specialized_backward_replays_in_a_cuda_graph(seqlen, launcher):
 
 
 @sm90_exactly
-@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
+@pytest.mark.parametrize("head_dim, stages, kv_buffers", [(128, 2, 1), (64, 4, 1), (64, 4, 2)])
 @pytest.mark.parametrize("batch, seqlen, packed", [(2, 1024, False), (2, 4096, False),
                                                    (3, 640, True)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_persistent_backward_on_gpu(head_dim, stages, batch, seqlen, packed, causal, monkeypatch):
+def test_persistent_backward_on_gpu(head_dim, stages, kv_buffers, batch, seqlen, packed, causal,
+                                    monkeypatch):
     # The persistent grid against float64: at 4K more tiles (2 x 4 heads x 32 key blocks) than
-    # SMs, so programs walk several and carry their barrier phases across tiles; 640 tokens (five
-    # key blocks), packed: q, k and v strided slices of one (batch, seqlen, heads, head_dim)
-    # tensor, read through one descriptor each; causal tiles too (no default, still exact).
+    # SMs, so programs walk several and carry their barrier phases across tiles (with two K/V
+    # buffers, alternating between them); 640 tokens (five key blocks), packed: q, k and v strided
+    # slices of one (batch, seqlen, heads, head_dim) tensor, read through one descriptor each;
+    # causal tiles too (no default, still exact).
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     from kernels.qkv_packed import split_qkv
     tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
-                  persistent=True)
+                  persistent=True, kv_buffers=kv_buffers)
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     if packed:
@@ -130,14 +132,14 @@ def test_persistent_backward_on_gpu(head_dim, stages, batch, seqlen, packed, cau
 
 
 @sm90_exactly
-@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
-def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, monkeypatch):
+@pytest.mark.parametrize("head_dim, stages, kv_buffers", [(128, 2, 1), (64, 4, 1), (64, 4, 2)])
+def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, kv_buffers, monkeypatch):
     # Each tile's keep-mask from its own (batch, head) counters: the gradients match float64 under
     # the mask return_debug_mask materializes, with no fallback.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
-                  persistent=True)
+                  persistent=True, kv_buffers=kv_buffers)
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     for causal in (False, True):

@@ -97,10 +97,15 @@ def test_warp_specialized_candidates_are_their_own_kind():
     assert tune_attention.hopper_candidates([fused], specialized, ("warp-specialized",),
                                             Tiles(32, 64, 4, 3)) == [
         specialized, Tiles(64, 128, 4, 2), Tiles(32, 64, 4, 3)]
-    assert sum(tune_attention.kind(t) == "warp-specialized" for t in tune_attention.DKDV) == 6
+    # Stages 2-4, per key block and persistent with one or two K/V buffers.
+    assert sum(tune_attention.kind(t) == "warp-specialized" for t in tune_attention.DKDV) == 9
     # A persistent default (short calls without a mask) is timed against the same twins.
     persistent = Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True, persistent=True)
     assert tune_attention.kind(persistent) == "warp-specialized"
     assert tune_attention.hopper_candidates([specialized], persistent, ("warp-specialized",),
                                             Tiles(32, 64, 4, 3)) == [
         persistent, Tiles(64, 128, 4, 2), Tiles(32, 64, 4, 3), specialized]
+    two_buffers = Tiles(64, 128, 4, 4, gluon=True, fused=True, warp_specialized=True,
+                        persistent=True, kv_buffers=2)
+    assert tune_attention.hopper_candidates([], two_buffers, ("warp-specialized",))[1] == \
+        Tiles(64, 128, 4, 4)

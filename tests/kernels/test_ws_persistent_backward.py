@@ -19,12 +19,16 @@ from .test_gluon_backward import compiled_for_sm90
 
 WARP_SPECIALIZED = Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True)
 PERSISTENT = Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True, persistent=True)
+TWO_KV_BUFFERS = Tiles(64, 128, 4, 4, gluon=True, fused=True, warp_specialized=True, persistent=True,
+                       kv_buffers=2)
 
 
-@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
+@pytest.mark.parametrize("head_dim, stages, kernel", [(128, 2, "dkdv_ws_persistent"),
+                                                     (64, 4, "dkdv_ws_persistent"),
+                                                     (64, 4, "dkdv_ws_persistent_kv2")])
 def test_compiles_for_sm90_with_the_per_block_schedule_of_the_warp_specialized_pass(head_dim,
-                                                                                    stages):
-    compiled = compiled_for_sm90("dkdv_ws_persistent", head_dim, 64, 128, stages, 4, 0)
+                                                                                    stages, kernel):
+    compiled = compiled_for_sm90(kernel, head_dim, 64, 128, stages, 4, 0)
     assert compiled["partitions"] == ["240, 24"]
     # Each consumer's query-block loop (inside its tile loop) as in the per-key-block pass: five
     # products at most, S and dP waited for first, the rest at the end, one reduce-add of the
@@ -49,6 +53,12 @@ def test_tiles_name_it_only_as_the_warp_specialized_pass():
     assert PERSISTENT.persistent and PERSISTENT.warp_specialized
     with pytest.raises(ValueError, match="persistent"):
         Tiles(64, 128, 4, 2, gluon=True, fused=True, persistent=True)
+    assert TWO_KV_BUFFERS.kv_buffers == 2 and PERSISTENT.kv_buffers == 1
+    with pytest.raises(ValueError, match="kv_buffers"):
+        Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True, kv_buffers=2)
+    with pytest.raises(ValueError, match="kv_buffers"):
+        Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True, persistent=True,
+              kv_buffers=3)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -63,13 +73,17 @@ def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, m
     def tiles(seqlen, causal=False, dropout=False, **kwargs):
         return _tile_rules.dkdv_tiles(head_dim, cuda, bf16, causal, dropout, seqlen=seqlen, **kwargs)
     stages = {64: 4, 128: 2}[head_dim]
+    # Two K/V buffers where they fit shared memory: head dim 64 (attention_notes v23).
+    assert _tile_rules.PERSISTENT_KV_BUFFERS == {64: 2}
+    kv_buffers = {64: 2, 128: 1}[head_dim]
     for seqlen in (1024, longest):
         assert tiles(seqlen) == Tiles(64, 128, 4, stages, gluon=True, fused=True,
-                                      warp_specialized=True, persistent=True)
+                                      warp_specialized=True, persistent=True,
+                                      kv_buffers=kv_buffers)
         # Tensors one descriptor cannot read: the per-key-block pass where it won, else the
         # previous default (at head dim 64, 1K: the portable pass).
         fallback = tiles(seqlen, persistent=False)
-        assert not fallback.persistent
+        assert not fallback.persistent and fallback.kv_buffers == 1
         assert fallback.warp_specialized == (seqlen >= _tile_rules.WARP_SPECIALIZED_MIN_SEQLEN[
             head_dim, False, False])
         assert not tiles(seqlen, causal=True).persistent
@@ -106,7 +120,7 @@ def test_persistent_tiles_run_it_in_its_own_grid_for_the_calls_it_takes(device, 
     launcher, grid, static, options = dkdv_launch(q, q)
     # 2 key blocks x 4 heads x 2 sequences: fewer tiles than SMs, one program each.
     assert launcher is _backward.DKDV_WS_PERSISTENT and grid == (16,) and static[-1] == 2
-    assert options["ACCUMULATE_DQ"] and options["STAGES"] == 2
+    assert options["ACCUMULATE_DQ"] and options["STAGES"] == 2 and options["KV_BUFFERS"] == 1
     longer = torch.randn(2, 8192, 4, 64, device=device)
     assert dkdv_launch(longer, longer)[1] == (132,)           # 64 x 4 x 2 tiles over 132 SMs
     heads_first = torch.randn(2, 4, 256, 64, device=device).transpose(1, 2)
@@ -115,11 +129,17 @@ def test_persistent_tiles_run_it_in_its_own_grid_for_the_calls_it_takes(device, 
     # A caller's persistent tiles for tensors it cannot read: the per-key-block pass.
     launcher, grid, static, _ = dkdv_launch(heads_first, heads_first, tiles=(PERSISTENT, portable))
     assert launcher is _backward.DKDV_WARP_SPECIALIZED and grid == (2, 4, 2)
+    # Two K/V buffers: an option of the persistent launch alone.
+    launcher, _, _, options = dkdv_launch(q, q, tiles=(TWO_KV_BUFFERS, portable))
+    assert launcher is _backward.DKDV_WS_PERSISTENT and options["KV_BUFFERS"] == 2
+    launcher, _, _, options = dkdv_launch(heads_first, heads_first, tiles=(TWO_KV_BUFFERS, portable))
+    assert launcher is _backward.DKDV_WARP_SPECIALIZED and "KV_BUFFERS" not in options
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal, tiles", [(False, PERSISTENT), (True, PERSISTENT),
+                                           (False, TWO_KV_BUFFERS)])
 def test_a_persistent_pass_that_cannot_compile_leaves_the_call_to_the_portable_one(
-        device, causal, monkeypatch):
+        device, causal, tiles, monkeypatch):
     # Its grid and arguments are not the portable pass's: the fallback launches the portable
     # fused pass (the delta-only dQ pass already ran) with the per-key-block grid, and the launch
     # plan keeps that grid and those arguments.
@@ -128,7 +148,7 @@ def test_a_persistent_pass_that_cannot_compile_leaves_the_call_to_the_portable_o
     monkeypatch.setattr(_backward, "multiprocessors", lambda device: 3)
     monkeypatch.setattr(_hopper, "FALLBACKS", set())
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
-    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: PERSISTENT)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_backward, "dq_tiles", lambda *args: Tiles(16, 32, 1, 1))
 
     def refuse(grid, args, options):
