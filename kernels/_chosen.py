@@ -10,10 +10,12 @@ from ._launch import NO_WINDOW, Window, call_geometry
 
 
 def _ran(launcher, portable, options: dict) -> str:
-    """The kernel that runs a launch: ``launcher``'s, or the portable one's if it fell back."""
+    """The kernel that runs a launch: ``launcher``'s, or the portable one's if it fell back; with
+    two K/V buffers the persistent dK/dV pass is named so (one kernel, two schedules)."""
     if launcher is not portable and _hopper.fell_back(launcher, options):
-        launcher = portable
-    return launcher.kernel.__name__
+        return portable.kernel.__name__
+    buffers = options.get("KV_BUFFERS", 1)
+    return launcher.kernel.__name__ + (f" (KV_BUFFERS={buffers})" if buffers != 1 else "")
 
 
 def chosen_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,

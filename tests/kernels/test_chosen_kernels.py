@@ -35,5 +35,11 @@ def test_the_hopper_kernels_the_default_tiles_choose_until_they_fall_back(device
                       "dkdv": "_dkdv_ws_persistent_kernel"}
     heads_first = torch.randn(2, 2, 256, 64, device=device).transpose(1, 2)
     assert _chosen.chosen_kernels(q, q, q, heads_first)["dkdv"] == "_dkdv_warp_specialized_kernel"
+    two_buffers = Tiles(64, 128, 4, 4, gluon=True, fused=True, warp_specialized=True,
+                        persistent=True, kv_buffers=2)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, hopper=True, **kwargs:
+                        two_buffers if hopper else Tiles(32, 64, 1, 1))
+    assert (_chosen.chosen_kernels(q, q, q, torch.randn_like(q))["dkdv"]
+            == "_dkdv_ws_persistent_kernel (KV_BUFFERS=2)")
     monkeypatch.setattr(_hopper, "fell_back", lambda launcher, options: True)
     assert _chosen.chosen_kernels(q, q, q, torch.randn_like(q)) == PORTABLE
