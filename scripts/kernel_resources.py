@@ -48,6 +48,9 @@ from kernels._philox import kernel_counter_base, kernel_seed  # noqa: E402
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
          torch.int64: "i64", torch.int8: "i8"}
 OPTIONS = ("num_warps", "num_stages")
+# The most shared memory one block may use on sm_90 (227 KB, opted in): a kernel that needs more
+# compiles but does not launch (Triton raises OutOfResources at the launch).
+SM90_SHARED_LIMIT = 232448
 
 
 def specialize(kernel: triton.runtime.JITFunction, arguments: tuple, constexprs: dict):
@@ -253,6 +256,10 @@ def main(argv=None):
         # One line, not the compiler's traceback: which kernel, which options, what failed.
         sys.exit(f"kernel_resources: {kernel.fn.__name__} does not compile for sm_90 with {options}: "
                  f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}")
+    if report["shared_bytes"] > SM90_SHARED_LIMIT:
+        print(f"kernel_resources: {report['kernel']} needs {report['shared_bytes']} bytes of shared "
+              f"memory; sm_90 gives a block at most {SM90_SHARED_LIMIT}: it would not launch",
+              file=sys.stderr)
     print(" ".join(f"{key}={value}" for key, value in report.items()))
     return report
 

@@ -63,9 +63,17 @@ def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):                 # ... and at least 2 stages
         kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,128,4,1", "--gluon", "--fused",
                                      "--warp-specialized"])
+    with pytest.raises(SystemExit):                 # two K/V buffers are the persistent pass's
+        kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,128,4,2", "--gluon", "--fused",
+                                     "--warp-specialized", "--kv-buffers", "2"])
     args = kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,128,4,2", "--gluon",
                                         "--fused", "--warp-specialized"])
     assert kernel_resources.pass_arguments(args)[0].fn.__name__ == "_dkdv_warp_specialized_kernel"
+    args = kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,128,4,4", "--gluon",
+                                        "--fused", "--warp-specialized", "--persistent",
+                                        "--kv-buffers", "2"])
+    kernel, _, options = kernel_resources.pass_arguments(args)
+    assert kernel.fn.__name__ == "_dkdv_ws_persistent_kernel" and options["KV_BUFFERS"] == 2
 
 
 def run_script(*arguments):
@@ -103,3 +111,17 @@ def test_a_kernel_that_does_not_compile_is_named_in_one_line():
     assert result.returncode != 0
     assert "kernel_resources: _dkdv_gluon_kernel does not compile for sm_90" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_kernel_over_the_shared_memory_limit_is_named(monkeypatch, capsys):
+    # It compiles, but no sm_90 block can hold it (two K/V buffers at head dim 128: 279 KB).
+    report = dict(kernel="_dkdv_ws_persistent_kernel", registers=168, stack_bytes=0,
+                  shared_bytes=kernel_resources.SM90_SHARED_LIMIT + 1, sass_instructions=3000)
+    monkeypatch.setattr(kernel_resources, "resources", lambda *args: report)
+    kernel_resources.main(["--pass", "dkdv", "--head-dim", "128", "--tiles", "64,128,4,2", "--gluon",
+                           "--fused", "--warp-specialized", "--persistent", "--kv-buffers", "2"])
+    assert "would not launch" in capsys.readouterr().err
+    report["shared_bytes"] = kernel_resources.SM90_SHARED_LIMIT
+    kernel_resources.main(["--pass", "dkdv", "--head-dim", "64", "--tiles", "64,128,4,4", "--gluon",
+                           "--fused", "--warp-specialized", "--persistent", "--kv-buffers", "2"])
+    assert "would not launch" not in capsys.readouterr().err
