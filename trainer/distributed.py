@@ -82,7 +82,10 @@ def wrap_model(model, context: DistributedContext, device: torch.device, strateg
         fully_shard(model, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # The models' buffers are constants made from the config (rotary frequencies, the loss's
+    # vocabulary-padding row), equal on every rank: no broadcast before each forward.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def gradient_sync(wrapped, context: DistributedContext, strategy: str, sync: bool):
