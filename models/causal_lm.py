@@ -9,7 +9,7 @@ from .cache import LayerCache
 from .config import ModelConfig
 from .flops import flops_per_token
 from .layers import Block, make_norm, run_blocks
-from .loss import lm_loss, padding_bias
+from .loss import lm_loss
 
 
 class CausalLM(nn.Module):
@@ -23,11 +23,6 @@ class CausalLM(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm = make_norm(config)
-        # The loss's mask of the padded vocabulary columns, made once (models/loss.py): a constant,
-        # so not saved with the weights.
-        padded = config.padded_vocab > config.vocab_size
-        self.register_buffer("vocab_padding", padding_bias(config.padded_vocab, config.vocab_size)
-                             if padded else None, persistent=False)
 
     def forward(self, input_ids, attention_mask=None, *, caches=None, cu_seqlens=None, max_seqlen=None,
                 targets=None):
@@ -58,7 +53,7 @@ class CausalLM(nn.Module):
         logits = F.linear(self.norm(x), self.embed.weight)          # (B, N, padded vocabulary)
         if targets is not None:
             return lm_loss(logits, targets, self.config.vocab_size,
-                           aligned=torch.compiler.is_compiling(), padding=self.vocab_padding)
+                           aligned=torch.compiler.is_compiling())
         return logits[..., :self.config.vocab_size]
 
     def make_caches(self, batch: int, max_len: int) -> list[LayerCache]:

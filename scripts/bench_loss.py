@@ -21,7 +21,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.loss import IGNORE_INDEX, lm_loss, padding_bias  # noqa: E402
+from models.loss import IGNORE_INDEX, lm_loss  # noqa: E402
 
 HIDDEN, VOCAB, PADDED = 768, 50257, 50304
 
@@ -30,17 +30,21 @@ def cross_entropy(logits, targets):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def padding_row(device=None) -> torch.Tensor:
+    """(PADDED,) float32: 0 in the vocabulary's columns, -inf in the padding columns."""
+    row = torch.zeros(PADDED, device=device)
+    row[VOCAB:] = float("-inf")
+    return row
+
+
 def forms(row: torch.Tensor) -> dict:
-    """Head + loss functions of (x, weight, targets), by name."""
-    padding = torch.arange(PADDED, device=row.device) >= VOCAB
+    """Head + loss functions of (x, weight, targets), by name; ``row`` from ``padding_row``."""
     return {
         "unmasked": lambda x, w, t: cross_entropy(F.linear(x, w), t),
         "sliced": lambda x, w, t: cross_entropy(F.linear(x, w)[..., :VOCAB], t),
-        "masked_fill": lambda x, w, t: cross_entropy(
-            F.linear(x, w).float().masked_fill(padding, float("-inf")), t),
+        "masked_fill (lm_loss)": lambda x, w, t: lm_loss(F.linear(x, w), t, VOCAB, aligned=True),
         "float32 row after the upcast": lambda x, w, t: cross_entropy(F.linear(x, w).float() + row, t),
-        "row in the logits' dtype (lm_loss)": lambda x, w, t: lm_loss(F.linear(x, w), t, VOCAB,
-                                                                      aligned=True, padding=row),
+        "row in the logits' dtype": lambda x, w, t: cross_entropy(F.linear(x, w) + row.to(x.dtype), t),
         "row as the matmul's bias": lambda x, w, t: cross_entropy(
             F.linear(x, w, row.to(x.dtype)), t),
     }
@@ -73,7 +77,7 @@ def main():
                     requires_grad=True)
     weight = (0.02 * torch.randn(PADDED, HIDDEN, device="cuda", dtype=torch.bfloat16)).requires_grad_()
     targets = torch.randint(0, VOCAB, (args.batch, args.seqlen), device="cuda")
-    compiled = {name: torch.compile(form) for name, form in forms(padding_bias(PADDED, VOCAB, "cuda")).items()}
+    compiled = {name: torch.compile(form) for name, form in forms(padding_row("cuda")).items()}
 
     def step(form):
         x.grad = weight.grad = None
@@ -88,9 +92,9 @@ def main():
     for result in results.values():
         result["loss_difference"] = abs(result["loss"] - sliced["loss"])
         result["max_grad_difference"] = max(
-            (result.pop(key) - sliced[key]).abs().max().item() for key in ("grad_x", "grad_weight"))
-    for key in ("grad_x", "grad_weight"):
-        sliced.pop(key, None)
+            (result[key] - sliced[key]).abs().max().item() for key in ("grad_x", "grad_weight"))
+    for result in results.values():
+        del result["grad_x"], result["grad_weight"]
     for _ in range(args.rounds):
         for name, form in compiled.items():
             results[name]["step_ms"].append(do_bench(lambda: step(form), warmup=25, rep=300,

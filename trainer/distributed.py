@@ -82,8 +82,8 @@ def wrap_model(model, context: DistributedContext, device: torch.device, strateg
         fully_shard(model, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
-    # The models' buffers are constants made from the config (rotary frequencies, the loss's
-    # vocabulary-padding row), equal on every rank: no broadcast before each forward.
+    # The models' buffers are constants made from the config (the rotary frequencies), equal on
+    # every rank: no broadcast before each forward.
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    broadcast_buffers=False)
 

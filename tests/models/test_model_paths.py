@@ -23,27 +23,6 @@ def test_masked_padding_equals_sliced_logits_in_value_and_gradient():
         assert torch.all(grad[..., vocab:] == 0)
 
 
-def test_the_padding_row_masks_bf16_logits_exactly_and_is_not_saved_with_the_weights():
-    # The compiled path adds the row in the logits' dtype before the float32 upcast: bit-equal to
-    # slicing in loss and gradient (x + 0 = x in bf16).
-    torch.manual_seed(0)
-    vocab, padded = 61, 64
-    logits = torch.randn(2, 9, padded).to(torch.bfloat16).requires_grad_()
-    targets = torch.randint(0, vocab, (2, 9))
-    sliced = lm_loss(logits, targets, vocab)
-    sliced_grad, = torch.autograd.grad(sliced, logits)
-    model = build_model("gpt2_tiny", vocab_size=vocab, pad_vocab_multiple=64, max_seqlen=32,
-                        attention="sdpa", seed=0)
-    assert model.vocab_padding.shape == (padded,) and "vocab_padding" not in model.state_dict()
-    loss = lm_loss(logits, targets, vocab, aligned=True, padding=model.vocab_padding)
-    grad, = torch.autograd.grad(loss, logits)
-    assert torch.equal(loss, sliced) and torch.equal(grad, sliced_grad)
-    assert torch.all(grad[..., vocab:] == 0)
-    unpadded = build_model("gpt2_tiny", vocab_size=64, pad_vocab_multiple=64, max_seqlen=32,
-                           attention="sdpa", seed=0)
-    assert unpadded.vocab_padding is None
-
-
 def test_models_return_the_loss_of_their_logits_when_given_targets():
     for name in ("gpt2_tiny", "bert_tiny", "rope_tiny"):
         model = build_model(name, vocab_size=100, pad_vocab_multiple=64, max_seqlen=32,
