@@ -14,7 +14,7 @@ from triton.compiler.errors import CompilationError
 from kernels import _backward, _eager_plan, _forward, _hopper, _launch, _tile_rules
 from kernels._launch import Tiles, call_geometry
 
-from .numerics import assert_gradients_match_float64, random_qkv
+from .numerics import assert_gradients_match_float64, check_against_reference, random_qkv
 from .test_gluon_backward import compiled_for_sm90
 
 WARP_SPECIALIZED = Tiles(64, 128, 4, 2, gluon=True, fused=True, warp_specialized=True)
@@ -65,9 +65,11 @@ def test_tiles_name_it_only_as_the_warp_specialized_pass():
 def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
-    # Without a mask or dropout: 1K-4K tokens at head dim 64, 1K-2K at 128 (attention_notes v22).
+    # Without a mask or dropout: 1K-4K tokens at head dim 64, 1K-2K at 128 (attention_notes v22);
+    # causal without dropout: 2K at head dim 64 (v24).
     longest = {64: 4096, 128: 2048}[head_dim]
     assert _tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (1024, 4096),
+                                                          (64, True, False): (2048, 2048),
                                                           (128, False, False): (1024, 2048)}
 
     def tiles(seqlen, causal=False, dropout=False, **kwargs):
@@ -86,12 +88,15 @@ def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, m
         assert not fallback.persistent and fallback.kv_buffers == 1
         assert fallback.warp_specialized == (seqlen >= _tile_rules.WARP_SPECIALIZED_MIN_SEQLEN[
             head_dim, False, False])
-        assert not tiles(seqlen, causal=True).persistent
+        assert tiles(seqlen, causal=True).persistent == (head_dim == 64 and seqlen == 2048)
         assert not tiles(seqlen, dropout=True).persistent
+        assert not tiles(seqlen, causal=True, dropout=True).persistent
         assert not tiles(seqlen, deterministic=True).fused
         assert not tiles(seqlen, hopper=False).gluon
     for seqlen in (512, 2 * longest, 16384):
         assert not tiles(seqlen).persistent
+    for seqlen in (1024, 4096):
+        assert not tiles(seqlen, causal=True).persistent
     assert tiles(16384).warp_specialized
     monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
     assert not tiles(2048).gluon
@@ -143,7 +148,10 @@ def test_a_persistent_pass_that_cannot_compile_leaves_the_call_to_the_portable_o
     # Its grid and arguments are not the portable pass's: the fallback launches the portable
     # fused pass (the delta-only dQ pass already ran) with the per-key-block grid, and the launch
     # plan keeps that grid and those arguments.
-    q, k, v = random_qkv((2, 256, 2, 64), (2, 256, 2, 64), torch.float32, device)
+    # float32 on the CPU; bf16 on a GPU, where the portable pass at these tiles needs more shared
+    # memory in float32 than a block has.
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = random_qkv((2, 256, 2, 64), (2, 256, 2, 64), dtype, device)
     monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
     monkeypatch.setattr(_backward, "multiprocessors", lambda device: 3)
     monkeypatch.setattr(_hopper, "FALLBACKS", set())
@@ -166,4 +174,7 @@ def test_a_persistent_pass_that_cannot_compile_leaves_the_call_to_the_portable_o
             0)
     assert launched_grid == (2, 2, 2) and launched_static == static[:-1]
     assert len(_hopper.FALLBACKS) == 1
-    assert_gradients_match_float64(q, k, v, causal)         # the whole call, fallen back
+    if device == "cpu":         # the whole call, fallen back
+        assert_gradients_match_float64(q, k, v, causal)
+    else:
+        check_against_reference(q, k, v, causal=causal)
