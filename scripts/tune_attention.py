@@ -14,6 +14,7 @@ disagree with the tuned tiles' on the same inputs, are recorded as such, not tim
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -197,7 +198,7 @@ def sweep(head_dim, seqlen, causal, dropout_p, dtype, kernels=("forward", "dkdv"
                  block_m=t.block_m, block_n=t.block_n, num_warps=t.num_warps,
                  num_stages=t.num_stages, tma=t.tma, gluon=t.gluon, fused=t.fused,
                  pingpong=t.pingpong, head_major=t.head_major, warp_specialized=t.warp_specialized,
-                 persistent=t.persistent,
+                 persistent=t.persistent, kv_buffers=t.kv_buffers,
                  ms=ms if isinstance(ms, float) else None,
                  tflops=flops_ / ms / 1e9 if isinstance(ms, float) else None,
                  error=None if isinstance(ms, float) else ms)
@@ -250,6 +251,97 @@ def seed_study(head_dim, seqlen, dtype=torch.bfloat16, rounds=3):
                   f"{bwd:.3f} ms", flush=True)
 
 
+TRAINING_SHAPES = ((16, 1024), (8, 2048), (4, 4096), (2, 8192))     # GPT-2's 16K-token micro-batches
+
+
+def training_study(head_dim, heads, dropout_p, rounds=3, dtype=torch.bfloat16):
+    """Time the causal backward at GPT-2's training shapes (q, k and v sliced from one packed
+    tensor, as its layers call it): the default dK/dV tiles against the warp-specialized pass per
+    key block and in a persistent grid with one or two K/V buffers, and the portable pass;
+    without dropout also cuDNN's backward and both forwards. Rounds alternate the candidates;
+    gradients are checked against the portable pass's. Returns one record per shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    warp_specialized = Tiles(64, 128, 4, 4 if head_dim == 64 else 2, gluon=True, fused=True,
+                             warp_specialized=True)
+    candidates = {"warp-specialized": warp_specialized,
+                  "persistent": dataclasses.replace(warp_specialized, persistent=True),
+                  "persistent, two K/V buffers": dataclasses.replace(
+                      warp_specialized, persistent=True, kv_buffers=2),
+                  "portable": Tiles(64, 64, 4, 3, fused=dropout_p > 0)}
+    bench = functools.partial(do_bench, warmup=25, rep=200, return_mode="median")
+    records = []
+    for batch, seqlen in TRAINING_SHAPES:
+        torch.manual_seed(0)
+        qkv = torch.randn(batch, seqlen, 3 * heads, head_dim, device="cuda", dtype=dtype)
+        q, k, v = qkv.split([heads] * 3, dim=2)
+        grad_out = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+        geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
+        args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=True,
+                    dropout_p=dropout_p, seed=1, offset=0)
+        out, lse = _forward.forward(q, k, v, None, **args)
+        dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
+        default = dkdv_tiles(head_dim, q.device, dtype, True, dropout_p > 0, seqlen=seqlen)
+        timed = {"default": default, **candidates}
+        reference = _backward.backward(grad_out, q, k, v, out, lse, None,
+                                       tiles=(candidates["portable"], dq), **args)
+        record = dict(batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, causal=True,
+                      dropout_p=dropout_p, default=str(default), backward_ms={}, max_abs_error={})
+        calls = {}
+        for name, tiles in timed.items():
+            call = functools.partial(_backward.backward, grad_out, q, k, v, out, lse, None,
+                                     tiles=(tiles, dq), **args)
+            record["max_abs_error"][name] = max((a.float() - b.float()).abs().max().item()
+                                                for a, b in zip(call(), reference))
+            calls[name] = call
+        if dropout_p == 0:
+            # cuDNN's (batch, heads, seqlen, head_dim) views of the same tensors.
+            sdpa_inputs = [t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                sdpa_out = torch.nn.functional.scaled_dot_product_attention(*sdpa_inputs, is_causal=True)
+            calls["cuDNN"] = lambda: torch.autograd.grad(sdpa_out, sdpa_inputs, grad_out.transpose(1, 2),
+                                                         retain_graph=True)
+        record["backward_ms"] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                record["backward_ms"][name].append(bench(call))
+        if dropout_p == 0:
+            # The forward: the default tiles, the ping-pong forward's candidates (the kernel that
+            # ran each: one that does not take the call runs the portable kernel), cuDNN's.
+            forwards = {"default": forward_tiles(head_dim, q.device, dtype)} | {
+                f"ping-pong {t.block_m}x{t.block_n}": t for t in (
+                    Tiles(m, n, 4, 3, gluon=True, pingpong=True)
+                    for m, n in ((192, 128), (128, 128), (192, 64), (128, 64)))}
+            record["forward_kernel"], record["forward_max_abs_error"] = {}, {}
+            record["forward_ms"] = {name: [] for name in (*forwards, "cuDNN")}
+            for name, tiles in forwards.items():
+                tiles = None if name == "default" else tiles      # the library's own choice
+                chosen = _forward.launch_config(q, k, v, *_forward.new_outputs(q, geometry), geometry,
+                                                args["softmax_scale"], True, 0.0, tiles)[0]
+                record["forward_kernel"][name] = next(
+                    launcher for launcher in ("FORWARD", "FORWARD_TMA", "FORWARD_GLUON", "FORWARD_PINGPONG")
+                    if getattr(_forward, launcher) is chosen)
+                record["forward_max_abs_error"][name] = (
+                    _forward.forward(q, k, v, None, tiles=tiles, **args)[0].float() - out.float()
+                ).abs().max().item()
+            for _ in range(rounds):
+                for name, tiles in forwards.items():
+                    tiles = None if name == "default" else tiles
+                    record["forward_ms"][name].append(
+                        bench(lambda: _forward.forward(q, k, v, None, tiles=tiles, **args)))
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    record["forward_ms"]["cuDNN"].append(bench(
+                        lambda: torch.nn.functional.scaled_dot_product_attention(*sdpa_inputs,
+                                                                                 is_causal=True)))
+            medians = {name: sorted(ms)[len(ms) // 2] for name, ms in record["forward_ms"].items()}
+            print(f"d={head_dim} {batch}x{seqlen} {heads} heads forward ms: " + ", ".join(
+                f"{name} {ms:.3f}" for name, ms in medians.items()), flush=True)
+        medians = {name: sorted(ms)[len(ms) // 2] for name, ms in record["backward_ms"].items()}
+        print(f"d={head_dim} {batch}x{seqlen} {heads} heads p={dropout_p} backward ms (median of "
+              f"{rounds}): " + ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()), flush=True)
+        records.append(record)
+    return records
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -268,7 +360,16 @@ def main():
                         help="only time dropout against the number of Philox rounds")
     parser.add_argument("--seed-study", action="store_true",
                         help="only time the backward with a host seed against a device seed")
+    parser.add_argument("--training-study", type=int, metavar="HEADS",
+                        help="only time the causal backward's candidates at GPT-2's training shapes "
+                             "(16K tokens, this many heads; --head-dims, --dropout) into --out")
     args = parser.parse_args()
+    if args.training_study:
+        records = [record for head_dim in args.head_dims for dropout_p in args.dropout
+                   for record in training_study(head_dim, args.training_study, dropout_p)]
+        args.out.with_suffix(".tmp").write_text(json.dumps(records, indent=1))
+        args.out.with_suffix(".tmp").replace(args.out)
+        return
     if args.rounds_study or args.seed_study:
         for head_dim in args.head_dims:
             (rounds_study if args.rounds_study else seed_study)(head_dim, args.seqlen)
