@@ -342,6 +342,53 @@ def training_study(head_dim, heads, dropout_p, rounds=3, dtype=torch.bfloat16):
     return records
 
 
+def finish_study(rounds=3, dtype=torch.bfloat16):
+    """Time the fused backward's dQ finishing step (``_backward.finish_dq``) as torch.mul and as
+    ``_finish_dq.py``'s kernel, alone and inside the whole default backward, at GPT-2 small's
+    training shapes with dQ the q slice of one packed gradient (as the packed qkv op writes it).
+    Rounds alternate the two; the outputs are compared bit for bit."""
+    heads, head_dim = 12, 64
+    bench = functools.partial(do_bench, warmup=25, rep=200, return_mode="median")
+    records = []
+    for batch, seqlen in TRAINING_SHAPES:
+        torch.manual_seed(0)
+        qkv = torch.randn(batch, seqlen, 3 * heads, head_dim, device="cuda", dtype=dtype)
+        q, k, v = qkv.split([heads] * 3, dim=2)
+        grad_out = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+        geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
+        args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=True, dropout_p=0.0,
+                    seed=1, offset=0)
+        out, lse = _forward.forward(q, k, v, None, **args)
+        grad_qkv = torch.empty_like(qkv)
+        grads = grad_qkv.split([heads] * 3, dim=2)
+        accumulator = torch.randn(q.shape, device="cuda", dtype=torch.float32)
+        results = {}
+        for kernel in (False, True):
+            _backward.finish_dq(accumulator, 0.125, grads[0], kernel=kernel)
+            results[kernel] = grads[0].clone()
+        record = dict(batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, causal=True,
+                      equal=torch.equal(results[False], results[True]),
+                      finish_ms={"torch.mul": [], "kernel": []}, backward_ms={"torch.mul": [], "kernel": []})
+        for _ in range(rounds):
+            for name, kernel in (("torch.mul", False), ("kernel", True)):
+                record["finish_ms"][name].append(bench(
+                    lambda: _backward.finish_dq(accumulator, 0.125, grads[0], kernel=kernel)))
+                _backward.FINISH_DQ_KERNEL = kernel
+                try:
+                    record["backward_ms"][name].append(bench(
+                        lambda: _backward.backward(grad_out, q, k, v, out, lse, None, grads=grads, **args)))
+                finally:
+                    _backward.FINISH_DQ_KERNEL = False
+        medians = {part: {name: sorted(ms)[rounds // 2] for name, ms in record[part].items()}
+                   for part in ("finish_ms", "backward_ms")}
+        print(f"{batch}x{seqlen}: finish_dq torch.mul {medians['finish_ms']['torch.mul'] * 1000:.1f} µs, "
+              f"kernel {medians['finish_ms']['kernel'] * 1000:.1f} µs; whole backward "
+              f"{medians['backward_ms']['torch.mul']:.3f} against {medians['backward_ms']['kernel']:.3f} ms; "
+              f"equal: {record['equal']}", flush=True)
+        records.append(record)
+    return records
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -363,7 +410,15 @@ def main():
     parser.add_argument("--training-study", type=int, metavar="HEADS",
                         help="only time the causal backward's candidates at GPT-2's training shapes "
                              "(16K tokens, this many heads; --head-dims, --dropout) into --out")
+    parser.add_argument("--finish-study", action="store_true",
+                        help="only time the fused backward's dQ finishing step, torch.mul against "
+                             "its Triton kernel, at GPT-2's training shapes, into --out")
     args = parser.parse_args()
+    if args.finish_study:
+        records = finish_study()
+        args.out.with_suffix(".tmp").write_text(json.dumps(records, indent=1))
+        args.out.with_suffix(".tmp").replace(args.out)
+        return
     if args.training_study:
         records = [record for head_dim in args.head_dims for dropout_p in args.dropout
                    for record in training_study(head_dim, args.training_study, dropout_p)]

@@ -30,7 +30,11 @@ def fused(monkeypatch, device):
                                                        (False, None, 0.2)],
                          ids=["causal", "causal-dropout", "window-dropout", "no-mask",
                               "no-mask-dropout"])
-def test_fused_backward_matches_the_reference(fused, device, causal, window, dropout_p):
+@pytest.mark.parametrize("finish_kernel", [False, True], ids=["torch-mul", "finish-kernel"])
+def test_fused_backward_matches_the_reference(fused, device, causal, window, dropout_p,
+                                              finish_kernel, monkeypatch):
+    # dQ scaled out of the float32 sum by torch.mul or by _finish_dq.py's kernel.
+    monkeypatch.setattr(_backward, "FINISH_DQ_KERNEL", finish_kernel)
     # GQA (4 query heads on 2 kv-heads), ragged blocks (70 queries on 100 keys). In the
     # interpreter's 16-query, 32-key tiles, without a mask, three key-block programs add dQ into
     # the same four full query blocks, and a fourth, ragged one adds into every row.
