@@ -305,12 +305,16 @@ def training_study(head_dim, heads, dropout_p, rounds=3, dtype=torch.bfloat16):
             for name, call in calls.items():
                 record["backward_ms"][name].append(bench(call))
         if dropout_p == 0:
-            # The forward: the default tiles, the ping-pong forward's candidates (the kernel that
-            # ran each: one that does not take the call runs the portable kernel), cuDNN's.
+            # The forward: the default tiles, the ping-pong, TMA and Gluon forwards' candidates
+            # (the kernel that ran each: one that does not take the call runs the portable
+            # kernel), cuDNN's.
             forwards = {"default": forward_tiles(head_dim, q.device, dtype)} | {
                 f"ping-pong {t.block_m}x{t.block_n}": t for t in (
                     Tiles(m, n, 4, 3, gluon=True, pingpong=True)
-                    for m, n in ((192, 128), (128, 128), (192, 64), (128, 64)))}
+                    for m, n in ((192, 128), (128, 128), (192, 64), (128, 64)))} | {
+                "TMA 128x64": Tiles(128, 64, 4, 3, tma=True),
+                "Gluon 128x64": Tiles(128, 64, 8, 3, gluon=True),
+                "Gluon 128x128": Tiles(128, 128, 8, 2, gluon=True)}
             record["forward_kernel"], record["forward_max_abs_error"] = {}, {}
             record["forward_ms"] = {name: [] for name in (*forwards, "cuDNN")}
             for name, tiles in forwards.items():
