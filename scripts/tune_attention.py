@@ -254,6 +254,19 @@ def seed_study(head_dim, seqlen, dtype=torch.bfloat16, rounds=3):
 TRAINING_SHAPES = ((16, 1024), (8, 2048), (4, 4096), (2, 8192))     # GPT-2's 16K-token micro-batches
 
 
+def training_call(batch, seqlen, heads, head_dim, dropout_p, dtype):
+    """A causal call as GPT-2's layers make it: ``(qkv, grad_out, backward arguments, out, lse)``,
+    q, k and v the three head groups of the packed ``qkv`` (random, seed 0)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(batch, seqlen, 3 * heads, head_dim, device="cuda", dtype=dtype)
+    grad_out = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+    geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
+    args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=True, dropout_p=dropout_p,
+                seed=1, offset=0)
+    out, lse = _forward.forward(*qkv.split([heads] * 3, dim=2), None, **args)
+    return qkv, grad_out, args, out, lse
+
+
 def training_study(head_dim, heads, dropout_p, rounds=3, dtype=torch.bfloat16):
     """Time the causal backward at GPT-2's training shapes (q, k and v sliced from one packed
     tensor, as its layers call it): the default dK/dV tiles against the warp-specialized pass per
@@ -271,14 +284,9 @@ def training_study(head_dim, heads, dropout_p, rounds=3, dtype=torch.bfloat16):
     bench = functools.partial(do_bench, warmup=25, rep=200, return_mode="median")
     records = []
     for batch, seqlen in TRAINING_SHAPES:
-        torch.manual_seed(0)
-        qkv = torch.randn(batch, seqlen, 3 * heads, head_dim, device="cuda", dtype=dtype)
+        qkv, grad_out, args, out, lse = training_call(batch, seqlen, heads, head_dim, dropout_p, dtype)
         q, k, v = qkv.split([heads] * 3, dim=2)
-        grad_out = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
-        geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
-        args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=True,
-                    dropout_p=dropout_p, seed=1, offset=0)
-        out, lse = _forward.forward(q, k, v, None, **args)
+        geometry = args["geometry"]
         dq = dq_tiles(head_dim, q.device, dtype, dropout_p > 0)
         default = dkdv_tiles(head_dim, q.device, dtype, True, dropout_p > 0, seqlen=seqlen)
         timed = {"default": default, **candidates}
@@ -355,14 +363,8 @@ def finish_study(rounds=3, dtype=torch.bfloat16):
     bench = functools.partial(do_bench, warmup=25, rep=200, return_mode="median")
     records = []
     for batch, seqlen in TRAINING_SHAPES:
-        torch.manual_seed(0)
-        qkv = torch.randn(batch, seqlen, 3 * heads, head_dim, device="cuda", dtype=dtype)
+        qkv, grad_out, args, out, lse = training_call(batch, seqlen, heads, head_dim, 0.0, dtype)
         q, k, v = qkv.split([heads] * 3, dim=2)
-        grad_out = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
-        geometry = Geometry(batch, heads, heads, seqlen, seqlen, head_dim, varlen=False)
-        args = dict(geometry=geometry, softmax_scale=head_dim ** -0.5, causal=True, dropout_p=0.0,
-                    seed=1, offset=0)
-        out, lse = _forward.forward(q, k, v, None, **args)
         grad_qkv = torch.empty_like(qkv)
         grads = grad_qkv.split([heads] * 3, dim=2)
         accumulator = torch.randn(q.shape, device="cuda", dtype=torch.float32)
