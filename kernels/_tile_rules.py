@@ -134,10 +134,10 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 # than with one program per key block, so 4K stays there. Causal it lost (0.69-0.96); with
 # dropout too (head dim 128 -2 to -6 %; 64: +3 % at 2K, -1 / -2 % at 4K / 16K).
 # Head dim 64 causal at 2K, with two K/V buffers (v24; GPT-2's training shapes, 8 x 2048 tokens, q, k
-# and v sliced from one packed tensor, three rounds): +3.2 % at 12 heads and +4 to +6 % at 32
-# against the default (the portable pass), which the per-key-block warp-specialized pass lost to;
-# at 1K (16 x 1024) -6 %, at 4K (4 x 4096) -5 % against that per-key-block pass; with dropout level
-# or lost at 1K-4K.
+# and v sliced from one packed tensor, three rounds, two runs): +3 to +5 % at 12 heads and +4 to
+# +5 % at 32 against the previous default (the portable pass); at 1K (16 x 1024) 7 % behind the
+# portable pass, at 4K (4 x 4096) 6 % behind the per-key-block pass; with dropout level or behind
+# at 1K-8K.
 WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 4096),
                                       (64, True, False): (2048, 2048),
                                       (128, False, False): (1024, 2048)}
