@@ -30,14 +30,22 @@ def fused(monkeypatch, device):
                                                        (False, None, 0.2)],
                          ids=["causal", "causal-dropout", "window-dropout", "no-mask",
                               "no-mask-dropout"])
-@pytest.mark.parametrize("finish_kernel", [False, True], ids=["torch-mul", "finish-kernel"])
-def test_fused_backward_matches_the_reference(fused, device, causal, window, dropout_p,
-                                              finish_kernel, monkeypatch):
-    # dQ scaled out of the float32 sum by torch.mul or by _finish_dq.py's kernel.
-    monkeypatch.setattr(_backward, "FINISH_DQ_KERNEL", finish_kernel)
+def test_fused_backward_matches_the_reference(fused, device, causal, window, dropout_p):
     # GQA (4 query heads on 2 kv-heads), ragged blocks (70 queries on 100 keys). In the
     # interpreter's 16-query, 32-key tiles, without a mask, three key-block programs add dQ into
     # the same four full query blocks, and a fourth, ragged one adds into every row.
+    fused_backward_matches_the_reference(device, causal, window, dropout_p)
+
+
+@pytest.mark.parametrize("causal, dropout_p", [(True, 0.2), (False, 0.0)])
+def test_fused_backward_with_the_finish_kernel_matches_the_reference(fused, device, causal,
+                                                                     dropout_p, monkeypatch):
+    # dQ scaled out of the float32 sum by _finish_dq.py's kernel instead of torch.mul.
+    monkeypatch.setattr(_backward, "FINISH_DQ_KERNEL", True)
+    fused_backward_matches_the_reference(device, causal, None, dropout_p)
+
+
+def fused_backward_matches_the_reference(device, causal, window, dropout_p):
     q, k, v = random_qkv((2, 70, 4, 32), (2, 100, 2, 32), torch.float32, device)
     options = dict(causal=causal, dropout_p=dropout_p, **({"window": window} if window else {}))
     torch.manual_seed(5)
