@@ -142,12 +142,12 @@ def finish_study(rounds=3, dtype=torch.bfloat16):
             for name, kernel in (("torch.mul", False), ("kernel", True)):
                 record["finish_ms"][name].append(bench(
                     lambda: _backward.finish_dq(accumulator, 0.125, grads[0], kernel=kernel)))
-                _backward.FINISH_DQ_KERNEL = kernel
+                default, _backward.FINISH_DQ_KERNEL = _backward.FINISH_DQ_KERNEL, kernel
                 try:
                     record["backward_ms"][name].append(bench(
                         lambda: _backward.backward(grad_out, q, k, v, out, lse, None, grads=grads, **args)))
                 finally:
-                    _backward.FINISH_DQ_KERNEL = False
+                    _backward.FINISH_DQ_KERNEL = default
         medians = {part: {name: sorted(ms)[rounds // 2] for name, ms in record[part].items()}
                    for part in ("finish_ms", "backward_ms")}
         print(f"{batch}x{seqlen}: finish_dq torch.mul {medians['finish_ms']['torch.mul'] * 1000:.1f} µs, "

@@ -38,10 +38,10 @@ def test_fused_backward_matches_the_reference(fused, device, causal, window, dro
 
 
 @pytest.mark.parametrize("causal, dropout_p", [(True, 0.2), (False, 0.0)])
-def test_fused_backward_with_the_finish_kernel_matches_the_reference(fused, device, causal,
-                                                                     dropout_p, monkeypatch):
-    # dQ scaled out of the float32 sum by _finish_dq.py's kernel instead of torch.mul.
-    monkeypatch.setattr(_backward, "FINISH_DQ_KERNEL", True)
+def test_fused_backward_with_torch_mul_finishing_dq_matches_the_reference(fused, device, causal,
+                                                                         dropout_p, monkeypatch):
+    # dQ scaled out of the float32 sum by torch.mul instead of _finish_dq.py's kernel.
+    monkeypatch.setattr(_backward, "FINISH_DQ_KERNEL", False)
     fused_backward_matches_the_reference(device, causal, None, dropout_p)
 
 
