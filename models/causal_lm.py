@@ -9,7 +9,7 @@ from .cache import LayerCache
 from .config import ModelConfig
 from .flops import flops_per_token
 from .layers import Block, make_norm, run_blocks
-from .loss import lm_loss
+from .loss import lm_loss, padding_bias
 
 
 class CausalLM(nn.Module):
@@ -23,6 +23,10 @@ class CausalLM(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm = make_norm(config)
+        # 0 for the vocabulary's columns, -inf for the padding's: the compiled loss's mask, added as
+        # the head matmul's bias (see forward). A constant, so not saved with the weights.
+        self.register_buffer("vocab_padding", padding_bias(config.padded_vocab, config.vocab_size)
+                             if config.padded_vocab > config.vocab_size else None, persistent=False)
 
     def forward(self, input_ids, attention_mask=None, *, caches=None, cu_seqlens=None, max_seqlen=None,
                 targets=None):
@@ -49,11 +53,17 @@ class CausalLM(nn.Module):
             key_padding = attention_mask.bool()
         documents = (cu_seqlens, max_seqlen) if cu_seqlens is not None else None
         x = run_blocks(self.blocks, x, self.config, self.training, key_padding, caches, documents)
+        x = self.norm(x)
+        if targets is not None and self.vocab_padding is not None and torch.compiler.is_compiling():
+            # Compiled, the padded columns are masked in the head matmul's epilogue, leaving the
+            # loss kernels those of an unmasked loss over aligned rows; lm_loss's masked_fill
+            # costs 0.45 ms more per GPT-2 small 4K step (H200, docs/results/train_notes.md).
+            logits = F.linear(x, self.embed.weight, self.vocab_padding.to(x.dtype))
+            return lm_loss(logits, targets)
         # Tied output embedding (GPT-2); padded vocabulary rows are dropped from the logits.
-        logits = F.linear(self.norm(x), self.embed.weight)          # (B, N, padded vocabulary)
+        logits = F.linear(x, self.embed.weight)                     # (B, N, padded vocabulary)
         if targets is not None:
-            return lm_loss(logits, targets, self.config.vocab_size,
-                           aligned=torch.compiler.is_compiling())
+            return lm_loss(logits, targets, self.config.vocab_size)
         return logits[..., :self.config.vocab_size]
 
     def make_caches(self, batch: int, max_len: int) -> list[LayerCache]:

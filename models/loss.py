@@ -6,6 +6,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def padding_bias(padded_vocab: int, vocab_size: int) -> torch.Tensor:
+    """(padded_vocab,) float32: 0 in the vocabulary's columns, -inf in the padding columns."""
+    bias = torch.zeros(padded_vocab)
+    bias[vocab_size:] = float("-inf")
+    return bias
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None,
             aligned: bool = False) -> torch.Tensor:
     """Mean cross entropy over targets != -100, computed in float32 (or

@@ -34,6 +34,28 @@ def test_models_return_the_loss_of_their_logits_when_given_targets():
         torch.testing.assert_close(model(tokens, targets=targets), lm_loss(logits, targets))
 
 
+def test_the_compiled_head_bias_mask_gives_the_sliced_loss_and_gradients(monkeypatch):
+    # Compiled, the causal models mask the padded vocabulary with the head matmul's bias;
+    # is_compiling is faked so that the comparison runs eagerly, in float64.
+    for name in ("gpt2_tiny", "rope_tiny"):
+        model = build_model(name, vocab_size=100, pad_vocab_multiple=64, max_seqlen=32,
+                            attention="sdpa", seed=0).double().eval()   # no dropout
+        tokens, targets = torch.randint(0, 100, (2, 32)), torch.randint(0, 100, (2, 32))
+        targets[0, :3] = -100
+        assert model.vocab_padding is not None      # 100 tokens padded to 128: the masked path
+        results = []
+        for compiling in (False, True):
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+            model.zero_grad()
+            loss = model(tokens, targets=targets)
+            loss.backward()
+            results.append((loss.detach(), model.embed.weight.grad.clone()))
+        (loss, grad), (masked_loss, masked_grad) = results
+        torch.testing.assert_close(masked_loss, loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(masked_grad, grad, rtol=1e-12, atol=1e-14)
+        assert torch.all(masked_grad[100:] == 0)     # the padding rows learn nothing
+
+
 def test_sdpa_uses_is_causal_without_a_mask_and_a_mask_only_where_needed(monkeypatch):
     from kernels import attention_reference
     from models import attention as attention_module
