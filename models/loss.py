@@ -24,7 +24,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None 
     16-byte-aligned length. A compiled graph fuses the mask into the loss kernels, where the
     sliced rows (50257 bf16 values, 100,514 bytes) would force narrow loads and an extra
     zero-padded copy for the gradient. Eagerly the mask costs a pass of its own, so eager callers
-    slice."""
+    slice. Compiled causal models mask in the head matmul's bias instead (``padding_bias``), which
+    leaves the loss kernels an unmasked loss's (models/causal_lm.py)."""
     if logits.dtype != torch.float64:          # float64 (reference tests) stays float64
         logits = logits.float()
     if vocab_size is not None and vocab_size < logits.shape[-1]:

@@ -21,7 +21,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.loss import IGNORE_INDEX, lm_loss  # noqa: E402
+from models.loss import IGNORE_INDEX, lm_loss, padding_bias  # noqa: E402
 
 HIDDEN, VOCAB, PADDED = 768, 50257, 50304
 
@@ -32,9 +32,7 @@ def cross_entropy(logits, targets):
 
 def padding_row(device=None) -> torch.Tensor:
     """(PADDED,) float32: 0 in the vocabulary's columns, -inf in the padding columns."""
-    row = torch.zeros(PADDED, device=device)
-    row[VOCAB:] = float("-inf")
-    return row
+    return padding_bias(PADDED, VOCAB).to(device)
 
 
 def forms(row: torch.Tensor) -> dict:
@@ -45,7 +43,7 @@ def forms(row: torch.Tensor) -> dict:
         "masked_fill (lm_loss)": lambda x, w, t: lm_loss(F.linear(x, w), t, VOCAB, aligned=True),
         "float32 row after the upcast": lambda x, w, t: cross_entropy(F.linear(x, w).float() + row, t),
         "row in the logits' dtype": lambda x, w, t: cross_entropy(F.linear(x, w) + row.to(x.dtype), t),
-        "row as the matmul's bias": lambda x, w, t: cross_entropy(
+        "row as the matmul's bias (CausalLM)": lambda x, w, t: cross_entropy(
             F.linear(x, w, row.to(x.dtype)), t),
     }
 
