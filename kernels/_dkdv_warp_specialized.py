@@ -18,9 +18,10 @@ and dO of each 64-query block into STAGES shared-memory stages. Per query block,
                                           -> shared -> one TMA reduce-add into the float32 dQ sum
 
 so each block's dQ is one product per consumer over all 128 keys: five products per block, as in
-the other fused passes. (At head dim 64 dQ has 64 columns: consumer 0 computes it, consumer 1
-only its dV and dK.) With the causal mask the blocks holding a query before one of the
-consumer's keys apply it under a runtime branch, so the registers the mask needs are spilled
+the other fused passes. (At head dim 64 dQ has 64 columns, one product over all 128 keys: the
+consumers take it in turn, a block each, which measured 0.5-1 % faster than consumer 0 doing
+every block's at 4K-8K causal, attention_notes v25.) With the causal mask the blocks holding a
+query before one of the consumer's keys apply it under a runtime branch, so the registers the mask needs are spilled
 there only, not in every block (at head dim 128 the consumers are at their 240-register limit).
 With dropout each consumer regenerates its 64 x 64 tile of the forward's keep-mask from the seed
 and counters (``_philox_gluon.keep_tile``): the tile is untransposed, in the forward's layout, so
@@ -75,6 +76,18 @@ def _producer(descs, buffers, bars, n0, first, n_items, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _reduce_dq(dq, dq_buffer, dq_desc, row, col):
+    """dQ's 64 x 64 tile to the float32 sum: the consumer's staging buffer free (its previous
+    reduce has read it), written by every warp, then one bulk reduce-add."""
+    tma.store_wait(0)
+    gl.thread_barrier()
+    dq_buffer.store(dq)
+    fence_async_shared()
+    gl.thread_barrier()
+    tma_reduce_add(dq_desc, [row, col], dq_buffer)
+
+
+@gluon.jit
 def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks,
                   n0, base, q_row0, dq_col0, qk_scale, CAUSAL_MASK: gl.constexpr,
                   DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, STAGES: gl.constexpr,
@@ -91,7 +104,12 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
     dtype: gl.constexpr = q_smem.dtype
     k_rows = k_smem.slice(c * ROWS, ROWS, dim=0)        # this consumer's keys
     v_rows = v_smem.slice(c * ROWS, ROWS, dim=0)
-    k_cols = k_smem.slice(c * ROWS, ROWS, dim=1)        # all keys, this consumer's dQ columns
+    if HEAD_DIM == ROWS:    # dQ's 64 columns, computed by the consumers in turn
+        k_cols = k_smem
+        dq_col = dq_col0
+    else:                   # all keys, this consumer's 64 dQ columns
+        k_cols = k_smem.slice(c * ROWS, ROWS, dim=1)
+        dq_col = dq_col0 + c * ROWS
     zeros = gl.zeros([ROWS, ROWS], gl.float32, s_layout)
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     for block in range(first, n_blocks):
@@ -145,25 +163,30 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
         gl.thread_barrier()
         mbarrier.arrive(ds_full.index(buffer), count=1)
         dk = warpgroup_mma(ds_cols.permute((1, 0)), q_smem.index(stage), dk, is_async=True)
-        if c * ROWS < HEAD_DIM:     # this consumer's 64 of dQ's columns exist (at head dim 64: c = 0)
+        if HEAD_DIM > ROWS:     # this consumer's 64 of dQ's 128 columns, every block
             mbarrier.wait(ds_full.index(buffer), (index // 2) & 1)
             dq = warpgroup_mma(ds_smem.index(buffer), k_cols,
                                gl.zeros([ROWS, ROWS], gl.float32, dq_layout), use_acc=False,
                                is_async=True)
             dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
+            mbarrier.arrive(qdo_empty.index(stage), count=1)
+            mbarrier.arrive(ds_empty.index(buffer), count=1)
+            _reduce_dq(dq, dq_smem.index(c), dq_desc, q_row0 + block * ROWS, dq_col)
         else:
+            # dQ's 64 columns are one product over all 128 keys: the consumers take it in turn
+            # (consumer c on blocks whose index is c mod 2), so neither does six products per
+            # block while the other does four. dK and dV are waited for first (an asynchronous
+            # accumulator cannot cross a runtime branch); the stage's Q and dO are then read.
             dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
-        mbarrier.arrive(qdo_empty.index(stage), count=1)
-        mbarrier.arrive(ds_empty.index(buffer), count=1)
-        if c * ROWS < HEAD_DIM:
-            # dQ's 64 x 64 tile to the float32 sum: this consumer's buffer free (the previous
-            # block's reduce has read it), written by every warp, then one bulk reduce.
-            tma.store_wait(0)
-            gl.thread_barrier()
-            dq_smem.index(c).store(dq)
-            fence_async_shared()
-            gl.thread_barrier()
-            tma_reduce_add(dq_desc, [q_row0 + block * ROWS, dq_col0 + c * ROWS], dq_smem.index(c))
+            mbarrier.arrive(qdo_empty.index(stage), count=1)
+            if index % 2 == c:
+                mbarrier.wait(ds_full.index(buffer), (index // 2) & 1)
+                dq = warpgroup_mma(ds_smem.index(buffer), k_cols,
+                                   gl.zeros([ROWS, ROWS], gl.float32, dq_layout), use_acc=False)
+                mbarrier.arrive(ds_empty.index(buffer), count=1)
+                _reduce_dq(dq, dq_smem.index(c), dq_desc, q_row0 + block * ROWS, dq_col)
+            else:
+                mbarrier.arrive(ds_empty.index(buffer), count=1)
     return dk, dv
 
 
@@ -205,8 +228,8 @@ def _tiles_and_barriers(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl
                         STAGES: gl.constexpr, KV_BUFFERS: gl.constexpr):
     """The pass's shared memory: STAGES stages of Q and dO, KV_BUFFERS buffers of a key block's K
     and V (the persistent grid loads the next tile's into a second one), two dS tiles (64 queries
-    x all 128 keys), a P tile per consumer, a dQ staging tile per consumer that owns dQ columns
-    (both at head dim 128, one at 64); and its barriers, initialized and fenced: (kv_full, one
+    x all 128 keys), a P tile per consumer, a dQ staging tile per consumer (each
+    reduces dQ tiles: its columns at head dim 128, every other block's at 64); and its barriers, initialized and fenced: (kv_full, one
     per K/V buffer, qdo_full, qdo_empty, ds_full, ds_empty). Barriers the caller initialized
     before this call are fenced with them. The tiles' layouts are the TMA boxes'
     (``head_descriptor``)."""
@@ -221,7 +244,7 @@ def _tiles_and_barriers(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl
     ds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], ds_layout)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], dtype)
     p_smem = gl.allocate_shared_memory(dtype, [2, ROWS, ROWS], p_layout)
-    dq_smem = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // ROWS, ROWS, ROWS], dq_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS, ROWS], dq_layout)
     kv_full = gl.allocate_shared_memory(gl.int64, [KV_BUFFERS, 1], mbarrier.MBarrierLayout())
     qdo_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
