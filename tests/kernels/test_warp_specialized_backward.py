@@ -27,20 +27,20 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
     assert compiled["partitions"] == ["240, 24"]
     # One query-block loop per consumer. Without the mask: five products (S, dP, dV, dK, dQ), the
     # first two waited for before the elementwise step, the other three together at the end, and
-    # one TMA reduce-add of the consumer's dQ columns; at head dim 64 dQ's 64 columns are the
-    # first consumer's, and the second has no dQ product or reduce. (A loop's match ends at its
-    # first yield: with the causal mask that is the mask's branch, after S and dP.)
+    # one TMA reduce-add of the consumer's dQ columns. At head dim 64 dQ's 64 columns are the
+    # consumers' in turn: dK and dV are waited for, then, on the consumer's blocks, the dQ product
+    # (waited for at once) and its reduce. (A loop's match ends at its first yield: with the
+    # causal mask that is the mask's branch, after S and dP.)
     loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
     consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
     assert len(consumer_loops) == 2
-    for c, loop in enumerate(consumer_loops):
+    for loop in consumer_loops:
         if causal:
             assert loop.count("ttng.warp_group_dot ") == 2 and "scf.if" in loop
             continue
-        owns_dq = c * 64 < head_dim
-        assert loop.count("ttng.warp_group_dot ") == 4 + owns_dq
+        assert loop.count("ttng.warp_group_dot ") == 5
         assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["0", "0"]
-        assert loop.count("ttng.async_tma_reduce add") == owns_dq and "atomic_rmw" not in loop
+        assert loop.count("ttng.async_tma_reduce add") == 1 and "atomic_rmw" not in loop
     # ptxas kept the products asynchronous. Spills: none at head dim 64; at 128 the consumers sit
     # at 240 registers, a few bytes without the mask and the mask's registers (inside its
     # branch) with it; the measured speed includes them.
@@ -61,8 +61,8 @@ def test_with_dropout_each_consumer_generates_only_its_own_counters(head_dim, st
     loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
     consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
     assert len(consumer_loops) == 2
-    for c, loop in enumerate(consumer_loops):
-        assert loop.count("ttng.warp_group_dot ") == 4 + (c * 64 < head_dim)
+    for loop in consumer_loops:
+        assert loop.count("ttng.warp_group_dot ") == 5      # at head dim 64, dQ's in turn
         assert "convert_layout" not in loop
     assert compiled["high_multiplies"] <= 2 * 2 * 14
     assert compiled["serialized"] == []

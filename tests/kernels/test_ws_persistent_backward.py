@@ -31,16 +31,16 @@ def test_compiles_for_sm90_with_the_per_block_schedule_of_the_warp_specialized_p
     compiled = compiled_for_sm90(kernel, head_dim, 64, 128, stages, 4, 0)
     assert compiled["partitions"] == ["240, 24"]
     # Each consumer's query-block loop (inside its tile loop) as in the per-key-block pass: five
-    # products at most, S and dP waited for first, the rest at the end, one reduce-add of the
-    # consumer's dQ columns where it owns some; the producer's loop loads Q and dO by TMA.
+    # products, S and dP waited for first, the rest at the end (at head dim 64 dK and dV, then
+    # dQ on the consumer's turn), one reduce-add of the consumer's dQ tile; the producer's loop
+    # loads Q and dO by TMA.
     loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
     consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
     assert len(consumer_loops) == 2
-    for c, loop in enumerate(consumer_loops):
-        owns_dq = c * 64 < head_dim
-        assert loop.count("ttng.warp_group_dot ") == 4 + owns_dq
+    for loop in consumer_loops:
+        assert loop.count("ttng.warp_group_dot ") == 5
         assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["0", "0"]
-        assert loop.count("ttng.async_tma_reduce add") == owns_dq and "atomic_rmw" not in loop
+        assert loop.count("ttng.async_tma_reduce add") == 1 and "atomic_rmw" not in loop
     producer_loops = [loop for loop in loops if "ttng.warp_group_dot " not in loop]
     assert [loop.count("async_tma_copy_global_to_local") for loop in producer_loops] == [2]
     # ptxas kept the products asynchronous; at head dim 128 the consumers' 240 registers spill a
