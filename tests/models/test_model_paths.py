@@ -56,6 +56,24 @@ def test_the_compiled_head_bias_mask_gives_the_sliced_loss_and_gradients(monkeyp
         assert torch.all(masked_grad[100:] == 0)     # the padding rows learn nothing
 
 
+def test_a_compiled_causal_model_takes_the_bias_mask_and_gives_the_eager_loss():
+    # Traced by dynamo (aot_eager: no code generation), the loss takes the head-bias branch.
+    torch._dynamo.reset()
+    model = build_model("gpt2_tiny", vocab_size=100, pad_vocab_multiple=64, max_seqlen=32,
+                        attention="sdpa", seed=0).eval()
+    tokens, targets = torch.randint(0, 100, (2, 32)), torch.randint(0, 100, (2, 32))
+    results = []
+    for forward in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad()
+        loss = forward(tokens, targets=targets)
+        loss.backward()
+        results.append((loss.detach(), model.embed.weight.grad.clone()))
+    (loss, grad), (compiled_loss, compiled_grad) = results
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_grad, grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(compiled_grad[100:] == 0)
+
+
 def test_sdpa_uses_is_causal_without_a_mask_and_a_mask_only_where_needed(monkeypatch):
     from kernels import attention_reference
     from models import attention as attention_module
