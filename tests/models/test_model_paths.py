@@ -34,23 +34,33 @@ def test_models_return_the_loss_of_their_logits_when_given_targets():
         torch.testing.assert_close(model(tokens, targets=targets), lm_loss(logits, targets))
 
 
+def _padded_causal_model(name, dtype=torch.float32):
+    """A tiny causal model whose 100 tokens are padded to 128 (the masked path), without dropout,
+    and a batch with targets."""
+    model = build_model(name, vocab_size=100, pad_vocab_multiple=64, max_seqlen=32,
+                        attention="sdpa", seed=0).to(dtype).eval()
+    assert model.vocab_padding is not None
+    tokens, targets = torch.randint(0, 100, (2, 32)), torch.randint(0, 100, (2, 32))
+    targets[0, :3] = -100
+    return model, tokens, targets
+
+
+def _loss_and_embedding_grad(forward, model, tokens, targets):
+    model.zero_grad()
+    loss = forward(tokens, targets=targets)
+    loss.backward()
+    return loss.detach(), model.embed.weight.grad.clone()
+
+
 def test_the_compiled_head_bias_mask_gives_the_sliced_loss_and_gradients(monkeypatch):
     # Compiled, the causal models mask the padded vocabulary with the head matmul's bias;
     # is_compiling is faked so that the comparison runs eagerly, in float64.
     for name in ("gpt2_tiny", "rope_tiny"):
-        model = build_model(name, vocab_size=100, pad_vocab_multiple=64, max_seqlen=32,
-                            attention="sdpa", seed=0).double().eval()   # no dropout
-        tokens, targets = torch.randint(0, 100, (2, 32)), torch.randint(0, 100, (2, 32))
-        targets[0, :3] = -100
-        assert model.vocab_padding is not None      # 100 tokens padded to 128: the masked path
-        results = []
-        for compiling in (False, True):
-            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-            model.zero_grad()
-            loss = model(tokens, targets=targets)
-            loss.backward()
-            results.append((loss.detach(), model.embed.weight.grad.clone()))
-        (loss, grad), (masked_loss, masked_grad) = results
+        model, tokens, targets = _padded_causal_model(name, torch.float64)
+        loss, grad = _loss_and_embedding_grad(model, model, tokens, targets)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        masked_loss, masked_grad = _loss_and_embedding_grad(model, model, tokens, targets)
+        monkeypatch.undo()
         torch.testing.assert_close(masked_loss, loss, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(masked_grad, grad, rtol=1e-12, atol=1e-14)
         assert torch.all(masked_grad[100:] == 0)     # the padding rows learn nothing
@@ -59,16 +69,10 @@ def test_the_compiled_head_bias_mask_gives_the_sliced_loss_and_gradients(monkeyp
 def test_a_compiled_causal_model_takes_the_bias_mask_and_gives_the_eager_loss():
     # Traced by dynamo (aot_eager: no code generation), the loss takes the head-bias branch.
     torch._dynamo.reset()
-    model = build_model("gpt2_tiny", vocab_size=100, pad_vocab_multiple=64, max_seqlen=32,
-                        attention="sdpa", seed=0).eval()
-    tokens, targets = torch.randint(0, 100, (2, 32)), torch.randint(0, 100, (2, 32))
-    results = []
-    for forward in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
-        model.zero_grad()
-        loss = forward(tokens, targets=targets)
-        loss.backward()
-        results.append((loss.detach(), model.embed.weight.grad.clone()))
-    (loss, grad), (compiled_loss, compiled_grad) = results
+    model, tokens, targets = _padded_causal_model("gpt2_tiny")
+    loss, grad = _loss_and_embedding_grad(model, model, tokens, targets)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled_loss, compiled_grad = _loss_and_embedding_grad(compiled, model, tokens, targets)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_grad, grad, rtol=1e-5, atol=1e-7)
     assert torch.all(compiled_grad[100:] == 0)
