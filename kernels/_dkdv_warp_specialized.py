@@ -21,11 +21,11 @@ so each block's dQ is one product per consumer over all 128 keys: five products 
 the other fused passes. (At head dim 64 dQ has 64 columns, one product over all 128 keys: the
 consumers take it in turn, a block each, which measured 0.5-1 % faster than consumer 0 doing
 every block's at 4K-8K causal, attention_notes v25.) With the causal mask the blocks holding a
-query before one of the consumer's keys apply it under a runtime branch, so the registers the mask needs are spilled
-there only, not in every block (at head dim 128 the consumers are at their 240-register limit).
-With dropout each consumer regenerates its 64 x 64 tile of the forward's keep-mask from the seed
-and counters (``_philox_gluon.keep_tile``): the tile is untransposed, in the forward's layout, so
-each thread computes only the counters it holds.
+query before one of the consumer's keys apply it under a runtime branch, so the registers the
+mask needs are spilled there only, not in every block (at head dim 128 the consumers are at their
+240-register limit). With dropout each consumer regenerates its 64 x 64 tile of the forward's
+keep-mask from the seed and counters (``_philox_gluon.keep_tile``): the tile is untransposed, in
+the forward's layout, so each thread computes only the counters it holds.
 
 Measured on an H200 (bf16, hidden 2048; attention_notes.md, v20): the whole backward at head
 dim 128 +7 to +30 % against the two-pass Gluon default without a mask (1K-16K tokens), +9 to
@@ -228,11 +228,11 @@ def _tiles_and_barriers(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl
                         STAGES: gl.constexpr, KV_BUFFERS: gl.constexpr):
     """The pass's shared memory: STAGES stages of Q and dO, KV_BUFFERS buffers of a key block's K
     and V (the persistent grid loads the next tile's into a second one), two dS tiles (64 queries
-    x all 128 keys), a P tile per consumer, a dQ staging tile per consumer (each
-    reduces dQ tiles: its columns at head dim 128, every other block's at 64); and its barriers, initialized and fenced: (kv_full, one
-    per K/V buffer, qdo_full, qdo_empty, ds_full, ds_empty). Barriers the caller initialized
-    before this call are fenced with them. The tiles' layouts are the TMA boxes'
-    (``head_descriptor``)."""
+    x all 128 keys), a P tile per consumer, a dQ staging tile per consumer (its columns of every
+    block's dQ at head dim 128, every other block's dQ at 64); and its barriers, initialized and
+    fenced: (kv_full, one per K/V buffer, qdo_full, qdo_empty, ds_full, ds_empty). Barriers the
+    caller initialized before this call are fenced with them. The tiles' layouts are the TMA
+    boxes' (``head_descriptor``)."""
     qdo_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, ROWS], gl.float32)
