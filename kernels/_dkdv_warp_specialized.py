@@ -112,6 +112,16 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
         dq_col = dq_col0 + c * ROWS
     zeros = gl.zeros([ROWS, ROWS], gl.float32, s_layout)
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    # At head dim 64 with dropout each block's log-sum-exp and delta rows are loaded one block
+    # ahead, so the loads' latency is spent under the previous block, not behind the keep-mask's
+    # Philox rounds (attention_notes v26: -4 to -5 % at 2K-8K causal). Elsewhere they are loaded
+    # per block: without dropout the carried loads cost 2.5-3.5 %, at head dim 128 (consumers at
+    # their register limit) 25 %.
+    PREFETCH_STATS: gl.constexpr = DROPOUT and HEAD_DIM == ROWS
+    if PREFETCH_STATS:
+        rows = gl.arange(0, ROWS, layout=rows_layout)
+        lse_next = gl.load(lse_ptr + first * ROWS + rows)
+        delta_next = gl.load(delta_ptr + first * ROWS + rows)
     for block in range(first, n_blocks):
         index = base + block - first
         stage = index % STAGES
@@ -120,9 +130,16 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                           is_async=True)
         dp = warpgroup_mma(do_smem.index(stage), v_rows.permute((1, 0)), zeros, use_acc=False,
                            is_async=True)
-        queries = block * ROWS + gl.arange(0, ROWS, layout=rows_layout)
-        lse = gl.load(lse_ptr + queries)
-        delta = gl.load(delta_ptr + queries)
+        if PREFETCH_STATS:
+            lse = lse_next
+            delta = delta_next
+            following = gl.minimum(block + 1, n_blocks - 1) * ROWS + rows    # the last: itself
+            lse_next = gl.load(lse_ptr + following)
+            delta_next = gl.load(delta_ptr + following)
+        else:
+            queries = block * ROWS + gl.arange(0, ROWS, layout=rows_layout)
+            lse = gl.load(lse_ptr + queries)
+            delta = gl.load(delta_ptr + queries)
         if DROPOUT:
             # The block's keep-mask, regenerated from the seed and counters as the forward drew
             # it, while S and dP are computed: the tile is in the forward's orientation, so each

@@ -35,6 +35,9 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
     consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
     assert len(consumer_loops) == 2
     for loop in consumer_loops:
+        # Without dropout each block loads its own log-sum-exp and delta rows: the loop carries
+        # only dK and dV (carrying the next block's rows was measured slower).
+        assert "tensor<64xf32" not in loop.splitlines()[0]
         if causal:
             assert loop.count("ttng.warp_group_dot ") == 2 and "scf.if" in loop
             continue
@@ -64,6 +67,9 @@ def test_with_dropout_each_consumer_generates_only_its_own_counters(head_dim, st
     for loop in consumer_loops:
         assert loop.count("ttng.warp_group_dot ") == 5      # at head dim 64, dQ's in turn
         assert "convert_layout" not in loop
+        # At head dim 64 the loop carries the next block's log-sum-exp and delta rows, loaded a
+        # block ahead; at 128 (registers at their limit) each block loads its own.
+        assert loop.splitlines()[0].count("tensor<64xf32") == {64: 2, 128: 0}[head_dim]
     assert compiled["high_multiplies"] <= 2 * 2 * 14
     assert compiled["serialized"] == []
     # At head dim 128 the generator's registers spill some bytes (the consumers sit at 240);
