@@ -71,7 +71,7 @@ def measure(record, build, window, windows, ceiling, profile_steps=0):
 
 
 def kernel_profile(system, steps, activity=torch.profiler.ProfilerActivity.CUDA,
-                   own_time=lambda event: event.self_device_time_total, top=20) -> dict:
+                   own_time=lambda event: event.self_device_time_total, top=40) -> dict:
     """Where ``steps`` steps spend their GPU time: the ``top`` kernels by their own time, as
     [name, ms per step, launches per step], and every kernel's total ms per step."""
     with torch.profiler.profile(activities=[activity]) as profiler:
