@@ -19,8 +19,10 @@ and dO of each 64-query block into STAGES shared-memory stages. Per query block,
 
 so each block's dQ is one product per consumer over all 128 keys: five products per block, as in
 the other fused passes. (At head dim 64 dQ has 64 columns, one product over all 128 keys: the
-consumers take it in turn, a block each, which measured 0.5-1 % faster than consumer 0 doing
-every block's at 4K-8K causal, attention_notes v25.) With the causal mask the blocks holding a
+consumers take it in turn, a block each, and take it a block late, while the next block's S and
+dP run, so neither waits for the other's half of dS. Against taking it within the block, dK/dV
+kernel time measured -2.5 to -4.5 % at 4K-8K causal, -8 % at 4K without a mask in the
+persistent grid and -5 % with dropout, attention_notes v27.) With the causal mask the blocks holding a
 query before one of the consumer's keys apply it under a runtime branch, so the registers the
 mask needs are spilled there only, not in every block (at head dim 128 the consumers are at their
 240-register limit). With dropout each consumer regenerates its 64 x 64 tile of the forward's
@@ -140,6 +142,15 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
             queries = block * ROWS + gl.arange(0, ROWS, layout=rows_layout)
             lse = gl.load(lse_ptr + queries)
             delta = gl.load(delta_ptr + queries)
+        if HEAD_DIM == ROWS:
+            if block > first:
+                if (index - 1) % 2 == c:
+                    # The previous block's dQ, this consumer's turn: taken a block late, while
+                    # this block's S and dP run, so the other consumer's half of that dS is
+                    # written by now and neither consumer waits for the other within a block.
+                    # (Taken before S and dP are issued instead, it measured 1-4 % slower.)
+                    _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_smem.index(c), dq_desc,
+                             index - 1, q_row0 + (block - 1) * ROWS, dq_col, dq_layout)
         if DROPOUT:
             # The block's keep-mask, regenerated from the seed and counters as the forward drew
             # it, while S and dP are computed: the tile is in the forward's orientation, so each
@@ -192,19 +203,33 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
         else:
             # dQ's 64 columns are one product over all 128 keys: the consumers take it in turn
             # (consumer c on blocks whose index is c mod 2), so neither does six products per
-            # block while the other does four. dK and dV are waited for first (an asynchronous
-            # accumulator cannot cross a runtime branch); the stage's Q and dO are then read.
+            # block while the other does four, and a block late (_late_dq). dK and dV are
+            # waited for first (an asynchronous accumulator cannot cross a runtime branch); the
+            # stage's Q and dO are then read.
             dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
             mbarrier.arrive(qdo_empty.index(stage), count=1)
-            if index % 2 == c:
-                mbarrier.wait(ds_full.index(buffer), (index // 2) & 1)
-                dq = warpgroup_mma(ds_smem.index(buffer), k_cols,
-                                   gl.zeros([ROWS, ROWS], gl.float32, dq_layout), use_acc=False)
+            if index % 2 != c:      # done with its dS columns; the other consumer reads them
                 mbarrier.arrive(ds_empty.index(buffer), count=1)
-                _reduce_dq(dq, dq_smem.index(c), dq_desc, q_row0 + block * ROWS, dq_col)
-            else:
-                mbarrier.arrive(ds_empty.index(buffer), count=1)
+    if HEAD_DIM == ROWS:        # the last block's dQ, if it is this consumer's turn
+        if n_blocks > first:
+            last = base + n_blocks - 1 - first
+            if last % 2 == c:
+                _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_smem.index(c), dq_desc, last,
+                         q_row0 + (n_blocks - 1) * ROWS, dq_col, dq_layout)
     return dk, dv
+
+
+@gluon.jit
+def _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_buffer, dq_desc, index, row, col,
+             dq_layout: gl.constexpr):
+    """dQ of the block ``index`` at head dim 64 (all 128 keys) once both halves of its dS are
+    written; the dS buffer released, then the reduce."""
+    buffer = index % 2
+    mbarrier.wait(ds_full.index(buffer), (index // 2) & 1)
+    dq = warpgroup_mma(ds_smem.index(buffer), k_cols,
+                       gl.zeros([ROWS, ROWS], gl.float32, dq_layout), use_acc=False)
+    mbarrier.arrive(ds_empty.index(buffer), count=1)
+    _reduce_dq(dq, dq_buffer, dq_desc, row, col)
 
 
 @gluon.jit

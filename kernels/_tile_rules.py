@@ -105,12 +105,15 @@ def pingpong_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dty
 #   a mask, -13 / -2 % causal at 1K / 2K.
 # - dropout 0.1 (v22), against the dropout defaults: head dim 128 without a mask +8 / +22 / +27 /
 #   +30 / +34 % at 1K / 2K / 4K / 8K / 16K, causal -6 / +5 / +15 / +21 / +26 %; head dim 64
-#   without a mask +5 / +11 / +8 / +10 / +11 %, causal -10 / -1 / +6 / +10 / +13 %.
+#   without a mask +5 / +11 / +8 / +10 / +11 %, causal -10 / -1 / +6 / +10 / +13 %. With each
+#   block's dQ taken a block late and the statistics loaded a block ahead (v27), head dim 64 causal
+#   at 2K: dK/dV kernel 0.515 ms against the portable fused pass's 0.520 (+1 %, one round); at 1K
+#   it lost (0.334 against 0.299).
 # Every call that the fused Gluon pass with 64-query blocks (_dkdv_gluon.py, FUSE_DQ) was the default
 # for at head dim 64 (v16, v17) now runs this pass; that one stays reachable through explicit tiles.
 WARP_SPECIALIZED_MIN_SEQLEN = {
     # (head_dim, causal, dropout): shortest query length where it won
-    (64, False, False): 2048, (64, True, False): 4096, (64, False, True): 1024, (64, True, True): 4096,
+    (64, False, False): 2048, (64, True, False): 4096, (64, False, True): 1024, (64, True, True): 2048,
     (128, False, False): 1024, (128, True, False): 4096, (128, False, True): 1024, (128, True, True): 2048,
 }
 # Four stages fit at head dim 64 (164 KB of shared memory; +1.4 to +1.9 % over three without a mask,
@@ -137,8 +140,9 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 # and v sliced from one packed tensor, three rounds, two runs): +3 to +5 % at 12 heads and +4 to
 # +5 % at 32 against the previous default (the portable pass); at 1K (16 x 1024) 7 % behind the
 # portable pass, at 4K (4 x 4096) 6 % behind the per-key-block pass; with dropout level or behind
-# at 1K-8K.
-WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 4096),
+# at 1K-8K. Head dim 64 without a mask at 8K, with each block's dQ taken a block late (v27; dK/dV
+# kernel, two processes): 2.17 / 2.13 ms against 2.24 / 2.26 in the per-key-block grid.
+WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 8192),
                                       (64, True, False): (2048, 2048),
                                       (128, False, False): (1024, 2048)}
 

@@ -218,9 +218,10 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
 @sm90_exactly
 @pytest.mark.parametrize("seqlen", [2048, 4096])
 def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
-    # With or without dropout, the warp-specialized pass from 2048 queries on without a mask (in
-    # its persistent grid without dropout, and so causal at 2048) and from 4096 causal: dK, dV and dQ, δ from the
-    # portable delta-only pass; against float64. The other calls stay on the portable passes.
+    # The warp-specialized pass from 2048 queries on without a mask (in its persistent grid
+    # without dropout, and so causal at 2048), causal with dropout from 2048 and without from
+    # 4096: dK, dV and dQ, δ from the portable delta-only pass; against float64. The other calls
+    # stay on the portable passes.
     from kernels import _backward, _forward
     from kernels._launch import call_geometry
     q, k, v = random_qkv((1, seqlen, 2, 64), (1, seqlen, 2, 64), torch.bfloat16, "cuda")
@@ -230,9 +231,9 @@ def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
         dq, dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
                                             *_backward.new_gradients(q, k, v, lse)[1:], geometry,
                                             0.125, causal, dropout_p)
-        # Up to 4K tokens without a mask; causal at 2K (v24).
+        # Up to 8K tokens without a mask; causal at 2K (v24).
         persistent = not dropout_p and (not causal or seqlen == 2048)
-        gluon = not causal or seqlen >= 4096 or persistent
+        gluon = not causal or seqlen >= 4096 or persistent or dropout_p > 0
         assert dkdv[0] is (_backward.DKDV_WS_PERSISTENT if persistent else
                            _backward.DKDV_WARP_SPECIALIZED if gluon else _backward.DKDV)
         if persistent:      # with two K/V buffers at head dim 64

@@ -28,8 +28,9 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
     # One query-block loop per consumer. Without the mask: five products (S, dP, dV, dK, dQ), the
     # first two waited for before the elementwise step, the other three together at the end, and
     # one TMA reduce-add of the consumer's dQ columns. At head dim 64 dQ's 64 columns are the
-    # consumers' in turn: dK and dV are waited for, then, on the consumer's blocks, the dQ product
-    # (waited for at once) and its reduce. (A loop's match ends at its first yield: with the
+    # consumers' in turn and taken a block late: on the consumer's blocks the previous block's dQ
+    # product (waited for at once) and its reduce, then S and dP; dK and dV are waited for at the
+    # end. (A loop's match ends at its first yield: with the
     # causal mask that is the mask's branch, after S and dP.)
     loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
     consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
@@ -44,6 +45,12 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
         assert loop.count("ttng.warp_group_dot ") == 5
         assert re.findall(r"warp_group_dot_wait [^{]*\{pendings = (\d+)", loop) == ["0", "0"]
         assert loop.count("ttng.async_tma_reduce add") == 1 and "atomic_rmw" not in loop
+        if head_dim == 64:
+            # dQ's is the one product of a 64 x 128 tile (dS, times all 128 keys): the previous
+            # block's, issued after this block's S and dP and before its dV and dK.
+            products = [line for line in loop.splitlines() if "ttng.warp_group_dot " in line]
+            assert [index for index, line in enumerate(products)
+                    if "memdesc<64x128x" in line.split(" * ")[0]] == [2]
     # ptxas kept the products asynchronous. Spills: none at head dim 64; at 128 the consumers sit
     # at 240 registers, a few bytes without the mask and the mask's registers (inside its
     # branch) with it; the measured speed includes them.
@@ -72,9 +79,9 @@ def test_with_dropout_each_consumer_generates_only_its_own_counters(head_dim, st
         assert loop.splitlines()[0].count("tensor<64xf32") == {64: 2, 128: 0}[head_dim]
     assert compiled["high_multiplies"] <= 2 * 2 * 14
     assert compiled["serialized"] == []
-    # At head dim 128 the generator's registers spill some bytes (the consumers sit at 240);
-    # unmeasured yet, so only bounded here.
-    assert compiled["stack"] <= {64: 0, 128: 160}[head_dim]
+    # At head dim 128 the generator's registers spill some bytes (the consumers sit at 240); at 64
+    # a few since dQ is taken a block late (5 % faster all the same, attention_notes v27).
+    assert compiled["stack"] <= {64: 48, 128: 160}[head_dim]
 
 
 def test_tiles_name_it_only_as_a_fused_gluon_pass_of_its_shape():
@@ -105,9 +112,9 @@ def test_the_calls_it_takes():
 def test_warp_specialized_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
     from kernels import _launch, _tile_rules
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
-    # The shortest lengths where it won (attention_notes v20, v21, v22), by (causal, dropout).
-    # Four stages fit at head dim 64, two at 128.
-    shortest = {64: {(False, False): 2048, (True, False): 4096, (False, True): 1024, (True, True): 4096},
+    # The shortest lengths where it won (attention_notes v20, v21, v22; head dim 64 causal with
+    # dropout: v27), by (causal, dropout). Four stages fit at head dim 64, two at 128.
+    shortest = {64: {(False, False): 2048, (True, False): 4096, (False, True): 1024, (True, True): 2048},
                 128: {(False, False): 1024, (True, False): 4096, (False, True): 1024, (True, True): 2048}}
     assert {key: value for key, value in _tile_rules.WARP_SPECIALIZED_MIN_SEQLEN.items()
             if key[0] == head_dim} == {(head_dim, *key): value for key, value in shortest[head_dim].items()}

@@ -31,9 +31,9 @@ def test_compiles_for_sm90_with_the_per_block_schedule_of_the_warp_specialized_p
     compiled = compiled_for_sm90(kernel, head_dim, 64, 128, stages, 4, 0)
     assert compiled["partitions"] == ["240, 24"]
     # Each consumer's query-block loop (inside its tile loop) as in the per-key-block pass: five
-    # products, S and dP waited for first, the rest at the end (at head dim 64 dK and dV, then
-    # dQ on the consumer's turn), one reduce-add of the consumer's dQ tile; the producer's loop
-    # loads Q and dO by TMA.
+    # products, S and dP waited for first, the rest at the end (at head dim 64 dK and dV; the
+    # previous block's dQ on the consumer's turn), one reduce-add of the consumer's dQ tile; the
+    # producer's loop loads Q and dO by TMA.
     loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
     consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
     assert len(consumer_loops) == 2
@@ -44,9 +44,11 @@ def test_compiles_for_sm90_with_the_per_block_schedule_of_the_warp_specialized_p
     producer_loops = [loop for loop in loops if "ttng.warp_group_dot " not in loop]
     assert [loop.count("async_tma_copy_global_to_local") for loop in producer_loops] == [2]
     # ptxas kept the products asynchronous; at head dim 128 the consumers' 240 registers spill a
-    # few bytes (the tile loop's state), none at 64; the measured speed includes them.
+    # few bytes (the tile loop's state), and at 64 with two K/V buffers (since dQ is taken a block
+    # late, which measured 4-8 % faster all the same, attention_notes v27); the measured speed
+    # includes them.
     assert compiled["serialized"] == []
-    assert compiled["stack"] <= {64: 0, 128: 64}[head_dim]
+    assert compiled["stack"] <= {64: 64 if kernel.endswith("kv2") else 0, 128: 64}[head_dim]
 
 
 def test_tiles_name_it_only_as_the_warp_specialized_pass():
@@ -65,10 +67,10 @@ def test_tiles_name_it_only_as_the_warp_specialized_pass():
 def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
-    # Without a mask or dropout: 1K-4K tokens at head dim 64, 1K-2K at 128 (attention_notes v22);
-    # causal without dropout: 2K at head dim 64 (v24).
-    longest = {64: 4096, 128: 2048}[head_dim]
-    assert _tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (1024, 4096),
+    # Without a mask or dropout: 1K-8K tokens at head dim 64 (attention_notes v22; 8K: v27), 1K-2K
+    # at 128 (v22); causal without dropout: 2K at head dim 64 (v24).
+    longest = {64: 8192, 128: 2048}[head_dim]
+    assert _tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (1024, 8192),
                                                           (64, True, False): (2048, 2048),
                                                           (128, False, False): (1024, 2048)}
 
