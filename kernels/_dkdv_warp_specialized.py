@@ -21,7 +21,7 @@ so each block's dQ is one product per consumer over all 128 keys: five products 
 the other fused passes. (At head dim 64 dQ has 64 columns, one product over all 128 keys: the
 consumers take it in turn, a block each, and take it a block late, while the next block's S and
 dP run, so neither waits for the other's half of dS. Against taking it within the block, dK/dV
-kernel time measured -2.5 to -4.5 % at 4K-8K causal, -8 % at 4K without a mask in the
+kernel time measured -2.5 to -4.5 % at 4K-8K causal, -7.5 % at 4K without a mask in the
 persistent grid and -5 % with dropout, attention_notes v27.) With the causal mask the blocks holding a
 query before one of the consumer's keys apply it under a runtime branch, so the registers the
 mask needs are spilled there only, not in every block (at head dim 128 the consumers are at their
