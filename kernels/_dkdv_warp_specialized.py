@@ -22,12 +22,12 @@ the other fused passes. (At head dim 64 dQ has 64 columns, one product over all 
 consumers take it in turn, a block each, and take it a block late, while the next block's S and
 dP run, so neither waits for the other's half of dS. Against taking it within the block, dK/dV
 kernel time measured -2.5 to -4.5 % at 4K-8K causal, -7.5 % at 4K without a mask in the
-persistent grid and -5 % with dropout, attention_notes v27.) With the causal mask the blocks holding a
-query before one of the consumer's keys apply it under a runtime branch, so the registers the
-mask needs are spilled there only, not in every block (at head dim 128 the consumers are at their
-240-register limit). With dropout each consumer regenerates its 64 x 64 tile of the forward's
-keep-mask from the seed and counters (``_philox_gluon.keep_tile``): the tile is untransposed, in
-the forward's layout, so each thread computes only the counters it holds.
+persistent grid and -5 % with dropout, attention_notes v27.) With the causal mask the blocks
+holding a query before one of the consumer's keys apply it under a runtime branch, so the
+registers the mask needs are spilled there only, not in every block (at head dim 128 the
+consumers are at their 240-register limit). With dropout each consumer regenerates its 64 x 64
+tile of the forward's keep-mask from the seed and counters (``_philox_gluon.keep_tile``): the tile
+is untransposed, in the forward's layout, so each thread computes only the counters it holds.
 
 Measured on an H200 (bf16, hidden 2048; attention_notes.md, v20): the whole backward at head
 dim 128 +7 to +30 % against the two-pass Gluon default without a mask (1K-16K tokens), +9 to
@@ -148,7 +148,7 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                     # The previous block's dQ, this consumer's turn: taken a block late, while
                     # this block's S and dP run, so the other consumer's half of that dS is
                     # written by now and neither consumer waits for the other within a block.
-                    # (Taken before S and dP are issued instead, it measured 1-4 % slower.)
+                    # (Taken before S and dP are issued instead, it measured 1-6 % slower.)
                     _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_smem.index(c), dq_desc,
                              index - 1, q_row0 + (block - 1) * ROWS, dq_col, dq_layout)
         if DROPOUT:
@@ -204,8 +204,8 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
             # dQ's 64 columns are one product over all 128 keys: the consumers take it in turn
             # (consumer c on blocks whose index is c mod 2), so neither does six products per
             # block while the other does four, and a block late (_late_dq). dK and dV are
-            # waited for first (an asynchronous accumulator cannot cross a runtime branch); the
-            # stage's Q and dO are then read.
+            # waited for here, at the block's end (an asynchronous accumulator cannot cross the
+            # next block's runtime branch), and the stage's Q and dO released.
             dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
             mbarrier.arrive(qdo_empty.index(stage), count=1)
             if index % 2 != c:      # done with its dS columns; the other consumer reads them
