@@ -1,6 +1,6 @@
 """The warp-specialized fused dK/dV/dQ pass (``_dkdv_warp_specialized.py``) in a persistent grid:
 one program per SM walks the (key block, head, batch) tiles, key block fastest, striding by the
-grid size.
+grid size (with the causal mask every other round backwards: ``_tile``).
 
 Why: at 1K-2K tokens a 128-key program has only 16-32 query blocks to stream, and its fixed costs
 (barrier setup, descriptors, the first K/V and Q/dO loads, the dK/dV stores) are a large share of
@@ -13,9 +13,10 @@ done with the previous tile's, so the previous tile's dK/dV stores overlap those
 Measured on an H200 (bf16, hidden 2048, whole backward, three rounds in one process;
 attention_notes v22) against the non-persistent pass without a mask: head dim 128 +8.5 / +6.2 /
 +2.0 / -0.7 % at 1K / 2K / 4K / 16K, head dim 64 +16.5 / +10.6 / +5.2 / -1.0 %. Causal it lost
-(0.89-0.96 at d128 1K-4K, 0.69 at 16K: programs striding over key blocks of unequal work), except
-at head dim 64 and 2K with two K/V buffers, where it beat the portable default by 3-5 % (v24): its
-only causal default. It computes the causal mask exactly for tiles that ask for it.
+(0.89-0.96 at d128 1K-4K, 0.69 at 16K) while its programs strode over key blocks of unequal work
+in one direction; with every other round reversed (v28) it is the causal default at head dim 64
+from 1K to 8K tokens and at 128 from 1K to 2K (_tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN).
+It computes the causal mask exactly for tiles that ask for it.
 
 K/V buffers (KV_BUFFERS, 1 or 2): with one, the producer waits for both consumers to finish a
 tile before it loads the next tile's K and V, so that load's latency is exposed at every tile.
@@ -39,17 +40,29 @@ from ._philox_gluon import dropout_arguments
 
 
 @gluon.jit
-def _tile(tile, n_kblocks, heads, CAUSAL: gl.constexpr):
-    """(first key n0, head, batch, first query block) of a tile. Key block fastest, as the
-    non-persistent grid runs them; the first query block is the first with a query that sees one
-    of the keys from n0 on."""
-    rest = tile // n_kblocks
+def _tile(tile, n_tiles, n_kblocks, heads, CAUSAL: gl.constexpr):
+    """(first key n0, head, batch, first query block) of a tile: key block fastest, so the
+    programs running at once share a few heads' Q and dO in L2. The first query block is the
+    first with a query that sees one of the keys from n0 on.
+
+    With the causal mask a key block's work falls with its index, so striding by the grid size
+    would give some programs the heavy blocks of every head and others the light ones. Every
+    other round of the grid (a whole one) runs backwards: a program that took a heavy tile in one
+    round takes a light one in the next. (Whole backward against striding alone, two processes,
+    attention_notes v28: -18 / -12 / -6.5 / -4.5 % at head dim 64 and 1K / 2K / 4K / 8K tokens,
+    -20 / -12 / -4 % at 128 and 1K / 2K / 4K.)"""
+    if CAUSAL:
+        programs = gl.num_programs(0)
+        round = tile // programs
+        if (round % 2 == 1) and ((round + 1) * programs <= n_tiles):
+            tile = round * programs + programs - 1 - tile % programs
+    pair = tile // n_kblocks
     n0 = (tile % n_kblocks) * (2 * ROWS)
     if CAUSAL:
         first = n0 // ROWS
     else:
         first = 0
-    return n0, rest % heads, rest // heads, first
+    return n0, pair % heads, pair // heads, first
 
 
 @gluon.jit
@@ -78,7 +91,7 @@ def _producer(descs, buffers, bars, geometry, STAGES: gl.constexpr, CAUSAL: gl.c
     loaded = 0
     done = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        n0, head, batch, first = _tile(tile, n_kblocks, heads, CAUSAL)
+        n0, head, batch, first = _tile(tile, n_tiles, n_kblocks, heads, CAUSAL)
         q_row0 = batch * seqlen_q
         col = head * HEAD_DIM
         # The first Q/dO block as soon as a stage is free: during the previous tile's last blocks.
@@ -125,7 +138,7 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
     loaded = 0
     done = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        n0, head, batch, first = _tile(tile, n_kblocks, heads, CAUSAL)
+        n0, head, batch, first = _tile(tile, n_tiles, n_kblocks, heads, CAUSAL)
         batch64 = batch.to(gl.int64)
         head64 = head.to(gl.int64)
         row_stats = batch64 * stride_lse_b + head64 * stride_lse_h

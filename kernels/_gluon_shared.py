@@ -22,6 +22,24 @@ def head_descriptor(tensor, batch, stride_b, head, stride_h, rows, stride_row,
 
 
 @gluon.jit
+def heavy_first(tile, n_blocks, n_pairs, GROUP: gl.constexpr):
+    """(block, pair) of the ``tile``-th of ``n_blocks`` x ``n_pairs`` programs (a pair: one batch
+    entry's head) when the pairs are taken GROUP at a time and, within a group, block 0 of each
+    pair comes first, then block 1, and so on.
+
+    Why: under the causal mask a key block's backward program has less work the higher its
+    block; run pair by pair, the grid's last programs include the heaviest blocks of the last
+    pairs, and the SMs wait on them. Heaviest first, the last wave is the lightest. GROUP bounds
+    how many pairs' Q and dO the programs running at once read: all pairs in one group (every
+    head's block 0 first) ran the pass 20 % slower (L2; attention_notes v28)."""
+    per_group = n_blocks * GROUP
+    group = tile // per_group
+    size = gl.minimum(n_pairs - group * GROUP, GROUP)
+    rest = tile - group * per_group
+    return rest // size, group * GROUP + rest % size
+
+
+@gluon.jit
 def load_block_pair(a_desc, b_desc, a_smem, b_smem, bars, index, row, n_items,
                     STAGES: gl.constexpr):
     """Start the TMA copies of a program's ``index``-th block of two tensors (Q and dO, or K and V;

@@ -191,9 +191,8 @@ sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @sm90_exactly
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_backward_is_the_fastest_measured_kernel(head_dim):
-    # 1K tokens. Without dropout and a mask: the warp-specialized fused pass in its persistent
-    # grid (its delta-only dQ pass is the portable kernel's); causal, the Gluon dQ pass and the
-    # portable dK/dV pass at 64 (it tied the Gluon one), the Gluon dK/dV pass at 128. With
+    # 1K tokens. Without dropout, with and without the causal mask: the warp-specialized fused
+    # pass in its persistent grid (its delta-only dQ pass is the portable kernel's). With
     # dropout the portable dQ pass, and without a mask the warp-specialized pass (one program per
     # key block); causal the Gluon dK/dV pass at 128 and the fused portable pass at 64.
     from kernels import _backward
@@ -203,10 +202,7 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
             torch.randn_like(q), q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:],
             geometry, 0.1, causal, dropout_p)
         launchers = lambda dropout_p: [config[0] for config in configs(dropout_p)]
-        expected = ({64: [_backward.DQ_GLUON, _backward.DKDV],
-                     128: [_backward.DQ_GLUON, _backward.DKDV_GLUON]}[head_dim] if causal
-                    else [_backward.DQ, _backward.DKDV_WS_PERSISTENT])
-        assert launchers(0.0) == expected
+        assert launchers(0.0) == [_backward.DQ, _backward.DKDV_WS_PERSISTENT]
         with_dropout = (_backward.DKDV_WARP_SPECIALIZED if not causal else
                         _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV)
         assert launchers(0.1) == [_backward.DQ, with_dropout]
@@ -218,10 +214,9 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
 @sm90_exactly
 @pytest.mark.parametrize("seqlen", [2048, 4096])
 def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
-    # The warp-specialized pass from 2048 queries on without a mask (in its persistent grid
-    # without dropout, and so causal at 2048), causal with dropout from 2048 and without from
-    # 4096: dK, dV and dQ, δ from the portable delta-only pass; against float64. The other calls
-    # stay on the portable passes.
+    # The warp-specialized pass from 2048 queries on, in its persistent grid without dropout
+    # (with the causal mask too), with dropout one program per key block: dK, dV and dQ, δ from
+    # the portable delta-only pass; against float64.
     from kernels import _backward, _forward
     from kernels._launch import call_geometry
     q, k, v = random_qkv((1, seqlen, 2, 64), (1, seqlen, 2, 64), torch.bfloat16, "cuda")
@@ -231,17 +226,13 @@ def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
         dq, dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
                                             *_backward.new_gradients(q, k, v, lse)[1:], geometry,
                                             0.125, causal, dropout_p)
-        # Up to 8K tokens without a mask; causal at 2K (v24).
-        persistent = not dropout_p and (not causal or seqlen == 2048)
-        gluon = not causal or seqlen >= 4096 or persistent or dropout_p > 0
+        # Up to 8K tokens without dropout (causal: v28).
+        persistent = not dropout_p
         assert dkdv[0] is (_backward.DKDV_WS_PERSISTENT if persistent else
-                           _backward.DKDV_WARP_SPECIALIZED if gluon else _backward.DKDV)
+                           _backward.DKDV_WARP_SPECIALIZED)
         if persistent:      # with two K/V buffers at head dim 64
             assert dkdv[3]["KV_BUFFERS"] == 2
-        # With dropout the portable pass's default is fused too (one mask regeneration).
-        fused = gluon or dropout_p > 0
-        assert dkdv[3].get("ACCUMULATE_DQ", False) == fused
-        assert dq[3].get("DELTA_ONLY", False) == fused
+        assert dkdv[3]["ACCUMULATE_DQ"] and dq[3]["DELTA_ONLY"]
         if dropout_p:
             check_dropout_against_reference(q, k, v, causal, dropout_p)
         else:

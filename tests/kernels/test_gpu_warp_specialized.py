@@ -50,7 +50,7 @@ def test_warp_specialized_backward_with_dropout_on_gpu(head_dim, stages, causal,
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
     # From WARP_SPECIALIZED_MIN_SEQLEN queries on (4K covers every causal and dropout case), with
-    # and without dropout, in the persistent grid without either at head dim 64; GQA, which it
+    # and without dropout, in the persistent grid without dropout at head dim 64; GQA, which it
     # does not take, the portable pass. Against float64 (with dropout:
     # test_warp_specialized_backward_with_dropout_on_gpu).
     from kernels import _backward, _hopper
@@ -62,7 +62,7 @@ def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
         q, k, v = random_qkv((1, n, 2, head_dim), (1, n, heads_k, head_dim), dtype, "cuda")
         for causal, dropout_p in [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1)]:
             launcher = backward_launch_configs(q, k, v, causal, dropout_p)[1][0]
-            persistent = not causal and not dropout_p and head_dim == 64    # 4K: 64 only
+            persistent = not dropout_p and head_dim == 64    # 4K: 64 only
             assert launcher is (_backward.DKDV if heads_k == 1 else _backward.DKDV_WS_PERSISTENT
                                 if persistent else _backward.DKDV_WARP_SPECIALIZED)
             if not dropout_p:
@@ -105,16 +105,17 @@ def test_warp_specialized_backward_replays_in_a_cuda_graph(seqlen, launcher):
 
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, stages, kv_buffers", [(128, 2, 1), (64, 4, 1), (64, 4, 2)])
-@pytest.mark.parametrize("batch, seqlen, packed", [(2, 1024, False), (2, 4096, False),
+@pytest.mark.parametrize("batch, seqlen, packed", [(2, 1024, False), (3, 4096, False),
                                                    (3, 640, True)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_persistent_backward_on_gpu(head_dim, stages, kv_buffers, batch, seqlen, packed, causal,
                                     monkeypatch):
-    # The persistent grid against float64: at 4K more tiles (2 x 4 heads x 32 key blocks) than
+    # The persistent grid against float64: at 4K more tiles (3 x 4 heads x 32 key blocks) than
     # SMs, so programs walk several and carry their barrier phases across tiles (with two K/V
-    # buffers, alternating between them); 640 tokens (five key blocks), packed: q, k and v strided
-    # slices of one (batch, seqlen, heads, head_dim) tensor, read through one descriptor each;
-    # causal tiles too (no default, still exact).
+    # buffers, alternating between them); on 132 SMs, causal, the second round (whole) runs
+    # backwards and the third (partial) forwards again. 640 tokens (five key blocks), packed: q, k
+    # and v strided slices of one (batch, seqlen, heads, head_dim) tensor, read through one
+    # descriptor each.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     from kernels.qkv_packed import split_qkv
