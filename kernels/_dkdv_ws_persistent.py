@@ -48,9 +48,10 @@ def _tile(tile, n_tiles, n_kblocks, heads, CAUSAL: gl.constexpr):
     With the causal mask a key block's work falls with its index, so striding by the grid size
     would give some programs the heavy blocks of every head and others the light ones. Every
     other round of the grid (a whole one) runs backwards: a program that took a heavy tile in one
-    round takes a light one in the next. (Whole backward against striding alone, two processes,
-    attention_notes v28: -18 / -12 / -6.5 / -4.5 % at head dim 64 and 1K / 2K / 4K / 8K tokens,
-    -20 / -12 / -4 % at 128 and 1K / 2K / 4K.)"""
+    round takes a light one in the next, exactly its complement where the grid is a multiple of
+    the key blocks per head (``_backward.persistent_programs``). (Whole backward against striding
+    alone, two processes, on all 132 SMs, attention_notes v28: -18 / -12 / -6.5 / -4.5 % at head
+    dim 64 and 1K / 2K / 4K / 8K tokens, -20 / -12 / -4 % at 128 and 1K / 2K / 4K.)"""
     if CAUSAL:
         programs = gl.num_programs(0)
         round = tile // programs

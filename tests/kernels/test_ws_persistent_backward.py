@@ -114,6 +114,24 @@ def dkdv_launch(q, k, causal=False, dropout_p=0.0, tiles=None, window=(-1, -1)):
                                     causal, dropout_p, tiles, window)[1]
 
 
+def test_causal_persistent_grid_covers_whole_heads_per_round():
+    # Program p then takes key block p mod key_blocks in one round and, the next round reversed,
+    # key_blocks - 1 - (p mod key_blocks): equal work per pair of rounds.
+    programs = _backward.persistent_programs
+    assert [programs(blocks, 1536, 132, True) for blocks in (8, 16, 32, 64, 128)] == [128] * 5
+    assert programs(32, 1536, 132, False) == 132                      # no mask: every SM
+    assert programs(256, 4096, 132, True) == 132                      # a head longer than a round
+    assert programs(32, 96, 132, True) == 96                          # fewer tiles than SMs
+    assert programs(8, 1536, 114, True) == 112                        # another SM count
+    for blocks, sms in [(8, 132), (32, 132), (16, 114)]:
+        p = programs(blocks, 10 * blocks * sms, sms, True)
+        work = [0] * p
+        for tile in range(2 * p):       # two rounds, the second reversed
+            slot = tile % p if tile < p else p - 1 - tile % p
+            work[slot] += blocks - tile % blocks    # key block j's work: blocks - j
+        assert len(set(work)) == 1
+
+
 def test_persistent_tiles_run_it_in_its_own_grid_for_the_calls_it_takes(device, monkeypatch):
     # One program per SM (or per tile, if fewer) and the batch size as one more argument; tensors
     # one descriptor cannot read take the per-key-block pass; calls outside the Gluon pass's
@@ -131,6 +149,8 @@ def test_persistent_tiles_run_it_in_its_own_grid_for_the_calls_it_takes(device, 
     assert options["ACCUMULATE_DQ"] and options["STAGES"] == 2 and options["KV_BUFFERS"] == 1
     longer = torch.randn(2, 8192, 4, 64, device=device)
     assert dkdv_launch(longer, longer)[1] == (132,)           # 64 x 4 x 2 tiles over 132 SMs
+    # Causal: a multiple of the 64 key blocks per head, so each round covers whole heads.
+    assert dkdv_launch(longer, longer, causal=True)[1] == (128,)
     heads_first = torch.randn(2, 4, 256, 64, device=device).transpose(1, 2)
     assert dkdv_launch(heads_first, heads_first)[0] is _backward.DKDV_WARP_SPECIALIZED
     assert dkdv_launch(q, q, window=(32, 0))[0] is _backward.DKDV
@@ -166,7 +186,9 @@ def test_a_persistent_pass_that_cannot_compile_leaves_the_call_to_the_portable_o
         raise CompilationError("", None, "out of registers")
     monkeypatch.setattr(_backward.DKDV_WS_PERSISTENT, "launch", refuse)
     launcher, grid, static, _ = dkdv_launch(q, k, causal)
-    assert launcher is _backward.DKDV_WS_PERSISTENT and grid == (3,) and static[-1] == 2
+    # Three SMs; causal, a multiple of the two key blocks per head.
+    assert launcher is _backward.DKDV_WS_PERSISTENT and grid == ((2,) if causal else (3,))
+    assert static[-1] == 2
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.forward(q, k, v, None, geometry, 0.125, causal, 0.0, 0, 0)
     grad_out = torch.randn_like(q)
