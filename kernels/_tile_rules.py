@@ -109,9 +109,9 @@ def pingpong_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dty
 #   block's dQ taken a block late and the statistics loaded a block ahead (v27), head dim 64 causal
 #   at 2K: dK/dV kernel 0.515 ms against the portable fused pass's 0.520 (+1 %, one round); at 1K
 #   it lost (0.334 against 0.299).
-# - head dim 128 causal at 2K (v28; GPT-2's layout, q, k and v sliced from one packed tensor, two
-#   processes), its programs heaviest key block first: 0.998 / 1.000 ms against 1.13 / 1.14 for the
-#   previous default (-12 %); at 1K level (0.712 against 0.71).
+# - head dim 128 causal at 2K (v28; 8 x 2048 tokens, 16 heads, q, k and v sliced from one packed
+#   tensor, two processes), its programs heaviest key block first: 0.998 / 1.000 ms against 1.13 /
+#   1.14 for the previous default (-12 %); at 1K level (0.712 against 0.71).
 # Every call that the fused Gluon pass with 64-query blocks (_dkdv_gluon.py, FUSE_DQ) was the default
 # for at head dim 64 (v16, v17) now runs this pass; that one stays reachable through explicit tiles.
 WARP_SPECIALIZED_MIN_SEQLEN = {
@@ -145,10 +145,14 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 # portable pass, at 4K (4 x 4096) 6 % behind the per-key-block pass; with dropout level or behind
 # at 1K-8K. Head dim 64 without a mask at 8K, with each block's dQ taken a block late (v27; dK/dV
 # kernel, two processes): 2.17 / 2.13 ms against 2.24 / 2.26 in the per-key-block grid.
-# Causal, with every other round of the grid reversed (v28; GPT-2's layout, 16K tokens, two
-# processes), whole backward against the previous default: head dim 64 -8 / -12 / -11 / -5 % at
-# 1K / 2K / 4K / 8K (0.68 / 1.02 / 1.75 / 3.25 ms; cuDNN's 0.69 / 1.06 / 1.83 / 3.40); head dim 128
-# -7 % at 1K, level with the per-key-block pass at 2K (1.00 ms both), 7 % behind it at 4K.
+# Causal, with every other round of the grid reversed (v28; 16K tokens, 32 heads at head dim 64
+# and 16 at 128, q, k and v sliced from one packed tensor, two processes), whole backward against
+# the previous default: head dim 64 -8 / -12 / -11 / -5 % at 1K / 2K / 4K / 8K (0.68 / 1.02 / 1.75
+# / 3.25 ms; cuDNN's 0.69 / 1.06 / 1.83 / 3.40); head dim 128 -7 % at 1K, level with the
+# per-key-block pass at 2K (1.00 ms both), 7 % behind it at 4K. At GPT-2 small's 12 heads (4 x
+# 4096) the training step measured it level with the per-key-block pass (train_notes.md,
+# 2026-12-04); the causal grid is since a multiple of the key blocks per head
+# (_backward.persistent_programs; unmeasured).
 WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 8192),
                                       (64, True, False): (1024, 8192),
                                       (128, False, False): (1024, 2048),
