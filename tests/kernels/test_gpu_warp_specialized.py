@@ -21,13 +21,14 @@ pytestmark = pytest.mark.gpu
 def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monkeypatch):
     # dK, dV and (by the copy engine's reduce-adds, each consumer its columns) dQ from the
     # warp-specialized pass, δ from the portable delta-only pass; against float64; the causal
-    # mask's diagonal blocks (each consumer's own 64 keys); more query blocks than stages.
+    # mask's diagonal blocks (each consumer's own 64 keys); more query blocks than stages. Six
+    # (sequence, head) pairs: causal programs run four pairs at a time, then the last two.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True)
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
-    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
+    q, k, v = random_qkv((2, seqlen, 3, head_dim), (2, seqlen, 3, head_dim), torch.bfloat16, "cuda")
     fused_pass_matches_reference(q, k, v, causal, _backward.DKDV_WARP_SPECIALIZED)
 
 
