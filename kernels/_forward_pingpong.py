@@ -24,6 +24,8 @@ step while the others' products run. Measured in docs/results/attention_notes.md
   comes first. Which order is faster depends on the configuration (v18); the tiles name it.
 - With the causal mask (as many queries as keys) the key blocks that reach past the tile's first
   query are masked for all its consumers.
+- Each consumer writes its 64 rows of O through its Q buffer and a TMA store (a partial block of
+  rows from registers, masked), then frees the buffer for the producer.
 
 The same arguments as ``_forward._forward_kernel`` (launch plans pass them) and then ``batches``;
 for the calls ``_hopper.pingpong_supported`` lets through: sm_90, padded fp16/bf16 input whose
@@ -186,7 +188,8 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
     cores with the other consumers; writes its rows of O and lse."""
     q_smem, k_smem, v_smem = buffers
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
-    out_ptr0, stride_ob, stride_on, stride_oh, lse_ptr0, stride_lse_b, stride_lse_h = out_args
+    o_desc, out_ptr0, stride_ob, stride_on, stride_oh, lse_ptr0, stride_lse_b, stride_lse_h = (
+        out_args)
     n_tiles, n_query_blocks, heads, group_size, seqlen_q, seqlen_k = geometry
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -232,8 +235,6 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
                                               gl.maximum(n_full, 1), n_blocks, first, round0,
                                               row0, qk_scale, dtype, BLOCK_N, KV_STAGES, True,
                                               NUM_CONSUMERS, s_layout, o_layout, p_layout)
-        # Every S product of this tile has been waited for: Q's buffer may be refilled.
-        mbarrier.arrive(q_empty.index(buffer), count=1)
 
         last = first + n_blocks - 1
         last_stage = last % KV_STAGES
@@ -246,11 +247,24 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
         mbarrier.arrive(kv_empty.index(last_stage), count=1)
 
         acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
-        out_ptr = out_ptr0 + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
-        rows = row0 + gl.arange(0, ROWS, layout=o_rows)
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        gl.store(out_ptr + rows.to(gl.int64)[:, None] * stride_on + cols[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=(rows < seqlen_q)[:, None])
+        if row0 + ROWS <= seqlen_q:
+            # O through Q's buffer (every S product of the tile has been waited for) and one TMA
+            # store: the consumer's 64 x HEAD_DIM store leaves its registers at once (v29: 2-8 %
+            # off the forward against stores from registers).
+            q.store(acc.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(o_desc, [batch * seqlen_q + row0, head * HEAD_DIM], q)
+            tma.store_wait(0)
+        else:
+            # A partial tile: the rows past the sequence would land in the next one's.
+            out_ptr = out_ptr0 + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
+            rows = row0 + gl.arange(0, ROWS, layout=o_rows)
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            gl.store(out_ptr + rows.to(gl.int64)[:, None] * stride_on + cols[None, :],
+                     acc.to(dtype), mask=(rows < seqlen_q)[:, None])
+        # Q's buffer may be refilled.
+        mbarrier.arrive(q_empty.index(buffer), count=1)
         lse_ptr = lse_ptr0 + batch.to(gl.int64) * stride_lse_b + head.to(gl.int64) * stride_lse_h
         lse_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         gl.store(lse_ptr + lse_rows, m_i + gl.log2(l_i), mask=lse_rows < seqlen_q)
@@ -325,7 +339,10 @@ def _forward_pingpong_kernel(
     descs = (q_desc, k_desc, v_desc)
     buffers = (q_smem, k_smem, v_smem)
     bars = (q_bars, q_empty, k_bars, v_bars, kv_empty, turns)
-    out_args = (Out, stride_ob, stride_on, stride_oh, Lse, stride_lse_b, stride_lse_h)
+    # O as one (batch x seqlen) by (heads x head_dim) matrix too: new_outputs makes it contiguous.
+    o_desc = tma.make_tensor_descriptor(Out, [batches * seqlen_q, heads_q * HEAD_DIM],
+                                        [stride_on, 1], [ROWS, HEAD_DIM], q_layout)
+    out_args = (o_desc, Out, stride_ob, stride_on, stride_oh, Lse, stride_lse_b, stride_lse_h)
     geometry = (n_tiles, n_query_blocks, heads_q, group_size, seqlen_q, seqlen_k)
     # The argument tuples are written out in each call: Gluon passes a tuple's constexprs (the
     # consumer's index among them) through only when the tuple is built in the call.
