@@ -24,15 +24,15 @@ step while the others' products run. Measured in docs/results/attention_notes.md
   comes first. Which order is faster depends on the configuration (v18); the tiles name it.
 - With the causal mask (as many queries as keys) the key blocks that reach past the tile's first
   query are masked for all its consumers.
-- Each consumer writes its 64 rows of O through its Q buffer and a TMA store (a partial block of
-  rows from registers, masked), then frees the buffer for the producer.
+- Each consumer writes its 64 rows of O through its Q buffer and a TMA store, then frees the
+  buffer for the producer.
 
 The same arguments as ``_forward._forward_kernel`` (launch plans pass them) and then ``batches``;
 for the calls ``_hopper.pingpong_supported`` lets through: sm_90, padded fp16/bf16 input whose
 sequences are rows of one matrix (batch stride = seqlen x row stride, heads adjacent: one 2-D TMA
-descriptor per tensor), no window, no dropout, whole key blocks, head dim 64 or 128. The last
-query tile of a sequence may be partial: its extra rows read the next sequence's queries (or
-zeros past the end) and are not stored. The interpreter cannot run Gluon; the GPU-marked tests
+descriptor per tensor), no window, no dropout, whole key blocks, queries in whole 64-row blocks,
+head dim 64 or 128. The last query tile of a sequence may be partial (640 queries in 192-row
+tiles): its consumers past the end read the next sequence's queries (or zeros) and store nothing. The interpreter cannot run Gluon; the GPU-marked tests
 run it.
 
 ``default_tiles`` chooses it where it was measured faster than the previous default, in the same
@@ -188,8 +188,7 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
     cores with the other consumers; writes its rows of O and lse."""
     q_smem, k_smem, v_smem = buffers
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
-    o_desc, out_ptr0, stride_ob, stride_on, stride_oh, lse_ptr0, stride_lse_b, stride_lse_h = (
-        out_args)
+    o_desc, lse_ptr0, stride_lse_b, stride_lse_h = out_args
     n_tiles, n_query_blocks, heads, group_size, seqlen_q, seqlen_k = geometry
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -247,22 +246,16 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
         mbarrier.arrive(kv_empty.index(last_stage), count=1)
 
         acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
-        if row0 + ROWS <= seqlen_q:
-            # O through Q's buffer (every S product of the tile has been waited for) and one TMA
-            # store: the consumer's 64 x HEAD_DIM store leaves its registers at once (v29: 2-8 %
-            # off the forward against stores from registers).
-            q.store(acc.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
+        # O through Q's buffer (every S product of the tile has been waited for) and one TMA
+        # store: the 64 x HEAD_DIM store leaves the consumer's registers at once (v29: 2-8 % off
+        # the forward against stores from registers). Whole 64-row blocks only (seqlen_q is a
+        # multiple of 64); a register path for a partial block cost head dim 64's gain (v29).
+        q.store(acc.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        if row0 < seqlen_q:    # a partial tile's last consumers have no rows
             tma.async_copy_shared_to_global(o_desc, [batch * seqlen_q + row0, head * HEAD_DIM], q)
-            tma.store_wait(0)
-        else:
-            # A partial tile: the rows past the sequence would land in the next one's.
-            out_ptr = out_ptr0 + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
-            rows = row0 + gl.arange(0, ROWS, layout=o_rows)
-            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-            gl.store(out_ptr + rows.to(gl.int64)[:, None] * stride_on + cols[None, :],
-                     acc.to(dtype), mask=(rows < seqlen_q)[:, None])
+        tma.store_wait(0)
         # Q's buffer may be refilled.
         mbarrier.arrive(q_empty.index(buffer), count=1)
         lse_ptr = lse_ptr0 + batch.to(gl.int64) * stride_lse_b + head.to(gl.int64) * stride_lse_h
@@ -342,7 +335,7 @@ def _forward_pingpong_kernel(
     # O as one (batch x seqlen) by (heads x head_dim) matrix too: new_outputs makes it contiguous.
     o_desc = tma.make_tensor_descriptor(Out, [batches * seqlen_q, heads_q * HEAD_DIM],
                                         [stride_on, 1], [ROWS, HEAD_DIM], q_layout)
-    out_args = (o_desc, Out, stride_ob, stride_on, stride_oh, Lse, stride_lse_b, stride_lse_h)
+    out_args = (o_desc, Lse, stride_lse_b, stride_lse_h)
     geometry = (n_tiles, n_query_blocks, heads_q, group_size, seqlen_q, seqlen_k)
     # The argument tuples are written out in each call: Gluon passes a tuple's constexprs (the
     # consumer's index among them) through only when the tuple is built in the call.

@@ -190,5 +190,7 @@ def test_default_tiles_take_the_ping_pong_forward_only_for_calls_it_takes(device
     assert chosen(q, q, dropout_p=0.1) == portable
     assert chosen(q, q, window=(32, 0)) == portable
     assert chosen(q[:, :64], q) == portable                              # causal, Nq != Nk
+    ragged = torch.randn(1, 160, 2, 64, device=device)
+    assert chosen(ragged, q, causal=False) == portable     # queries not in 64-row blocks
     heads_first = torch.randn(1, 2, 128, 64, device=device).transpose(1, 2)
     assert chosen(heads_first, heads_first) == portable                  # not rows of one matrix
