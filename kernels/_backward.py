@@ -157,8 +157,9 @@ def persistent_programs(key_blocks: int, tiles: int, sms: int, causal: bool) -> 
     blocks, a 4K head), a program's key block shifts from round to round and the reversal pairs
     heavy tiles with light ones only on average: a static simulation puts the busiest program
     20 / 28 % above the mean at 12 heads and 4K / 8K tokens, against 3 % (the 4 idle SMs) with
-    the rounded count. The reversed rounds were measured at 32 heads (attention_notes v28), where
-    the simulation puts both counts within 5 %; the rounding itself is not yet measured."""
+    the rounded count. Measured (attention_notes v29, whole backward, 16K tokens): at 12 heads
+    and head dim 64 the rounded grid took 0.664 / 1.21 ms at 4K / 8K against 0.76 / 1.45 on all
+    132 SMs; at 32 heads the two were level."""
     programs = min(tiles, sms)
     if causal and key_blocks <= programs:
         programs -= programs % key_blocks

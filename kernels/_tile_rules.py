@@ -151,8 +151,11 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 # / 3.25 ms; cuDNN's 0.69 / 1.06 / 1.83 / 3.40); head dim 128 -7 % at 1K, level with the
 # per-key-block pass at 2K (1.00 ms both), 7 % behind it at 4K. At GPT-2 small's 12 heads (4 x
 # 4096) the training step measured it level with the per-key-block pass (train_notes.md,
-# 2026-12-04); the causal grid is since a multiple of the key blocks per head
-# (_backward.persistent_programs; unmeasured).
+# 2026-12-04). With the causal grid a multiple of the key blocks per head
+# (_backward.persistent_programs; v29, same calls, two processes), against the per-key-block pass
+# at 12 heads: head dim 64 -23 / -18 / -11.5 / -7 % at 1K / 2K / 4K / 8K (0.272 / 0.401 / 0.664 /
+# 1.21 ms; cuDNN's 0.283 / 0.427 / 0.722 / 1.29); at 32 heads level with all 132 SMs; head dim 128
+# at 16 heads -8 / -4 % at 1K / 2K.
 WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 8192),
                                       (64, True, False): (1024, 8192),
                                       (128, False, False): (1024, 2048),
