@@ -32,8 +32,8 @@ for the calls ``_hopper.pingpong_supported`` lets through: sm_90, padded fp16/bf
 sequences are rows of one matrix (batch stride = seqlen x row stride, heads adjacent: one 2-D TMA
 descriptor per tensor), no window, no dropout, whole key blocks, queries in whole 64-row blocks,
 head dim 64 or 128. The last query tile of a sequence may be partial (640 queries in 192-row
-tiles): its consumers past the end read the next sequence's queries (or zeros) and store nothing. The interpreter cannot run Gluon; the GPU-marked tests
-run it.
+tiles): its consumers past the end read the next sequence's queries (or zeros) and store
+nothing. The interpreter cannot run Gluon; the GPU-marked tests run it.
 
 ``default_tiles`` chooses it where it was measured faster than the previous default, in the same
 process (``_tile_rules.pingpong_forward_tiles``: head dim 128 from 1024 tokens, 64 causal from 4096,
