@@ -36,6 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from ._dkdv_warp_specialized import ROWS, _check_tiles, _query_blocks, _tiles_and_barriers
+from ._gluon_shared import alternate_rounds
 from ._philox_gluon import dropout_arguments
 
 
@@ -53,10 +54,7 @@ def _tile(tile, n_tiles, n_kblocks, heads, CAUSAL: gl.constexpr):
     alone, two processes, on all 132 SMs, attention_notes v28: -18 / -12 / -6.5 / -4.5 % at head
     dim 64 and 1K / 2K / 4K / 8K tokens, -20 / -12 / -4 % at 128 and 1K / 2K / 4K.)"""
     if CAUSAL:
-        programs = gl.num_programs(0)
-        round = tile // programs
-        if (round % 2 == 1) and ((round + 1) * programs <= n_tiles):
-            tile = round * programs + programs - 1 - tile % programs
+        tile = alternate_rounds(tile, n_tiles)
     pair = tile // n_kblocks
     n0 = (tile % n_kblocks) * (2 * ROWS)
     if CAUSAL:

@@ -77,14 +77,16 @@ PINGPONG_TILES = [(128, (192, 64, 4, 3), True), (64, (192, 128, 4, 3), False),
 
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, tiles, head_major", PINGPONG_TILES)
-@pytest.mark.parametrize("seqlen, heads_k, packed", [(1024, 4, False), (4096, 2, False), (640, 1, True)])
+@pytest.mark.parametrize("seqlen, heads_q, heads_k, packed",
+                         [(1024, 4, 4, False), (4096, 8, 2, False), (640, 4, 1, True)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_pingpong_forward_on_gpu(head_dim, tiles, head_major, seqlen, heads_k, packed, causal,
-                                 monkeypatch):
+def test_pingpong_forward_on_gpu(head_dim, tiles, head_major, seqlen, heads_q, heads_k, packed,
+                                 causal, monkeypatch):
     # Against float64, through flash_attention; GQA; 640 tokens: a partial last query tile of 192
     # rows (its extra rows read the next sequence's queries) and, packed, q, k and v as strided
-    # slices of one (batch, seqlen, heads, head_dim) tensor; more tiles than programs at 4096;
-    # the launch plan's second call gives the same result.
+    # slices of one (batch, seqlen, heads, head_dim) tensor; at 4096, 352 or 512 tiles: two or
+    # three whole rounds of 132 programs and a partial one; the launch plan's second call gives
+    # the same result.
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles
     from kernels.qkv_packed import split_qkv
@@ -92,11 +94,12 @@ def test_pingpong_forward_on_gpu(head_dim, tiles, head_major, seqlen, heads_k, p
     monkeypatch.setattr(_forward, "default_tiles", lambda *args: pingpong)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     if packed:
-        qkv = torch.randn(2, seqlen, 4 + 2 * heads_k, head_dim, device="cuda").to(torch.bfloat16)
+        qkv = torch.randn(2, seqlen, heads_q + 2 * heads_k, head_dim, device="cuda")
+        qkv = qkv.to(torch.bfloat16)
         q, k, v = (t.detach().requires_grad_() for t in split_qkv(qkv, heads_k))
     else:
-        q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim), torch.bfloat16,
-                             "cuda")
+        q, k, v = random_qkv((2, seqlen, heads_q, head_dim), (2, seqlen, heads_k, head_dim),
+                             torch.bfloat16, "cuda")
     check_default_forward(q, k, v, causal, _forward.FORWARD_PINGPONG)
 
 
