@@ -53,11 +53,18 @@ from ._gluon_shared import head_descriptor, heavy_first, tma_reduce_add
 from ._philox_gluon import dropout_arguments, keep_tile
 
 ROWS = gl.constexpr(64)     # keys per consumer warpgroup; queries per block
-# With the causal mask, programs run heaviest key block first, four (batch, head) pairs at a time
-# (_gluon_shared.heavy_first). Whole backward at head dim 128 against one pair at a time, two
-# processes (attention_notes v28): -0.6 / -1.2 / -2.5 / -0.3 % at 1K / 2K / 4K / 8K; eight pairs
-# at a time were level at 4K and 1 % slower at 8K.
-CAUSAL_ORDER_GROUP = gl.constexpr(4)
+
+
+def causal_order_group(seqlen_k: int) -> int:
+    """How many (batch, head) pairs the causal grid takes at a time, heaviest key block first
+    (_gluon_shared.heavy_first; the kernel's ORDER_GROUP).
+
+    Four below 16K keys: whole backward at head dim 128 against one pair at a time, two processes
+    (attention_notes v28), -0.6 / -1.2 / -2.5 / -0.3 % at 1K / 2K / 4K / 8K; eight pairs at a time
+    were level at 4K and 1 % slower at 8K. One from 16K: at head dim 128 (16 heads, one sequence)
+    four pairs took 5.45-5.54 ms against 5.30-5.32 (v30, two processes each); at head dim 64
+    level, and there the persistent pass runs instead."""
+    return 4 if seqlen_k < 16384 else 1
 
 
 @gluon.jit
@@ -339,7 +346,7 @@ def _dkdv_warp_specialized_kernel(
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
-    SEED_IN_MEMORY: gl.constexpr = False,
+    SEED_IN_MEMORY: gl.constexpr = False, ORDER_GROUP: gl.constexpr = 4,
 ):
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -347,7 +354,7 @@ def _dkdv_warp_specialized_kernel(
         tile = gl.program_id(0) + gl.num_programs(0) * (gl.program_id(1)
                                                         + gl.num_programs(1) * gl.program_id(2))
         block_n, pair = heavy_first(tile, gl.num_programs(0),
-                                    gl.num_programs(1) * gl.num_programs(2), CAUSAL_ORDER_GROUP)
+                                    gl.num_programs(1) * gl.num_programs(2), ORDER_GROUP)
         head = pair % gl.num_programs(1)
         batch = pair // gl.num_programs(1)
     else:

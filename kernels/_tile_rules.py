@@ -155,9 +155,11 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 # (_backward.persistent_programs; v29, same calls, two processes), against the per-key-block pass
 # at 12 heads: head dim 64 -23 / -18 / -11.5 / -7 % at 1K / 2K / 4K / 8K (0.272 / 0.401 / 0.664 /
 # 1.21 ms; cuDNN's 0.283 / 0.427 / 0.722 / 1.29); at 32 heads level with all 132 SMs; head dim 128
-# at 16 heads -8 / -4 % at 1K / 2K.
+# at 16 heads -8 / -4 % at 1K / 2K. Head dim 64 causal at 16K (v30, one sequence, two processes
+# each): 6.15-6.20 ms against the per-key-block pass's 6.40-6.48 at 32 heads, 2.31-2.33 against
+# 2.42-2.45 at 12 (cuDNN's 6.44-6.46 and 2.42-2.44).
 WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 8192),
-                                      (64, True, False): (1024, 8192),
+                                      (64, True, False): (1024, 16384),
                                       (128, False, False): (1024, 2048),
                                       (128, True, False): (1024, 2048)}
 

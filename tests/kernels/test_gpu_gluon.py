@@ -85,7 +85,8 @@ def test_pingpong_forward_on_gpu(head_dim, tiles, head_major, seqlen, heads_q, h
     # Against float64, through flash_attention; GQA; 640 tokens: a partial last query tile of 192
     # rows (its extra rows read the next sequence's queries) and, packed, q, k and v as strided
     # slices of one (batch, seqlen, heads, head_dim) tensor; at 4096, 352 or 512 tiles: two or
-    # three whole rounds of 132 programs and a partial one; the launch plan's second call gives
+    # three whole rounds of 132 programs and a partial one (causal, not head-major: every other
+    # whole round runs backwards); the launch plan's second call gives
     # the same result.
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles

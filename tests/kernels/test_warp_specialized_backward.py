@@ -189,6 +189,18 @@ def test_warp_specialized_tiles_run_it_only_for_the_calls_it_takes(device, monke
     assert launcher is _backward.DKDV and "STAGES" not in options
 
 
+def test_causal_grids_order_four_heads_at_a_time_below_16k_keys_and_one_from_there(device,
+                                                                                  monkeypatch):
+    # attention_notes v28 (four, below 16K) and v30 (one, at 16K; head dim 128).
+    monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
+    monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: WARP_SPECIALIZED)
+    for seqlen, group in [(256, 4), (8192, 4), (16384, 1), (32768, 1)]:
+        q = torch.empty(1, seqlen, 1, 64, device=device)
+        launcher, options = chosen(q, q, causal=True)
+        assert launcher is _backward.DKDV_WARP_SPECIALIZED and options["ORDER_GROUP"] == group
+        assert "ORDER_GROUP" not in chosen(q, q)[1]       # no mask: one key block per program
+
+
 def test_deterministic_algorithms_leave_it_out(device, monkeypatch):
     # Its dQ is summed by reduce-adds in whatever order blocks finish: the two passes instead.
     monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)

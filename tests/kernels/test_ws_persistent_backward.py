@@ -67,11 +67,12 @@ def test_tiles_name_it_only_as_the_warp_specialized_pass():
 def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
-    # Without dropout: 1K-8K tokens at head dim 64 (attention_notes v22; 8K: v27; causal: v28),
-    # 1K-2K at 128 (v22; causal: v28).
+    # Without dropout: 1K-8K tokens at head dim 64 (attention_notes v22; 8K: v27; causal: v28,
+    # and to 16K: v30), 1K-2K at 128 (v22; causal: v28).
     longest = {64: 8192, 128: 2048}[head_dim]
+    causal_longest = {64: 16384, 128: 2048}[head_dim]
     assert _tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (1024, 8192),
-                                                          (64, True, False): (1024, 8192),
+                                                          (64, True, False): (1024, 16384),
                                                           (128, False, False): (1024, 2048),
                                                           (128, True, False): (1024, 2048)}
 
@@ -92,13 +93,14 @@ def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, m
         assert fallback.warp_specialized == (seqlen >= _tile_rules.WARP_SPECIALIZED_MIN_SEQLEN[
             head_dim, False, False])
         assert tiles(seqlen, causal=True) == tiles(seqlen)
+        assert tiles(causal_longest, causal=True) == tiles(seqlen)
         assert not tiles(seqlen, dropout=True).persistent
         assert not tiles(seqlen, causal=True, dropout=True).persistent
         assert not tiles(seqlen, deterministic=True).fused
         assert not tiles(seqlen, hopper=False).gluon
     for seqlen in (512, 2 * longest, 16384):
         assert not tiles(seqlen).persistent
-    for seqlen in (512, 2 * longest, 16384):
+    for seqlen in (512, 2 * causal_longest, 32768):
         assert not tiles(seqlen, causal=True).persistent
     assert tiles(16384).warp_specialized
     monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
