@@ -68,3 +68,14 @@ def test_sources_that_are_not_grids_are_named(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     assert "not JSON" in run(broken).stderr
+
+
+def test_a_cell_just_behind_is_not_rounded_up_to_level(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(dict(card="card", records=[
+        record("flashtrain", 499, check_passed=True), record("sdpa_cudnn", 500),
+        record("flashtrain", 1000, seqlen=1024, check_passed=True), record("sdpa_cudnn", 1000, seqlen=1024)])))
+    result = run(grid)
+    assert result.returncode == 0, result.stderr
+    assert "| **0.998** |" in row(result.stdout, 4096) and "| **1.00** |" in row(result.stdout, 1024)
+    assert "0.998–1.00 (1 of 2 cells at or past it)" in result.stdout
