@@ -119,9 +119,9 @@ def markdown(cells: dict, specs: list[str], sources: list[tuple]) -> str:
             + (f"{ours['fwdbwd_tflops'] / fa2:.2f}" if fa2 else "–") + f" | {check} | `{name}` |")
     lines += ["", "Forward+backward against the best SDPA backend of the same run, by setting:", ""]
     for (dtype, head_dim, causal, dropout_p), ratios in sorted(summary.items()):
+        span = f"{_ratio_text(min(ratios))}–{_ratio_text(max(ratios))}"
         lines.append(f"- {dtype}, head dim {head_dim}, causal {int(causal)}, dropout {dropout_p}: "
-                     f"{_ratio_text(min(ratios))}–{_ratio_text(max(ratios))} ({sum(r >= 1 for r in ratios)} of "
-                     f"{len(ratios)} cells at or past it)")
+                     f"{span} ({sum(r >= 1 for r in ratios)} of {len(ratios)} cells at or past it)")
     return "\n".join(lines) + "\n"
 
 

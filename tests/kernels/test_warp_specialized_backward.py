@@ -189,7 +189,7 @@ def test_warp_specialized_tiles_run_it_only_for_the_calls_it_takes(device, monke
     assert launcher is _backward.DKDV and "STAGES" not in options
 
 
-def test_causal_grids_order_four_heads_at_a_time_below_16k_keys_and_one_from_there(device,
+def test_causal_grids_take_four_pairs_at_a_time_below_16k_keys_and_one_from_there(device,
                                                                                   monkeypatch):
     # attention_notes v28 (four, below 16K) and v30 (one, at 16K; head dim 128).
     monkeypatch.setattr(_hopper, "gluon_device", lambda tensors, varlen: not varlen)
