@@ -15,7 +15,8 @@ attention_notes v22) against the non-persistent pass without a mask: head dim 12
 +2.0 / -0.7 % at 1K / 2K / 4K / 16K, head dim 64 +16.5 / +10.6 / +5.2 / -1.0 %. Causal it lost
 (0.89-0.96 at d128 1K-4K, 0.69 at 16K) while its programs strode over key blocks of unequal work
 in one direction; with every other round reversed (v28) it is the causal default at head dim 64
-from 1K to 8K tokens and at 128 from 1K to 2K (_tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN).
+from 1K to 16K tokens (16K: v30) and at 128 from 1K to 2K
+(_tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN).
 It computes the causal mask exactly for tiles that ask for it.
 
 K/V buffers (KV_BUFFERS, 1 or 2): with one, the producer waits for both consumers to finish a
