@@ -83,11 +83,12 @@ PINGPONG_TILES = [(128, (192, 64, 4, 3), True), (64, (192, 128, 4, 3), False),
 def test_pingpong_forward_on_gpu(head_dim, tiles, head_major, seqlen, heads_q, heads_k, packed,
                                  causal, monkeypatch):
     # Against float64, through flash_attention; GQA; 640 tokens: a partial last query tile of 192
-    # rows (its extra rows read the next sequence's queries) and, packed, q, k and v as strided
-    # slices of one (batch, seqlen, heads, head_dim) tensor; at 4096, 352 or 512 tiles: two or
-    # three whole rounds of 132 programs and a partial one (causal, not head-major: every other
-    # whole round runs backwards); the launch plan's second call gives
-    # the same result.
+    # rows (causal: its last consumers only pass their turns on; else they compute and store
+    # nothing) and, packed, q, k and v as strided slices of one (batch, seqlen, heads, head_dim)
+    # tensor; at 4096, 352 or 512 tiles: two or three whole rounds of 132 programs and a partial
+    # one (causal, not head-major: every other whole round runs backwards; causal, each consumer
+    # stops at its own last row's key block); the launch plan's second call gives the same
+    # result.
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles
     from kernels.qkv_packed import split_qkv
