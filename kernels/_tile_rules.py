@@ -68,7 +68,10 @@ PINGPONG_MIN_SEQLEN = {
     # causal, 3 warpgroups, 64-key blocks in query-block order, three runs (v19, v21, v22): +2 to
     # +8 % at 1K-8K; 16K -1 % and +3 % (v21, v22)
     (128, True): 1024,
-    (64, True): 4096,       # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %)
+    # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %); from 2K since each
+    # consumer stops at its own rows' key blocks (v31: forward -5 % at 32 heads, -8.5 % at 12;
+    # 1K still -4.5 / -6 %)
+    (64, True): 2048,
     (64, False): 8192,      # 3 warpgroups, 64-key blocks: +8 / +3 % at 8K / 16K (4K: -2 %; v21)
 }
 PINGPONG_TILES = {

@@ -155,8 +155,8 @@ def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
     assert tiles(128, False, 1024) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)
     assert tiles(128, False, 512) is None
     assert tiles(128, False, 4096, seqlen_q=1) is None       # one query against a long cache
-    assert tiles(64, True, 4096) == Tiles(192, 128, 4, 3, gluon=True, pingpong=True)
-    assert tiles(64, True, 2048) is None                      # lost below 4K
+    assert tiles(64, True, 2048) == Tiles(192, 128, 4, 3, gluon=True, pingpong=True)    # v31
+    assert tiles(64, True, 1024) is None                      # lost at 1K
     assert tiles(64, False, 8192) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True,
                                            head_major=True)            # v21
     assert tiles(64, False, 4096) is None
