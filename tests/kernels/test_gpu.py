@@ -139,7 +139,7 @@ def test_tma_forward_on_gpu(head_dim, causal, monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_forward_is_the_fastest_measured_kernel(head_dim):
     # 1024 tokens. Without dropout, head dim 128: ping-pong on sm_90 (elsewhere TMA without a
-    # mask, portable causal); head dim 64: portable (ping-pong from 4096 tokens causal, 8192
+    # mask, portable causal); head dim 64: portable (ping-pong from 2048 tokens causal, 8192
     # without a mask). With dropout on sm_90: Gluon at head dim 128, and at 64 without a mask.
     from kernels import _forward
     q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
