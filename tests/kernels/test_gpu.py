@@ -157,6 +157,23 @@ def test_default_forward_is_the_fastest_measured_kernel(head_dim):
         check_dropout_against_reference(q, k, v, causal, 0.1)
 
 
+@sm90
+def test_head_dim_64_causal_runs_the_ping_pong_forward_from_2048_tokens():
+    # The rule's edge (attention_notes v31): portable at 1024 queries, ping-pong at 2048, whose
+    # 192-row tiles leave a partial last tile (2048 = 10 x 192 + 128), against float64.
+    from kernels import _forward
+    from kernels._launch import call_geometry
+    sm90_exactly = torch.cuda.get_device_capability()[0] == 9
+    for seqlen, expected in [(1024, _forward.FORWARD), (2048, _forward.FORWARD_PINGPONG)]:
+        shape = (2, seqlen, 4, 64)
+        q, k, v = random_qkv(shape, shape, torch.bfloat16, "cuda")
+        geometry = call_geometry(q, k, None, 0)
+        chosen = _forward.launch_config(q, k, v, *_forward.new_outputs(q, geometry), geometry,
+                                        0.125, True, 0.0)[0]
+        assert chosen is (expected if sm90_exactly else _forward.FORWARD)
+        check_against_reference(q, k, v, causal=True)
+
+
 def test_tma_forward_only_where_it_compiles():
     # float32 (tf32x3 products) runs the portable kernel.
     from kernels import _hopper
