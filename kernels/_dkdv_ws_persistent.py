@@ -15,8 +15,9 @@ attention_notes v22) against the non-persistent pass without a mask: head dim 12
 +2.0 / -0.7 % at 1K / 2K / 4K / 16K, head dim 64 +16.5 / +10.6 / +5.2 / -1.0 %. Causal it lost
 (0.89-0.96 at d128 1K-4K, 0.69 at 16K) while its programs strode over key blocks of unequal work
 in one direction; with every other round reversed (v28) it is the causal default at head dim 64
-from 1K to 16K tokens (16K: v30) and at 128 from 1K to 2K
-(_tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN).
+from 1K to 16K tokens (16K: v30) and at 128 from 1K to 2K. Since v32 also from 512 tokens, and
+with dropout at 512-4K (head dim 64) and 512-1K (128) without a mask, and at 1K-2K at head dim 64
+causal (_tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN).
 It computes the causal mask exactly for tiles that ask for it.
 
 K/V buffers (KV_BUFFERS, 1 or 2): with one, the producer waits for both consumers to finish a
@@ -24,7 +25,8 @@ tile before it loads the next tile's K and V, so that load's latency is exposed 
 With two, tiles take the buffers in turn and the next tile's K and V load while this tile runs.
 Two fit shared memory at head dim 64 only (164 -> 197 KB). Whole backward, d64 without a mask,
 against one buffer (H200, attention_notes v23): +3.3 / +2.8 / +2.8 / +1.8 % at 1K / 2K / 4K /
-8K; causal +1.6 / +0.1 % at 1K / 4K.
+8K; causal +1.6 / +0.1 % at 1K / 4K. With dropout one buffer was faster (v32): the rule gives
+two without dropout only.
 
 Descriptors: one 2-D descriptor per tensor over (batch x seqlen) rows and (heads x head_dim)
 columns, so q, k, v and the output gradient must be rows of one matrix

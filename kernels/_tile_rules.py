@@ -60,42 +60,47 @@ def gluon_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype,
 
 # Where the ping-pong forward beat the previous default forward (H200, bf16, hidden 2048, batch x
 # seqlen = 16K tokens, same process; docs/results/attention_notes.md v18, confirmed through the
-# library in v19), without dropout. The smallest length measured where it won, in tokens (v18's
-# figures; v19: +13 / +17 / +13 % at d128, +14 / +20 / +25 % at d64 causal 4K / 8K / 16K, +11 % at
-# d64 without a mask 16K):
-PINGPONG_MIN_SEQLEN = {
-    (128, False): 1024,     # 3 warpgroups, 64-key blocks: +14 / +21 / +17 % at 1K / 4K / 16K
+# library in v19), without dropout: by (head dim, causal), the tiles it runs from each length on,
+# shortest first (below the first, the previous default). v19's figures: +13 / +17 / +13 % at
+# d128, +14 / +20 / +25 % at d64 causal 4K / 8K / 16K, +11 % at d64 without a mask 16K. At 512
+# tokens (v32; 32 x 512, two processes): d128 -20 % without a mask, -25 % causal; d64 without a
+# mask, 128 x 128 tiles -13 %, and -12 / -10.5 / -8.5 % at 1K / 2K / 4K (192 x 64: -3 / -8.5 /
+# -7 %).
+PINGPONG_TILES = {
+    # 3 warpgroups, 64-key blocks: +14 / +21 / +17 % at 1K / 4K / 16K (v18); 128 x 64 was 1-2.5 %
+    # faster at 512-1K (v32), level at 2K and beyond
+    (128, False): ((512, Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)),),
     # causal, 3 warpgroups, 64-key blocks in query-block order, three runs (v19, v21, v22): +2 to
     # +8 % at 1K-8K; 16K -1 % and +3 % (v21, v22)
-    (128, True): 1024,
+    (128, True): ((512, Tiles(192, 64, 4, 3, gluon=True, pingpong=True)),),
     # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %); from 2K since each
     # consumer stops at its own rows' key blocks (v31: forward -5 % at 32 heads, -8.5 % at 12;
-    # 1K still -4.5 / -6 %)
-    (64, True): 2048,
-    (64, False): 8192,      # 3 warpgroups, 64-key blocks: +8 / +3 % at 8K / 16K (4K: -2 %; v21)
-}
-PINGPONG_TILES = {
-    (128, False): Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True),
-    (128, True): Tiles(192, 64, 4, 3, gluon=True, pingpong=True),
-    (64, True): Tiles(192, 128, 4, 3, gluon=True, pingpong=True),
-    (64, False): Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True),
+    # 1K still -4.5 / -6 %, 512 -12 % (v32))
+    (64, True): ((2048, Tiles(192, 128, 4, 3, gluon=True, pingpong=True)),),
+    # 2 warpgroups of 128-key blocks to 4K (v32: -8.5 % at 4K; 192 x 64 -7 %); 3 warpgroups,
+    # 64-key blocks from 8K: +8 / +3 % at 8K / 16K (v21), where 128 x 128 was 3 / 1 % slower (v32)
+    (64, False): ((512, Tiles(128, 128, 4, 3, gluon=True, pingpong=True, head_major=True)),
+                  (8192, Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True))),
 }
 
 
 def pingpong_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
                            dropout: bool, seqlen_q: int, seqlen_k: int) -> Tiles | None:
-    """Tiles of the ping-pong forward where it was measured fastest (``PINGPONG_MIN_SEQLEN``, as
-    many queries as keys); None elsewhere: with dropout (it has none), few queries (each 128- or
+    """Tiles of the ping-pong forward where it was measured fastest (``PINGPONG_TILES``, as many
+    queries as keys); None elsewhere: with dropout (it has none), few queries (each 128- or
     192-row tile would be mostly padding, e.g. one query against a long cache: unmeasured), and
     off sm_90."""
     key = (head_dim, causal)
     if (dropout or key not in PINGPONG_TILES
-            or min(seqlen_q, seqlen_k) < PINGPONG_MIN_SEQLEN[key]
             or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
         return None
     if _launch.capability(device)[0] != 9:
         return None
-    return PINGPONG_TILES[key]
+    chosen = None
+    for shortest, tiles in PINGPONG_TILES[key]:
+        if min(seqlen_q, seqlen_k) >= shortest:
+            chosen = tiles
+    return chosen
 
 
 # From these query lengths on (by head dim, causal, dropout), the warp-specialized fused pass is the
@@ -161,15 +166,26 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 # at 16 heads -8 / -4 % at 1K / 2K. Head dim 64 causal at 16K (v30, one sequence, two processes
 # each): 6.15-6.20 ms against the per-key-block pass's 6.40-6.48 at 32 heads, 2.31-2.33 against
 # 2.42-2.45 at 12 (cuDNN's 6.44-6.46 and 2.42-2.44).
-WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (1024, 8192),
-                                      (64, True, False): (1024, 16384),
-                                      (128, False, False): (1024, 2048),
-                                      (128, True, False): (1024, 2048)}
+# At 512 tokens (v32; 32 x 512, two processes), whole backward against the previous defaults (the
+# Gluon two-pass backward at head dim 128, the portable pass at 64): without dropout, head dim 128
+# -17 / -2 % without a mask / causal, 64 -14 / -3.5 %; with dropout 0.1 and one K/V buffer, head
+# dim 128 without a mask -7.5 / -2 % at 512 / 1K (+3 % at 2K), 64 without a mask -13 / -12 /
+# -6 / -1 % at 512 / 1K / 2K / 4K, 64 causal -3 / -8.5 % at 1K / 2K (+5 % at 512); 128 causal
+# level at 1K.
+WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (512, 8192),
+                                      (64, True, False): (512, 16384),
+                                      (128, False, False): (512, 2048),
+                                      (128, True, False): (512, 2048),
+                                      (64, False, True): (512, 4096),
+                                      (64, True, True): (1024, 2048),
+                                      (128, False, True): (512, 1024)}
 
-# K/V buffers of the persistent pass by head dim. Two let the producer load the next tile's K and
-# V while the consumers still read this tile's; they fit shared memory at head dim 64 only. Whole
-# backward against one buffer (d64, no mask, three rounds in one process, H200; attention_notes
-# v23): +3.3 / +2.8 / +2.8 / +1.8 % at 1K / 2K / 4K / 8K; the rounds did not overlap in any cell.
+# K/V buffers of the persistent pass by head dim, without dropout. Two let the producer load the
+# next tile's K and V while the consumers still read this tile's; they fit shared memory at head
+# dim 64 only. Whole backward against one buffer (d64, no mask, three rounds in one process, H200;
+# attention_notes v23): +3.3 / +2.8 / +2.8 / +1.8 % at 1K / 2K / 4K / 8K; the rounds did not
+# overlap in any cell. With dropout one buffer was faster (v32, d64 without a mask: -8 / -8.5 / -9 %
+# at 512 / 1K / 2K against two).
 PERSISTENT_KV_BUFFERS = {64: 2}
 
 
@@ -202,7 +218,8 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
             and _hopper_gpu(device)):
         return Tiles(64, 128, 4, WARP_SPECIALIZED_STAGES[head_dim], gluon=True, fused=True,
                      warp_specialized=True, persistent=in_a_persistent_grid,
-                     kv_buffers=PERSISTENT_KV_BUFFERS.get(head_dim, 1) if in_a_persistent_grid else 1)
+                     kv_buffers=PERSISTENT_KV_BUFFERS.get(head_dim, 1)
+                     if in_a_persistent_grid and not dropout else 1)
     if head_dim <= 64:
         # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).
         # With dropout the fused pass (dQ added by atomics, one mask regeneration instead of two):

@@ -138,15 +138,16 @@ def test_tma_forward_on_gpu(head_dim, causal, monkeypatch):
 @sm90
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_forward_is_the_fastest_measured_kernel(head_dim):
-    # 1024 tokens. Without dropout, head dim 128: ping-pong on sm_90 (elsewhere TMA without a
-    # mask, portable causal); head dim 64: portable (ping-pong from 2048 tokens causal, 8192
-    # without a mask). With dropout on sm_90: Gluon at head dim 128, and at 64 without a mask.
+    # 1024 tokens. Without dropout, ping-pong on sm_90 (elsewhere TMA at head dim 128 without a
+    # mask, else portable), but at head dim 64 causal: portable (ping-pong from 2048 tokens).
+    # With dropout on sm_90: Gluon at head dim 128, and at 64 without a mask.
     from kernels import _forward
     q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
     config = lambda causal, p=0.0: _forward.launch_config(q, k, v, out, lse, geometry, 0.1, causal, p)[0]
     sm90_exactly = torch.cuda.get_device_capability()[0] == 9
     no_mask_128 = _forward.FORWARD_PINGPONG if sm90_exactly else _forward.FORWARD_TMA
-    assert config(False) is (no_mask_128 if head_dim == 128 else _forward.FORWARD)
+    assert config(False) is (no_mask_128 if head_dim == 128 else _forward.FORWARD_PINGPONG
+                             if sm90_exactly else _forward.FORWARD)
     gluon_or_portable = lambda gluon: _forward.FORWARD_GLUON if gluon and sm90_exactly else _forward.FORWARD
     assert config(True) is (_forward.FORWARD_PINGPONG if head_dim == 128 and sm90_exactly
                             else _forward.FORWARD)
@@ -208,10 +209,9 @@ sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @sm90_exactly
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_backward_is_the_fastest_measured_kernel(head_dim):
-    # 1K tokens. Without dropout, with and without the causal mask: the warp-specialized fused
-    # pass in its persistent grid (its delta-only dQ pass is the portable kernel's). With
-    # dropout the portable dQ pass, and without a mask the warp-specialized pass (one program per
-    # key block); causal the Gluon dK/dV pass at 128 and the fused portable pass at 64.
+    # 1K tokens: the warp-specialized fused pass in its persistent grid (its delta-only dQ pass
+    # is the portable kernel's), but with dropout at head dim 128 causal: the Gluon dK/dV pass
+    # after the portable dQ pass.
     from kernels import _backward
     q, k, v, geometry, out, lse = bf16_call_and_outputs(head_dim)
     for causal in (False, True):
@@ -220,8 +220,8 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
             geometry, 0.1, causal, dropout_p)
         launchers = lambda dropout_p: [config[0] for config in configs(dropout_p)]
         assert launchers(0.0) == [_backward.DQ, _backward.DKDV_WS_PERSISTENT]
-        with_dropout = (_backward.DKDV_WARP_SPECIALIZED if not causal else
-                        _backward.DKDV_GLUON if head_dim == 128 else _backward.DKDV)
+        with_dropout = (_backward.DKDV_GLUON if head_dim == 128 and causal
+                        else _backward.DKDV_WS_PERSISTENT)
         assert launchers(0.1) == [_backward.DQ, with_dropout]
         assert configs(0.1)[1][3].get("ACCUMULATE_DQ", False) == (head_dim == 64 or not causal)
         check_against_reference(q, k, v, causal=causal)
@@ -232,8 +232,9 @@ def test_default_backward_is_the_fastest_measured_kernel(head_dim):
 @pytest.mark.parametrize("seqlen", [2048, 4096])
 def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
     # The warp-specialized pass from 2048 queries on, in its persistent grid without dropout
-    # (with the causal mask too), with dropout one program per key block: dK, dV and dQ, δ from
-    # the portable delta-only pass; against float64.
+    # (with the causal mask too) and with dropout without a mask (to 4K) and causal at 2K, else
+    # one program per key block: dK, dV and dQ, δ from the portable delta-only pass; against
+    # float64.
     from kernels import _backward, _forward
     from kernels._launch import call_geometry
     q, k, v = random_qkv((1, seqlen, 2, 64), (1, seqlen, 2, 64), torch.bfloat16, "cuda")
@@ -243,12 +244,13 @@ def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
         dq, dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
                                             *_backward.new_gradients(q, k, v, lse)[1:], geometry,
                                             0.125, causal, dropout_p)
-        # Up to 8K tokens without dropout (causal: v28).
-        persistent = not dropout_p
+        # Up to 8K tokens without dropout (causal: v28); with dropout (v32) to 4K without a
+        # mask, to 2K causal.
+        persistent = not dropout_p or not causal or seqlen <= 2048
         assert dkdv[0] is (_backward.DKDV_WS_PERSISTENT if persistent else
                            _backward.DKDV_WARP_SPECIALIZED)
-        if persistent:      # with two K/V buffers at head dim 64
-            assert dkdv[3]["KV_BUFFERS"] == 2
+        if persistent:      # with two K/V buffers at head dim 64, one with dropout
+            assert dkdv[3]["KV_BUFFERS"] == (1 if dropout_p else 2)
         assert dkdv[3]["ACCUMULATE_DQ"] and dq[3]["DELTA_ONLY"]
         if dropout_p:
             check_dropout_against_reference(q, k, v, causal, dropout_p)

@@ -336,11 +336,13 @@ def test_default_kernels_in_float16_on_gpu(head_dim, dropout_p):
             geometry, 0.1, causal, dropout_p)]
         gluon_forward = dropout_p > 0 and (head_dim == 128 or not causal)
         assert (forward is _forward.FORWARD_GLUON) == gluon_forward
-        assert (forward is _forward.FORWARD_PINGPONG) == (head_dim == 128 and not dropout_p)
-        persistent = not causal and not dropout_p      # 1K-2K tokens (64: to 4K)
-        assert (backward[1] is _backward.DKDV_WS_PERSISTENT) == persistent
-        assert (backward[1] is _backward.DKDV_WARP_SPECIALIZED) == (not causal and dropout_p > 0)
-        assert (backward[1] is _backward.DKDV_GLUON) == (head_dim == 128 and causal)
+        # 1K tokens: the ping-pong forward but at head dim 64 causal; the persistent backward
+        # but with dropout at head dim 128 causal (the Gluon two-pass backward).
+        pingpong = not dropout_p and (head_dim == 128 or not causal)
+        assert (forward is _forward.FORWARD_PINGPONG) == pingpong
+        two_pass = dropout_p > 0 and head_dim == 128 and causal
+        assert (backward[1] is _backward.DKDV_WS_PERSISTENT) == (not two_pass)
+        assert (backward[1] is _backward.DKDV_GLUON) == two_pass
         if not dropout_p:
             check_against_reference(q, k, v, causal=causal)
             continue

@@ -51,7 +51,8 @@ def test_warp_specialized_backward_with_dropout_on_gpu(head_dim, stages, causal,
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
     # From WARP_SPECIALIZED_MIN_SEQLEN queries on (4K covers every causal and dropout case), with
-    # and without dropout, in the persistent grid without dropout at head dim 64; GQA, which it
+    # and without dropout, in the persistent grid at head dim 64 (with dropout without a mask
+    # only); GQA, which it
     # does not take, the portable pass. Against float64 (with dropout:
     # test_warp_specialized_backward_with_dropout_on_gpu).
     from kernels import _backward, _hopper
@@ -63,7 +64,8 @@ def test_long_calls_run_the_warp_specialized_pass(head_dim, dtype):
         q, k, v = random_qkv((1, n, 2, head_dim), (1, n, heads_k, head_dim), dtype, "cuda")
         for causal, dropout_p in [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1)]:
             launcher = backward_launch_configs(q, k, v, causal, dropout_p)[1][0]
-            persistent = not dropout_p and head_dim == 64    # 4K: 64 only
+            # 4K: head dim 64 only, with dropout without a mask only
+            persistent = head_dim == 64 and (not dropout_p or not causal)
             assert launcher is (_backward.DKDV if heads_k == 1 else _backward.DKDV_WS_PERSISTENT
                                 if persistent else _backward.DKDV_WARP_SPECIALIZED)
             if not dropout_p:

@@ -151,18 +151,23 @@ def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
         assert (tiles(128, False, 4096) is not None) == expected
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
     assert tiles(128, False, 4096, device=torch.device("cpu")) is None
-    # From the shortest length where it won (attention_notes v18), with the tiles that won there.
-    assert tiles(128, False, 1024) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)
-    assert tiles(128, False, 512) is None
+    # From the shortest length where it won (attention_notes v18; 512: v32), with the tiles that
+    # won there.
+    assert tiles(128, False, 512) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)
+    assert tiles(128, False, 256) is None
     assert tiles(128, False, 4096, seqlen_q=1) is None       # one query against a long cache
     assert tiles(64, True, 2048) == Tiles(192, 128, 4, 3, gluon=True, pingpong=True)    # v31
-    assert tiles(64, True, 1024) is None                      # lost at 1K
+    assert tiles(64, True, 1024) is None                      # lost at 512-1K
+    # Without a mask at head dim 64: two consumers of 128 rows to 4K (v32), three of 64 from 8K
+    # (v21).
+    two_consumers = Tiles(128, 128, 4, 3, gluon=True, pingpong=True, head_major=True)
+    assert tiles(64, False, 512) == tiles(64, False, 4096) == two_consumers
     assert tiles(64, False, 8192) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True,
-                                           head_major=True)            # v21
-    assert tiles(64, False, 4096) is None
-    assert tiles(128, True, 1024) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)   # v22
+                                           head_major=True)
+    assert tiles(64, False, 256) is None
+    assert tiles(128, True, 512) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)    # v32
     assert tiles(128, True, 16384) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)
-    assert tiles(128, True, 512) is None
+    assert tiles(128, True, 256) is None
     assert tiles(128, False, 4096, dropout=True) is None      # the kernel has no dropout
     assert tiles(128, False, 4096, dtype=torch.float32) is None
     assert tiles(256, False, 16384) is None

@@ -5,6 +5,7 @@ tensors one descriptor reads, its launch has its own grid and argument, and if i
 the portable pass runs the call with its own grid. Its numerics need a GPU
 (test_gpu_warp_specialized.py): the interpreter cannot run Gluon."""
 
+import dataclasses
 import re
 
 import pytest
@@ -67,25 +68,30 @@ def test_tiles_name_it_only_as_the_warp_specialized_pass():
 def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, monkeypatch):
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
     monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
-    # Without dropout: 1K-8K tokens at head dim 64 (attention_notes v22; 8K: v27; causal: v28,
-    # and to 16K: v30), 1K-2K at 128 (v22; causal: v28).
+    # Without dropout: 512-8K tokens at head dim 64 (attention_notes v22; 8K: v27; causal: v28,
+    # and to 16K: v30; 512: v32), 512-2K at 128 (v22; causal: v28). With dropout (v32): one K/V
+    # buffer, 512-4K at head dim 64 and 512-1K at 128 without a mask, 1K-2K at 64 causal.
     longest = {64: 8192, 128: 2048}[head_dim]
     causal_longest = {64: 16384, 128: 2048}[head_dim]
-    assert _tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (1024, 8192),
-                                                          (64, True, False): (1024, 16384),
-                                                          (128, False, False): (1024, 2048),
-                                                          (128, True, False): (1024, 2048)}
+    assert _tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN == {(64, False, False): (512, 8192),
+                                                          (64, True, False): (512, 16384),
+                                                          (128, False, False): (512, 2048),
+                                                          (128, True, False): (512, 2048),
+                                                          (64, False, True): (512, 4096),
+                                                          (64, True, True): (1024, 2048),
+                                                          (128, False, True): (512, 1024)}
 
     def tiles(seqlen, causal=False, dropout=False, **kwargs):
         return _tile_rules.dkdv_tiles(head_dim, cuda, bf16, causal, dropout, seqlen=seqlen, **kwargs)
     stages = {64: 4, 128: 2}[head_dim]
-    # Two K/V buffers where they fit shared memory: head dim 64 (attention_notes v23).
+    # Two K/V buffers where they fit shared memory, head dim 64 (attention_notes v23); one with
+    # dropout (v32).
     assert _tile_rules.PERSISTENT_KV_BUFFERS == {64: 2}
     kv_buffers = {64: 2, 128: 1}[head_dim]
-    for seqlen in (1024, longest):
-        assert tiles(seqlen) == Tiles(64, 128, 4, stages, gluon=True, fused=True,
-                                      warp_specialized=True, persistent=True,
-                                      kv_buffers=kv_buffers)
+    persistent = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
+                       persistent=True, kv_buffers=kv_buffers)
+    for seqlen in (512, 1024, longest):
+        assert tiles(seqlen) == persistent
         # Tensors one descriptor cannot read: the per-key-block pass where it won, else the
         # previous default (at head dim 64, 1K: the portable pass).
         fallback = tiles(seqlen, persistent=False)
@@ -94,13 +100,20 @@ def test_persistent_tiles_are_the_default_only_where_measured_faster(head_dim, m
             head_dim, False, False])
         assert tiles(seqlen, causal=True) == tiles(seqlen)
         assert tiles(causal_longest, causal=True) == tiles(seqlen)
-        assert not tiles(seqlen, dropout=True).persistent
-        assert not tiles(seqlen, causal=True, dropout=True).persistent
         assert not tiles(seqlen, deterministic=True).fused
         assert not tiles(seqlen, hopper=False).gluon
-    for seqlen in (512, 2 * longest, 16384):
+    with_dropout = dataclasses.replace(persistent, kv_buffers=1)
+    dropout_longest = {64: 4096, 128: 1024}[head_dim]
+    for seqlen in (512, dropout_longest):
+        assert tiles(seqlen, dropout=True) == with_dropout
+    assert not tiles(2 * dropout_longest, dropout=True).persistent
+    for seqlen in (1024, 2048):
+        assert tiles(seqlen, causal=True, dropout=True).persistent == (head_dim == 64)
+    for seqlen in (512, 4096):
+        assert not tiles(seqlen, causal=True, dropout=True).persistent
+    for seqlen in (256, 2 * longest, 16384):
         assert not tiles(seqlen).persistent
-    for seqlen in (512, 2 * causal_longest, 32768):
+    for seqlen in (256, 2 * causal_longest, 32768):
         assert not tiles(seqlen, causal=True).persistent
     assert tiles(16384).warp_specialized
     monkeypatch.setattr(_launch, "capability", lambda device: (8, 0))
