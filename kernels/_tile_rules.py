@@ -61,11 +61,11 @@ def gluon_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype,
 # Where the ping-pong forward beat the previous default forward (H200, bf16, hidden 2048, batch x
 # seqlen = 16K tokens, same process; docs/results/attention_notes.md v18, confirmed through the
 # library in v19), without dropout: by (head dim, causal), the tiles it runs from each length on,
-# shortest first (below the first, the previous default). v19's figures: +13 / +17 / +13 % at
-# d128, +14 / +20 / +25 % at d64 causal 4K / 8K / 16K, +11 % at d64 without a mask 16K. At 512
-# tokens (v32; 32 x 512, two processes): d128 -20 % without a mask, -25 % causal; d64 without a
-# mask, 128 x 128 tiles -13 %, and -12 / -10.5 / -8.5 % at 1K / 2K / 4K (192 x 64: -3 / -8.5 /
-# -7 %).
+# shortest first (below the first, the previous default). v19's figures (speed-up): +13 / +17 /
+# +13 % at d128, +14 / +20 / +25 % at d64 causal 4K / 8K / 16K, +11 % at d64 without a mask 16K.
+# At 512 tokens (v32; 32 x 512, two processes), forward time: d128 -20 % without a mask, -25 %
+# causal; d64 without a mask, 128 x 128 tiles -13 %, and -12 / -10.5 / -8.5 % at 1K / 2K / 4K
+# (192 x 64: -3 / -8.5 / -7 %).
 PINGPONG_TILES = {
     # 3 warpgroups, 64-key blocks: +14 / +21 / +17 % at 1K / 4K / 16K (v18); 128 x 64 was 1-2.5 %
     # faster at 512-1K (v32), level at 2K and beyond
@@ -74,11 +74,12 @@ PINGPONG_TILES = {
     # +8 % at 1K-8K; 16K -1 % and +3 % (v21, v22)
     (128, True): ((512, Tiles(192, 64, 4, 3, gluon=True, pingpong=True)),),
     # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %); from 2K since each
-    # consumer stops at its own rows' key blocks (v31: forward -5 % at 32 heads, -8.5 % at 12;
-    # 1K still -4.5 / -6 %, 512 -12 % (v32))
+    # consumer stops at its own rows' key blocks (v31: forward time -5 % at 32 heads, -8.5 % at
+    # 12; at 1K still +4.5 / +6 %, at 512 +7 to +18 % (v32))
     (64, True): ((2048, Tiles(192, 128, 4, 3, gluon=True, pingpong=True)),),
-    # 2 warpgroups of 128-key blocks to 4K (v32: -8.5 % at 4K; 192 x 64 -7 %); 3 warpgroups,
-    # 64-key blocks from 8K: +8 / +3 % at 8K / 16K (v21), where 128 x 128 was 3 / 1 % slower (v32)
+    # 2 warpgroups of 128-key blocks to 4K (v32: forward time -8.5 % at 4K; 192 x 64 -7 %); 3
+    # warpgroups, 64-key blocks from 8K: +8 / +3 % speed-up at 8K / 16K (v21), where 128 x 128
+    # was 3 / 1 % slower (v32)
     (64, False): ((512, Tiles(128, 128, 4, 3, gluon=True, pingpong=True, head_major=True)),
                   (8192, Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True))),
 }
@@ -166,12 +167,12 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 # at 16 heads -8 / -4 % at 1K / 2K. Head dim 64 causal at 16K (v30, one sequence, two processes
 # each): 6.15-6.20 ms against the per-key-block pass's 6.40-6.48 at 32 heads, 2.31-2.33 against
 # 2.42-2.45 at 12 (cuDNN's 6.44-6.46 and 2.42-2.44).
-# At 512 tokens (v32; 32 x 512, two processes), whole backward against the previous defaults (the
-# Gluon two-pass backward at head dim 128, the portable pass at 64): without dropout, head dim 128
-# -17 / -2 % without a mask / causal, 64 -14 / -3.5 %; with dropout 0.1 and one K/V buffer, head
-# dim 128 without a mask -7.5 / -2 % at 512 / 1K (+3 % at 2K), 64 without a mask -13 / -12 /
-# -6 / -1 % at 512 / 1K / 2K / 4K, 64 causal -3 / -8.5 % at 1K / 2K (+5 % at 512); 128 causal
-# level at 1K.
+# At 512 tokens (v32; 32 x 512, two processes), whole backward time against the previous
+# defaults (the Gluon two-pass backward at head dim 128, the portable pass at 64): without
+# dropout, head dim 128 -17 / -2 % without a mask / causal, 64 -14 / -3.5 %. With dropout 0.1 and
+# one K/V buffer: head dim 128 without a mask -7.5 / -2 % at 512 / 1K (+3 % at 2K), 64 without a
+# mask -13 / -12 / -6 / -1 % at 512 / 1K / 2K / 4K, 64 causal -3 / -8.5 % at 1K / 2K (+5 % at
+# 512); 128 causal level at 1K.
 WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (512, 8192),
                                       (64, True, False): (512, 16384),
                                       (128, False, False): (512, 2048),
