@@ -207,6 +207,36 @@ sm90_exactly = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 
 
 @sm90_exactly
+@pytest.mark.parametrize("head_dim, causal", [(128, False), (128, True), (64, False), (64, True)])
+def test_short_calls_take_the_hopper_kernels_from_512_tokens(head_dim, causal):
+    # The rules' edge (attention_notes v32): at 256 queries the previous defaults, at 512 the
+    # ping-pong forward (head dim 64: without a mask only) and the persistent backward, with
+    # dropout too where it won there (without a mask); against float64.
+    from kernels import _backward, _forward
+    from kernels._launch import call_geometry
+    below = {(128, False): _forward.FORWARD_TMA, (128, True): _forward.FORWARD_GLUON}
+    for seqlen in (256, 512):
+        shape = (2, seqlen, 4, head_dim)
+        q, k, v = random_qkv(shape, shape, torch.bfloat16, "cuda")
+        geometry = call_geometry(q, k, None, 0)
+        out, lse = _forward.new_outputs(q, geometry)
+        forward = _forward.launch_config(q, k, v, out, lse, geometry, 0.125, causal, 0.0)[0]
+        pingpong = seqlen == 512 and not (head_dim == 64 and causal)
+        assert forward is (_forward.FORWARD_PINGPONG if pingpong
+                           else below.get((head_dim, causal), _forward.FORWARD))
+        for dropout_p in (0.0, 0.1):
+            dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
+                                            *_backward.new_gradients(q, k, v, lse)[1:], geometry,
+                                            0.125, causal, dropout_p)[1]
+            persistent = seqlen == 512 and (not dropout_p or not causal)
+            assert (dkdv[0] is _backward.DKDV_WS_PERSISTENT) == persistent
+            if persistent:      # two K/V buffers at head dim 64 without dropout only
+                assert dkdv[3]["KV_BUFFERS"] == (2 if head_dim == 64 and not dropout_p else 1)
+        check_against_reference(q, k, v, causal=causal)
+        check_dropout_against_reference(q, k, v, causal, 0.1)
+
+
+@sm90_exactly
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_default_backward_is_the_fastest_measured_kernel(head_dim):
     # 1K tokens: the warp-specialized fused pass in its persistent grid (its delta-only dQ pass
