@@ -19,19 +19,21 @@ def _ran(launcher, portable, options: dict) -> str:
 
 
 def chosen_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
-                   causal: bool = False, dropout_p: float = 0.0,
-                   window: Window = NO_WINDOW) -> dict[str, str]:
+                   causal: bool = False, dropout_p: float = 0.0, window: Window = NO_WINDOW,
+                   forward_tiles=None, backward_tiles=None) -> dict[str, str]:
     """``{"forward": ..., "dq": ..., "dkdv": ...}``: kernel names for a padded (batch, seqlen, heads,
-    head_dim) call with the default tiles and a seed given on the host (a device seed, as in CUDA
-    graphs, compiles separate variants, which can fall back separately)."""
+    head_dim) call with the default tiles (or a caller's: ``forward_tiles``, ``backward_tiles`` =
+    (dK/dV tiles, dQ tiles)) and a seed given on the host (a device seed, as in CUDA graphs,
+    compiles separate variants, which can fall back separately)."""
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.new_outputs(q, geometry)
     scale = geometry.head_dim ** -0.5
     forward, _, _, forward_options = _forward.launch_config(q, k, v, out, lse, geometry, scale,
-                                                            causal, dropout_p, window=window)
+                                                            causal, dropout_p, forward_tiles,
+                                                            window=window)
     (dq, _, _, dq_options), (dkdv, _, _, dkdv_options) = _backward.launch_configs(
         grad_out, q, k, v, out, lse, *_backward.new_gradients(q, k, v, lse)[1:], geometry, scale,
-        causal, dropout_p, window=window)
+        causal, dropout_p, backward_tiles, window=window)
     return {"forward": _ran(forward, _forward.FORWARD, forward_options),
             "dq": _ran(dq, _backward.DQ, dq_options),
             "dkdv": _ran(dkdv, _backward.DKDV, dkdv_options)}

@@ -17,7 +17,8 @@ heads, head dim) bf16 tensors. Each round times every candidate once (``do_bench
 ``--rep`` ms); a record keeps every round and ``median`` the middle one. The forward's output is
 compared with the portable kernel's (``fwd_err``: largest absolute difference), the backward's
 gradients likewise (``bwd_err``); a candidate that cannot run the call is recorded in ``failed``
-with its error. Between processes the same kernel moves by 1-3 %: for a small difference run the
+with its error, and ``kernels`` names the forward, dQ and dK/dV kernels each ran (a Hopper
+candidate the call does not qualify for runs the portable kernel: its name shows it). Between processes the same kernel moves by 1-3 %: for a small difference run the
 script twice and compare both. Writes the JSON after every cell (atomically)."""
 
 import argparse
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import environment, write_json  # noqa: E402  (scripts/ is on sys.path)
 from kernels import _backward, _forward  # noqa: E402
+from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._launch import Tiles, call_geometry  # noqa: E402
 from kernels._tile_rules import dq_tiles  # noqa: E402
 
@@ -137,6 +139,15 @@ def measure_cell(head_dim, seqlen, causal, dropout_p, batch, heads, forward, bac
         calls["cudnn_forward"] = cudnn_forward
         calls["cudnn_backward"] = lambda: torch.autograd.grad(
             sdpa_out, sdpa_inputs, grad_out.transpose(1, 2), retain_graph=True)
+    # Which kernel each ran (after any compile fallback): a candidate the Hopper kernel does not
+    # take runs the portable one under its name.
+    kernels = {"forward": chosen_kernels(q, k, v, grad_out, causal, dropout_p),
+               **{name: chosen_kernels(q, k, v, grad_out, causal, dropout_p, forward_tiles=tiles)
+                  for name, tiles in forward.items() if name in calls}}
+    kernels["backward"] = kernels["forward"]
+    kernels.update({name: chosen_kernels(q, k, v, grad_out, causal, dropout_p,
+                                         backward_tiles=(tiles, dq))
+                    for name, tiles in backward.items() if name in calls})
     ms = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
@@ -145,7 +156,7 @@ def measure_cell(head_dim, seqlen, causal, dropout_p, batch, heads, forward, bac
                 dropout_p=dropout_p, forward_candidates={n: str(t) for n, t in forward.items()},
                 backward_candidates={n: str(t) for n, t in backward.items()}, ms=ms,
                 median={name: round(statistics.median(v), 5) for name, v in ms.items()},
-                fwd_err=fwd_err, bwd_err=bwd_err, failed=failed)
+                fwd_err=fwd_err, bwd_err=bwd_err, failed=failed, kernels=kernels)
 
 
 def parse_args(argv=None):

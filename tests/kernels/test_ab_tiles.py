@@ -82,6 +82,10 @@ def test_a_cell_times_every_candidate_in_interleaved_rounds_and_checks_its_numbe
     # float32 on the CPU: every tiling agrees with the portable kernels' to rounding.
     assert record["fwd_err"]["small"] < 1e-5 and record["bwd_err"]["dkdv16"] < 1e-4
     assert (record["batch"], record["heads"], record["causal"]) == (2, 2, True)
+    # Each candidate names the kernels it ran (the interpreter runs the portable ones).
+    assert set(record["kernels"]) == {"forward", "small", "backward", "dkdv16"}
+    assert record["kernels"]["small"]["forward"] == "_forward_kernel"
+    assert record["kernels"]["dkdv16"]["dkdv"] == "_dkdv_kernel"
 
 
 def test_without_a_gpu_it_says_so(monkeypatch):
