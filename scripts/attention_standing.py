@@ -97,7 +97,7 @@ def markdown(cells: dict, specs: list[str], sources: list[tuple]) -> str:
              + " ".join(specs) + "`. The runs, oldest first:", "",
              *(f"- `{name}`: {provenance}" for name, _, provenance in sources), "",
              "| dtype | head dim | seqlen | causal | dropout | flashtrain fwd / bwd / fwd+bwd | best SDPA "
-             "(fwd+bwd) | ours / best SDPA | ours / FA2 | float32 check | run |",
+             "(by fwd+bwd): fwd / bwd / fwd+bwd | ours / best SDPA | ours / FA2 | float32 check | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for cell in sorted(cells):
@@ -109,12 +109,11 @@ def markdown(cells: dict, specs: list[str], sources: list[tuple]) -> str:
         if ratio is not None:
             summary.setdefault(cell[:2] + cell[3:], []).append(ratio)
         check = {True: "passed", False: "**failed**"}.get(ours.get("check_passed"), "–")
-        timings = " / ".join(f"{ours[f]:.0f}" if f in ours else "–"
-                             for f in ("fwd_tflops", "bwd_tflops", "fwdbwd_tflops"))
+        timings = _timings(ours)
         dtype, head_dim, seqlen, causal, dropout_p = cell
         lines.append(
             f"| {dtype} | {head_dim} | {seqlen} | {int(causal)} | {dropout_p} | {timings} | "
-            + (f"{best[0]} {best[1]:.0f}" if best else "–") + " | "
+            + (f"{best[0]} {_timings(providers[best[0]])}" if best else "–") + " | "
             + (f"**{_ratio_text(ratio)}**" if ratio is not None else "–") + " | "
             + (f"{ours['fwdbwd_tflops'] / fa2:.2f}" if fa2 else "–") + f" | {check} | `{name}` |")
     lines += ["", "Forward+backward against the best SDPA backend of the same run, by setting:", ""]
@@ -123,6 +122,13 @@ def markdown(cells: dict, specs: list[str], sources: list[tuple]) -> str:
         lines.append(f"- {dtype}, head dim {head_dim}, causal {int(causal)}, dropout {dropout_p}: "
                      f"{span} ({sum(r >= 1 for r in ratios)} of {len(ratios)} cells at or past it)")
     return "\n".join(lines) + "\n"
+
+
+def _timings(record: dict) -> str:
+    """Forward / backward / forward+backward TFLOP/s of one provider's record: which pass trails
+    shows beside the ratio of the sums."""
+    return " / ".join(f"{record[f]:.0f}" if f in record else "–"
+                      for f in ("fwd_tflops", "bwd_tflops", "fwdbwd_tflops"))
 
 
 def _ratio_text(ratio: float) -> str:

@@ -40,9 +40,10 @@ def test_each_cell_comes_whole_from_the_latest_run_that_timed_it(tmp_path):
     result = run(grid, f"{notes}:rerun")
     assert result.returncode == 0, result.stderr
     # 4K from the re-run: cuDNN of that run (440), not the grid's 400; no FA2 in that run.
-    assert row(result.stdout, 4096).endswith("| 450 / 450 / 450 | sdpa_cudnn 440 | **1.02** | – | passed | "
-                                             f"`notes.json:rerun` |")
-    assert row(result.stdout, 1024).endswith("| sdpa_cudnn 200 | **0.50** | – | passed | `grid.json` |")
+    assert row(result.stdout, 4096).endswith("| 450 / 450 / 450 | sdpa_cudnn 440 / 440 / 440 | **1.02** | – "
+                                             "| passed | `notes.json:rerun` |")
+    assert row(result.stdout, 1024).endswith("| sdpa_cudnn 200 / 200 / 200 | **0.50** | – | passed | "
+                                             "`grid.json` |")
     assert "- bfloat16, head dim 64, causal 0, dropout 0.0: 0.50–1.02 (1 of 2 cells at or past it)" \
         in result.stdout
     # Sources in the other order: the older grid wins every cell it has.
