@@ -20,7 +20,9 @@ specializations (equal to 1, divisible by 16, 32 or 64 bits) and the alignment h
 a GPU run compiles. A kernel at the 255-register cap, or with stack (spilled) bytes, is a candidate
 for smaller tiles or more warps before any GPU time is spent; ``wgmma_serialized`` names ptxas's
 reason when it made every warpgroup MMA wait for the one before (the source's overlap then counts
-for nothing). Speed itself is measured on the GPU.
+for nothing); ``mma_loop_spills`` counts the spill instructions inside each innermost loop that
+holds warpgroup MMAs (the hot loops: stack bytes alone do not say where the spills are). Speed
+itself is measured on the GPU.
 """
 
 import argparse
@@ -119,7 +121,31 @@ def usage(compiled) -> dict:
               + "; ".join(reasons), file=sys.stderr)
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "shared_bytes": compiled.metadata.shared, "sass_instructions": sass.count(" ;"),
-            "wgmma_serialized": "yes" if reasons else "no"}
+            "wgmma_serialized": "yes" if reasons else "no",
+            "mma_loop_spills": ",".join(map(str, mma_loop_spills(sass))) or "-"}
+
+
+def mma_loop_spills(sass: str) -> list[int]:
+    """Spill instructions (local-memory loads and stores) in each innermost loop of the SASS that
+    holds warpgroup MMAs, in code order: stack bytes alone do not say whether the spills sit in
+    the hot loop or in a prologue (a loop is a branch back to an earlier address)."""
+    lines = [(int(match.group(1), 16), text) for text in sass.splitlines()
+             if (match := re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*)", text))]
+    loops = []
+    for address, text in lines:
+        target = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) <= address:
+            loops.append((int(target.group(1), 16), address))
+    inside = lambda loop, key: [text for address, text in lines if loop[0] <= address <= loop[1]
+                                and key(text)]
+    # A backward branch over an EXIT or a register reallocation is control flow between the
+    # warp-specialized partitions, not a loop.
+    with_mma = [loop for loop in loops if inside(loop, lambda text: "HGMMA" in text)
+                and not inside(loop, lambda text: re.search(r"\b(?:EXIT|USETMAXREG)\b", text))]
+    innermost = [loop for loop in with_mma if not any(
+        other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_mma)]
+    return [len(inside(loop, lambda text: re.search(r"\b(?:STL|LDL)\b", text)))
+            for loop in sorted(set(innermost))]
 
 
 def wgmma_serialization(compiled) -> list[str]:

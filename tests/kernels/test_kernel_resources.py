@@ -91,6 +91,29 @@ def test_the_gluon_kernels_compile_here_too():
     report = dict(field.split("=") for field in result.stdout.split())
     assert report["kernel"] == "_dkdv_gluon_kernel" and report["stack_bytes"] == "0"
     assert report["wgmma_serialized"] == "no"
+    # Its MMA loops (spill-free, as the stack says): one count per loop.
+    assert report["mma_loop_spills"] != "-" and set(report["mma_loop_spills"].split(",")) == {"0"}
+
+
+def test_spills_are_counted_per_innermost_loop_that_holds_warpgroup_mmas():
+    # Two loops with products (one nested in an outer loop), one loop without, spills before the
+    # loops, and a backward branch over an EXIT (control flow between partitions, not a loop).
+    sass = """
+        /*0000*/                   STL [R1+0x8], R2 ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0020*/                   LDL R3, [R1+0x8] ;
+        /*0030*/                   STL.64 [R1+0x10], R4 ;
+        /*0040*/               @P0 BRA 0x10 ;
+        /*0050*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0060*/               @P1 BRA 0x0 ;
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0080*/               @P2 BRA 0x70 ;
+        /*0090*/                   LDL R7, [R1+0x18] ;
+        /*00a0*/               @P3 BRA 0x90 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/               @P4 BRA 0x70 ;"""
+    assert kernel_resources.mma_loop_spills(sass) == [2, 0]
+    assert kernel_resources.mma_loop_spills("        /*0000*/                   EXIT ;") == []
 
 
 def test_ptxas_serialization_notes_are_read():
