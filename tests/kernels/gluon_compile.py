@@ -69,6 +69,7 @@ def main():
     loops = re.findall(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S)
     use = kernel_resources.usage(kernel)
     print(json.dumps(dict(loops=loops, registers=use["registers"], stack=use["stack_bytes"],
+                          loop_spills=use["mma_loop_spills"],
                           high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])),
                           serialized=kernel_resources.wgmma_serialization(kernel),
                           # Registers per thread the warp-specialized partitions ask for.

@@ -53,10 +53,13 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
                     if "memdesc<64x128x" in line.split(" * ")[0]] == [2]
     # ptxas kept the products asynchronous. Spills: none at head dim 64; at 128 the consumers sit
     # at 240 registers, a few bytes without the mask and the mask's registers (inside its
-    # branch) with it; the measured speed includes them.
+    # branch) with it; the measured speed includes them. Without the mask none of them is in
+    # the consumers' loops; with it 45 and 41 spill instructions are (attention_notes v32).
     assert compiled["serialized"] == []
     limit = {(64, 0): 0, (128, 0): 16, (128, 1): 256}[head_dim, causal]
     assert compiled["stack"] <= limit
+    if not causal:
+        assert compiled["loop_spills"] == "0,0"
 
 
 @pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
