@@ -54,9 +54,9 @@ def test_the_arguments_give_every_cell_asked_for_and_refuse_bad_ones(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_a_cell_times_every_candidate_in_interleaved_rounds_and_checks_its_numbers(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("the CPU path; on a GPU the script itself is the test")
+def test_a_cell_times_every_candidate_in_interleaved_rounds_and_checks_its_numbers(device,
+                                                                                  monkeypatch):
+    # float32 at small tiles: the interpreter on the CPU, the portable kernels on a GPU.
     timed = []
 
     def timer(fn, **kwargs):
@@ -72,17 +72,17 @@ def test_a_cell_times_every_candidate_in_interleaved_rounds_and_checks_its_numbe
     monkeypatch.setattr(_forward, "forward", forward)
     record = ab_tiles.measure_cell(
         16, 64, True, 0.0, 2, 2, {"small": Tiles(16, 32, 1, 1), "broken": Tiles(32, 32, 1, 1)},
-        {"dkdv16": Tiles(16, 32, 1, 1)}, rounds=2, rep=1, cudnn=False, device="cpu",
+        {"dkdv16": Tiles(16, 32, 1, 1)}, rounds=2, rep=1, cudnn=False, device=device,
         dtype=torch.float32, timer=timer)
     # Defaults and the candidates that ran, each once per round, in the same order every round.
     assert list(record["ms"]) == ["forward", "small", "backward", "dkdv16"]
     assert record["ms"]["forward"] == [1.0, 5.0] and record["median"]["dkdv16"] == 6.0
     assert record["failed"] == {"broken": "RuntimeError: does not compile"}
     assert record["fwd_err"]["broken"] is None
-    # float32 on the CPU: every tiling agrees with the portable kernels' to rounding.
+    # float32: every tiling agrees with the portable kernels' to rounding.
     assert record["fwd_err"]["small"] < 1e-5 and record["bwd_err"]["dkdv16"] < 1e-4
     assert (record["batch"], record["heads"], record["causal"]) == (2, 2, True)
-    # Each candidate names the kernels it ran (the interpreter runs the portable ones).
+    # Each candidate names the kernels it ran (float32 runs the portable ones).
     assert set(record["kernels"]) == {"forward", "small", "backward", "dkdv16"}
     assert record["kernels"]["small"]["forward"] == "_forward_kernel"
     assert record["kernels"]["dkdv16"]["dkdv"] == "_dkdv_kernel"
