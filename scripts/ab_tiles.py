@@ -144,7 +144,7 @@ def measure_cell(head_dim, seqlen, causal, dropout_p, batch, heads, forward, bac
     kernels = {"forward": chosen_kernels(q, k, v, grad_out, causal, dropout_p),
                **{name: chosen_kernels(q, k, v, grad_out, causal, dropout_p, forward_tiles=tiles)
                   for name, tiles in forward.items() if name in calls}}
-    kernels["backward"] = kernels["forward"]
+    kernels["backward"] = kernels["forward"]    # both defaults: the one call's choices
     kernels.update({name: chosen_kernels(q, k, v, grad_out, causal, dropout_p,
                                          backward_tiles=(tiles, dq))
                     for name, tiles in backward.items() if name in calls})
