@@ -22,10 +22,11 @@ the other fused passes. (At head dim 64 dQ has 64 columns, one product over all 
 consumers take it in turn, a block each, and take it a block late, while the next block's S and
 dP run, so neither waits for the other's half of dS. Against taking it within the block, dK/dV
 kernel time measured -2.5 to -4.5 % at 4K-8K causal, -7.5 % at 4K without a mask in the
-persistent grid and -5 % with dropout, attention_notes v27.) With the causal mask the blocks
-holding a query before one of the consumer's keys apply it under a runtime branch, so the
-registers the mask needs are spilled there only, not in every block (at head dim 128 the
-consumers are at their 240-register limit). With dropout each consumer regenerates its 64 x 64
+persistent grid and -5 % with dropout, attention_notes v27.) The causal mask is one comparison
+per row; at head dim 128 without dropout every block applies it, without a branch (the branch
+made ptxas spill inside the loop, the consumers being at their 240-register limit), elsewhere
+only the blocks holding a query before one of the consumer's keys (``_causal_probabilities``,
+attention_notes v33). With dropout each consumer regenerates its 64 x 64
 tile of the forward's keep-mask from the seed and counters (``_philox_gluon.keep_tile``): the tile
 is untransposed, in the forward's layout, so each thread computes only the counters it holds.
 
@@ -177,10 +178,16 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
         p = gl.exp2(s * qk_scale - lse[:, None])
         if CAUSAL_MASK:     # key j visible to query i when j <= i (as many queries as keys)
             offset = n0 + c * ROWS - block * ROWS
-            if offset >= 0:     # a block with a query before one of this consumer's keys
-                local_keys = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
-                local_queries = gl.arange(0, ROWS, layout=rows_layout)
-                p = gl.where(local_keys[None, :] - local_queries[:, None] <= -offset, p, 0.0)
+            # At head dim 128 the consumers are at their register limit, and how ptxas fits the
+            # mask decides whether the loop spills (attention_notes v33). Without dropout the mask
+            # is applied to every block, without a branch (for a block whose queries all follow
+            # this consumer's keys, offset <= -64, it keeps every entry): the branch made ptxas
+            # spill inside the loop. With dropout, and at head dim 64, blocks with a query before
+            # one of this consumer's keys (offset >= 0) take it under a branch.
+            if HEAD_DIM > ROWS and not DROPOUT:
+                p = _causal_probabilities(p, offset, s_layout, False)
+            elif offset >= 0:
+                p = _causal_probabilities(p, offset, s_layout, HEAD_DIM > ROWS)
         p_dropped = p
         if DROPOUT:
             p_dropped = gl.where(keep, p, 0.0)
@@ -229,6 +236,23 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                 _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_smem.index(c), dq_desc, last,
                          q_row0 + (n_blocks - 1) * ROWS, dq_col, dq_layout)
     return dk, dv
+
+
+@gluon.jit
+def _causal_probabilities(p, offset, s_layout: gl.constexpr, TILE_DIFFERENCE: gl.constexpr):
+    """P with key j of the block (this consumer's key ``offset`` + j among the block's queries)
+    zeroed for query i when j > i - offset. The comparison is made per row (i - offset against
+    each j) or, with TILE_DIFFERENCE, on the 2-D tile of j - i: the same mask, but ptxas
+    allocates the two differently. Against the tile form under the branch, whole backward,
+    causal (attention_notes v33): the per-row form under the branch -1.5 to -2.5 % at head dim
+    64, -5 to -6.5 % with dropout, and +1 to +2 % at 128 with dropout (2K-8K); at 128 without
+    dropout, per row and without the branch, -4 to -8 % at 1K-2K, -1 to -3 % at 4K-8K, -2 to
+    +2 % at 16K."""
+    local_keys = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+    local_queries = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+    if TILE_DIFFERENCE:
+        return gl.where(local_keys[None, :] - local_queries[:, None] <= -offset, p, 0.0)
+    return gl.where(local_keys[None, :] <= (local_queries - offset)[:, None], p, 0.0)
 
 
 @gluon.jit

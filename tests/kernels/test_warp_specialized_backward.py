@@ -30,8 +30,9 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
     # one TMA reduce-add of the consumer's dQ columns. At head dim 64 dQ's 64 columns are the
     # consumers' in turn and taken a block late: on the consumer's blocks the previous block's dQ
     # product (waited for at once) and its reduce, then S and dP; dK and dV are waited for at the
-    # end. (A loop's match ends at its first yield: with the
-    # causal mask that is the mask's branch, after S and dP.)
+    # end. At head dim 128 the causal mask is applied to every block without a branch, so the
+    # loop is the same five products. (A loop's match ends at its first yield: at head dim 64
+    # with the causal mask that is the mask's branch, after S and dP.)
     loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
     consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
     assert len(consumer_loops) == 2
@@ -39,7 +40,7 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
         # Without dropout each block loads its own log-sum-exp and delta rows: the loop carries
         # only dK and dV (carrying the next block's rows was measured slower).
         assert "tensor<64xf32" not in loop.splitlines()[0]
-        if causal:
+        if causal and head_dim == 64:
             assert loop.count("ttng.warp_group_dot ") == 2 and "scf.if" in loop
             continue
         assert loop.count("ttng.warp_group_dot ") == 5
@@ -52,14 +53,14 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
             assert [index for index, line in enumerate(products)
                     if "memdesc<64x128x" in line.split(" * ")[0]] == [2]
     # ptxas kept the products asynchronous. Spills: none at head dim 64; at 128 the consumers sit
-    # at 240 registers, a few bytes without the mask and the mask's registers (inside its
-    # branch) with it; the measured speed includes them. Without the mask none of them is in
-    # the consumers' loops; with it 45 and 41 spill instructions are (attention_notes v32).
+    # at 240 registers, a few bytes with or without the mask; the measured speed includes them.
+    # Without the mask none of them is in the consumers' loops; with it, 0 and 4 spill
+    # instructions are (the mask under a branch put 45 and 41 there and measured 1-8 % slower,
+    # attention_notes v33).
     assert compiled["serialized"] == []
-    limit = {(64, 0): 0, (128, 0): 16, (128, 1): 256}[head_dim, causal]
+    limit = {(64, 0): 0, (128, 0): 16, (128, 1): 32}[head_dim, causal]
     assert compiled["stack"] <= limit
-    if not causal:
-        assert compiled["loop_spills"] == "0,0"
+    assert max(map(int, compiled["loop_spills"].split(","))) <= (8 if causal else 0)
 
 
 @pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
