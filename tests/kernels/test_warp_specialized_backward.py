@@ -55,7 +55,7 @@ def test_compiles_for_sm90_with_two_consumers_and_a_producer(head_dim, causal):
     # ptxas kept the products asynchronous. Spills: none at head dim 64; at 128 the consumers sit
     # at 240 registers, a few bytes with or without the mask; the measured speed includes them.
     # Without the mask none of them is in the consumers' loops; with it, 0 and 4 spill
-    # instructions are (the mask under a branch put 45 and 41 there and measured 1-8 % slower,
+    # instructions are (the mask under a branch put 45 and 41 there and measured up to 8 % slower,
     # attention_notes v33).
     assert compiled["serialized"] == []
     limit = {(64, 0): 0, (128, 0): 16, (128, 1): 32}[head_dim, causal]
