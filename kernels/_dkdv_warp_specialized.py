@@ -178,12 +178,9 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
         p = gl.exp2(s * qk_scale - lse[:, None])
         if CAUSAL_MASK:     # key j visible to query i when j <= i (as many queries as keys)
             offset = n0 + c * ROWS - block * ROWS
-            # At head dim 128 the consumers are at their register limit, and how ptxas fits the
-            # mask decides whether the loop spills (attention_notes v33). Without dropout the mask
-            # is applied to every block, without a branch (for a block whose queries all follow
-            # this consumer's keys, offset <= -64, it keeps every entry): the branch made ptxas
-            # spill inside the loop. With dropout, and at head dim 64, blocks with a query before
-            # one of this consumer's keys (offset >= 0) take it under a branch.
+            # Head dim 128 without dropout: every block, no branch (where offset <= -64 the mask
+            # keeps every entry; the branch made ptxas spill in the loop). Elsewhere only blocks
+            # with a query before one of this consumer's keys. Forms: _causal_probabilities.
             if HEAD_DIM > ROWS and not DROPOUT:
                 p = _causal_probabilities(p, offset, s_layout, False)
             elif offset >= 0:
