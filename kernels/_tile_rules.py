@@ -71,8 +71,10 @@ PINGPONG_TILES = {
     # faster at 512-1K (v32), level at 2K and beyond
     (128, False): ((512, Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)),),
     # causal, 3 warpgroups, 64-key blocks in query-block order, three runs (v19, v21, v22): +2 to
-    # +8 % at 1K-8K; 16K -1 % and +3 % (v21, v22)
-    (128, True): ((512, Tiles(192, 64, 4, 3, gluon=True, pingpong=True)),),
+    # +8 % at 1K-8K; 16K -1 % and +3 % (v21, v22). Below 1K, 2 warpgroups (v34, 32 x 512, two
+    # processes: forward time -2.3 %; at 1K -1.4 / -0.5 %, at 2K +11 / +15 %).
+    (128, True): ((512, Tiles(128, 64, 4, 3, gluon=True, pingpong=True)),
+                  (1024, Tiles(192, 64, 4, 3, gluon=True, pingpong=True))),
     # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %); from 2K since each
     # consumer stops at its own rows' key blocks (v31: forward time -5 % at 32 heads, -8.5 % at
     # 12; at 1K still +4.5 / +6 %, at 512 +7 to +18 % (v32))
@@ -172,14 +174,17 @@ def _warp_specialized_pays(head_dim: int, causal: bool, dropout: bool, seqlen: i
 # dropout, head dim 128 -17 / -2 % without a mask / causal, 64 -14 / -3.5 %. With dropout 0.1 and
 # one K/V buffer: head dim 128 without a mask -7.5 / -2 % at 512 / 1K (+3 % at 2K), 64 without a
 # mask -13 / -12 / -6 / -1 % at 512 / 1K / 2K / 4K, 64 causal -3 / -8.5 % at 1K / 2K (+5 % at
-# 512); 128 causal level at 1K.
+# 512); 128 causal level at 1K. Head dim 128 causal with dropout (v34; 16 x 1024, 8 x 2048 and
+# 4 x 4096 tokens, two processes): -3.4 % at 2K (1.237 / 1.238 ms against 1.280 / 1.281), level at
+# 1K (0.816 / 0.813 against 0.816 / 0.816), +1 % at 4K.
 WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (512, 8192),
                                       (64, True, False): (512, 16384),
                                       (128, False, False): (512, 2048),
                                       (128, True, False): (512, 2048),
                                       (64, False, True): (512, 4096),
                                       (64, True, True): (1024, 2048),
-                                      (128, False, True): (512, 1024)}
+                                      (128, False, True): (512, 1024),
+                                      (128, True, True): (2048, 2048)}
 
 # K/V buffers of the persistent pass by head dim, without dropout. Two let the producer load the
 # next tile's K and V while the consumers still read this tile's; they fit shared memory at head

@@ -167,7 +167,10 @@ def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
     assert tiles(64, False, 8192) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True,
                                            head_major=True)
     assert tiles(64, False, 256) is None
-    assert tiles(128, True, 512) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)    # v32
+    # Causal at head dim 128: two consumers below 1K (v34), three from 1K.
+    assert tiles(128, True, 512) == tiles(128, True, 1023) == Tiles(128, 64, 4, 3, gluon=True,
+                                                                    pingpong=True)
+    assert tiles(128, True, 1024) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)
     assert tiles(128, True, 16384) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)
     assert tiles(128, True, 256) is None
     assert tiles(128, False, 4096, dropout=True) is None      # the kernel has no dropout
