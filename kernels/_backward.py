@@ -134,6 +134,8 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
     if gluon_dkdv:
         dkdv_launcher = DKDV_WARP_SPECIALIZED if kv_tiles.warp_specialized else DKDV_GLUON
         dkdv_config[2]["STAGES"] = kv_tiles.num_stages
+        if kv_tiles.mask_partition and dropout:
+            dkdv_config[2]["MASK_PARTITION"] = True
         if kv_tiles.warp_specialized and not kv_tiles.persistent and causal:
             dkdv_config[2]["ORDER_GROUP"] = _dkdv_warp_specialized.causal_order_group(
                 geometry.seqlen_k)

@@ -30,13 +30,11 @@ attention_notes v33). With dropout each consumer regenerates its 64 x 64
 tile of the forward's keep-mask from the seed and counters (``_philox_gluon.keep_tile``): the tile
 is untransposed, in the forward's layout, so each thread computes only the counters it holds.
 
-Measured on an H200 (bf16, hidden 2048; attention_notes.md, v20): the whole backward at head
-dim 128 +7 to +30 % against the two-pass Gluon default without a mask (1K-16K tokens), +9 to
-+24 % causal from 4K (below 4K causal it tied or lost); at head dim 64 (v21) +3 to +9 % against
-the fused Gluon pass from 2K without a mask and 4K causal. With dropout (v22), against the dropout
-defaults: d128 +8 to +34 % without a mask (1K-16K) and +5 to +26 % causal from 2K, d64 +5 to +11 %
-without a mask and +6 to +13 % causal from 4K. Short calls without a mask run it in a persistent
-grid (``_dkdv_ws_persistent.py``).
+Measured on an H200 (bf16, hidden 2048; attention_notes.md v20-v22), whole backward against the
+previous defaults: head dim 128 +7 to +30 % without a mask (1K-16K), +9 to +24 % causal from 4K;
+64 +3 to +9 % from 2K / 4K; with dropout +5 to +34 %. Short calls run it in a persistent grid
+(``_dkdv_ws_persistent.py``). MASK_PARTITION (not a default, unmeasured): the keep-masks drawn
+by warps of their own (``_dropout_mask_partition.py``).
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), with
 ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through: padded
@@ -50,6 +48,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
+from ._dropout_mask_partition import mask_buffers, mask_partition, read_keep
 from ._gluon_shared import head_descriptor, heavy_first, tma_reduce_add
 from ._philox_gluon import dropout_arguments, keep_tile
 
@@ -106,12 +105,14 @@ def _reduce_dq(dq, dq_buffer, dq_desc, row, col):
 def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks,
                   n0, base, q_row0, dq_col0, qk_scale, CAUSAL_MASK: gl.constexpr,
                   DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, STAGES: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, dq_layout: gl.constexpr):
+                  HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, dq_layout: gl.constexpr,
+                  masks=0, MASK_PARTITION: gl.constexpr = False):
     """Consumer c's share of query blocks ``first`` .. ``n_blocks`` - 1: returns its dK and dV (dK
     unscaled, and without dropout's rescale). Stage and barrier phases count from ``base`` (the
     query blocks the program took before this key block: 0 here, more in the persistent pass);
     dQ's tile of query block b goes to row ``q_row0`` + 64b, column ``dq_col0`` + 64c of
-    ``dq_desc``. ``dropout``: ``_philox_gluon.dropout_arguments``'s tuple (0 without dropout)."""
+    ``dq_desc``. ``dropout``: ``_philox_gluon.dropout_arguments``'s tuple (0 without dropout);
+    with MASK_PARTITION the keep-masks are read from ``masks`` (``_dropout_mask_partition.py``)."""
     q_desc, do_desc, k_desc, v_desc, dq_desc = descs
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
     kv_bar, qdo_full, qdo_empty, ds_full, ds_empty = bars
@@ -164,7 +165,7 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                     # (Taken before S and dP are issued instead, it measured 1-6 % slower.)
                     _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_smem.index(c), dq_desc,
                              index - 1, q_row0 + (block - 1) * ROWS, dq_col, dq_layout)
-        if DROPOUT:
+        if DROPOUT and not MASK_PARTITION:
             # The block's keep-mask, regenerated from the seed and counters as the forward drew
             # it, while S and dP are computed: the tile is in the forward's orientation, so each
             # thread computes only the Philox counters it holds. Dropped entries leave P (for dV)
@@ -175,6 +176,8 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                              counters_per_row, n0 + c * ROWS, threshold, ROWS, ROWS, N_ROUNDS,
                              s_layout)
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
+        if DROPOUT and MASK_PARTITION:
+            keep = read_keep(masks, index, c, s_layout)
         p = gl.exp2(s * qk_scale - lse[:, None])
         if CAUSAL_MASK:     # key j visible to query i when j <= i (as many queries as keys)
             offset = n0 + c * ROWS - block * ROWS
@@ -266,11 +269,13 @@ def _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_buffer, dq_desc, index, row,
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, out_args, n0, first,
-              n_blocks, qk_scale, softmax_scale, drop_rescale, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, DROPOUT: gl.constexpr,
-              N_ROUNDS: gl.constexpr):
-    """Consumer c: dK and dV of keys n0 + 64c .. n0 + 64c + 63, and its columns of each block's dQ."""
+def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
+              n_blocks, scales, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
+              MASK_PARTITION: gl.constexpr):
+    """Consumer c: dK and dV of keys n0 + 64c .. n0 + 64c + 63, and its columns of each block's dQ.
+    ``scales``: (qk_scale, softmax_scale, drop_rescale)."""
+    qk_scale, softmax_scale, drop_rescale = scales
     kv_bar = bars[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
@@ -283,7 +288,7 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, out_args, n
     mbarrier.wait(kv_bar, 0)
     dk, dv = _query_blocks(c, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks, n0,
                            0, 0, 0, qk_scale, CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM,
-                           s_layout, dq_layout)
+                           s_layout, dq_layout, masks, MASK_PARTITION)
     tma.store_wait(0)          # shared memory is read before the program ends
     dk = dk * softmax_scale
     if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass
@@ -368,6 +373,7 @@ def _dkdv_warp_specialized_kernel(
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False, ORDER_GROUP: gl.constexpr = 4,
+    MASK_PARTITION: gl.constexpr = False,
 ):
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -398,6 +404,8 @@ def _dkdv_warp_specialized_kernel(
     dq_desc = tma.make_tensor_descriptor(GradQAcc + batch64 * stride_aqb + head64 * stride_aqh,
                                          [seqlen_q, HEAD_DIM], [stride_aqn, 1], [ROWS, ROWS],
                                          dq_layout)
+    if DROPOUT and MASK_PARTITION:      # allocated before the shared fence
+        masks = mask_buffers()
     buffers, bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, 1)
     # One key block per program: its K/V buffer and barrier.
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
@@ -422,12 +430,21 @@ def _dkdv_warp_specialized_kernel(
                                     counters_per_row, drop_threshold, SEED_IN_MEMORY)
     else:
         dropout = 0
-    gl.warp_specialize([
-        (_consumer, (0, descs, buffers, bars, stats, dropout, out_args, n0, first, n_blocks,
-                     qk_scale, softmax_scale, drop_rescale, HEAD_DIM, STAGES, UPPER, DROPOUT,
-                     N_ROUNDS)),
-        (_consumer, (1, descs, buffers, bars, stats, dropout, out_args, n0, first, n_blocks,
-                     qk_scale, softmax_scale, drop_rescale, HEAD_DIM, STAGES, UPPER, DROPOUT,
-                     N_ROUNDS)),
-        (_producer, (descs, buffers, bars, n0, first, n_items, STAGES)),
-    ], [4, 1], [240, 24])
+    scales = (qk_scale, softmax_scale, drop_rescale)
+    if DROPOUT and MASK_PARTITION:      # the keep-masks from two warps of their own
+        gl.warp_specialize([
+            (_consumer, (0, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, True)),
+            (_consumer, (1, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, True)),
+            (_producer, (descs, buffers, bars, n0, first, n_items, STAGES)),
+            (mask_partition, (masks, dropout, n0, first, n_items, N_ROUNDS)),
+        ], [4, 1, 2], [240, 24, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, descs, buffers, bars, stats, dropout, 0, out_args, n0, first,
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False)),
+            (_consumer, (1, descs, buffers, bars, stats, dropout, 0, out_args, n0, first,
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False)),
+            (_producer, (descs, buffers, bars, n0, first, n_items, STAGES)),
+        ], [4, 1], [240, 24])

@@ -192,7 +192,7 @@ def pass_arguments(args) -> tuple:
     block_m, block_n, warps, stages = args.tiles
     tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused, gluon=args.gluon,
                   warp_specialized=args.warp_specialized, persistent=args.persistent,
-                  kv_buffers=args.kv_buffers)
+                  kv_buffers=args.kv_buffers, mask_partition=args.mask_partition)
     seed = torch.empty(1, dtype=torch.int64, device="meta") if args.seed_in_memory else kernel_seed(1234)
     counter_base = kernel_counter_base(0 if args.seed_in_memory else 4 * 12345)
     in_memory = {"SEED_IN_MEMORY": True} if args.seed_in_memory else {}
@@ -224,6 +224,8 @@ def pass_arguments(args) -> tuple:
         if args.persistent:     # the persistent kernel's extra argument: the number of sequences
             dkdv_launcher, dkdv_static = _backward.DKDV_WS_PERSISTENT, (*dkdv_static, args.batch)
             dkdv_options["KV_BUFFERS"] = args.kv_buffers
+        if args.mask_partition and args.dropout:
+            dkdv_options["MASK_PARTITION"] = True
     accumulator = torch.empty(shape, dtype=torch.float32, device="meta")
     return dkdv_launcher.kernel, (q, k, v, grad_out, lse, delta, dk, dv, accumulator, None, seed,
                                   counter_base, *dkdv_static), {**dkdv_options, **in_memory}
@@ -251,6 +253,8 @@ def parse_args(argv=None):
                         help="with --warp-specialized: that pass in a persistent grid")
     parser.add_argument("--kv-buffers", type=int, choices=[1, 2], default=1,
                         help="with --persistent: buffers of a tile's K and V")
+    parser.add_argument("--mask-partition", action="store_true",
+                        help="with --warp-specialized and --dropout: the keep-masks from warps of their own")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
                         help="dkdv with dropout: how the transposed tile gets its keep-mask "
                              "(default: the library's choice for the tiles)")
@@ -268,6 +272,9 @@ def parse_args(argv=None):
         parser.error("--persistent is an option of the warp-specialized pass (--warp-specialized)")
     if args.kv_buffers != 1 and not args.persistent:
         parser.error("--kv-buffers is an option of the persistent pass (--persistent)")
+    if args.mask_partition and (not args.warp_specialized or args.persistent or not args.dropout):
+        parser.error("--mask-partition is an option of the warp-specialized pass's per-key-block grid "
+                     "with --dropout")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

@@ -31,18 +31,20 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
     forward: any value). ``kernel`` "dkdv_fused": the dK/dV pass that also adds dQ;
     "dkdv_warp_specialized": its two-consumer form (``_dkdv_warp_specialized.py``);
     "dkdv_ws_persistent": that form in a persistent grid (``_dkdv_ws_persistent.py``), and
-    "dkdv_ws_persistent_kv2" with two K/V buffers;
+    "dkdv_ws_persistent_kv2" with two K/V buffers; "dkdv_ws_mask_partition": the per-key-block form
+    with its keep-masks from warps of their own (``_dropout_mask_partition.py``);
     "pingpong" and "pingpong_head_major": the ping-pong forward in either tile order."""
     pingpong = kernel.startswith("pingpong")
     persistent = kernel.startswith("dkdv_ws_persistent")
-    warp_specialized = kernel == "dkdv_warp_specialized" or persistent
+    mask_partition = kernel == "dkdv_ws_mask_partition"
+    warp_specialized = kernel == "dkdv_warp_specialized" or persistent or mask_partition
     args = SimpleNamespace(
         pass_="dkdv" if kernel.startswith("dkdv") else "forward" if pingpong else kernel,
         batch=2, seqlen=4096, heads=4, pingpong=pingpong, head_major=kernel.endswith("head_major"),
         head_dim=head_dim, causal=bool(causal), dropout=0.1 if mask_layout else 0.0,
         tiles=(block_m, block_n, num_warps, stages), fused=kernel == "dkdv_fused" or warp_specialized,
         gluon=True, warp_specialized=warp_specialized, persistent=persistent,
-        kv_buffers=2 if kernel.endswith("_kv2") else 1,
+        kv_buffers=2 if kernel.endswith("_kv2") else 1, mask_partition=mask_partition,
         seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None)
     return kernel_resources.compile_for(*kernel_resources.pass_arguments(args))
 

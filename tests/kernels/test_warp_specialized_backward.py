@@ -4,6 +4,7 @@ output), tiles that ask for it run it only for the calls it takes, the default c
 the measured settings, and if it cannot compile the portable pass runs the call. Its numerics
 need a GPU (test_gpu_gluon.py): the interpreter cannot run Gluon."""
 
+import dataclasses
 import re
 
 import pytest
@@ -88,6 +89,34 @@ def test_with_dropout_each_consumer_generates_only_its_own_counters(head_dim, st
     assert compiled["stack"] <= {64: 48, 128: 160}[head_dim]
 
 
+@pytest.mark.parametrize("head_dim, causal, stages", [(128, 0, 2), (128, 1, 2), (64, 1, 4)])
+def test_with_a_mask_partition_the_consumers_run_no_philox(head_dim, causal, stages):
+    # Two more warps (the third worker, in the producer's warpgroup at its 24 registers) draw
+    # every block's keep-mask into shared memory: the consumers' loops have no Philox multiply
+    # and far fewer spills than when they draw it themselves (head dim 128, per loop: 5 and 0
+    # without the mask, 8 and 30 causal, against 23 / 24 and 69 / 60). The mask warps compute 16
+    # counters each per block of 2 x 64 x 64 entries: one per thread and 16-row chunk.
+    compiled = compiled_for_sm90("dkdv_ws_mask_partition", head_dim, 64, 128, stages, 4, causal,
+                                 "untransposed")
+    assert compiled["partitions"] == ["240, 24, 24"]
+    loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
+    consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
+    assert len(consumer_loops) == 2
+    for loop in consumer_loops:
+        assert "mulhiui" not in loop
+        # (With the causal mask a loop's match ends at the mask's branch: S and dP before it,
+        # and at head dim 64 the previous block's dQ.)
+        assert loop.count("ttng.warp_group_dot ") == {(128, 0): 5, (128, 1): 2,
+                                                      (64, 1): 3}[head_dim, causal]
+    # Seven rounds of two high multiplies per counter, the first round's one on a zero word
+    # folded: 8 chunks of one counter per thread (without a mask partition each consumer loop
+    # has 14, two counters).
+    assert 8 * 13 <= compiled["high_multiplies"] <= 8 * 14 + 8
+    assert compiled["serialized"] == []
+    limit = {(128, 0): 8, (128, 1): 32, (64, 1): 4}[head_dim, causal]
+    assert max(map(int, compiled["loop_spills"].split(","))) <= limit
+
+
 def test_tiles_name_it_only_as_a_fused_gluon_pass_of_its_shape():
     assert WARP_SPECIALIZED.warp_specialized
     for bad in (dict(gluon=False), dict(fused=False), dict(block_m=32), dict(block_n=64),
@@ -96,6 +125,13 @@ def test_tiles_name_it_only_as_a_fused_gluon_pass_of_its_shape():
                       warp_specialized=True)
         with pytest.raises(ValueError, match="warp-specialized"):
             Tiles(**{**fields, **bad})
+
+
+def test_a_mask_partition_is_an_option_of_the_per_key_block_grid_only():
+    assert dataclasses.replace(WARP_SPECIALIZED, mask_partition=True).mask_partition
+    for bad in (dict(warp_specialized=False, fused=False), dict(persistent=True)):
+        with pytest.raises(ValueError, match="mask_partition"):
+            dataclasses.replace(WARP_SPECIALIZED, mask_partition=True, **bad)
 
 
 def test_the_calls_it_takes():
