@@ -39,6 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from ._dkdv_warp_specialized import ROWS, _check_tiles, _query_blocks, _tiles_and_barriers
+from ._dropout_mask_partition import mask_buffers, write_block_masks
 from ._gluon_shared import alternate_rounds
 from ._philox_gluon import dropout_arguments
 
@@ -117,10 +118,29 @@ def _producer(descs, buffers, bars, geometry, STAGES: gl.constexpr, CAUSAL: gl.c
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides, drop, qk_scale,
-              softmax_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr,
-              KV_BUFFERS: gl.constexpr):
+def _mask_partition(masks, geometry, drop, CAUSAL: gl.constexpr, N_ROUNDS: gl.constexpr,
+                    SEED_IN_MEMORY: gl.constexpr):
+    """The mask warps (``_dropout_mask_partition.py``): every tile's query blocks in the
+    consumers' order, from each tile's (batch, head) counters."""
+    n_tiles, n_kblocks, heads, seqlen_q, seqlen_k = geometry
+    seed, counter_base, counters_per_row, drop_threshold, drop_rescale = drop
+    n_blocks = seqlen_q // ROWS
+    loaded = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        n0, head, batch, first = _tile(tile, n_tiles, n_kblocks, heads, CAUSAL)
+        dropout = dropout_arguments(seed, counter_base, batch, heads, head, seqlen_q, 0,
+                                    counters_per_row, drop_threshold, SEED_IN_MEMORY)
+        for block in range(first, n_blocks):
+            write_block_masks(masks, dropout, loaded + block - first, block, n0, N_ROUNDS)
+        loaded += n_blocks - first
+
+
+@gluon.jit
+def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides, drop, masks,
+              qk_scale, softmax_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
+              SEED_IN_MEMORY: gl.constexpr, KV_BUFFERS: gl.constexpr,
+              MASK_PARTITION: gl.constexpr):
     """Consumer c of each tile: dK and dV of its keys n0 + 64c .. n0 + 64c + 63, and its columns of
     each query block's dQ (``_query_blocks``)."""
     kv_full, kv_empty, qdo_full, qdo_empty, ds_full, ds_empty = bars
@@ -159,7 +179,8 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
         block_bars = (kv_full.index(buffer), qdo_full, qdo_empty, ds_full, ds_empty)
         dk, dv = _query_blocks(c, descs, tile_buffers, block_bars, dk, dv, stats, dropout, first,
                                n_blocks, n0, loaded, batch * seqlen_q, head * HEAD_DIM, qk_scale,
-                               CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM, s_layout, dq_layout)
+                               CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM, s_layout, dq_layout,
+                               masks, MASK_PARTITION)
         # Every product reading K and V has been waited for: the next tile's may load.
         mbarrier.arrive(kv_empty.index(buffer), count=1)
         dk = dk * softmax_scale
@@ -192,6 +213,7 @@ def _dkdv_ws_persistent_kernel(
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False, KV_BUFFERS: gl.constexpr = 1,
+    MASK_PARTITION: gl.constexpr = False,
 ):
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -215,6 +237,8 @@ def _dkdv_ws_persistent_kernel(
     kv_empty = gl.allocate_shared_memory(gl.int64, [KV_BUFFERS, 1], mbarrier.MBarrierLayout())
     for buffer in gl.static_range(KV_BUFFERS):
         mbarrier.init(kv_empty.index(buffer), count=2)
+    if DROPOUT and MASK_PARTITION:
+        masks = mask_buffers()
     buffers, block_bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, KV_BUFFERS)
 
     descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
@@ -225,12 +249,24 @@ def _dkdv_ws_persistent_kernel(
     strides = (stride_lse_b, stride_lse_h, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
                stride_dvn, stride_dvh)
     drop = (seed, counter_base, counters_per_row, drop_threshold, drop_rescale)
-    gl.warp_specialize([
-        (_consumer, (0, descs, buffers, bars, geometry, pointers, strides, drop, qk_scale,
-                     softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, SEED_IN_MEMORY,
-                     KV_BUFFERS)),
-        (_consumer, (1, descs, buffers, bars, geometry, pointers, strides, drop, qk_scale,
-                     softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, SEED_IN_MEMORY,
-                     KV_BUFFERS)),
-        (_producer, (descs, buffers, bars, geometry, STAGES, UPPER, HEAD_DIM, KV_BUFFERS)),
-    ], [4, 1], [240, 24])
+    if DROPOUT and MASK_PARTITION:      # the keep-masks from two warps of their own
+        gl.warp_specialize([
+            (_consumer, (0, descs, buffers, bars, geometry, pointers, strides, drop, masks,
+                         qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
+                         SEED_IN_MEMORY, KV_BUFFERS, True)),
+            (_consumer, (1, descs, buffers, bars, geometry, pointers, strides, drop, masks,
+                         qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
+                         SEED_IN_MEMORY, KV_BUFFERS, True)),
+            (_producer, (descs, buffers, bars, geometry, STAGES, UPPER, HEAD_DIM, KV_BUFFERS)),
+            (_mask_partition, (masks, geometry, drop, UPPER, N_ROUNDS, SEED_IN_MEMORY)),
+        ], [4, 1, 2], [240, 24, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, descs, buffers, bars, geometry, pointers, strides, drop, 0, qk_scale,
+                         softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
+                         SEED_IN_MEMORY, KV_BUFFERS, False)),
+            (_consumer, (1, descs, buffers, bars, geometry, pointers, strides, drop, 0, qk_scale,
+                         softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
+                         SEED_IN_MEMORY, KV_BUFFERS, False)),
+            (_producer, (descs, buffers, bars, geometry, STAGES, UPPER, HEAD_DIM, KV_BUFFERS)),
+        ], [4, 1], [240, 24])

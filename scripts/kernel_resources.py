@@ -272,9 +272,8 @@ def parse_args(argv=None):
         parser.error("--persistent is an option of the warp-specialized pass (--warp-specialized)")
     if args.kv_buffers != 1 and not args.persistent:
         parser.error("--kv-buffers is an option of the persistent pass (--persistent)")
-    if args.mask_partition and (not args.warp_specialized or args.persistent or not args.dropout):
-        parser.error("--mask-partition is an option of the warp-specialized pass's per-key-block grid "
-                     "with --dropout")
+    if args.mask_partition and not (args.warp_specialized and args.dropout):
+        parser.error("--mask-partition is an option of the warp-specialized pass with --dropout")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

@@ -31,12 +31,13 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
     forward: any value). ``kernel`` "dkdv_fused": the dK/dV pass that also adds dQ;
     "dkdv_warp_specialized": its two-consumer form (``_dkdv_warp_specialized.py``);
     "dkdv_ws_persistent": that form in a persistent grid (``_dkdv_ws_persistent.py``), and
-    "dkdv_ws_persistent_kv2" with two K/V buffers; "dkdv_ws_mask_partition": the per-key-block form
-    with its keep-masks from warps of their own (``_dropout_mask_partition.py``);
+    "dkdv_ws_persistent_kv2" with two K/V buffers; "dkdv_ws_mask_partition" and
+    "dkdv_ws_persistent_mask_partition": either grid with its keep-masks from warps of their own
+    (``_dropout_mask_partition.py``);
     "pingpong" and "pingpong_head_major": the ping-pong forward in either tile order."""
     pingpong = kernel.startswith("pingpong")
     persistent = kernel.startswith("dkdv_ws_persistent")
-    mask_partition = kernel == "dkdv_ws_mask_partition"
+    mask_partition = kernel.endswith("mask_partition")
     warp_specialized = kernel == "dkdv_warp_specialized" or persistent or mask_partition
     args = SimpleNamespace(
         pass_="dkdv" if kernel.startswith("dkdv") else "forward" if pingpong else kernel,

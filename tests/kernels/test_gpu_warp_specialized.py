@@ -143,14 +143,18 @@ def test_persistent_backward_on_gpu(head_dim, stages, kv_buffers, batch, seqlen,
 
 
 @sm90_exactly
-@pytest.mark.parametrize("head_dim, stages, kv_buffers", [(128, 2, 1), (64, 4, 1), (64, 4, 2)])
-def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, kv_buffers, monkeypatch):
-    # Each tile's keep-mask from its own (batch, head) counters: the gradients match float64 under
-    # the mask return_debug_mask materializes, with no fallback.
+@pytest.mark.parametrize("head_dim, stages, kv_buffers, mask_partition",
+                         [(128, 2, 1, False), (64, 4, 1, False), (64, 4, 2, False),
+                          (128, 2, 1, True), (64, 4, 1, True)])
+def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, kv_buffers, mask_partition,
+                                                 monkeypatch):
+    # Each tile's keep-mask from its own (batch, head) counters, by the consumers or by the mask
+    # warps: the gradients match float64 under the mask return_debug_mask materializes, with no
+    # fallback.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
-                  persistent=True, kv_buffers=kv_buffers)
+                  persistent=True, kv_buffers=kv_buffers, mask_partition=mask_partition)
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     for causal in (False, True):

@@ -89,15 +89,18 @@ def test_with_dropout_each_consumer_generates_only_its_own_counters(head_dim, st
     assert compiled["stack"] <= {64: 48, 128: 160}[head_dim]
 
 
-@pytest.mark.parametrize("head_dim, causal, stages", [(128, 0, 2), (128, 1, 2), (64, 1, 4)])
-def test_with_a_mask_partition_the_consumers_run_no_philox(head_dim, causal, stages):
+@pytest.mark.parametrize("kernel, head_dim, causal, stages, limit", [
+    ("dkdv_ws_mask_partition", 128, 0, 2, 8), ("dkdv_ws_mask_partition", 128, 1, 2, 32),
+    ("dkdv_ws_mask_partition", 64, 1, 4, 4), ("dkdv_ws_persistent_mask_partition", 128, 0, 2, 8),
+    ("dkdv_ws_persistent_mask_partition", 128, 1, 2, 40)])
+def test_with_a_mask_partition_the_consumers_run_no_philox(kernel, head_dim, causal, stages, limit):
     # Two more warps (the third worker, in the producer's warpgroup at its 24 registers) draw
     # every block's keep-mask into shared memory: the consumers' loops have no Philox multiply
-    # and far fewer spills than when they draw it themselves (head dim 128, per loop: 5 and 0
-    # without the mask, 8 and 30 causal, against 23 / 24 and 69 / 60). The mask warps compute 16
-    # counters each per block of 2 x 64 x 64 entries: one per thread and 16-row chunk.
-    compiled = compiled_for_sm90("dkdv_ws_mask_partition", head_dim, 64, 128, stages, 4, causal,
-                                 "untransposed")
+    # and far fewer spills than when they draw it themselves (head dim 128, per loop, per key
+    # block: 5 and 0 without the mask, 8 and 30 causal, against 23 / 24 and 69 / 60; persistent:
+    # 5 / 4 and 34 / 25 against 34 / 46 and 82 / 83). The mask warps compute 16 counters each per
+    # block of 2 x 64 x 64 entries: one per thread and 16-row chunk.
+    compiled = compiled_for_sm90(kernel, head_dim, 64, 128, stages, 4, causal, "untransposed")
     assert compiled["partitions"] == ["240, 24, 24"]
     loops = [loop[loop.rfind("scf.for"):] for loop in compiled["loops"]]
     consumer_loops = [loop for loop in loops if "ttng.warp_group_dot " in loop]
@@ -113,7 +116,6 @@ def test_with_a_mask_partition_the_consumers_run_no_philox(head_dim, causal, sta
     # has 14, two counters).
     assert 8 * 13 <= compiled["high_multiplies"] <= 8 * 14 + 8
     assert compiled["serialized"] == []
-    limit = {(128, 0): 8, (128, 1): 32, (64, 1): 4}[head_dim, causal]
     assert max(map(int, compiled["loop_spills"].split(","))) <= limit
 
 
@@ -127,11 +129,11 @@ def test_tiles_name_it_only_as_a_fused_gluon_pass_of_its_shape():
             Tiles(**{**fields, **bad})
 
 
-def test_a_mask_partition_is_an_option_of_the_per_key_block_grid_only():
+def test_a_mask_partition_is_an_option_of_the_warp_specialized_pass():
     assert dataclasses.replace(WARP_SPECIALIZED, mask_partition=True).mask_partition
-    for bad in (dict(warp_specialized=False, fused=False), dict(persistent=True)):
-        with pytest.raises(ValueError, match="mask_partition"):
-            dataclasses.replace(WARP_SPECIALIZED, mask_partition=True, **bad)
+    assert dataclasses.replace(WARP_SPECIALIZED, mask_partition=True, persistent=True).persistent
+    with pytest.raises(ValueError, match="mask_partition"):
+        dataclasses.replace(WARP_SPECIALIZED, mask_partition=True, warp_specialized=False)
 
 
 def test_the_calls_it_takes():
