@@ -7,7 +7,8 @@ from torch.utils.checkpoint import checkpoint
 from kernels import flash_attention
 from kernels._philox import effective_dropout_p
 
-from .numerics import check_against_reference, check_dropout_against_reference, random_qkv
+from .numerics import (backward_launch_configs, check_against_reference,
+                       check_dropout_against_reference, random_qkv)
 
 pytestmark = pytest.mark.gpu
 
@@ -293,14 +294,9 @@ def test_long_calls_at_head_dim_64_run_the_warp_specialized_pass(seqlen):
 def test_head_dim_128_causal_dropout_is_persistent_at_2048_tokens_only(seqlen):
     # With dropout and the causal mask the persistent grid won at 2K only (v34: -3.4 %; level at
     # 1K, +1 % at 4K); beyond, one program per key block. Gradients against float64.
-    from kernels import _backward, _forward
-    from kernels._launch import call_geometry
+    from kernels import _backward
     q, k, v = random_qkv((1, seqlen, 2, 128), (1, seqlen, 2, 128), torch.bfloat16, "cuda")
-    geometry = call_geometry(q, k, None, 0)
-    out, lse = _forward.new_outputs(q, geometry)
-    dkdv = _backward.launch_configs(torch.randn_like(q), q, k, v, out, lse,
-                                    *_backward.new_gradients(q, k, v, lse)[1:], geometry,
-                                    0.125, True, 0.1)[1]
+    dkdv = backward_launch_configs(q, k, v, True, 0.1)[1]
     assert dkdv[0] is (_backward.DKDV_WS_PERSISTENT if seqlen == 2048
                        else _backward.DKDV_WARP_SPECIALIZED)
     if seqlen == 2048:      # one K/V buffer with dropout
