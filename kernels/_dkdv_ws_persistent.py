@@ -16,8 +16,8 @@ attention_notes v22) against the non-persistent pass without a mask: head dim 12
 (0.89-0.96 at d128 1K-4K, 0.69 at 16K) while its programs strode over key blocks of unequal work
 in one direction; with every other round reversed (v28) it is the causal default at head dim 64
 from 1K to 16K tokens (16K: v30) and at 128 from 1K to 2K. Since v32 also from 512 tokens, and
-with dropout at 512-4K (head dim 64) and 512-1K (128) without a mask, and at 1K-2K at head dim 64
-causal (_tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN).
+with dropout at 512-4K (head dim 64) and 512-1K (128) without a mask, and causal at 1K-2K (head
+dim 64) and 2K (128, since v34) (_tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN).
 It computes the causal mask exactly for tiles that ask for it.
 
 K/V buffers (KV_BUFFERS, 1 or 2): with one, the producer waits for both consumers to finish a
