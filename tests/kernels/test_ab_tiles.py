@@ -24,6 +24,14 @@ def test_a_candidate_names_its_tiles_and_flags():
     assert ab_tiles.parse_candidate("plain=64,64,4,3") == ("plain", Tiles(64, 64, 4, 3))
 
 
+def test_the_printed_line_gives_each_candidate_against_its_pass_default():
+    record = dict(forward_candidates={"s4": "..."}, backward_candidates={"pers": "..."},
+                  median={"forward": 0.2, "s4": 0.19, "backward": 0.5, "pers": 0.525,
+                          "cudnn_forward": 0.18})
+    assert ab_tiles.summary(record) == ("forward 0.2000  s4 0.1900 (-5.0 %)  backward 0.5000  "
+                                        "pers 0.5250 (+5.0 %)  cudnn_forward 0.1800")
+
+
 @pytest.mark.parametrize("spec, message", [
     ("128,64,4,3", "expected NAME="),
     ("a=128,64,4", "four integers"),
