@@ -18,8 +18,9 @@ heads, head dim) bf16 tensors. Each round times every candidate once (``do_bench
 compared with the portable kernel's (``fwd_err``: largest absolute difference), the backward's
 gradients likewise (``bwd_err``); a candidate that cannot run the call is recorded in ``failed``
 with its error, and ``kernels`` names the forward, dQ and dK/dV kernels each ran (a Hopper
-candidate the call does not qualify for runs the portable kernel: its name shows it). Between processes the same kernel moves by 1-3 %: for a small difference run the
-script twice and compare both. Writes the JSON after every cell (atomically)."""
+candidate the call does not qualify for runs the portable kernel: its name shows it). Between
+processes the same kernel moves by 1-3 %: for a small difference run the script twice and compare
+both (``scripts/ab_compare.py``). Writes the JSON after every cell (atomically)."""
 
 import argparse
 import dataclasses
