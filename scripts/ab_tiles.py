@@ -7,7 +7,8 @@ interleaved round by round. The tile rules in ``kernels/_tile_rules.py`` rest on
         --backward pers1=64,128,4,4:gluon,fused,warp_specialized,persistent --out ab.json
 
 A candidate is NAME=BLOCK_M,BLOCK_N,WARPS,STAGES[:FLAG,...], the flags being ``Tiles`` fields
-(``gluon``, ``pingpong``, ``head_major``, ``fused``, ``warp_specialized``, ``persistent``, ``tma``)
+(``gluon``, ``pingpong``, ``head_major``, ``fused``, ``warp_specialized``, ``persistent``,
+``mask_partition``, ``tma``)
 and ``kv_buffers=N``. Backward candidates set the dK/dV pass's tiles; the dQ pass keeps its
 default tiles.
 
