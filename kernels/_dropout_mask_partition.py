@@ -30,7 +30,9 @@ def mask_buffers():
     """The slots (MASK_STAGES x 2 consumers of 64 x 64 bytes) and their barriers: ``full`` (the
     mask partition arrives once per block) and ``empty`` (each consumer arrives once it has
     loaded its tile). Initialized; the caller's shared fence covers them."""
-    layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+    # Swizzled in 4-byte groups: no bank conflicts for the consumers' loads or the mask warps'
+    # stores (gl.bank_conflicts); unswizzled, both would take 4 accesses per instruction.
+    layout: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     slots = gl.allocate_shared_memory(gl.int8, [MASK_STAGES * 2, ROWS, ROWS], layout)
     full = gl.allocate_shared_memory(gl.int64, [MASK_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [MASK_STAGES, 1], mbarrier.MBarrierLayout())
