@@ -2,10 +2,10 @@
 the consumers, and handed over in shared memory (``_dkdv_warp_specialized.py``, MASK_PARTITION).
 
 Why: with dropout each consumer warpgroup regenerates its 64 x 64 tile of the keep-mask per query
-block (two Philox counters per thread, ten rounds each) while its score products run. At head dim
-128 the consumers are at their 240-register limit: the loop spills (69 and 60 spill instructions
-per block), and ptxas places the Philox rounds after the wait for the products, so they lengthen
-every block (attention_notes v33). Here two more warps, beside the producer warp in its otherwise
+block (two Philox counters per thread, seven rounds each: _philox.PHILOX_ROUNDS) while its score
+products run. At head dim 128 the consumers are at their 240-register limit: the loop spills (69
+and 60 spill instructions per block), and ptxas places the Philox rounds after the wait for the
+products, so they lengthen every block (attention_notes v33). Here two more warps, beside the producer warp in its otherwise
 idle warpgroup, compute every block's mask (both consumers' tiles, 16 rows at a time: one counter
 per thread) into MASK_STAGES shared slots of 2 x 64 x 64 bytes; a consumer waits for its block's
 slot, loads its tile in the score accumulator's layout, and releases the slot.
@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ._philox_gluon import keep_tile
 
-ROWS = gl.constexpr(64)         # queries per block; keys per consumer
+ROWS = gl.constexpr(64)         # the pass's ROWS: queries per block, keys per consumer
 MASK_WARPS = gl.constexpr(2)    # the mask partition's warps
 MASK_STAGES = gl.constexpr(2)   # blocks whose masks can be ready ahead of the consumers
 
