@@ -5,10 +5,11 @@ Why: with dropout each consumer warpgroup regenerates its 64 x 64 tile of the ke
 block (two Philox counters per thread, seven rounds each: _philox.PHILOX_ROUNDS) while its score
 products run. At head dim 128 the consumers are at their 240-register limit: the loop spills (69
 and 60 spill instructions per block), and ptxas places the Philox rounds after the wait for the
-products, so they lengthen every block (attention_notes v33). Here two more warps, beside the producer warp in its otherwise
-idle warpgroup, compute every block's mask (both consumers' tiles, 16 rows at a time: one counter
-per thread) into MASK_STAGES shared slots of 2 x 64 x 64 bytes; a consumer waits for its block's
-slot, loads its tile in the score accumulator's layout, and releases the slot.
+products, so they lengthen every block (attention_notes v33). Here two more warps, beside the
+producer warp in its otherwise idle warpgroup, compute every block's mask (both consumers' tiles,
+16 rows at a time: one counter per thread) into MASK_STAGES shared slots of 2 x 64 x 64 bytes; a
+consumer waits for its block's slot, loads its tile in the score accumulator's layout, and releases
+the slot.
 
 The mask is the same function of (row, column) as ``_philox_gluon.keep_tile``'s: the same bits
 as the forward's.
