@@ -68,13 +68,18 @@ def gluon_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype,
 # (192 x 64: -3 / -8.5 / -7 %).
 PINGPONG_TILES = {
     # 3 warpgroups, 64-key blocks: +14 / +21 / +17 % at 1K / 4K / 16K (v18); 128 x 64 was 1-2.5 %
-    # faster at 512-1K (v32), level at 2K and beyond
-    (128, False): ((512, Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)),),
+    # faster at 512-1K (v32), level at 2K and beyond. Below 2K, 2 warpgroups with four K/V stages
+    # (v35, two processes, forward time against 192 x 64 with three: -1.0 / -1.6 % at 512,
+    # -2.1 / -2.4 % at 1K; three stages +0.3 / +0.6 % at 512)
+    (128, False): ((512, Tiles(128, 64, 4, 4, gluon=True, pingpong=True, head_major=True)),
+                   (2048, Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True))),
     # causal, 3 warpgroups, 64-key blocks in query-block order, three runs (v19, v21, v22): +2 to
     # +8 % at 1K-8K; 16K -1 % and +3 % (v21, v22). Below 1K, 2 warpgroups (v34, 32 x 512, two
-    # processes: forward time -2.3 %; at 1K -1.4 / -0.5 %, at 2K +11 / +15 %).
+    # processes: forward time -2.3 %; at 1K -1.4 / -0.5 %, at 2K +11 / +15 %). At 1K four K/V
+    # stages (v34: -2 %; v35, two processes: -3.4 / -3.5 %; at 512 and 2K mixed, -4 to +2 %).
     (128, True): ((512, Tiles(128, 64, 4, 3, gluon=True, pingpong=True)),
-                  (1024, Tiles(192, 64, 4, 3, gluon=True, pingpong=True))),
+                  (1024, Tiles(192, 64, 4, 4, gluon=True, pingpong=True)),
+                  (2048, Tiles(192, 64, 4, 3, gluon=True, pingpong=True))),
     # causal, 3 warpgroups, 128-key blocks: +6 / +29 % at 4K / 16K (1K: -24 %); from 2K since each
     # consumer stops at its own rows' key blocks (v31: forward time -5 % at 32 heads, -8.5 % at
     # 12; at 1K still +4.5 / +6 %, at 512 +7 to +18 % (v32))
@@ -195,6 +200,23 @@ WARP_SPECIALIZED_PERSISTENT_SEQLEN = {(64, False, False): (512, 8192),
 PERSISTENT_KV_BUFFERS = {64: 2}
 
 
+# The query lengths (shortest, longest) where the warp-specialized pass with a mask partition
+# (_dropout_mask_partition.py: two warps draw the dropout keep-masks for the consumers) beat it
+# without one, by (head dim, causal). Whole backward with dropout 0.1, four rounds in each of two
+# processes (H200, 16K tokens; attention_notes.md, v35): head dim 128 causal -3.3 / -2.8 % at 4K /
+# 8K (2.011 against 2.078 ms at 4K), level at 1K / 2K / 16K. Elsewhere it lost: head dim 128 without
+# a mask +14 to +19 % at 512-8K, head dim 64 +40 to +69 %, and in the persistent grid +6 to +24 %
+# at head dim 128: two warps on two of the four schedulers cannot draw the masks as fast as eight
+# consumer warps compute.
+MASK_PARTITION_SEQLEN = {(128, True): (4096, 8192)}
+
+
+def _mask_partition_pays(head_dim: int, causal: bool, seqlen: int) -> bool:
+    """Whether drawing the keep-masks in warps of their own beat the consumers' drawing (H200)."""
+    lengths = MASK_PARTITION_SEQLEN.get((head_dim, causal))
+    return lengths is not None and lengths[0] <= seqlen <= lengths[1]
+
+
 def _persistent_pays(head_dim: int, causal: bool, dropout: bool, seqlen: int) -> bool:
     """Whether the persistent warp-specialized pass beat the non-persistent one here (H200)."""
     lengths = WARP_SPECIALIZED_PERSISTENT_SEQLEN.get((head_dim, causal, dropout))
@@ -225,7 +247,9 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
         return Tiles(64, 128, 4, WARP_SPECIALIZED_STAGES[head_dim], gluon=True, fused=True,
                      warp_specialized=True, persistent=in_a_persistent_grid,
                      kv_buffers=PERSISTENT_KV_BUFFERS.get(head_dim, 1)
-                     if in_a_persistent_grid and not dropout else 1)
+                     if in_a_persistent_grid and not dropout else 1,
+                     mask_partition=(dropout and not in_a_persistent_grid
+                                     and _mask_partition_pays(head_dim, causal, seqlen)))
     if head_dim <= 64:
         # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).
         # With dropout the fused pass (dQ added by atomics, one mask regeneration instead of two):

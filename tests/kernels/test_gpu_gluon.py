@@ -69,11 +69,12 @@ def test_gluon_forward_on_gpu(head_dim, tiles, seqlen, heads_k, causal, monkeypa
 
 
 # (head dim, tiles, head-major): the tiles measured fastest in their cells (attention_notes v18,
-# v21, v22, v34), and both tile orders and consumer counts at head dim 64 and 128.
+# v21, v22, v34, v35), and both tile orders and consumer counts at head dim 64 and 128.
 PINGPONG_TILES = [(128, (192, 64, 4, 3), True), (64, (192, 128, 4, 3), False),
                   (64, (128, 128, 4, 3), True), (128, (128, 128, 4, 2), False),
                   (64, (192, 64, 4, 3), True), (128, (192, 64, 4, 3), False),
-                  (128, (128, 64, 4, 3), False)]
+                  (128, (128, 64, 4, 3), False), (128, (128, 64, 4, 4), True),
+                  (128, (192, 64, 4, 4), False)]
 
 
 @sm90_exactly

@@ -155,7 +155,11 @@ def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
     assert tiles(128, False, 4096, device=torch.device("cpu")) is None
     # From the shortest length where it won (attention_notes v18; 512: v32), with the tiles that
     # won there.
-    assert tiles(128, False, 512) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)
+    # Head dim 128 without a mask: two consumers with four K/V stages below 2K (v35), three
+    # consumers from 2K.
+    assert tiles(128, False, 512) == tiles(128, False, 2047) == Tiles(
+        128, 64, 4, 4, gluon=True, pingpong=True, head_major=True)
+    assert tiles(128, False, 2048) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True, head_major=True)
     assert tiles(128, False, 256) is None
     assert tiles(128, False, 4096, seqlen_q=1) is None       # one query against a long cache
     assert tiles(64, True, 2048) == Tiles(192, 128, 4, 3, gluon=True, pingpong=True)    # v31
@@ -167,10 +171,13 @@ def test_ping_pong_tiles_exist_only_for_measured_settings(monkeypatch):
     assert tiles(64, False, 8192) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True,
                                            head_major=True)
     assert tiles(64, False, 256) is None
-    # Causal at head dim 128: two consumers below 1K (v34), three from 1K.
+    # Causal at head dim 128: two consumers below 1K (v34), three from 1K, with four K/V stages
+    # below 2K (v35).
     assert tiles(128, True, 512) == tiles(128, True, 1023) == Tiles(128, 64, 4, 3, gluon=True,
                                                                     pingpong=True)
-    assert tiles(128, True, 1024) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)
+    assert tiles(128, True, 1024) == tiles(128, True, 2047) == Tiles(192, 64, 4, 4, gluon=True,
+                                                                     pingpong=True)
+    assert tiles(128, True, 2048) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)
     assert tiles(128, True, 16384) == Tiles(192, 64, 4, 3, gluon=True, pingpong=True)
     assert tiles(128, True, 256) is None
     assert tiles(128, False, 4096, dropout=True) is None      # the kernel has no dropout

@@ -136,6 +136,26 @@ def test_a_mask_partition_is_an_option_of_the_warp_specialized_pass():
         dataclasses.replace(WARP_SPECIALIZED, mask_partition=True, warp_specialized=False)
 
 
+def test_a_mask_partition_is_the_default_only_where_measured_faster(monkeypatch):
+    # Head dim 128 causal with dropout at 4K-8K, in the per-key-block grid (v35: -3.3 / -2.8 %);
+    # never without dropout, without the mask, at head dim 64 or in the persistent grid.
+    from kernels import _launch, _tile_rules
+    monkeypatch.setattr(_launch, "capability", lambda device: (9, 0))
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    assert _tile_rules.MASK_PARTITION_SEQLEN == {(128, True): (4096, 8192)}
+
+    def mask_partition(head_dim=128, causal=True, dropout=True, seqlen=4096, dtype=bf16, **kwargs):
+        return _tile_rules.dkdv_tiles(head_dim, cuda, dtype, causal, dropout, seqlen=seqlen,
+                                      **kwargs).mask_partition
+    assert mask_partition() and mask_partition(seqlen=8192)
+    assert mask_partition(persistent=False) and mask_partition(dtype=torch.float16)
+    for other in (dict(seqlen=2048), dict(seqlen=16384), dict(dropout=False), dict(causal=False),
+                  dict(head_dim=64), dict(deterministic=True), dict(hopper=False)):
+        assert not mask_partition(**other), other
+    monkeypatch.setitem(_tile_rules.WARP_SPECIALIZED_PERSISTENT_SEQLEN, (128, True, True), (4096, 4096))
+    assert not mask_partition()                            # the persistent grid draws its own
+
+
 def test_the_calls_it_takes():
     # (causal, window, dropout_p, seqlen_q, seqlen_k, head_dim, group_size, block_m, block_n):
     # the Gluon dK/dV pass's calls, with dropout too.
