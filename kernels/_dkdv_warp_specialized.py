@@ -33,8 +33,8 @@ is untransposed, in the forward's layout, so each thread computes only the count
 Measured on an H200 (bf16, hidden 2048; attention_notes.md v20-v22), whole backward against the
 previous defaults: head dim 128 +7 to +30 % without a mask (1K-16K), +9 to +24 % causal from 4K;
 64 +3 to +9 % from 2K / 4K; with dropout +5 to +34 %. Short calls run it in a persistent grid
-(``_dkdv_ws_persistent.py``). MASK_PARTITION (not a default, unmeasured): the keep-masks drawn
-by warps of their own (``_dropout_mask_partition.py``).
+(``_dkdv_ws_persistent.py``). MASK_PARTITION: the keep-masks drawn by warps of their own
+(``_dropout_mask_partition.py``); the default only where it won (``MASK_PARTITION_SEQLEN``).
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), with
 ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through: padded
