@@ -8,11 +8,14 @@ Each source is a ``bench_attention.py`` output (FILE) or a run of bench_attentio
 a record file (FILE:RUN, e.g. ``tma_h200.json``'s runs), oldest first. A cell (dtype, head dim,
 seqlen, causal, dropout) takes all its providers from the last source that timed flashtrain in
 it, so every ratio compares providers measured in one process, never numbers from two runs.
-Prints the Markdown table (or writes it with ``--md``).
+Prints the Markdown table (or writes it with ``--md``). ``--left-out FILE:RUN=REASON`` names a run
+that measured cells but is deliberately not a source (e.g. one whose rounds were disturbed), with
+the reason, in the table's header; the run must exist.
 """
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -89,13 +92,25 @@ def _best_sdpa(providers: dict) -> tuple[str, float] | None:
     return max(timed, key=lambda item: item[1]) if timed else None
 
 
-def markdown(cells: dict, specs: list[str], sources: list[tuple]) -> str:
+def parse_left_out(spec: str) -> tuple[str, str]:
+    """(name, reason) of a ``FILE:RUN=REASON`` run left out; SourceError if the run is not there."""
+    run, sep, reason = spec.partition("=")
+    if not sep or not reason.strip():
+        raise SourceError(f"--left-out {spec!r}: expected FILE:RUN=REASON")
+    name, _, _ = load_source(run)
+    return name, reason.strip()
+
+
+def markdown(cells: dict, specs: list[str], sources: list[tuple],
+             left_out: list[tuple[str, str]] = ()) -> str:
     lines = ["# Attention grid: where each cell stands", "",
              "Each cell as its latest run measured it (all its providers from that run, in one "
              "process); the run is named per row, and its record (card, software, date, command) is "
              "in that file. Written by `python scripts/attention_standing.py "
              + " ".join(specs) + "`. The runs, oldest first:", "",
              *(f"- `{name}`: {provenance}" for name, _, provenance in sources), "",
+             *(["Runs left out:", "", *(f"- `{name}`: {reason}" for name, reason in left_out), ""]
+               if left_out else []),
              "| dtype | head dim | seqlen | causal | dropout | flashtrain fwd / bwd / fwd+bwd | best SDPA "
              "(by fwd+bwd): fwd / bwd / fwd+bwd | ours / best SDPA | ours / FA2 | float32 check | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -142,12 +157,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", help="FILE or FILE:RUN, oldest first")
     parser.add_argument("--md", type=Path, help="write the table here (else print it)")
+    parser.add_argument("--left-out", action="append", default=[], metavar="FILE:RUN=REASON",
+                        help="a run deliberately not used, and why (repeatable)")
     args = parser.parse_args()
     try:
         sources = [load_source(spec) for spec in args.sources]
+        left_out = [parse_left_out(spec) for spec in args.left_out]
     except SourceError as error:
         sys.exit(f"attention_standing: {error}")
-    text = markdown(standing(sources), args.sources, sources)
+    specs = args.sources + [f"--left-out {shlex.quote(spec)}" for spec in args.left_out]
+    text = markdown(standing(sources), specs, sources, left_out)
     if args.md is None:
         print(text, end="")
         return

@@ -57,6 +57,22 @@ def test_each_cell_comes_whole_from_the_latest_run_that_timed_it(tmp_path):
     assert "- `notes.json:rerun`: card2; 2026-12-03; `python rerun`" in run(grid, f"{notes}:rerun").stdout
 
 
+def test_a_run_left_out_is_named_with_its_reason_and_must_exist(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(dict(card="card", records=[
+        record("flashtrain", 300, check_passed=True), record("sdpa_cudnn", 400)])))
+    notes = tmp_path / "notes.json"
+    notes.write_text(json.dumps(dict(runs=[dict(name="noisy", records=[
+        record("flashtrain", 100, check_passed=True), record("sdpa_cudnn", 400)])])))
+    result = run(grid, "--left-out", f"{notes}:noisy=rounds varied by 65 %")
+    assert result.returncode == 0, result.stderr
+    assert "**0.75**" in row(result.stdout, 4096)                  # the cell from grid.json only
+    assert "Runs left out:\n\n- `notes.json:noisy`: rounds varied by 65 %" in result.stdout
+    assert f"--left-out '{notes}:noisy=rounds varied by 65 %'`" in result.stdout
+    assert "no run named 'typo'" in run(grid, "--left-out", f"{notes}:typo=why").stderr
+    assert "expected FILE:RUN=REASON" in run(grid, "--left-out", f"{notes}:noisy").stderr
+
+
 def test_sources_that_are_not_grids_are_named(tmp_path):
     notes = tmp_path / "notes.json"
     notes.write_text(json.dumps(dict(runs=[dict(name="grid", records=[record("flashtrain", 1)]),
