@@ -38,7 +38,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from ._dkdv_warp_specialized import ROWS, _check_tiles, _query_blocks, _tiles_and_barriers
+from ._dkdv_warp_specialized import ROWS, _query_blocks
+from ._dkdv_ws_setup import check_tiles, tiles_and_barriers
 from ._dropout_mask_partition import mask_buffers, write_block_masks
 from ._gluon_shared import alternate_rounds
 from ._philox_gluon import dropout_arguments
@@ -215,7 +216,7 @@ def _dkdv_ws_persistent_kernel(
     SEED_IN_MEMORY: gl.constexpr = False, KV_BUFFERS: gl.constexpr = 1,
     MASK_PARTITION: gl.constexpr = False,
 ):
-    _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
+    check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
     n_kblocks = seqlen_k // BLOCK_N
     n_tiles = n_kblocks * heads_q * batches
@@ -239,7 +240,7 @@ def _dkdv_ws_persistent_kernel(
         mbarrier.init(kv_empty.index(buffer), count=2)
     if DROPOUT and MASK_PARTITION:
         masks = mask_buffers()
-    buffers, block_bars = _tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, KV_BUFFERS)
+    buffers, block_bars = tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, KV_BUFFERS)
 
     descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
     kv_full, qdo_full, qdo_empty, ds_full, ds_empty = block_bars

@@ -24,9 +24,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from ._dkdv_ws_setup import ROWS
 from ._philox_gluon import keep_tile
 
-ROWS = gl.constexpr(64)         # the pass's ROWS: queries per block, keys per consumer
 MASK_WARPS = gl.constexpr(2)    # the mask partition's warps
 MASK_STAGES = gl.constexpr(2)   # blocks whose masks can be ready ahead of the consumers
 

@@ -101,19 +101,23 @@ def compile_for(kernel, arguments, options: dict, capability: int = 90):
                           options={k: options[k] for k in OPTIONS if k in options})
 
 
-def usage(compiled) -> dict:
-    """ptxas's registers and stack (spilled) bytes per thread, the shared memory, and the SASS
-    instruction count of a compiled kernel, read from its cubin."""
+def cuobjdump(compiled, *flags: str) -> str:
+    """cuobjdump's output (Triton ships it) for the compiled kernel's cubin."""
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"flashtrain-{compiled.name}-{os.getpid()}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     try:
-        report = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], check=True,
-                                capture_output=True, text=True).stdout
-        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], check=True, capture_output=True,
+        return subprocess.run([tools / "cuobjdump", *flags, cubin], check=True, capture_output=True,
                               text=True).stdout
     finally:
         cubin.unlink(missing_ok=True)
+
+
+def usage(compiled) -> dict:
+    """ptxas's registers and stack (spilled) bytes per thread, the shared memory, and the SASS
+    instruction count of a compiled kernel, read from its cubin."""
+    report = cuobjdump(compiled, "--dump-resource-usage")
+    sass = cuobjdump(compiled, "-sass")
     fields = dict(part.split(":") for line in report.splitlines() if "REG:" in line for part in line.split())
     reasons = wgmma_serialization(compiled)
     if reasons:
@@ -129,6 +133,12 @@ def mma_loop_spills(sass: str) -> list[int]:
     """Spill instructions (local-memory loads and stores) in each innermost loop of the SASS that
     holds warpgroup MMAs, in code order: stack bytes alone do not say whether the spills sit in
     the hot loop or in a prologue (a loop is a branch back to an earlier address)."""
+    return [sum(bool(re.search(r"\b(?:STL|LDL)\b", text)) for text in loop)
+            for loop in mma_loops(sass)]
+
+
+def mma_loops(sass: str) -> list[list[str]]:
+    """The instructions of each innermost SASS loop that holds warpgroup MMAs, in code order."""
     lines = [(int(match.group(1), 16), text) for text in sass.splitlines()
              if (match := re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*)", text))]
     loops = []
@@ -144,8 +154,7 @@ def mma_loop_spills(sass: str) -> list[int]:
                 and not inside(loop, lambda text: re.search(r"\b(?:EXIT|USETMAXREG)\b", text))]
     innermost = [loop for loop in with_mma if not any(
         other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_mma)]
-    return [len(inside(loop, lambda text: re.search(r"\b(?:STL|LDL)\b", text)))
-            for loop in sorted(set(innermost))]
+    return [inside(loop, lambda text: True) for loop in sorted(set(innermost))]
 
 
 def wgmma_serialization(compiled) -> list[str]:
@@ -192,7 +201,8 @@ def pass_arguments(args) -> tuple:
     block_m, block_n, warps, stages = args.tiles
     tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused, gluon=args.gluon,
                   warp_specialized=args.warp_specialized, persistent=args.persistent,
-                  kv_buffers=args.kv_buffers, mask_partition=args.mask_partition)
+                  kv_buffers=args.kv_buffers, mask_partition=args.mask_partition,
+                  mask_ahead=args.mask_ahead)
     seed = torch.empty(1, dtype=torch.int64, device="meta") if args.seed_in_memory else kernel_seed(1234)
     counter_base = kernel_counter_base(0 if args.seed_in_memory else 4 * 12345)
     in_memory = {"SEED_IN_MEMORY": True} if args.seed_in_memory else {}
@@ -226,6 +236,8 @@ def pass_arguments(args) -> tuple:
             dkdv_options["KV_BUFFERS"] = args.kv_buffers
         if args.mask_partition and args.dropout:
             dkdv_options["MASK_PARTITION"] = True
+        if args.mask_ahead and args.dropout:
+            dkdv_options["MASK_AHEAD"] = True
     accumulator = torch.empty(shape, dtype=torch.float32, device="meta")
     return dkdv_launcher.kernel, (q, k, v, grad_out, lse, delta, dk, dv, accumulator, None, seed,
                                   counter_base, *dkdv_static), {**dkdv_options, **in_memory}
@@ -255,6 +267,9 @@ def parse_args(argv=None):
                         help="with --persistent: buffers of a tile's K and V")
     parser.add_argument("--mask-partition", action="store_true",
                         help="with --warp-specialized and --dropout: the keep-masks from warps of their own")
+    parser.add_argument("--mask-ahead", action="store_true",
+                        help="with --warp-specialized and --dropout: each consumer draws the next "
+                             "block's keep-mask under its products")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
                         help="dkdv with dropout: how the transposed tile gets its keep-mask "
                              "(default: the library's choice for the tiles)")
@@ -274,6 +289,10 @@ def parse_args(argv=None):
         parser.error("--kv-buffers is an option of the persistent pass (--persistent)")
     if args.mask_partition and not (args.warp_specialized and args.dropout):
         parser.error("--mask-partition is an option of the warp-specialized pass with --dropout")
+    if args.mask_ahead and not (args.warp_specialized and not args.persistent and args.dropout
+                                and not args.mask_partition):
+        parser.error("--mask-ahead is an option of the warp-specialized pass's per-key-block grid "
+                     "with --dropout, without --mask-partition")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

@@ -35,21 +35,23 @@ def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monk
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("mask_partition", [False, True])
-def test_warp_specialized_backward_with_dropout_on_gpu(head_dim, stages, causal, mask_partition,
+@pytest.mark.parametrize("masks", ["drawn in place", "mask_partition", "mask_ahead"])
+def test_warp_specialized_backward_with_dropout_on_gpu(head_dim, stages, causal, masks,
                                                        monkeypatch):
     # Each consumer regenerates its 64 x 64 tiles of the forward's keep-mask, or with a mask
-    # partition reads them from shared memory (16 query blocks through its 2 slots): the
-    # gradients match float64 under the mask return_debug_mask materializes, with no fallback.
+    # partition reads them from shared memory (16 query blocks through its 2 slots), or draws
+    # each a block ahead through a slot of its own: the gradients match float64 under the mask
+    # return_debug_mask materializes, with no fallback.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
-                  mask_partition=mask_partition)
+                  mask_partition=masks == "mask_partition", mask_ahead=masks == "mask_ahead")
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q = torch.empty(2, 1024, 4, head_dim, device="cuda", dtype=torch.bfloat16)
     options = backward_launch_configs(q, q, q, causal, 0.1)[1][3]
-    assert options.get("MASK_PARTITION", False) == mask_partition
+    assert options.get("MASK_PARTITION", False) == (masks == "mask_partition")
+    assert options.get("MASK_AHEAD", False) == (masks == "mask_ahead")
     gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_WARP_SPECIALIZED)
 
 
