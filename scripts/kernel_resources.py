@@ -289,10 +289,9 @@ def parse_args(argv=None):
         parser.error("--kv-buffers is an option of the persistent pass (--persistent)")
     if args.mask_partition and not (args.warp_specialized and args.dropout):
         parser.error("--mask-partition is an option of the warp-specialized pass with --dropout")
-    if args.mask_ahead and not (args.warp_specialized and not args.persistent and args.dropout
-                                and not args.mask_partition):
-        parser.error("--mask-ahead is an option of the warp-specialized pass's per-key-block grid "
-                     "with --dropout, without --mask-partition")
+    if args.mask_ahead and not (args.warp_specialized and args.dropout and not args.mask_partition):
+        parser.error("--mask-ahead is an option of the warp-specialized pass with --dropout, "
+                     "without --mask-partition")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

@@ -170,13 +170,14 @@ def test_gluon_dkdv_on_gpu(head_dim, tiles, seqlen, causal, monkeypatch):
 GLUON_DKDV_DROPOUT_TILES = [(64, (32, 128, 8, 3)), (128, (32, 128, 8, 3)), (128, (32, 64, 4, 3))]
 
 
-def gluon_kernel_matches_reference_with_dropout(head_dim, causal, launcher):
+def gluon_kernel_matches_reference_with_dropout(head_dim, causal, launcher, seqlen=1024):
     """The Gluon kernel ``launcher`` (tiles patched by the caller) is chosen for the call, compiles
     and runs (no silent fallback to the portable kernel), and the output and gradients match
-    float64 under the mask return_debug_mask materializes: it regenerates the portable mask."""
+    float64 under the mask return_debug_mask materializes: it regenerates the portable mask.
+    Two sequences of ``seqlen`` tokens, four heads."""
     from kernels import _backward, _forward, _hopper
     from kernels._launch import call_geometry
-    q, k, v = random_qkv((2, 1024, 4, head_dim), (2, 1024, 4, head_dim), torch.bfloat16, "cuda")
+    q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, 4, head_dim), torch.bfloat16, "cuda")
     geometry = call_geometry(q, k, None, 0)
     out, lse = _forward.new_outputs(q, geometry)
     configs = _backward.launch_configs(torch.empty_like(q), q, k, v, out, lse,

@@ -145,22 +145,27 @@ def test_persistent_backward_on_gpu(head_dim, stages, kv_buffers, batch, seqlen,
 
 
 @sm90_exactly
-@pytest.mark.parametrize("head_dim, stages, kv_buffers, mask_partition",
-                         [(128, 2, 1, False), (64, 4, 1, False), (64, 4, 2, False),
-                          (128, 2, 1, True), (64, 4, 1, True)])
-def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, kv_buffers, mask_partition,
+@pytest.mark.parametrize("head_dim, stages, kv_buffers, masks",
+                         [(128, 2, 1, "drawn in place"), (64, 4, 1, "drawn in place"),
+                          (64, 4, 2, "drawn in place"), (128, 2, 1, "mask_partition"),
+                          (64, 4, 1, "mask_partition"), (128, 2, 1, "mask_ahead"),
+                          (64, 4, 1, "mask_ahead")])
+def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, kv_buffers, masks,
                                                  monkeypatch):
-    # Each tile's keep-mask from its own (batch, head) counters, by the consumers or by the mask
-    # warps: the gradients match float64 under the mask return_debug_mask materializes, with no
-    # fallback.
+    # Each tile's keep-mask from its own (batch, head) counters, by the consumers (in place or a
+    # block ahead, each tile's first block at its start) or by the mask warps: the gradients
+    # match float64 under the mask return_debug_mask materializes, with no fallback. 4K tokens:
+    # 256 tiles, so programs walk more than one.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
-                  persistent=True, kv_buffers=kv_buffers, mask_partition=mask_partition)
+                  persistent=True, kv_buffers=kv_buffers, mask_partition=masks == "mask_partition",
+                  mask_ahead=masks == "mask_ahead")
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     for causal in (False, True):
-        gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_WS_PERSISTENT)
+        gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_WS_PERSISTENT,
+                                                    seqlen=4096)
 
 
 @sm90_exactly
