@@ -39,8 +39,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-from ._dkdv_warp_specialized import ROWS, _query_blocks
-from ._dkdv_ws_setup import check_tiles, tiles_and_barriers
+from ._dkdv_warp_specialized import _query_blocks
+from ._dkdv_ws_setup import ROWS, check_tiles, tiles_and_barriers
 from ._dropout_mask_ahead import ahead_slots
 from ._dropout_mask_partition import mask_buffers, write_block_masks
 from ._gluon_shared import alternate_rounds

@@ -53,8 +53,7 @@ def tiles_and_barriers(dtype: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.
 def check_tiles(HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, LOWER: gl.constexpr, VARLEN: gl.constexpr,
                 ACCUMULATE_DQ: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """What both warp-specialized kernels (this grid and the persistent one) support, checked
-    when they compile."""
+    """What both grids of the pass support, checked when they compile."""
     gl.static_assert(not (LOWER or VARLEN), "no window or packed input")
     # The keep-mask's counters cover 16-row pairs and 32-column blocks (_philox.py): whole ones
     # here (64-query blocks, 64 keys per consumer).
