@@ -22,11 +22,12 @@ step while the others' products run. Measured in docs/results/attention_notes.md
   by head (programs running at once share a few heads' K and V), else query block by query block
   (of every head); within a head, the last query block (the most work under the causal mask)
   comes first. Which order is faster depends on the configuration (v18); the tiles name it.
-  Causal, query block by query block, every other whole round runs backwards (``_tile_coords``).
+  Causal, query block by query block, every other whole round runs backwards
+  (``_pingpong_schedule.tile_coords``).
 - With the causal mask (as many queries as keys) the key blocks that reach past the tile's first
   query are masked for all its consumers. A consumer computes only the key blocks up to its own
   last query's; for the tile's remaining blocks it passes its turns on at once
-  (``_consumer_blocks``, ``_pass_blocks``).
+  (``_pingpong_schedule.consumer_blocks``, ``_pass_blocks``).
 - Each consumer writes its 64 rows of O through its Q buffer and a TMA store, then frees the
   buffer for the producer.
 
@@ -43,6 +44,10 @@ Gluon; the GPU-marked tests run it.
 process (``_tile_rules.pingpong_forward_tiles``: head dim 128 from 512 tokens, 64 causal from
 2048, 64 without a mask from 512 (two consumers to 4K); attention_notes v19, v21, v22, v31, v32);
 elsewhere it runs for tiles a caller passes (``Tiles(..., gluon=True, pingpong=True)``).
+
+P_SHARED (not a default, unmeasured): P enters the P.V product from two shared slots per consumer
+instead of registers, as in ``_forward_gluon.py``: with P in registers ptxas waits for P.V before
+the softmax step, so within a consumer nothing overlaps (attention_notes v35).
 """
 
 from triton.experimental import gluon
@@ -50,23 +55,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from ._gluon_shared import alternate_rounds
-
-ROWS = gl.constexpr(64)     # query rows per consumer warpgroup
-
-
-@gluon.jit
-def _key_block_range(block_m, seqlen_k, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     CAUSAL: gl.constexpr):
-    """(key blocks, unmasked key blocks) of query tile ``block_m``."""
-    if CAUSAL:    # up to the block of the tile's last query; masked from its first query's
-        n_blocks = gl.minimum(gl.cdiv((block_m + 1) * TILE_M, BLOCK_N), seqlen_k // BLOCK_N)
-        n_full = (block_m * TILE_M) // BLOCK_N
-    else:
-        n_blocks = seqlen_k // BLOCK_N
-        n_full = n_blocks
-    return n_blocks, n_full
-
+from ._pingpong_schedule import (ROWS, consumer_blocks, key_block_range, pass_turn,
+                                 tile_coords, wait_turn)
 
 @gluon.jit
 def _producer(descs, buffers, bars, geometry, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -81,10 +71,10 @@ def _producer(descs, buffers, bars, geometry, BLOCK_N: gl.constexpr, HEAD_DIM: g
     loaded = 0
     it = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        block_m, head, batch = _tile_coords(tile, n_tiles, n_query_blocks, heads, CAUSAL,
+        block_m, head, batch = tile_coords(tile, n_tiles, n_query_blocks, heads, CAUSAL,
                                             HEAD_MAJOR)
         head_k = head // group_size
-        n_blocks, n_full = _key_block_range(block_m, seqlen_k, NUM_CONSUMERS * ROWS, BLOCK_N,
+        n_blocks, n_full = key_block_range(block_m, seqlen_k, NUM_CONSUMERS * ROWS, BLOCK_N,
                                             CAUSAL)
         for c in gl.static_range(NUM_CONSUMERS):
             buffer = (it % 2) * NUM_CONSUMERS + c
@@ -110,45 +100,6 @@ def _producer(descs, buffers, bars, geometry, BLOCK_N: gl.constexpr, HEAD_DIM: g
 
 
 @gluon.jit
-def _tile_coords(tile, n_tiles, n_query_blocks, heads, CAUSAL: gl.constexpr,
-                 HEAD_MAJOR: gl.constexpr):
-    """(query block, head, batch) of the tile a program takes at loop index ``tile``. Within a
-    head, tiles run from the last query block (the most work with the causal mask) to the first.
-    HEAD_MAJOR: the tiles of one head are consecutive, so the programs running at once share few
-    heads' K and V in L2; else the tiles of one query block (of every head) are.
-
-    Causal, query block by query block, a round of the grid takes tiles of falling work, so every
-    other whole round runs backwards (``_gluon_shared.alternate_rounds``): a static simulation of
-    132 programs puts the busiest 7-9 % above the mean at head dim 128 and 4K-16K tokens and at
-    GPT-2 small's 12 heads and 4K, against 0.2-1 % with the reversal. Measured (attention_notes
-    v30, 16K tokens, two processes each): head dim 128 -4.5 / -6 / -8 % at 4K / 8K / 16K, head
-    dim 64 at 32 heads -2 / -3 % at 8K / 16K, at 12 heads -3 % at 4K and 8K; 1K and no mask level."""
-    if CAUSAL and not HEAD_MAJOR:
-        tile = alternate_rounds(tile, n_tiles)
-    if HEAD_MAJOR:
-        block_m = n_query_blocks - 1 - tile % n_query_blocks
-        pair = tile // n_query_blocks
-    else:
-        block_m = n_query_blocks - 1 - tile // (n_tiles // n_query_blocks)
-        pair = tile % (n_tiles // n_query_blocks)
-    return block_m, pair % heads, pair // heads
-
-
-@gluon.jit
-def _wait_turn(turns, c: gl.constexpr, round):
-    """Consumer c's ``round``-th turn: consumer 0 goes first (its first wait is on the fresh
-    barrier's completed phase 1), consumer c > 0 after consumer c - 1's first arrival."""
-    first: gl.constexpr = 1 if c == 0 else 0
-    mbarrier.wait(turns.index(c), (round + first) & 1)
-
-
-@gluon.jit
-def _pass_turn(turns, c: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
-    """The tensor cores go to the next consumer in the ring."""
-    mbarrier.arrive(turns.index((c + 1) % NUM_CONSUMERS), count=1)
-
-
-@gluon.jit
 def _causal_scores(s, block, row0, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
     """Scores of key block ``block`` with the keys after each query (rows from ``row0``) -inf."""
     rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
@@ -157,14 +108,25 @@ def _causal_scores(s, block, row0, BLOCK_N: gl.constexpr, s_layout: gl.constexpr
 
 
 @gluon.jit
+def _store_p(slot, p):
+    """P into its shared slot for the P.V product: visible to the tensor cores, every warp's
+    share stored before any warp goes on to issue it."""
+    slot.store(p.to(slot.dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
 def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, end, first, round0,
                 row0, qk_scale, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
                 KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                p_slots=0, P_SHARED: gl.constexpr = False):
     """Consumer c's key blocks ``begin`` .. ``end`` - 1 of a tile whose block 0 is the ``first``-th
     loaded overall and whose first turn is ``round0``: per block, in its turn, S of this block and
     P.V of the one before are issued; then the softmax step under P.V. On entry ``p`` holds block
-    begin - 1's probabilities; on exit block end - 1's."""
+    begin - 1's probabilities (with P_SHARED also in ``p_slots`` slot 2c + (begin - 1) % 2); on
+    exit block end - 1's."""
     q_smem, k_smem, v_smem = buffers
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -174,12 +136,16 @@ def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, e
         mbarrier.wait(k_bars.index(stage), (index // KV_STAGES) & 1)
         current_stage = (index - 1) % KV_STAGES
         mbarrier.wait(v_bars.index(current_stage), ((index - 1) // KV_STAGES) & 1)
-        _wait_turn(turns, c, round0 + following)
+        wait_turn(turns, c, round0 + following)
         s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s, use_acc=False,
                           is_async=True)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
-                            v_smem.index(current_stage), acc, is_async=True)
-        _pass_turn(turns, c, NUM_CONSUMERS)
+        if P_SHARED:
+            acc = warpgroup_mma(p_slots.index(2 * c + (following - 1) % 2),
+                                v_smem.index(current_stage), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
+                                v_smem.index(current_stage), acc, is_async=True)
+        pass_turn(turns, c, NUM_CONSUMERS)
         # Products complete in issue order: one outstanding means S_following is done while
         # P_current.V_current may still run under the softmax step.
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
@@ -190,22 +156,13 @@ def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, e
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
+        if P_SHARED:    # the other slot: P_current's may still be read by its product
+            _store_p(p_slots.index(2 * c + following % 2), p)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         # This consumer is done with K_current and V_current.
         mbarrier.arrive(kv_empty.index(current_stage), count=1)
     return s, p, m_i, l_i, acc
-
-
-@gluon.jit
-def _consumer_blocks(row0, n_blocks, seqlen_q, BLOCK_N: gl.constexpr):
-    """Under the causal mask, how many of its tile's ``n_blocks`` key blocks the consumer whose
-    rows start at ``row0`` computes: none past its last row's block (the tile's other consumers
-    see further), and none at all for rows past the end of the sequence (a partial tile)."""
-    mine = gl.minimum(n_blocks, (row0 + ROWS - 1) // BLOCK_N + 1)
-    if row0 >= seqlen_q:
-        mine = 0
-    return mine
 
 
 @gluon.jit
@@ -220,15 +177,16 @@ def _pass_blocks(c: gl.constexpr, bars, begin, end, first, round0, KV_STAGES: gl
         index = first + block
         stage = index % KV_STAGES
         mbarrier.wait(k_bars.index(stage), (index // KV_STAGES) & 1)
-        _wait_turn(turns, c, round0 + block + 1)
-        _pass_turn(turns, c, NUM_CONSUMERS)
+        wait_turn(turns, c, round0 + block + 1)
+        pass_turn(turns, c, NUM_CONSUMERS)
         mbarrier.arrive(kv_empty.index(stage), count=1)
 
 
 @gluon.jit
 def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqlen_q, qk_scale,
                HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, p_slots=0,
+               P_SHARED: gl.constexpr = False):
     """Consumer c's rows of one tile (``place``: where its blocks and turns start, its rows,
     batch, head and Q buffer): key blocks 0 .. mine - 1 of the tile's ``n_blocks``, the rest's
     turns passed on, then O and lse stored (rows past the end of the sequence are not)."""
@@ -249,11 +207,11 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     # Key block 0: S_0 and its softmax step (nothing accumulated yet).
     stage = first % KV_STAGES
     mbarrier.wait(k_bars.index(stage), (first // KV_STAGES) & 1)
-    _wait_turn(turns, c, round0)
+    wait_turn(turns, c, round0)
     s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)),
                       gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                       is_async=True)
-    _pass_turn(turns, c, NUM_CONSUMERS)
+    pass_turn(turns, c, NUM_CONSUMERS)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     if CAUSAL:    # harmless where block 0 is seen whole; query i always sees key 0
         s = _causal_scores(s, 0, row0, BLOCK_N, s_layout)
@@ -261,24 +219,31 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    if P_SHARED:
+        _store_p(p_slots.index(2 * c), p)
 
     s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc, 1, n_full,
                                       first, round0, row0, qk_scale, dtype, BLOCK_N,
                                       KV_STAGES, False, NUM_CONSUMERS, s_layout, o_layout,
-                                      p_layout)
+                                      p_layout, p_slots, P_SHARED)
     if CAUSAL:    # the diagonal blocks up to this consumer's last row, masked
         s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc,
                                           gl.maximum(n_full, 1), mine, first, round0, row0,
                                           qk_scale, dtype, BLOCK_N, KV_STAGES, True,
-                                          NUM_CONSUMERS, s_layout, o_layout, p_layout)
+                                          NUM_CONSUMERS, s_layout, o_layout, p_layout, p_slots,
+                                          P_SHARED)
 
     last = first + mine - 1
     last_stage = last % KV_STAGES
     mbarrier.wait(v_bars.index(last_stage), (last // KV_STAGES) & 1)
-    _wait_turn(turns, c, round0 + mine)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last_stage),
-                        acc, is_async=True)
-    _pass_turn(turns, c, NUM_CONSUMERS)
+    wait_turn(turns, c, round0 + mine)
+    if P_SHARED:
+        acc = warpgroup_mma(p_slots.index(2 * c + (mine - 1) % 2), v_smem.index(last_stage), acc,
+                            is_async=True)
+    else:
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last_stage),
+                            acc, is_async=True)
+    pass_turn(turns, c, NUM_CONSUMERS)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     mbarrier.arrive(kv_empty.index(last_stage), count=1)
     if CAUSAL:    # the others wait on this consumer's turns, not on its store
@@ -305,7 +270,8 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
 @gluon.jit
 def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr,
+              p_slots=0, P_SHARED: gl.constexpr = False):
     """Consumer c: its 64 query rows of each of the program's tiles, taking turns at the tensor
     cores with the other consumers; writes its rows of O and lse."""
     q_smem = buffers[0]
@@ -315,9 +281,9 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
     round0 = 0      # turns taken before this tile
     it = 0          # tiles done
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        block_m, head, batch = _tile_coords(tile, n_tiles, n_query_blocks, heads, CAUSAL,
+        block_m, head, batch = tile_coords(tile, n_tiles, n_query_blocks, heads, CAUSAL,
                                             HEAD_MAJOR)
-        n_blocks, n_full = _key_block_range(block_m, seqlen_k, NUM_CONSUMERS * ROWS, BLOCK_N,
+        n_blocks, n_full = key_block_range(block_m, seqlen_k, NUM_CONSUMERS * ROWS, BLOCK_N,
                                             CAUSAL)
         row0 = (block_m * NUM_CONSUMERS + c) * ROWS
         buffer = (it % 2) * NUM_CONSUMERS + c
@@ -327,19 +293,20 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
         if CAUSAL:
             # Each consumer only up to its own rows (v31: -4 to -5.5 % at 1K-2K, head dim 128,
             # and at GPT-2's 4K); without the mask the same branch cost 1-2 % at 4K-8K.
-            mine = _consumer_blocks(row0, n_blocks, seqlen_q, BLOCK_N)
+            mine = consumer_blocks(row0, n_blocks, seqlen_q, BLOCK_N)
             if mine > 0:
                 _tile_rows(c, q, buffers, bars, out_args, place, (mine, n_blocks, n_full),
                            seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
-                           NUM_CONSUMERS)
+                           NUM_CONSUMERS, p_slots, P_SHARED)
             else:    # rows past the end of the sequence: only the tile's turns
-                _wait_turn(turns, c, round0)
-                _pass_turn(turns, c, NUM_CONSUMERS)
+                wait_turn(turns, c, round0)
+                pass_turn(turns, c, NUM_CONSUMERS)
                 _pass_blocks(c, bars, 0, n_blocks, first, round0, KV_STAGES, NUM_CONSUMERS)
                 mbarrier.arrive(q_empty.index(buffer), count=1)
         else:
             _tile_rows(c, q, buffers, bars, out_args, place, (n_blocks, n_blocks, n_full),
-                       seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL, NUM_CONSUMERS)
+                       seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL, NUM_CONSUMERS,
+                       p_slots, P_SHARED)
         first += n_blocks
         round0 += n_blocks + 1
         it += 1
@@ -359,6 +326,7 @@ def _forward_pingpong_kernel(
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
     HEAD_MAJOR: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
+    P_SHARED: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.pingpong_call), as many queries as keys.
     gl.static_assert(not (LOWER or VARLEN or DROPOUT),
@@ -389,6 +357,11 @@ def _forward_pingpong_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    if P_SHARED:    # two P slots per consumer: [consumer x 2 + key block parity]
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
+        p_slots = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, ROWS, BLOCK_N], p_layout)
+    else:
+        p_slots = 0
     q_bars = gl.allocate_shared_memory(gl.int64, [2 * NUM_CONSUMERS, 1],
                                        mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2 * NUM_CONSUMERS, 1],
@@ -421,20 +394,20 @@ def _forward_pingpong_kernel(
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
             (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
             (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
             (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
             (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

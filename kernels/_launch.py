@@ -139,6 +139,9 @@ class Tiles:
     # by query block.
     pingpong: bool = False
     head_major: bool = False
+    # Forward only, with gluon: P enters the P.V product from shared memory, two slots per
+    # warpgroup, not from registers (_forward_gluon.py's P_SHARED, and the ping-pong kernel's).
+    p_shared: bool = False
     # dK/dV only, with gluon and fused: the warp-specialized pass (_dkdv_warp_specialized.py), two
     # consumer warpgroups of 64 keys each (block_n 128, one warpgroup's num_warps 4) over 64-query
     # blocks, and a producer warp; num_stages counts its Q/dO stages.
@@ -169,6 +172,8 @@ class Tiles:
                                   and not self.fused):
             raise ValueError("ping-pong tiles are Gluon forward tiles of 2 or 3 warpgroups' 64 rows "
                              f"(block_m 128 or 192, num_warps 4); got {self}")
+        if self.p_shared and not (self.gluon and not self.fused):
+            raise ValueError(f"p_shared is an option of the Gluon forward kernels; got {self}")
         if self.head_major and not self.pingpong:
             raise ValueError(f"head_major orders the ping-pong kernel's tiles; got {self}")
         if self.warp_specialized and not (self.gluon and self.fused and self.block_m == 64

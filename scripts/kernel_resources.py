@@ -216,6 +216,8 @@ def pass_arguments(args) -> tuple:
         if args.pingpong:    # the persistent kernel's extra argument: the number of sequences
             launcher, static = _forward.FORWARD_PINGPONG, (*static, args.batch)
             options = {**options, "HEAD_MAJOR": args.head_major}
+        if args.p_shared:
+            options = {**options, "P_SHARED": True}
         return launcher.kernel, (q, k, v, out, lse, None, seed, counter_base, *static), {**options, **in_memory}
     (dq_launcher, _, dq_static, dq_options), (dkdv_launcher, _, dkdv_static, dkdv_options) = \
         _backward.launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry, scale, args.causal,
@@ -259,6 +261,8 @@ def parse_args(argv=None):
     parser.add_argument("--pingpong", action="store_true",
                         help="forward: the ping-pong Gluon kernel (BLOCK_M // 64 consumer warpgroups)")
     parser.add_argument("--head-major", action="store_true", help="with --pingpong: its tiles head by head")
+    parser.add_argument("--p-shared", action="store_true",
+                        help="forward with --gluon: P enters the P.V product from shared memory")
     parser.add_argument("--warp-specialized", action="store_true",
                         help="dkdv with --gluon --fused: two consumer warpgroups and a producer warp")
     parser.add_argument("--persistent", action="store_true",
@@ -279,6 +283,8 @@ def parse_args(argv=None):
         parser.error(f"--tiles takes BLOCK_M,BLOCK_N,num_warps,num_stages; got {args.tiles}")
     if (args.pingpong or args.head_major) and not (args.pass_ == "forward" and args.gluon):
         parser.error("--pingpong and --head-major are options of the forward's Gluon kernel (--gluon)")
+    if args.p_shared and not (args.pass_ == "forward" and args.gluon):
+        parser.error("--p-shared is an option of the forward's Gluon kernels (--gluon)")
     if args.warp_specialized and not (args.pass_ == "dkdv" and args.gluon and args.fused):
         parser.error("--warp-specialized is an option of the fused Gluon dK/dV pass (--gluon --fused)")
     if args.warp_specialized and (args.tiles[:3] != (64, 128, 4) or args.tiles[3] < 2):

@@ -35,7 +35,10 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
     "dkdv_ws_persistent_mask_partition": either grid with its keep-masks from warps of their own
     (``_dropout_mask_partition.py``); "dkdv_ws_mask_ahead": each consumer drawing the next block's
     keep-mask under its products (``_dropout_mask_ahead.py``);
-    "pingpong" and "pingpong_head_major": the ping-pong forward in either tile order."""
+    "pingpong" and "pingpong_head_major": the ping-pong forward in either tile order; a forward's
+    name ending "_p_shared": P into the P.V product from shared memory."""
+    p_shared = kernel.endswith("_p_shared")
+    kernel = kernel.removesuffix("_p_shared")
     pingpong = kernel.startswith("pingpong")
     persistent = kernel.startswith("dkdv_ws_persistent")
     mask_partition = kernel.endswith("mask_partition")
@@ -50,7 +53,8 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
         gluon=True, warp_specialized=warp_specialized, persistent=persistent,
         kv_buffers=2 if kernel.endswith("_kv2") else 1, mask_partition=mask_partition,
         mask_ahead=mask_ahead,
-        seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None)
+        seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None,
+        p_shared=p_shared)
     return kernel_resources.compile_for(*kernel_resources.pass_arguments(args))
 
 
@@ -78,6 +82,17 @@ def philox_multiplies(loop: list[str]) -> tuple[int, int]:
     return count(loop), count(after[:end])
 
 
+def exponentials_under_pv(loop: list[str]) -> int:
+    """Exponentials (MUFU.EX2) of a forward's SASS loop between its wait for S (one product left
+    outstanding) and its wait for P.V: the softmax step the source runs under P.V."""
+    first = next((i for i, text in enumerate(loop) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in text), None)
+    if first is None:
+        return 0
+    end = next((i for i in range(first + 1, len(loop))
+                if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in loop[i]), len(loop))
+    return sum("MUFU.EX2" in text for text in loop[first:end])
+
+
 def main():
     if sys.argv[1] == "keep":
         kernel = compile_keep_mask_for_sm90(*map(int, sys.argv[2:5]))
@@ -96,6 +111,7 @@ def main():
                           high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])),
                           serialized=kernel_resources.wgmma_serialization(kernel),
                           philox_multiplies=[philox_multiplies(loop) for loop in sass_loops],
+                          exponentials_under_pv=[exponentials_under_pv(loop) for loop in sass_loops],
                           # Registers per thread the warp-specialized partitions ask for.
                           partitions=re.findall(r"requestedRegisters = array<i32: ([\d, ]+)>",
                                                 kernel.asm["ttgir"]))))
