@@ -58,6 +58,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from ._pingpong_schedule import (ROWS, consumer_blocks, key_block_range, pass_turn,
                                  tile_coords, wait_turn)
 
+
 @gluon.jit
 def _producer(descs, buffers, bars, geometry, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               KV_STAGES: gl.constexpr, CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
@@ -72,10 +73,10 @@ def _producer(descs, buffers, bars, geometry, BLOCK_N: gl.constexpr, HEAD_DIM: g
     it = 0
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         block_m, head, batch = tile_coords(tile, n_tiles, n_query_blocks, heads, CAUSAL,
-                                            HEAD_MAJOR)
+                                           HEAD_MAJOR)
         head_k = head // group_size
         n_blocks, n_full = key_block_range(block_m, seqlen_k, NUM_CONSUMERS * ROWS, BLOCK_N,
-                                            CAUSAL)
+                                           CAUSAL)
         for c in gl.static_range(NUM_CONSUMERS):
             buffer = (it % 2) * NUM_CONSUMERS + c
             mbarrier.wait(q_empty.index(buffer), ((it // 2) & 1) ^ 1)
@@ -282,9 +283,9 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
     it = 0          # tiles done
     for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         block_m, head, batch = tile_coords(tile, n_tiles, n_query_blocks, heads, CAUSAL,
-                                            HEAD_MAJOR)
+                                           HEAD_MAJOR)
         n_blocks, n_full = key_block_range(block_m, seqlen_k, NUM_CONSUMERS * ROWS, BLOCK_N,
-                                            CAUSAL)
+                                           CAUSAL)
         row0 = (block_m * NUM_CONSUMERS + c) * ROWS
         buffer = (it % 2) * NUM_CONSUMERS + c
         q = q_smem.index(buffer)

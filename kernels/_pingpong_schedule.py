@@ -13,7 +13,7 @@ ROWS = gl.constexpr(64)     # query rows per consumer warpgroup
 
 @gluon.jit
 def key_block_range(block_m, seqlen_k, TILE_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     CAUSAL: gl.constexpr):
+                    CAUSAL: gl.constexpr):
     """(key blocks, unmasked key blocks) of query tile ``block_m``."""
     if CAUSAL:    # up to the block of the tile's last query; masked from its first query's
         n_blocks = gl.minimum(gl.cdiv((block_m + 1) * TILE_M, BLOCK_N), seqlen_k // BLOCK_N)
@@ -26,7 +26,7 @@ def key_block_range(block_m, seqlen_k, TILE_M: gl.constexpr, BLOCK_N: gl.constex
 
 @gluon.jit
 def tile_coords(tile, n_tiles, n_query_blocks, heads, CAUSAL: gl.constexpr,
-                 HEAD_MAJOR: gl.constexpr):
+                HEAD_MAJOR: gl.constexpr):
     """(query block, head, batch) of the tile a program takes at loop index ``tile``. Within a
     head, tiles run from the last query block (the most work with the causal mask) to the first.
     HEAD_MAJOR: the tiles of one head are consecutive, so the programs running at once share few
