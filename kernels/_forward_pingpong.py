@@ -359,8 +359,8 @@ def _forward_pingpong_kernel(
     k_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     if P_SHARED:    # two P slots per consumer: [consumer x 2 + key block parity]
-        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
-        p_slots = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, ROWS, BLOCK_N], p_layout)
+        ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
+        p_slots = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, ROWS, BLOCK_N], ps_layout)
     else:
         p_slots = 0
     q_bars = gl.allocate_shared_memory(gl.int64, [2 * NUM_CONSUMERS, 1],

@@ -211,16 +211,19 @@ PERSISTENT_KV_BUFFERS = {64: 2}
 MASK_PARTITION_SEQLEN = {(128, True): (4096, 8192)}
 
 
+def _within(lengths: tuple[int, int] | None, seqlen: int) -> bool:
+    """Whether ``seqlen`` lies in a rule's measured (shortest, longest); False without a rule."""
+    return lengths is not None and lengths[0] <= seqlen <= lengths[1]
+
+
 def _mask_partition_pays(head_dim: int, causal: bool, seqlen: int) -> bool:
     """Whether drawing the keep-masks in warps of their own beat the consumers' drawing (H200)."""
-    lengths = MASK_PARTITION_SEQLEN.get((head_dim, causal))
-    return lengths is not None and lengths[0] <= seqlen <= lengths[1]
+    return _within(MASK_PARTITION_SEQLEN.get((head_dim, causal)), seqlen)
 
 
 def _persistent_pays(head_dim: int, causal: bool, dropout: bool, seqlen: int) -> bool:
     """Whether the persistent warp-specialized pass beat the non-persistent one here (H200)."""
-    lengths = WARP_SPECIALIZED_PERSISTENT_SEQLEN.get((head_dim, causal, dropout))
-    return lengths is not None and lengths[0] <= seqlen <= lengths[1]
+    return _within(WARP_SPECIALIZED_PERSISTENT_SEQLEN.get((head_dim, causal, dropout)), seqlen)
 
 
 def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,

@@ -38,6 +38,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import environment, write_json  # noqa: E402  (scripts/ is on sys.path)
+from ab_compare import changes  # noqa: E402
 from kernels import _backward, _forward  # noqa: E402
 from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._launch import Tiles, call_geometry  # noqa: E402
@@ -217,14 +218,9 @@ def main(argv=None):
 def summary(record: dict) -> str:
     """A cell's medians (ms), each candidate's with its change against the default of its pass
     in the same process, e.g. ``forward 0.1397  s4 0.1368 (-2.1 %)``."""
-    median = record["median"]
-    parts = []
-    for name, ms in median.items():
-        default = ("forward" if name in record["forward_candidates"]
-                   else "backward" if name in record["backward_candidates"] else None)
-        change = f" ({100 * (ms / median[default] - 1):+.1f} %)" if default else ""
-        parts.append(f"{name} {ms:.4f}{change}")
-    return "  ".join(parts)
+    change = changes(record)
+    return "  ".join(f"{name} {ms:.4f}" + (f" ({change[name]:+.1f} %)" if name in change else "")
+                     for name, ms in record["median"].items())
 
 
 if __name__ == "__main__":
