@@ -136,8 +136,6 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
         dkdv_config[2]["STAGES"] = kv_tiles.num_stages
         if kv_tiles.mask_partition and dropout:
             dkdv_config[2]["MASK_PARTITION"] = True
-        if kv_tiles.mask_ahead and dropout:
-            dkdv_config[2]["MASK_AHEAD"] = True
         if kv_tiles.warp_specialized and not kv_tiles.persistent and causal:
             dkdv_config[2]["ORDER_GROUP"] = _dkdv_warp_specialized.causal_order_group(
                 geometry.seqlen_k)

@@ -35,8 +35,6 @@ previous defaults: head dim 128 +7 to +30 % without a mask (1K-16K), +9 to +24 %
 64 +3 to +9 % from 2K / 4K; with dropout +5 to +34 %. Short calls run it in a persistent grid
 (``_dkdv_ws_persistent.py``). MASK_PARTITION: the keep-masks drawn by warps of their own
 (``_dropout_mask_partition.py``); the default only where it won (``MASK_PARTITION_SEQLEN``).
-MASK_AHEAD (not a default, unmeasured): each consumer draws the next block's keep-mask under its
-products (``_dropout_mask_ahead.py``).
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), with
 ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through: padded
@@ -51,7 +49,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._dkdv_ws_setup import ROWS, check_tiles, tiles_and_barriers
-from ._dropout_mask_ahead import ahead_slots, draw_ahead, read_ahead
 from ._dropout_mask_partition import mask_buffers, mask_partition, read_keep
 from ._gluon_shared import head_descriptor, heavy_first, tma_reduce_add
 from ._philox_gluon import dropout_arguments, keep_tile
@@ -108,15 +105,13 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                   n0, base, q_row0, dq_col0, qk_scale, CAUSAL_MASK: gl.constexpr,
                   DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, STAGES: gl.constexpr,
                   HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, dq_layout: gl.constexpr,
-                  masks=0, MASK_PARTITION: gl.constexpr = False,
-                  MASK_AHEAD: gl.constexpr = False):
+                  masks=0, MASK_PARTITION: gl.constexpr = False):
     """Consumer c's share of query blocks ``first`` .. ``n_blocks`` - 1: returns its dK and dV (dK
     unscaled, and without dropout's rescale). Stage and barrier phases count from ``base`` (the
     query blocks the program took before this key block: 0 here, more in the persistent pass);
     dQ's tile of query block b goes to row ``q_row0`` + 64b, column ``dq_col0`` + 64c of
     ``dq_desc``. ``dropout``: ``_philox_gluon.dropout_arguments``'s tuple (0 without dropout);
-    with MASK_PARTITION the keep-masks are read from ``masks`` (``_dropout_mask_partition.py``),
-    with MASK_AHEAD drawn a block ahead into ``masks``' slot c (``_dropout_mask_ahead.py``)."""
+    with MASK_PARTITION the keep-masks are read from ``masks`` (``_dropout_mask_partition.py``)."""
     q_desc, do_desc, k_desc, v_desc, dq_desc = descs
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
     kv_bar, qdo_full, qdo_empty, ds_full, ds_empty = bars
@@ -142,9 +137,6 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
         rows = gl.arange(0, ROWS, layout=rows_layout)
         lse_next = gl.load(lse_ptr + first * ROWS + rows)
         delta_next = gl.load(delta_ptr + first * ROWS + rows)
-    if MASK_AHEAD:      # the first block's keep-mask; the others' under the previous block
-        ahead = masks.index(c)
-        draw_ahead(ahead, dropout, first, n0 + c * ROWS, N_ROUNDS, s_layout)
     for block in range(first, n_blocks):
         index = base + block - first
         stage = index % STAGES
@@ -172,7 +164,7 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                     # (Taken before S and dP are issued instead, it measured 1-6 % slower.)
                     _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_smem.index(c), dq_desc,
                              index - 1, q_row0 + (block - 1) * ROWS, dq_col, dq_layout)
-        if DROPOUT and not MASK_PARTITION and not MASK_AHEAD:
+        if DROPOUT and not MASK_PARTITION:
             # The block's keep-mask, regenerated from the seed and counters as the forward drew
             # it, while S and dP are computed: the tile is in the forward's orientation, so each
             # thread computes only the Philox counters it holds. Dropped entries leave P (for dV)
@@ -185,8 +177,6 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
         s, dp = warpgroup_mma_wait(num_outstanding=0, deps=(s, dp))
         if DROPOUT and MASK_PARTITION:
             keep = read_keep(masks, index, c, s_layout)
-        if MASK_AHEAD:
-            keep = read_ahead(ahead, s_layout)
         p = gl.exp2(s * qk_scale - lse[:, None])
         if CAUSAL_MASK:     # key j visible to query i when j <= i (as many queries as keys)
             offset = n0 + c * ROWS - block * ROWS
@@ -224,9 +214,6 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
             dq = warpgroup_mma(ds_smem.index(buffer), k_cols,
                                gl.zeros([ROWS, ROWS], gl.float32, dq_layout), use_acc=False,
                                is_async=True)
-            if MASK_AHEAD:      # the next block's keep-mask, under dK's, dV's and dQ's products
-                draw_ahead(ahead, dropout, gl.minimum(block + 1, n_blocks - 1), n0 + c * ROWS,
-                           N_ROUNDS, s_layout)
             dk, dv, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv, dq))
             mbarrier.arrive(qdo_empty.index(stage), count=1)
             mbarrier.arrive(ds_empty.index(buffer), count=1)
@@ -237,9 +224,6 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
             # block while the other does four, and a block late (_late_dq). dK and dV are
             # waited for here, at the block's end (an asynchronous accumulator cannot cross the
             # next block's runtime branch), and the stage's Q and dO released.
-            if MASK_AHEAD:      # the next block's keep-mask, under dK's and dV's products
-                draw_ahead(ahead, dropout, gl.minimum(block + 1, n_blocks - 1), n0 + c * ROWS,
-                           N_ROUNDS, s_layout)
             dk, dv = warpgroup_mma_wait(num_outstanding=0, deps=(dk, dv))
             mbarrier.arrive(qdo_empty.index(stage), count=1)
             if index % 2 != c:      # done with its dS columns; the other consumer reads them
@@ -287,7 +271,7 @@ def _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_buffer, dq_desc, index, row,
 def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
               n_blocks, scales, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
-              MASK_PARTITION: gl.constexpr, MASK_AHEAD: gl.constexpr = False):
+              MASK_PARTITION: gl.constexpr):
     """Consumer c: dK and dV of keys n0 + 64c .. n0 + 64c + 63, and its columns of each block's dQ.
     ``scales``: (qk_scale, softmax_scale, drop_rescale)."""
     qk_scale, softmax_scale, drop_rescale = scales
@@ -303,7 +287,7 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, masks, out_
     mbarrier.wait(kv_bar, 0)
     dk, dv = _query_blocks(c, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks, n0,
                            0, 0, 0, qk_scale, CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM,
-                           s_layout, dq_layout, masks, MASK_PARTITION, MASK_AHEAD)
+                           s_layout, dq_layout, masks, MASK_PARTITION)
     tma.store_wait(0)          # shared memory is read before the program ends
     dk = dk * softmax_scale
     if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass
@@ -332,7 +316,7 @@ def _dkdv_warp_specialized_kernel(
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False, ORDER_GROUP: gl.constexpr = 4,
-    MASK_PARTITION: gl.constexpr = False, MASK_AHEAD: gl.constexpr = False,
+    MASK_PARTITION: gl.constexpr = False,
 ):
     check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -363,11 +347,8 @@ def _dkdv_warp_specialized_kernel(
     dq_desc = tma.make_tensor_descriptor(GradQAcc + batch64 * stride_aqb + head64 * stride_aqh,
                                          [seqlen_q, HEAD_DIM], [stride_aqn, 1], [ROWS, ROWS],
                                          dq_layout)
-    masks = 0
     if DROPOUT and MASK_PARTITION:      # allocated before the shared fence
         masks = mask_buffers()
-    if DROPOUT and MASK_AHEAD:
-        masks = ahead_slots()
     buffers, bars = tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, 1)
     # One key block per program: its K/V buffer and barrier.
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
@@ -404,11 +385,9 @@ def _dkdv_warp_specialized_kernel(
         ], [4, 1, 2], [240, 24, 24])
     else:
         gl.warp_specialize([
-            (_consumer, (0, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
-                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False,
-                         DROPOUT and MASK_AHEAD)),
-            (_consumer, (1, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
-                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False,
-                         DROPOUT and MASK_AHEAD)),
+            (_consumer, (0, descs, buffers, bars, stats, dropout, 0, out_args, n0, first,
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False)),
+            (_consumer, (1, descs, buffers, bars, stats, dropout, 0, out_args, n0, first,
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False)),
             (_producer, (descs, buffers, bars, n0, first, n_items, STAGES)),
         ], [4, 1], [240, 24])

@@ -32,7 +32,7 @@ Descriptors: one 2-D descriptor per tensor over (batch x seqlen) rows and (heads
 columns, so q, k, v and the output gradient must be rows of one matrix
 (``_hopper.rows_of_one_matrix``); the float32 dQ sum is contiguous. The same arguments as
 ``_dkdv_warp_specialized._dkdv_warp_specialized_kernel``, then the batch size. MASK_PARTITION
-and MASK_AHEAD as there: the keep-masks from warps of their own, or drawn a block ahead.
+as there: the keep-masks from warps of their own.
 """
 
 from triton.experimental import gluon
@@ -41,7 +41,6 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from ._dkdv_warp_specialized import _query_blocks
 from ._dkdv_ws_setup import ROWS, check_tiles, tiles_and_barriers
-from ._dropout_mask_ahead import ahead_slots
 from ._dropout_mask_partition import mask_buffers, write_block_masks
 from ._gluon_shared import alternate_rounds
 from ._philox_gluon import dropout_arguments
@@ -143,7 +142,7 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
               qk_scale, softmax_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
               SEED_IN_MEMORY: gl.constexpr, KV_BUFFERS: gl.constexpr,
-              MASK_PARTITION: gl.constexpr, MASK_AHEAD: gl.constexpr = False):
+              MASK_PARTITION: gl.constexpr):
     """Consumer c of each tile: dK and dV of its keys n0 + 64c .. n0 + 64c + 63, and its columns of
     each query block's dQ (``_query_blocks``)."""
     kv_full, kv_empty, qdo_full, qdo_empty, ds_full, ds_empty = bars
@@ -183,7 +182,7 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
         dk, dv = _query_blocks(c, descs, tile_buffers, block_bars, dk, dv, stats, dropout, first,
                                n_blocks, n0, loaded, batch * seqlen_q, head * HEAD_DIM, qk_scale,
                                CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM, s_layout, dq_layout,
-                               masks, MASK_PARTITION, MASK_AHEAD)
+                               masks, MASK_PARTITION)
         # Every product reading K and V has been waited for: the next tile's may load.
         mbarrier.arrive(kv_empty.index(buffer), count=1)
         dk = dk * softmax_scale
@@ -216,7 +215,7 @@ def _dkdv_ws_persistent_kernel(
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False, KV_BUFFERS: gl.constexpr = 1,
-    MASK_PARTITION: gl.constexpr = False, MASK_AHEAD: gl.constexpr = False,
+    MASK_PARTITION: gl.constexpr = False,
 ):
     check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -240,11 +239,8 @@ def _dkdv_ws_persistent_kernel(
     kv_empty = gl.allocate_shared_memory(gl.int64, [KV_BUFFERS, 1], mbarrier.MBarrierLayout())
     for buffer in gl.static_range(KV_BUFFERS):
         mbarrier.init(kv_empty.index(buffer), count=2)
-    masks = 0
     if DROPOUT and MASK_PARTITION:
         masks = mask_buffers()
-    if DROPOUT and MASK_AHEAD:
-        masks = ahead_slots()
     buffers, block_bars = tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, KV_BUFFERS)
 
     descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
@@ -268,11 +264,11 @@ def _dkdv_ws_persistent_kernel(
         ], [4, 1, 2], [240, 24, 24])
     else:
         gl.warp_specialize([
-            (_consumer, (0, descs, buffers, bars, geometry, pointers, strides, drop, masks,
-                         qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
-                         SEED_IN_MEMORY, KV_BUFFERS, False, DROPOUT and MASK_AHEAD)),
-            (_consumer, (1, descs, buffers, bars, geometry, pointers, strides, drop, masks,
-                         qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
-                         SEED_IN_MEMORY, KV_BUFFERS, False, DROPOUT and MASK_AHEAD)),
+            (_consumer, (0, descs, buffers, bars, geometry, pointers, strides, drop, 0, qk_scale,
+                         softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
+                         SEED_IN_MEMORY, KV_BUFFERS, False)),
+            (_consumer, (1, descs, buffers, bars, geometry, pointers, strides, drop, 0, qk_scale,
+                         softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
+                         SEED_IN_MEMORY, KV_BUFFERS, False)),
             (_producer, (descs, buffers, bars, geometry, STAGES, UPPER, HEAD_DIM, KV_BUFFERS)),
         ], [4, 1], [240, 24])

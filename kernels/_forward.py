@@ -184,13 +184,9 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
         # Persistent: one program per SM (or per tile, if fewer), each walking its tiles.
         programs = min(grid[0] * grid[1] * grid[2], multiprocessors(q.device))
         options.update(KV_STAGES=tiles.num_stages, HEAD_MAJOR=tiles.head_major)
-        if tiles.p_shared:
-            options["P_SHARED"] = True
         return FORWARD_PINGPONG, (programs,), (*static, geometry.batch), options
     if gluon:
         options["KV_STAGES"] = tiles.num_stages
-        if tiles.p_shared:
-            options["P_SHARED"] = True
         return FORWARD_GLUON, grid, static, options
     return FORWARD, grid, static, options
 

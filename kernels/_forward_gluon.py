@@ -24,12 +24,6 @@ or 128, fp16/bf16, and for causal calls as many queries as keys. The default onl
 measured fastest (``_tile_rules.gluon_forward_tiles``: without dropout, causal at head dim 128; with
 dropout, head dim 128, and 64 without a mask); the
 interpreter cannot run Gluon, so the tests that exercise it are GPU-marked.
-
-P_SHARED (not a default, unmeasured): P enters the P.V product from shared memory, in two slots
-(block j's in slot j % 2, so the next block's P is stored while P_j.V_j runs), instead of from
-registers. Compiled for sm_90 with P in registers, ptxas waits for P_j.V_j right after S_{j+1},
-before the softmax step, so the overlap above does not happen; from shared memory the wait stays
-after the softmax step (attention_notes v35).
 """
 
 from triton.experimental import gluon
@@ -91,11 +85,9 @@ def _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p, m_
                 first, end, n_loaded, m0, qk_scale, dropout, dtype: gl.constexpr,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
                 CAUSAL_MASK: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
-                s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr,
-                p_smem=0, P_SHARED: gl.constexpr = False):
+                s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
     """Key blocks ``first`` .. ``end`` - 1, overlapped: on entry ``p`` holds block first - 1's
-    probabilities (not yet multiplied by V; with P_SHARED also in ``p_smem`` slot (first - 1) % 2);
-    on exit block end - 1's."""
+    probabilities (not yet multiplied by V); on exit block end - 1's."""
     for following in range(first, end):
         current = following - 1
         # Every warpgroup has finished block current - 1's products (waited at the end of the last
@@ -109,11 +101,8 @@ def _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p, m_
                           is_async=True)
         stage = current % KV_STAGES
         mbarrier.wait(v_bars.index(stage), (current // KV_STAGES) & 1)
-        if P_SHARED:
-            acc = warpgroup_mma(p_smem.index(current % 2), v_smem.index(stage), acc, is_async=True)
-        else:
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(stage), acc,
-                                is_async=True)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(stage), acc,
+                            is_async=True)
         # Products complete in issue order: at most one outstanding means S_following is done
         # while P_current·V_current may still run under the softmax step.
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
@@ -122,11 +111,6 @@ def _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p, m_
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
         if DROPOUT:
             p = _dropped(p, following, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
-        if P_SHARED:    # the other slot: P_current's may still be read by its product
-            p_smem.index(following % 2).store(p.to(dtype))
-            # Visible to the tensor cores; the barrier at the loop's top (before the last product:
-            # its own) waits for every warp's share.
-            fence_async_shared()
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
     return s, p, m_i, l_i, acc
@@ -147,7 +131,7 @@ def _forward_gluon_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
-    num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False, P_SHARED: gl.constexpr = False,
+    num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.gluon_call), with as many queries as keys.
     gl.static_assert(not (LOWER or VARLEN), "windows and packed input run the portable kernel")
@@ -187,11 +171,6 @@ def _forward_gluon_kernel(
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
-    if P_SHARED:    # two slots of P for the P.V product (see the module's docstring)
-        ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], ps_layout)
-    else:
-        p_smem = 0
     k_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -239,30 +218,21 @@ def _forward_gluon_kernel(
         p = _dropped(p, 0, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
     else:
         dropout = 0
-    if P_SHARED:
-        p_smem.index(0).store(p.to(dtype))
-        fence_async_shared()
 
     s, p, m_i, l_i, acc = _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p,
                                       m_i, l_i, acc, 1, n_full, n_end, m0, qk_scale, dropout, dtype,
                                       BLOCK_M, BLOCK_N, KV_STAGES, False, DROPOUT, N_ROUNDS,
-                                      s_layout, o_rows, p_layout, p_smem, P_SHARED)
+                                      s_layout, o_rows, p_layout)
     if UPPER:   # the diagonal blocks, masked
         s, p, m_i, l_i, acc = _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s,
                                           p, m_i, l_i, acc, n_full, n_end, n_end, m0, qk_scale,
                                           dropout, dtype, BLOCK_M, BLOCK_N, KV_STAGES, True,
-                                          DROPOUT, N_ROUNDS, s_layout, o_rows, p_layout, p_smem,
-                                          P_SHARED)
+                                          DROPOUT, N_ROUNDS, s_layout, o_rows, p_layout)
 
     last = n_end - 1
     mbarrier.wait(v_bars.index(last % KV_STAGES), (last // KV_STAGES) & 1)
-    if P_SHARED:
-        gl.thread_barrier()         # every warp's share of the last P is stored
-        acc = warpgroup_mma(p_smem.index(last % 2), v_smem.index(last % KV_STAGES), acc,
-                            is_async=True)
-    else:
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
-                            v_smem.index(last % KV_STAGES), acc, is_async=True)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % KV_STAGES),
+                        acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
 
     mbarrier.invalidate(q_bar)

@@ -44,10 +44,6 @@ Gluon; the GPU-marked tests run it.
 process (``_tile_rules.pingpong_forward_tiles``: head dim 128 from 512 tokens, 64 causal from
 2048, 64 without a mask from 512 (two consumers to 4K); attention_notes v19, v21, v22, v31, v32);
 elsewhere it runs for tiles a caller passes (``Tiles(..., gluon=True, pingpong=True)``).
-
-P_SHARED (not a default, unmeasured): P enters the P.V product from two shared slots per consumer
-instead of registers, as in ``_forward_gluon.py``: with P in registers ptxas waits for P.V before
-the softmax step, so within a consumer nothing overlaps (attention_notes v35).
 """
 
 from triton.experimental import gluon
@@ -109,25 +105,14 @@ def _causal_scores(s, block, row0, BLOCK_N: gl.constexpr, s_layout: gl.constexpr
 
 
 @gluon.jit
-def _store_p(slot, p):
-    """P into its shared slot for the P.V product: visible to the tensor cores, every warp's
-    share stored before any warp goes on to issue it."""
-    slot.store(p.to(slot.dtype))
-    fence_async_shared()
-    gl.thread_barrier()
-
-
-@gluon.jit
 def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, end, first, round0,
                 row0, qk_scale, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
                 KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                p_slots=0, P_SHARED: gl.constexpr = False):
+                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Consumer c's key blocks ``begin`` .. ``end`` - 1 of a tile whose block 0 is the ``first``-th
     loaded overall and whose first turn is ``round0``: per block, in its turn, S of this block and
     P.V of the one before are issued; then the softmax step under P.V. On entry ``p`` holds block
-    begin - 1's probabilities (with P_SHARED also in ``p_slots`` slot 2c + (begin - 1) % 2); on
-    exit block end - 1's."""
+    begin - 1's probabilities; on exit block end - 1's."""
     q_smem, k_smem, v_smem = buffers
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -140,12 +125,8 @@ def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, e
         wait_turn(turns, c, round0 + following)
         s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s, use_acc=False,
                           is_async=True)
-        if P_SHARED:
-            acc = warpgroup_mma(p_slots.index(2 * c + (following - 1) % 2),
-                                v_smem.index(current_stage), acc, is_async=True)
-        else:
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
-                                v_smem.index(current_stage), acc, is_async=True)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
+                            v_smem.index(current_stage), acc, is_async=True)
         pass_turn(turns, c, NUM_CONSUMERS)
         # Products complete in issue order: one outstanding means S_following is done while
         # P_current.V_current may still run under the softmax step.
@@ -157,8 +138,6 @@ def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, e
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
-        if P_SHARED:    # the other slot: P_current's may still be read by its product
-            _store_p(p_slots.index(2 * c + following % 2), p)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         # This consumer is done with K_current and V_current.
@@ -186,8 +165,7 @@ def _pass_blocks(c: gl.constexpr, bars, begin, end, first, round0, KV_STAGES: gl
 @gluon.jit
 def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqlen_q, qk_scale,
                HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, p_slots=0,
-               P_SHARED: gl.constexpr = False):
+               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
     """Consumer c's rows of one tile (``place``: where its blocks and turns start, its rows,
     batch, head and Q buffer): key blocks 0 .. mine - 1 of the tile's ``n_blocks``, the rest's
     turns passed on, then O and lse stored (rows past the end of the sequence are not)."""
@@ -220,30 +198,23 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    if P_SHARED:
-        _store_p(p_slots.index(2 * c), p)
 
     s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc, 1, n_full,
                                       first, round0, row0, qk_scale, dtype, BLOCK_N,
                                       KV_STAGES, False, NUM_CONSUMERS, s_layout, o_layout,
-                                      p_layout, p_slots, P_SHARED)
+                                      p_layout)
     if CAUSAL:    # the diagonal blocks up to this consumer's last row, masked
         s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc,
                                           gl.maximum(n_full, 1), mine, first, round0, row0,
                                           qk_scale, dtype, BLOCK_N, KV_STAGES, True,
-                                          NUM_CONSUMERS, s_layout, o_layout, p_layout, p_slots,
-                                          P_SHARED)
+                                          NUM_CONSUMERS, s_layout, o_layout, p_layout)
 
     last = first + mine - 1
     last_stage = last % KV_STAGES
     mbarrier.wait(v_bars.index(last_stage), (last // KV_STAGES) & 1)
     wait_turn(turns, c, round0 + mine)
-    if P_SHARED:
-        acc = warpgroup_mma(p_slots.index(2 * c + (mine - 1) % 2), v_smem.index(last_stage), acc,
-                            is_async=True)
-    else:
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last_stage),
-                            acc, is_async=True)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last_stage),
+                        acc, is_async=True)
     pass_turn(turns, c, NUM_CONSUMERS)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     mbarrier.arrive(kv_empty.index(last_stage), count=1)
@@ -271,8 +242,7 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
 @gluon.jit
 def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr,
-              p_slots=0, P_SHARED: gl.constexpr = False):
+              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
     """Consumer c: its 64 query rows of each of the program's tiles, taking turns at the tensor
     cores with the other consumers; writes its rows of O and lse."""
     q_smem = buffers[0]
@@ -298,7 +268,7 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
             if mine > 0:
                 _tile_rows(c, q, buffers, bars, out_args, place, (mine, n_blocks, n_full),
                            seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
-                           NUM_CONSUMERS, p_slots, P_SHARED)
+                           NUM_CONSUMERS)
             else:    # rows past the end of the sequence: only the tile's turns
                 wait_turn(turns, c, round0)
                 pass_turn(turns, c, NUM_CONSUMERS)
@@ -306,8 +276,7 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
                 mbarrier.arrive(q_empty.index(buffer), count=1)
         else:
             _tile_rows(c, q, buffers, bars, out_args, place, (n_blocks, n_blocks, n_full),
-                       seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL, NUM_CONSUMERS,
-                       p_slots, P_SHARED)
+                       seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL, NUM_CONSUMERS)
         first += n_blocks
         round0 += n_blocks + 1
         it += 1
@@ -327,7 +296,6 @@ def _forward_pingpong_kernel(
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
     HEAD_MAJOR: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
-    P_SHARED: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.pingpong_call), as many queries as keys.
     gl.static_assert(not (LOWER or VARLEN or DROPOUT),
@@ -358,11 +326,6 @@ def _forward_pingpong_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [KV_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    if P_SHARED:    # two P slots per consumer: [consumer x 2 + key block parity]
-        ps_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_N], dtype)
-        p_slots = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, ROWS, BLOCK_N], ps_layout)
-    else:
-        p_slots = 0
     q_bars = gl.allocate_shared_memory(gl.int64, [2 * NUM_CONSUMERS, 1],
                                        mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2 * NUM_CONSUMERS, 1],
@@ -395,20 +358,20 @@ def _forward_pingpong_kernel(
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
             (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
             (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
             (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
             (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, p_slots, P_SHARED)),
+                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

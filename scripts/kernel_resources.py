@@ -201,8 +201,7 @@ def pass_arguments(args) -> tuple:
     block_m, block_n, warps, stages = args.tiles
     tiles = Tiles(block_m, block_n, warps, stages, fused=args.fused, gluon=args.gluon,
                   warp_specialized=args.warp_specialized, persistent=args.persistent,
-                  kv_buffers=args.kv_buffers, mask_partition=args.mask_partition,
-                  mask_ahead=args.mask_ahead)
+                  kv_buffers=args.kv_buffers, mask_partition=args.mask_partition)
     seed = torch.empty(1, dtype=torch.int64, device="meta") if args.seed_in_memory else kernel_seed(1234)
     counter_base = kernel_counter_base(0 if args.seed_in_memory else 4 * 12345)
     in_memory = {"SEED_IN_MEMORY": True} if args.seed_in_memory else {}
@@ -216,8 +215,6 @@ def pass_arguments(args) -> tuple:
         if args.pingpong:    # the persistent kernel's extra argument: the number of sequences
             launcher, static = _forward.FORWARD_PINGPONG, (*static, args.batch)
             options = {**options, "HEAD_MAJOR": args.head_major}
-        if args.p_shared:
-            options = {**options, "P_SHARED": True}
         return launcher.kernel, (q, k, v, out, lse, None, seed, counter_base, *static), {**options, **in_memory}
     (dq_launcher, _, dq_static, dq_options), (dkdv_launcher, _, dkdv_static, dkdv_options) = \
         _backward.launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry, scale, args.causal,
@@ -238,8 +235,6 @@ def pass_arguments(args) -> tuple:
             dkdv_options["KV_BUFFERS"] = args.kv_buffers
         if args.mask_partition and args.dropout:
             dkdv_options["MASK_PARTITION"] = True
-        if args.mask_ahead and args.dropout:
-            dkdv_options["MASK_AHEAD"] = True
     accumulator = torch.empty(shape, dtype=torch.float32, device="meta")
     return dkdv_launcher.kernel, (q, k, v, grad_out, lse, delta, dk, dv, accumulator, None, seed,
                                   counter_base, *dkdv_static), {**dkdv_options, **in_memory}
@@ -261,8 +256,6 @@ def parse_args(argv=None):
     parser.add_argument("--pingpong", action="store_true",
                         help="forward: the ping-pong Gluon kernel (BLOCK_M // 64 consumer warpgroups)")
     parser.add_argument("--head-major", action="store_true", help="with --pingpong: its tiles head by head")
-    parser.add_argument("--p-shared", action="store_true",
-                        help="forward with --gluon: P enters the P.V product from shared memory")
     parser.add_argument("--warp-specialized", action="store_true",
                         help="dkdv with --gluon --fused: two consumer warpgroups and a producer warp")
     parser.add_argument("--persistent", action="store_true",
@@ -271,9 +264,6 @@ def parse_args(argv=None):
                         help="with --persistent: buffers of a tile's K and V")
     parser.add_argument("--mask-partition", action="store_true",
                         help="with --warp-specialized and --dropout: the keep-masks from warps of their own")
-    parser.add_argument("--mask-ahead", action="store_true",
-                        help="with --warp-specialized and --dropout: each consumer draws the next "
-                             "block's keep-mask under its products")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],
                         help="dkdv with dropout: how the transposed tile gets its keep-mask "
                              "(default: the library's choice for the tiles)")
@@ -283,8 +273,6 @@ def parse_args(argv=None):
         parser.error(f"--tiles takes BLOCK_M,BLOCK_N,num_warps,num_stages; got {args.tiles}")
     if (args.pingpong or args.head_major) and not (args.pass_ == "forward" and args.gluon):
         parser.error("--pingpong and --head-major are options of the forward's Gluon kernel (--gluon)")
-    if args.p_shared and not (args.pass_ == "forward" and args.gluon):
-        parser.error("--p-shared is an option of the forward's Gluon kernels (--gluon)")
     if args.warp_specialized and not (args.pass_ == "dkdv" and args.gluon and args.fused):
         parser.error("--warp-specialized is an option of the fused Gluon dK/dV pass (--gluon --fused)")
     if args.warp_specialized and (args.tiles[:3] != (64, 128, 4) or args.tiles[3] < 2):
@@ -295,9 +283,6 @@ def parse_args(argv=None):
         parser.error("--kv-buffers is an option of the persistent pass (--persistent)")
     if args.mask_partition and not (args.warp_specialized and args.dropout):
         parser.error("--mask-partition is an option of the warp-specialized pass with --dropout")
-    if args.mask_ahead and not (args.warp_specialized and args.dropout and not args.mask_partition):
-        parser.error("--mask-ahead is an option of the warp-specialized pass with --dropout, "
-                     "without --mask-partition")
     if args.seed_in_memory and args.dropout == 0:
         parser.error("--seed-in-memory only matters with --dropout > 0")
     return args

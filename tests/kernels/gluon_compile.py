@@ -33,18 +33,12 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
     "dkdv_ws_persistent": that form in a persistent grid (``_dkdv_ws_persistent.py``), and
     "dkdv_ws_persistent_kv2" with two K/V buffers; "dkdv_ws_mask_partition" and
     "dkdv_ws_persistent_mask_partition": either grid with its keep-masks from warps of their own
-    (``_dropout_mask_partition.py``); "dkdv_ws_mask_ahead": each consumer drawing the next block's
-    keep-mask under its products (``_dropout_mask_ahead.py``);
-    "pingpong" and "pingpong_head_major": the ping-pong forward in either tile order; a forward's
-    name ending "_p_shared": P into the P.V product from shared memory."""
-    p_shared = kernel.endswith("_p_shared")
-    kernel = kernel.removesuffix("_p_shared")
+    (``_dropout_mask_partition.py``);
+    "pingpong" and "pingpong_head_major": the ping-pong forward in either tile order."""
     pingpong = kernel.startswith("pingpong")
     persistent = kernel.startswith("dkdv_ws_persistent")
     mask_partition = kernel.endswith("mask_partition")
-    mask_ahead = kernel.endswith("mask_ahead")
-    warp_specialized = (kernel == "dkdv_warp_specialized" or persistent or mask_partition
-                        or mask_ahead)
+    warp_specialized = kernel == "dkdv_warp_specialized" or persistent or mask_partition
     args = SimpleNamespace(
         pass_="dkdv" if kernel.startswith("dkdv") else "forward" if pingpong else kernel,
         batch=2, seqlen=4096, heads=4, pingpong=pingpong, head_major=kernel.endswith("head_major"),
@@ -52,9 +46,7 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
         tiles=(block_m, block_n, num_warps, stages), fused=kernel == "dkdv_fused" or warp_specialized,
         gluon=True, warp_specialized=warp_specialized, persistent=persistent,
         kv_buffers=2 if kernel.endswith("_kv2") else 1, mask_partition=mask_partition,
-        mask_ahead=mask_ahead,
-        seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None,
-        p_shared=p_shared)
+        seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None)
     return kernel_resources.compile_for(*kernel_resources.pass_arguments(args))
 
 
@@ -65,32 +57,6 @@ def compile_keep_mask_for_sm90(block_m, block_n, num_warps):
     return kernel_resources.compile_for(
         _keep_mask_gluon_kernel, arguments,
         dict(BLOCK_M=block_m, BLOCK_N=block_n, N_ROUNDS=PHILOX_ROUNDS, num_warps=num_warps))
-
-
-# Philox4x32's multipliers as SASS writes them, signed: 0xCD9E8D57 and 0xD2511F53.
-PHILOX_MULTIPLIERS = re.compile(r"-0x326172a9|-0x2daee0ad", re.I)
-
-
-def philox_multiplies(loop: list[str]) -> tuple[int, int]:
-    """(all, after the wait): the Philox multiplies of a SASS loop, and those between its first
-    wait for warpgroup MMAs and the next MMA it issues, the stretch where a consumer of the
-    warp-specialized dK/dV pass has S and dP and nothing of its own on the tensor cores."""
-    waits = [i for i, text in enumerate(loop) if "WARPGROUP.DEPBAR" in text]
-    after = loop[waits[0]:] if waits else []
-    end = next((i for i, text in enumerate(after) if "HGMMA" in text), len(after))
-    count = lambda texts: sum(bool(PHILOX_MULTIPLIERS.search(text)) for text in texts)
-    return count(loop), count(after[:end])
-
-
-def exponentials_under_pv(loop: list[str]) -> int:
-    """Exponentials (MUFU.EX2) of a forward's SASS loop between its wait for S (one product left
-    outstanding) and its wait for P.V: the softmax step the source runs under P.V."""
-    first = next((i for i, text in enumerate(loop) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in text), None)
-    if first is None:
-        return 0
-    end = next((i for i in range(first + 1, len(loop))
-                if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in loop[i]), len(loop))
-    return sum("MUFU.EX2" in text for text in loop[first:end])
 
 
 def main():
@@ -105,13 +71,10 @@ def main():
     kernel = compile_for_sm90(*map(int, sys.argv[1:7]), *sys.argv[7:9])
     loops = re.findall(r"scf\.for.*?scf\.yield", kernel.asm["ttgir"], re.S)
     use = kernel_resources.usage(kernel)
-    sass_loops = kernel_resources.mma_loops(kernel_resources.cuobjdump(kernel, "-sass"))
     print(json.dumps(dict(loops=loops, registers=use["registers"], stack=use["stack_bytes"],
                           loop_spills=use["mma_loop_spills"],
                           high_multiplies=len(re.findall(r"mul\.hi\.u32", kernel.asm["ptx"])),
                           serialized=kernel_resources.wgmma_serialization(kernel),
-                          philox_multiplies=[philox_multiplies(loop) for loop in sass_loops],
-                          exponentials_under_pv=[exponentials_under_pv(loop) for loop in sass_loops],
                           # Registers per thread the warp-specialized partitions ask for.
                           partitions=re.findall(r"requestedRegisters = array<i32: ([\d, ]+)>",
                                                 kernel.asm["ttgir"]))))

@@ -35,23 +35,21 @@ def test_warp_specialized_backward_on_gpu(head_dim, stages, seqlen, causal, monk
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("masks", ["drawn in place", "mask_partition", "mask_ahead"])
+@pytest.mark.parametrize("masks", ["drawn in place", "mask_partition"])
 def test_warp_specialized_backward_with_dropout_on_gpu(head_dim, stages, causal, masks,
                                                        monkeypatch):
     # Each consumer regenerates its 64 x 64 tiles of the forward's keep-mask, or with a mask
-    # partition reads them from shared memory (16 query blocks through its 2 slots), or draws
-    # each a block ahead through a slot of its own: the gradients match float64 under the mask
-    # return_debug_mask materializes, with no fallback.
+    # partition reads them from shared memory (16 query blocks through its 2 slots): the
+    # gradients match float64 under the mask return_debug_mask materializes, with no fallback.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
-                  mask_partition=masks == "mask_partition", mask_ahead=masks == "mask_ahead")
+                  mask_partition=masks == "mask_partition")
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     q = torch.empty(2, 1024, 4, head_dim, device="cuda", dtype=torch.bfloat16)
     options = backward_launch_configs(q, q, q, causal, 0.1)[1][3]
     assert options.get("MASK_PARTITION", False) == (masks == "mask_partition")
-    assert options.get("MASK_AHEAD", False) == (masks == "mask_ahead")
     gluon_kernel_matches_reference_with_dropout(head_dim, causal, _backward.DKDV_WARP_SPECIALIZED)
 
 
@@ -148,19 +146,16 @@ def test_persistent_backward_on_gpu(head_dim, stages, kv_buffers, batch, seqlen,
 @pytest.mark.parametrize("head_dim, stages, kv_buffers, masks",
                          [(128, 2, 1, "drawn in place"), (64, 4, 1, "drawn in place"),
                           (64, 4, 2, "drawn in place"), (128, 2, 1, "mask_partition"),
-                          (64, 4, 1, "mask_partition"), (128, 2, 1, "mask_ahead"),
-                          (64, 4, 1, "mask_ahead")])
+                          (64, 4, 1, "mask_partition")])
 def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, kv_buffers, masks,
                                                  monkeypatch):
-    # Each tile's keep-mask from its own (batch, head) counters, by the consumers (in place or a
-    # block ahead, each tile's first block at its start) or by the mask warps: the gradients
-    # match float64 under the mask return_debug_mask materializes, with no fallback. 4K tokens:
-    # 256 tiles, so programs walk more than one.
+    # Each tile's keep-mask from its own (batch, head) counters, by the consumers or by the mask
+    # warps: the gradients match float64 under the mask return_debug_mask materializes, with no
+    # fallback. 4K tokens: 256 tiles, so programs walk more than one.
     from kernels import _backward, _eager_plan
     from kernels._launch import Tiles
     tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
-                  persistent=True, kv_buffers=kv_buffers, mask_partition=masks == "mask_partition",
-                  mask_ahead=masks == "mask_ahead")
+                  persistent=True, kv_buffers=kv_buffers, mask_partition=masks == "mask_partition")
     monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     for causal in (False, True):

@@ -119,34 +119,6 @@ def test_with_a_mask_partition_the_consumers_run_no_philox(kernel, head_dim, cau
     assert max(map(int, compiled["loop_spills"].split(","))) <= limit
 
 
-@pytest.mark.parametrize("grid, head_dim, stages, causal, limit", [
-    ("", 128, 2, 1, 58), ("", 64, 4, 0, 2), ("persistent_", 128, 2, 1, 61)])
-def test_with_the_mask_drawn_ahead_no_philox_waits_behind_s_and_dp(grid, head_dim, stages, causal,
-                                                                     limit):
-    # Each consumer draws the next block's keep-mask into shared memory between issuing its dK
-    # and dV (and dQ) products and waiting for them. Drawn in place, between issuing S and dP and
-    # waiting for them, ptxas moves most of the multiplies past that wait (attention_notes v35).
-    # Per consumer loop: two counters' seven rounds of high and low multiplies.
-    ahead = compiled_for_sm90(f"dkdv_ws_{grid}mask_ahead", head_dim, 64, 128, stages, 4, causal,
-                              "untransposed")
-    in_place = compiled_for_sm90("dkdv_ws_persistent" if grid else "dkdv_warp_specialized",
-                                 head_dim, 64, 128, stages, 4, causal, "untransposed")
-    assert ahead["philox_multiplies"] == [[52, 0], [52, 0]]
-    assert all(after >= 29 for _, after in in_place["philox_multiplies"])
-    assert ahead["partitions"] == ["240, 24"] and ahead["serialized"] == []
-    # Spills per loop (head dim 128 causal: 58 / 54, drawn in place 69 / 60; in the persistent
-    # grid 61 / 28 against 82 / 83; head dim 64: 1 / 0 both).
-    assert max(map(int, ahead["loop_spills"].split(","))) <= limit
-
-
-def test_the_mask_drawn_ahead_is_an_option_of_the_warp_specialized_pass():
-    assert dataclasses.replace(WARP_SPECIALIZED, mask_ahead=True).mask_ahead
-    assert dataclasses.replace(WARP_SPECIALIZED, mask_ahead=True, persistent=True).persistent
-    for bad in (dict(warp_specialized=False), dict(mask_partition=True)):
-        with pytest.raises(ValueError, match="mask_ahead"):
-            dataclasses.replace(WARP_SPECIALIZED, mask_ahead=True, **bad)
-
-
 def test_tiles_name_it_only_as_a_fused_gluon_pass_of_its_shape():
     assert WARP_SPECIALIZED.warp_specialized
     for bad in (dict(gluon=False), dict(fused=False), dict(block_m=32), dict(block_n=64),
