@@ -15,9 +15,9 @@ The mask is the same function of (row, column) as ``_philox_gluon.keep_tile``'s:
 as the forward's.
 
 Measured (attention_notes v35): it wins only at head dim 128 causal at 4K-8K (whole backward -3 %)
-and loses elsewhere, by up to 19 % at head dim 128 and 69 % at 64. At the producer warpgroup's 24
-registers the two warps run their Philox chains one after another, latency-bound, and cannot keep
-up with eight consumer warps; ``_tile_rules.MASK_PARTITION_SEQLEN`` holds where it is the default.
+and loses elsewhere, by up to 19 % at head dim 128 and 69 % at 64;
+``_tile_rules.MASK_PARTITION_SEQLEN`` holds where it is the default. Why it loses is not known:
+four mask warps (v36) were no faster than two, so the warps' Philox throughput is not the limit.
 """
 
 from triton.experimental import gluon

@@ -206,8 +206,8 @@ PERSISTENT_KV_BUFFERS = {64: 2}
 # processes (H200, 16K tokens; attention_notes.md, v35): head dim 128 causal -3.3 / -2.8 % at 4K /
 # 8K (2.011 against 2.078 ms at 4K), level at 1K / 2K / 16K. Elsewhere it lost: head dim 128 without
 # a mask +14 to +19 % at 512-8K, head dim 64 +40 to +69 %, and in the persistent grid +6 to +24 %
-# at head dim 128: two warps on two of the four schedulers cannot draw the masks as fast as eight
-# consumer warps compute.
+# at head dim 128. Four mask warps instead of two (v36) were no faster: level at 1K-4K, +3 % at
+# 8K-16K against the consumers' drawing, +13 to +26 % without a mask.
 MASK_PARTITION_SEQLEN = {(128, True): (4096, 8192)}
 
 
