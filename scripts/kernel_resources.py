@@ -21,11 +21,15 @@ a GPU run compiles. A kernel at the 255-register cap, or with stack (spilled) by
 for smaller tiles or more warps before any GPU time is spent; ``wgmma_serialized`` names ptxas's
 reason when it made every warpgroup MMA wait for the one before (the source's overlap then counts
 for nothing); ``mma_loop_spills`` counts the spill instructions inside each innermost loop that
-holds warpgroup MMAs (the hot loops: stack bytes alone do not say where the spills are). Speed
-itself is measured on the GPU.
+holds warpgroup MMAs (the hot loops: stack bytes alone do not say where the spills are);
+``sass_digest`` is a hash of the SASS instructions without their addresses and encodings, so a
+refactor that should not change a kernel can be checked on this machine: the same digest before
+and after means the same machine code (v36 removed two options this way). Speed itself is
+measured on the GPU.
 """
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -126,7 +130,16 @@ def usage(compiled) -> dict:
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "shared_bytes": compiled.metadata.shared, "sass_instructions": sass.count(" ;"),
             "wgmma_serialized": "yes" if reasons else "no",
-            "mma_loop_spills": ",".join(map(str, mma_loop_spills(sass))) or "-"}
+            "mma_loop_spills": ",".join(map(str, mma_loop_spills(sass))) or "-",
+            "sass_digest": sass_digest(sass)}
+
+
+def sass_digest(sass: str) -> str:
+    """12 hex digits of a SHA-1 of the SASS instructions in order, without their addresses and
+    encodings (cuobjdump's ``/*0010*/`` and ``/* 0x... */``): equal digests, the same code."""
+    instructions = [re.sub(r"/\*.*?\*/", "", line).strip() for line in sass.splitlines()
+                    if re.match(r"\s*/\*[0-9a-f]+\*/", line)]
+    return hashlib.sha1("\n".join(instructions).encode()).hexdigest()[:12]
 
 
 def mma_loop_spills(sass: str) -> list[int]:

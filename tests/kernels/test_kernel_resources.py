@@ -48,6 +48,7 @@ def test_the_forward_compiles_for_sm90_here_and_reports_its_resources():
     assert report["kernel"] == "_forward_kernel" and report["num_warps"] == "4"
     assert 32 <= int(report["registers"]) <= 255 and int(report["stack_bytes"]) >= 0
     assert int(report["shared_bytes"]) > 0 and int(report["sass_instructions"]) > 100
+    assert len(report["sass_digest"]) == 12
 
 
 def test_bad_arguments_are_named():
@@ -114,6 +115,18 @@ def test_spills_are_counted_per_innermost_loop_that_holds_warpgroup_mmas():
         /*00c0*/               @P4 BRA 0x70 ;"""
     assert kernel_resources.mma_loop_spills(sass) == [2, 0]
     assert kernel_resources.mma_loop_spills("        /*0000*/                   EXIT ;") == []
+
+
+def test_the_sass_digest_names_the_instructions_not_their_addresses():
+    code = """
+        /*0000*/                   IADD3 R5, R5, 0x1, RZ ;      /* 0x0000000105057810 */
+        /*0010*/                   EXIT ;                       /* 0x000000000000794d */"""
+    moved = code.replace("/*0000*/", "/*0100*/").replace("0x0000000105057810", "0x00000001ffffffff")
+    changed = code.replace("0x1, RZ", "0x2, RZ")
+    digest = kernel_resources.sass_digest(code)
+    assert len(digest) == 12 and kernel_resources.sass_digest(moved) == digest
+    assert kernel_resources.sass_digest(changed) != digest
+    assert kernel_resources.sass_digest("Fatbin elf code:\n" + code) == digest
 
 
 def test_ptxas_serialization_notes_are_read():
