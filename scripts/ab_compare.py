@@ -10,7 +10,10 @@ Prints one line per (cell, candidate), e.g.
     d=128 N=2048 causal=1 p=0.1  pers  -3.4 / -3.4 %  mean -3.4 %  agree
 
 ``agree``: every run's change is past ``--threshold`` percent in the same direction; ``level``:
-every one within it; ``mixed`` otherwise. Needs no GPU.
+every one within it; ``mixed`` otherwise. A run whose record marks the candidate or its pass's
+default unsteady (its median round more than UNSTEADY_PERCENT above its fastest; records written
+before ``ab_tiles.py`` kept the mark are judged from their rounds) adds ``unsteady in run N``: that value measures a
+disturbance. Needs no GPU.
 """
 
 import argparse
@@ -20,6 +23,10 @@ import sys
 from pathlib import Path
 
 CELL = ("head_dim", "seqlen", "causal", "dropout_p")
+# A kernel's median round further than this (percent) above its fastest round marks it as
+# disturbed: most of its rounds were slow, so the median measures the disturbance. (A single slow
+# round, 10-20 % off, happens now and then; the median absorbs it.)
+UNSTEADY_PERCENT = 10.0
 
 
 def load_runs(paths: list[Path]) -> list[list[dict]]:
@@ -44,11 +51,28 @@ def changes(record: dict) -> dict[str, float]:
     median = record["median"]
     out = {}
     for name in median:
-        default = ("forward" if name in record["forward_candidates"]
-                   else "backward" if name in record["backward_candidates"] else None)
+        default = _default_of(record, name)
         if default:
             out[name] = 100 * (median[name] / median[default] - 1)
     return out
+
+
+def unsteady(ms: dict[str, list[float]]) -> dict[str, float]:
+    """Each name whose median round is more than UNSTEADY_PERCENT above its fastest, with that
+    excess in percent."""
+    spreads = {name: 100 * (statistics.median(rounds) / min(rounds) - 1)
+               for name, rounds in ms.items() if rounds and min(rounds) > 0}
+    return {name: round(spread, 1) for name, spread in spreads.items() if spread > UNSTEADY_PERCENT}
+
+
+def _default_of(record: dict, name: str) -> str | None:
+    return ("forward" if name in record["forward_candidates"]
+            else "backward" if name in record["backward_candidates"] else None)
+
+
+def _unsteady_of(record: dict) -> dict[str, float]:
+    """The record's ``unsteady``, or for records written before it existed, from its rounds."""
+    return record["unsteady"] if "unsteady" in record else unsteady(record.get("ms", {}))
 
 
 def verdict(values: list[float], threshold: float) -> str:
@@ -63,14 +87,19 @@ def compare(runs: list[list[dict]], threshold: float = 1.0) -> list[str]:
     """One line per (cell, candidate) found in the first run, with the other runs' values for
     the same cell and candidate where they have them."""
     by_cell = [{tuple(r[k] for k in CELL): changes(r) for r in records} for records in runs]
+    records_by_cell = [{tuple(r[k] for k in CELL): r for r in records} for records in runs]
     lines = []
     for cell, first in by_cell[0].items():
         head_dim, seqlen, causal, dropout_p = cell
         for name in first:
             values = [run[cell][name] for run in by_cell if name in run.get(cell, {})]
+            disturbed = [str(i + 1) for i, run in enumerate(records_by_cell)
+                         if cell in run and name in by_cell[i].get(cell, {})
+                         and {name, _default_of(run[cell], name)} & set(_unsteady_of(run[cell]))]
             lines.append(f"d={head_dim} N={seqlen} causal={int(causal)} p={dropout_p}  {name}  "
                          + " / ".join(f"{v:+.1f}" for v in values) + " %"
-                         + f"  mean {statistics.mean(values):+.1f} %  {verdict(values, threshold)}")
+                         + f"  mean {statistics.mean(values):+.1f} %  {verdict(values, threshold)}"
+                         + (f"  unsteady in run {', '.join(disturbed)}" if disturbed else ""))
     return lines
 
 

@@ -21,7 +21,11 @@ gradients likewise (``bwd_err``); a candidate that cannot run the call is record
 with its error, and ``kernels`` names the forward, dQ and dK/dV kernels each ran (a Hopper
 candidate the call does not qualify for runs the portable kernel: its name shows it). Between
 processes the same kernel moves by 1-3 %: for a small difference run the script twice and compare
-both (``scripts/ab_compare.py``). Writes the JSON after every cell (atomically)."""
+both (``scripts/ab_compare.py``). ``unsteady`` names what ran with its median round more
+than 10 % above its fastest (``ab_compare.unsteady``), and the printed line warns: at 512 tokens a
+process's first cell has had every provider 2-3x slow after its first round (attention_notes
+v35, v36), and such a cell's medians measure the host, not the kernels. Writes the JSON after
+every cell (atomically)."""
 
 import argparse
 import dataclasses
@@ -38,7 +42,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import environment, write_json  # noqa: E402  (scripts/ is on sys.path)
-from ab_compare import changes  # noqa: E402
+from ab_compare import changes, unsteady  # noqa: E402
 from kernels import _backward, _forward  # noqa: E402
 from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._launch import Tiles, call_geometry  # noqa: E402
@@ -159,7 +163,8 @@ def measure_cell(head_dim, seqlen, causal, dropout_p, batch, heads, forward, bac
                 dropout_p=dropout_p, forward_candidates={n: str(t) for n, t in forward.items()},
                 backward_candidates={n: str(t) for n, t in backward.items()}, ms=ms,
                 median={name: round(statistics.median(v), 5) for name, v in ms.items()},
-                fwd_err=fwd_err, bwd_err=bwd_err, failed=failed, kernels=kernels)
+                unsteady=unsteady(ms), fwd_err=fwd_err, bwd_err=bwd_err, failed=failed,
+                kernels=kernels)
 
 
 def parse_args(argv=None):
@@ -213,6 +218,10 @@ def main(argv=None):
         print(f"[{time.time() - started:5.0f}s] d={head_dim} N={seqlen} causal={causal:d} "
               f"p={dropout_p}: " + summary(record)
               + (f"  failed: {sorted(record['failed'])}" if record["failed"] else ""), flush=True)
+        if record["unsteady"]:
+            print("  unsteady rounds (median against fastest): "
+                  + ", ".join(f"{name} +{spread:.0f} %" for name, spread in record["unsteady"].items())
+                  + "; this cell's medians may measure the host: re-run it", flush=True)
 
 
 def summary(record: dict) -> str:

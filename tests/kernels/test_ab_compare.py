@@ -33,6 +33,31 @@ def test_each_candidate_in_each_run_with_its_mean_and_verdict(tmp_path):
     assert level[0].endswith("level") and level[1].endswith("level")
 
 
+def test_a_value_from_unsteady_rounds_is_marked_with_its_run(tmp_path):
+    a = write(tmp_path / "a.json", [record(512, 0.2, 0.19, 1.28, 1.237)])
+    disturbed = dict(record(512, 0.41, 0.36, 1.28, 1.237), unsteady={"forward": 209.1})
+    b = write(tmp_path / "b.json", [disturbed])
+    lines = ab_compare.compare(ab_compare.load_runs([a, b]))
+    assert lines[0].endswith("unsteady in run 2") and "s4" in lines[0]
+    assert not lines[1].endswith("unsteady in run 2")      # pers: neither it nor its default
+
+
+def test_a_median_round_more_than_ten_percent_above_the_fastest_marks_a_name_unsteady():
+    # The first: a cell where every round after the first was slow (v36); "one slow": a single
+    # outlier, which the median absorbs.
+    ms = {"forward": [0.1345, 0.4158, 0.4103, 0.4023], "steady": [1.00, 1.02, 1.01, 1.00],
+          "one slow": [6.907, 7.729, 7.218, 7.302], "under": [1.0, 1.0999, 1.0999],
+          "over": [1.0, 1.1001, 1.1001], "none": []}
+    assert ab_compare.unsteady(ms) == {"forward": 202.1, "over": 10.0}
+
+
+def test_an_older_record_without_the_mark_is_judged_from_its_rounds(tmp_path):
+    older = dict(record(512, 0.2, 0.19, 1.28, 1.237),
+                 ms={"forward": [0.13, 0.41], "s4": [0.19, 0.19], "backward": [1.28], "pers": [1.24]})
+    lines = ab_compare.compare(ab_compare.load_runs([write(tmp_path / "a.json", [older])]))
+    assert lines[0].endswith("unsteady in run 1") and not lines[1].endswith("run 1")
+
+
 def test_a_cell_missing_from_a_later_run_shows_the_runs_that_have_it(tmp_path):
     a = write(tmp_path / "a.json", [record(1024, 0.2, 0.21, 1.0, 1.0), record(2048, 0.2, 0.21, 1.0, 1.0)])
     b = write(tmp_path / "b.json", [record(2048, 0.2, 0.22, 1.0, 1.0)])

@@ -85,6 +85,8 @@ def test_a_cell_times_every_candidate_in_interleaved_rounds_and_checks_its_numbe
     # Defaults and the candidates that ran, each once per round, in the same order every round.
     assert list(record["ms"]) == ["forward", "small", "backward", "dkdv16"]
     assert record["ms"]["forward"] == [1.0, 5.0] and record["median"]["dkdv16"] == 6.0
+    # This timer's rounds are far apart, so every name is marked unsteady with its spread.
+    assert record["unsteady"]["forward"] == 200.0 and set(record["unsteady"]) == set(record["ms"])
     assert record["failed"] == {"broken": "RuntimeError: does not compile"}
     assert record["fwd_err"]["broken"] is None
     # float32: every tiling agrees with the portable kernels' to rounding.
