@@ -11,9 +11,9 @@ Prints one line per (cell, candidate), e.g.
 
 ``agree``: every run's change is past ``--threshold`` percent in the same direction; ``level``:
 every one within it; ``mixed`` otherwise. A run whose record marks the candidate or its pass's
-default unsteady (its median round more than UNSTEADY_PERCENT above its fastest; records written
-before ``ab_tiles.py`` kept the mark are judged from their rounds) adds ``unsteady in run N``: that value measures a
-disturbance. Needs no GPU.
+default unsteady (``timing_rounds.py``: its median round more than 10 % above its fastest; a
+record written before ``ab_tiles.py`` kept the mark is judged from its rounds) adds ``unsteady in
+run N``: that value measures a disturbance. Needs no GPU.
 """
 
 import argparse
@@ -22,11 +22,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from timing_rounds import unsteady
+
 CELL = ("head_dim", "seqlen", "causal", "dropout_p")
-# A kernel's median round further than this (percent) above its fastest round marks it as
-# disturbed: most of its rounds were slow, so the median measures the disturbance. (A single slow
-# round, 10-20 % off, happens now and then; the median absorbs it.)
-UNSTEADY_PERCENT = 10.0
 
 
 def load_runs(paths: list[Path]) -> list[list[dict]]:
@@ -55,14 +53,6 @@ def changes(record: dict) -> dict[str, float]:
         if default:
             out[name] = 100 * (median[name] / median[default] - 1)
     return out
-
-
-def unsteady(ms: dict[str, list[float]]) -> dict[str, float]:
-    """Each name whose median round is more than UNSTEADY_PERCENT above its fastest, with that
-    excess in percent."""
-    spreads = {name: 100 * (statistics.median(rounds) / min(rounds) - 1)
-               for name, rounds in ms.items() if rounds and min(rounds) > 0}
-    return {name: round(spread, 1) for name, spread in spreads.items() if spread > UNSTEADY_PERCENT}
 
 
 def _default_of(record: dict, name: str) -> str | None:

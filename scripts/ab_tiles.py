@@ -22,9 +22,8 @@ with its error, and ``kernels`` names the forward, dQ and dK/dV kernels each ran
 candidate the call does not qualify for runs the portable kernel: its name shows it). Between
 processes the same kernel moves by 1-3 %: for a small difference run the script twice and compare
 both (``scripts/ab_compare.py``). ``unsteady`` names what ran with its median round more
-than 10 % above its fastest (``ab_compare.unsteady``), and the printed line warns: at 512 tokens a
-process's first cell has had every provider 2-3x slow after its first round (attention_notes
-v35, v36), and such a cell's medians measure the host, not the kernels. Writes the JSON after
+than 10 % above its fastest (``timing_rounds.py``), and the printed line warns: such a cell's
+medians measure a disturbance, not the kernels. Writes the JSON after
 every cell (atomically)."""
 
 import argparse
@@ -42,7 +41,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import environment, write_json  # noqa: E402  (scripts/ is on sys.path)
-from ab_compare import changes, unsteady  # noqa: E402
+from ab_compare import changes  # noqa: E402
+from timing_rounds import unsteady  # noqa: E402
 from kernels import _backward, _forward  # noqa: E402
 from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._launch import Tiles, call_geometry  # noqa: E402

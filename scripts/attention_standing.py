@@ -10,7 +10,10 @@ seqlen, causal, dropout) takes all its providers from the last source that timed
 it, so every ratio compares providers measured in one process, never numbers from two runs.
 Prints the Markdown table (or writes it with ``--md``). ``--left-out FILE:RUN=REASON`` names a run
 that measured cells but is deliberately not a source (e.g. one whose rounds were disturbed), with
-the reason, in the table's header; the run must exist.
+the reason, in the table's header; the run must exist. A cell where flashtrain's or the best SDPA
+backend's forward+backward rounds were unsteady (``timing_rounds.py``: median round more than
+10 % above the fastest, judged from the records' rounds) has its ratio marked "(unsteady)" and is
+listed below the table: its ratio measured a disturbance and wants a re-run.
 """
 
 import argparse
@@ -18,6 +21,8 @@ import json
 import shlex
 import sys
 from pathlib import Path
+
+from timing_rounds import unsteady_bench_record
 
 SDPA = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 CELL_FIELDS = ("dtype", "head_dim", "seqlen", "causal", "dropout_p")
@@ -114,7 +119,7 @@ def markdown(cells: dict, specs: list[str], sources: list[tuple],
              "| dtype | head dim | seqlen | causal | dropout | flashtrain fwd / bwd / fwd+bwd | best SDPA "
              "(by fwd+bwd): fwd / bwd / fwd+bwd | ours / best SDPA | ours / FA2 | float32 check | run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    summary = {}
+    summary, unsteady_cells = {}, []
     for cell in sorted(cells):
         name, providers = cells[cell]
         ours = providers["flashtrain"]
@@ -126,16 +131,29 @@ def markdown(cells: dict, specs: list[str], sources: list[tuple],
         check = {True: "passed", False: "**failed**"}.get(ours.get("check_passed"), "–")
         timings = _timings(ours)
         dtype, head_dim, seqlen, causal, dropout_p = cell
+        # The ratio is of forward+backward times: their rounds decide whether it is trustworthy.
+        shaky = [f"{provider} +{excess:.0f} %"
+                 for provider in ("flashtrain", *(best[:1] if best else ()))
+                 for timing, excess in unsteady_bench_record(providers[provider]).items()
+                 if timing == "fwdbwd"]
+        if shaky:
+            unsteady_cells.append(f"- {dtype}, head dim {head_dim}, seqlen {seqlen}, causal "
+                                  f"{int(causal)}, dropout {dropout_p} (`{name}`): " + ", ".join(shaky))
         lines.append(
             f"| {dtype} | {head_dim} | {seqlen} | {int(causal)} | {dropout_p} | {timings} | "
             + (f"{best[0]} {_timings(providers[best[0]])}" if best else "–") + " | "
-            + (f"**{_ratio_text(ratio)}**" if ratio is not None else "–") + " | "
+            + (f"**{_ratio_text(ratio)}**" + (" (unsteady)" if shaky else "")
+               if ratio is not None else "–") + " | "
             + (f"{ours['fwdbwd_tflops'] / fa2:.2f}" if fa2 else "–") + f" | {check} | `{name}` |")
     lines += ["", "Forward+backward against the best SDPA backend of the same run, by setting:", ""]
     for (dtype, head_dim, causal, dropout_p), ratios in sorted(summary.items()):
         span = f"{_ratio_text(min(ratios))}–{_ratio_text(max(ratios))}"
         lines.append(f"- {dtype}, head dim {head_dim}, causal {int(causal)}, dropout {dropout_p}: "
                      f"{span} ({sum(r >= 1 for r in ratios)} of {len(ratios)} cells at or past it)")
+    if unsteady_cells:
+        lines += ["", "Cells whose forward+backward rounds were unsteady (a provider's median round "
+                  "more than 10 % above its fastest: the ratio measured a disturbance; re-run it):",
+                  "", *unsteady_cells]
     return "\n".join(lines) + "\n"
 
 

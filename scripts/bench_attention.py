@@ -12,7 +12,10 @@ mask; at most twice PyTorch's own error in that dtype, as in the tests): the run
 any cell fails, or if flashtrain cannot run one. Each flashtrain record names the forward, dQ and
 dK/dV kernels the library ran for the cell (``kernels``). Then a memory sweep: forward+backward, head dim
 64, 16 heads, batch 1, seqlen 128 ... 65536, flashtrain against standard (materialized) attention.
-Another provider that cannot run a cell records why. Writes JSON after every cell (marked
+Another provider that cannot run a cell records why. A timed record's ``unsteady`` names the
+timings whose median round lay more than 10 % above the fastest (``timing_rounds.py``): most rounds
+were slow, so the cell measured a disturbance; the line printed for it says so. Writes JSON after
+every cell (marked
 ``"complete": false`` until the run ends, so a run cut short keeps what it measured);
 ``scripts/report_attention.py`` turns it into Markdown tables and PNG plots. ``--causal`` and
 ``--dropouts`` measure part of the grid.
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import attention_reference, flash_attention  # noqa: E402
 from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._philox import effective_dropout_p  # noqa: E402
+from timing_rounds import unsteady_bench_record  # noqa: E402  (scripts/ is on sys.path)
 
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
@@ -203,6 +207,7 @@ def measure_cell(providers, batch, seqlen, heads, head_dim, dtype, causal, dropo
             fwd_tflops=flops / fwd_ms / 1e9, bwd_tflops=2.5 * flops / bwd_ms / 1e9,
             fwdbwd_tflops=3.5 * flops / both_ms / 1e9, fwd_ms=fwd_ms, bwd_ms=bwd_ms,
             fwdbwd_ms=both_ms, rounds_ms=rounds[provider], rep_ms=reps["rep"])
+        records[provider]["unsteady"] = unsteady_bench_record(records[provider])
     if "flashtrain" in ready:
         inputs, _, grad_out = ready["flashtrain"]
         records["flashtrain"]["kernels"] = chosen_kernels(*inputs, grad_out, causal, dropout_p)
@@ -312,6 +317,22 @@ def parse_args(argv=None):
     return args
 
 
+def record_line(record: dict) -> str:
+    """The printed line of one record: provider, cell, TFLOP/s, peak memory, error, flashtrain's
+    numerics and, for unsteady rounds, a warning."""
+    speed = (f"{record['fwd_tflops']:6.1f} / {record['bwd_tflops']:6.1f} / "
+             f"{record['fwdbwd_tflops']:6.1f} TF/s" if "fwd_tflops" in record else "")
+    memory = f"{record['peak_mem_gb']:7.2f} GB" if "peak_mem_gb" in record else ""
+    return (f"{record['provider']:>14} {record['dtype']:>8} d={record['head_dim']:<3} "
+            f"N={record['seqlen']:<5} causal={record['causal']:d} p={record['dropout_p']} {speed} "
+            f"{memory} {record.get('error', '')}"
+            + (f" err {max(record['rel_err']):.1e} (PyTorch {max(record['torch_rel_err']):.1e})"
+               if "rel_err" in record else "")
+            + ("  UNSTEADY rounds (median above fastest: "
+               + ", ".join(f"{k} +{v:.0f} %" for k, v in record["unsteady"].items()) + "): re-run"
+               if record.get("unsteady") else ""))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -320,14 +341,7 @@ def main(argv=None):
     started = time.time()
 
     def log(record):
-        speed = (f"{record['fwd_tflops']:6.1f} / {record['bwd_tflops']:6.1f} / "
-                 f"{record['fwdbwd_tflops']:6.1f} TF/s" if "fwd_tflops" in record else "")
-        memory = f"{record['peak_mem_gb']:7.2f} GB" if "peak_mem_gb" in record else ""
-        print(f"[{time.time() - started:6.0f}s] {record['provider']:>14} {record['dtype']:>8} "
-              f"d={record['head_dim']:<3} N={record['seqlen']:<5} causal={record['causal']:d} "
-              f"p={record['dropout_p']} {speed} {memory} {record.get('error', '')}"
-              + (f" err {max(record['rel_err']):.1e} (PyTorch {max(record['torch_rel_err']):.1e})"
-                 if "rel_err" in record else ""), flush=True)
+        print(f"[{time.time() - started:6.0f}s] " + record_line(record), flush=True)
 
     records = []
 

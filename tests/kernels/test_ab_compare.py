@@ -42,15 +42,6 @@ def test_a_value_from_unsteady_rounds_is_marked_with_its_run(tmp_path):
     assert not lines[1].endswith("unsteady in run 2")      # pers: neither it nor its default
 
 
-def test_a_median_round_more_than_ten_percent_above_the_fastest_marks_a_name_unsteady():
-    # The first: a cell where every round after the first was slow (v36); "one slow": a single
-    # outlier, which the median absorbs.
-    ms = {"forward": [0.1345, 0.4158, 0.4103, 0.4023], "steady": [1.00, 1.02, 1.01, 1.00],
-          "one slow": [6.907, 7.729, 7.218, 7.302], "under": [1.0, 1.0999, 1.0999],
-          "over": [1.0, 1.1001, 1.1001], "none": []}
-    assert ab_compare.unsteady(ms) == {"forward": 202.1, "over": 10.0}
-
-
 def test_an_older_record_without_the_mark_is_judged_from_its_rounds(tmp_path):
     older = dict(record(512, 0.2, 0.19, 1.28, 1.237),
                  ms={"forward": [0.13, 0.41], "s4": [0.19, 0.19], "backward": [1.28], "pers": [1.24]})

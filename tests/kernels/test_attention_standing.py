@@ -96,3 +96,26 @@ def test_a_cell_just_behind_is_not_rounded_up_to_level(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| **0.998** |" in row(result.stdout, 4096) and "| **1.00** |" in row(result.stdout, 1024)
     assert "0.998–1.00 (1 of 2 cells at or past it)" in result.stdout
+
+
+def test_a_cell_whose_rounds_were_mostly_slow_is_marked_unsteady(tmp_path):
+    # The 512 cell: flashtrain's forward+backward rounds 0.905 / 0.873 / 0.734 ms (v35), a median
+    # 19 % above the fastest. The 1K cell: one slow round, which the median absorbs, and a slow
+    # forward alone, which the forward+backward ratio does not use.
+    disturbed = [[0.15, 0.638, 0.905], [0.151, 0.964, 0.873], [0.151, 0.585, 0.734]]
+    one_slow = [[0.3, 1.0, 1.3], [0.3, 1.0, 1.6], [0.4, 1.0, 1.3]]
+    steady = [[0.2, 0.8, 1.0], [0.2, 0.8, 1.0], [0.2, 0.8, 1.0]]
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(dict(card="card", records=[
+        record("flashtrain", 300, seqlen=512, check_passed=True, rounds_ms=disturbed),
+        record("sdpa_cudnn", 400, seqlen=512, rounds_ms=steady),
+        record("flashtrain", 300, seqlen=1024, check_passed=True, rounds_ms=one_slow),
+        record("sdpa_cudnn", 400, seqlen=1024, rounds_ms=[[0.2, 0.8, 1.0], [0.3, 0.8, 1.0],
+                                                          [0.3, 0.8, 1.0]])])))
+    result = run(grid)
+    assert result.returncode == 0, result.stderr
+    assert "| **0.75** (unsteady) |" in row(result.stdout, 512)
+    assert "| **0.75** |" in row(result.stdout, 1024)
+    assert ("- bfloat16, head dim 64, seqlen 512, causal 0, dropout 0.0 (`grid.json`): flashtrain +19 %"
+            in result.stdout)
+    assert "seqlen 1024, causal 0" not in result.stdout

@@ -46,3 +46,13 @@ def test_arguments_select_part_of_the_grid_and_bad_ones_are_named(capsys):
     with pytest.raises(SystemExit):
         bench_attention.parse_args(["--dropouts", "1.5"])
     assert "--dropouts must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_the_printed_line_warns_of_unsteady_rounds():
+    record = dict(bench_attention.base_record("flashtrain", 32, 512, 16, 128, torch.bfloat16, False,
+                                              0.0), fwd_tflops=455.0, bwd_tflops=294.0,
+                  fwdbwd_tflops=329.0, unsteady={"fwdbwd": 18.9})
+    line = bench_attention.record_line(record)
+    assert "flashtrain" in line and "d=128" in line and "455.0 /  294.0 /  329.0 TF/s" in line
+    assert line.endswith("UNSTEADY rounds (median above fastest: fwdbwd +19 %): re-run")
+    assert "UNSTEADY" not in bench_attention.record_line(dict(record, unsteady={}))
