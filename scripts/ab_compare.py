@@ -76,16 +76,17 @@ def verdict(values: list[float], threshold: float) -> str:
 def compare(runs: list[list[dict]], threshold: float = 1.0) -> list[str]:
     """One line per (cell, candidate) found in the first run, with the other runs' values for
     the same cell and candidate where they have them."""
-    by_cell = [{tuple(r[k] for k in CELL): changes(r) for r in records} for records in runs]
-    records_by_cell = [{tuple(r[k] for k in CELL): r for r in records} for records in runs]
+    by_cell = [{tuple(r[k] for k in CELL): r for r in records} for records in runs]
     lines = []
     for cell, first in by_cell[0].items():
         head_dim, seqlen, causal, dropout_p = cell
-        for name in first:
-            values = [run[cell][name] for run in by_cell if name in run.get(cell, {})]
-            disturbed = [str(i + 1) for i, run in enumerate(records_by_cell)
-                         if cell in run and name in by_cell[i].get(cell, {})
-                         and {name, _default_of(run[cell], name)} & set(_unsteady_of(run[cell]))]
+        for name in changes(first):
+            # (run number, record) of the runs that timed this candidate in this cell
+            timed = [(i + 1, run[cell]) for i, run in enumerate(by_cell)
+                     if cell in run and name in changes(run[cell])]
+            values = [changes(record)[name] for _, record in timed]
+            disturbed = [str(i) for i, record in timed
+                         if {name, _default_of(record, name)} & set(_unsteady_of(record))]
             lines.append(f"d={head_dim} N={seqlen} causal={int(causal)} p={dropout_p}  {name}  "
                          + " / ".join(f"{v:+.1f}" for v in values) + " %"
                          + f"  mean {statistics.mean(values):+.1f} %  {verdict(values, threshold)}"

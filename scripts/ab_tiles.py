@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import environment, write_json  # noqa: E402  (scripts/ is on sys.path)
 from ab_compare import changes  # noqa: E402
-from timing_rounds import unsteady  # noqa: E402
+from timing_rounds import describe, unsteady  # noqa: E402
 from kernels import _backward, _forward  # noqa: E402
 from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._launch import Tiles, call_geometry  # noqa: E402
@@ -219,9 +219,8 @@ def main(argv=None):
               f"p={dropout_p}: " + summary(record)
               + (f"  failed: {sorted(record['failed'])}" if record["failed"] else ""), flush=True)
         if record["unsteady"]:
-            print("  unsteady rounds (median against fastest): "
-                  + ", ".join(f"{name} +{spread:.0f} %" for name, spread in record["unsteady"].items())
-                  + "; this cell's medians may measure the host: re-run it", flush=True)
+            print(f"  unsteady rounds (median against fastest): {describe(record['unsteady'])}; "
+                  "this cell's medians measure a disturbance: re-run it", flush=True)
 
 
 def summary(record: dict) -> str:

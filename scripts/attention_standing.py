@@ -22,7 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from timing_rounds import unsteady_bench_record
+from timing_rounds import describe, unsteady_bench_record
 
 SDPA = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 CELL_FIELDS = ("dtype", "head_dim", "seqlen", "causal", "dropout_p")
@@ -132,13 +132,12 @@ def markdown(cells: dict, specs: list[str], sources: list[tuple],
         timings = _timings(ours)
         dtype, head_dim, seqlen, causal, dropout_p = cell
         # The ratio is of forward+backward times: their rounds decide whether it is trustworthy.
-        shaky = [f"{provider} +{excess:.0f} %"
-                 for provider in ("flashtrain", *(best[:1] if best else ()))
+        shaky = {provider: excess for provider in ("flashtrain", *(best[:1] if best else ()))
                  for timing, excess in unsteady_bench_record(providers[provider]).items()
-                 if timing == "fwdbwd"]
+                 if timing == "fwdbwd"}
         if shaky:
             unsteady_cells.append(f"- {dtype}, head dim {head_dim}, seqlen {seqlen}, causal "
-                                  f"{int(causal)}, dropout {dropout_p} (`{name}`): " + ", ".join(shaky))
+                                  f"{int(causal)}, dropout {dropout_p} (`{name}`): " + describe(shaky))
         lines.append(
             f"| {dtype} | {head_dim} | {seqlen} | {int(causal)} | {dropout_p} | {timings} | "
             + (f"{best[0]} {_timings(providers[best[0]])}" if best else "–") + " | "

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import attention_reference, flash_attention  # noqa: E402
 from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._philox import effective_dropout_p  # noqa: E402
-from timing_rounds import unsteady_bench_record  # noqa: E402  (scripts/ is on sys.path)
+from timing_rounds import describe, unsteady_bench_record  # noqa: E402  (scripts/ is on sys.path)
 
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
@@ -328,8 +328,7 @@ def record_line(record: dict) -> str:
             f"{memory} {record.get('error', '')}"
             + (f" err {max(record['rel_err']):.1e} (PyTorch {max(record['torch_rel_err']):.1e})"
                if "rel_err" in record else "")
-            + ("  UNSTEADY rounds (median above fastest: "
-               + ", ".join(f"{k} +{v:.0f} %" for k, v in record["unsteady"].items()) + "): re-run"
+            + (f"  UNSTEADY rounds (median above fastest: {describe(record['unsteady'])}): re-run"
                if record.get("unsteady") else ""))
 
 

@@ -25,6 +25,11 @@ def unsteady(ms: dict[str, list[float]]) -> dict[str, float]:
     return {name: round(value, 1) for name, value in excess.items() if value > UNSTEADY_PERCENT}
 
 
+def describe(excess: dict[str, float]) -> str:
+    """``unsteady``'s result as printed: ``fwdbwd +19 %, bwd +12 %``."""
+    return ", ".join(f"{name} +{value:.0f} %" for name, value in excess.items())
+
+
 def unsteady_bench_record(record: dict) -> dict[str, float]:
     """``unsteady`` of one bench_attention.py record's forward, backward and forward+backward
     rounds (``rounds_ms``: one [fwd, bwd, fwd+bwd] per round); empty without rounds."""

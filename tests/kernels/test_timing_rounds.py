@@ -25,3 +25,8 @@ def test_a_bench_record_is_judged_by_each_of_its_three_timings():
     assert timing_rounds.unsteady_bench_record(record) == {"fwdbwd": 18.9}
     assert timing_rounds.unsteady_bench_record({}) == {}
     assert timing_rounds.unsteady_bench_record(dict(rounds_ms=[[1.0, 2.0, 3.0]])) == {}
+
+
+def test_the_excess_is_described_in_whole_percent():
+    assert timing_rounds.describe({"fwdbwd": 18.9, "bwd": 12.2}) == "fwdbwd +19 %, bwd +12 %"
+    assert timing_rounds.describe({}) == ""
