@@ -139,6 +139,9 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
         if kv_tiles.warp_specialized and not kv_tiles.persistent and causal:
             dkdv_config[2]["ORDER_GROUP"] = _dkdv_warp_specialized.causal_order_group(
                 geometry.seqlen_k)
+        if (kv_tiles.warp_specialized and not kv_tiles.register_grads
+                and key_gradients_by_tma(dk, dv, dkdv_config[2], kv_tiles.persistent)):
+            dkdv_config[2]["TMA_GRADS"] = True
         if kv_tiles.persistent:
             # One program per SM (or per tile, if fewer), each walking its tiles; one more
             # argument, the batch size.
@@ -149,6 +152,26 @@ def launch_configs(grad_out, q, k, v, out, lse, dq, dk, dv, geometry: Geometry,
             dkdv_config = ((programs,), (*static, geometry.batch),
                            {**options, "KV_BUFFERS": kv_tiles.kv_buffers})
     return (dq_launcher, *dq_config), (dkdv_launcher, *dkdv_config)
+
+
+def key_gradients_by_tma(dk, dv, options: dict, persistent: bool) -> bool:
+    """Whether the warp-specialized pass with these options stores dK and dV by TMA through
+    shared memory (``_dkdv_ws_setup.store_key_gradients``), as it does unless its tiles say
+    ``register_grads``: where their staging fits (``key_gradient_staging_fits``) and both are
+    readable by TMA (16-byte aligned, unit column stride), in the persistent grid each as rows of
+    one matrix (one descriptor per tensor). Measured in attention_notes v37."""
+    if not key_gradient_staging_fits(options):
+        return False
+    if persistent and not all(_hopper.rows_of_one_matrix(t) for t in (dk, dv)):
+        return False
+    return _hopper.supported((dk, dv), False)
+
+
+def key_gradient_staging_fits(options: dict) -> bool:
+    """Whether the two P slots more that stage dK and dV fit shared memory beside the pass's other
+    tiles: not beside the mask partition's at head dim 128 (229,888 bytes without them, of
+    232,448)."""
+    return not (options.get("MASK_PARTITION") and options["HEAD_DIM"] == 128)
 
 
 def persistent_programs(key_blocks: int, tiles: int, sms: int, causal: bool) -> int:

@@ -35,6 +35,8 @@ previous defaults: head dim 128 +7 to +30 % without a mask (1K-16K), +9 to +24 %
 64 +3 to +9 % from 2K / 4K; with dropout +5 to +34 %. Short calls run it in a persistent grid
 (``_dkdv_ws_persistent.py``). MASK_PARTITION: the keep-masks drawn by warps of their own
 (``_dropout_mask_partition.py``); the default only where it won (``MASK_PARTITION_SEQLEN``).
+TMA_GRADS: dK and dV leave through shared memory by TMA stores (``store_key_gradients``), where
+``_backward.key_gradients_by_tma`` allows and the tiles do not ask for ``register_grads``.
 
 The same arguments as ``_backward_kernels._dkdv_kernel`` (launch plans pass them), with
 ACCUMULATE_DQ, for the calls ``_hopper.gluon_dkdv_call`` lets through: padded
@@ -48,7 +50,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from ._dkdv_ws_setup import ROWS, check_tiles, tiles_and_barriers
+from ._dkdv_ws_setup import (ROWS, check_tiles, p_slot, store_key_gradients,
+                              tiles_and_barriers)
 from ._dropout_mask_partition import mask_buffers, mask_partition, read_keep
 from ._gluon_shared import head_descriptor, heavy_first, tma_reduce_add
 from ._philox_gluon import dropout_arguments, keep_tile
@@ -105,18 +108,20 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
                   n0, base, q_row0, dq_col0, qk_scale, CAUSAL_MASK: gl.constexpr,
                   DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, STAGES: gl.constexpr,
                   HEAD_DIM: gl.constexpr, s_layout: gl.constexpr, dq_layout: gl.constexpr,
-                  masks=0, MASK_PARTITION: gl.constexpr = False):
+                  masks=0, MASK_PARTITION: gl.constexpr = False, TMA_GRADS: gl.constexpr = False):
     """Consumer c's share of query blocks ``first`` .. ``n_blocks`` - 1: returns its dK and dV (dK
     unscaled, and without dropout's rescale). Stage and barrier phases count from ``base`` (the
     query blocks the program took before this key block: 0 here, more in the persistent pass);
     dQ's tile of query block b goes to row ``q_row0`` + 64b, column ``dq_col0`` + 64c of
     ``dq_desc``. ``dropout``: ``_philox_gluon.dropout_arguments``'s tuple (0 without dropout);
-    with MASK_PARTITION the keep-masks are read from ``masks`` (``_dropout_mask_partition.py``)."""
+    with MASK_PARTITION the keep-masks are read from ``masks`` (``_dropout_mask_partition.py``);
+    with TMA_GRADS P takes the first half of the consumer's P slot (``p_slot``)."""
     q_desc, do_desc, k_desc, v_desc, dq_desc = descs
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
     kv_bar, qdo_full, qdo_empty, ds_full, ds_empty = bars
     lse_ptr, delta_ptr = stats
     dtype: gl.constexpr = q_smem.dtype
+    p_tile = p_slot(p_smem, c, TMA_GRADS)
     k_rows = k_smem.slice(c * ROWS, ROWS, dim=0)        # this consumer's keys
     v_rows = v_smem.slice(c * ROWS, ROWS, dim=0)
     if HEAD_DIM == ROWS:    # dQ's 64 columns, computed by the consumers in turn
@@ -193,10 +198,10 @@ def _query_blocks(c: gl.constexpr, descs, buffers, bars, dk, dv, stats, dropout,
             dp = gl.where(keep, dp, 0.0)
         # P into this consumer's tile (its last reader, the previous block's dV product, was
         # waited for), and dV's product started on it while dS is computed.
-        p_smem.index(c).store(p_dropped.to(dtype))
+        p_tile.store(p_dropped.to(dtype))
         fence_async_shared()            # visible to the tensor cores' (async) reads
         gl.thread_barrier()             # every warp of this warpgroup has written its share
-        dv = warpgroup_mma(p_smem.index(c).permute((1, 0)), do_smem.index(stage), dv,
+        dv = warpgroup_mma(p_tile.permute((1, 0)), do_smem.index(stage), dv,
                            is_async=True)
         ds = p * (dp - delta[:, None])
         # dS into this consumer's columns of the shared tile, once both consumers' products of
@@ -271,9 +276,10 @@ def _late_dq(ds_smem, ds_full, ds_empty, k_cols, dq_buffer, dq_desc, index, row,
 def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
               n_blocks, scales, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
-              MASK_PARTITION: gl.constexpr):
+              MASK_PARTITION: gl.constexpr, TMA_GRADS: gl.constexpr):
     """Consumer c: dK and dV of keys n0 + 64c .. n0 + 64c + 63, and its columns of each block's dQ.
-    ``scales``: (qk_scale, softmax_scale, drop_rescale)."""
+    ``scales``: (qk_scale, softmax_scale, drop_rescale); ``out_args``: dK's and dV's TMA
+    descriptors with TMA_GRADS, else (pointer, row stride) of each."""
     qk_scale, softmax_scale, drop_rescale = scales
     kv_bar = bars[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -287,19 +293,26 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, masks, out_
     mbarrier.wait(kv_bar, 0)
     dk, dv = _query_blocks(c, descs, buffers, bars, dk, dv, stats, dropout, first, n_blocks, n0,
                            0, 0, 0, qk_scale, CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM,
-                           s_layout, dq_layout, masks, MASK_PARTITION)
-    tma.store_wait(0)          # shared memory is read before the program ends
+                           s_layout, dq_layout, masks, MASK_PARTITION, TMA_GRADS)
     dk = dk * softmax_scale
     if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass
         dk = dk * drop_rescale
         dv = dv * drop_rescale
-    grad_k, stride_dkn, grad_v, stride_dvn = out_args
-    rows = n0 + c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, g_layout))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
-    rows64 = rows.to(gl.int64)[:, None]
-    gl.store(grad_k + rows64 * stride_dkn + cols[None, :],
-             dk.to(grad_k.dtype.element_ty))
-    gl.store(grad_v + rows64 * stride_dvn + cols[None, :], dv.to(grad_v.dtype.element_ty))
+    if TMA_GRADS:
+        q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
+        dk_desc, dv_desc = out_args
+        store_key_gradients(c, dk, dv, p_smem, dq_smem, dk_desc, dv_desc, n0 + c * ROWS, 0,
+                            HEAD_DIM)
+        tma.store_wait(0)          # shared memory is read before the program ends
+    else:
+        tma.store_wait(0)          # shared memory is read before the program ends
+        grad_k, stride_dkn, grad_v, stride_dvn = out_args
+        rows = n0 + c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, g_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
+        rows64 = rows.to(gl.int64)[:, None]
+        gl.store(grad_k + rows64 * stride_dkn + cols[None, :],
+                 dk.to(grad_k.dtype.element_ty))
+        gl.store(grad_v + rows64 * stride_dvn + cols[None, :], dv.to(grad_v.dtype.element_ty))
 
 
 @gluon.jit(do_not_specialize=["seed", "counter_base"])
@@ -316,7 +329,7 @@ def _dkdv_warp_specialized_kernel(
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False, ORDER_GROUP: gl.constexpr = 4,
-    MASK_PARTITION: gl.constexpr = False,
+    MASK_PARTITION: gl.constexpr = False, TMA_GRADS: gl.constexpr = False,
 ):
     check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -349,7 +362,7 @@ def _dkdv_warp_specialized_kernel(
                                          dq_layout)
     if DROPOUT and MASK_PARTITION:      # allocated before the shared fence
         masks = mask_buffers()
-    buffers, bars = tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, 1)
+    buffers, bars = tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, 1, TMA_GRADS)
     # One key block per program: its K/V buffer and barrier.
     q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, p_smem = buffers
     buffers = (q_smem, do_smem, k_smem.index(0), v_smem.index(0), ds_smem, dq_smem, p_smem)
@@ -364,10 +377,15 @@ def _dkdv_warp_specialized_kernel(
     n_items = n_blocks - first
     row_stats = batch64 * stride_lse_b + head64 * stride_lse_h
     stats = (Lse + row_stats, Delta + row_stats)
-    grad_k = GradK + batch64 * stride_dkb + head64 * stride_dkh
-    grad_v = GradV + batch64 * stride_dvb + head64 * stride_dvh
     descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
-    out_args = (grad_k, stride_dkn, grad_v, stride_dvn)
+    if TMA_GRADS:
+        out_args = (head_descriptor(GradK, batch, stride_dkb, head, stride_dkh, seqlen_k,
+                                    stride_dkn, ROWS, HEAD_DIM),
+                    head_descriptor(GradV, batch, stride_dvb, head, stride_dvh, seqlen_k,
+                                    stride_dvn, ROWS, HEAD_DIM))
+    else:
+        out_args = (GradK + batch64 * stride_dkb + head64 * stride_dkh, stride_dkn,
+                    GradV + batch64 * stride_dvb + head64 * stride_dvh, stride_dvn)
     if DROPOUT:
         dropout = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, 0,
                                     counters_per_row, drop_threshold, SEED_IN_MEMORY)
@@ -377,17 +395,21 @@ def _dkdv_warp_specialized_kernel(
     if DROPOUT and MASK_PARTITION:      # the keep-masks from two warps of their own
         gl.warp_specialize([
             (_consumer, (0, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
-                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, True)),
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, True,
+                         TMA_GRADS)),
             (_consumer, (1, descs, buffers, bars, stats, dropout, masks, out_args, n0, first,
-                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, True)),
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, True,
+                         TMA_GRADS)),
             (_producer, (descs, buffers, bars, n0, first, n_items, STAGES)),
             (mask_partition, (masks, dropout, n0, first, n_items, N_ROUNDS)),
         ], [4, 1, 2], [240, 24, 24])
     else:
         gl.warp_specialize([
             (_consumer, (0, descs, buffers, bars, stats, dropout, 0, out_args, n0, first,
-                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False)),
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False,
+                         TMA_GRADS)),
             (_consumer, (1, descs, buffers, bars, stats, dropout, 0, out_args, n0, first,
-                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False)),
+                         n_blocks, scales, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS, False,
+                         TMA_GRADS)),
             (_producer, (descs, buffers, bars, n0, first, n_items, STAGES)),
         ], [4, 1], [240, 24])

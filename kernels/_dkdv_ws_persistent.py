@@ -40,7 +40,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from ._dkdv_warp_specialized import _query_blocks
-from ._dkdv_ws_setup import ROWS, check_tiles, tiles_and_barriers
+from ._dkdv_ws_setup import ROWS, check_tiles, store_key_gradients, tiles_and_barriers
 from ._dropout_mask_partition import mask_buffers, write_block_masks
 from ._gluon_shared import alternate_rounds
 from ._philox_gluon import dropout_arguments
@@ -142,9 +142,10 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
               qk_scale, softmax_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr,
               SEED_IN_MEMORY: gl.constexpr, KV_BUFFERS: gl.constexpr,
-              MASK_PARTITION: gl.constexpr):
+              MASK_PARTITION: gl.constexpr, TMA_GRADS: gl.constexpr):
     """Consumer c of each tile: dK and dV of its keys n0 + 64c .. n0 + 64c + 63, and its columns of
-    each query block's dQ (``_query_blocks``)."""
+    each query block's dQ (``_query_blocks``). ``pointers``: with TMA_GRADS, dK's and dV's TMA
+    descriptors in place of their pointers."""
     kv_full, kv_empty, qdo_full, qdo_empty, ds_full, ds_empty = bars
     n_tiles, n_kblocks, heads, seqlen_q, seqlen_k = geometry
     lse_ptr, delta_ptr, grad_k_ptr, grad_v_ptr = pointers
@@ -176,29 +177,37 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, geometry, pointers, strides
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, g_layout)
         buffer = done % KV_BUFFERS
         mbarrier.wait(kv_full.index(buffer), (done // KV_BUFFERS) & 1)
+        if TMA_GRADS:
+            # The previous tile's dV store has read the slot this tile's first P goes to.
+            tma.store_wait(1)
+            gl.thread_barrier()
         tile_buffers = (q_smem, do_smem, k_smem.index(buffer), v_smem.index(buffer), ds_smem,
                         dq_smem, p_smem)
         block_bars = (kv_full.index(buffer), qdo_full, qdo_empty, ds_full, ds_empty)
         dk, dv = _query_blocks(c, descs, tile_buffers, block_bars, dk, dv, stats, dropout, first,
                                n_blocks, n0, loaded, batch * seqlen_q, head * HEAD_DIM, qk_scale,
                                CAUSAL, DROPOUT, N_ROUNDS, STAGES, HEAD_DIM, s_layout, dq_layout,
-                               masks, MASK_PARTITION)
+                               masks, MASK_PARTITION, TMA_GRADS)
         # Every product reading K and V has been waited for: the next tile's may load.
         mbarrier.arrive(kv_empty.index(buffer), count=1)
         dk = dk * softmax_scale
         if DROPOUT:     # kept entries are scaled by 1 / (1 - p), as in the portable pass
             dk = dk * drop_rescale
             dv = dv * drop_rescale
-        rows = n0 + c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, g_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
-        rows64 = rows.to(gl.int64)[:, None]
-        grad_k = grad_k_ptr + batch64 * stride_dkb + head64 * stride_dkh
-        grad_v = grad_v_ptr + batch64 * stride_dvb + head64 * stride_dvh
-        gl.store(grad_k + rows64 * stride_dkn + cols[None, :], dk.to(grad_k.dtype.element_ty))
-        gl.store(grad_v + rows64 * stride_dvn + cols[None, :], dv.to(grad_v.dtype.element_ty))
+        if TMA_GRADS:
+            store_key_gradients(c, dk, dv, p_smem, dq_smem, grad_k_ptr, grad_v_ptr,
+                                batch * seqlen_k + n0 + c * ROWS, head * HEAD_DIM, HEAD_DIM)
+        else:
+            rows = n0 + c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, g_layout))
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, g_layout))
+            rows64 = rows.to(gl.int64)[:, None]
+            grad_k = grad_k_ptr + batch64 * stride_dkb + head64 * stride_dkh
+            grad_v = grad_v_ptr + batch64 * stride_dvb + head64 * stride_dvh
+            gl.store(grad_k + rows64 * stride_dkn + cols[None, :], dk.to(grad_k.dtype.element_ty))
+            gl.store(grad_v + rows64 * stride_dvn + cols[None, :], dv.to(grad_v.dtype.element_ty))
         loaded += n_blocks - first
         done += 1
-    tma.store_wait(0)          # the last dQ reduce has read shared memory before the program ends
+    tma.store_wait(0)          # the last stores have read shared memory before the program ends
 
 
 @gluon.jit(do_not_specialize=["seed", "counter_base"])
@@ -215,7 +224,7 @@ def _dkdv_ws_persistent_kernel(
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
     STAGES: gl.constexpr, num_warps: gl.constexpr, ACCUMULATE_DQ: gl.constexpr = False,
     SEED_IN_MEMORY: gl.constexpr = False, KV_BUFFERS: gl.constexpr = 1,
-    MASK_PARTITION: gl.constexpr = False,
+    MASK_PARTITION: gl.constexpr = False, TMA_GRADS: gl.constexpr = False,
 ):
     check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, LOWER, VARLEN, ACCUMULATE_DQ, STAGES, num_warps)
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -241,13 +250,22 @@ def _dkdv_ws_persistent_kernel(
         mbarrier.init(kv_empty.index(buffer), count=2)
     if DROPOUT and MASK_PARTITION:
         masks = mask_buffers()
-    buffers, block_bars = tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, KV_BUFFERS)
+    buffers, block_bars = tiles_and_barriers(dtype, HEAD_DIM, BLOCK_N, STAGES, KV_BUFFERS,
+                                             TMA_GRADS)
 
     descs = (q_desc, do_desc, k_desc, v_desc, dq_desc)
     kv_full, qdo_full, qdo_empty, ds_full, ds_empty = block_bars
     bars = (kv_full, kv_empty, qdo_full, qdo_empty, ds_full, ds_empty)
     geometry = (n_tiles, n_kblocks, heads_q, seqlen_q, seqlen_k)
-    pointers = (Lse, Delta, GradK, GradV)
+    if TMA_GRADS:       # dK and dV leave through shared memory, in 64-key boxes
+        grad_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+        pointers = (Lse, Delta,
+                    tma.make_tensor_descriptor(GradK, [batches * seqlen_k, columns],
+                                               [stride_dkn, 1], [ROWS, HEAD_DIM], grad_layout),
+                    tma.make_tensor_descriptor(GradV, [batches * seqlen_k, columns],
+                                               [stride_dvn, 1], [ROWS, HEAD_DIM], grad_layout))
+    else:
+        pointers = (Lse, Delta, GradK, GradV)
     strides = (stride_lse_b, stride_lse_h, stride_dkb, stride_dkn, stride_dkh, stride_dvb,
                stride_dvn, stride_dvh)
     drop = (seed, counter_base, counters_per_row, drop_threshold, drop_rescale)
@@ -255,10 +273,10 @@ def _dkdv_ws_persistent_kernel(
         gl.warp_specialize([
             (_consumer, (0, descs, buffers, bars, geometry, pointers, strides, drop, masks,
                          qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
-                         SEED_IN_MEMORY, KV_BUFFERS, True)),
+                         SEED_IN_MEMORY, KV_BUFFERS, True, TMA_GRADS)),
             (_consumer, (1, descs, buffers, bars, geometry, pointers, strides, drop, masks,
                          qk_scale, softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
-                         SEED_IN_MEMORY, KV_BUFFERS, True)),
+                         SEED_IN_MEMORY, KV_BUFFERS, True, TMA_GRADS)),
             (_producer, (descs, buffers, bars, geometry, STAGES, UPPER, HEAD_DIM, KV_BUFFERS)),
             (_mask_partition, (masks, geometry, drop, UPPER, N_ROUNDS, SEED_IN_MEMORY)),
         ], [4, 1, 2], [240, 24, 24])
@@ -266,9 +284,9 @@ def _dkdv_ws_persistent_kernel(
         gl.warp_specialize([
             (_consumer, (0, descs, buffers, bars, geometry, pointers, strides, drop, 0, qk_scale,
                          softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
-                         SEED_IN_MEMORY, KV_BUFFERS, False)),
+                         SEED_IN_MEMORY, KV_BUFFERS, False, TMA_GRADS)),
             (_consumer, (1, descs, buffers, bars, geometry, pointers, strides, drop, 0, qk_scale,
                          softmax_scale, HEAD_DIM, STAGES, UPPER, DROPOUT, N_ROUNDS,
-                         SEED_IN_MEMORY, KV_BUFFERS, False)),
+                         SEED_IN_MEMORY, KV_BUFFERS, False, TMA_GRADS)),
             (_producer, (descs, buffers, bars, geometry, STAGES, UPPER, HEAD_DIM, KV_BUFFERS)),
         ], [4, 1], [240, 24])

@@ -144,7 +144,7 @@ def launch(launcher, portable, grid, args, options: dict, portable_launch=None):
 
 
 # Constexprs of the Hopper kernels that the portable ones do not take.
-HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES", "STAGES", "KV_BUFFERS")
+HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES", "STAGES", "KV_BUFFERS", "TMA_GRADS")
 
 
 def fell_back(launcher, options: dict) -> bool:

@@ -211,6 +211,15 @@ PERSISTENT_KV_BUFFERS = {64: 2}
 MASK_PARTITION_SEQLEN = {(128, True): (4096, 8192)}
 
 
+# Calls of the warp-specialized pass with one program per key block that store dK and dV from the
+# consumers' registers rather than by TMA (_backward.key_gradients_by_tma), by (head dim, causal,
+# dropout). Whole backward, TMA against registers (H200, 16K tokens; attention_notes v37): -9 to
+# -10 % at 512 tokens, -2 to -9 % at 1K-2K, -2 to -3 % at 16K without a mask at head dim 128 and
+# with dropout, level causal at 4K / 16K; head dim 64 -5 to -9 % at 512-2K. Head dim 64 causal
+# with dropout lost in this grid: +2.6 / +3.7 % at 8K in two processes, +3.9 / +3.4 % at 4K / 16K.
+REGISTER_GRADS = {(64, True, True)}
+
+
 def _within(lengths: tuple[int, int] | None, seqlen: int) -> bool:
     """Whether ``seqlen`` lies in a rule's measured (shortest, longest); False without a rule."""
     return lengths is not None and lengths[0] <= seqlen <= lengths[1]
@@ -252,7 +261,9 @@ def dkdv_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: 
                      kv_buffers=PERSISTENT_KV_BUFFERS.get(head_dim, 1)
                      if in_a_persistent_grid and not dropout else 1,
                      mask_partition=(dropout and not in_a_persistent_grid
-                                     and _mask_partition_pays(head_dim, causal, seqlen)))
+                                     and _mask_partition_pays(head_dim, causal, seqlen)),
+                     register_grads=(not in_a_persistent_grid
+                                     and (head_dim, causal, dropout) in REGISTER_GRADS))
     if head_dim <= 64:
         # 32x128 wins without a mask; with causal or dropout masks 64x64 does (+30 % with dropout).
         # With dropout the fused pass (dQ added by atomics, one mask regeneration instead of two):

@@ -248,6 +248,11 @@ def pass_arguments(args) -> tuple:
             dkdv_options["KV_BUFFERS"] = args.kv_buffers
         if args.mask_partition and args.dropout:
             dkdv_options["MASK_PARTITION"] = True
+        # dK and dV by TMA where the library would store them so (its check of the tensors
+        # needs them on the GPU; these meta tensors are contiguous).
+        if (args.warp_specialized and not args.register_grads
+                and _backward.key_gradient_staging_fits(dkdv_options)):
+            dkdv_options["TMA_GRADS"] = True
     accumulator = torch.empty(shape, dtype=torch.float32, device="meta")
     return dkdv_launcher.kernel, (q, k, v, grad_out, lse, delta, dk, dv, accumulator, None, seed,
                                   counter_base, *dkdv_static), {**dkdv_options, **in_memory}
@@ -275,6 +280,8 @@ def parse_args(argv=None):
                         help="with --warp-specialized: that pass in a persistent grid")
     parser.add_argument("--kv-buffers", type=int, choices=[1, 2], default=1,
                         help="with --persistent: buffers of a tile's K and V")
+    parser.add_argument("--register-grads", action="store_true",
+                        help="with --warp-specialized: dK and dV stored from registers, not by TMA")
     parser.add_argument("--mask-partition", action="store_true",
                         help="with --warp-specialized and --dropout: the keep-masks from warps of their own")
     parser.add_argument("--mask-layout", choices=["untransposed", "broadcast"],

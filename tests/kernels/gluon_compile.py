@@ -46,7 +46,7 @@ def compile_for_sm90(head_dim, block_m, block_n, stages, num_warps, causal, kern
         tiles=(block_m, block_n, num_warps, stages), fused=kernel == "dkdv_fused" or warp_specialized,
         gluon=True, warp_specialized=warp_specialized, persistent=persistent,
         kv_buffers=2 if kernel.endswith("_kv2") else 1, mask_partition=mask_partition,
-        seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None)
+        register_grads=False, seed_in_memory=False, mask_layout=mask_layout if kernel.startswith("dkdv") else None)
     return kernel_resources.compile_for(*kernel_resources.pass_arguments(args))
 
 

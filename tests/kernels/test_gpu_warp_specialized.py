@@ -164,6 +164,30 @@ def test_persistent_backward_with_dropout_on_gpu(head_dim, stages, kv_buffers, m
 
 
 @sm90_exactly
+@pytest.mark.parametrize("head_dim, stages", [(128, 2), (64, 4)])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_dk_and_dv_leave_by_tma_or_from_registers_on_gpu(head_dim, stages, persistent,
+                                                         monkeypatch):
+    # Either way of storing dK and dV, in either grid, against float64: by TMA from the
+    # consumers' staging slots (the default; in the persistent grid a tile's first P waits for the
+    # previous tile's dV store), or from registers (register_grads).
+    from kernels import _backward, _eager_plan
+    from kernels._launch import Tiles
+    launcher = _backward.DKDV_WS_PERSISTENT if persistent else _backward.DKDV_WARP_SPECIALIZED
+    for register_grads in (False, True):
+        tiles = Tiles(64, 128, 4, stages, gluon=True, fused=True, warp_specialized=True,
+                      persistent=persistent, register_grads=register_grads)
+        monkeypatch.setattr(_backward, "dkdv_tiles", lambda *args, **kwargs: tiles)
+        monkeypatch.setattr(_eager_plan, "_PLANS", {})
+        # 2 x 8 heads x 16 key blocks: more tiles than SMs, so persistent programs take several.
+        q, k, v = random_qkv((2, 2048, 8, head_dim), (2, 2048, 8, head_dim), torch.bfloat16,
+                             "cuda")
+        options = backward_launch_configs(q, k, v, True, 0.0)[1][3]
+        assert options.get("TMA_GRADS", False) == (not register_grads)
+        fused_pass_matches_reference(q, k, v, True, launcher)
+
+
+@sm90_exactly
 def test_tensors_one_descriptor_cannot_read_take_the_per_key_block_grid():
     # Heads-first tensors (a transposed view): the default at 2K without a mask is the
     # warp-specialized pass with one program per key block, not the persistent one; float64.

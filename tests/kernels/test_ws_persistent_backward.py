@@ -47,9 +47,10 @@ def test_compiles_for_sm90_with_the_per_block_schedule_of_the_warp_specialized_p
     # ptxas kept the products asynchronous; at head dim 128 the consumers' 240 registers spill a
     # few bytes (the tile loop's state), and at 64 with two K/V buffers (since dQ is taken a block
     # late, which measured 4-8 % faster all the same, attention_notes v27); the measured speed
-    # includes them.
+    # includes them. Storing dK and dV by TMA (v37) added 8-16 bytes, outside the loops.
     assert compiled["serialized"] == []
-    assert compiled["stack"] <= {64: 64 if kernel.endswith("kv2") else 0, 128: 64}[head_dim]
+    assert compiled["stack"] <= {64: 64 if kernel.endswith("kv2") else 8, 128: 72}[head_dim]
+    assert compiled["loop_spills"] == "0,0"
 
 
 def test_tiles_name_it_only_as_the_warp_specialized_pass():
