@@ -213,10 +213,12 @@ MASK_PARTITION_SEQLEN = {(128, True): (4096, 8192)}
 
 # Calls of the warp-specialized pass with one program per key block that store dK and dV from the
 # consumers' registers rather than by TMA (_backward.key_gradients_by_tma), by (head dim, causal,
-# dropout). Whole backward, TMA against registers (H200, 16K tokens; attention_notes v37): -9 to
-# -10 % at 512 tokens, -2 to -9 % at 1K-2K, -2 to -3 % at 16K without a mask at head dim 128 and
-# with dropout, level causal at 4K / 16K; head dim 64 -5 to -9 % at 512-2K. Head dim 64 causal
-# with dropout lost in this grid: +2.6 / +3.7 % at 8K in two processes, +3.9 / +3.4 % at 4K / 16K.
+# dropout). Whole backward, TMA against registers (H200, 16K tokens; attention_notes v37): head
+# dim 128 -9 / -11 % at 512 tokens (no mask / causal), -6 / -7 % at 1K, -3.5 / -2.5 % at 2K, -2 %
+# at 4K and 16K without a mask and level causal; with dropout -9 % at 512, -2.7 % at 2K causal and
+# at 16K; head dim 64 -9 / -5 % at 512 / 2K, -5 % causal at 1K, level at 16K, -6 % with dropout at
+# 1K. Head dim 64 causal with dropout lost in the per-key-block grid: +2.7 / +3.8 % at 8K (two
+# processes), +4.1 / +3.5 % at 4K / 16K.
 REGISTER_GRADS = {(64, True, True)}
 
 
