@@ -143,8 +143,10 @@ def launch(launcher, portable, grid, args, options: dict, portable_launch=None):
     return portable.launch(grid, args, portable_options)
 
 
-# Constexprs of the Hopper kernels that the portable ones do not take.
-HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES", "STAGES", "KV_BUFFERS", "TMA_GRADS")
+# Constexprs of the Hopper kernels that the portable ones do not take: a fallback leaves them out,
+# since Triton refuses a keyword argument its kernel does not have.
+HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES", "STAGES", "KV_BUFFERS", "TMA_GRADS", "MASK_PARTITION",
+                       "ORDER_GROUP", "HEAD_MAJOR")
 
 
 def fell_back(launcher, options: dict) -> bool:

@@ -247,3 +247,23 @@ def test_tma_forward_tiles_exist_only_for_measured_settings():
         assert tma_forward_tiles(128, cuda, torch.float32) is None
         assert tma_forward_tiles(96, cuda, torch.bfloat16) is None
         assert tma_forward_tiles(64, cuda, torch.bfloat16) is None     # no clear gain measured
+
+
+def test_every_option_the_portable_kernels_lack_is_left_out_of_a_fallback():
+    # Triton refuses a keyword its kernel does not have (on a GPU; the interpreter ignores it):
+    # every constexpr a Hopper kernel has beyond its portable kernel's must be one a fallback
+    # leaves out. (num_warps is a launch option of the portable kernels; the persistent kernels'
+    # extra runtime argument, batches, is dropped by their own fallback launch.)
+    import inspect
+    from kernels import _backward, _forward
+
+    def parameters(launcher):
+        return set(inspect.signature(getattr(launcher.kernel, "fn", launcher.kernel)).parameters)
+    pairs = [(_forward.FORWARD_TMA, _forward.FORWARD), (_forward.FORWARD_GLUON, _forward.FORWARD),
+             (_forward.FORWARD_PINGPONG, _forward.FORWARD), (_backward.DQ_GLUON, _backward.DQ),
+             (_backward.DKDV_GLUON, _backward.DKDV),
+             (_backward.DKDV_WARP_SPECIALIZED, _backward.DKDV),
+             (_backward.DKDV_WS_PERSISTENT, _backward.DKDV)]
+    for hopper, portable in pairs:
+        extra = parameters(hopper) - parameters(portable) - {"num_warps", "batches"}
+        assert extra <= set(_hopper.HOPPER_ONLY_OPTIONS), (hopper.kernel, extra)

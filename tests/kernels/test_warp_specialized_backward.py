@@ -5,6 +5,7 @@ the measured settings, and if it cannot compile the portable pass runs the call.
 need a GPU (test_gpu_gluon.py): the interpreter cannot run Gluon."""
 
 import dataclasses
+import inspect
 import re
 
 import pytest
@@ -326,6 +327,16 @@ def test_a_warp_specialized_pass_that_cannot_compile_leaves_the_call_to_the_port
     def refuse(grid, args, options):
         raise CompilationError("", None, "out of registers")
     monkeypatch.setattr(_backward.DKDV_WARP_SPECIALIZED, "launch", refuse)
+    portable_options = []
+    launch = _backward.DKDV.launch
+    monkeypatch.setattr(_backward.DKDV, "launch", lambda grid, args, options: (
+        portable_options.append(options), launch(grid, args, options))[1])
     with pytest.warns(RuntimeWarning, match="portable kernel"):
         assert_gradients_match_float64(q, k, v, causal)
     assert len(_hopper.FALLBACKS) == 1
+    # Only options the portable kernel takes (on a GPU Triton refuses others; the causal pass's
+    # ORDER_GROUP once reached it), or launch options.
+    taken = set(inspect.signature(getattr(_backward.DKDV.kernel, "fn",
+                                          _backward.DKDV.kernel)).parameters)
+    assert portable_options and all(set(options) <= taken | {"num_warps", "num_stages"}
+                                    for options in portable_options)
