@@ -305,6 +305,7 @@ def _consumer(c: gl.constexpr, descs, buffers, bars, stats, dropout, masks, out_
                             HEAD_DIM)
         tma.store_wait(0)          # shared memory is read before the program ends
     else:
+        # (Waited for before these stores, as before TMA_GRADS: the same machine code.)
         tma.store_wait(0)          # shared memory is read before the program ends
         grad_k, stride_dkn, grad_v, stride_dvn = out_args
         rows = n0 + c * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, g_layout))
