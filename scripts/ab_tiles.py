@@ -8,7 +8,7 @@ interleaved round by round. The tile rules in ``kernels/_tile_rules.py`` rest on
 
 A candidate is NAME=BLOCK_M,BLOCK_N,WARPS,STAGES[:FLAG,...], the flags being ``Tiles`` fields
 (``gluon``, ``pingpong``, ``head_major``, ``fused``, ``warp_specialized``, ``persistent``,
-``mask_partition``, ``tma``)
+``mask_partition``, ``register_grads``, ``tma``)
 and ``kv_buffers=N``. Backward candidates set the dK/dV pass's tiles; the dQ pass keeps its
 default tiles.
 

@@ -12,7 +12,8 @@ dK/dV pass is the one that also adds dQ; with ``--pingpong`` (forward) the ping-
 ``--warp-specialized`` (dkdv, fused) the pass of two consumer warpgroups and a producer warp
 (``_dkdv_warp_specialized.py``: tiles 64,128,4,STAGES), with ``--persistent`` in its persistent
 grid (``_dkdv_ws_persistent.py``; ``--kv-buffers 2``: the next tile's K and V loaded into a
-second buffer).
+second buffer); its dK and dV leave by TMA as the library's default has them, or with
+``--register-grads`` from registers.
 
 Each pass is compiled with the arguments the library itself would launch it with (``launch_config``
 of the forward, ``launch_configs`` of the backward), so the constexprs, the integer
@@ -301,6 +302,8 @@ def parse_args(argv=None):
         parser.error("--persistent is an option of the warp-specialized pass (--warp-specialized)")
     if args.kv_buffers != 1 and not args.persistent:
         parser.error("--kv-buffers is an option of the persistent pass (--persistent)")
+    if args.register_grads and not args.warp_specialized:
+        parser.error("--register-grads is an option of the warp-specialized pass (--warp-specialized)")
     if args.mask_partition and not (args.warp_specialized and args.dropout):
         parser.error("--mask-partition is an option of the warp-specialized pass with --dropout")
     if args.seed_in_memory and args.dropout == 0:

@@ -75,6 +75,17 @@ def test_bad_arguments_are_named():
                                         "--kv-buffers", "2"])
     kernel, _, options = kernel_resources.pass_arguments(args)
     assert kernel.fn.__name__ == "_dkdv_ws_persistent_kernel" and options["KV_BUFFERS"] == 2
+    # dK and dV by TMA as the library stores them, unless asked for from registers; the mask
+    # partition's slots leave no room for the staging at head dim 128.
+    assert options["TMA_GRADS"]
+    with pytest.raises(SystemExit):
+        kernel_resources.parse_args(["--pass", "dkdv", "--register-grads"])
+    for extra, tma in [(["--register-grads"], False), (["--dropout", "0.1", "--mask-partition",
+                                                         "--head-dim", "128"], False),
+                       (["--dropout", "0.1", "--mask-partition"], True)]:
+        args = kernel_resources.parse_args(["--pass", "dkdv", "--tiles", "64,128,4,2", "--gluon",
+                                            "--fused", "--warp-specialized", *extra])
+        assert kernel_resources.pass_arguments(args)[2].get("TMA_GRADS", False) == tma
 
 
 def run_script(*arguments):
