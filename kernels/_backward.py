@@ -168,9 +168,9 @@ def key_gradients_by_tma(dk, dv, options: dict, persistent: bool) -> bool:
 
 
 def key_gradient_staging_fits(options: dict) -> bool:
-    """Whether the two P slots more that stage dK and dV fit shared memory beside the pass's other
-    tiles: not beside the mask partition's at head dim 128 (229,888 bytes without them, of
-    232,448)."""
+    """Whether the P slots, doubled to stage dK and dV (16 KB more), fit shared memory beside the
+    pass's other tiles: not beside the mask partition's at head dim 128 (229,888 bytes without
+    the doubling, of 232,448)."""
     return not (options.get("MASK_PARTITION") and options["HEAD_DIM"] == 128)
 
 
