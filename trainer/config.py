@@ -97,9 +97,14 @@ class TrainerConfig:
     # fully_shard; bf16 parameters with float32 gradient reduction under precision=bf16) and saves
     # sharded checkpoints with torch.distributed.checkpoint. Ignored by a single process.
     distributed: str = "ddp"
+    # How the console shows training: bar (a progress bar carrying the last log window's loss and
+    # tokens/s), lines (a line per log window, as train.log always has) or auto (a bar when stderr
+    # is a terminal, lines in a batch job's log).
+    progress: str = "auto"
 
     def __post_init__(self):
         _one_of("trainer.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _one_of("trainer.progress", self.progress, ("auto", "bar", "lines"))
         _one_of("trainer.distributed", self.distributed, ("ddp", "fsdp"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"trainer.device={self.device!r}; expected auto, cpu, cuda or cuda:N")

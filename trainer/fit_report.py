@@ -1,5 +1,5 @@
 """What ``Trainer.fit`` tells the user: the run's opening line (and a warning when it would
-re-read its data too often) and the metrics record of each log window."""
+re-read its data too often), and the metrics record of each log window and its line."""
 
 import torch
 
@@ -53,3 +53,18 @@ def window_record(trainer, result: dict, tokens_per_s: float, corpus_tokens: int
     if trainer.skipped:
         record["skipped_steps"] = trainer.skipped
     return record
+
+
+def window_line(record: dict, max_steps: int) -> str:
+    """A log window's record as one line of train.log (and of the console without a bar)."""
+    parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.3g}"]
+    if record["grad_norm"] is not None:
+        parts.append(f"grad_norm {record['grad_norm']:.3g}")
+    parts.append(f"{record['tokens_per_s']:,.0f} tokens/s")
+    if record["mfu"] is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f} %")
+    if record["mem_gb"] is not None:
+        parts.append(f"{record['mem_gb']:.1f} GB")
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} steps skipped")
+    return f"step {record['step']}/{max_steps}: " + ", ".join(parts)

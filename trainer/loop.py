@@ -22,10 +22,11 @@ from .checkpoint import (CheckpointError, check_compatible, config_changes, late
 from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import build_data
 from .data.tokenizer import write_tokenizer
-from .fit_report import announce, flops_per_token, window_record
+from .fit_report import announce, flops_per_token, window_line, window_record
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
-from .metrics import MetricsWriter, close_logging, log, read_metrics, setup_logging
+from .metrics import (WINDOW_LINE, MetricsWriter, close_logging, log, read_metrics, setup_logging,
+                      show_progress_bar, wants_progress_bar)
 from .optim import build_optimizer, build_scheduler
 from .precision import DTYPES, resolve_precision
 from .run_lock import RunLock
@@ -300,8 +301,10 @@ class Trainer:
         flops = flops_per_token(self.model, self.config.data)
         corpus_tokens = max(1, len(self.data.splits["train"].tokens))
         announce(self, tokens_per_step, corpus_tokens)
-        bar = tqdm(total=trainer.max_steps, initial=self.step, disable=not self.context.is_main,
+        bar_shown = self.context.is_main and wants_progress_bar(trainer.progress)
+        bar = tqdm(total=trainer.max_steps, initial=self.step, disable=not bar_shown,
                    desc="train", dynamic_ncols=True)
+        show_progress_bar(bar_shown)
         last_eval, final_loss = None, None
         window_start, window_tokens = time.time(), 0
         started = time.time()
@@ -321,6 +324,7 @@ class Trainer:
                     record = window_record(self, result, tokens_per_s, corpus_tokens, flops)
                     final_loss = record["loss"]
                     self.metrics.write(record)
+                    log.info(window_line(record, trainer.max_steps), extra=WINDOW_LINE)
                     bar.set_postfix(loss=f"{final_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_tokens = time.time(), 0
                 evaluate = self.step % trainer.eval_interval == 0 or at_end
@@ -341,6 +345,7 @@ class Trainer:
                         interrupted = self._stop_for_signal(stop, saved=save)
                         break
         bar.close()
+        show_progress_bar(False)
         if not interrupted:
             # The trained model (its tokenizer was written at the start), for every tool. Under
             # FSDP, gathering the full weights is a collective: every process takes part.

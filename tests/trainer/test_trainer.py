@@ -1,6 +1,7 @@
 """The training loop end to end on CPU: runs, resume, checkpoints, failures, DDP, FSDP, logging
 (configuration checks: test_run_config.py)."""
 
+import io
 import os
 import re
 import subprocess
@@ -303,6 +304,29 @@ def test_a_refused_run_leaves_no_log_handler_to_the_next(tmp_path):
     assert "summary of" in (tmp_path / "next" / "train.log").read_text()
     refused_log = tmp_path / "refused" / "train.log"
     assert not refused_log.exists() or "summary of" not in refused_log.read_text()
+
+
+@pytest.mark.parametrize("progress", ["bar", "lines"])
+def test_log_windows_reach_train_log_and_the_console_without_a_bar(tmp_path, capsys, progress):
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.progress": progress})),
+        tmp_path / "run")
+    window = re.compile(r"step (\d)/2: loss \d+\.\d{4}, lr [\d.e+-]+, grad_norm [\d.e+-]+, [\d,]+ tokens/s")
+    assert [m.group(1) for m in window.finditer((tmp_path / "run" / "train.log").read_text())] == ["1", "2"]
+    console = capsys.readouterr().err
+    assert "summary of" in console                       # other lines reach the console either way
+    bar = re.compile(r"(^|\r)train:\s+\d+%", re.M)      # not the token shards' "writing train"
+    if progress == "bar":
+        assert bar.search(console) and not window.search(console)
+    else:
+        assert not bar.search(console) and [m.group(1) for m in window.finditer(console)] == ["1", "2"]
+
+
+def test_progress_auto_draws_a_bar_on_a_terminal_only():
+    terminal, log_file = type("T", (), {"isatty": lambda self: True})(), io.StringIO()
+    assert trainer_metrics.wants_progress_bar("auto", terminal)
+    assert not trainer_metrics.wants_progress_bar("auto", log_file)
+    assert trainer_metrics.wants_progress_bar("bar", log_file)
+    assert not trainer_metrics.wants_progress_bar("lines", terminal)
 
 
 @pytest.mark.parametrize("packed", [False, True])
