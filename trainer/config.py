@@ -101,6 +101,9 @@ class TrainerConfig:
     # tokens/s), lines (a line per log window, as train.log always has) or auto (a bar when stderr
     # is a terminal, lines in a batch job's log).
     progress: str = "auto"
+    # [FIRST, LAST]: profile those optimizer steps (torch.profiler) into <run>/profile/: a trace for
+    # Perfetto and a table of the operators and kernels by time. Choose steps past compilation.
+    profile_steps: list[int] | None = None
 
     def __post_init__(self):
         _one_of("trainer.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
@@ -114,6 +117,10 @@ class TrainerConfig:
                     "save_interval", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1; got {getattr(self, key)}")
+        if self.profile_steps is not None and (len(self.profile_steps) != 2
+                                               or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise ValueError(f"trainer.profile_steps={self.profile_steps}; expected [FIRST,LAST], "
+                             "optimizer steps with 1 <= FIRST <= LAST, e.g. trainer.profile_steps=[20,25]")
 
 
 @dataclass

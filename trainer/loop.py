@@ -31,6 +31,7 @@ from .optim import build_optimizer, build_scheduler
 from .precision import DTYPES, resolve_precision
 from .run_lock import RunLock
 from .run_summary import format_summary, peak_flops, summarize
+from .step_profiler import StepProfiler
 from .stop_signals import StopSignals, resume_command
 
 
@@ -113,6 +114,8 @@ class Trainer:
                              if config.data.objective == "mlm" and config.data.mlm_max_predictions
                              else {})
         self.peak_flops = peak_flops(config.trainer.peak_tflops, self.device)
+        self.step_profiler = StepProfiler(trainer.profile_steps, self.run_dir, self.device,
+                                          self.context.rank)
         self.metrics = MetricsWriter(self.run_dir, config.logger, OmegaConf.to_container(
             OmegaConf.structured(config)), self.context.is_main)
         if self.context.is_main:
@@ -313,7 +316,9 @@ class Trainer:
         interrupted = None
         with StopSignals() as stop:
             while self.step < trainer.max_steps:
+                self.step_profiler.before_step(self.step + 1)
                 result = self.train_step()
+                self.step_profiler.after_step(self.step)
                 window_tokens += tokens_per_step
                 bar.update(1)
                 at_end = self.step == trainer.max_steps
@@ -385,6 +390,7 @@ class Trainer:
         return self.data.tokenizer.decode(out[0].tolist())
 
     def close(self, finished: bool = False):
+        self.step_profiler.close(self.step)     # a window the run stopped inside
         self.metrics.close()
         close_logging()
         self._release_lock()

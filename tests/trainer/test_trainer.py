@@ -1,7 +1,9 @@
 """The training loop end to end on CPU: runs, resume, checkpoints, failures, DDP, FSDP, logging
 (configuration checks: test_run_config.py)."""
 
+import gzip
 import io
+import json
 import os
 import re
 import subprocess
@@ -327,6 +329,29 @@ def test_progress_auto_draws_a_bar_on_a_terminal_only():
     assert not trainer_metrics.wants_progress_bar("auto", log_file)
     assert trainer_metrics.wants_progress_bar("bar", log_file)
     assert not trainer_metrics.wants_progress_bar("lines", terminal)
+
+
+@pytest.mark.parametrize("steps, written", [("[2,3]", "steps2-3"), ("[3,9]", "steps3-4")],
+                         ids=["inside-the-run", "past-its-end"])
+def test_profile_steps_write_a_trace_and_a_time_table(tmp_path, steps, written):
+    # A window past max_steps is written when the run ends, naming the steps it holds.
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 4, "trainer.profile_steps": steps})),
+        tmp_path / "run")
+    profile = tmp_path / "run" / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == [f"{written}_rank0.json.gz", f"{written}_rank0.txt"]
+    with gzip.open(profile / f"{written}_rank0.json.gz", "rt") as trace:
+        events = json.load(trace)["traceEvents"]
+    optimizer_steps = [e for e in events if e.get("name", "").startswith("Optimizer.step#AdamW")]
+    assert len(optimizer_steps) == int(written[-1]) - int(written[5]) + 1
+    table = (profile / f"{written}_rank0.txt").read_text()
+    assert "Self CPU" in table and "aten::mm" in table
+    assert f"profile of steps {written[5:]}" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("steps", ["[3]", "[0,2]", "[4,3]"])
+def test_profile_steps_out_of_order_are_refused(tmp_path, steps):
+    with pytest.raises(Exception, match=re.escape(f"trainer.profile_steps=") + ".*1 <= FIRST <= LAST"):
+        compose_run(tiny_overrides(tmp_path, **{"trainer.profile_steps": steps}))
 
 
 @pytest.mark.parametrize("packed", [False, True])
