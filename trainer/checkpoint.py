@@ -11,6 +11,7 @@ file's SHA-256; a resume verifies it and falls back to the newest intact checkpo
 is damaged, saying which.
 """
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .config import RunConfig
 
 
 class CheckpointError(RuntimeError):
@@ -291,7 +294,8 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict]:
 RESUMABLE_CHANGES = ("resume", "trainer.max_steps", "trainer.log_interval", "trainer.eval_interval",
                      "trainer.save_interval", "trainer.keep_checkpoints", "trainer.sample_tokens",
                      "trainer.skip_nonfinite", "trainer.compile", "trainer.compile_mode",
-                     "trainer.peak_tflops", "trainer.device", "model.attention",
+                     "trainer.peak_tflops", "trainer.device", "trainer.progress",
+                     "trainer.profile_steps", "model.attention",
                      "model.checkpoint_blocks", "model.unpad", "data.num_proc", "data.cache_dir", "logger.")
 
 
@@ -309,9 +313,14 @@ def config_changes(saved: dict, current: dict, path: Path) -> list[str]:
     """The allowed differences between a checkpoint's run config and this run's, as log lines;
     raises CheckpointError naming every difference that is not allowed."""
     old, new = _flatten(saved), _flatten(current)
-    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    # A key added to the configuration after the checkpoint was written is absent from it: the
+    # saved run behaved as the key's default does, so keeping the default is no change.
+    defaults = _flatten(dataclasses.asdict(RunConfig()))
+    saved_value = lambda key: old[key] if key in old else defaults.get(key)
+    changed = [key for key in sorted(set(old) | set(new)) if saved_value(key) != new.get(key)]
     allowed = lambda key: any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUMABLE_CHANGES)
-    describe = lambda key: f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    saved_text = lambda key: repr(old[key]) if key in old else "(not in the checkpoint)"
+    describe = lambda key: f"{key}: {saved_text(key)} -> {new.get(key)!r}"
     refused = [describe(key) for key in changed if not allowed(key)]
     if refused:
         raise CheckpointError(f"{path} was saved by a run with other settings; a resume may change only "

@@ -114,6 +114,25 @@ def test_a_resume_refuses_changed_settings_and_logs_allowed_ones(tmp_path):
     assert "resume: trainer.max_steps: 3 -> 5" in (tmp_path / "run" / "train.log").read_text()
 
 
+def test_a_checkpoint_from_before_a_new_setting_still_resumes(tmp_path):
+    # Keys added since a checkpoint was written are absent from its config; at their defaults they
+    # are no change, and the changes a resume may make stay allowed.
+    from dataclasses import asdict
+
+    from trainer.checkpoint import config_changes
+    current = asdict(compose_run(tiny_overrides(tmp_path, **{"trainer.profile_steps": "[2,3]"})))
+    saved = {**current, "trainer": {k: v for k, v in current["trainer"].items()
+                                    if k not in ("progress", "profile_steps")}}
+    # progress keeps its default: no change; the profile window is a change a resume may make
+    assert config_changes(saved, current, tmp_path) == [
+        "trainer.profile_steps: (not in the checkpoint) -> [2, 3]"]
+    # a key a resume may not change is refused even when the checkpoint predates it
+    saved = {**current, "trainer": {k: v for k, v in current["trainer"].items() if k != "grad_accum"}}
+    current["trainer"]["grad_accum"] = 2
+    with pytest.raises(CheckpointError, match=r"trainer.grad_accum: \(not in the checkpoint\) -> 2"):
+        config_changes(saved, current, tmp_path)
+
+
 def test_a_refused_launch_leaves_the_runs_hydra_record(tmp_path):
     from .helpers import run_cli
     run_dir = tmp_path / "run"
