@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError
 from .config import register_configs, unknown_keys
 from .data import DataError
 from .loop import NonFiniteLoss, run
+from .out_of_memory import OutOfMemory
 from .run_lock import RunDirectoryBusy
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -71,7 +72,7 @@ def _launch(cfg):
         # Ctrl-C before the first step (tokenizing, compiling) or a second Ctrl-C: nothing to save.
         print("interrupted before a checkpoint could be saved", file=sys.stderr)
         sys.exit(130)
-    except (DataError, CheckpointError, NonFiniteLoss, RunDirectoryBusy, ValueError,
+    except (DataError, CheckpointError, NonFiniteLoss, OutOfMemory, RunDirectoryBusy, ValueError,
             FileNotFoundError) as error:
         _fail(str(error))
     if summary.get("interrupted"):

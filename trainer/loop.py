@@ -28,6 +28,7 @@ from .distributed import (full_model_state, gradient_sync, init_distributed, loc
 from .metrics import (WINDOW_LINE, MetricsWriter, close_logging, log, read_metrics, setup_logging,
                       show_progress_bar, wants_progress_bar)
 from .optim import build_optimizer, build_scheduler
+from .out_of_memory import explained as explain_out_of_memory
 from .precision import DTYPES, resolve_precision
 from .run_lock import RunLock
 from .run_summary import format_summary, peak_flops, summarize
@@ -317,7 +318,8 @@ class Trainer:
         with StopSignals() as stop:
             while self.step < trainer.max_steps:
                 self.step_profiler.before_step(self.step + 1)
-                result = self.train_step()
+                with explain_out_of_memory(self, f"training step {self.step + 1}"):
+                    result = self.train_step()
                 self.step_profiler.after_step(self.step)
                 window_tokens += tokens_per_step
                 bar.update(1)
@@ -338,7 +340,8 @@ class Trainer:
                     self.check_finite()          # never evaluate or save a non-finite model
                     paused = time.time()         # evaluation and saving are not training throughput
                     if evaluate:
-                        last_eval = self.evaluate()
+                        with explain_out_of_memory(self, f"the evaluation at step {self.step}"):
+                            last_eval = self.evaluate()
                         self.metrics.write(last_eval)
                         log.info(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}, "
                                  f"val_ppl {last_eval['val_ppl']:.2f}")
