@@ -96,3 +96,21 @@ def test_profile_window_on_the_gpu_ranks_kernels_by_device_time(tmp_path):
         kernels = {e["name"] for e in json.load(trace)["traceEvents"] if e.get("cat") == "kernel"}
     assert any("_forward_kernel" in name for name in kernels), sorted(kernels)[:20]
     assert any("_dkdv" in name for name in kernels), sorted(kernels)[:20]
+
+
+def test_a_real_out_of_memory_stops_with_the_explained_message(tmp_path):
+    """The allocator's own error becomes the short message, with the card's memory in it: once the
+    run is built, its cached blocks are released and the process is capped to a sliver of the
+    card, so the first step's first new block fails."""
+    from trainer.out_of_memory import OutOfMemory
+    overrides = tiny_overrides(tmp_path, **{"trainer.device": "cuda", "trainer.precision": "bf16",
+                                            "model.attention": "flash", "trainer.max_steps": 2})
+    trainer = Trainer(compose_run(overrides), tmp_path / "run")
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1e-5)
+    try:
+        with pytest.raises(OutOfMemory, match=r"out of GPU memory in training step 1 (.|\n)*of the card's"):
+            trainer.fit()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        trainer.close()
