@@ -18,7 +18,9 @@ ALLOCATOR_ERROR = ("CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a 
                    "79.19 GiB of which 1.12 GiB is free.\nOf the allocated memory 74.3 GiB is allocated by PyTorch")
 
 
-def _failing_at(monkeypatch, step: int, method: str = "train_step"):
+def _stop(tmp_path, monkeypatch, step: int, method: str = "train_step", **extra) -> OutOfMemory:
+    """Run the tiny config with ``Trainer.<method>`` out of memory from ``step`` on (the step it
+    would take, for a training step; the step just taken, for an evaluation)."""
     real = getattr(Trainer, method)
 
     def failing(self, *args, **kwargs):
@@ -26,30 +28,26 @@ def _failing_at(monkeypatch, step: int, method: str = "train_step"):
             raise torch.OutOfMemoryError(ALLOCATOR_ERROR)
         return real(self, *args, **kwargs)
     monkeypatch.setattr(Trainer, method, failing)
+    with pytest.raises(OutOfMemory) as stop:
+        run(compose_run(tiny_overrides(tmp_path, **extra)), tmp_path / "run")
+    return stop.value
 
 
 def test_a_training_step_out_of_memory_names_the_step_batch_and_remedies(tmp_path, monkeypatch):
-    _failing_at(monkeypatch, 4)
-    overrides = tiny_overrides(tmp_path, **{"trainer.save_interval": 2})
-    with pytest.raises(OutOfMemory) as stop:
-        run(compose_run(overrides), tmp_path / "run")
-    text = str(stop.value)
+    stop = _stop(tmp_path, monkeypatch, 4, **{"trainer.save_interval": 2})
+    text = str(stop)
     assert text.startswith("out of GPU memory in training step 4 (gpt2_tiny, 2 sequences x 32 tokens "
                            "per micro-batch, fp32, sdpa attention).")
     assert "PyTorch: CUDA out of memory. Tried to allocate 3.00 GiB." in text
     assert "trainer.micro_batch_size=1 trainer.grad_accum=2" in text
     assert "model.checkpoint_blocks=true" in text and "model.attention=flash" not in text
     assert f"{tmp_path / 'run' / 'checkpoints' / 'step_00000002'}; resume=true continues" in text
-    assert isinstance(stop.value.__cause__, torch.OutOfMemoryError)      # kept for the full traceback
+    assert isinstance(stop.__cause__, torch.OutOfMemoryError)      # kept for the full traceback
 
 
 def test_an_evaluation_out_of_memory_and_the_remedies_that_apply(tmp_path, monkeypatch):
-    _failing_at(monkeypatch, 3, "evaluate")
-    overrides = tiny_overrides(tmp_path, **{"model.attention": "eager", "model.checkpoint_blocks": "true",
-                                            "trainer.micro_batch_size": 1})
-    with pytest.raises(OutOfMemory) as stop:
-        run(compose_run(overrides), tmp_path / "run")
-    text = str(stop.value)
+    text = str(_stop(tmp_path, monkeypatch, 3, "evaluate", **{
+        "model.attention": "eager", "model.checkpoint_blocks": "true", "trainer.micro_batch_size": 1}))
     assert text.startswith("out of GPU memory in the evaluation at step 3 (gpt2_tiny, 1 sequences x 32 "
                            "tokens per micro-batch, fp32, eager attention, blocks checkpointed).")
     assert "model.attention=flash" in text
