@@ -153,9 +153,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
                                           "model.attn_dropout": 0.0})
     single = run_cli(common + ["trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = _torchrun(common + ["trainer.grad_accum=1", f"hydra.run.dir={tmp_path / 'two'}"], 29533)
+    ddp = _torchrun(common + ["trainer.grad_accum=1", f"hydra.run.dir={tmp_path / 'two'}",
+                              "trainer.profile_steps=[2,2]"], 29533)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     _assert_same_losses(tmp_path / "one", tmp_path / "two")
+    # each process profiles its own steps; rank 0 alone writes the log windows' lines
+    assert sorted(p.name for p in (tmp_path / "two" / "profile").glob("*.txt")) == [
+        "steps2-2_rank0.txt", "steps2-2_rank1.txt"]
+    assert (tmp_path / "two" / "train.log").read_text().count("step 2/3: loss") == 1
 
 
 def _torchrun(args, port):
