@@ -25,8 +25,8 @@ from .data.tokenizer import write_tokenizer
 from .fit_report import announce, flops_per_token, window_line, window_record
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
-from .metrics import (WINDOW_LINE, MetricsWriter, close_logging, log, read_metrics, setup_logging,
-                      show_progress_bar, wants_progress_bar)
+from .metrics import (WINDOW_LINE, MetricsWriter, close_logging, data_progress_bars, log, read_metrics,
+                      setup_logging, show_progress_bar, wants_progress_bar)
 from .optim import build_optimizer, build_scheduler
 from .out_of_memory import explained as explain_out_of_memory
 from .precision import DTYPES, resolve_precision
@@ -83,8 +83,9 @@ class Trainer:
         # Rank 0 trains the tokenizer and writes the token cache; the others then read it.
         quiet = lambda *_: None
         if self.context.is_main:
-            self.data = build_data(config.data, trainer.micro_batch_size, trainer.seed, 0,
-                                   self.context.world_size, log=log.info)
+            with data_progress_bars(wants_progress_bar(trainer.progress)):
+                self.data = build_data(config.data, trainer.micro_batch_size, trainer.seed, 0,
+                                       self.context.world_size, log=log.info)
         self.context.barrier()
         if not self.context.is_main:
             self.data = build_data(config.data, trainer.micro_batch_size, trainer.seed,

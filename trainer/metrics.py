@@ -1,5 +1,6 @@
 """Metrics: one JSON object per line in metrics.jsonl, the train.log, and Weights & Biases."""
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,21 @@ def wants_progress_bar(progress: str, stream=None) -> bool:
         return progress == "bar"
     stream = sys.stderr if stream is None else stream
     return bool(getattr(stream, "isatty", lambda: False)())
+
+
+@contextlib.contextmanager
+def data_progress_bars(shown: bool):
+    """The data pipeline's bars (datasets' tokenizing map, the shard writer, which follows
+    datasets' switch) shown or hidden with the training bar; datasets' setting is restored after."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    hide = not shown and not are_progress_bars_disabled()
+    if hide:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            enable_progress_bars()
 
 
 def show_progress_bar(shown: bool):

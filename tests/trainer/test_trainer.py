@@ -322,10 +322,15 @@ def test_log_windows_reach_train_log_and_the_console_without_a_bar(tmp_path, cap
     console = capsys.readouterr().err
     assert "summary of" in console                       # other lines reach the console either way
     bar = re.compile(r"(^|\r)train:\s+\d+%", re.M)      # not the token shards' "writing train"
+    data_bars = re.compile(r"(tokenizing|writing) train.*\d+%\|")
+    assert "data: tokenizing 30 documents into" in console
     if progress == "bar":
-        assert bar.search(console) and not window.search(console)
+        assert bar.search(console) and data_bars.search(console) and not window.search(console)
     else:
-        assert not bar.search(console) and [m.group(1) for m in window.finditer(console)] == ["1", "2"]
+        assert not bar.search(console) and not data_bars.search(console)
+        assert [m.group(1) for m in window.finditer(console)] == ["1", "2"]
+    from datasets.utils import are_progress_bars_disabled
+    assert not are_progress_bars_disabled()              # datasets' own setting restored
 
 
 def test_progress_auto_draws_a_bar_on_a_terminal_only():

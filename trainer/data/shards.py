@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from datasets.utils import are_progress_bars_disabled
 from tqdm import tqdm
 
 from .config import DataConfig
@@ -81,7 +82,7 @@ def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, n
             os.posix_fallocate(file.fileno(), 0, os.path.getsize(path))
     position = 0
     for batch in tqdm(encoded.iter(batch_size=1024), total=-(-len(encoded) // 1024),
-                      desc=f"writing {split}", leave=False):
+                      desc=f"writing {split}", leave=False, disable=are_progress_bars_disabled()):
         for ids in batch["ids"]:
             tokens[position:position + len(ids)] = ids
             position += len(ids)
@@ -98,6 +99,8 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
     final = Path(config.cache_dir) / "shards" / fingerprint
     if not (final / "meta.json").exists():
         started = time.time()
+        documents = sum(len(table) for table in corpus.splits.values())
+        log(f"data: tokenizing {documents:,} documents into {final} (once; later runs reuse it)")
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=final.parent))
         scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=final.parent))

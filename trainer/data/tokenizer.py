@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from datasets.utils import are_progress_bars_disabled
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from .config import DataConfig
@@ -41,12 +42,15 @@ def _training_texts(corpus: Corpus, budget_bytes: int):
 
 
 def _new_tokenizer(kind: str, vocab_size: int):
+    # Its progress bar follows datasets' switch, as every bar of the data pipeline does (off in a
+    # batch job's log, where it would print blank lines).
+    shown = not are_progress_bars_disabled()
     if kind == "bpe":
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         # Every byte is in the initial alphabet: no text is ever unknown.
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=True,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=shown,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     else:
         tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -54,7 +58,7 @@ def _new_tokenizer(kind: str, vocab_size: int):
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS,
-                                            show_progress=True)
+                                            show_progress=shown)
     return tokenizer, trainer
 
 
