@@ -40,7 +40,8 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        self.profiler = profile(activities=activities, record_shapes=True)
+        # Shapes and memory too: which call allocated how much is the next question after time.
+        self.profiler = profile(activities=activities, record_shapes=True, profile_memory=True)
         self.profiler.start()
 
     def after_step(self, step: int):

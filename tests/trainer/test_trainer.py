@@ -354,7 +354,7 @@ def test_profile_steps_write_a_trace_and_a_time_table(tmp_path, steps, written):
     optimizer_steps = [e for e in events if e.get("name", "").startswith("Optimizer.step#AdamW")]
     assert len(optimizer_steps) == int(written[-1]) - int(written[5]) + 1
     table = (profile / f"{written}_rank0.txt").read_text()
-    assert "Self CPU" in table and "aten::mm" in table
+    assert "Self CPU" in table and "Self CPU Mem" in table and "aten::mm" in table
     assert f"profile of steps {written[5:]}" in (tmp_path / "run" / "train.log").read_text()
 
 
