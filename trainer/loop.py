@@ -25,8 +25,8 @@ from .data.tokenizer import write_tokenizer
 from .fit_report import announce, flops_per_token, window_line, window_record
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
-from .metrics import (WINDOW_LINE, MetricsWriter, close_logging, data_progress_bars, log, read_metrics,
-                      setup_logging, show_progress_bar, wants_progress_bar)
+from .console import WINDOW_LINE, data_progress_bars, show_progress_bar, wants_progress_bar
+from .metrics import MetricsWriter, close_logging, log, read_metrics, setup_logging
 from .optim import build_optimizer, build_scheduler
 from .out_of_memory import explained as explain_out_of_memory
 from .precision import DTYPES, resolve_precision
@@ -309,7 +309,7 @@ class Trainer:
         bar_shown = self.context.is_main and wants_progress_bar(trainer.progress)
         bar = tqdm(total=trainer.max_steps, initial=self.step, disable=not bar_shown,
                    desc="train", dynamic_ncols=True)
-        show_progress_bar(bar_shown)
+        show_progress_bar(log, bar_shown)
         last_eval, final_loss = None, None
         window_start, window_tokens = time.time(), 0
         started = time.time()
@@ -354,7 +354,7 @@ class Trainer:
                         interrupted = self._stop_for_signal(stop, saved=save)
                         break
         bar.close()
-        show_progress_bar(False)
+        show_progress_bar(log, False)
         if not interrupted:
             # The trained model (its tokenizer was written at the start), for every tool. Under
             # FSDP, gathering the full weights is a collective: every process takes part.

@@ -16,6 +16,7 @@ import torch
 from trainer import checkpoint as checkpoint_module
 from models import causal_lm as causal_lm_module
 from trainer.checkpoint import CheckpointError
+from trainer.console import wants_progress_bar
 from trainer import metrics as trainer_metrics
 from trainer.loop import NonFiniteLoss, Trainer, run
 
@@ -335,10 +336,10 @@ def test_log_windows_reach_train_log_and_the_console_without_a_bar(tmp_path, cap
 
 def test_progress_auto_draws_a_bar_on_a_terminal_only():
     terminal, log_file = type("T", (), {"isatty": lambda self: True})(), io.StringIO()
-    assert trainer_metrics.wants_progress_bar("auto", terminal)
-    assert not trainer_metrics.wants_progress_bar("auto", log_file)
-    assert trainer_metrics.wants_progress_bar("bar", log_file)
-    assert not trainer_metrics.wants_progress_bar("lines", terminal)
+    assert wants_progress_bar("auto", terminal)
+    assert not wants_progress_bar("auto", log_file)
+    assert wants_progress_bar("bar", log_file)
+    assert not wants_progress_bar("lines", terminal)
 
 
 @pytest.mark.parametrize("steps, written", [("[2,3]", "steps2-3"), ("[3,9]", "steps3-4")],
