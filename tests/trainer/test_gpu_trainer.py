@@ -78,21 +78,26 @@ def test_captured_dropout_draws_a_new_mask_at_every_replay():
     assert not torch.equal(outputs[2], outputs[3]) and not torch.equal(outputs[1], outputs[2])
 
 
-def test_profile_window_on_the_gpu_ranks_kernels_by_device_time(tmp_path):
-    """The profile window records CUDA activity: the table has the GPU's self time, and the trace
-    holds the flash kernels' launches (its forward and dK/dV passes)."""
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"], ids=["eager", "cuda-graphs"])
+def test_profile_window_on_the_gpu_records_the_flash_kernels(tmp_path, compile_mode):
+    """The profile window records CUDA activity, also of a step replayed from CUDA graphs: the
+    table has the GPU's self time, and the trace holds the flash kernels' launches (its forward
+    and dK/dV passes)."""
     import gzip
     import json
 
     from trainer.loop import run
+    compiled = {"trainer.compile": "true", "trainer.compile_mode": compile_mode, "model.dropout": 0.0,
+                "model.attn_dropout": 0.0} if compile_mode else {}
+    torch._dynamo.reset()
     overrides = tiny_overrides(tmp_path, **{"trainer.device": "cuda", "trainer.precision": "bf16",
-                                            "model.attention": "flash", "trainer.max_steps": 4,
-                                            "trainer.profile_steps": "[2,3]"})
+                                            "model.attention": "flash", "trainer.max_steps": 5,
+                                            "trainer.profile_steps": "[4,5]", **compiled})
     run(compose_run(overrides), tmp_path / "run")
     profile = tmp_path / "run" / "profile"
-    table = (profile / "steps2-3_rank0.txt").read_text()
+    table = (profile / "steps4-5_rank0.txt").read_text()
     assert "Self CUDA" in table
-    with gzip.open(profile / "steps2-3_rank0.json.gz", "rt") as trace:
+    with gzip.open(profile / "steps4-5_rank0.json.gz", "rt") as trace:
         kernels = {e["name"] for e in json.load(trace)["traceEvents"] if e.get("cat") == "kernel"}
     assert any("_forward_kernel" in name for name in kernels), sorted(kernels)[:20]
     assert any("_dkdv" in name for name in kernels), sorted(kernels)[:20]
