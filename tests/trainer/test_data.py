@@ -300,3 +300,14 @@ def test_record_and_text_files_are_told_apart(tmp_path):
     (broken / "a.jsonl").write_text('{"text": "fine"}\n{"text": unquoted}\n')
     with pytest.raises(DataError, match=r"cannot read the json records of a.jsonl"):
         build_data(config(tmp_path, path=str(broken)), batch_size=2, log=lambda *_: None)
+
+
+def test_tokenizer_processes_default_to_the_usable_cores_up_to_a_cap(monkeypatch):
+    from trainer.data import config as config_module
+    assert config_module.tokenizer_processes(3) == 3
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert config_module.tokenizer_processes(None) == 6
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    assert config_module.tokenizer_processes(None) == config_module.MAX_AUTO_PROCESSES
+    with pytest.raises(ValueError, match="data.num_proc must be >= 1"):
+        DataConfig(num_proc=0)

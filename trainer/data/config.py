@@ -11,6 +11,20 @@ def default_cache_dir() -> str:
     return os.environ.get("FLASHTRAIN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flashtrain"))
 
 
+# Past ~16 processes tokenizing one corpus gains little: the Arrow files are written and merged
+# serially, and each process holds its own copy of the tokenizer.
+MAX_AUTO_PROCESSES = 16
+
+
+def tokenizer_processes(num_proc: int | None) -> int:
+    """data.num_proc, or for None the cores this process may run on (its CPU affinity, which a
+    scheduler such as Slurm narrows), up to MAX_AUTO_PROCESSES."""
+    if num_proc is not None:
+        return num_proc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_PROCESSES))
+
+
 @dataclass
 class DataConfig:
     # Where documents come from: the running Python's standard library (built in, no download),
@@ -58,7 +72,8 @@ class DataConfig:
     # through cu_seqlens: the rows keep their static length with almost no padding (flash only).
     mlm_pack_sequences: bool = False
     val_windows: int = 64                # fixed validation windows, the same at every evaluation
-    num_proc: int = 2                    # tokenization processes
+    # Tokenization processes; None: one per core this process may run on, up to MAX_AUTO_PROCESSES.
+    num_proc: int | None = None
     token_dtype: str | None = None       # uint16 | uint32 token ids on disk; None = smallest that fits
     cache_dir: str = field(default_factory=default_cache_dir)
 
@@ -84,6 +99,8 @@ class DataConfig:
             raise ValueError("data.hub_name is required with data.source=hub")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"data.mlm_probability must be in (0, 1); got {self.mlm_probability}")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"data.num_proc must be >= 1 (or null: one per core); got {self.num_proc}")
         if self.mlm_max_predictions is not None and self.mlm_max_predictions < 1:
             raise ValueError(f"data.mlm_max_predictions must be >= 1 (or null); got {self.mlm_max_predictions}")
         if self.mix_seqlen is not None:

@@ -20,7 +20,7 @@ import numpy as np
 from datasets.utils import are_progress_bars_disabled
 from tqdm import tqdm
 
-from .config import DataConfig
+from .config import DataConfig, tokenizer_processes
 from .sources import Corpus, DataError
 
 FORMAT = "flashtrain-shards-v1"
@@ -100,7 +100,9 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
     if not (final / "meta.json").exists():
         started = time.time()
         documents = sum(len(table) for table in corpus.splits.values())
-        log(f"data: tokenizing {documents:,} documents into {final} (once; later runs reuse it)")
+        processes = tokenizer_processes(config.num_proc)
+        log(f"data: tokenizing {documents:,} documents in {processes} process(es) into {final} "
+            "(once; later runs reuse it)")
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=final.parent))
         scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=final.parent))
@@ -114,7 +116,7 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
                     table = table.shuffle(seed=SHUFFLE_SEED).flatten_indices(
                         cache_file_name=str(scratch / f"{split}-shuffled.arrow"))
                 summary[split] = _write_split(table, tokenizer, eos_id, dtype, staging, split,
-                                              config.num_proc, scratch)
+                                              processes, scratch)
             meta = {"format": FORMAT, "dtype": str(dtype), "splits": {
                 s: {"tokens": t, "documents": d} for s, (t, d) in summary.items()}}
             (staging / "meta.json").write_text(json.dumps(meta, indent=1))
