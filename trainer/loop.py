@@ -306,6 +306,9 @@ class Trainer:
         flops = flops_per_token(self.model, self.config.data)
         corpus_tokens = max(1, len(self.data.splits["train"].tokens))
         announce(self, tokens_per_step, corpus_tokens)
+        unprofiled = self.step_profiler.unreachable(self.step + 1, trainer.max_steps)
+        if unprofiled and self.context.is_main:
+            log.warning(unprofiled)
         bar_shown = self.context.is_main and wants_progress_bar(trainer.progress)
         bar = tqdm(total=trainer.max_steps, initial=self.step, disable=not bar_shown,
                    desc="train", dynamic_ncols=True)

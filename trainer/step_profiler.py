@@ -33,6 +33,19 @@ class StepProfiler:
         self.device, self.rank = device, rank
         self.profiler = None
 
+    def unreachable(self, next_step: int, max_steps: int) -> str | None:
+        """Why this run will not profile its window, if it will not: the window starts past the
+        run's last step, or before the step it starts (resumes) at."""
+        if self.first is None:
+            return None
+        if self.first > max_steps:
+            return (f"trainer.profile_steps=[{self.first},{self.last}] starts past trainer.max_steps="
+                    f"{max_steps}: nothing will be profiled")
+        if self.first < next_step:
+            return (f"trainer.profile_steps=[{self.first},{self.last}] starts before step {next_step}, "
+                    "where this run resumes: nothing will be profiled")
+        return None
+
     def before_step(self, step: int):
         """``step``: the number the coming step will have."""
         if self.first is None or step != self.first:

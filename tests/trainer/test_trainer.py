@@ -359,6 +359,17 @@ def test_profile_steps_write_a_trace_and_a_time_table(tmp_path, steps, written):
     assert f"profile of steps {written[5:]}" in (tmp_path / "run" / "train.log").read_text()
 
 
+def test_a_profile_window_the_run_never_reaches_is_warned(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.profile_steps": "[5,6]"})
+    run(compose_run(overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "profile").exists()
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "WARNING trainer.profile_steps=[5,6] starts past trainer.max_steps=2" in log_text
+    resumed = tiny_overrides(tmp_path, **{"trainer.max_steps": 4, "trainer.profile_steps": "[2,3]"})
+    run(compose_run(resumed + ["resume=true"]), tmp_path / "run")
+    assert "starts before step 3, where this run resumes" in (tmp_path / "run" / "train.log").read_text()
+
+
 @pytest.mark.parametrize("steps", ["[3]", "[0,2]", "[4,3]"])
 def test_profile_steps_out_of_order_are_refused(tmp_path, steps):
     with pytest.raises(Exception, match=re.escape(f"trainer.profile_steps=") + ".*1 <= FIRST <= LAST"):
