@@ -7,9 +7,7 @@ this configuration's step takes (its compile mode, batch, data loading, logging)
 steps of a run include compilation and autotuning, so the window is chosen past them. Each process
 writes its own files (``rank{N}``), as their kernels differ under DDP and FSDP."""
 
-import gzip
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -81,12 +79,9 @@ class StepProfiler:
         table = self.directory / f"{name}.txt"
         sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         # Each file appears whole or not at all: written beside its final name, then renamed.
-        raw = self.directory / f".{name}.json.partial"
-        profiler.export_chrome_trace(str(raw))
-        with open(raw, "rb") as source, gzip.open(f"{trace}.partial", "wb") as packed:
-            shutil.copyfileobj(source, packed)
-        raw.unlink()
-        os.replace(f"{trace}.partial", trace)
+        partial_trace = self.directory / f".{name}.partial.json.gz"
+        profiler.export_chrome_trace(str(partial_trace))      # a path ending in .gz is gzipped
+        os.replace(partial_trace, trace)
         partial_table = table.with_suffix(".txt.partial")
         partial_table.write_text(profiler.key_averages().table(
             sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=NAME_WIDTH) + "\n")
