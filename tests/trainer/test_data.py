@@ -311,3 +311,31 @@ def test_tokenizer_processes_default_to_the_usable_cores_up_to_a_cap(monkeypatch
     assert config_module.tokenizer_processes(None) == config_module.MAX_AUTO_PROCESSES
     with pytest.raises(ValueError, match="data.num_proc must be >= 1"):
         DataConfig(num_proc=0)
+
+
+def test_without_bars_a_large_split_is_tokenized_in_parts_with_progress_lines(tmp_path, monkeypatch):
+    """A batch job's log gets a line as each part of a long tokenization finishes; the shards are
+    the same tokens as one pass over the split."""
+    from datasets.utils import disable_progress_bars, enable_progress_bars
+    monkeypatch.setattr(shards_module, "PROGRESS_MIN_DOCUMENTS", 20)
+    monkeypatch.setattr(shards_module, "PROGRESS_FIRST_PART", 1 / 3)
+    monkeypatch.setattr(shards_module, "PROGRESS_EVERY_S", 0.0)
+    in_one_pass = build_data(config(tmp_path, num_proc=2), batch_size=2, log=lambda *_: None)
+    lines = []
+    disable_progress_bars()
+    try:
+        in_parts = build_data(config(tmp_path, num_proc=2, cache_dir=str(tmp_path / "cache2")),
+                              batch_size=2, log=lines.append)
+    finally:
+        enable_progress_bars()
+    progress = [line for line in lines if line.startswith("data: tokenizing train:")]
+    # 31 training documents in parts of 10, 10, 10 and 1 (the first a third of them, the rest as
+    # large, none taking the 0 s set here): a line after each but the last; the 9 held-out
+    # documents are too few to split
+    assert in_one_pass.splits["train"].num_documents == 31
+    assert [line.split(" documents")[0] for line in progress] == [
+        f"data: tokenizing train: {done} of 31" for done in (10, 20, 30)], lines
+    assert "(32%)" in progress[0] and "left" in progress[0]
+    for split in ("train", "validation"):
+        assert np.array_equal(in_parts.splits[split].tokens, in_one_pass.splits[split].tokens)
+        assert np.array_equal(in_parts.splits[split].offsets, in_one_pass.splits[split].offsets)

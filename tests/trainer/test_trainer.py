@@ -324,6 +324,8 @@ def test_log_windows_reach_train_log_and_the_console_without_a_bar(tmp_path, cap
     assert "summary of" in console                       # other lines reach the console either way
     bar = re.compile(r"(^|\r)train:\s+\d+%", re.M)      # not the token shards' "writing train"
     data_bars = re.compile(r"(tokenizing|writing) train.*\d+%\|")
+    assert re.search(r"data: training a bpe tokenizer of [\d,]+ tokens on up to [\d,]+ MB", console)
+    assert "data: trained the tokenizer in" in console
     assert "data: tokenizing 30 documents in 1 process(es) into" in console
     if progress == "bar":
         assert bar.search(console) and data_bars.search(console) and not window.search(console)

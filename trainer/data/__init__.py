@@ -23,7 +23,7 @@ class Data:
 def build_data(config: DataConfig, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                val_batch_size: int | None = None, log=print) -> Data:
     corpus = load_corpus(config)
-    tokenizer, tokenizer_key = get_tokenizer(config, corpus)
+    tokenizer, tokenizer_key = get_tokenizer(config, corpus, log=log)
     special = special_ids(tokenizer)
     if special["eos"] is None:
         raise DataError("the tokenizer has neither <|endoftext|> nor [SEP] to end documents with")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from datasets import concatenate_datasets
 from datasets.utils import are_progress_bars_disabled
 from tqdm import tqdm
 
@@ -29,6 +30,12 @@ FORMAT = "flashtrain-shards-v1"
 # covers a few neighbourhoods of the corpus, and the fewer the longer its windows: at 65K tokens per
 # step, 4K windows of the Linux tree in path order trained to 2.5x the perplexity of 1K windows.
 SHUFFLE_SEED = 1234
+# Without a bar, a split of at least PROGRESS_MIN_DOCUMENTS documents is tokenized in parts with a
+# line after each: first PROGRESS_FIRST_PART of it, then parts of about PROGRESS_EVERY_S (each part
+# costs datasets a new process pool, a fraction of a second).
+PROGRESS_MIN_DOCUMENTS = 1_000
+PROGRESS_FIRST_PART = 0.02
+PROGRESS_EVERY_S = 30.0
 
 
 def token_dtype(vocab_size: int, requested: str | None = None) -> np.dtype:
@@ -59,18 +66,48 @@ def shard_fingerprint(corpus: Corpus, tokenizer_key: str, eos_id: int, dtype: st
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def _tokenize(table, encode, split: str, num_proc: int, scratch: Path, log):
+    """``encode`` mapped over ``table`` by datasets in ``num_proc`` processes. With the data bars
+    hidden (a batch job's log), a large split goes in parts so that a line can say how far it got:
+    a first small part measures the rate, and each later one is sized to take PROGRESS_EVERY_S."""
+    in_parts = are_progress_bars_disabled() and len(table) >= PROGRESS_MIN_DOCUMENTS
+    first_size = max(1, int(len(table) * PROGRESS_FIRST_PART))
+    part_size = first_size if in_parts else len(table)
+    started = time.monotonic()
+    pieces, done, logged = [], 0, 0.0
+    while done < len(table):
+        part = table.select(range(done, min(done + part_size, len(table)))) if in_parts else table
+        # datasets writes map results as Arrow files, by default next to the source in its own
+        # cache (~850 MB for the 23 MB Linux corpus) where they stay; here they go to a scratch
+        # directory that build_shards removes.
+        pieces.append(part.map(encode, batched=True, batch_size=64, remove_columns=part.column_names,
+                               num_proc=num_proc if len(part) >= 4 * num_proc else None,
+                               desc=f"tokenizing {split}",
+                               cache_file_name=str(scratch / f"{split}-ids-{len(pieces)}.arrow")))
+        done += len(part)
+        elapsed = time.monotonic() - started
+        if in_parts and done < len(table):
+            if elapsed - logged >= PROGRESS_EVERY_S / 2:   # not after a first part that took no time
+                left = elapsed * (len(table) - done) / done
+                log(f"data: tokenizing {split}: {done:,} of {len(table):,} documents "
+                    f"({done / len(table):.0%}) in {_duration(elapsed)}, about {_duration(left)} left")
+                logged = elapsed
+            part_size = max(first_size, int(done / max(elapsed, 1e-3) * PROGRESS_EVERY_S))
+    return pieces[0] if len(pieces) == 1 else concatenate_datasets(pieces)
+
+
 def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, num_proc: int,
-                 scratch: Path):
+                 scratch: Path, log=print):
     def encode(batch):
         ids = [encoding.ids + [eos_id] for encoding in tokenizer.encode_batch(batch["text"])]
         return {"ids": ids, "length": [len(x) for x in ids]}
 
-    # datasets writes map results as Arrow files, by default next to the source in its own cache
-    # (~850 MB for the 23 MB Linux corpus) where they stay; here they go to a scratch directory
-    # that build_shards removes.
-    encoded = table.map(encode, batched=True, batch_size=64, remove_columns=table.column_names,
-                        num_proc=num_proc if len(table) >= 4 * num_proc else None,
-                        desc=f"tokenizing {split}", cache_file_name=str(scratch / f"{split}-ids.arrow"))
+    encoded = _tokenize(table, encode, split, num_proc, scratch, log)
     lengths = np.asarray(encoded["length"], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     path = directory / f"{split}.npy"
@@ -116,7 +153,7 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
                     table = table.shuffle(seed=SHUFFLE_SEED).flatten_indices(
                         cache_file_name=str(scratch / f"{split}-shuffled.arrow"))
                 summary[split] = _write_split(table, tokenizer, eos_id, dtype, staging, split,
-                                              processes, scratch)
+                                              processes, scratch, log)
             meta = {"format": FORMAT, "dtype": str(dtype), "splits": {
                 s: {"tokens": t, "documents": d} for s, (t, d) in summary.items()}}
             (staging / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -136,7 +173,7 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
         text_bytes = sum(sum(len(t) for t in table["text"]) for table in corpus.splits.values())
         tokens = sum(t for t, _ in summary.values())
         documents = sum(d for _, d in summary.values())
-        log(f"data: tokenized {documents} documents, {text_bytes / 1e6:.1f} MB of text -> {tokens:,} tokens "
+        log(f"data: tokenized {documents:,} documents, {text_bytes / 1e6:.1f} MB of text -> {tokens:,} tokens "
             f"in {seconds:.1f} s ({text_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s)"
             + (f"; {corpus.replaced_bytes} undecodable bytes replaced" if corpus.replaced_bytes else ""))
     return load_shards(final)

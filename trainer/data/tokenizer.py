@@ -4,6 +4,7 @@ corpus fingerprint and settings, or load any ``tokenizer.json``."""
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from datasets.utils import are_progress_bars_disabled
@@ -62,7 +63,7 @@ def _new_tokenizer(kind: str, vocab_size: int):
     return tokenizer, trainer
 
 
-def get_tokenizer(config: DataConfig, corpus: Corpus) -> tuple[Tokenizer, str]:
+def get_tokenizer(config: DataConfig, corpus: Corpus, log=print) -> tuple[Tokenizer, str]:
     """The tokenizer and its fingerprint (which the token-shard cache keys on)."""
     if config.tokenizer_file:
         tokenizer = load_tokenizer(config.tokenizer_file)
@@ -73,8 +74,13 @@ def get_tokenizer(config: DataConfig, corpus: Corpus) -> tuple[Tokenizer, str]:
     path = Path(config.cache_dir) / "tokenizers" / f"{config.tokenizer}-{config.vocab_size}-{key}.json"
     if path.exists():
         return load_tokenizer(path), key
+    started = time.monotonic()
+    log(f"data: training a {config.tokenizer} tokenizer of {config.vocab_size:,} tokens on up to "
+        f"{config.tokenizer_train_bytes / 1e6:,.0f} MB of the training text into {path} (once; later "
+        "runs reuse it)")
     tokenizer, trainer = _new_tokenizer(config.tokenizer, config.vocab_size)
     tokenizer.train_from_iterator(_training_texts(corpus, config.tokenizer_train_bytes), trainer=trainer)
+    log(f"data: trained the tokenizer in {time.monotonic() - started:.1f} s")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tokenizer.", dir=path.parent)
     os.close(handle)
