@@ -146,5 +146,7 @@ class MaskedLM(nn.Module):
         x = self.head_norm(F.gelu(self.head_dense(x)))
         return F.linear(x, self.embed.weight, self.head_bias)
 
-    def flops_per_token(self, seqlen: int) -> float:
-        return flops_per_token(self.config, seqlen)
+    def flops_per_token(self, seqlen: int, head_fraction: float = 1.0) -> float:
+        """``head_fraction``: the share of positions the MLM head runs on when training (the
+        masked ones, or a fixed count per row: ``trainer.fit_report.head_fraction``)."""
+        return flops_per_token(self.config, seqlen, head_fraction)

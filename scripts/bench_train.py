@@ -57,6 +57,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from kernels import _backward  # noqa: E402
 from trainer.config import register_configs  # noqa: E402
 from trainer.data import build_data  # noqa: E402
+from trainer.fit_report import flops_per_token  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -87,7 +88,7 @@ class TrainerSystem:
         self.trainer = Trainer(run_config(overrides), Path(tempfile.mkdtemp(dir=workdir)))
         config = self.trainer.config
         self.tokens_per_step = config.trainer.micro_batch_size * config.trainer.grad_accum * config.data.seqlen
-        self.flops_per_token = self.trainer.model.flops_per_token(config.data.seqlen)
+        self.flops_per_token = flops_per_token(self.trainer.model, config.data)
         self.last = None
         self.two_pass = two_pass
 

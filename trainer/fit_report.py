@@ -12,8 +12,20 @@ from .metrics import log
 MAX_QUIET_EPOCHS = 4
 
 
+def head_fraction(data) -> float:
+    """The share of positions a training step runs the output head on: every one for a causal LM;
+    for a masked LM its targets, each token with ``mlm_probability``, or a fixed K per row."""
+    if data.objective != "mlm":
+        return 1.0
+    if data.mlm_max_predictions is not None:
+        return min(data.mlm_max_predictions, data.seqlen) / data.seqlen
+    return data.mlm_probability
+
+
 def flops_per_token(model, data) -> float:
     """Model FLOPs per trained token at ``data.seqlen``, or the mix of two lengths the run trains."""
+    if data.objective == "mlm":
+        return model.flops_per_token(data.seqlen, head_fraction(data))
     flops = model.flops_per_token(data.seqlen)
     if data.mix_seqlen:      # the mixed-in short micro-batches attend over fewer keys
         flops = (1 - data.mix_fraction) * flops + data.mix_fraction * model.flops_per_token(data.mix_seqlen)

@@ -143,6 +143,16 @@ def test_flops_per_token_counts_causal_attention_honestly():
     assert causal_term == pytest.approx(12 * 12 * 768 * (4097 / 2 - 1), rel=1e-12)
 
 
+def test_a_masked_lm_counts_its_head_on_the_scored_positions_only():
+    """BERT's MLM head (transform + tied decoder) runs on the masked positions alone: FLOPs count
+    it on that share of positions, and the blocks on every one."""
+    config = named_config("bert_large")
+    head = 6 * (config.padded_vocab * config.d_model + config.d_model ** 2)
+    every_position = flops_per_token(config, 512)
+    assert flops_per_token(config, 512, head_fraction=0.15) == pytest.approx(every_position - 0.85 * head)
+    assert 0.08 < head / every_position < 0.10
+
+
 def test_extend_context(tiny, tokens):
     model = tiny("gpt2", attention="sdpa").eval()
     before = model(tokens)

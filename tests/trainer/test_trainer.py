@@ -410,3 +410,19 @@ def test_packed_masked_lm_sequences_need_flash(tmp_path):
                                             "model.attention": "sdpa"})
     with pytest.raises(ValueError, match="data.mlm_pack_sequences=true packs documents"):
         run(compose_run(overrides), tmp_path / "mlm")
+
+
+def test_mfu_counts_a_masked_lm_head_on_its_targets_only():
+    """The run's FLOPs per token: the MLM head on the expected share of masked positions, or on the
+    fixed K per row of data.mlm_max_predictions; a causal LM's on every position."""
+    from models import build_model, flops_per_token, named_config
+    from trainer.data import DataConfig
+    from trainer.fit_report import flops_per_token as run_flops
+    bert = build_model(named_config("bert_tiny"))
+    for data, fraction in ((DataConfig(objective="mlm", tokenizer="wordpiece", seqlen=128), 0.15),
+                           (DataConfig(objective="mlm", tokenizer="wordpiece", seqlen=128,
+                                       mlm_max_predictions=20), 20 / 128)):
+        assert run_flops(bert, data) == pytest.approx(flops_per_token(bert.config, 128, fraction))
+        assert run_flops(bert, data) < flops_per_token(bert.config, 128)
+    gpt2 = build_model(named_config("gpt2_tiny"))
+    assert run_flops(gpt2, DataConfig(seqlen=128)) == flops_per_token(gpt2.config, 128)
