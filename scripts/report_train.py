@@ -1,8 +1,10 @@
 """Tables and a plot from scripts/bench_train.py's records.
 
     python scripts/report_train.py docs/results/train_h100.json --md tables.md --plot train_h100.png
+    python scripts/report_train.py grid.json long.json bert.json agree.json
 
-The JSON is ``{"parts": {"grid": <bench_train output>, "long": ..., "bert": ..., "agree": ...}}``
+Each file is either one ``bench_train.py --out`` file (its part named by its ``part``) or a
+collection ``{"parts": {"grid": <bench_train output>, "long": ..., "bert": ..., "agree": ...}}``
 (any subset). Ratios are to ``stock_sdpa`` in the same setting of the same run.
 """
 
@@ -96,13 +98,39 @@ def plot(parts, path: Path):
     figure.savefig(path, dpi=120)
 
 
+def load_parts(paths: list[Path]) -> dict:
+    """The parts of every file, by name: a collection's own names, a bench_train output's ``part``."""
+    parts, source = {}, {}
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable JSON file ({error})") from None
+        if isinstance(result, dict) and "parts" in result:
+            found = result["parts"]
+        elif isinstance(result, dict) and "part" in result and "records" in result:
+            found = {result["part"]: result}
+        else:
+            raise ValueError(f"{path}: neither a bench_train.py output (part, records) nor a "
+                             'collection {"parts": ...}')
+        for name, part in found.items():
+            if name in parts:
+                raise ValueError(f"part {name!r} is in both {source[name]} and {path}; put them in one "
+                                 'collection {"parts": ...} under different names')
+            parts[name], source[name] = part, path
+    return parts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--md", type=Path, help="write the tables here (default: print)")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    parts = json.loads(args.results.read_text())["parts"]
+    try:
+        parts = load_parts(args.results)
+    except ValueError as error:
+        parser.error(str(error))
     sections = {"grid": grid_table, "long": long_table, "bert": bert_table, "bert_unpadded": bert_table,
                 "bert_captured": bert_table, "agree": agree_table, "agree_dropout_seeds": agree_table}
     text = []

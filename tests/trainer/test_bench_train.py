@@ -62,3 +62,23 @@ def test_bert_graphs_runs_compile_with_cuda_graphs_and_a_fixed_target_count(monk
     assert "data.mlm_max_predictions=80" in rows_build.args[0]
     assert not any("compile_mode" in o for o in plain_build.args[0])
     assert rows["layout"] == "rows" and "data.mlm_pack_sequences=true" in rows_build.args[0]
+
+
+def test_report_takes_bench_outputs_or_a_collection_and_refuses_a_part_twice(tmp_path):
+    import json
+    import subprocess
+    collection = json.loads((ROOT / "docs" / "results" / "train_h100.json").read_text())
+    for name in ("grid", "long"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(collection["parts"][name]))
+    (tmp_path / "both.json").write_text(json.dumps({"parts": {n: collection["parts"][n]
+                                                               for n in ("grid", "long")}}))
+
+    def report(*files):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "report_train.py"),
+                               *map(str, files)], capture_output=True, text=True)
+    separate, together = report(tmp_path / "grid.json", tmp_path / "long.json"), report(tmp_path / "both.json")
+    assert separate.returncode == 0, separate.stderr
+    assert "### grid" in separate.stdout and "### long" in separate.stdout
+    assert separate.stdout == together.stdout
+    twice = report(tmp_path / "grid.json", tmp_path / "both.json")
+    assert twice.returncode == 2 and "part 'grid' is in both" in twice.stderr
