@@ -99,6 +99,17 @@ def main(cfg) -> None:
         FAILED_JOBS.append((hydra_config.job.num, overrides, str(failure).splitlines()[0]))
 
 
+def _quoting_hint(arguments: list[str]) -> str | None:
+    """A path override starting with ~ fails in Hydra's lexer (the shell leaves ``key=~/...``
+    alone), and Hydra's message only points at the character: say how to write it."""
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        if equals and value.startswith("~"):
+            return (f"hint: Hydra reads an unquoted ~ as an error; write {key}='\"{value}\"' (the ~ "
+                    "is expanded) or the full path")
+    return None
+
+
 def entry_point():
     try:
         main()
@@ -106,6 +117,9 @@ def entry_point():
         # Hydra reports a config it cannot compose (unknown group option, bad override syntax) in
         # a short message and exits 1; a user error exits 2 here, as every other one does.
         if exit.code == 1:
+            hint = _quoting_hint(sys.argv[1:])
+            if hint:
+                print(hint, file=sys.stderr)
             sys.exit(2)
         raise
     if FAILED_JOBS:

@@ -47,6 +47,15 @@ def test_bad_configs_exit_with_a_short_message(override, words):
     assert words in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_path_starting_with_a_tilde_gets_the_quoting_it_needs(tmp_path, monkeypatch):
+    result = run_cli(["data=files", "data.path=~/corpus", "logger=none"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "write data.path='\"~/corpus\"'" in result.stderr
+    # quoted, it reaches the run; the cache directory's ~ is expanded as the data paths' are
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compose_run(['data.cache_dir="~/cache"']).data.cache_dir == str(tmp_path / "cache")
+
+
 def test_missing_data_path_is_named(tmp_path):
     result = run_cli(["data=files", f"data.path={tmp_path / 'absent'}", "logger=none",
                       f"hydra.run.dir={tmp_path / 'run'}"])

@@ -78,6 +78,9 @@ class DataConfig:
     cache_dir: str = field(default_factory=default_cache_dir)
 
     def __post_init__(self):
+        # data.path and the tokenizer file are expanded where they are read; the cache is used
+        # as a directory directly, where "~/x" would create a folder named "~".
+        self.cache_dir = os.path.expanduser(self.cache_dir)
         # Checked here (not with Literal types) because Hydra's structured configs accept str only.
         for key, allowed in (("source", ("python_stdlib", "files", "linux", "hub")),
                              ("tokenizer", ("bpe", "wordpiece")), ("objective", ("causal", "mlm"))):
