@@ -30,6 +30,17 @@ def save_model(model, path, state_dict=None) -> None:
             os.unlink(temporary)
 
 
+def load_error_reason(error: Exception) -> str:
+    """What a ``torch.load`` error says about the file: for a ``weights_only`` refusal, the
+    unpickler's own reason (an unknown opcode, a code-carrying global), not torch's boilerplate."""
+    text = str(error).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip()
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def load_model(path, **overrides):
     """Rebuild a model saved by ``save_model``, or the model of a training checkpoint's ``state.pt``
     (which stores the same weights under ``model`` and the config under ``model_config``)."""
@@ -39,9 +50,8 @@ def load_model(path, **overrides):
     except FileNotFoundError:
         raise
     except Exception as error:   # truncated or foreign file: say which, not a pickle traceback
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise ValueError(f"{path}: not a readable flashtrain model file, corrupt or of another kind "
-                         f"({type(error).__name__}: {reason})") from None
+                         f"({load_error_reason(error)})") from None
     # a training checkpoint's "config" is the whole run's; its model's is "model_config"
     saved_config = (payload.get("model_config") or payload.get("config")) if isinstance(payload, dict) else None
     if not isinstance(saved_config, dict) or "model" not in payload or "arch" not in saved_config:

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.checkpoint import load_error_reason
+
 from .config import RunConfig
 
 
@@ -278,10 +280,10 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict]:
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"{path}: refused to load: the file holds more than tensors and plain "
                               f"values (a pickled object that would run code, or corruption): "
-                              f"{str(error).splitlines()[0][:160]}") from None
+                              f"{load_error_reason(error)}") from None
     except Exception as error:
         raise CheckpointError(f"{path}: cannot read the checkpoint, corrupt or truncated "
-                              f"({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''})") from None
+                              f"({load_error_reason(error)})") from None
     if not isinstance(state, dict) or "step" not in state \
             or "model" not in state and not (path / SHARDED).is_dir():
         raise CheckpointError(f"{path}/state.pt is not a flashtrain training checkpoint")
