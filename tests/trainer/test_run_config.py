@@ -47,6 +47,14 @@ def test_bad_configs_exit_with_a_short_message(override, words):
     assert words in result.stderr and "Traceback" not in result.stderr
 
 
+def test_help_says_how_to_run_and_lists_the_choices():
+    result = run_cli(["--help"])
+    assert result.returncode == 0
+    assert result.stdout.startswith("flashtrain: ") and "Usage: python -m trainer" in result.stdout
+    assert re.search(r"^experiment: .*gpt2s_owt_4k", result.stdout, re.M)
+    assert re.search(r"^trainer:\n  max_steps: \d+", result.stdout, re.M)   # the composed config
+
+
 def test_a_path_starting_with_a_tilde_gets_the_quoting_it_needs(tmp_path, monkeypatch):
     result = run_cli(["data=files", "data.path=~/corpus", "logger=none"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
