@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 
@@ -52,9 +53,10 @@ def window_plan(length: int, context: int, stride: int) -> list[tuple[int, int, 
 
 @torch.no_grad()
 def score_positions(model, documents: torch.Tensor, context: int, stride: int, batch_tokens: int,
-                    device) -> torch.Tensor:
+                    device, description: str = "scoring") -> torch.Tensor:
     """Negative log-likelihood (nats) of every position 1..L-1 of each document, as (D, L) float64
-    with NaN at position 0: windows of equal length, batched across documents."""
+    with NaN at position 0: windows of equal length, batched across documents. A progress bar
+    (``description``) is drawn when stderr is a terminal."""
     count, length = documents.shape
     nll = torch.full((count, length), float("nan"), dtype=torch.float64)
     plan = window_plan(length, context, stride)
@@ -62,7 +64,8 @@ def score_positions(model, documents: torch.Tensor, context: int, stride: int, b
     per_batch = max(1, batch_tokens // (plan[0][1] - plan[0][0]))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" \
         else torch.autocast("cpu", enabled=False)
-    for index in range(0, len(rows), per_batch):
+    for index in tqdm(range(0, len(rows), per_batch), desc=description, unit="batch", leave=False,
+                      disable=None):   # None: no bar unless stderr is a terminal
         chunk = rows[index:index + per_batch]
         inputs = torch.stack([documents[d, start:end] for d, start, end, _ in chunk]).to(device)
         targets = torch.stack([documents[d, start + 1:end + 1] for d, start, end, _ in chunk]).to(device)
@@ -111,7 +114,8 @@ def evaluate_contexts(model, documents: torch.Tensor, contexts, stride_fraction:
     for requested in contexts:
         effective = min(requested, trained) if trained else requested
         stride = max(1, int(effective * stride_fraction))
-        nll = score_positions(model, documents, effective, stride, batch_tokens, device)
+        nll = score_positions(model, documents, effective, stride, batch_tokens, device,
+                              f"context {requested}")
         results.append({"context": requested, "effective_context": effective, "stride": stride,
                         **summarize(nll, target_start)})
     return results

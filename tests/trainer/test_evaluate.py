@@ -34,6 +34,20 @@ def _tiny_gpt(vocab=40, positions=64):
                        dropout=0.0, attn_dropout=0.0, seed=3).eval()
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_bar_is_drawn_on_a_terminal_only(terminal, monkeypatch):
+    import io
+
+    class Stderr(io.StringIO):
+        def isatty(self):
+            return terminal
+    stderr = Stderr()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    score_positions(_tiny_gpt(), torch.randint(0, 40, (3, 12)), 4, 2, batch_tokens=8,
+                    device=torch.device("cpu"), description="context 4")
+    assert ("context 4:" in stderr.getvalue()) == terminal
+
+
 def test_scores_equal_a_hand_computation_per_position():
     model = _tiny_gpt()
     documents = torch.randint(0, 40, (3, 12))
