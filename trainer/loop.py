@@ -23,6 +23,7 @@ from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import build_data
 from .data.tokenizer import write_tokenizer
 from .fit_report import announce, flops_per_token, window_line, window_record
+from .environment import describe_environment, environment_line, record_environment
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
 from .console import WINDOW_LINE, data_progress_bars, show_progress_bar, wants_progress_bar
@@ -124,6 +125,9 @@ class Trainer:
             # Written once the run is accepted (a refused resume must not replace the run's
             # tokenizer) and before the first step: every checkpoint is usable with it at once.
             write_tokenizer(self.data.tokenizer, self.run_dir / "tokenizer.json")
+            environment = describe_environment(self.device, self.context.world_size)
+            record_environment(self.run_dir, environment)
+            log.info(environment_line(environment))
         if self.resumed_from is not None:
             # Steps after the checkpoint are replayed and logged again; readers keep the last line
             # of each step (trainer.metrics.read_metrics), and this line says where replay began.

@@ -426,3 +426,25 @@ def test_mfu_counts_a_masked_lm_head_on_its_targets_only():
         assert run_flops(bert, data) < flops_per_token(bert.config, 128)
     gpt2 = build_model(named_config("gpt2_tiny"))
     assert run_flops(gpt2, DataConfig(seqlen=128)) == flops_per_token(gpt2.config, 128)
+
+
+def test_each_start_of_a_run_records_its_code_and_environment(tmp_path):
+    from trainer.environment import code_version
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 3})), tmp_path / "run")
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 6, "resume": "true"})), tmp_path / "run")
+    starts = json.loads((tmp_path / "run" / "environment.json").read_text())["starts"]
+    assert len(starts) == 2
+    assert starts[0]["libraries"]["torch"] == torch.__version__ and starts[0]["processes"] == 1
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:     # a checkout (CI's clean clone is one); an installed copy has no commit
+        assert starts[1]["code"]["commit"] == head.stdout.strip()
+    assert (tmp_path / "run" / "train.log").read_text().count("environment: torch ") == 2
+    assert code_version(tmp_path) is None                   # not a git checkout
+
+
+def test_an_unreadable_environment_record_is_started_anew(tmp_path, caplog):
+    from trainer.environment import record_environment
+    (tmp_path / "environment.json").write_text("{truncated")
+    record_environment(tmp_path, {"started": "now"})
+    assert json.loads((tmp_path / "environment.json").read_text()) == {"starts": [{"started": "now"}]}
+    assert "unreadable" in caplog.text

@@ -1,0 +1,78 @@
+"""What a run ran on: the code's commit, the library versions, the devices and the command line,
+in ``<run>/environment.json``, one entry per start (the first and every resume), so that a result
+can be traced to the code and card that produced it even without a logger."""
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("flashtrain")
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "triton", "numpy", "datasets", "tokenizers", "hydra-core")
+
+
+def code_version(root: Path = SOURCE_ROOT) -> dict | None:
+    """The commit of the checkout the trainer runs from, and whether tracked files differ from it;
+    None where it is not a git checkout (an installed package) or git is missing."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "uncommitted_changes": bool(changed)}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe_environment(device: torch.device, world_size: int) -> dict:
+    cuda = device.type == "cuda"
+    return {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            # as typed: ``python -m trainer ...``, not the module's file that sys.argv names
+            "command": " ".join(shlex.quote(a) for a in sys.orig_argv),
+            "host": socket.gethostname(), "python": platform.python_version(),
+            "libraries": {name: _version(name) for name in LIBRARIES},
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+            "cpu_cores": os.cpu_count(), "processes": world_size, "code": code_version()}
+
+
+def environment_line(entry: dict) -> str:
+    code = entry["code"]
+    where = ("code: not a git checkout" if code is None else
+             f"code {code['commit'][:10]}" + (" with uncommitted changes" if code["uncommitted_changes"] else ""))
+    cuda = f", CUDA {entry['cuda']}" if entry["cuda"] else ""
+    return (f"environment: torch {entry['libraries']['torch']}, triton {entry['libraries']['triton']}{cuda}, "
+            f"{entry['device']} x {entry['processes']} process(es), {where}")
+
+
+def record_environment(run_dir: Path, entry: dict):
+    """Append ``entry`` to ``environment.json`` (atomically; an unreadable file is started anew)."""
+    path = Path(run_dir) / "environment.json"
+    starts = []
+    if path.exists():
+        try:
+            starts = json.loads(path.read_text())["starts"]
+        except (ValueError, KeyError, TypeError):
+            log.warning(f"{path} was unreadable; it now lists this start only")
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps({"starts": [*starts, entry]}, indent=1))
+    os.replace(staging, path)
