@@ -40,7 +40,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attention import environment, write_json  # noqa: E402  (scripts/ is on sys.path)
+from bench_attention import write_json  # noqa: E402  (scripts/ is on sys.path)
+from trainer.environment import benchmark_header  # noqa: E402
 from ab_compare import changes  # noqa: E402
 from timing_rounds import describe, unsteady  # noqa: E402
 from kernels import _backward, _forward  # noqa: E402
@@ -212,7 +213,7 @@ def main(argv=None):
                               cudnn=not args.no_cudnn)
         records.append(record)
         complete = len(records) == len(args.cells)
-        write_json(args.out, dict(environment(), seconds=round(time.time() - started),
+        write_json(args.out, dict(benchmark_header(), seconds=round(time.time() - started),
                                   complete=complete, records=records))
         head_dim, seqlen, causal, dropout_p = cell[:4]
         print(f"[{time.time() - started:5.0f}s] d={head_dim} N={seqlen} causal={causal:d} "

@@ -22,17 +22,13 @@ every cell (marked
 """
 
 import argparse
-import datetime
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
@@ -42,6 +38,7 @@ from kernels import attention_reference, flash_attention  # noqa: E402
 from kernels._chosen import chosen_kernels  # noqa: E402
 from kernels._philox import effective_dropout_p  # noqa: E402
 from timing_rounds import describe, unsteady_bench_record  # noqa: E402  (scripts/ is on sys.path)
+from trainer.environment import benchmark_header  # noqa: E402
 
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                  "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_math": SDPBackend.MATH}
@@ -288,14 +285,6 @@ def run_memory_sweep(log):
     return records
 
 
-def environment():
-    return dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                command="python " + " ".join(shlex.quote(a) for a in sys.argv))
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/results/attention_h100.json"))
@@ -345,7 +334,7 @@ def main(argv=None):
     records = []
 
     def save(partial):      # after each cell: the file so far, marked incomplete
-        write_json(args.out, dict(environment(), seconds=round(time.time() - started), complete=False,
+        write_json(args.out, dict(benchmark_header(), seconds=round(time.time() - started), complete=False,
                                   records=records + partial))
 
     for dtype_name in args.dtypes:
@@ -354,7 +343,7 @@ def main(argv=None):
                             causals=[bool(c) for c in args.causal], dropouts=args.dropouts, save=save)
     if not args.skip_memory_sweep:
         records += run_memory_sweep(log)
-    write_json(args.out, dict(environment(), seconds=round(time.time() - started), complete=True,
+    write_json(args.out, dict(benchmark_header(), seconds=round(time.time() - started), complete=True,
                               records=records))
     print(f"wrote {args.out} ({len(records)} records, {time.time() - started:.0f}s)")
     wrong = [r for r in records if r["provider"] == "flashtrain"

@@ -19,7 +19,6 @@ keeps what it measured.
 """
 
 import argparse
-import datetime
 import json
 import os
 import shlex
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.metrics import read_metrics  # noqa: E402
+from trainer.environment import benchmark_header  # noqa: E402
 
 
 def run_overrides(args, model: str, seqlen: int, micro_batch: int, strategy: str | None) -> list[str]:
@@ -231,11 +231,8 @@ def main():
                          f"{torch.cuda.device_count()}")
     if args.kill_resume and args.steps < 2:
         raise SystemExit("--kill-resume needs --steps of at least 2 (a checkpoint before the end)")
-    header = dict(card=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                  gpus=torch.cuda.device_count() if args.device == "cuda" else 0,
-                  torch=torch.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                  command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    header = dict(benchmark_header(), card=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                  gpus=torch.cuda.device_count() if args.device == "cuda" else 0)
 
     def write(records):
         result = dict(header, records=records)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer.environment import benchmark_header  # noqa: E402
 
 from models.loss import IGNORE_INDEX, lm_loss, padding_bias  # noqa: E402
 
@@ -103,8 +104,7 @@ def main():
               f"loss kernels {results[name]['loss_kernels_ms']:.3f} ms, loss difference "
               f"{results[name]['loss_difference']:.2e}, gradient {results[name]['max_grad_difference']:.2e}",
               flush=True)
-    record = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
-                  command=" ".join(sys.argv), batch=args.batch, seqlen=args.seqlen, forms=results)
+    record = dict(benchmark_header(), batch=args.batch, seqlen=args.seqlen, forms=results)
     args.out.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
     args.out.with_suffix(".tmp").replace(args.out)
 

@@ -35,17 +35,14 @@ in the same round (``paired_ratio``), for machines whose speed drifts during a r
 """
 
 import argparse
-import datetime
 import functools
 import json
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,6 +56,7 @@ from trainer.config import register_configs  # noqa: E402
 from trainer.data import build_data  # noqa: E402
 from trainer.fit_report import flops_per_token  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
+from trainer.environment import benchmark_header  # noqa: E402
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -379,11 +377,7 @@ def main():
     register_configs()
     ceiling = matmul_ceiling()
     print(f"bf16 8192^3 matmul: {ceiling / 1e12:.0f} TFLOP/s", flush=True)
-    header = dict(part=args.part, card=torch.cuda.get_device_name(), torch=torch.__version__,
-                  triton=triton.__version__, cuda=torch.version.cuda,
-                  cudnn=torch.backends.cudnn.version(), matmul_tflops=ceiling / 1e12,
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                  command="python " + " ".join(shlex.quote(a) for a in sys.argv))
+    header = dict(benchmark_header(), part=args.part, matmul_tflops=ceiling / 1e12)
     started = time.time()
 
     def write(records):

@@ -16,19 +16,17 @@ the tests. The run exits non-zero if a check fails. Writes JSON and a Markdown t
 """
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import attention_reference, flash_attention  # noqa: E402
+from trainer.environment import benchmark_header  # noqa: E402
 
 HIDDEN = 2048
 
@@ -98,9 +96,7 @@ def main():
     parser.add_argument("--flex-seqlens", type=int, nargs="*", default=[8192, 32768],
                         help="where FlexAttention runs (head dim 64); none: no FlexAttention")
     args = parser.parse_args()
-    header = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                  command="python " + " ".join(shlex.quote(a) for a in sys.argv), window=args.window)
+    header = dict(benchmark_header(), window=args.window)
     records, failed = [], False
     for head_dim in args.head_dims:
         heads = HIDDEN // head_dim

@@ -32,7 +32,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attention import PROVIDERS, environment, write_json  # noqa: E402  (scripts/ is on sys.path)
+from bench_attention import PROVIDERS, write_json  # noqa: E402  (scripts/ is on sys.path)
+from trainer.environment import benchmark_header  # noqa: E402
 
 HIDDEN = 2048
 # The GPU sleep before a loop: this many times the loop's estimated issue time.
@@ -162,7 +163,7 @@ def main(argv=None):
                                          args.tokens, args.calls, args.loops, cycles_per_ms)
                         records.append(record)
                         print(line(record), flush=True)
-                        write_json(args.out, dict(environment(), sleep_cycles_per_ms=round(cycles_per_ms),
+                        write_json(args.out, dict(benchmark_header(), sleep_cycles_per_ms=round(cycles_per_ms),
                                                   records=records))
 
 

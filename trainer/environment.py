@@ -1,6 +1,7 @@
 """What a run ran on: the code's commit, the library versions, the devices and the command line,
 in ``<run>/environment.json``, one entry per start (the first and every resume), so that a result
-can be traced to the code and card that produced it even without a logger."""
+can be traced to the code and card that produced it even without a logger; and the same
+provenance for the benchmark scripts' records (``benchmark_header``)."""
 
 import datetime
 import json
@@ -76,3 +77,14 @@ def record_environment(run_dir: Path, entry: dict):
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(json.dumps({"starts": [*starts, entry]}, indent=1))
     os.replace(staging, path)
+
+
+def benchmark_header() -> dict:
+    """The provenance every benchmark record opens with: card, versions, date, the command as it
+    was typed (``python scripts/...``) and the code's commit."""
+    cuda = torch.cuda.is_available()
+    return dict(card=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                triton=_version("triton"), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None,
+                python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                command="python " + " ".join(shlex.quote(a) for a in sys.argv), code=code_version())

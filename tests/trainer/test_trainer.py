@@ -374,7 +374,7 @@ def test_a_profile_window_the_run_never_reaches_is_warned(tmp_path):
 
 @pytest.mark.parametrize("steps", ["[3]", "[0,2]", "[4,3]"])
 def test_profile_steps_out_of_order_are_refused(tmp_path, steps):
-    with pytest.raises(Exception, match=re.escape(f"trainer.profile_steps=") + ".*1 <= FIRST <= LAST"):
+    with pytest.raises(Exception, match=re.escape("trainer.profile_steps=") + ".*1 <= FIRST <= LAST"):
         compose_run(tiny_overrides(tmp_path, **{"trainer.profile_steps": steps}))
 
 
@@ -426,25 +426,3 @@ def test_mfu_counts_a_masked_lm_head_on_its_targets_only():
         assert run_flops(bert, data) < flops_per_token(bert.config, 128)
     gpt2 = build_model(named_config("gpt2_tiny"))
     assert run_flops(gpt2, DataConfig(seqlen=128)) == flops_per_token(gpt2.config, 128)
-
-
-def test_each_start_of_a_run_records_its_code_and_environment(tmp_path):
-    from trainer.environment import code_version
-    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 3})), tmp_path / "run")
-    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 6, "resume": "true"})), tmp_path / "run")
-    starts = json.loads((tmp_path / "run" / "environment.json").read_text())["starts"]
-    assert len(starts) == 2
-    assert starts[0]["libraries"]["torch"] == torch.__version__ and starts[0]["processes"] == 1
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0:     # a checkout (CI's clean clone is one); an installed copy has no commit
-        assert starts[1]["code"]["commit"] == head.stdout.strip()
-    assert (tmp_path / "run" / "train.log").read_text().count("environment: torch ") == 2
-    assert code_version(tmp_path) is None                   # not a git checkout
-
-
-def test_an_unreadable_environment_record_is_started_anew(tmp_path, caplog):
-    from trainer.environment import record_environment
-    (tmp_path / "environment.json").write_text("{truncated")
-    record_environment(tmp_path, {"started": "now"})
-    assert json.loads((tmp_path / "environment.json").read_text()) == {"starts": [{"started": "now"}]}
-    assert "unreadable" in caplog.text

@@ -1,0 +1,42 @@
+"""What a run and a benchmark record about where they ran: environment.json per start of a run, and
+the provenance header of the benchmark scripts' records."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from trainer.environment import benchmark_header, code_version, record_environment
+from trainer.loop import run
+
+from .helpers import ROOT, compose_run, tiny_overrides
+
+
+def test_each_start_of_a_run_records_its_code_and_environment(tmp_path):
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 3})), tmp_path / "run")
+    run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 6, "resume": "true"})), tmp_path / "run")
+    starts = json.loads((tmp_path / "run" / "environment.json").read_text())["starts"]
+    assert len(starts) == 2
+    assert starts[0]["libraries"]["torch"] == torch.__version__ and starts[0]["processes"] == 1
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:     # a checkout (CI's clean clone is one); an installed copy has no commit
+        assert starts[1]["code"]["commit"] == head.stdout.strip()
+    assert (tmp_path / "run" / "train.log").read_text().count("environment: torch ") == 2
+    assert code_version(tmp_path) is None                   # not a git checkout
+
+
+def test_an_unreadable_environment_record_is_started_anew(tmp_path, caplog):
+    (tmp_path / "environment.json").write_text("{truncated")
+    record_environment(tmp_path, {"started": "now"})
+    assert json.loads((tmp_path / "environment.json").read_text()) == {"starts": [{"started": "now"}]}
+    assert "unreadable" in caplog.text
+
+
+def test_a_benchmark_record_opens_with_its_provenance(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scripts/bench_attention.py", "--dtypes", "bfloat16"])
+    header = benchmark_header()
+    assert header["command"] == "python scripts/bench_attention.py --dtypes bfloat16"
+    assert header["torch"] == torch.__version__ and header["card"] == ("cpu" if not torch.cuda.is_available()
+                                                                        else torch.cuda.get_device_name())
+    assert header["code"] == code_version() and len(header["date"]) == 10
