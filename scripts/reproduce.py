@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer import metrics as trainer_metrics  # noqa: E402
 from trainer import paired_bootstrap  # noqa: E402
+from trainer.environment import read_environment  # noqa: E402
 from trainer.run_summary import training_seconds  # noqa: E402
 
 from reproduce_recipes import BASELINE, DEFAULT_RUNS, EARLIER_STAGES, STAGES, TABLE2_RUNS  # noqa: E402
@@ -73,6 +74,9 @@ def run_stage(name, overrides, args, runs: Path) -> dict:
     result = subprocess.run(command, cwd=ROOT)
     record = {"name": name + args.tag, "command": " ".join(command[1:]), "returncode": result.returncode,
               "wall_s": time.time() - started, "metrics": read_metrics(run_dir)}
+    starts = read_environment(run_dir)
+    if starts:               # the code's commit, versions and card of the stage's (last) start
+        record["environment"] = starts[-1]
     train = [m for m in record["metrics"] if "tokens_per_s" in m]
     if train:
         record["tokens"] = train[-1]["tokens"]

@@ -65,15 +65,20 @@ def environment_line(entry: dict) -> str:
             f"{entry['device']} x {entry['processes']} process(es), {where}")
 
 
+def read_environment(run_dir: Path) -> list[dict]:
+    """The run's starts, oldest first ([] for a run without a readable environment.json)."""
+    try:
+        return json.loads((Path(run_dir) / "environment.json").read_text())["starts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def record_environment(run_dir: Path, entry: dict):
     """Append ``entry`` to ``environment.json`` (atomically; an unreadable file is started anew)."""
     path = Path(run_dir) / "environment.json"
-    starts = []
-    if path.exists():
-        try:
-            starts = json.loads(path.read_text())["starts"]
-        except (ValueError, KeyError, TypeError):
-            log.warning(f"{path} was unreadable; it now lists this start only")
+    starts = read_environment(run_dir)
+    if path.exists() and not starts:
+        log.warning(f"{path} was unreadable; it now lists this start only")
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(json.dumps({"starts": [*starts, entry]}, indent=1))
     os.replace(staging, path)

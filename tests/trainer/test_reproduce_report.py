@@ -125,6 +125,23 @@ def test_run_trains_a_shared_stage_once_and_reuses_a_finished_one(tmp_path, monk
     assert json.loads((tmp_path / "out" / "p2l_4k.json").read_text())["returncode"] == 0
 
 
+def test_a_stage_record_carries_the_environment_its_run_recorded(tmp_path, monkeypatch):
+    import argparse
+    import reproduce
+
+    def fake_trainer(command, cwd):
+        run_dir = Path(next(a for a in command if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+        run_dir.mkdir(parents=True)
+        starts = [{"code": {"commit": "old"}}, {"code": {"commit": "abc123"}, "device": "NVIDIA H200"}]
+        (run_dir / "environment.json").write_text(json.dumps({"starts": starts}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_trainer)
+    args = argparse.Namespace(tag="", corpus="C", cache="K", num_proc=1, extra=[])
+    record = reproduce.run_stage("1k", ["experiment=repro_linux_1k"], args, tmp_path)
+    assert record["environment"] == {"code": {"commit": "abc123"}, "device": "NVIDIA H200"}   # the last start
+
+
 def test_progressive_rows_count_every_earlier_stage(tmp_path):
     out = run_report(tmp_path, [record("p2l_stage1", 60, 9), record("p2l_mid1k", 20, 8), record("p2l_mid2k", 25, 8),
                                 record("p2l_1k", 20, 8, 1024), record("p2l_4k", 40, 7, 4096)])
