@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .environment import read_environment
 from .metrics import read_metrics
 from .run_summary import format_table, summarize
 
@@ -25,6 +26,17 @@ def run_name(path: Path, all_paths) -> str:
         if len(set(names)) == len(names):
             return "/".join(parts[-depth:])
     return str(path)
+
+
+def device_note(environments: dict) -> str | None:
+    """A warning when the runs' throughput is not comparable: they ran (last started) on
+    different devices or process counts, by their environment.json."""
+    where = {name: f"{starts[-1]['device']} x {starts[-1]['processes']}"
+             for name, starts in environments.items() if starts}
+    if len(set(where.values())) < 2:
+        return None
+    return ("note: these runs ran on different devices, so their tokens/s and MFU do not compare: "
+            + "; ".join(f"{name}: {device}" for name, device in where.items()))
 
 
 def plot(runs: dict, out: Path):
@@ -90,6 +102,9 @@ def main(argv=None):
             sys.exit(f"plot_metrics: {path}/metrics.jsonl has no training lines yet")
         runs[run_name(path, args.runs)] = metrics
     print(format_table({name: summarize(metrics) for name, metrics in runs.items()}))
+    note = device_note({run_name(path, args.runs): read_environment(path) for path in args.runs})
+    if note:
+        print(note)
     if not args.no_plot:
         plot(runs, args.out)
         print(f"wrote {args.out / 'loss.png'} and {args.out / 'lr_throughput.png'}")

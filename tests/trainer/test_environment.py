@@ -40,3 +40,12 @@ def test_a_benchmark_record_opens_with_its_provenance(monkeypatch):
     assert header["torch"] == torch.__version__ and header["card"] == ("cpu" if not torch.cuda.is_available()
                                                                         else torch.cuda.get_device_name())
     assert header["code"] == code_version() and len(header["date"]) == 10
+
+
+def test_comparing_runs_from_different_devices_says_so():
+    from trainer.plot_metrics import device_note
+    h200 = [{"device": "NVIDIA H200", "processes": 1}]
+    assert device_note({"a": h200, "b": h200, "old": []}) is None         # a run without a record
+    note = device_note({"a": h200, "b": [{"device": "NVIDIA H100 80GB HBM3", "processes": 1}]})
+    assert note.startswith("note: these runs ran on different devices")
+    assert "a: NVIDIA H200 x 1; b: NVIDIA H100 80GB HBM3 x 1" in note
