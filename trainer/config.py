@@ -58,11 +58,19 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 100
-    schedule: str = "cosine"             # cosine | linear | constant (after warmup)
+    # After warmup: cosine | linear (decay to min_lr over the rest of the run) | constant | wsd
+    # (warmup-stable-decay: the peak lr until the last decay_fraction of the steps, then linear to
+    # min_lr; a resume may raise trainer.max_steps during the stable phase without changing the
+    # lr already used)
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2          # wsd: the share of max_steps spent decaying
     grad_clip: float = 1.0               # max global gradient norm; 0 disables clipping
 
     def __post_init__(self):
-        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _one_of("optim.schedule", self.schedule, ("cosine", "linear", "constant", "wsd"))
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction={self.decay_fraction}; expected a share of the "
+                             "steps in (0, 1]")
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip={self.grad_clip}: a maximum gradient norm is >= 0 "
                              "(0 disables clipping)")

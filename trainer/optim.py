@@ -25,9 +25,16 @@ def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps))
     floor = config.min_lr_ratio
-    if config.schedule == "linear":
+    # Warmup-stable-decay (Hu et al. 2024, MiniCPM; Hägele et al. 2024): the decay starts where its
+    # last decay_fraction of the steps does, or right after a warmup longer than the rest.
+    decay_start = config.warmup_steps
+    if config.schedule == "wsd":
+        decay_start = max(config.warmup_steps, max_steps - round(config.decay_fraction * max_steps))
+        if step < decay_start:
+            return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    if config.schedule in ("linear", "wsd"):
         return floor + (1 - floor) * (1 - progress)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
