@@ -41,3 +41,24 @@ def test_wsd_holds_the_peak_then_decays_linearly_over_its_last_fraction():
 def test_a_decay_fraction_outside_the_run_is_refused(fraction):
     with pytest.raises(ValueError, match="optim.decay_fraction"):
         OptimConfig(schedule="wsd", decay_fraction=fraction)
+
+
+def test_a_resume_that_raises_max_steps_in_the_stable_phase_keeps_the_peak_rate(tmp_path):
+    from trainer.loop import Trainer, run
+    from .helpers import compose_run, tiny_overrides
+    settings = {"optim.schedule": "wsd", "optim.decay_fraction": 0.25, "optim.warmup_steps": 2,
+                "trainer.save_interval": 4, "trainer.keep_checkpoints": 5, "trainer.eval_interval": 100}
+    run(compose_run(tiny_overrides(tmp_path, **settings, **{"trainer.max_steps": 8})), tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000004")   # back to step 4
+    longer = Trainer(compose_run(tiny_overrides(tmp_path, **settings, **{"trainer.max_steps": 16,
+                                                                          "resume": "true"})),
+                     tmp_path / "run")
+    try:
+        assert longer.step == 4
+        # the 8-step run decayed from its step 6; the 16-step one holds the peak until step 12
+        for _ in range(3):
+            longer.train_step()
+        assert longer.scheduler.get_last_lr()[0] == pytest.approx(longer.config.optim.lr)
+        assert lr_factor(7, longer.config.optim, 8) < 1.0
+    finally:
+        longer.close(False)
