@@ -49,7 +49,7 @@ def describe_environment(device: torch.device, world_size: int) -> dict:
             # as typed: ``python -m trainer ...``, not the module's file that sys.argv names
             "command": " ".join(shlex.quote(a) for a in sys.orig_argv),
             "host": socket.gethostname(), "python": platform.python_version(),
-            "libraries": {name: _version(name) for name in LIBRARIES},
+            "libraries": {**{name: _version(name) for name in LIBRARIES}, "torch": torch.__version__},
             "cuda": torch.version.cuda if cuda else None,
             "cudnn": torch.backends.cudnn.version() if cuda else None,
             "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
