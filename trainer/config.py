@@ -86,6 +86,9 @@ class TrainerConfig:
     log_interval: int = 10               # steps between train metric lines
     eval_interval: int = 100             # steps between evaluations (and one at the end)
     save_interval: int = 100             # steps between checkpoints (and one at the end)
+    # Also save when this many minutes have passed since the last checkpoint (checked at log
+    # steps): a run killed without warning (the OOM killer, a lost node) loses at most about that.
+    save_minutes: float | None = None
     keep_checkpoints: int = 2            # newest checkpoints kept
     seed: int = 1337
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
@@ -125,6 +128,8 @@ class TrainerConfig:
                     "save_interval", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1; got {getattr(self, key)}")
+        if self.save_minutes is not None and self.save_minutes <= 0:
+            raise ValueError(f"trainer.save_minutes={self.save_minutes}; expected minutes > 0 (or null)")
         if self.profile_steps is not None and (len(self.profile_steps) != 2
                                                or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
             raise ValueError(f"trainer.profile_steps={self.profile_steps}; expected [FIRST,LAST], "

@@ -181,7 +181,17 @@ class Trainer:
                  "config": OmegaConf.to_container(OmegaConf.structured(self.config))}
         path = save_checkpoint(self.run_dir, self.step, state, self.context,
                                self.config.trainer.keep_checkpoints, sharded=sharded)
+        self.last_saved = time.time()
         log.info(f"step {self.step}: saved {path}")
+
+    def _save_due(self, logged: bool) -> bool:
+        """``trainer.save_minutes`` have passed since the last checkpoint (or the start). Checked at
+        log steps, where the loop waits for the GPU anyway; several processes agree, as on a stop."""
+        minutes = self.config.trainer.save_minutes
+        if minutes is None or not logged:
+            return False
+        due = time.time() - self.last_saved >= 60 * minutes
+        return self.context.any(due, self.device) if self.context.enabled else due
 
     # -- one optimizer step ------------------------------------------------------------------
     def _autocast(self):
@@ -319,7 +329,7 @@ class Trainer:
         show_progress_bar(log, bar_shown)
         last_eval, final_loss = None, None
         window_start, window_tokens = time.time(), 0
-        started = time.time()
+        started = self.last_saved = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         interrupted = None
@@ -332,7 +342,8 @@ class Trainer:
                 window_tokens += tokens_per_step
                 bar.update(1)
                 at_end = self.step == trainer.max_steps
-                if self.step % trainer.log_interval == 0 or at_end:
+                logged = self.step % trainer.log_interval == 0
+                if logged or at_end:
                     self.check_finite()          # waits for the GPU: the window's time is then exact
                     elapsed = time.time() - window_start
                     tokens_per_s = window_tokens / elapsed
@@ -343,7 +354,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{final_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_tokens = time.time(), 0
                 evaluate = self.step % trainer.eval_interval == 0 or at_end
-                save = self.step % trainer.save_interval == 0 or at_end
+                save = self.step % trainer.save_interval == 0 or at_end or self._save_due(logged)
                 if evaluate or save:
                     self.check_finite()          # never evaluate or save a non-finite model
                     paused = time.time()         # evaluation and saving are not training throughput
@@ -357,7 +368,7 @@ class Trainer:
                         self.save()
                     window_start += time.time() - paused
                 if (stop.received is not None or self.context.enabled) and not at_end:
-                    if self._stop_requested(stop, logged=self.step % trainer.log_interval == 0):
+                    if self._stop_requested(stop, logged=logged):
                         interrupted = self._stop_for_signal(stop, saved=save)
                         break
         bar.close()

@@ -199,3 +199,29 @@ def test_a_full_disk_while_writing_the_token_cache_is_named(tmp_path, monkeypatc
     with pytest.raises(DataError, match="no space left on .*shards for the token cache"):
         build_data(cfg, batch_size=2, log=lambda *_: None)
     assert list((tmp_path / "cache" / "shards").iterdir()) == []
+
+
+def test_save_minutes_adds_checkpoints_at_log_steps_once_the_time_has_passed(tmp_path, monkeypatch):
+    """With save_minutes, a log step saves once that long has passed since the last checkpoint;
+    the step interval still saves too."""
+    from trainer import loop as loop_module
+    clock = [1000.0]
+    monkeypatch.setattr(loop_module.time, "time", lambda: clock[0])
+
+    def one_minute_a_step(trainer):
+        clock[0] += 60
+        return real_step(trainer)
+    real_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", one_minute_a_step)
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 9, "trainer.log_interval": 2,
+                                            "trainer.save_interval": 100, "trainer.save_minutes": 3.5,
+                                            "trainer.keep_checkpoints": 10, "trainer.eval_interval": 100})
+    run(compose_run(overrides), tmp_path / "run")
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    # log steps 2, 4, 6, 8 at minutes 2, 4, 6, 8: due at 4 (4 >= 3.5) and at 8 (4 since), then the end
+    assert saved == ["step_00000004", "step_00000008", "step_00000009"]
+
+
+def test_save_minutes_must_be_positive(tmp_path):
+    with pytest.raises(Exception, match="trainer.save_minutes"):
+        compose_run(tiny_overrides(tmp_path, **{"trainer.save_minutes": 0}))
