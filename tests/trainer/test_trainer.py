@@ -155,9 +155,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     single = run_cli(common + ["trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = _torchrun(common + ["trainer.grad_accum=1", f"hydra.run.dir={tmp_path / 'two'}",
-                              "trainer.profile_steps=[2,2]"], 29533)
+                              "trainer.profile_steps=[2,2]", "trainer.save_minutes=1e-9",
+                              "trainer.keep_checkpoints=5"], 29533)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     _assert_same_losses(tmp_path / "one", tmp_path / "two")
+    # save_minutes, due at every log step here: both processes agree to save at steps 1 and 2
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step_*")) == [
+        "step_00000001", "step_00000002", "step_00000003"]
     # each process profiles its own steps; rank 0 alone writes the log windows' lines
     assert sorted(p.name for p in (tmp_path / "two" / "profile").glob("*.txt")) == [
         "steps2-2_rank0.txt", "steps2-2_rank1.txt"]
