@@ -1,8 +1,10 @@
 """What ``Trainer.fit`` tells the user: the run's opening line (and a warning when it would
-re-read its data too often), and the metrics record of each log window and its line."""
+re-read its data too often), the metrics record of each log window and its line, and the sample
+the final model writes."""
 
 import torch
 
+from models import generate
 from models.attention import resolve as resolve_attention
 
 from .metrics import log
@@ -80,3 +82,19 @@ def window_line(record: dict, max_steps: int) -> str:
     if record.get("skipped_steps"):
         parts.append(f"{record['skipped_steps']} steps skipped")
     return f"step {record['step']}/{max_steps}: " + ", ".join(parts)
+
+
+def final_sample(trainer, new_tokens: int) -> str:
+    """Text the trained model continues a validation window's first 16 tokens with (seeded)."""
+    prompt = trainer.data.validation[0].input_ids[:1, :16].to(trainer.device)
+    config = trainer.model.config
+    if config.arch == "gpt2":     # learned positions: the sample must fit the table
+        room = config.max_seqlen - prompt.shape[1]
+        if new_tokens > room:
+            log.info(f"sample: {room} new tokens, not {new_tokens}: the model has "
+                     f"{config.max_seqlen} positions")
+            new_tokens = room
+    generator = torch.Generator(device=trainer.device).manual_seed(trainer.config.trainer.seed)
+    with trainer.autocast():
+        out = generate(trainer.model, prompt, new_tokens, temperature=0.8, top_k=50, generator=generator)
+    return trainer.data.tokenizer.decode(out[0].tolist())

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from kernels.flash_attention import device_dropout_seeds
-from models import generate, save_model
+from models import save_model
 
 from .build import (check_attention_runs, compile_model, fit_batches_to_run, make_model, model_config_dict,
                     resolve_device, seed_everything)
@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointError, check_compatible, config_changes, late
 from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import build_data
 from .data.tokenizer import write_tokenizer
-from .fit_report import announce, flops_per_token, window_line, window_record
+from .fit_report import announce, final_sample, flops_per_token, window_line, window_record
 from .environment import describe_environment, environment_line, record_environment
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
@@ -194,7 +194,8 @@ class Trainer:
         return self.context.any(due, self.device) if self.context.enabled else due
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The run's precision as an autocast context (none in fp32)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -221,7 +222,7 @@ class Trainer:
             # gradients were used by the optimizer step (one micro-batch per step in these modes).
             torch.compiler.cudagraph_mark_step_begin()
         # Captured graphs need dropout seeds drawn on the device (a host seed would replay one mask).
-        with self._autocast(), device_dropout_seeds(self.cuda_graphs):
+        with self.autocast(), device_dropout_seeds(self.cuda_graphs):
             return self.forward(batch.input_ids, batch.attention_mask, targets=batch.targets,
                                 **documents, **self.loss_options)
 
@@ -393,23 +394,10 @@ class Trainer:
             self.metrics.flush()
             log.info(format_summary(str(self.run_dir), summarize(read_metrics(self.run_dir))))
         if trainer.sample_tokens and self.model.config.causal and (self.context.is_main or self.sharded):
-            text = self.sample(trainer.sample_tokens)   # under FSDP every process runs the model
+            text = final_sample(self, trainer.sample_tokens)   # under FSDP every process runs the model
             if self.context.is_main:
                 log.info("sample:\n" + text)
         return summary
-
-    def sample(self, new_tokens: int) -> str:
-        prompt = self.data.validation[0].input_ids[:1, :16].to(self.device)
-        if self.model.config.arch == "gpt2":     # learned positions: the sample must fit the table
-            room = self.model.config.max_seqlen - prompt.shape[1]
-            if new_tokens > room:
-                log.info(f"sample: {room} new tokens, not {new_tokens}: the model has "
-                         f"{self.model.config.max_seqlen} positions")
-                new_tokens = room
-        generator = torch.Generator(device=self.device).manual_seed(self.config.trainer.seed)
-        with self._autocast():
-            out = generate(self.model, prompt, new_tokens, temperature=0.8, top_k=50, generator=generator)
-        return self.data.tokenizer.decode(out[0].tolist())
 
     def close(self, finished: bool = False):
         self.step_profiler.close(self.step)     # a window the run stopped inside
