@@ -392,7 +392,9 @@ class Trainer:
         if self.context.is_main:
             # The whole run, resumed parts included: read back from metrics.jsonl.
             self.metrics.flush()
-            log.info(format_summary(str(self.run_dir), summarize(read_metrics(self.run_dir))))
+            whole_run = summarize(read_metrics(self.run_dir))
+            self.metrics.write_summary(whole_run)
+            log.info(format_summary(str(self.run_dir), whole_run))
         if trainer.sample_tokens and self.model.config.causal and (self.context.is_main or self.sharded):
             text = final_sample(self, trainer.sample_tokens)   # under FSDP every process runs the model
             if self.context.is_main:

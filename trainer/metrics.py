@@ -56,6 +56,12 @@ class MetricsWriter:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
                            step=record["step"])
 
+    def write_summary(self, summary: dict):
+        """The whole run's summary (``trainer.run_summary.summarize``: best validation perplexity
+        and its step, median throughput, ...) as the wandb run's summary, under ``summary/``."""
+        if self.wandb is not None:
+            self.wandb.summary.update({f"summary/{k}": v for k, v in summary.items() if v is not None})
+
     def flush(self):
         if self.file:
             self.file.flush()

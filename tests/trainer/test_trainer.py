@@ -137,6 +137,23 @@ def test_wandb_offline_files_are_written_and_a_resume_continues_the_same_run(tmp
     assert all(re.search(rf"-{run_id}(-\d+)?$", p.name) for p in sessions), [p.name for p in sessions]
 
 
+def test_the_whole_run_summary_becomes_the_wandb_summary(tmp_path, monkeypatch):
+    import wandb
+
+    class Run:
+        summary = {}
+
+        def log(self, record, step):
+            pass
+
+        def finish(self):
+            pass
+    monkeypatch.setattr(wandb, "init", lambda **settings: Run())
+    run(compose_run(tiny_overrides(tmp_path, logger="wandb", **{"trainer.max_steps": 4})), tmp_path / "run")
+    assert Run.summary["summary/steps"] == 4 and Run.summary["summary/best_val_step"] in (3, 4)
+    assert Run.summary["summary/best_val_ppl"] == min(r["val_ppl"] for r in read_metrics(tmp_path / "run")[1])
+
+
 def test_quickstart_command_runs(tmp_path):
     """The README's main command, shortened: the stdlib corpus, its own BPE, train, eval, sample."""
     result = run_cli(["trainer.max_steps=4", "trainer.eval_interval=2", "trainer.sample_tokens=8",
