@@ -1,9 +1,11 @@
 """Every command the README and the docs show still parses: a ``python -m trainer`` (or
 ``torchrun ... -m trainer``) command's overrides compose into a valid run config, and a script's or
 tool's arguments are accepted by its parser. Nothing runs: each parser is stopped right after it has
-read its arguments. Commands elided with ``...`` or a ``<placeholder>`` are skipped."""
+read its arguments. Commands elided with ``...`` or a ``<placeholder>`` are skipped. And the
+README's list of config groups names every model and experiment config."""
 
 import argparse
+import re
 import importlib
 import runpy
 import shlex
@@ -112,3 +114,28 @@ def test_the_commands_are_found():
     readme = [words for _, words in documented_commands(ROOT / "README.md")]
     assert ["python", "-m", "trainer", "experiment=gpt2s_owt_4k"] in readme
     assert len(list(_cases())) > 50
+
+
+def _listed_names(text: str) -> set[str]:
+    """Config names the README lists, with its shorthands expanded: ``bert_tiny/base/large`` (one
+    prefix, several endings) and ``gpt2_tiny … gpt2_xl`` (every size of that family in the zoo)."""
+    from models import size_names
+    names = set()
+    for match in re.finditer(r"\b([a-z0-9]+(?:_[a-z0-9]+)*_)([a-z0-9_]+(?:/[a-z0-9_]+)+)", text):
+        prefix, endings = match.groups()
+        names |= {prefix + ending for ending in endings.split("/")}
+    names |= set(re.findall(r"\b[a-z0-9_]+\b", text))
+    for first, last in re.findall(r"\b(\w+) … (\w+)\b", text):
+        family = first.split("_")[0] + "_"
+        if last.startswith(family):
+            names |= {size for size in size_names() if size.startswith(family)}
+    return names
+
+
+def test_the_readme_lists_every_model_and_experiment_config():
+    readme = (ROOT / "README.md").read_text()
+    groups = readme[readme.index("- **Config groups.**"):]
+    listed = _listed_names(groups[:groups.index("\n- **", 1)])
+    for group in ("model", "experiment"):
+        configs = {p.stem for p in (ROOT / "configs" / group).glob("*.yaml")}
+        assert configs <= listed, f"configs/{group} not in the README: {sorted(configs - listed)}"
