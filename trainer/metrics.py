@@ -46,13 +46,17 @@ class MetricsWriter:
             self.wandb = wandb.init(project=config.project, name=config.name, id=run_id, resume="allow",
                                     dir=str(run_dir), config=run_config,
                                     mode=os.environ.get("WANDB_MODE", config.mode))
+            # A resume replays the steps after its checkpoint. A wandb run's history only moves
+            # forward (an earlier step is dropped with a warning), so the replayed steps it already
+            # has keep their first values there; metrics.jsonl holds both.
+            self.wandb_logged_through = _last_step(Path(run_dir) / "metrics.jsonl")
 
     def write(self, record: dict):
         if not self.is_main:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        if self.wandb is not None and "event" not in record and record["step"] > self.wandb_logged_through:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
                            step=record["step"])
 
@@ -71,6 +75,18 @@ class MetricsWriter:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _last_step(path: Path) -> int:
+    """The highest step of a metrics.jsonl (-1 for none; a partial last line is skipped)."""
+    last = -1
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last
 
 
 def read_metrics(run_dir) -> dict:
