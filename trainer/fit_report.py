@@ -2,6 +2,8 @@
 re-read its data too often), the metrics record of each log window and its line, and the sample
 the final model writes."""
 
+import shlex
+
 import torch
 
 from models import generate
@@ -98,3 +100,14 @@ def final_sample(trainer, new_tokens: int) -> str:
     with trainer.autocast():
         out = generate(trainer.model, prompt, new_tokens, temperature=0.8, top_k=50, generator=generator)
     return trainer.data.tokenizer.decode(out[0].tolist())
+
+
+def next_steps(run_dir, causal: bool, seqlen: int) -> str:
+    """What a finished run's directory is good for, as the commands that use it (README: Using a run)."""
+    run = shlex.quote(str(run_dir))
+    lines = ["use this run:"]
+    if causal:
+        lines.append(f"  python scripts/sample.py {run} --prompt 'TEXT' --max-new-tokens 200")
+        lines.append(f"  python -m trainer.evaluate {run} --documents CORPUS --contexts {seqlen} --out eval.json")
+    lines.append(f"  python scripts/convert_hf.py export {run} hf_model/       # for Hugging Face transformers")
+    return "\n".join(lines)

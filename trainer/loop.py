@@ -22,7 +22,7 @@ from .checkpoint import (CheckpointError, check_compatible, config_changes, late
 from .config import CUDA_GRAPH_MODES, RunConfig
 from .data import build_data
 from .data.tokenizer import write_tokenizer
-from .fit_report import announce, final_sample, flops_per_token, window_line, window_record
+from .fit_report import announce, final_sample, flops_per_token, next_steps, window_line, window_record
 from .environment import describe_environment, environment_line, record_environment
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
@@ -399,6 +399,8 @@ class Trainer:
             text = final_sample(self, trainer.sample_tokens)   # under FSDP every process runs the model
             if self.context.is_main:
                 log.info("sample:\n" + text)
+        if self.context.is_main:
+            log.info(next_steps(self.run_dir, self.model.config.causal, self.config.data.seqlen))
         return summary
 
     def close(self, finished: bool = False):

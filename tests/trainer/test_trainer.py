@@ -190,6 +190,10 @@ def test_quickstart_command_runs(tmp_path):
     assert "val_ppl" in (tmp_path / "qs" / "metrics.jsonl").read_text()
     assert "sample:" in result.stderr
     assert (tmp_path / "qs" / ".hydra" / "config.yaml").exists()
+    # it ends with the commands that use the run (the README's "Using a run")
+    assert result.stderr.rstrip().endswith(f"python scripts/convert_hf.py export {tmp_path / 'qs'} hf_model/"
+                                           "       # for Hugging Face transformers")
+    assert f"python scripts/sample.py {tmp_path / 'qs'} --prompt" in result.stderr
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
