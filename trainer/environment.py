@@ -29,6 +29,10 @@ def code_version(root: Path = SOURCE_ROOT) -> dict | None:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
     try:
+        # an installed copy inside some other repository (a virtualenv in a project) is not that
+        # repository's code: the checkout must be the trainer's own
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
+            return None
         commit = git("rev-parse", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):

@@ -24,6 +24,14 @@ def test_each_start_of_a_run_records_its_code_and_environment(tmp_path):
         assert starts[1]["code"]["commit"] == head.stdout.strip()
     assert (tmp_path / "run" / "train.log").read_text().count("environment: torch ") == 2
     assert code_version(tmp_path) is None                   # not a git checkout
+    outer = tmp_path / "project"
+    (outer / "venv" / "site-packages").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "start"], check=True)
+    assert len(code_version(outer)["commit"]) == 40
+    # an installed copy inside another repository is not attributed to that repository's commit
+    assert code_version(outer / "venv" / "site-packages") is None
 
 
 def test_an_unreadable_environment_record_is_started_anew(tmp_path, caplog):
