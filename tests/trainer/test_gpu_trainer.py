@@ -101,6 +101,10 @@ def test_profile_window_on_the_gpu_records_the_flash_kernels(tmp_path, compile_m
         kernels = {e["name"] for e in json.load(trace)["traceEvents"] if e.get("cat") == "kernel"}
     assert any("_forward_kernel" in name for name in kernels), sorted(kernels)[:20]
     assert any("_dkdv" in name for name in kernels), sorted(kernels)[:20]
+    # the run's environment names the card and the CUDA stack it ran on
+    start = json.loads((tmp_path / "run" / "environment.json").read_text())["starts"][-1]
+    assert start["device"] == torch.cuda.get_device_name() and start["cuda"] == torch.version.cuda
+    assert start["cudnn"] == torch.backends.cudnn.version()
 
 
 def test_a_real_out_of_memory_stops_with_the_explained_message(tmp_path):
