@@ -20,8 +20,10 @@ from .checkpoint import CheckpointError
 from .config import register_configs, unknown_keys
 from .data import DataError
 from .loop import NonFiniteLoss, run
+from .metrics import read_metrics
 from .out_of_memory import OutOfMemory
 from .run_lock import RunDirectoryBusy
+from .run_summary import format_table, summarize
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register_configs()
@@ -35,6 +37,9 @@ class JobFailed(Exception):
 # stop the sweep; the process exits non-zero once every job has run.
 FAILED_JOBS: list[tuple[int, str, str]] = []
 JOBS_RUN = [0]
+# Jobs of this process's sweep that finished: (job number, overrides, run directory), compared in
+# one table once the sweep is done.
+FINISHED_JOBS: list[tuple[int, list[str], Path]] = []
 
 
 def _fail(message: str):
@@ -92,11 +97,23 @@ def main(cfg) -> None:
         print(f"job {hydra_config.job.num}: {overrides}", file=sys.stderr, flush=True)
     try:
         _launch(cfg)
+        if sweep:
+            FINISHED_JOBS.append((hydra_config.job.num, list(hydra_config.overrides.task),
+                                  Path(hydra_config.runtime.output_dir)))
     except JobFailed as failure:
         print(f"error: {failure}", file=sys.stderr, flush=True)
         if not sweep:
             sys.exit(2)
         FAILED_JOBS.append((hydra_config.job.num, overrides, str(failure).splitlines()[0]))
+
+
+def sweep_table(jobs) -> str:
+    """The finished jobs of a sweep side by side (``trainer.plot_metrics``'s table), each named by
+    its number and the overrides that set it apart from the others."""
+    shared = set.intersection(*(set(overrides) for _, overrides, _ in jobs))
+    rows = {f"{number}: " + " ".join(o for o in overrides if o not in shared):
+            summarize(read_metrics(run_dir)) for number, overrides, run_dir in jobs}
+    return "sweep: the finished jobs\n" + format_table(rows)
 
 
 def _quoting_hint(arguments: list[str]) -> str | None:
@@ -122,6 +139,8 @@ def entry_point():
                 print(hint, file=sys.stderr)
             sys.exit(2)
         raise
+    if len(FINISHED_JOBS) > 1:
+        print(sweep_table(FINISHED_JOBS), file=sys.stderr)
     if FAILED_JOBS:
         print(f"sweep: {len(FAILED_JOBS)} of {JOBS_RUN[0]} jobs failed:", file=sys.stderr)
         for number, overrides, message in FAILED_JOBS:

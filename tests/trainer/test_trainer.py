@@ -280,6 +280,10 @@ def test_multirun_sweep(tmp_path):
         assert (tmp_path / "sweep" / job / "metrics.jsonl").exists()
     # each job names its overrides first
     assert "job 0: " in result.stderr and "data.seqlen=16" in result.stderr.split("job 0: ")[1].splitlines()[0]
+    # and the sweep ends with the jobs side by side, each named by what sets it apart
+    table = result.stderr.split("sweep: the finished jobs\n")[1].splitlines()
+    assert table[0].startswith("| run | steps |")
+    assert [row.split(" | ")[0] for row in table[2:4]] == ["| 0: data.seqlen=16", "| 1: data.seqlen=32"]
 
 
 def test_a_failed_sweep_job_is_reported_and_the_others_still_run(tmp_path):
