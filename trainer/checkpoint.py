@@ -301,11 +301,12 @@ RESUMABLE_CHANGES = ("resume", "trainer.max_steps", "trainer.log_interval", "tra
                      "model.checkpoint_blocks", "model.unpad", "data.num_proc", "data.cache_dir", "logger.")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flat_settings(tree: dict, prefix: str = "") -> dict:
+    """A nested config as {"section.key": value}."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flat_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -314,10 +315,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, current: dict, path: Path) -> list[str]:
     """The allowed differences between a checkpoint's run config and this run's, as log lines;
     raises CheckpointError naming every difference that is not allowed."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flat_settings(saved), flat_settings(current)
     # A key added to the configuration after the checkpoint was written is absent from it: the
     # saved run behaved as the key's default does, so keeping the default is no change.
-    defaults = _flatten(dataclasses.asdict(RunConfig()))
+    defaults = flat_settings(dataclasses.asdict(RunConfig()))
     saved_value = lambda key: old[key] if key in old else defaults.get(key)
     changed = [key for key in sorted(set(old) | set(new)) if saved_value(key) != new.get(key)]
     allowed = lambda key: any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUMABLE_CHANGES)

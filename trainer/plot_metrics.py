@@ -6,13 +6,17 @@
 Writes ``loss.png`` (train and validation loss against steps and against tokens) and
 ``lr_throughput.png`` (learning rate and tokens/s against steps), every run overlaid, and prints a
 Markdown table: steps, tokens, final loss, final and best validation perplexity, median tokens/s,
-MFU and peak memory. A resumed run's replayed steps count once (the last line of each step).
+MFU and peak memory. A resumed run's replayed steps count once (the last line of each step). Under
+it: the settings in which the runs' configs differ, and a warning when they ran on different devices.
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
+from .checkpoint import flat_settings
+from .config import RunConfig
 from .environment import read_environment
 from .metrics import read_metrics
 from .run_summary import format_table, summarize
@@ -37,6 +41,34 @@ def device_note(environments: dict) -> str | None:
         return None
     return ("note: these runs ran on different devices, so their tokens/s and MFU do not compare: "
             + "; ".join(f"{name}: {device}" for name, device in where.items()))
+
+
+def config_differences(configs: dict) -> str | None:
+    """A Markdown table of the settings in which the runs' configs (``.hydra/config.yaml``)
+    differ; None when fewer than two runs have one or they agree. A key that a run's config
+    predates counts as its default, as on a resume."""
+    defaults = flat_settings(dataclasses.asdict(RunConfig()))
+    flat = {name: {**defaults, **flat_settings(config)} for name, config in configs.items()
+            if config is not None}
+    if len(flat) < 2:
+        return None
+    keys = sorted(set().union(*flat.values()))
+    differing = [key for key in keys if len({repr(f.get(key, "–")) for f in flat.values()}) > 1]
+    if not differing:
+        return None
+    lines = ["| setting | " + " | ".join(flat) + " |", "|---" * (len(flat) + 1) + "|"]
+    lines += [f"| {key} | " + " | ".join(str(f.get(key, "–")) for f in flat.values()) + " |"
+              for key in differing]
+    return "settings that differ:\n" + "\n".join(lines)
+
+
+def run_config(path: Path) -> dict | None:
+    """A run's resolved config as a dict (None for a run without a readable .hydra/config.yaml)."""
+    from omegaconf import OmegaConf
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"))
+    except (OSError, ValueError):
+        return None
 
 
 def plot(runs: dict, out: Path):
@@ -105,6 +137,9 @@ def main(argv=None):
     note = device_note({run_name(path, args.runs): read_environment(path) for path in args.runs})
     if note:
         print(note)
+    differences = config_differences({run_name(path, args.runs): run_config(path) for path in args.runs})
+    if differences:
+        print(differences)
     if not args.no_plot:
         plot(runs, args.out)
         print(f"wrote {args.out / 'loss.png'} and {args.out / 'lr_throughput.png'}")

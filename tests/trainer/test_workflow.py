@@ -160,15 +160,20 @@ def test_a_run_ends_with_a_summary_and_plot_metrics_compares_runs(finished_run, 
     evals = read_metrics(finished_run)["eval"]
     assert "summary of" in log and f"final {evals[-1]['val_ppl']:.2f}" in log
     assert "tokens/s (median of log windows)" in log and "peak memory" in log
-    other = tmp_path / "other"
-    shutil.copytree(finished_run, other)
+    base, other = tmp_path / "run", tmp_path / "other"
+    for run_dir, lr in ((base, 0.001), (other, 0.5)):          # the second with another learning rate
+        shutil.copytree(finished_run, run_dir)
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        (run_dir / ".hydra" / "config.yaml").write_text(f"optim:\n  lr: {lr}\n")
     with open(other / "metrics.jsonl", "a") as file:     # a replayed step: counted once
         file.write(json.dumps({"event": "resume", "step": 3}) + "\n")
         file.write(json.dumps({**read_metrics(finished_run)["train"][-1], "loss": 0.5}) + "\n")
-    result = _script("scripts/plot_metrics.py", finished_run, other, "--out", tmp_path / "plots")
+    result = _script("scripts/plot_metrics.py", base, other, "--out", tmp_path / "plots")
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "steps" not in line]
+    table, differences = result.stdout.split("settings that differ:\n")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "steps" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["run", "other"]
+    assert differences.splitlines()[2:-1] == ["| optim.lr | 0.001 | 0.5 |"]    # that setting alone
     assert rows[0].split("|")[2].strip() == rows[1].split("|")[2].strip() == "4"
     assert rows[1].split("|")[4].strip() == "0.500"
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 10_000
