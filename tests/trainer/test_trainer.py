@@ -121,66 +121,6 @@ def test_nonfinite_loss_stops_or_is_skipped(tmp_path, monkeypatch):
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
 
 
-def test_wandb_offline_files_are_written_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
-    overrides = tiny_overrides(tmp_path, logger="wandb", **{"trainer.max_steps": 2})
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    run(compose_run(overrides), tmp_path / "run")
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    run(compose_run(overrides + ["resume=true", "trainer.max_steps=3"]), tmp_path / "run")
-    run_id = (tmp_path / "run" / "wandb_id").read_text().strip()
-    sessions = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    # wandb writes one directory per offline session; all carry the run's id, and `wandb sync`
-    # uploads them into that one run. Two sessions started in the same second share a timestamp,
-    # and wandb then adds "-1" to the second directory's name.
-    assert len(sessions) == 2
-    assert all(re.search(rf"-{run_id}(-\d+)?$", p.name) for p in sessions), [p.name for p in sessions]
-
-
-def test_the_whole_run_summary_becomes_the_wandb_summary(tmp_path, monkeypatch):
-    import wandb
-
-    class Run:
-        summary = {}
-
-        def log(self, record, step):
-            pass
-
-        def finish(self):
-            pass
-    monkeypatch.setattr(wandb, "init", lambda **settings: Run())
-    run(compose_run(tiny_overrides(tmp_path, logger="wandb", **{"trainer.max_steps": 4})), tmp_path / "run")
-    assert Run.summary["summary/steps"] == 4 and Run.summary["summary/best_val_step"] in (3, 4)
-    assert Run.summary["summary/best_val_ppl"] == min(r["val_ppl"] for r in read_metrics(tmp_path / "run")[1])
-
-
-def test_a_resume_sends_wandb_only_the_steps_it_has_not_logged(tmp_path, monkeypatch):
-    """wandb's history only moves forward: the steps a resume replays (and its event line) stay in
-    metrics.jsonl, and wandb gets the steps after the last one it had."""
-    import wandb
-    logged = []
-
-    class Run:
-        summary = {}
-
-        def log(self, record, step):
-            logged.append(step)
-
-        def finish(self):
-            pass
-    monkeypatch.setattr(wandb, "init", lambda **settings: Run())
-    settings = {"trainer.save_interval": 3, "trainer.keep_checkpoints": 5}
-    run(compose_run(tiny_overrides(tmp_path, logger="wandb", **settings)), tmp_path / "run")
-    assert logged and max(logged) == 6
-    logged.clear()
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000003")
-    run(compose_run(tiny_overrides(tmp_path, logger="wandb", resume="true",
-                                   **settings, **{"trainer.max_steps": 8})), tmp_path / "run")
-    assert sorted(set(logged)) == [7, 8]
-    train, _ = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in train] == list(range(1, 9))     # the replayed steps, as trained again
-
-
 def test_quickstart_command_runs(tmp_path):
     """The README's main command, shortened: the stdlib corpus, its own BPE, train, eval, sample."""
     result = run_cli(["trainer.max_steps=4", "trainer.eval_interval=2", "trainer.sample_tokens=8",
