@@ -339,3 +339,13 @@ def test_without_bars_a_large_split_is_tokenized_in_parts_with_progress_lines(tm
     for split in ("train", "validation"):
         assert np.array_equal(in_parts.splits[split].tokens, in_one_pass.splits[split].tokens)
         assert np.array_equal(in_parts.splits[split].offsets, in_one_pass.splits[split].offsets)
+
+
+def test_text_size_is_counted_in_utf8_bytes_without_python_strings(tmp_path):
+    """The tokenizing summary's text size: UTF-8 bytes from Arrow batches, also through a split's
+    indices mapping (a shuffled or held-out selection of a larger table)."""
+    import datasets
+    table = datasets.Dataset.from_dict({"text": ["héllo wörld", "ab", "", "日本語のテキスト"] * 50})
+    selection = table.shuffle(seed=0).select(range(37))
+    for split in (table, selection):
+        assert shards_module._text_bytes(split) == sum(len(t.encode()) for t in split["text"])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 from datasets import concatenate_datasets
 from datasets.utils import are_progress_bars_disabled
 from tqdm import tqdm
@@ -64,6 +65,13 @@ def shard_fingerprint(corpus: Corpus, tokenizer_key: str, eos_id: int, dtype: st
     if shuffle_documents:
         key += f"|shuffled-{SHUFFLE_SEED}"
     return hashlib.sha1(key.encode()).hexdigest()[:20]
+
+
+def _text_bytes(table) -> int:
+    """UTF-8 bytes of a split's text, summed over Arrow batches: as Python strings, OpenWebText's
+    8M documents would take tens of GB."""
+    return sum(pc.sum(pc.binary_length(batch["text"])).as_py() or 0
+               for batch in table.with_format("arrow").iter(batch_size=100_000))
 
 
 def _duration(seconds: float) -> str:
@@ -170,7 +178,7 @@ def build_shards(config: DataConfig, corpus: Corpus, tokenizer, tokenizer_key: s
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         seconds = time.time() - started
-        text_bytes = sum(sum(len(t) for t in table["text"]) for table in corpus.splits.values())
+        text_bytes = sum(_text_bytes(table) for table in corpus.splits.values())
         tokens = sum(t for t, _ in summary.values())
         documents = sum(d for _, d in summary.values())
         log(f"data: tokenized {documents:,} documents, {text_bytes / 1e6:.1f} MB of text -> {tokens:,} tokens "
