@@ -266,6 +266,23 @@ def test_an_unreachable_hub_names_the_problem_and_the_local_alternative(tmp_path
     assert "data=linux" in str(raised.value) and "data=files" in str(raised.value)
 
 
+def test_a_hub_dataset_with_a_loading_script_is_explained_and_a_revision_can_be_chosen(tmp_path, monkeypatch):
+    import datasets
+    asked = []
+
+    def scripted(*args, **kwargs):
+        asked.append(kwargs.get("revision"))
+        raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", scripted)
+    for revision in (None, "refs/convert/parquet"):
+        with pytest.raises(DataError, match="published with a loading script") as raised:
+            build_data(DataConfig(source="hub", hub_name="openwebtext", hub_revision=revision,
+                                  cache_dir=str(tmp_path)), batch_size=2, log=lambda *_: None)
+    assert asked == [None, "refs/convert/parquet"]
+    assert "data.hub_revision=refs/convert/parquet" in str(raised.value) and "data=files" in str(raised.value)
+
+
 def test_an_edit_that_keeps_size_and_mtime_rebuilds_the_token_cache(tmp_path):
     import os
     cfg = config(tmp_path)

@@ -34,6 +34,9 @@ class DataConfig:
     path: str | None = None
     hub_name: str | None = None          # hub: dataset name, e.g. "openwebtext"
     hub_config: str | None = None        # hub: dataset configuration, if it has several
+    # hub: a branch, tag or commit of the dataset's repository; "refs/convert/parquet" is the hub's
+    # own parquet conversion, for a dataset published with a loading script (datasets >= 4 runs none)
+    hub_revision: str | None = None
     text_field: str = "text"             # the column/field holding a document's text
     extensions: list[str] = field(default_factory=lambda: list(TEXT_EXTENSIONS))
     validation_fraction: float = 0.05    # files/python_stdlib/hub-without-validation: share held out

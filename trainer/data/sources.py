@@ -182,6 +182,12 @@ def _hub_error(config: DataConfig, error: Exception) -> Exception:
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else kind
     local = ("train on a local corpus instead: data=linux data.path=DIR (train/validation parquet) or "
              "data=files data.path='DIR/*.txt'")
+    if "scripts are no longer supported" in first:
+        return DataError(f"hub dataset {config.hub_name!r} is published with a loading script, which "
+                         f"datasets {datasets.__version__} no longer runs (4.0 dropped them). Read the "
+                         "hub's parquet conversion of it, where one exists "
+                         "(data.hub_revision=refs/convert/parquet), a copy in parquet or JSON under "
+                         f"another data.hub_name, or {local}")
     if kind in ("DatasetNotFoundError", "RepositoryNotFoundError", "FileNotFoundError") and \
             "offline" not in first.lower():
         return DataError(f"hub dataset {config.hub_name!r}: not found ({first}); check data.hub_name, "
@@ -197,7 +203,7 @@ def _hub_error(config: DataConfig, error: Exception) -> Exception:
 def hub(config: DataConfig) -> Corpus:
     """A Hugging Face hub dataset by name (needs network the first time; then datasets' cache)."""
     try:
-        loaded = datasets.load_dataset(config.hub_name, config.hub_config)
+        loaded = datasets.load_dataset(config.hub_name, config.hub_config, revision=config.hub_revision)
     except Exception as error:  # noqa: BLE001 - datasets, huggingface_hub and the HTTP client raise many kinds
         raise _hub_error(config, error) from None
     train = loaded["train"]
