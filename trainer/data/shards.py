@@ -91,7 +91,7 @@ def _tokenize(table, encode, features, split: str, num_proc: int, scratch: Path,
     while done < len(table):
         part = table.select(range(done, min(done + part_size, len(table)))) if in_parts else table
         # datasets writes map results as Arrow files, by default next to the source in its own
-        # cache (~850 MB for the 23 MB Linux corpus) where they stay; here they go to a scratch
+        # cache, where they stay (hundreds of MB for the 23 MB Linux corpus); here they go to a scratch
         # directory that build_shards removes.
         pieces.append(part.map(encode, batched=True, batch_size=64, remove_columns=part.column_names,
                                features=features,
