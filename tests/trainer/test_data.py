@@ -219,6 +219,11 @@ def test_training_documents_are_packed_shuffled_and_held_out_ones_in_order(tmp_p
     original = [row["text"] for row in corpus.splits["train"]]
     packed = texts("train")
     assert sorted(packed) == sorted(original) and packed != original
+    # in the packing order, which is the permutation datasets' shuffle(seed=SHUFFLE_SEED) draws:
+    # caches written when the text itself was shuffled that way hold the same tokens
+    assert packed == [original[i] for i in shards_module.packing_order(len(original))]
+    shuffled = corpus.splits["train"].shuffle(seed=shards_module.SHUFFLE_SEED)
+    assert packed == [row["text"] for row in shuffled]
     assert texts("validation") == [row["text"] for row in corpus.splits["validation"]]
     # the order is part of the cache key: both orders can live in one cache
     in_order = build_data(config(tmp_path, shuffle_documents=False), batch_size=2, log=lambda *_: None)
