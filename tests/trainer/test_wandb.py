@@ -9,6 +9,28 @@ from trainer.metrics import read_metrics
 from .helpers import compose_run, tiny_overrides
 
 
+class RecordedRun:
+    """What a wandb run is given, in place of wandb.init's run: the steps logged, the summary and
+    whether it was finished."""
+
+    def __init__(self):
+        self.summary, self.steps, self.finished = {}, [], False
+
+    def log(self, record, step):
+        self.steps.append(step)
+
+    def finish(self):
+        self.finished = True
+
+
+def _record_wandb(monkeypatch) -> list:
+    """Replace wandb.init; the runs it would have made are appended to the returned list."""
+    import wandb
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **settings: runs.append(RecordedRun()) or runs[-1])
+    return runs
+
+
 def test_wandb_offline_files_are_written_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
     overrides = tiny_overrides(tmp_path, logger="wandb", **{"trainer.max_steps": 2})
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -26,44 +48,25 @@ def test_wandb_offline_files_are_written_and_a_resume_continues_the_same_run(tmp
 
 
 def test_the_whole_run_summary_becomes_the_wandb_summary(tmp_path, monkeypatch):
-    import wandb
-
-    class Run:
-        summary = {}
-
-        def log(self, record, step):
-            pass
-
-        def finish(self):
-            pass
-    monkeypatch.setattr(wandb, "init", lambda **settings: Run())
+    runs = _record_wandb(monkeypatch)
     run(compose_run(tiny_overrides(tmp_path, logger="wandb", **{"trainer.max_steps": 4})), tmp_path / "run")
-    assert Run.summary["summary/steps"] == 4 and Run.summary["summary/best_val_step"] in (3, 4)
-    assert Run.summary["summary/best_val_ppl"] == min(r["val_ppl"] for r in read_metrics(tmp_path / "run")["eval"])
+    (wandb_run,) = runs
+    assert wandb_run.finished
+    assert wandb_run.summary["summary/steps"] == 4 and wandb_run.summary["summary/best_val_step"] in (3, 4)
+    assert wandb_run.summary["summary/best_val_ppl"] == min(r["val_ppl"] for r in
+                                                            read_metrics(tmp_path / "run")["eval"])
 
 
 def test_a_resume_sends_wandb_only_the_steps_it_has_not_logged(tmp_path, monkeypatch):
     """wandb's history only moves forward: the steps a resume replays (and its event line) stay in
     metrics.jsonl, and wandb gets the steps after the last one it had."""
-    import wandb
-    logged = []
-
-    class Run:
-        summary = {}
-
-        def log(self, record, step):
-            logged.append(step)
-
-        def finish(self):
-            pass
-    monkeypatch.setattr(wandb, "init", lambda **settings: Run())
+    runs = _record_wandb(monkeypatch)
     settings = {"trainer.save_interval": 3, "trainer.keep_checkpoints": 5}
     run(compose_run(tiny_overrides(tmp_path, logger="wandb", **settings)), tmp_path / "run")
-    assert logged and max(logged) == 6
-    logged.clear()
+    assert runs[0].steps and max(runs[0].steps) == 6
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000003")
     run(compose_run(tiny_overrides(tmp_path, logger="wandb", resume="true",
                                    **settings, **{"trainer.max_steps": 8})), tmp_path / "run")
-    assert sorted(set(logged)) == [7, 8]
+    assert sorted(set(runs[1].steps)) == [7, 8] and runs[1].finished
     train = read_metrics(tmp_path / "run")["train"]
     assert [r["step"] for r in train] == list(range(1, 9))     # the replayed steps, as trained again
