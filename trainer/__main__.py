@@ -3,7 +3,8 @@
 With no arguments it runs the quickstart. Errors in the configuration or the data exit with a short
 message naming the problem (set HYDRA_FULL_ERROR=1 for the traceback). SIGINT (Ctrl-C), SIGTERM and
 SIGUSR1 stop the run after its current step with a checkpoint and the command that resumes it; the
-exit status is then 128 + the signal's number (130 for Ctrl-C).
+exit status is then 128 + the signal's number (130 for Ctrl-C). With ``trainer.max_minutes`` the
+run stops the same way before that time has passed and exits with status 75.
 """
 
 import os
@@ -24,6 +25,7 @@ from .metrics import read_metrics
 from .out_of_memory import OutOfMemory
 from .run_lock import RunDirectoryBusy
 from .run_summary import format_table, summarize
+from .time_budget import EXIT_TIME_BUDGET, STOPPED_BY_BUDGET
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register_configs()
@@ -80,6 +82,8 @@ def _launch(cfg):
     except (DataError, CheckpointError, NonFiniteLoss, OutOfMemory, RunDirectoryBusy, ValueError,
             FileNotFoundError) as error:
         _fail(str(error))
+    if summary.get("interrupted") == STOPPED_BY_BUDGET:
+        sys.exit(EXIT_TIME_BUDGET)
     if summary.get("interrupted"):
         # 128 + the signal number, as a shell reports a process a signal stopped: a scheduler or
         # wrapper script sees that the run did not finish and can requeue it. A sweep stops too.

@@ -89,6 +89,10 @@ class TrainerConfig:
     # Also save when this many minutes have passed since the last checkpoint (checked at log
     # steps): a run killed without warning (the OOM killer, a lost node) loses at most about that.
     save_minutes: float | None = None
+    # Stop at the last log step from which one more log window would still end within this many
+    # minutes of the start (data and compilation included), save, and exit with status 75: for
+    # jobs killed at a time limit without a warning signal. resume=true continues the run.
+    max_minutes: float | None = None
     keep_checkpoints: int = 2            # newest checkpoints kept
     seed: int = 1337
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
@@ -128,8 +132,9 @@ class TrainerConfig:
                     "save_interval", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1; got {getattr(self, key)}")
-        if self.save_minutes is not None and self.save_minutes <= 0:
-            raise ValueError(f"trainer.save_minutes={self.save_minutes}; expected minutes > 0 (or null)")
+        for key in ("save_minutes", "max_minutes"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"trainer.{key}={getattr(self, key)}; expected minutes > 0 (or null)")
         if self.profile_steps is not None and (len(self.profile_steps) != 2
                                                or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
             raise ValueError(f"trainer.profile_steps={self.profile_steps}; expected [FIRST,LAST], "

@@ -35,6 +35,7 @@ from .run_lock import RunLock
 from .run_summary import format_summary, peak_flops, summarize
 from .step_profiler import StepProfiler
 from .stop_signals import StopSignals, resume_command
+from .time_budget import STOPPED_BY_BUDGET, TimeBudget
 
 
 
@@ -46,6 +47,7 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path):
         self.config = config
         trainer = config.trainer
+        self.budget = TimeBudget(trainer.max_minutes)
         self.device = resolve_device(trainer.device)
         self.context = init_distributed(self.device)
         if self.context.enabled and self.device.type == "cuda":
@@ -302,16 +304,27 @@ class Trainer:
             return stop.received is not None
         return logged and self.context.any(stop.received is not None, self.device)
 
-    def _stop_for_signal(self, stop: StopSignals, saved: bool) -> str:
-        name = stop.name or "a signal on another process"
+    def _out_of_time(self, logged: bool) -> bool:
+        """``trainer.max_minutes``: checked at log steps; several processes agree, as on a stop."""
+        if not logged or self.budget.seconds is None:
+            return False
+        due = self.budget.next_window_overruns()
+        return self.context.any(due, self.device) if self.context.enabled else due
+
+    def _stop(self, reason: str, saved: bool) -> str:
+        """Stop after this step (on a signal, or at the time budget): saved, and resumable."""
         if not saved:
             self.check_finite()
             self.save()
-        self.metrics.write({"event": "interrupted", "step": self.step, "signal": name})
+        by_budget = reason == STOPPED_BY_BUDGET
+        self.metrics.write({"event": "interrupted", "step": self.step,
+                            **({"max_minutes": self.config.trainer.max_minutes} if by_budget
+                               else {"signal": reason})})
         if self.context.is_main:
-            log.warning(f"{name}: stopped after step {self.step} and saved "
+            why = f"{reason}={self.config.trainer.max_minutes} reached" if by_budget else reason
+            log.warning(f"{why}: stopped after step {self.step} and saved "
                         f"{latest_checkpoint(self.run_dir)}.\nResume with:\n  {resume_command(self.run_dir)}")
-        return name
+        return reason
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -331,6 +344,7 @@ class Trainer:
         last_eval, final_loss = None, None
         window_start, window_tokens = time.time(), 0
         started = self.last_saved = time.time()
+        self.budget.training_started()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         interrupted = None
@@ -370,8 +384,11 @@ class Trainer:
                     window_start += time.time() - paused
                 if (stop.received is not None or self.context.enabled) and not at_end:
                     if self._stop_requested(stop, logged=logged):
-                        interrupted = self._stop_for_signal(stop, saved=save)
+                        interrupted = self._stop(stop.name or "a signal on another process", save)
                         break
+                if not at_end and self._out_of_time(logged):
+                    interrupted = self._stop(STOPPED_BY_BUDGET, save)
+                    break
         bar.close()
         show_progress_bar(log, False)
         if not interrupted:
