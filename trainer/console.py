@@ -59,3 +59,12 @@ def show_progress_bar(log: logging.Logger, shown: bool):
     for handler in log.handlers:
         if isinstance(handler, ConsoleHandler):
             handler.bar_shown = shown
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as a progress line gives it: "45 s", "3 min 5 s", "2 h 14 min"."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"

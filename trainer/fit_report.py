@@ -9,6 +9,7 @@ import torch
 from models import generate
 from models.attention import resolve as resolve_attention
 
+from .console import duration_text
 from .metrics import log
 
 # More passes over the training split than this draw a warning: past ~4 epochs repeated data is
@@ -71,8 +72,10 @@ def window_record(trainer, result: dict, tokens_per_s: float, corpus_tokens: int
     return record
 
 
-def window_line(record: dict, max_steps: int) -> str:
-    """A log window's record as one line of train.log (and of the console without a bar)."""
+def window_line(record: dict, max_steps: int, tokens_per_step: int | None = None) -> str:
+    """A log window's record as one line of train.log (and of the console without a bar); with
+    ``tokens_per_step``, how long the remaining steps take at this window's rate (evaluations and
+    checkpoints not counted)."""
     parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.3g}"]
     if record["grad_norm"] is not None:
         parts.append(f"grad_norm {record['grad_norm']:.3g}")
@@ -83,6 +86,9 @@ def window_line(record: dict, max_steps: int) -> str:
         parts.append(f"{record['mem_gb']:.1f} GB")
     if record.get("skipped_steps"):
         parts.append(f"{record['skipped_steps']} steps skipped")
+    if tokens_per_step and record["step"] < max_steps:
+        left = (max_steps - record["step"]) * tokens_per_step / record["tokens_per_s"]
+        parts.append(f"about {duration_text(left)} left")
     return f"step {record['step']}/{max_steps}: " + ", ".join(parts)
 
 

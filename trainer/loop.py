@@ -365,7 +365,7 @@ class Trainer:
                     record = window_record(self, result, tokens_per_s, corpus_tokens, flops)
                     final_loss = record["loss"]
                     self.metrics.write(record)
-                    log.info(window_line(record, trainer.max_steps), extra=WINDOW_LINE)
+                    log.info(window_line(record, trainer.max_steps, tokens_per_step), extra=WINDOW_LINE)
                     bar.set_postfix(loss=f"{final_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_tokens = time.time(), 0
                 evaluate = self.step % trainer.eval_interval == 0 or at_end

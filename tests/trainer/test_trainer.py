@@ -310,12 +310,22 @@ def test_a_refused_run_leaves_no_log_handler_to_the_next(tmp_path):
     assert not refused_log.exists() or "summary of" not in refused_log.read_text()
 
 
+def test_durations_read_as_a_progress_line_gives_them():
+    from trainer.console import duration_text
+    assert [duration_text(s) for s in (0.4, 45, 185, 3600, 8049)] == [
+        "0 s", "45 s", "3 min 5 s", "1 h 0 min", "2 h 14 min"]
+
+
 @pytest.mark.parametrize("progress", ["bar", "lines"])
 def test_log_windows_reach_train_log_and_the_console_without_a_bar(tmp_path, capsys, progress):
     run(compose_run(tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.progress": progress})),
         tmp_path / "run")
     window = re.compile(r"step (\d)/2: loss \d+\.\d{4}, lr [\d.e+-]+, grad_norm [\d.e+-]+, [\d,]+ tokens/s")
-    assert [m.group(1) for m in window.finditer((tmp_path / "run" / "train.log").read_text())] == ["1", "2"]
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert [m.group(1) for m in window.finditer(log_text)] == ["1", "2"]
+    # the time the remaining steps take, while there are any
+    assert re.search(r"step 1/2: .* tokens/s, about \d+ s left\n", log_text)
+    assert not re.search(r"step 2/2: .* left", log_text)
     console = capsys.readouterr().err
     assert "summary of" in console                       # other lines reach the console either way
     bar = re.compile(r"(^|\r)train:\s+\d+%", re.M)      # not the token shards' "writing train"

@@ -22,6 +22,7 @@ from datasets import Features, Sequence, Value, concatenate_datasets
 from datasets.utils import are_progress_bars_disabled
 from tqdm import tqdm
 
+from ..console import duration_text
 from .config import DataConfig, tokenizer_processes
 from .sources import Corpus, DataError
 
@@ -81,11 +82,6 @@ def _text_bytes(table) -> int:
                for batch in table.with_format("arrow").iter(batch_size=100_000))
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
-
-
 def _tokenize(table, encode, features, split: str, num_proc: int, scratch: Path, log):
     """``encode`` mapped over ``table`` by datasets in ``num_proc`` processes. With the data bars
     hidden (a batch job's log), a large split goes in parts so that a line can say how far it got:
@@ -111,7 +107,7 @@ def _tokenize(table, encode, features, split: str, num_proc: int, scratch: Path,
             if elapsed - logged >= PROGRESS_EVERY_S / 2:   # not after a first part that took no time
                 left = elapsed * (len(table) - done) / done
                 log(f"data: tokenizing {split}: {done:,} of {len(table):,} documents "
-                    f"({done / len(table):.0%}) in {_duration(elapsed)}, about {_duration(left)} left")
+                    f"({done / len(table):.0%}) in {duration_text(elapsed)}, about {duration_text(left)} left")
                 logged = elapsed
             part_size = max(first_size, int(done / max(elapsed, 1e-3) * PROGRESS_EVERY_S))
     return pieces[0] if len(pieces) == 1 else concatenate_datasets(pieces)
