@@ -58,3 +58,19 @@ def run_cli(args: list[str], env_extra: dict | None = None, module: str = "train
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=timeout)
+
+
+def fit_with_hook(trainer, before_step) -> dict:
+    """``trainer.fit()`` with ``before_step()`` called ahead of every optimizer step (to send a
+    signal, or move a stand-in clock), then the trainer closed; returns fit's summary."""
+    real_step = trainer.train_step
+
+    def step():
+        before_step()
+        return real_step()
+
+    trainer.train_step = step
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

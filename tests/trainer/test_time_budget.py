@@ -7,7 +7,7 @@ from trainer.loop import Trainer
 from trainer.metrics import read_metrics
 from trainer.time_budget import EXIT_TIME_BUDGET, STOPPED_BY_BUDGET, TimeBudget
 
-from .helpers import compose_run, run_cli, tiny_overrides
+from .helpers import compose_run, fit_with_hook, run_cli, tiny_overrides
 
 
 class Clock:
@@ -58,17 +58,11 @@ def test_a_run_stops_within_its_budget_with_a_checkpoint_and_resumes(tmp_path):
     trainer = Trainer(compose_run(overrides), tmp_path / "run")
     clock = Clock(1000.0)
     trainer.budget = TimeBudget(5.5, clock=clock)
-    real_step = trainer.train_step
 
     def one_minute_a_step():
         clock.now += 60
-        return real_step()
 
-    trainer.train_step = one_minute_a_step
-    try:
-        summary = trainer.fit()
-    finally:
-        trainer.close()
+    summary = fit_with_hook(trainer, one_minute_a_step)
     run_dir = tmp_path / "run"
     assert summary["interrupted"] == STOPPED_BY_BUDGET and summary["steps"] == 4
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"

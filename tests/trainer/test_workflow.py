@@ -10,7 +10,7 @@ import torch
 from trainer.loop import run
 from trainer.model_source import ModelSourceError, find_model
 
-from .helpers import ROOT, compose_run, tiny_overrides
+from .helpers import ROOT, compose_run, fit_with_hook, tiny_overrides
 
 
 def _script(*args):
@@ -217,19 +217,13 @@ def test_termination_and_preemption_signals_stop_after_the_step_with_a_checkpoin
     from trainer.metrics import read_metrics
     overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 50, "trainer.save_interval": 50})
     trainer = Trainer(compose_run(overrides), tmp_path / "run")
-    real_step = trainer.train_step
     handler_before = signal.getsignal(getattr(signal, signal_name))
 
-    def step():
+    def signal_during_step_2():
         if trainer.step == 1:
             os.kill(os.getpid(), getattr(signal, signal_name))
-        return real_step()
 
-    trainer.train_step = step
-    try:
-        summary = trainer.fit()
-    finally:
-        trainer.close()
+    summary = fit_with_hook(trainer, signal_during_step_2)
     assert summary["interrupted"] == signal_name and summary["steps"] == 2
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert read_metrics(tmp_path / "run")["events"][-1] == {"event": "interrupted", "step": 2,
