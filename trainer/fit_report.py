@@ -46,6 +46,10 @@ def announce(trainer, tokens_per_step: int, corpus_tokens: int):
              f"{attention} attention), {trainer.device}, {trainer.precision}, "
              f"{trainer.context.world_size} process(es), {tokens_per_step} tokens per step, "
              f"steps {trainer.step}..{steps}")
+    budget = config.trainer.max_minutes
+    if budget is not None:
+        log.info(f"time budget: this invocation stops at a log step before {budget:g} min from its "
+                 "start (trainer.max_minutes), saved, with exit status 75")
     epochs = steps * tokens_per_step / corpus_tokens
     if epochs > MAX_QUIET_EPOCHS:
         log.warning(f"this run reads its {corpus_tokens:,}-token training split {epochs:.1f} times "

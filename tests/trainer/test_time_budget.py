@@ -87,6 +87,7 @@ def test_the_command_exits_75_and_a_job_loop_on_it_finishes_the_run(tmp_path):
                                        "trainer.max_minutes": 1e-9}) + [f"hydra.run.dir={run_dir}"]
     first = run_cli(args)
     assert first.returncode == EXIT_TIME_BUDGET, first.stderr[-2000:]
+    assert "time budget: this invocation stops at a log step before 1e-09 min" in first.stderr
     assert "trainer.max_minutes=1e-09 reached: stopped after step 1" in first.stderr
     command = first.stderr.split("Resume with:")[1].strip().splitlines()[0]
     assert "trainer.max_minutes=1e-09" in command and "resume=true" in command
