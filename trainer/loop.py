@@ -26,6 +26,7 @@ from .fit_report import announce, final_sample, flops_per_token, next_steps, win
 from .environment import describe_environment, environment_line, record_environment
 from .distributed import (full_model_state, gradient_sync, init_distributed, local_value, shutdown,
                           wrap_model)
+from .early_stop import stop_reason, stop_run
 from .console import WINDOW_LINE, data_progress_bars, show_progress_bar, wants_progress_bar
 from .metrics import MetricsWriter, close_logging, log, read_metrics, setup_logging
 from .optim import build_optimizer, build_scheduler
@@ -34,8 +35,8 @@ from .precision import DTYPES, resolve_precision
 from .run_lock import RunLock
 from .run_summary import format_summary, peak_flops, summarize
 from .step_profiler import StepProfiler
-from .stop_signals import StopSignals, resume_command
-from .time_budget import STOPPED_BY_BUDGET, TimeBudget
+from .stop_signals import StopSignals
+from .time_budget import TimeBudget
 
 
 
@@ -295,37 +296,6 @@ class Trainer:
         val_loss = float(loss_sum) / max(count, 1)
         return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
-    # -- stopping on a signal ----------------------------------------------------------------
-    def _stop_requested(self, stop: StopSignals, logged: bool) -> bool:
-        """One process stops after the step in which the signal came. Several must agree on the
-        step (one may have been signalled, or later): they compare at log steps, where the loop
-        waits for the GPU anyway, so the check costs no extra synchronization."""
-        if not self.context.enabled:
-            return stop.received is not None
-        return logged and self.context.any(stop.received is not None, self.device)
-
-    def _out_of_time(self, logged: bool) -> bool:
-        """``trainer.max_minutes``: checked at log steps; several processes agree, as on a stop."""
-        if not logged or self.budget.seconds is None:
-            return False
-        due = self.budget.next_window_overruns()
-        return self.context.any(due, self.device) if self.context.enabled else due
-
-    def _stop(self, reason: str, saved: bool) -> str:
-        """Stop after this step (on a signal, or at the time budget): saved, and resumable."""
-        if not saved:
-            self.check_finite()
-            self.save()
-        by_budget = reason == STOPPED_BY_BUDGET
-        self.metrics.write({"event": "interrupted", "step": self.step,
-                            **({"max_minutes": self.config.trainer.max_minutes} if by_budget
-                               else {"signal": reason})})
-        if self.context.is_main:
-            why = f"{reason}={self.config.trainer.max_minutes} reached" if by_budget else reason
-            log.warning(f"{why}: stopped after step {self.step} and saved "
-                        f"{latest_checkpoint(self.run_dir)}.\nResume with:\n  {resume_command(self.run_dir)}")
-        return reason
-
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
         trainer = self.config.trainer
@@ -382,12 +352,9 @@ class Trainer:
                     if save:
                         self.save()
                     window_start += time.time() - paused
-                if (stop.received is not None or self.context.enabled) and not at_end:
-                    if self._stop_requested(stop, logged=logged):
-                        interrupted = self._stop(stop.name or "a signal on another process", save)
-                        break
-                if not at_end and self._out_of_time(logged):
-                    interrupted = self._stop(STOPPED_BY_BUDGET, save)
+                reason = stop_reason(self, stop, logged, at_end)
+                if reason is not None:
+                    interrupted = stop_run(self, reason, saved=save)
                     break
         bar.close()
         show_progress_bar(log, False)
