@@ -11,12 +11,14 @@ from .build import build_model
 from .config import ModelConfig
 
 
-def save_model(model, path, state_dict=None) -> None:
+def save_model(model, path, state_dict=None, metadata: dict | None = None) -> None:
     """``state_dict``: the weights to store when ``model.state_dict()`` would not hold them whole
-    (a sharded model gathers them first); default the model's own."""
+    (a sharded model gathers them first); default the model's own. ``metadata``: plain values
+    stored beside them (a best model's step and validation loss), which loading ignores."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": "flashtrain-model-v1", "config": dataclasses.asdict(model.config),
+    payload = {**(metadata or {}), "format": "flashtrain-model-v1",
+               "config": dataclasses.asdict(model.config),
                "model": model.state_dict() if state_dict is None else state_dict}
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

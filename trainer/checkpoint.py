@@ -295,6 +295,7 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict]:
 # optimizer, model shape, seed) would silently make the resumed run a different run.
 RESUMABLE_CHANGES = ("resume", "trainer.max_steps", "trainer.log_interval", "trainer.eval_interval",
                      "trainer.save_interval", "trainer.save_minutes", "trainer.max_minutes",
+                     "trainer.save_best",
                      "trainer.keep_checkpoints", "trainer.sample_tokens", "trainer.skip_nonfinite",
                      "trainer.compile", "trainer.compile_mode", "trainer.peak_tflops", "trainer.device",
                      "trainer.progress", "trainer.profile_steps", "model.attention",

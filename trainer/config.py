@@ -93,6 +93,9 @@ class TrainerConfig:
     # minutes of the start (data and compilation included), save, and exit with status 75: for
     # jobs killed at a time limit without a warning signal. resume=true continues the run.
     max_minutes: float | None = None
+    # After each evaluation with a lower validation loss than any before in this run directory,
+    # write the weights to <run>/best_model.pt (a model file, which every tool reads).
+    save_best: bool = False
     keep_checkpoints: int = 2            # newest checkpoints kept
     seed: int = 1337
     device: str = "auto"                 # auto | cpu | cuda | cuda:N

@@ -112,10 +112,14 @@ def final_sample(trainer, new_tokens: int) -> str:
     return trainer.data.tokenizer.decode(out[0].tolist())
 
 
-def next_steps(run_dir, causal: bool, seqlen: int) -> str:
-    """What a finished run's directory is good for, as the commands that use it (README: Using a run)."""
+def next_steps(run_dir, causal: bool, seqlen: int, best=None) -> str:
+    """What a finished run's directory is good for, as the commands that use it (README: Using a
+    run); with ``best`` (``best_model.BestModel``) that wrote its file, where those weights are."""
     run = shlex.quote(str(run_dir))
     lines = ["use this run:"]
+    if best is not None and best.step is not None:
+        lines.append(f"  (its lowest validation loss, {best.loss:.4f} at step {best.step}: "
+                     f"{shlex.quote(str(best.path))}, which each command takes in place of the run)")
     if causal:
         lines.append(f"  python scripts/sample.py {run} --prompt 'TEXT' --max-new-tokens 200")
         lines.append(f"  python -m trainer.evaluate {run} --documents CORPUS --contexts {seqlen} --out eval.json")

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from kernels.flash_attention import device_dropout_seeds
 from models import save_model
 
+from .best_model import BestModel
 from .build import (check_attention_runs, compile_model, fit_batches_to_run, make_model, model_config_dict,
                     resolve_device, seed_everything)
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
@@ -122,6 +123,7 @@ class Trainer:
         self.peak_flops = peak_flops(config.trainer.peak_tflops, self.device)
         self.step_profiler = StepProfiler(trainer.profile_steps, self.run_dir, self.device,
                                           self.context.rank)
+        self.best = BestModel(self.run_dir, trainer.save_best, resuming=self.resumed_from is not None)
         self.metrics = MetricsWriter(self.run_dir, config.logger, OmegaConf.to_container(
             OmegaConf.structured(config)), self.context.is_main)
         if self.context.is_main:
@@ -349,6 +351,7 @@ class Trainer:
                         self.metrics.write(last_eval)
                         log.info(f"step {self.step}: val_loss {last_eval['val_loss']:.4f}, "
                                  f"val_ppl {last_eval['val_ppl']:.2f}")
+                        self.best.after_evaluation(self, last_eval)
                     if save:
                         self.save()
                     window_start += time.time() - paused
@@ -384,7 +387,7 @@ class Trainer:
             if self.context.is_main:
                 log.info("sample:\n" + text)
         if self.context.is_main:
-            log.info(next_steps(self.run_dir, self.model.config.causal, self.config.data.seqlen))
+            log.info(next_steps(self.run_dir, self.model.config.causal, self.config.data.seqlen, self.best))
         return summary
 
     def close(self, finished: bool = False):

@@ -180,7 +180,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
     single = run_cli(common + ["trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-2000:]
     fsdp = common + ["trainer.grad_accum=1", "trainer.distributed=fsdp"]
-    whole = _torchrun(fsdp + [f"hydra.run.dir={tmp_path / 'two'}"], 29534)
+    whole = _torchrun(fsdp + [f"hydra.run.dir={tmp_path / 'two'}", "trainer.save_best=true"], 29534)
     assert whole.returncode == 0, whole.stderr[-3000:]
     _assert_same_losses(tmp_path / "one", tmp_path / "two")
     two, _ = read_metrics(tmp_path / "two")
@@ -195,6 +195,12 @@ def test_two_process_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
 
     sharded = find_model(tmp_path / "two" / "checkpoints" / "step_00000004").load()
     final = find_model(tmp_path / "two" / "model.pt").load()
+    # the best evaluation's weights, gathered from the shards (evaluations at steps 3 and 4)
+    best = torch.load(tmp_path / "two" / "best_model.pt", weights_only=True)
+    evals = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "two")[1]}
+    assert best["step"] == min(evals, key=evals.get) and best["val_loss"] == min(evals.values())
+    if best["step"] == 4:
+        assert all(torch.equal(best["model"][k], v) for k, v in final.state_dict().items())
     single_final = find_model(tmp_path / "one" / "model.pt").load()
     for name, value in final.state_dict().items():
         assert torch.equal(sharded.state_dict()[name], value), name
