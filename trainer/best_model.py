@@ -37,9 +37,15 @@ class BestModel:
             self.loss, self.step = saved.get("val_loss", math.inf), saved.get("step")
 
     def after_evaluation(self, trainer, record: dict):
-        """Write the weights if this evaluation beat every earlier one. Under FSDP gathering them
-        is a collective: every process takes part, and all agree (the loss is the global one)."""
-        if not self.enabled or not record["val_loss"] < self.loss:
+        """Write the weights if this evaluation beat every earlier one. Every process evaluates
+        the same windows with the same weights; they still agree explicitly, since under FSDP
+        gathering the weights is a collective that all must enter."""
+        if not self.enabled:
+            return
+        better = record["val_loss"] < self.loss
+        if trainer.context.enabled:
+            better = trainer.context.any(better, trainer.device)
+        if not better:
             return
         weights = full_model_state(trainer.model, trainer.config.trainer.distributed, trainer.context)
         self.loss, self.step = record["val_loss"], record["step"]
