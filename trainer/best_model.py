@@ -31,10 +31,11 @@ class BestModel:
         if enabled and resuming and self.path.exists():
             try:
                 saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                self.loss, self.step = float(saved["val_loss"]), int(saved["step"])
             except Exception as error:   # truncated or foreign: say so before any training
-                raise CheckpointError(f"{self.path} is not readable ({load_error_reason(error)}); move "
-                                      "it away, or pass trainer.save_best=false") from None
-            self.loss, self.step = saved.get("val_loss", math.inf), saved.get("step")
+                raise CheckpointError(f"{self.path} is not readable as a best model "
+                                      f"({load_error_reason(error)}); move it away, or pass "
+                                      "trainer.save_best=false") from None
 
     def after_evaluation(self, trainer, record: dict):
         """Write the weights if this evaluation beat every earlier one. Every process evaluates

@@ -74,6 +74,11 @@ def test_an_unreadable_best_model_stops_the_resume_naming_it(tmp_path, scripted_
     scripted_losses.update({1: 5.0, 2: 4.0})
     run_dir = tmp_path / "run"
     run(compose_run(_overrides(tmp_path, 2)), run_dir)
-    (run_dir / "best_model.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match=r"best_model.pt is not readable .*trainer.save_best=false"):
-        Trainer(compose_run(_overrides(tmp_path, 3) + ["resume=true"]), run_dir)
+    for foreign in (b"not a torch file", {"model": {}}):          # truncated; without step and loss
+        if isinstance(foreign, bytes):
+            (run_dir / "best_model.pt").write_bytes(foreign)
+        else:
+            torch.save(foreign, run_dir / "best_model.pt")
+        with pytest.raises(CheckpointError, match=r"best_model.pt is not readable as a best model "
+                                                  r"\(.+\); .*trainer.save_best=false"):
+            Trainer(compose_run(_overrides(tmp_path, 3) + ["resume=true"]), run_dir)
