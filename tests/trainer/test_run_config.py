@@ -53,6 +53,9 @@ def test_help_says_how_to_run_and_lists_the_choices():
     assert result.stdout.startswith("flashtrain: ") and "Usage: python -m trainer" in result.stdout
     assert re.search(r"^experiment: .*gpt2s_owt_4k", result.stdout, re.M)
     assert re.search(r"^trainer:\n  max_steps: \d+", result.stdout, re.M)   # the composed config
+    from trainer.time_budget import EXIT_TIME_BUDGET
+    assert f"Exit status: 0 finished; {EXIT_TIME_BUDGET} stopped and saved at trainer.max_minutes" \
+        in result.stdout
 
 
 def test_a_path_starting_with_a_tilde_gets_the_quoting_it_needs(tmp_path, monkeypatch):
