@@ -43,10 +43,7 @@ class BestModel:
         gathering the weights is a collective that all must enter."""
         if not self.enabled:
             return
-        better = record["val_loss"] < self.loss
-        if trainer.context.enabled:
-            better = trainer.context.any(better, trainer.device)
-        if not better:
+        if not trainer.context.any(record["val_loss"] < self.loss, trainer.device):
             return
         weights = full_model_state(trainer.model, trainer.config.trainer.distributed, trainer.context)
         self.loss, self.step = record["val_loss"], record["step"]

@@ -313,13 +313,18 @@ def flat_settings(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def default_settings() -> dict:
+    """Every run setting's default, flat: how a run behaved under a key its config predates."""
+    return flat_settings(dataclasses.asdict(RunConfig()))
+
+
 def config_changes(saved: dict, current: dict, path: Path) -> list[str]:
     """The allowed differences between a checkpoint's run config and this run's, as log lines;
     raises CheckpointError naming every difference that is not allowed."""
     old, new = flat_settings(saved), flat_settings(current)
     # A key added to the configuration after the checkpoint was written is absent from it: the
     # saved run behaved as the key's default does, so keeping the default is no change.
-    defaults = flat_settings(dataclasses.asdict(RunConfig()))
+    defaults = default_settings()
     saved_value = lambda key: old[key] if key in old else defaults.get(key)
     changed = [key for key in sorted(set(old) | set(new)) if saved_value(key) != new.get(key)]
     allowed = lambda key: any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUMABLE_CHANGES)

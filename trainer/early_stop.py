@@ -21,8 +21,7 @@ def stop_reason(trainer, signals: StopSignals, logged: bool, at_end: bool) -> st
     if context.enabled and logged and context.any(signals.received is not None, trainer.device):
         return signals.name or "a signal on another process"
     if logged and trainer.budget.seconds is not None:
-        due = trainer.budget.next_window_overruns()
-        if context.any(due, trainer.device) if context.enabled else due:
+        if context.any(trainer.budget.next_window_overruns(), trainer.device):
             return STOPPED_BY_BUDGET
     return None
 

@@ -195,8 +195,7 @@ class Trainer:
         minutes = self.config.trainer.save_minutes
         if minutes is None or not logged:
             return False
-        due = time.time() - self.last_saved >= 60 * minutes
-        return self.context.any(due, self.device) if self.context.enabled else due
+        return self.context.any(time.time() - self.last_saved >= 60 * minutes, self.device)
 
     # -- one optimizer step ------------------------------------------------------------------
     def autocast(self):

@@ -11,12 +11,10 @@ it: the settings in which the runs' configs differ, and a warning when they ran 
 """
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
-from .checkpoint import flat_settings
-from .config import RunConfig
+from .checkpoint import default_settings, flat_settings
 from .environment import read_environment
 from .metrics import read_metrics
 from .run_summary import format_table, summarize
@@ -47,7 +45,7 @@ def config_differences(configs: dict) -> str | None:
     """A Markdown table of the settings in which the runs' configs (``.hydra/config.yaml``)
     differ; None when fewer than two runs have one or they agree. A key that a run's config
     predates counts as its default, as on a resume."""
-    defaults = flat_settings(dataclasses.asdict(RunConfig()))
+    defaults = default_settings()
     flat = {name: {**defaults, **flat_settings(config)} for name, config in configs.items()
             if config is not None}
     if len(flat) < 2:
