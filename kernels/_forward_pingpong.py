@@ -34,16 +34,19 @@ step while the others' products run. Measured in docs/results/attention_notes.md
 The same arguments as ``_forward._forward_kernel`` (launch plans pass them) and then ``batches``;
 for the calls ``_hopper.pingpong_supported`` lets through: sm_90, padded fp16/bf16 input whose
 sequences are rows of one matrix (batch stride = seqlen x row stride, heads adjacent: one 2-D TMA
-descriptor per tensor), no window, no dropout, whole key blocks, queries in whole 64-row blocks,
-head dim 64 or 128. The last query tile of a sequence may be partial (640 queries in 192-row
+descriptor per tensor), no window, whole key blocks, queries in whole 64-row blocks, head dim 64
+or 128. With dropout each consumer draws its 64 rows' keep-mask for a key block in its softmax
+step (``_philox_gluon.dropped``: the mask every kernel regenerates); key blocks are then whole
+32-column counter blocks. The last query tile of a sequence may be partial (640 queries in 192-row
 tiles): with the causal mask its consumers past the end only pass their turns on; without it
 they compute the next sequence's rows (or zeros) and store nothing. The interpreter cannot run
 Gluon; the GPU-marked tests run it.
 
 ``default_tiles`` chooses it where it was measured faster than the previous default, in the same
-process (``_tile_rules.pingpong_forward_tiles``: head dim 128 from 512 tokens, 64 causal from
-2048, 64 without a mask from 512 (two consumers to 4K); attention_notes v19, v21, v22, v31, v32);
-elsewhere it runs for tiles a caller passes (``Tiles(..., gluon=True, pingpong=True)``).
+process (``_tile_rules.pingpong_forward_tiles``: without dropout, head dim 128 from 512 tokens,
+64 causal from 2048, 64 without a mask from 512 (two consumers to 4K); attention_notes v19, v21,
+v22, v31, v32); elsewhere, and with dropout, it runs for tiles a caller passes
+(``Tiles(..., gluon=True, pingpong=True)``).
 """
 
 from triton.experimental import gluon
@@ -51,6 +54,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
+from ._philox_gluon import dropout_arguments, dropped
 from ._pingpong_schedule import (ROWS, consumer_blocks, key_block_range, pass_turn,
                                  tile_coords, wait_turn)
 
@@ -106,13 +110,15 @@ def _causal_scores(s, block, row0, BLOCK_N: gl.constexpr, s_layout: gl.constexpr
 
 @gluon.jit
 def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, end, first, round0,
-                row0, qk_scale, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
+                row0, qk_scale, drop, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
                 KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+                DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, s_layout: gl.constexpr,
+                o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Consumer c's key blocks ``begin`` .. ``end`` - 1 of a tile whose block 0 is the ``first``-th
     loaded overall and whose first turn is ``round0``: per block, in its turn, S of this block and
-    P.V of the one before are issued; then the softmax step under P.V. On entry ``p`` holds block
-    begin - 1's probabilities; on exit block end - 1's."""
+    P.V of the one before are issued; then the softmax step under P.V (with dropout, the block's
+    keep-mask drawn there too: ``drop`` is ``dropout_arguments``' tuple for the consumer's rows).
+    On entry ``p`` holds block begin - 1's probabilities (dropped); on exit block end - 1's."""
     q_smem, k_smem, v_smem = buffers
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -138,6 +144,8 @@ def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, e
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
+        if DROPOUT:
+            p = dropped(p, following, drop, ROWS, BLOCK_N, N_ROUNDS, s_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         # This consumer is done with K_current and V_current.
@@ -164,11 +172,13 @@ def _pass_blocks(c: gl.constexpr, bars, begin, end, first, round0, KV_STAGES: gl
 
 @gluon.jit
 def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqlen_q, qk_scale,
-               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+               dropout, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
+               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, DROPOUT: gl.constexpr,
+               N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr):
     """Consumer c's rows of one tile (``place``: where its blocks and turns start, its rows,
     batch, head and Q buffer): key blocks 0 .. mine - 1 of the tile's ``n_blocks``, the rest's
-    turns passed on, then O and lse stored (rows past the end of the sequence are not)."""
+    turns passed on, then O and lse stored (rows past the end of the sequence are not).
+    ``dropout``: (seed, counter base, counters per row, threshold, rescale, query heads)."""
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
     k_smem = buffers[1]
     v_smem = buffers[2]
@@ -198,16 +208,24 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    if DROPOUT:    # the same keep-mask as every other kernel's (_philox.py's counter layout)
+        seed, counter_base, counters_per_row, threshold, rescale, heads_q = dropout
+        drop = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, row0,
+                                 counters_per_row, threshold, SEED_IN_MEMORY)
+        p = dropped(p, 0, drop, ROWS, BLOCK_N, N_ROUNDS, s_layout)
+    else:
+        drop = 0
 
     s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc, 1, n_full,
-                                      first, round0, row0, qk_scale, dtype, BLOCK_N,
-                                      KV_STAGES, False, NUM_CONSUMERS, s_layout, o_layout,
-                                      p_layout)
+                                      first, round0, row0, qk_scale, drop, dtype, BLOCK_N,
+                                      KV_STAGES, False, NUM_CONSUMERS, DROPOUT, N_ROUNDS,
+                                      s_layout, o_layout, p_layout)
     if CAUSAL:    # the diagonal blocks up to this consumer's last row, masked
         s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc,
                                           gl.maximum(n_full, 1), mine, first, round0, row0,
-                                          qk_scale, dtype, BLOCK_N, KV_STAGES, True,
-                                          NUM_CONSUMERS, s_layout, o_layout, p_layout)
+                                          qk_scale, drop, dtype, BLOCK_N, KV_STAGES, True,
+                                          NUM_CONSUMERS, DROPOUT, N_ROUNDS, s_layout, o_layout,
+                                          p_layout)
 
     last = first + mine - 1
     last_stage = last % KV_STAGES
@@ -221,7 +239,11 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     if CAUSAL:    # the others wait on this consumer's turns, not on its store
         _pass_blocks(c, bars, mine, n_blocks, first, round0, KV_STAGES, NUM_CONSUMERS)
 
-    acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    # Every row saw at least key 0, so l_i > 0. With dropout the kept weights entered unscaled.
+    if DROPOUT:
+        acc = acc * (dropout[4] / gl.convert_layout(l_i, o_rows))[:, None]
+    else:
+        acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
     # O through Q's buffer (every S product of the tile has been waited for) and one TMA
     # store: the 64 x HEAD_DIM store leaves the consumer's registers at once (v29: 2-8 % off
     # the forward against stores from registers). Whole 64-row blocks only (seqlen_q is a
@@ -240,9 +262,10 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
+def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale, dropout,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr,
+              DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr):
     """Consumer c: its 64 query rows of each of the program's tiles, taking turns at the tensor
     cores with the other consumers; writes its rows of O and lse."""
     q_smem = buffers[0]
@@ -267,8 +290,8 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
             mine = consumer_blocks(row0, n_blocks, seqlen_q, BLOCK_N)
             if mine > 0:
                 _tile_rows(c, q, buffers, bars, out_args, place, (mine, n_blocks, n_full),
-                           seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
-                           NUM_CONSUMERS)
+                           seqlen_q, qk_scale, dropout, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
+                           NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY)
             else:    # rows past the end of the sequence: only the tile's turns
                 wait_turn(turns, c, round0)
                 pass_turn(turns, c, NUM_CONSUMERS)
@@ -276,13 +299,14 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
                 mbarrier.arrive(q_empty.index(buffer), count=1)
         else:
             _tile_rows(c, q, buffers, bars, out_args, place, (n_blocks, n_blocks, n_full),
-                       seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL, NUM_CONSUMERS)
+                       seqlen_q, qk_scale, dropout, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
+                       NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY)
         first += n_blocks
         round0 += n_blocks + 1
         it += 1
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["seed", "counter_base"])
 def _forward_pingpong_kernel(
     Q, K, V, Out, Lse, cu_seqlens, seed, counter_base,
     stride_qb, stride_qn, stride_qh,
@@ -298,8 +322,9 @@ def _forward_pingpong_kernel(
     HEAD_MAJOR: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.pingpong_call), as many queries as keys.
-    gl.static_assert(not (LOWER or VARLEN or DROPOUT),
-                     "windows, packed input and dropout run the other kernels")
+    gl.static_assert(not (LOWER or VARLEN), "windows and packed input run the other kernels")
+    # The keep-mask's counters cover 16-row pairs (a consumer has 64 rows) and 32-column blocks.
+    gl.static_assert(not DROPOUT or BLOCK_N % 32 == 0, "dropout needs key blocks of 32 columns")
     gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
     gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
     NUM_CONSUMERS: gl.constexpr = BLOCK_M // ROWS
@@ -353,25 +378,31 @@ def _forward_pingpong_kernel(
                                         [stride_on, 1], [ROWS, HEAD_DIM], q_layout)
     out_args = (o_desc, Lse, stride_lse_b, stride_lse_h)
     geometry = (n_tiles, n_query_blocks, heads_q, group_size, seqlen_q, seqlen_k)
+    dropout = (seed, counter_base, counters_per_row, drop_threshold, drop_rescale, heads_q)
     # The argument tuples are written out in each call: Gluon passes a tuple's constexprs (the
     # consumer's index among them) through only when the tuple is built in the call.
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY)),
+            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
-            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY)),
+            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY)),
+            (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

@@ -95,7 +95,7 @@ PINGPONG_TILES = {
 def pingpong_forward_tiles(head_dim: int, device: torch.device, dtype: torch.dtype, causal: bool,
                            dropout: bool, seqlen_q: int, seqlen_k: int) -> Tiles | None:
     """Tiles of the ping-pong forward where it was measured fastest (``PINGPONG_TILES``, as many
-    queries as keys); None elsewhere: with dropout (it has none), few queries (each 128- or
+    queries as keys); None elsewhere: with dropout (not yet measured), few queries (each 128- or
     192-row tile would be mostly padding, e.g. one query against a long cache: unmeasured), and
     off sm_90."""
     key = (head_dim, causal)

@@ -207,6 +207,28 @@ def test_gluon_forward_with_dropout_on_gpu(head_dim, tiles, causal, monkeypatch)
     gluon_kernel_matches_reference_with_dropout(head_dim, causal, _forward.FORWARD_GLUON)
 
 
+# The ping-pong forward with dropout: tiles that compile without spills in their key-block loops
+# on sm_90 (scripts/kernel_resources.py), two and three consumers; 640 tokens leave 192-row
+# tiles a partial last one.
+PINGPONG_DROPOUT_TILES = [(64, (128, 128, 4, 3), 1024), (64, (192, 64, 4, 3), 640),
+                          (64, (128, 64, 4, 4), 1024), (128, (128, 64, 4, 4), 1024),
+                          (128, (192, 64, 4, 3), 640)]
+
+
+@sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles, seqlen", PINGPONG_DROPOUT_TILES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_pingpong_forward_with_dropout_on_gpu(head_dim, tiles, seqlen, causal, monkeypatch):
+    # Each consumer draws its own 64 rows' mask; the gradients come from the default backward,
+    # which regenerates the mask from the same seed and offset.
+    from kernels import _eager_plan, _forward
+    from kernels._launch import Tiles
+    pingpong = Tiles(*tiles, gluon=True, pingpong=True)
+    monkeypatch.setattr(_forward, "default_tiles", lambda *args: pingpong)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    gluon_kernel_matches_reference_with_dropout(head_dim, causal, _forward.FORWARD_PINGPONG, seqlen)
+
+
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, tiles", GLUON_DKDV_DROPOUT_TILES)
 @pytest.mark.parametrize("mask_layout", ["untransposed", "broadcast"])
@@ -251,10 +273,10 @@ def test_gluon_kernels_read_a_device_seed_like_the_portable_ones():
                 offset=0)
     out, lse = _forward.forward(q, k, v, None, **args)
     fallbacks = len(_hopper.FALLBACKS)
-    gluon_out, gluon_lse = _forward.forward(q, k, v, None, tiles=Tiles(64, 64, 4, 3, gluon=True),
-                                            **args)
-    assert ((gluon_out.float() - out.float()).norm() / out.float().norm()).item() < 8e-3
-    torch.testing.assert_close(gluon_lse, lse, rtol=1e-4, atol=1e-4)
+    for tiles in (Tiles(64, 64, 4, 3, gluon=True), Tiles(128, 128, 4, 3, gluon=True, pingpong=True)):
+        gluon_out, gluon_lse = _forward.forward(q, k, v, None, tiles=tiles, **args)
+        assert ((gluon_out.float() - out.float()).norm() / out.float().norm()).item() < 8e-3
+        torch.testing.assert_close(gluon_lse, lse, rtol=1e-4, atol=1e-4)
     portable = _backward.backward(grad_out, q, k, v, out, lse, None,
                                   tiles=(Tiles(64, 64, 4, 3), Tiles(64, 64, 4, 3)), **args)
     # The two-pass Gluon backward, and the warp-specialized fused pass (with the portable
