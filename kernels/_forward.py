@@ -129,6 +129,9 @@ FORWARD = DirectLauncher(_forward_kernel)
 FORWARD_TMA = DirectLauncher(_forward_tma._forward_tma_kernel)
 FORWARD_GLUON = DirectLauncher(_forward_gluon._forward_gluon_kernel)
 FORWARD_PINGPONG = DirectLauncher(_forward_pingpong._forward_pingpong_kernel)
+# With dropout, the ping-pong forward draws a key block's keep-mask while its products run (True)
+# or after the softmax step (False). Unmeasured: an A/B decides, then one goes.
+PINGPONG_MASK_EARLY = False
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -184,6 +187,8 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
         # Persistent: one program per SM (or per tile, if fewer), each walking its tiles.
         programs = min(grid[0] * grid[1] * grid[2], multiprocessors(q.device))
         options.update(KV_STAGES=tiles.num_stages, HEAD_MAJOR=tiles.head_major)
+        if dropout_p > 0 and PINGPONG_MASK_EARLY:
+            options["MASK_EARLY"] = True
         return FORWARD_PINGPONG, (programs,), (*static, geometry.batch), options
     if gluon:
         options["KV_STAGES"] = tiles.num_stages

@@ -54,7 +54,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
-from ._philox_gluon import dropout_arguments, dropped
+from ._philox_gluon import dropout_arguments, dropped, keep_tile
 from ._pingpong_schedule import (ROWS, consumer_blocks, key_block_range, pass_turn,
                                  tile_coords, wait_turn)
 
@@ -112,12 +112,13 @@ def _causal_scores(s, block, row0, BLOCK_N: gl.constexpr, s_layout: gl.constexpr
 def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, end, first, round0,
                 row0, qk_scale, drop, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
                 KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, s_layout: gl.constexpr,
-                o_layout: gl.constexpr, p_layout: gl.constexpr):
+                DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_EARLY: gl.constexpr,
+                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Consumer c's key blocks ``begin`` .. ``end`` - 1 of a tile whose block 0 is the ``first``-th
     loaded overall and whose first turn is ``round0``: per block, in its turn, S of this block and
     P.V of the one before are issued; then the softmax step under P.V (with dropout, the block's
-    keep-mask drawn there too: ``drop`` is ``dropout_arguments``' tuple for the consumer's rows).
+    keep-mask drawn there too: ``drop`` is ``dropout_arguments``' tuple for the consumer's rows;
+    with MASK_EARLY drawn while the products run instead, unmeasured: an A/B keeps one).
     On entry ``p`` holds block begin - 1's probabilities (dropped); on exit block end - 1's."""
     q_smem, k_smem, v_smem = buffers
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
@@ -136,7 +137,16 @@ def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, e
         pass_turn(turns, c, NUM_CONSUMERS)
         # Products complete in issue order: one outstanding means S_following is done while
         # P_current.V_current may still run under the softmax step.
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        if DROPOUT and MASK_EARLY:
+            # Philox needs no scores: the mask drawn while this consumer's products run, and
+            # passed through the wait (as 32-bit values, the narrowest it takes) so that the
+            # compiler cannot sink it past the wait.
+            seed, counter_base, first_pair, counters_per_row, threshold = drop
+            keep = keep_tile(seed, counter_base, first_pair, counters_per_row,
+                             following * BLOCK_N, threshold, ROWS, BLOCK_N, N_ROUNDS, s_layout)
+            s, keep = warpgroup_mma_wait(num_outstanding=1, deps=(s, keep.to(gl.int32)))
+        else:
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
         if CAUSAL_MASK:
             s = _causal_scores(s, following, row0, BLOCK_N, s_layout)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -145,7 +155,10 @@ def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, e
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         if DROPOUT:
-            p = dropped(p, following, drop, ROWS, BLOCK_N, N_ROUNDS, s_layout)
+            if MASK_EARLY:
+                p = gl.where(keep != 0, p, 0.0)
+            else:
+                p = dropped(p, following, drop, ROWS, BLOCK_N, N_ROUNDS, s_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         # This consumer is done with K_current and V_current.
@@ -174,7 +187,7 @@ def _pass_blocks(c: gl.constexpr, bars, begin, end, first, round0, KV_STAGES: gl
 def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqlen_q, qk_scale,
                dropout, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
                CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, DROPOUT: gl.constexpr,
-               N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr):
+               N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr, MASK_EARLY: gl.constexpr):
     """Consumer c's rows of one tile (``place``: where its blocks and turns start, its rows,
     batch, head and Q buffer): key blocks 0 .. mine - 1 of the tile's ``n_blocks``, the rest's
     turns passed on, then O and lse stored (rows past the end of the sequence are not).
@@ -219,13 +232,13 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc, 1, n_full,
                                       first, round0, row0, qk_scale, drop, dtype, BLOCK_N,
                                       KV_STAGES, False, NUM_CONSUMERS, DROPOUT, N_ROUNDS,
-                                      s_layout, o_layout, p_layout)
+                                      MASK_EARLY, s_layout, o_layout, p_layout)
     if CAUSAL:    # the diagonal blocks up to this consumer's last row, masked
         s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc,
                                           gl.maximum(n_full, 1), mine, first, round0, row0,
                                           qk_scale, drop, dtype, BLOCK_N, KV_STAGES, True,
-                                          NUM_CONSUMERS, DROPOUT, N_ROUNDS, s_layout, o_layout,
-                                          p_layout)
+                                          NUM_CONSUMERS, DROPOUT, N_ROUNDS, MASK_EARLY, s_layout,
+                                          o_layout, p_layout)
 
     last = first + mine - 1
     last_stage = last % KV_STAGES
@@ -265,7 +278,8 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
 def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale, dropout,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr,
-              DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr):
+              DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr,
+              MASK_EARLY: gl.constexpr):
     """Consumer c: its 64 query rows of each of the program's tiles, taking turns at the tensor
     cores with the other consumers; writes its rows of O and lse."""
     q_smem = buffers[0]
@@ -291,7 +305,7 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale, drop
             if mine > 0:
                 _tile_rows(c, q, buffers, bars, out_args, place, (mine, n_blocks, n_full),
                            seqlen_q, qk_scale, dropout, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
-                           NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY)
+                           NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)
             else:    # rows past the end of the sequence: only the tile's turns
                 wait_turn(turns, c, round0)
                 pass_turn(turns, c, NUM_CONSUMERS)
@@ -300,7 +314,7 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale, drop
         else:
             _tile_rows(c, q, buffers, bars, out_args, place, (n_blocks, n_blocks, n_full),
                        seqlen_q, qk_scale, dropout, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
-                       NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY)
+                       NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)
         first += n_blocks
         round0 += n_blocks + 1
         it += 1
@@ -320,6 +334,7 @@ def _forward_pingpong_kernel(
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
     HEAD_MAJOR: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
+    MASK_EARLY: gl.constexpr = False,
 ):
     # UPPER is the causal mask here (no window: _hopper.pingpong_call), as many queries as keys.
     gl.static_assert(not (LOWER or VARLEN), "windows and packed input run the other kernels")
@@ -385,10 +400,10 @@ def _forward_pingpong_kernel(
         gl.warp_specialize([
             (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY)),
+                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
             (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY)),
+                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -396,13 +411,13 @@ def _forward_pingpong_kernel(
         gl.warp_specialize([
             (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY)),
+                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
             (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY)),
+                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
             (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY)),
+                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

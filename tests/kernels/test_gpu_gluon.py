@@ -218,13 +218,17 @@ PINGPONG_DROPOUT_TILES = [(64, (128, 128, 4, 3), 1024), (64, (192, 64, 4, 3), 64
 @sm90_exactly
 @pytest.mark.parametrize("head_dim, tiles, seqlen", PINGPONG_DROPOUT_TILES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_pingpong_forward_with_dropout_on_gpu(head_dim, tiles, seqlen, causal, monkeypatch):
-    # Each consumer draws its own 64 rows' mask; the gradients come from the default backward,
-    # which regenerates the mask from the same seed and offset.
+@pytest.mark.parametrize("mask_early", [False, True])
+def test_pingpong_forward_with_dropout_on_gpu(head_dim, tiles, seqlen, causal, mask_early,
+                                              monkeypatch):
+    # Each consumer draws its own 64 rows' mask (after the softmax step, or while its products
+    # run); the gradients come from the default backward, which regenerates the mask from the
+    # same seed and offset.
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles
     pingpong = Tiles(*tiles, gluon=True, pingpong=True)
     monkeypatch.setattr(_forward, "default_tiles", lambda *args: pingpong)
+    monkeypatch.setattr(_forward, "PINGPONG_MASK_EARLY", mask_early)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     gluon_kernel_matches_reference_with_dropout(head_dim, causal, _forward.FORWARD_PINGPONG, seqlen)
 
