@@ -12,6 +12,10 @@ schedule is written out:
            softmax step on S_{j+1} (while P_j·V_j runs), wait for O, rescale O
     O += P_last·V_last
 
+(Compiled for sm_90 by Triton 3.6, ptxas moves the wait for O ahead of nearly all of the step's
+exponentials, so P_j·V_j overlaps little of the softmax step: ``scripts/kernel_resources.py``'s
+``exps_under_mma``, attention_notes v41.)
+
 K and V arrive by TMA into KV_STAGES stages, each with its own mbarrier, loaded KV_STAGES - 1
 blocks ahead. With a causal mask the key blocks every row of the query block sees run that loop
 unmasked and the diagonal blocks run it again with the mask; blocks past the diagonal are not

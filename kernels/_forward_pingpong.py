@@ -8,7 +8,9 @@ exponentials for a 128-key block take as many special-function cycles, 8192 at 1
 its two products take tensor-core cycles; v18 did not settle whether that unit or instruction
 issue is the bound). Here each consumer, in its turn, issues S = Q·Kᵀ of the
 next key block and O += P·V of this one, passes the turn on (an mbarrier), and runs its softmax
-step while the others' products run. Measured in docs/results/attention_notes.md (v18).
+step while the others' products run. Measured in docs/results/attention_notes.md (v18). (Its own
+P·V does not run under its softmax step: compiled for sm_90, ptxas places the wait for P·V before
+the step's exponentials; ``scripts/kernel_resources.py``'s ``exps_under_mma``, attention_notes v41.)
 
 - Consumers: BLOCK_M // 64 (2 or 3), each with its own 64 rows of a BLOCK_M-row tile; all of a
   tile's consumers take the same key blocks, so the turns alternate strictly. Registers per

@@ -23,6 +23,8 @@ for smaller tiles or more warps before any GPU time is spent; ``wgmma_serialized
 reason when it made every warpgroup MMA wait for the one before (the source's overlap then counts
 for nothing); ``mma_loop_spills`` counts the spill instructions inside each innermost loop that
 holds warpgroup MMAs (the hot loops: stack bytes alone do not say where the spills are);
+``exps_under_mma`` counts, per such loop, the exponentials ptxas placed between the wait that
+leaves one product outstanding and the wait for all (what of the softmax can run under P.V);
 ``sass_digest`` is a hash of the SASS instructions without their addresses and encodings, so a
 refactor that should not change a kernel can be checked on this machine: the same digest before
 and after means the same machine code (v36 removed two options this way). Speed itself is
@@ -132,6 +134,7 @@ def usage(compiled) -> dict:
             "shared_bytes": compiled.metadata.shared, "sass_instructions": sass.count(" ;"),
             "wgmma_serialized": "yes" if reasons else "no",
             "mma_loop_spills": ",".join(map(str, mma_loop_spills(sass))) or "-",
+            "exps_under_mma": ",".join(map(str, exps_under_mma(sass))) or "-",
             "sass_digest": sass_digest(sass)}
 
 
@@ -149,6 +152,26 @@ def mma_loop_spills(sass: str) -> list[int]:
     the hot loop or in a prologue (a loop is a branch back to an earlier address)."""
     return [sum(bool(re.search(r"\b(?:STL|LDL)\b", text)) for text in loop)
             for loop in mma_loops(sass)]
+
+
+def exps_under_mma(sass: str) -> list[int]:
+    """Per innermost MMA loop, the exponentials (MUFU.EX2) issued between a wait that leaves one
+    product outstanding (``WARPGROUP.DEPBAR.LE gsb0, 0x1``) and the next wait for all of them
+    (``0x0``): the softmax work that can run under the outstanding product (the forwards' P.V).
+    0 means ptxas placed the second wait before the exponentials, whatever the source's order
+    (attention_notes v41); loops without such a pair are left out."""
+    counts = []
+    for loop in mma_loops(sass):
+        waiting = None
+        for text in loop:
+            if "WARPGROUP.DEPBAR.LE" in text and re.search(r"gsb0,\s*0x1\b", text):
+                waiting = 0
+            elif "WARPGROUP.DEPBAR.LE" in text and waiting is not None:
+                counts.append(waiting)
+                waiting = None
+            elif waiting is not None and "MUFU.EX2" in text:
+                waiting += 1
+    return counts
 
 
 def mma_loops(sass: str) -> list[list[str]]:

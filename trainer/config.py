@@ -36,8 +36,8 @@ class ModelSection:
     d_model: int | None = None           # optional overrides of the named size
     attn_window: int | None = None       # sliding-window attention (decoders): tokens a query sees
     global_every: int | None = None      # with attn_window: every k-th layer attends globally
-    n_layer: int | None = None
-    n_head: int | None = None
+    n_layer: int | None = None           # blocks (override of the named size)
+    n_head: int | None = None            # attention heads (override of the named size)
     init_from: str | None = None         # start from a Hugging Face directory or a flashtrain model file
     # How init_from's positions grow when data.seqlen exceeds them. Learned tables: copy (tile,
     # as the FlashAttention paper did) | interpolate (stretch). Rotary models: ntk (raise the
@@ -54,10 +54,10 @@ class OptimConfig:
     lr: float = 6e-4                     # peak learning rate
     min_lr_ratio: float = 0.1            # final lr = lr * min_lr_ratio
     weight_decay: float = 0.1            # applied to 2-D weights only (matmuls, embeddings), not biases or norms
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 100
+    beta1: float = 0.9                   # AdamW's first-moment decay
+    beta2: float = 0.95                  # AdamW's second-moment decay
+    eps: float = 1e-8                    # AdamW's denominator term
+    warmup_steps: int = 100              # linear warmup from 0 to lr over these steps
     # After warmup: cosine | linear (decay to min_lr over the rest of the run) | constant | wsd
     # (warmup-stable-decay: the peak lr until the last decay_fraction of the steps, then linear to
     # min_lr; a resume may raise trainer.max_steps during the stable phase without changing the
@@ -97,7 +97,7 @@ class TrainerConfig:
     # write the weights to <run>/best_model.pt (a model file, which every tool reads).
     save_best: bool = False
     keep_checkpoints: int = 2            # newest checkpoints kept
-    seed: int = 1337
+    seed: int = 1337                     # weights, data order and dropout masks follow from it
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     # auto (bf16 on a GPU or a CPU with native bf16, else fp32) | bf16 | fp16 | fp32 (bf16/fp16:
     # autocast; fp16 adds a grad scaler)
@@ -147,9 +147,9 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     kind: str = "wandb"                  # wandb | none (metrics.jsonl and the console are always written)
-    project: str = "flashtrain"
+    project: str = "flashtrain"          # the wandb project
     mode: str = "offline"                # offline (sync later with `wandb sync`) | online; WANDB_MODE wins
-    name: str | None = None
+    name: str | None = None              # the wandb run name; None: wandb chooses one
 
     def __post_init__(self):
         _one_of("logger.kind", self.kind, ("wandb", "none"))

@@ -128,6 +128,29 @@ def test_spills_are_counted_per_innermost_loop_that_holds_warpgroup_mmas():
     assert kernel_resources.mma_loop_spills("        /*0000*/                   EXIT ;") == []
 
 
+def test_exponentials_between_the_two_waits_are_counted_per_loop():
+    # A loop whose second wait comes after two exponentials, one whose second wait comes first,
+    # and a loop with a single wait (no pair: not counted).
+    sass = """
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, gsb0 ;
+        /*0010*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0020*/                   MUFU.EX2 R3, R3 ;
+        /*0030*/                   MUFU.EX2 R4, R4 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0050*/                   MUFU.EX2 R5, R5 ;
+        /*0060*/               @P0 BRA 0x0 ;
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, gsb0 ;
+        /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0090*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00a0*/                   MUFU.EX2 R3, R3 ;
+        /*00b0*/               @P1 BRA 0x70 ;
+        /*00c0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, gsb0 ;
+        /*00d0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00e0*/                   MUFU.EX2 R3, R3 ;
+        /*00f0*/               @P2 BRA 0xc0 ;"""
+    assert kernel_resources.exps_under_mma(sass) == [2, 0]
+
+
 def test_the_sass_digest_names_the_instructions_not_their_addresses():
     code = """
         /*0000*/                   IADD3 R5, R5, 0x1, RZ ;      /* 0x0000000105057810 */

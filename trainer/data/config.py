@@ -38,15 +38,16 @@ class DataConfig:
     # own parquet conversion, for a dataset published with a loading script (datasets >= 4 runs none)
     hub_revision: str | None = None
     text_field: str = "text"             # the column/field holding a document's text
+    # files: the name endings read as text documents (.jsonl and .parquet files are read as
+    # records, a document per record, whatever this says)
     extensions: list[str] = field(default_factory=lambda: list(TEXT_EXTENSIONS))
     validation_fraction: float = 0.05    # files/python_stdlib/hub-without-validation: share held out
     # Tokenizer: train a byte-level BPE ("bpe", GPT) or WordPiece ("wordpiece", BERT) on the training
     # split, or load an existing tokenizer.json (tokenizer_file).
     tokenizer: str = "bpe"               # bpe | wordpiece
-    tokenizer_file: str | None = None
-    vocab_size: int = 8192
+    tokenizer_file: str | None = None    # a tokenizer.json to load instead of training one
+    vocab_size: int = 8192               # the trained tokenizer's vocabulary
     tokenizer_train_bytes: int = 50_000_000   # at most this much training text feeds the trainer
-    # Samples
     seqlen: int = 256                    # tokens per training window (model context)
     document_aware: bool = False         # windows carry cu_seqlens: no attention across documents
     # Pack the training split's documents in a fixed random order instead of the corpus's own (a
@@ -59,13 +60,13 @@ class DataConfig:
     # times the rows), mix_fraction of them: a long-context stage that keeps the batch diversity of
     # short-context training for part of every step (trainer/data/mixed_context.py). Causal only.
     mix_seqlen: int | None = None
-    mix_fraction: float = 0.5
+    mix_fraction: float = 0.5            # with mix_seqlen: the share of micro-batches at the shorter context
     # Run the short micro-batches as rows of data.seqlen (windows end to end, attention cut at each)
     # when that computes the same thing: document-aware batches and a rotary model. One compiled
     # shape instead of two.
     mix_pack: bool = True
     objective: str = "causal"            # causal (GPT windows) | mlm (BERT)
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.15        # mlm: the share of tokens made targets (BERT: 0.15)
     # None: each token is a target with mlm_probability (Hugging Face's collator). A number K: as
     # the original BERT data (max_predictions_per_seq), exactly min(K, max(1, round(p·length)))
     # targets per sequence, so the model's MLM head runs on a fixed B x K positions: static shapes,
@@ -78,6 +79,7 @@ class DataConfig:
     # Tokenization processes; None: one per core this process may run on, up to MAX_AUTO_PROCESSES.
     num_proc: int | None = None
     token_dtype: str | None = None       # uint16 | uint32 token ids on disk; None = smallest that fits
+    # Tokenizers and token shards, reused by every run over the same corpus and settings
     cache_dir: str = field(default_factory=default_cache_dir)
 
     def __post_init__(self):
