@@ -111,17 +111,41 @@ def _causal_scores(s, block, row0, BLOCK_N: gl.constexpr, s_layout: gl.constexpr
 
 
 @gluon.jit
+def _step(s, m_i, l_i, qk_scale, block, drop, keep, BLOCK_N: gl.constexpr, DROPOUT: gl.constexpr,
+          N_ROUNDS: gl.constexpr, MASK_EARLY: gl.constexpr, s_layout: gl.constexpr):
+    """The online-softmax step on key block ``block``'s scores: (probabilities for P.V, dropped
+    with dropout; new row maxima; new row sums of the undropped probabilities; the factor O's
+    rows owe the new maxima)."""
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    if DROPOUT:
+        if MASK_EARLY:
+            p = gl.where(keep != 0, p, 0.0)
+        else:
+            p = dropped(p, block, drop, ROWS, BLOCK_N, N_ROUNDS, s_layout)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
 def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, end, first, round0,
                 row0, qk_scale, drop, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
                 KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, MASK_EARLY: gl.constexpr,
+                DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SCHEDULE: gl.constexpr,
                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Consumer c's key blocks ``begin`` .. ``end`` - 1 of a tile whose block 0 is the ``first``-th
     loaded overall and whose first turn is ``round0``: per block, in its turn, S of this block and
     P.V of the one before are issued; then the softmax step under P.V (with dropout, the block's
-    keep-mask drawn there too: ``drop`` is ``dropout_arguments``' tuple for the consumer's rows;
-    with MASK_EARLY drawn while the products run instead, unmeasured: an A/B keeps one).
-    On entry ``p`` holds block begin - 1's probabilities (dropped); on exit block end - 1's."""
+    keep-mask drawn there too: ``drop`` is ``dropout_arguments``' tuple for the consumer's rows).
+    On entry ``p`` holds block begin - 1's probabilities (dropped); on exit block end - 1's.
+
+    ``SCHEDULE`` (unmeasured options; an A/B keeps what wins): bit 0, with dropout the mask drawn
+    while the products run instead of after the step; bit 1, the step in a loop that runs once, so
+    that ptxas keeps the wait for P.V below it instead of moving it ahead of the exponentials
+    (attention_notes v41: compiled, 34-66 exponentials then run under P.V instead of 0)."""
+    MASK_EARLY: gl.constexpr = SCHEDULE % 2 == 1
+    STEP_LOOP: gl.constexpr = SCHEDULE // 2 % 2 == 1
     q_smem, k_smem, v_smem = buffers
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -149,18 +173,18 @@ def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, e
             s, keep = warpgroup_mma_wait(num_outstanding=1, deps=(s, keep.to(gl.int32)))
         else:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            keep = 0
         if CAUSAL_MASK:
             s = _causal_scores(s, following, row0, BLOCK_N, s_layout)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        if DROPOUT:
-            if MASK_EARLY:
-                p = gl.where(keep != 0, p, 0.0)
-            else:
-                p = dropped(p, following, drop, ROWS, BLOCK_N, N_ROUNDS, s_layout)
+        if STEP_LOOP:
+            alpha = m_i
+            # Always one pass (row0 >= 0), which the compiler cannot know.
+            for _ in range((row0 >= 0).to(gl.int32)):
+                p, m_i, l_i, alpha = _step(s, m_i, l_i, qk_scale, following, drop, keep, BLOCK_N,
+                                           DROPOUT, N_ROUNDS, MASK_EARLY, s_layout)
+        else:
+            p, m_i, l_i, alpha = _step(s, m_i, l_i, qk_scale, following, drop, keep, BLOCK_N,
+                                       DROPOUT, N_ROUNDS, MASK_EARLY, s_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         # This consumer is done with K_current and V_current.
@@ -189,7 +213,7 @@ def _pass_blocks(c: gl.constexpr, bars, begin, end, first, round0, KV_STAGES: gl
 def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqlen_q, qk_scale,
                dropout, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
                CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, DROPOUT: gl.constexpr,
-               N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr, MASK_EARLY: gl.constexpr):
+               N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr, SCHEDULE: gl.constexpr):
     """Consumer c's rows of one tile (``place``: where its blocks and turns start, its rows,
     batch, head and Q buffer): key blocks 0 .. mine - 1 of the tile's ``n_blocks``, the rest's
     turns passed on, then O and lse stored (rows past the end of the sequence are not).
@@ -234,12 +258,12 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc, 1, n_full,
                                       first, round0, row0, qk_scale, drop, dtype, BLOCK_N,
                                       KV_STAGES, False, NUM_CONSUMERS, DROPOUT, N_ROUNDS,
-                                      MASK_EARLY, s_layout, o_layout, p_layout)
+                                      SCHEDULE, s_layout, o_layout, p_layout)
     if CAUSAL:    # the diagonal blocks up to this consumer's last row, masked
         s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc,
                                           gl.maximum(n_full, 1), mine, first, round0, row0,
                                           qk_scale, drop, dtype, BLOCK_N, KV_STAGES, True,
-                                          NUM_CONSUMERS, DROPOUT, N_ROUNDS, MASK_EARLY, s_layout,
+                                          NUM_CONSUMERS, DROPOUT, N_ROUNDS, SCHEDULE, s_layout,
                                           o_layout, p_layout)
 
     last = first + mine - 1
@@ -281,7 +305,7 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale, drop
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr,
               DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr,
-              MASK_EARLY: gl.constexpr):
+              SCHEDULE: gl.constexpr):
     """Consumer c: its 64 query rows of each of the program's tiles, taking turns at the tensor
     cores with the other consumers; writes its rows of O and lse."""
     q_smem = buffers[0]
@@ -307,7 +331,7 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale, drop
             if mine > 0:
                 _tile_rows(c, q, buffers, bars, out_args, place, (mine, n_blocks, n_full),
                            seqlen_q, qk_scale, dropout, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
-                           NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)
+                           NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)
             else:    # rows past the end of the sequence: only the tile's turns
                 wait_turn(turns, c, round0)
                 pass_turn(turns, c, NUM_CONSUMERS)
@@ -316,7 +340,7 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale, drop
         else:
             _tile_rows(c, q, buffers, bars, out_args, place, (n_blocks, n_blocks, n_full),
                        seqlen_q, qk_scale, dropout, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
-                       NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)
+                       NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)
         first += n_blocks
         round0 += n_blocks + 1
         it += 1
@@ -336,7 +360,7 @@ def _forward_pingpong_kernel(
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
     HEAD_MAJOR: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
-    MASK_EARLY: gl.constexpr = False,
+    SCHEDULE: gl.constexpr = 0,
 ):
     # UPPER is the causal mask here (no window: _hopper.pingpong_call), as many queries as keys.
     gl.static_assert(not (LOWER or VARLEN), "windows and packed input run the other kernels")
@@ -402,10 +426,10 @@ def _forward_pingpong_kernel(
         gl.warp_specialize([
             (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
             (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -413,13 +437,13 @@ def _forward_pingpong_kernel(
         gl.warp_specialize([
             (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
             (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
             (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
                          BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
-                         N_ROUNDS, SEED_IN_MEMORY, MASK_EARLY)),
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

@@ -216,19 +216,39 @@ PINGPONG_DROPOUT_TILES = [(64, (128, 128, 4, 3), 1024), (64, (192, 64, 4, 3), 64
 
 
 @sm90_exactly
+@pytest.mark.parametrize("head_dim, tiles", [(64, (192, 64, 4, 3)), (64, (128, 128, 4, 3)),
+                                             (128, (192, 64, 4, 3)), (128, (128, 64, 4, 4))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pingpong_forward_with_its_step_in_a_loop_on_gpu(head_dim, tiles, causal, monkeypatch):
+    # SCHEDULE bit 1 without dropout: against float64, 640 tokens (a partial last tile at 192
+    # rows) and 4096 with GQA.
+    from kernels import _eager_plan, _forward
+    from kernels._launch import Tiles
+    monkeypatch.setattr(_forward, "default_tiles",
+                        lambda *args: Tiles(*tiles, gluon=True, pingpong=True))
+    monkeypatch.setattr(_forward, "PINGPONG_SCHEDULE", 2)
+    monkeypatch.setattr(_eager_plan, "_PLANS", {})
+    for seqlen, heads_k in ((640, 4), (4096, 2)):
+        q, k, v = random_qkv((2, seqlen, 4, head_dim), (2, seqlen, heads_k, head_dim),
+                             torch.bfloat16, "cuda")
+        check_default_forward(q, k, v, causal, _forward.FORWARD_PINGPONG)
+
+
+@sm90_exactly
 @pytest.mark.parametrize("head_dim, tiles, seqlen", PINGPONG_DROPOUT_TILES)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("mask_early", [False, True])
-def test_pingpong_forward_with_dropout_on_gpu(head_dim, tiles, seqlen, causal, mask_early,
+@pytest.mark.parametrize("schedule", [0, 1, 2, 3])
+def test_pingpong_forward_with_dropout_on_gpu(head_dim, tiles, seqlen, causal, schedule,
                                               monkeypatch):
     # Each consumer draws its own 64 rows' mask (after the softmax step, or while its products
-    # run); the gradients come from the default backward, which regenerates the mask from the
-    # same seed and offset.
+    # run, and with the step in a loop of its own or not: _forward.PINGPONG_SCHEDULE); the
+    # gradients come from the default backward, which regenerates the mask from the same seed and
+    # offset.
     from kernels import _eager_plan, _forward
     from kernels._launch import Tiles
     pingpong = Tiles(*tiles, gluon=True, pingpong=True)
     monkeypatch.setattr(_forward, "default_tiles", lambda *args: pingpong)
-    monkeypatch.setattr(_forward, "PINGPONG_MASK_EARLY", mask_early)
+    monkeypatch.setattr(_forward, "PINGPONG_SCHEDULE", schedule)
     monkeypatch.setattr(_eager_plan, "_PLANS", {})
     gluon_kernel_matches_reference_with_dropout(head_dim, causal, _forward.FORWARD_PINGPONG, seqlen)
 
