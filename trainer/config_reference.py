@@ -13,7 +13,6 @@ import ast
 import dataclasses
 import inspect
 import io
-import sys
 import tokenize
 from dataclasses import dataclass
 from typing import Any
@@ -40,16 +39,15 @@ def _comments_by_line(source: str) -> dict[int, tuple[int, str]]:
 
 def _fields_in_source(schema: type) -> dict[str, tuple[str, str]]:
     """Field name -> (annotation as written, description) of each annotated field of the
-    dataclass ``schema``, from its module's source."""
-    source = inspect.getsource(sys.modules[schema.__module__])
+    dataclass ``schema``, from its class's source."""
+    source = inspect.getsource(schema)
     lines = source.splitlines()
     comments = _comments_by_line(source)
 
     def comment_only(line: int) -> bool:
         return line in comments and lines[line - 1].lstrip().startswith("#")
 
-    node = next(n for n in ast.walk(ast.parse(source))
-                if isinstance(n, ast.ClassDef) and n.name == schema.__name__)
+    node = ast.parse(source).body[0]
     fields = {}
     for statement in node.body:
         if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):

@@ -1,7 +1,6 @@
 """docs/config.md and the schema comments it is written from (trainer/config_reference.py)."""
 
 import importlib.util
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -34,15 +33,19 @@ def test_docs_config_md_is_up_to_date():
         "docs/config.md is out of date: run python scripts/config_reference.py"
 
 
-def test_the_check_command_reports_a_stale_file(tmp_path):
+def test_the_check_command_reports_a_stale_file(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("config_reference_script",
+                                                  ROOT / "scripts" / "config_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     stale = tmp_path / "config.md"
     stale.write_text("# old\n")
-    command = [sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--out", str(stale)]
-    check = subprocess.run([*command, "--check"], capture_output=True, text=True)
-    assert check.returncode == 1 and "out of date" in check.stderr
-    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert script.main(["--out", str(stale), "--check"]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert script.main(["--out", str(stale)]) == 0
     assert stale.read_text() == render_markdown(config_keys())
-    assert subprocess.run([*command, "--check"], capture_output=True).returncode == 0
+    assert script.main(["--out", str(stale), "--check"]) == 0
+    assert not list(tmp_path.glob(".*.tmp"))      # written through a staging file, then renamed
 
 
 def test_which_comments_describe_a_field(tmp_path):
