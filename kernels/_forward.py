@@ -129,7 +129,7 @@ FORWARD = DirectLauncher(_forward_kernel)
 FORWARD_TMA = DirectLauncher(_forward_tma._forward_tma_kernel)
 FORWARD_GLUON = DirectLauncher(_forward_gluon._forward_gluon_kernel)
 FORWARD_PINGPONG = DirectLauncher(_forward_pingpong._forward_pingpong_kernel)
-# The ping-pong forward's schedule options (_forward_pingpong._key_blocks' SCHEDULE bits; 0 is the
+# The ping-pong forward's schedule options (_pingpong_blocks.key_blocks' SCHEDULE bits; 0 is the
 # measured default): 1, with dropout the keep-mask drawn while the products run; 2, the softmax step
 # in a loop of its own, so that P.V runs under it. Unmeasured: an A/B decides, then the losers go.
 PINGPONG_SCHEDULE = 0
