@@ -1,7 +1,7 @@
-"""Hugging Face interchange: build a flashtrain model from a local GPT-2, BERT or Llama directory
-(``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, whole or sharded with an index),
-and write one back that ``transformers`` loads (``AutoModelForCausalLM`` /
-``AutoModelForMaskedLM``) with identical logits. Llama-architecture models become the rotary
+"""Hugging Face interchange: build a flashtrain model from a local GPT-2, BERT, Llama or Mistral
+directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, whole or sharded with
+an index), and write one back that ``transformers`` loads (``AutoModelForCausalLM`` /
+``AutoModelForMaskedLM``) with identical logits. Llama and Mistral models become the rotary
 decoder (``hf_llama.py``). Local files only: to start from the hub, download a directory first
 (``huggingface-cli download``).
 """
@@ -105,17 +105,18 @@ def _read_weights(path: Path) -> dict:
 
 
 def load_hf(path, **overrides):
-    """A flashtrain model with the weights of a local Hugging Face GPT-2, BERT or Llama directory.
+    """A flashtrain model with the weights of a local Hugging Face GPT-2, BERT, Llama or Mistral
+    directory.
     ``overrides`` change config fields (e.g. ``attention="sdpa"``)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     hf = json.loads((path / "config.json").read_text())
     kind = hf.get("model_type")
-    if kind not in ("gpt2", "bert", "llama"):
-        raise ValueError(f"{path}: model_type {kind!r} is not supported; load_hf reads gpt2, bert "
-                         "and llama")
-    if kind == "llama":
+    if kind not in ("gpt2", "bert", "llama", "mistral"):
+        raise ValueError(f"{path}: model_type {kind!r} is not supported; load_hf reads gpt2, bert, "
+                         "llama and mistral")
+    if kind in ("llama", "mistral"):
         config = llama_config(hf, path).with_(**overrides)
         model = build_model(config, init=False)
         state = llama_state(config, _read_weights(path), path)
@@ -226,15 +227,15 @@ def _gpt2_bert_export(config: ModelConfig, ours: dict) -> tuple[dict, dict]:
 
 def save_hf(model, path, tokenizer=None) -> None:
     """Write ``model`` as a Hugging Face directory (config.json + model.safetensors), atomically:
-    GPT-2 and BERT as themselves, the rotary decoder as a Llama model. With ``tokenizer`` (a
+    GPT-2 and BERT as themselves, the rotary decoder as a Llama model (Mistral with a sliding window). With ``tokenizer`` (a
     ``tokenizers.Tokenizer`` or a tokenizer.json path) the directory also gets the tokenizer files
     and config.json the special token ids, so that ``AutoTokenizer`` and ``AutoModel*`` load a
     complete model from it."""
     from safetensors.torch import save_file
     config: ModelConfig = model.config
-    if config.attn_window is not None:
+    if config.attn_window is not None and config.arch != "rope":
         raise ValueError(f"this model uses sliding-window attention (attn_window={config.attn_window}), "
-                         "which the Hugging Face GPT-2/BERT/Llama classes cannot express; keep model.pt")
+                         "which the Hugging Face GPT-2 and BERT classes cannot express; keep model.pt")
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     hf, tensors = (llama_export if config.arch == "rope" else _gpt2_bert_export)(config, ours)
     files = {}

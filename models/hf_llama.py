@@ -1,6 +1,7 @@
 """Hugging Face interchange for the rotary decoder: Llama-architecture directories (``model_type``
-``llama``: Llama 2 and 3, TinyLlama, SmolLM and others) read into it and written back, so that a
-pretrained model can be fine-tuned on long documents here and used in ``transformers`` afterwards.
+``llama``: Llama 2 and 3, TinyLlama, SmolLM and others; ``mistral``, the same with a sliding
+window) read into it and written back, so that a pretrained model can be fine-tuned on long
+documents here and used in ``transformers`` afterwards.
 
 The two layouts differ only in fusion: Hugging Face keeps q, k and v (and SwiGLU's gate and up)
 as separate matrices, the rotary decoder holds each group as one projection, so the kernel reads
@@ -37,6 +38,8 @@ def llama_config(hf: dict, path) -> ModelConfig:
         refused.append("a partial rotary factor")
     if refused:
         raise ValueError(f"{path}: this Llama checkpoint uses " + "; ".join(refused))
+    # Mistral's window counts the query itself, as attn_window does (checked against transformers).
+    window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
     llama3 = None
     if kind == "llama3":
         llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
@@ -48,6 +51,7 @@ def llama_config(hf: dict, path) -> ModelConfig:
         d_ff=hf["intermediate_size"], dropout=0.0, attn_dropout=hf.get("attention_dropout", 0.0),
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         rope_scaling=float(rope["factor"]) if kind == "linear" else 1.0, rope_llama3=llama3,
+        attn_window=window,
         # LlamaConfig's default is an untied head.
         tie_embeddings=hf.get("tie_word_embeddings", False))
 
@@ -94,7 +98,11 @@ def llama_state(config: ModelConfig, weights: dict, path) -> dict:
 
 def llama_export(config: ModelConfig, ours: dict) -> tuple[dict, dict]:
     """(config.json, tensors) of a LlamaForCausalLM equal to the rotary decoder ``ours`` (its
-    state dict on the CPU)."""
+    state dict on the CPU), or a MistralForCausalLM when every layer has the same sliding window."""
+    if config.attn_window is not None and config.global_every:
+        raise ValueError(f"this model mixes local layers (attn_window={config.attn_window}) with global "
+                         f"ones (every {config.global_every}th), which Hugging Face's Llama and Mistral "
+                         "classes cannot express; keep model.pt")
     if config.rope_llama3 is not None and config.rope_scaling != 1.0:
         raise ValueError("this model has both Llama 3 rotary scaling and position interpolation "
                          "(a context extension), which one Hugging Face rope_scaling cannot hold; "
@@ -106,7 +114,8 @@ def llama_export(config: ModelConfig, ours: dict) -> tuple[dict, dict]:
                         "high_freq_factor": high, "original_max_position_embeddings": original}
     elif config.rope_scaling != 1.0:
         rope_scaling = {"rope_type": "linear", "factor": config.rope_scaling}
-    hf = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=config.vocab_size,
+    kind = "llama" if config.attn_window is None else "mistral"
+    hf = dict(model_type=kind, architectures=[f"{kind.capitalize()}ForCausalLM"], vocab_size=config.vocab_size,
               hidden_size=config.d_model, intermediate_size=config.ff_dim,
               num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
               num_key_value_heads=config.kv_heads, head_dim=config.head_dim, hidden_act="silu",
@@ -114,6 +123,8 @@ def llama_export(config: ModelConfig, ours: dict) -> tuple[dict, dict]:
               rope_theta=config.rope_theta, rope_scaling=rope_scaling,
               tie_word_embeddings=config.tie_embeddings, attention_bias=False, mlp_bias=False,
               attention_dropout=config.attn_dropout, bos_token_id=None, eos_token_id=None)
+    if config.attn_window is not None:
+        hf["sliding_window"] = config.attn_window
     tensors = {}
     for mine, theirs in _plain_names(config):
         value = ours[mine]

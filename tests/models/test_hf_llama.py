@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from models import load_hf, load_model, save_hf, save_model
 
@@ -63,6 +63,34 @@ def test_rotary_decoder_exports_as_llama(tmp_path, tiny, overrides):
         torch.testing.assert_close(exported(tokens).logits, model(tokens), rtol=0, atol=1e-5)
         again = load_hf(tmp_path / "out", attention="eager").eval()
         torch.testing.assert_close(again(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_mistral_sliding_window_both_ways(tmp_path, tiny):
+    # Mistral's window counts the query itself, as attn_window does: 16 and 16 agree, 15 does not.
+    torch.manual_seed(0)
+    reference = MistralForCausalLM(MistralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=16)).eval()
+    reference.config._attn_implementation = "eager"
+    reference.save_pretrained(tmp_path / "mistral")
+    model = load_hf(tmp_path / "mistral", attention="eager").eval()
+    assert model.config.attn_window == 16 and model.config.global_every == 0
+    tokens = _tokens(64)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        torch.testing.assert_close(model(tokens), expected, rtol=0, atol=1e-5)
+        narrower = load_hf(tmp_path / "mistral", attention="eager", attn_window=15).eval()
+        assert (narrower(tokens) - expected).abs().max() > 1e-3
+    local = tiny("rope", attention="eager", max_seqlen=128, attn_window=16).eval()
+    save_hf(local, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "mistral"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, local(tokens), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="mixes local layers"):
+        save_hf(tiny("rope", attn_window=16, global_every=2), tmp_path / "mixed")
+    with pytest.raises(ValueError, match="GPT-2 and BERT classes cannot express"):
+        save_hf(tiny("gpt2", attn_window=16), tmp_path / "gpt2")
 
 
 def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
