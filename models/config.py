@@ -31,6 +31,7 @@ class ModelConfig:
     # The output head shares the input embedding's weights (GPT-2, BERT, most small decoders);
     # False gives the rotary decoder a head of its own, as Llama 2 and Llama 3 8B have.
     tie_embeddings: bool = True
+    qkv_bias: bool = False          # rotary decoder: biases on the q, k and v projections (Qwen2)
     pad_vocab_multiple: int = 1     # round the embedding table up (64 helps matmul speed)
     checkpoint_blocks: bool = False  # recompute each block in the backward (activation checkpointing)
     # Sliding-window (local) attention, decoders only: in a local layer each token sees itself and
@@ -69,6 +70,8 @@ class ModelConfig:
                                  f"None; got {self.attn_window}")
         if self.global_every < 0:
             raise ValueError(f"global_every must be >= 0; got {self.global_every}")
+        if self.qkv_bias and self.arch != "rope":
+            raise ValueError(f"{self.arch} always has projection biases; qkv_bias is for the rotary decoder")
         if not self.tie_embeddings and self.arch != "rope":
             raise ValueError(f"{self.arch} ties its output head to the embedding; tie_embeddings=False "
                              "is for the rotary decoder")

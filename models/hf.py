@@ -1,7 +1,7 @@
-"""Hugging Face interchange: build a flashtrain model from a local GPT-2, BERT, Llama or Mistral
-directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, whole or sharded with
-an index), and write one back that ``transformers`` loads (``AutoModelForCausalLM`` /
-``AutoModelForMaskedLM``) with identical logits. Llama and Mistral models become the rotary
+"""Hugging Face interchange: build a flashtrain model from a local GPT-2, BERT, Llama, Mistral or
+Qwen2 directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, whole or
+sharded with an index), and write one back that ``transformers`` loads (``AutoModelForCausalLM``
+/ ``AutoModelForMaskedLM``) with identical logits. Llama, Mistral and Qwen2 models become the rotary
 decoder (``hf_llama.py``). Local files only: to start from the hub, download a directory first
 (``huggingface-cli download``).
 """
@@ -105,18 +105,18 @@ def _read_weights(path: Path) -> dict:
 
 
 def load_hf(path, **overrides):
-    """A flashtrain model with the weights of a local Hugging Face GPT-2, BERT, Llama or Mistral
-    directory.
+    """A flashtrain model with the weights of a local Hugging Face GPT-2, BERT, Llama, Mistral or
+    Qwen2 directory.
     ``overrides`` change config fields (e.g. ``attention="sdpa"``)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     hf = json.loads((path / "config.json").read_text())
     kind = hf.get("model_type")
-    if kind not in ("gpt2", "bert", "llama", "mistral"):
+    if kind not in ("gpt2", "bert", "llama", "mistral", "qwen2"):
         raise ValueError(f"{path}: model_type {kind!r} is not supported; load_hf reads gpt2, bert, "
-                         "llama and mistral")
-    if kind in ("llama", "mistral"):
+                         "llama, mistral and qwen2")
+    if kind in ("llama", "mistral", "qwen2"):
         config = llama_config(hf, path).with_(**overrides)
         model = build_model(config, init=False)
         state = llama_state(config, _read_weights(path), path)
@@ -227,7 +227,8 @@ def _gpt2_bert_export(config: ModelConfig, ours: dict) -> tuple[dict, dict]:
 
 def save_hf(model, path, tokenizer=None) -> None:
     """Write ``model`` as a Hugging Face directory (config.json + model.safetensors), atomically:
-    GPT-2 and BERT as themselves, the rotary decoder as a Llama model (Mistral with a sliding window). With ``tokenizer`` (a
+    GPT-2 and BERT as themselves, the rotary decoder as a Llama model (Mistral with a sliding
+    window, Qwen2 with q/k/v biases). With ``tokenizer`` (a
     ``tokenizers.Tokenizer`` or a tokenizer.json path) the directory also gets the tokenizer files
     and config.json the special token ids, so that ``AutoTokenizer`` and ``AutoModel*`` load a
     complete model from it."""

@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
         heads = config.n_head + 2 * config.kv_heads
         bias = config.arch != "rope"
         # One fused projection: q, k and v are views of its output, read in place by the kernel.
-        self.qkv = nn.Linear(config.d_model, heads * config.head_dim, bias=bias)
+        self.qkv = nn.Linear(config.d_model, heads * config.head_dim, bias=bias or config.qkv_bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=bias)
         self.rotary = (Rotary(config.head_dim, config.rope_theta, config.rope_scaling,
                               config.rope_llama3) if config.arch == "rope" else None)

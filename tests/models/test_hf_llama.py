@@ -5,7 +5,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from models import load_hf, load_model, save_hf, save_model
 
@@ -93,6 +94,33 @@ def test_mistral_sliding_window_both_ways(tmp_path, tiny):
         save_hf(tiny("gpt2", attn_window=16), tmp_path / "gpt2")
 
 
+def test_qwen2_biases_both_ways(tmp_path, tiny):
+    torch.manual_seed(0)
+    reference = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e6, tie_word_embeddings=True)).eval()
+    with torch.no_grad():    # fresh biases are zero: make them matter
+        for name, value in reference.named_parameters():
+            if name.endswith("_proj.bias"):
+                value.normal_(0, 0.5)
+    reference.config._attn_implementation = "eager"
+    reference.save_pretrained(tmp_path / "qwen2")
+    model = load_hf(tmp_path / "qwen2", attention="eager").eval()
+    assert model.config.qkv_bias and model.config.tie_embeddings
+    tokens = _tokens(64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens).logits, rtol=0, atol=1e-5)
+    biased = tiny("rope", attention="eager", qkv_bias=True).eval()
+    with torch.no_grad():
+        for block in biased.blocks:
+            block.attn.qkv.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    save_hf(biased, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "qwen2"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens[:, :48]).logits, biased(tokens[:, :48]), rtol=0, atol=1e-5)
+
+
 def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path):
     reference = _llama(tmp_path / "whole")
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
@@ -121,6 +149,7 @@ def test_imported_llama_round_trips_through_a_model_file(tmp_path):
 
 @pytest.mark.parametrize("change, named", [
     ({"hidden_act": "gelu"}, "hidden_act"), ({"attention_bias": True}, "biases"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}, "Qwen2's sliding window"),
     ({"head_dim": 32}, "head_dim"), ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn")])
 def test_what_the_decoder_cannot_express_is_refused_by_name(tmp_path, change, named):
     _llama(tmp_path)
@@ -144,3 +173,5 @@ def test_untied_heads_are_for_the_rotary_decoder_only(tiny):
         tiny("gpt2", tie_embeddings=False)
     with pytest.raises(ValueError, match="rope_llama3"):
         tiny("rope", rope_llama3=(8.0, 4.0, 1.0, 16))       # low_freq_factor above high
+    with pytest.raises(ValueError, match="qkv_bias"):
+        tiny("bert", qkv_bias=True)
