@@ -60,6 +60,22 @@ def rope_extension(method: str) -> str:
     return "rotary base raised, NTK-aware" if method == "ntk" else "position interpolation"
 
 
+def adopt_init_tokenizer(config: RunConfig) -> str | None:
+    """With ``model.init_from`` and no ``data.tokenizer_file``: the tokenizer.json found with that
+    model (a Hugging Face directory's own, or its run directory's), the only one whose ids its
+    embedding knows, set as ``data.tokenizer_file`` and returned; None when there is none to find
+    (a new tokenizer is then trained, and a vocabulary that differs is refused in make_model)."""
+    if not config.model.init_from or config.data.tokenizer_file:
+        return None
+    try:
+        found = find_model(config.model.init_from).tokenizer
+    except ModelSourceError:
+        return None      # make_model names the problem
+    if found is not None:
+        config.data.tokenizer_file = str(found)
+    return config.data.tokenizer_file
+
+
 def make_model(config: RunConfig, vocab_size: int, seed: int):
     """A fresh model of the named size (positions sized to the context), or one loaded from
     ``model.init_from`` with its context extended when the data's windows are longer."""
@@ -74,8 +90,13 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
         model = source.load(attention=section.attention, checkpoint_blocks=section.checkpoint_blocks,
                             unpad=section.unpad)
         if model.config.vocab_size != vocab_size:
-            raise ValueError(f"model.init_from has vocabulary {model.config.vocab_size}, the data's "
-                             f"tokenizer {vocab_size}: use the model's tokenizer (data.tokenizer_file)")
+            given = config.data.tokenizer_file
+            raise ValueError(
+                f"model.init_from has vocabulary {model.config.vocab_size}, "
+                + (f"data.tokenizer_file ({given}) {vocab_size}: give the tokenizer the model was "
+                   "trained with" if given else
+                   f"the tokenizer trained for this run {vocab_size}: no tokenizer.json was found "
+                   "next to the model; pass the one it was trained with as data.tokenizer_file"))
         if seqlen > model.config.max_seqlen:
             method = rope_extension(section.extend_method) if model.config.arch == "rope" else section.extend_method
             logging.getLogger("flashtrain").info(

@@ -1,10 +1,11 @@
 """Fine-tuning a Llama-architecture Hugging Face directory at a longer context, as a user would:
-its weights and its own tokenizer (documents end with </s>), the context extended, the result
-sampled and exported back to transformers."""
+its weights and its own tokenizer (found next to it; documents end with </s>), the context
+extended, the result sampled and exported back to transformers."""
 
 import subprocess
 import sys
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -40,12 +41,13 @@ def _llama_directory(path, corpus):
 def test_fine_tune_a_llama_directory_at_longer_context_then_sample_and_export(tmp_path):
     tokenizer = _llama_directory(tmp_path / "llama", make_corpus(tmp_path / "corpus"))
     assert special_ids(tokenizer)["eos"] == tokenizer.token_to_id("</s>")
+    # No data.tokenizer_file: the model's own tokenizer.json, found next to it, is adopted.
     overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "data.seqlen": 64,
                                             "model.init_from": str(tmp_path / "llama"),
-                                            "model.extend_method": "ntk",
-                                            "data.tokenizer_file": str(tmp_path / "llama" / "tokenizer.json")})
+                                            "model.extend_method": "ntk"})
     summary = run(compose_run(overrides), tmp_path / "run")
     assert summary["steps"] == 2
+    assert "(model.init_from's own tokenizer)" in (tmp_path / "run" / "train.log").read_text()
     model = load_model(tmp_path / "run" / "model.pt").eval()
     config = model.config
     assert (config.arch, config.tie_embeddings, config.max_seqlen) == ("rope", False, 64)
@@ -66,3 +68,13 @@ def test_fine_tune_a_llama_directory_at_longer_context_then_sample_and_export(tm
     with torch.no_grad():
         ours = load_model(tmp_path / "run" / "model.pt", attention="eager").eval()(tokens)
         torch.testing.assert_close(reference(tokens).logits, ours, rtol=0, atol=1e-4)
+
+
+def test_a_model_without_a_tokenizer_beside_it_says_which_to_pass(tmp_path):
+    _llama_directory(tmp_path / "llama", make_corpus(tmp_path / "corpus"))
+    (tmp_path / "llama" / "tokenizer.json").unlink()
+    # The run then trains a tokenizer of its own, of another size than the model's embedding.
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 1, "data.vocab_size": 280,
+                                            "model.init_from": str(tmp_path / "llama")})
+    with pytest.raises(ValueError, match="no tokenizer.json was found next to the model"):
+        run(compose_run(overrides), tmp_path / "run")
