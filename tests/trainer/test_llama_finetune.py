@@ -70,11 +70,25 @@ def test_fine_tune_a_llama_directory_at_longer_context_then_sample_and_export(tm
         torch.testing.assert_close(reference(tokens).logits, ours, rtol=0, atol=1e-4)
 
 
-def test_a_model_without_a_tokenizer_beside_it_says_which_to_pass(tmp_path):
+def test_a_model_without_a_tokenizer_beside_it_is_refused_before_any_data_work(tmp_path):
     _llama_directory(tmp_path / "llama", make_corpus(tmp_path / "corpus"))
     (tmp_path / "llama" / "tokenizer.json").unlink()
-    # The run then trains a tokenizer of its own, of another size than the model's embedding.
-    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 1, "data.vocab_size": 280,
-                                            "model.init_from": str(tmp_path / "llama")})
+    overrides = tiny_overrides(tmp_path, **{"trainer.max_steps": 1, "model.init_from": str(tmp_path / "llama")})
     with pytest.raises(ValueError, match="no tokenizer.json was found next to the model"):
         run(compose_run(overrides), tmp_path / "run")
+    assert not (tmp_path / "cache").exists()     # nothing tokenized
+
+
+def test_an_embedding_padded_past_its_tokenizer_trains_and_a_smaller_one_is_refused(tmp_path):
+    tokenizer = _llama_directory(tmp_path / "llama", make_corpus(tmp_path / "corpus"))
+    config = LlamaConfig.from_pretrained(tmp_path / "llama")
+    for rows, name in ((tokenizer.get_vocab_size() + 7, "padded"), (tokenizer.get_vocab_size() - 1, "small")):
+        config.vocab_size = rows
+        LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+        tokenizer.save(str(tmp_path / name / "tokenizer.json"))
+    overrides = lambda name: tiny_overrides(tmp_path, **{"trainer.max_steps": 1,
+                                                         "model.init_from": str(tmp_path / name)})
+    assert run(compose_run(overrides("padded")), tmp_path / "run")["steps"] == 1
+    assert "the last 7 are never input" in (tmp_path / "run" / "train.log").read_text()
+    with pytest.raises(ValueError, match="give the tokenizer the model was trained with"):
+        run(compose_run(overrides("small")), tmp_path / "run_small")

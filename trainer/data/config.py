@@ -46,7 +46,7 @@ class DataConfig:
     # split, or load an existing tokenizer.json (tokenizer_file).
     tokenizer: str = "bpe"               # bpe | wordpiece
     # A tokenizer.json to load instead of training one. None with model.init_from: the tokenizer.json
-    # found with that model, if any.
+    # found with that model (the run stops if there is none).
     tokenizer_file: str | None = None
     vocab_size: int = 8192               # the trained tokenizer's vocabulary
     tokenizer_train_bytes: int = 50_000_000   # at most this much training text feeds the trainer
