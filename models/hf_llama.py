@@ -1,7 +1,7 @@
 """Hugging Face interchange for the rotary decoder: Llama-architecture directories (``model_type``
 ``llama``: Llama 2 and 3, TinyLlama, SmolLM and others; ``mistral``, the same with a sliding
-window; ``qwen2``, with biases on q, k and v) read into it and written back, so that a pretrained model can be fine-tuned on long
-documents here and used in ``transformers`` afterwards.
+window; ``qwen2``, with biases on q, k and v) read into it and written back, so that a pretrained
+model can be fine-tuned on long documents here and used in ``transformers`` afterwards.
 
 The two layouts differ only in fusion: Hugging Face keeps q, k and v (and SwiGLU's gate and up)
 as separate matrices, the rotary decoder holds each group as one projection, so the kernel reads
@@ -29,7 +29,7 @@ def llama_config(hf: dict, path) -> ModelConfig:
     if kind == "qwen2" and hf.get("use_sliding_window"):
         refused.append("Qwen2's sliding window (its layers mix local and global attention)")
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-    if hf.get("head_dim", head_dim) != head_dim:
+    if (hf.get("head_dim") or head_dim) != head_dim:     # absent or null: the quotient
         refused.append(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads ({head_dim})")
     # transformers 5 writes rope_parameters (theta inside); earlier files rope_theta + rope_scaling.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -55,7 +55,7 @@ def llama_config(hf: dict, path) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         rope_scaling=float(rope["factor"]) if rope_type == "linear" else 1.0, rope_llama3=llama3,
         attn_window=window, qkv_bias=kind == "qwen2",
-        # LlamaConfig's default is an untied head.
+        # The default of all three configs is an untied head.
         tie_embeddings=hf.get("tie_word_embeddings", False))
 
 

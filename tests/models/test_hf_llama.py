@@ -161,6 +161,17 @@ def test_what_the_decoder_cannot_express_is_refused_by_name(tmp_path, change, na
         load_hf(tmp_path)
 
 
+def test_a_null_head_dim_means_the_quotient(tmp_path):
+    reference = _llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["head_dim"] = None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokens = _tokens(24)
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path, attention="eager").eval()(tokens),
+                                   reference(tokens).logits, rtol=0, atol=1e-5)
+
+
 def test_export_refuses_llama3_scaling_with_position_interpolation(tmp_path, tiny):
     model = tiny("rope", rope_llama3=(8.0, 1.0, 4.0, 16), rope_scaling=2.0)
     with pytest.raises(ValueError, match="extend_method=ntk"):
