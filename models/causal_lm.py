@@ -23,6 +23,9 @@ class CausalLM(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm = make_norm(config)
+        # Untied (Llama 2, Llama 3 8B): a head of its own, laid out like the embedding.
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.padded_vocab,
+                                                                 bias=False)
         # 0 for the vocabulary's columns, -inf for the padding's: the compiled loss's mask, added as
         # the head matmul's bias (see forward). A constant, so not saved with the weights.
         self.register_buffer("vocab_padding", padding_bias(config.padded_vocab, config.vocab_size)
@@ -58,13 +61,18 @@ class CausalLM(nn.Module):
             # Compiled, the padded columns are masked in the head matmul's epilogue, leaving the
             # loss kernels those of an unmasked loss over aligned rows; lm_loss's masked_fill
             # costs 0.45 ms more per GPT-2 small 4K step (H200, docs/results/train_notes.md).
-            logits = F.linear(x, self.embed.weight, self.vocab_padding.to(x.dtype))
+            logits = F.linear(x, self.head_weight, self.vocab_padding.to(x.dtype))
             return lm_loss(logits, targets)
-        # Tied output embedding (GPT-2); padded vocabulary rows are dropped from the logits.
-        logits = F.linear(x, self.embed.weight)                     # (B, N, padded vocabulary)
+        # Padded vocabulary rows are dropped from the logits.
+        logits = F.linear(x, self.head_weight)                      # (B, N, padded vocabulary)
         if targets is not None:
             return lm_loss(logits, targets, self.config.vocab_size)
         return logits[..., :self.config.vocab_size]
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head: the embedding itself when tied (GPT-2), else the head's own."""
+        return self.embed.weight if self.head is None else self.head.weight
 
     def make_caches(self, batch: int, max_len: int) -> list[LayerCache]:
         config = self.config

@@ -24,6 +24,14 @@ class ModelConfig:
     type_vocab_size: int = 2        # bert token types
     rope_theta: float = 10000.0
     rope_scaling: float = 1.0       # position interpolation factor for context extension
+    # Llama 3's per-frequency rotary scaling, as its checkpoints carry it: (factor, low_freq_factor,
+    # high_freq_factor, original context). Wavelengths longer than original / low_freq_factor are
+    # divided by factor, shorter than original / high_freq_factor kept, those between blended.
+    rope_llama3: tuple | None = None
+    # The output head shares the input embedding's weights (GPT-2, BERT, most small decoders);
+    # False gives the rotary decoder a head of its own, as Llama 2 and Llama 3 8B have.
+    tie_embeddings: bool = True
+    qkv_bias: bool = False          # rotary decoder: biases on the q, k and v projections (Qwen2)
     pad_vocab_multiple: int = 1     # round the embedding table up (64 helps matmul speed)
     checkpoint_blocks: bool = False  # recompute each block in the backward (activation checkpointing)
     # Sliding-window (local) attention, decoders only: in a local layer each token sees itself and
@@ -62,6 +70,21 @@ class ModelConfig:
                                  f"None; got {self.attn_window}")
         if self.global_every < 0:
             raise ValueError(f"global_every must be >= 0; got {self.global_every}")
+        if self.qkv_bias and self.arch != "rope":
+            raise ValueError(f"{self.arch} always has projection biases; qkv_bias is for the rotary decoder")
+        if not self.tie_embeddings and self.arch != "rope":
+            raise ValueError(f"{self.arch} ties its output head to the embedding; tie_embeddings=False "
+                             "is for the rotary decoder")
+        if self.rope_llama3 is not None:
+            if self.arch != "rope" or len(self.rope_llama3) != 4:
+                raise ValueError("rope_llama3 is (factor, low_freq_factor, high_freq_factor, original "
+                                 f"context), for the rotary decoder; got {self.rope_llama3!r}")
+            factor, low, high, original = self.rope_llama3
+            if not (factor >= 1 and 0 < low < high and original >= 1):
+                raise ValueError(f"rope_llama3 {self.rope_llama3!r}: needs factor >= 1, "
+                                 "0 < low_freq_factor < high_freq_factor and original context >= 1")
+            # A tuple however it arrives (a checkpoint's dict may hold a list): configs compare equal.
+            object.__setattr__(self, "rope_llama3", tuple(self.rope_llama3))
 
     @property
     def kv_heads(self) -> int:

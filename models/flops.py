@@ -4,7 +4,8 @@ from .config import ModelConfig
 
 
 def head_matmul_params(config: ModelConfig) -> int:
-    """The output head's: the (tied) vocabulary projection, and BERT's transform before it."""
+    """The output head's: the vocabulary projection (tied to the embedding or not), and BERT's
+    transform before it."""
     d = config.d_model
     return config.padded_vocab * d + (d * d if config.arch == "bert" else 0)
 

@@ -1,7 +1,9 @@
-"""Hugging Face interchange: build a flashtrain model from a local GPT-2 or BERT directory
-(``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``), and write one back that
-``transformers`` loads (``AutoModelForCausalLM`` / ``AutoModelForMaskedLM``) with identical logits.
-Local files only: to start from the hub, download a directory first (``huggingface-cli download``).
+"""Hugging Face interchange: build a flashtrain model from a local GPT-2, BERT, Llama, Mistral or
+Qwen2 directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, whole or
+sharded with an index), and write one back that ``transformers`` loads (``AutoModelForCausalLM``
+/ ``AutoModelForMaskedLM``) with identical logits. Llama, Mistral and Qwen2 models become the rotary
+decoder (``hf_llama.py``). Local files only: to start from the hub, download a directory first
+(``huggingface-cli download``).
 """
 
 import json
@@ -14,6 +16,7 @@ import torch
 
 from .build import build_model
 from .config import ModelConfig
+from .hf_llama import llama_config, llama_export, llama_state
 
 
 def _gpt2_config(hf: dict) -> ModelConfig:
@@ -80,24 +83,46 @@ _QKV = ("query", "key", "value")
 
 
 def _read_weights(path: Path) -> dict:
-    if (path / "model.safetensors").exists():
-        from safetensors.torch import load_file
-        return load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    """Every tensor of the checkpoint: one file, or the shards its index names (large models)."""
+    from safetensors.torch import load_file
+    read = {"safetensors": load_file,
+            "bin": lambda file: torch.load(file, map_location="cpu", weights_only=True)}
+    for suffix, load in read.items():
+        single = path / ("model.safetensors" if suffix == "safetensors" else "pytorch_model.bin")
+        if single.exists():
+            return load(single)
+        index = single.with_name(single.name + ".index.json")
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            absent = [shard for shard in shards if not (path / shard).exists()]
+            if absent:
+                raise FileNotFoundError(f"{path}: {index.name} names shards that are missing: {absent[:3]}")
+            weights = {}
+            for shard in shards:
+                weights.update(load(path / shard))
+            return weights
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded index)")
 
 
 def load_hf(path, **overrides):
-    """A flashtrain model with the weights of a local Hugging Face GPT-2 or BERT directory.
+    """A flashtrain model with the weights of a local Hugging Face GPT-2, BERT, Llama, Mistral or
+    Qwen2 directory.
     ``overrides`` change config fields (e.g. ``attention="sdpa"``)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     hf = json.loads((path / "config.json").read_text())
     kind = hf.get("model_type")
-    if kind not in ("gpt2", "bert"):
-        raise ValueError(f"{path}: model_type {kind!r} is not supported; load_hf reads gpt2 and bert")
+    if kind not in ("gpt2", "bert", "llama", "mistral", "qwen2"):
+        raise ValueError(f"{path}: model_type {kind!r} is not supported; load_hf reads gpt2, bert, "
+                         "llama, mistral and qwen2")
+    if kind in ("llama", "mistral", "qwen2"):
+        config = llama_config(hf, path).with_(**overrides)
+        model = build_model(config, init=False)
+        state = llama_state(config, _read_weights(path), path)
+        _check_shapes(model, state, path)
+        model.load_state_dict(state, strict=True)
+        return model
     config = (_gpt2_config if kind == "gpt2" else _bert_config)(hf).with_(**overrides)
     weights = _read_weights(path)
     if kind == "gpt2" and not any(k.startswith("transformer.") for k in weights):
@@ -131,10 +156,15 @@ def _check_shapes(model, state, path):
 
 
 # The special tokens each architecture's tokenizer carries (trainer/data/tokenizer.py makes them).
+# By role, the names it may have, first match taken.
 _SPECIAL_TOKENS = {
-    "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
-    "bert": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-             "mask_token": "[MASK]"},
+    "gpt2": {"bos_token": ("<|endoftext|>",), "eos_token": ("<|endoftext|>",),
+             "unk_token": ("<|endoftext|>",)},
+    "bert": {"unk_token": ("[UNK]",), "sep_token": ("[SEP]",), "pad_token": ("[PAD]",),
+             "cls_token": ("[CLS]",), "mask_token": ("[MASK]",)},
+    # The rotary decoder: this project's tokenizers (<|endoftext|>), or a Llama model's own.
+    "rope": {"bos_token": ("<|begin_of_text|>", "<s>", "<|endoftext|>"),
+             "eos_token": ("<|endoftext|>", "<|end_of_text|>", "</s>"), "unk_token": ("<unk>",)},
 }
 
 
@@ -144,10 +174,14 @@ def _tokenizer_files(tokenizer, config: ModelConfig) -> tuple[dict, dict]:
     from tokenizers import Tokenizer
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_file(str(tokenizer))
-    special = {role: token for role, token in _SPECIAL_TOKENS[config.arch].items()
-               if tokenizer.token_to_id(token) is not None}
-    if config.arch == "gpt2" and "eos_token" not in special:
-        raise ValueError("the tokenizer has no <|endoftext|> token, which GPT-2 exports need as eos")
+    special = {}
+    for role, names in _SPECIAL_TOKENS[config.arch].items():
+        present = [name for name in names if tokenizer.token_to_id(name) is not None]
+        if present:
+            special[role] = present[0]
+    if config.causal and "eos_token" not in special:
+        names = " or ".join(_SPECIAL_TOKENS[config.arch]["eos_token"])
+        raise ValueError(f"the tokenizer has no {names} token, which a causal model's export needs as eos")
     ids = {f"{role[:-6]}_token_id": tokenizer.token_to_id(token) for role, token in special.items()
            if role in ("bos_token", "eos_token", "pad_token")}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seqlen,
@@ -157,17 +191,8 @@ def _tokenizer_files(tokenizer, config: ModelConfig) -> tuple[dict, dict]:
     return files, ids
 
 
-def save_hf(model, path, tokenizer=None) -> None:
-    """Write ``model`` as a Hugging Face directory (config.json + model.safetensors), atomically.
-    With ``tokenizer`` (a ``tokenizers.Tokenizer`` or a tokenizer.json path) the directory also gets
-    the tokenizer files and config.json the special token ids, so that ``AutoTokenizer`` and
-    ``AutoModel*`` load a complete model from it."""
-    from safetensors.torch import save_file
-    config: ModelConfig = model.config
-    if config.attn_window is not None:
-        raise ValueError(f"this model uses sliding-window attention (attn_window={config.attn_window}), "
-                         "which the Hugging Face GPT-2/BERT classes cannot express; keep model.pt")
-    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def _gpt2_bert_export(config: ModelConfig, ours: dict) -> tuple[dict, dict]:
+    """(config.json, tensors) of a GPT2LMHeadModel or BertForMaskedLM equal to ``ours``."""
     vocab = config.vocab_size
     if config.arch == "gpt2":
         hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=vocab,
@@ -177,7 +202,7 @@ def save_hf(model, path, tokenizer=None) -> None:
                   attn_pdrop=config.attn_dropout, tie_word_embeddings=True,
                   bos_token_id=None, eos_token_id=None)
         names = _gpt2_names(config)
-    elif config.arch == "bert":
+    else:
         hf = dict(model_type="bert", architectures=["BertForMaskedLM"], vocab_size=vocab,
                   hidden_size=config.d_model, num_hidden_layers=config.n_layer,
                   num_attention_heads=config.n_head, intermediate_size=config.ff_dim, hidden_act="gelu",
@@ -191,18 +216,33 @@ def save_hf(model, path, tokenizer=None) -> None:
             for part, w, b in zip(_QKV, weight, bias):
                 ours[f"_hf.bert.encoder.layer.{i}.attention.self.{part}.weight"] = w
                 ours[f"_hf.bert.encoder.layer.{i}.attention.self.{part}.bias"] = b
-    else:
-        raise ValueError(f"save_hf writes gpt2 and bert models; {config.arch!r} has no Hugging Face twin here")
-    files = {}
-    if tokenizer is not None:
-        files, ids = _tokenizer_files(tokenizer, config)
-        hf.update(ids)
     tensors = {k[4:]: v for k, v in ours.items() if k.startswith("_hf.")}
     for mine, theirs, transposed in names:
         value = ours[mine]
         if mine in ("embed.weight", "head_bias"):
             value = value[:vocab]          # drop vocabulary padding rows
         tensors[theirs] = (value.t() if transposed else value).contiguous().clone()
+    return hf, tensors
+
+
+def save_hf(model, path, tokenizer=None) -> None:
+    """Write ``model`` as a Hugging Face directory (config.json + model.safetensors), atomically:
+    GPT-2 and BERT as themselves, the rotary decoder as a Llama model (Mistral with a sliding
+    window, Qwen2 with q/k/v biases). With ``tokenizer`` (a
+    ``tokenizers.Tokenizer`` or a tokenizer.json path) the directory also gets the tokenizer files
+    and config.json the special token ids, so that ``AutoTokenizer`` and ``AutoModel*`` load a
+    complete model from it."""
+    from safetensors.torch import save_file
+    config: ModelConfig = model.config
+    if config.attn_window is not None and config.arch != "rope":
+        raise ValueError(f"this model uses sliding-window attention (attn_window={config.attn_window}), "
+                         "which the Hugging Face GPT-2 and BERT classes cannot express; keep model.pt")
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    hf, tensors = (llama_export if config.arch == "rope" else _gpt2_bert_export)(config, ours)
+    files = {}
+    if tokenizer is not None:
+        files, ids = _tokenizer_files(tokenizer, config)
+        hf.update(ids)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

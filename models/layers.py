@@ -4,6 +4,8 @@ Compose, don't inherit: GPT-2 (pre-LN), BERT (post-LN) and the rotary decoder ar
 with different norm placement, norm type and MLP.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,17 +33,20 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021), half-split layout; ``scaling`` > 1 interpolates
-    positions (Chen et al. 2023) to extend a trained context."""
+    positions (Chen et al. 2023) to extend a trained context; ``llama3`` rescales each frequency as
+    Llama 3 does (``llama3_frequencies``)."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: float):
+    def __init__(self, head_dim: int, theta: float, scaling: float, llama3: tuple | None = None):
         super().__init__()
         self.head_dim = head_dim
+        self.llama3 = llama3
         self.register_buffer("inv_freq", self._inverse_frequencies(theta), persistent=False)
         self.scaling = scaling
 
     def _inverse_frequencies(self, theta: float, device=None) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / theta ** exponents
+        inverse = 1.0 / theta ** exponents
+        return inverse if self.llama3 is None else llama3_frequencies(inverse, *self.llama3)
 
     def set_frequencies(self, theta: float, scaling: float):
         """New base and interpolation factor (context extension; see models.extend_context)."""
@@ -58,6 +63,19 @@ class Rotary(nn.Module):
         return rotated.to(x.dtype)
 
 
+def llama3_frequencies(inverse: torch.Tensor, factor: float, low_freq_factor: float,
+                       high_freq_factor: float, original_context: int) -> torch.Tensor:
+    """Llama 3's rotary frequencies for a longer context: wavelengths that already exceed the
+    original context / low_freq_factor slow down by ``factor``, those under original context /
+    high_freq_factor (local detail) stay, and the band between blends the two linearly in
+    original context / wavelength."""
+    wavelength = 2 * math.pi / inverse
+    blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    between = (1 - blend) * inverse / factor + blend * inverse
+    return torch.where(wavelength > original_context / low_freq_factor, inverse / factor,
+                       torch.where(wavelength < original_context / high_freq_factor, inverse, between))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
@@ -66,10 +84,10 @@ class SelfAttention(nn.Module):
         heads = config.n_head + 2 * config.kv_heads
         bias = config.arch != "rope"
         # One fused projection: q, k and v are views of its output, read in place by the kernel.
-        self.qkv = nn.Linear(config.d_model, heads * config.head_dim, bias=bias)
+        self.qkv = nn.Linear(config.d_model, heads * config.head_dim, bias=bias or config.qkv_bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=bias)
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling) \
-            if config.arch == "rope" else None
+        self.rotary = (Rotary(config.head_dim, config.rope_theta, config.rope_scaling,
+                              config.rope_llama3) if config.arch == "rope" else None)
 
     def forward(self, x, key_padding=None, cache=None, documents=None):
         config = self.config

@@ -3,9 +3,11 @@
     python scripts/convert_hf.py import path/to/hf_gpt2_dir model.pt
     python scripts/convert_hf.py export outputs/run1 path/to/hf_dir     # or a checkpoint, or model.pt
 
-Import reads a local GPT-2 or BERT directory (config.json + model.safetensors or pytorch_model.bin);
-export writes one that transformers' AutoTokenizer and AutoModelForCausalLM / AutoModelForMaskedLM
-load: the weights, config.json with the special token ids, and the tokenizer files.
+Import reads a local GPT-2, BERT or Llama directory (config.json + model.safetensors or
+pytorch_model.bin, or their shards and index); a Llama model becomes the rotary decoder. Export
+writes one that transformers' AutoTokenizer and AutoModelForCausalLM / AutoModelForMaskedLM load
+(the rotary decoder as a Llama model): the weights, config.json with the special token ids, and
+the tokenizer files.
 """
 
 import argparse

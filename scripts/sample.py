@@ -1,9 +1,10 @@
-"""Generate text from a run directory, a checkpoint, a model file or a Hugging Face GPT-2 directory.
+"""Generate text from a run directory, a checkpoint, a model file or a Hugging Face GPT-2 or Llama
+directory.
 
     python scripts/sample.py outputs/run1 --prompt "def main(" --max-new-tokens 100   # newest checkpoint
     python scripts/sample.py outputs/run1/checkpoints/step_00000300 --prompt "def main("
     python scripts/sample.py model.pt --tokenizer tokenizer.json --prompt "Hello"
-    python scripts/sample.py path/to/hf_gpt2_dir --prompt "Hello"
+    python scripts/sample.py path/to/hf_gpt2_or_llama_dir --prompt "Hello"
 
 The tokenizer is found next to the model or in its run directory; --tokenizer overrides that.
 """
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import generate  # noqa: E402
+from trainer.data.tokenizer import EOS_NAMES  # noqa: E402
 from trainer.model_source import ModelSourceError, find_model  # noqa: E402
 
 
@@ -53,7 +55,8 @@ def main():
     model.to(args.device)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     ids = tokenizer.encode(args.prompt).ids or [0]
-    eos = tokenizer.token_to_id("<|endoftext|>")
+    eos = next((tokenizer.token_to_id(name) for name in EOS_NAMES
+                if tokenizer.token_to_id(name) is not None), None)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
         out = generate(model, torch.tensor([ids], device=args.device), args.max_new_tokens,

@@ -60,6 +60,26 @@ def rope_extension(method: str) -> str:
     return "rotary base raised, NTK-aware" if method == "ntk" else "position interpolation"
 
 
+def adopt_init_tokenizer(config: RunConfig) -> str | None:
+    """With ``model.init_from`` and no ``data.tokenizer_file``: the tokenizer.json found with that
+    model (a Hugging Face directory's own, or its run directory's), the only one whose ids its
+    embedding knows, set as ``data.tokenizer_file`` and returned. Refused before any data work
+    when there is none: a tokenizer trained for this run would give the embedding other ids."""
+    if not config.model.init_from or config.data.tokenizer_file:
+        return None
+    try:
+        found = find_model(config.model.init_from).tokenizer
+    except ModelSourceError as error:
+        raise ValueError(f"model.init_from={config.model.init_from}: {error}") from None
+    if found is None:
+        raise ValueError(f"model.init_from={config.model.init_from}: no tokenizer.json was found next "
+                         "to the model or in its run directory, and a tokenizer trained for this run "
+                         "would give its embedding other ids; pass the one it was trained with as "
+                         "data.tokenizer_file")
+    config.data.tokenizer_file = str(found)
+    return config.data.tokenizer_file
+
+
 def make_model(config: RunConfig, vocab_size: int, seed: int):
     """A fresh model of the named size (positions sized to the context), or one loaded from
     ``model.init_from`` with its context extended when the data's windows are longer."""
@@ -73,9 +93,15 @@ def make_model(config: RunConfig, vocab_size: int, seed: int):
         logging.getLogger("flashtrain").info(f"model.init_from: {source.kind} {source.path}")
         model = source.load(attention=section.attention, checkpoint_blocks=section.checkpoint_blocks,
                             unpad=section.unpad)
-        if model.config.vocab_size != vocab_size:
-            raise ValueError(f"model.init_from has vocabulary {model.config.vocab_size}, the data's "
-                             f"tokenizer {vocab_size}: use the model's tokenizer (data.tokenizer_file)")
+        rows = model.config.vocab_size
+        if rows < vocab_size:
+            raise ValueError(f"model.init_from has vocabulary {rows}, data.tokenizer_file "
+                             f"({config.data.tokenizer_file}) {vocab_size}: give the tokenizer the "
+                             "model was trained with")
+        if rows > vocab_size:    # an embedding padded past its tokenizer (as some Qwen2 models are)
+            logging.getLogger("flashtrain").info(
+                f"model.init_from: {rows} embedding rows for the tokenizer's {vocab_size} tokens; "
+                f"the last {rows - vocab_size} are never input")
         if seqlen > model.config.max_seqlen:
             method = rope_extension(section.extend_method) if model.config.arch == "rope" else section.extend_method
             logging.getLogger("flashtrain").info(

@@ -341,8 +341,10 @@ def config_changes(saved: dict, current: dict, path: Path) -> list[str]:
 def check_compatible(saved_model_config: dict, current_model_config: dict, path: Path):
     """Name every model setting that differs between the checkpoint and this run."""
     shape_keys = ("arch", "vocab_size", "max_seqlen", "d_model", "n_layer", "n_head", "n_kv_head", "d_ff",
-                  "pad_vocab_multiple", "type_vocab_size")
-    differences = [f"{key}: checkpoint {saved_model_config.get(key)!r}, this run {current_model_config.get(key)!r}"
-                   for key in shape_keys if saved_model_config.get(key) != current_model_config.get(key)]
+                  "pad_vocab_multiple", "type_vocab_size", "tie_embeddings")
+    # Keys added since the first checkpoints were written, with the value those checkpoints meant.
+    saved = {"tie_embeddings": True, **saved_model_config}
+    differences = [f"{key}: checkpoint {saved.get(key)!r}, this run {current_model_config.get(key)!r}"
+                   for key in shape_keys if saved.get(key) != current_model_config.get(key)]
     if differences:
         raise CheckpointError(f"{path} holds a different model:\n  " + "\n  ".join(differences))

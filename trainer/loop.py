@@ -15,8 +15,8 @@ from kernels.flash_attention import device_dropout_seeds
 from models import save_model
 
 from .best_model import BestModel
-from .build import (check_attention_runs, compile_model, fit_batches_to_run, make_model, model_config_dict,
-                    resolve_device, seed_everything)
+from .build import (adopt_init_tokenizer, check_attention_runs, compile_model, fit_batches_to_run, make_model,
+                    model_config_dict, resolve_device, seed_everything)
 from .checkpoint import (CheckpointError, check_compatible, config_changes, latest_checkpoint,
                          load_checkpoint, load_sharded, resumable_checkpoint, save_checkpoint,
                          set_rng_state, sharded_state)
@@ -85,6 +85,9 @@ class Trainer:
         check_attention_runs(config, self.device)
         seed_everything(trainer.seed + self.context.rank)   # dropout differs per rank; weights do not
 
+        adopted = adopt_init_tokenizer(config)
+        if adopted:
+            log.info(f"data.tokenizer_file: {adopted} (model.init_from's own tokenizer)")
         # Rank 0 trains the tokenizer and writes the token cache; the others then read it.
         quiet = lambda *_: None
         if self.context.is_main:

@@ -225,3 +225,15 @@ def test_save_minutes_adds_checkpoints_at_log_steps_once_the_time_has_passed(tmp
 def test_save_minutes_must_be_positive(tmp_path):
     with pytest.raises(Exception, match="trainer.save_minutes"):
         compose_run(tiny_overrides(tmp_path, **{"trainer.save_minutes": 0}))
+
+
+def test_a_resume_names_a_different_head_and_older_checkpoints_mean_a_tied_one(tmp_path):
+    import dataclasses
+    from models import ModelConfig
+    from trainer.checkpoint import check_compatible
+    current = dataclasses.asdict(ModelConfig(arch="rope", vocab_size=97, max_seqlen=64, d_model=64,
+                                             n_layer=2, n_head=4))
+    written_before_the_field = {key: value for key, value in current.items() if key != "tie_embeddings"}
+    check_compatible(written_before_the_field, current, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="tie_embeddings: checkpoint False, this run True"):
+        check_compatible({**current, "tie_embeddings": False}, current, tmp_path / "state.pt")

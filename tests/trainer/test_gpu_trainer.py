@@ -110,10 +110,13 @@ def test_profile_window_on_the_gpu_records_the_flash_kernels(tmp_path, compile_m
 def test_a_real_out_of_memory_stops_with_the_explained_message(tmp_path):
     """The allocator's own error becomes the short message, with the card's memory in it: once the
     run is built, its cached blocks are released and the process is capped to a sliver of the
-    card, so the first step's first new block fails."""
+    card, so the first step's first new block fails. The micro-batch makes the step's logits a
+    block of their own (over 1 MB: the large pool); smaller tensors may fit in the free room of
+    blocks still holding the model, and then nothing fails (so it was on an H100)."""
     from trainer.out_of_memory import OutOfMemory
     overrides = tiny_overrides(tmp_path, **{"trainer.device": "cuda", "trainer.precision": "bf16",
-                                            "model.attention": "flash", "trainer.max_steps": 2})
+                                            "model.attention": "flash", "trainer.max_steps": 2,
+                                            "trainer.micro_batch_size": 64})
     trainer = Trainer(compose_run(overrides), tmp_path / "run")
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1e-5)

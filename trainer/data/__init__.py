@@ -7,7 +7,7 @@ from .mixed_context import MixedContextWindows
 from .samplers import IGNORE_INDEX, Batch, CausalWindows, MaskedSequences, validation_windows
 from .shards import TokenSplit, build_shards
 from .sources import DataError, load_corpus
-from .tokenizer import get_tokenizer, load_tokenizer, special_ids
+from .tokenizer import EOS_NAMES, get_tokenizer, load_tokenizer, special_ids
 
 
 @dataclass
@@ -26,7 +26,7 @@ def build_data(config: DataConfig, batch_size: int, seed: int = 0, rank: int = 0
     tokenizer, tokenizer_key = get_tokenizer(config, corpus, log=log)
     special = special_ids(tokenizer)
     if special["eos"] is None:
-        raise DataError("the tokenizer has neither <|endoftext|> nor [SEP] to end documents with")
+        raise DataError(f"the tokenizer has none of {', '.join(EOS_NAMES)} or [SEP] to end documents with")
     splits = build_shards(config, corpus, tokenizer, tokenizer_key, special["eos"], log=log)
     vocab_size = tokenizer.get_vocab_size()
     val_batch_size = val_batch_size or batch_size

@@ -45,7 +45,9 @@ class DataConfig:
     # Tokenizer: train a byte-level BPE ("bpe", GPT) or WordPiece ("wordpiece", BERT) on the training
     # split, or load an existing tokenizer.json (tokenizer_file).
     tokenizer: str = "bpe"               # bpe | wordpiece
-    tokenizer_file: str | None = None    # a tokenizer.json to load instead of training one
+    # A tokenizer.json to load instead of training one. None with model.init_from: the tokenizer.json
+    # found with that model (the run stops if there is none).
+    tokenizer_file: str | None = None
     vocab_size: int = 8192               # the trained tokenizer's vocabulary
     tokenizer_train_bytes: int = 50_000_000   # at most this much training text feeds the trainer
     seqlen: int = 256                    # tokens per training window (model context)

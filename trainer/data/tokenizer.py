@@ -14,6 +14,9 @@ from .config import DataConfig
 from .sources import Corpus, DataError
 
 EOS = "<|endoftext|>"
+# What ends a document in tokenizers loaded from elsewhere, first match taken: GPT-2's and this
+# project's, Llama 3's, Llama 2's and Mistral's (SentencePiece-style).
+EOS_NAMES = (EOS, "<|end_of_text|>", "</s>")
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -91,10 +94,10 @@ def get_tokenizer(config: DataConfig, corpus: Corpus, log=print) -> tuple[Tokeni
 
 def special_ids(tokenizer: Tokenizer) -> dict:
     """Ids of the special tokens the samplers need (None where the tokenizer has none)."""
-    names = {"eos": EOS, "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+    names = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
     ids = {key: tokenizer.token_to_id(token) for key, token in names.items()}
-    if ids["eos"] is None:   # a loaded GPT-2 style tokenizer may name it differently; BERT uses [SEP]
-        ids["eos"] = ids["sep"]
+    ends = [tokenizer.token_to_id(name) for name in EOS_NAMES if tokenizer.token_to_id(name) is not None]
+    ids["eos"] = ends[0] if ends else ids["sep"]      # BERT's WordPiece ends documents with [SEP]
     return ids
 
 
