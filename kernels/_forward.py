@@ -129,6 +129,10 @@ FORWARD = DirectLauncher(_forward_kernel)
 FORWARD_TMA = DirectLauncher(_forward_tma._forward_tma_kernel)
 FORWARD_GLUON = DirectLauncher(_forward_gluon._forward_gluon_kernel)
 FORWARD_PINGPONG = DirectLauncher(_forward_pingpong._forward_pingpong_kernel)
+# The ping-pong forward's schedule options (_pingpong_blocks.key_blocks' SCHEDULE bits; 0 is the
+# measured default): 1, with dropout the keep-mask drawn while the products run; 2, the softmax step
+# in a loop of its own, so that P.V runs under it. Unmeasured: an A/B decides, then the losers go.
+PINGPONG_SCHEDULE = 0
 
 
 def lse_shape(geometry: Geometry, total_tokens: int) -> tuple[int, ...]:
@@ -184,6 +188,8 @@ def launch_config(q, k, v, out, lse, geometry: Geometry, softmax_scale: float, c
         # Persistent: one program per SM (or per tile, if fewer), each walking its tiles.
         programs = min(grid[0] * grid[1] * grid[2], multiprocessors(q.device))
         options.update(KV_STAGES=tiles.num_stages, HEAD_MAJOR=tiles.head_major)
+        if PINGPONG_SCHEDULE:
+            options["SCHEDULE"] = PINGPONG_SCHEDULE
         return FORWARD_PINGPONG, (programs,), (*static, geometry.batch), options
     if gluon:
         options["KV_STAGES"] = tiles.num_stages

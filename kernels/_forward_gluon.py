@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from ._gluon_shared import head_descriptor
-from ._philox_gluon import dropout_arguments, keep_tile
+from ._philox_gluon import dropout_arguments, dropped
 
 
 @gluon.jit
@@ -74,17 +74,6 @@ def _causal_scores(s, block, m0, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _dropped(p, block, dropout, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-             N_ROUNDS: gl.constexpr, s_layout: gl.constexpr):
-    """``p`` of key block ``block`` with its dropped entries 0; ``dropout`` = (seed, counter base,
-    this query block's first row pair, counters per row, threshold)."""
-    seed, counter_base, first_pair, counters_per_row, threshold = dropout
-    keep = keep_tile(seed, counter_base, first_pair, counters_per_row, block * BLOCK_N, threshold,
-                     BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
-    return gl.where(keep, p, 0.0)
-
-
-@gluon.jit
 def _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p, m_i, l_i, acc,
                 first, end, n_loaded, m0, qk_scale, dropout, dtype: gl.constexpr,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
@@ -114,7 +103,7 @@ def _key_blocks(q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, s, p, m_
             s = _causal_scores(s, following, m0, BLOCK_M, BLOCK_N, s_layout)
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale)
         if DROPOUT:
-            p = _dropped(p, following, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
+            p = dropped(p, following, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
     return s, p, m_i, l_i, acc
@@ -219,7 +208,7 @@ def _forward_gluon_kernel(
     if DROPOUT:
         dropout = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, m0,
                                     counters_per_row, drop_threshold, SEED_IN_MEMORY)
-        p = _dropped(p, 0, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
+        p = dropped(p, 0, dropout, BLOCK_M, BLOCK_N, N_ROUNDS, s_layout)
     else:
         dropout = 0
 

@@ -29,23 +29,26 @@ the step's exponentials; ``scripts/kernel_resources.py``'s ``exps_under_mma``, a
 - With the causal mask (as many queries as keys) the key blocks that reach past the tile's first
   query are masked for all its consumers. A consumer computes only the key blocks up to its own
   last query's; for the tile's remaining blocks it passes its turns on at once
-  (``_pingpong_schedule.consumer_blocks``, ``_pass_blocks``).
+  (``_pingpong_schedule.consumer_blocks``, ``_pingpong_blocks.pass_blocks``).
 - Each consumer writes its 64 rows of O through its Q buffer and a TMA store, then frees the
   buffer for the producer.
 
 The same arguments as ``_forward._forward_kernel`` (launch plans pass them) and then ``batches``;
 for the calls ``_hopper.pingpong_supported`` lets through: sm_90, padded fp16/bf16 input whose
 sequences are rows of one matrix (batch stride = seqlen x row stride, heads adjacent: one 2-D TMA
-descriptor per tensor), no window, no dropout, whole key blocks, queries in whole 64-row blocks,
-head dim 64 or 128. The last query tile of a sequence may be partial (640 queries in 192-row
+descriptor per tensor), no window, whole key blocks, queries in whole 64-row blocks, head dim 64
+or 128. With dropout each consumer draws its 64 rows' keep-mask for a key block in its softmax
+step (``_philox_gluon.dropped``: the mask every kernel regenerates); key blocks are then whole
+32-column counter blocks. The last query tile of a sequence may be partial (640 queries in 192-row
 tiles): with the causal mask its consumers past the end only pass their turns on; without it
 they compute the next sequence's rows (or zeros) and store nothing. The interpreter cannot run
 Gluon; the GPU-marked tests run it.
 
 ``default_tiles`` chooses it where it was measured faster than the previous default, in the same
-process (``_tile_rules.pingpong_forward_tiles``: head dim 128 from 512 tokens, 64 causal from
-2048, 64 without a mask from 512 (two consumers to 4K); attention_notes v19, v21, v22, v31, v32);
-elsewhere it runs for tiles a caller passes (``Tiles(..., gluon=True, pingpong=True)``).
+process (``_tile_rules.pingpong_forward_tiles``: without dropout, head dim 128 from 512 tokens,
+64 causal from 2048, 64 without a mask from 512 (two consumers to 4K); attention_notes v19, v21,
+v22, v31, v32); elsewhere, and with dropout, it runs for tiles a caller passes
+(``Tiles(..., gluon=True, pingpong=True)``).
 """
 
 from triton.experimental import gluon
@@ -53,6 +56,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
+from ._philox_gluon import dropout_arguments, dropped
+from ._pingpong_blocks import causal_scores, key_blocks, pass_blocks
 from ._pingpong_schedule import (ROWS, consumer_blocks, key_block_range, pass_turn,
                                  tile_coords, wait_turn)
 
@@ -99,78 +104,14 @@ def _producer(descs, buffers, bars, geometry, BLOCK_N: gl.constexpr, HEAD_DIM: g
 
 
 @gluon.jit
-def _causal_scores(s, block, row0, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-    """Scores of key block ``block`` with the keys after each query (rows from ``row0``) -inf."""
-    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-    cols = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    return gl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-
-
-@gluon.jit
-def _key_blocks(c: gl.constexpr, q, buffers, bars, s, p, m_i, l_i, acc, begin, end, first, round0,
-                row0, qk_scale, dtype: gl.constexpr, BLOCK_N: gl.constexpr,
-                KV_STAGES: gl.constexpr, CAUSAL_MASK: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-    """Consumer c's key blocks ``begin`` .. ``end`` - 1 of a tile whose block 0 is the ``first``-th
-    loaded overall and whose first turn is ``round0``: per block, in its turn, S of this block and
-    P.V of the one before are issued; then the softmax step under P.V. On entry ``p`` holds block
-    begin - 1's probabilities; on exit block end - 1's."""
-    q_smem, k_smem, v_smem = buffers
-    q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    for following in range(begin, end):
-        index = first + following
-        stage = index % KV_STAGES
-        mbarrier.wait(k_bars.index(stage), (index // KV_STAGES) & 1)
-        current_stage = (index - 1) % KV_STAGES
-        mbarrier.wait(v_bars.index(current_stage), ((index - 1) // KV_STAGES) & 1)
-        wait_turn(turns, c, round0 + following)
-        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s, use_acc=False,
-                          is_async=True)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
-                            v_smem.index(current_stage), acc, is_async=True)
-        pass_turn(turns, c, NUM_CONSUMERS)
-        # Products complete in issue order: one outstanding means S_following is done while
-        # P_current.V_current may still run under the softmax step.
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        if CAUSAL_MASK:
-            s = _causal_scores(s, following, row0, BLOCK_N, s_layout)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-        # This consumer is done with K_current and V_current.
-        mbarrier.arrive(kv_empty.index(current_stage), count=1)
-    return s, p, m_i, l_i, acc
-
-
-@gluon.jit
-def _pass_blocks(c: gl.constexpr, bars, begin, end, first, round0, KV_STAGES: gl.constexpr,
-                 NUM_CONSUMERS: gl.constexpr):
-    """Consumer c's turns for the tile's key blocks ``begin`` .. ``end`` - 1, which its rows do
-    not need: each turn passed on at once, so the other consumers' products get the tensor cores
-    sooner, and each block's K/V stage released once loaded (the release then counts in that
-    load's phase, not the stage's previous one)."""
-    q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
-    for block in range(begin, end):
-        index = first + block
-        stage = index % KV_STAGES
-        mbarrier.wait(k_bars.index(stage), (index // KV_STAGES) & 1)
-        wait_turn(turns, c, round0 + block + 1)
-        pass_turn(turns, c, NUM_CONSUMERS)
-        mbarrier.arrive(kv_empty.index(stage), count=1)
-
-
-@gluon.jit
 def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqlen_q, qk_scale,
-               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+               dropout, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
+               CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, DROPOUT: gl.constexpr,
+               N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr, SCHEDULE: gl.constexpr):
     """Consumer c's rows of one tile (``place``: where its blocks and turns start, its rows,
     batch, head and Q buffer): key blocks 0 .. mine - 1 of the tile's ``n_blocks``, the rest's
-    turns passed on, then O and lse stored (rows past the end of the sequence are not)."""
+    turns passed on, then O and lse stored (rows past the end of the sequence are not).
+    ``dropout``: (seed, counter base, counters per row, threshold, rescale, query heads)."""
     q_bars, q_empty, k_bars, v_bars, kv_empty, turns = bars
     k_smem = buffers[1]
     v_smem = buffers[2]
@@ -195,21 +136,29 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     pass_turn(turns, c, NUM_CONSUMERS)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     if CAUSAL:    # harmless where block 0 is seen whole; query i always sees key 0
-        s = _causal_scores(s, 0, row0, BLOCK_N, s_layout)
+        s = causal_scores(s, 0, row0, BLOCK_N, s_layout)
     m_i = gl.max(s, 1) * qk_scale
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    if DROPOUT:    # the same keep-mask as every other kernel's (_philox.py's counter layout)
+        seed, counter_base, counters_per_row, threshold, rescale, heads_q = dropout
+        drop = dropout_arguments(seed, counter_base, batch, heads_q, head, seqlen_q, row0,
+                                 counters_per_row, threshold, SEED_IN_MEMORY)
+        p = dropped(p, 0, drop, ROWS, BLOCK_N, N_ROUNDS, s_layout)
+    else:
+        drop = 0
 
-    s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc, 1, n_full,
-                                      first, round0, row0, qk_scale, dtype, BLOCK_N,
-                                      KV_STAGES, False, NUM_CONSUMERS, s_layout, o_layout,
-                                      p_layout)
+    s, p, m_i, l_i, acc = key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc, 1, n_full,
+                                      first, round0, row0, qk_scale, drop, dtype, BLOCK_N,
+                                      KV_STAGES, False, NUM_CONSUMERS, DROPOUT, N_ROUNDS,
+                                      SCHEDULE, s_layout, o_layout, p_layout)
     if CAUSAL:    # the diagonal blocks up to this consumer's last row, masked
-        s, p, m_i, l_i, acc = _key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc,
+        s, p, m_i, l_i, acc = key_blocks(c, q, buffers, bars, s, p, m_i, l_i, acc,
                                           gl.maximum(n_full, 1), mine, first, round0, row0,
-                                          qk_scale, dtype, BLOCK_N, KV_STAGES, True,
-                                          NUM_CONSUMERS, s_layout, o_layout, p_layout)
+                                          qk_scale, drop, dtype, BLOCK_N, KV_STAGES, True,
+                                          NUM_CONSUMERS, DROPOUT, N_ROUNDS, SCHEDULE, s_layout,
+                                          o_layout, p_layout)
 
     last = first + mine - 1
     last_stage = last % KV_STAGES
@@ -221,9 +170,13 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     mbarrier.arrive(kv_empty.index(last_stage), count=1)
     if CAUSAL:    # the others wait on this consumer's turns, not on its store
-        _pass_blocks(c, bars, mine, n_blocks, first, round0, KV_STAGES, NUM_CONSUMERS)
+        pass_blocks(c, bars, mine, n_blocks, first, round0, KV_STAGES, NUM_CONSUMERS)
 
-    acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    # Every row saw at least key 0, so l_i > 0. With dropout the kept weights entered unscaled.
+    if DROPOUT:
+        acc = acc * (dropout[4] / gl.convert_layout(l_i, o_rows))[:, None]
+    else:
+        acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
     # O through Q's buffer (every S product of the tile has been waited for) and one TMA
     # store: the 64 x HEAD_DIM store leaves the consumer's registers at once (v29: 2-8 % off
     # the forward against stores from registers). Whole 64-row blocks only (seqlen_q is a
@@ -242,9 +195,11 @@ def _tile_rows(c: gl.constexpr, q, buffers, bars, out_args, place, blocks, seqle
 
 
 @gluon.jit
-def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
+def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale, dropout,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, KV_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+              CAUSAL: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_MAJOR: gl.constexpr,
+              DROPOUT: gl.constexpr, N_ROUNDS: gl.constexpr, SEED_IN_MEMORY: gl.constexpr,
+              SCHEDULE: gl.constexpr):
     """Consumer c: its 64 query rows of each of the program's tiles, taking turns at the tensor
     cores with the other consumers; writes its rows of O and lse."""
     q_smem = buffers[0]
@@ -269,22 +224,23 @@ def _consumer(c: gl.constexpr, buffers, bars, out_args, geometry, qk_scale,
             mine = consumer_blocks(row0, n_blocks, seqlen_q, BLOCK_N)
             if mine > 0:
                 _tile_rows(c, q, buffers, bars, out_args, place, (mine, n_blocks, n_full),
-                           seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
-                           NUM_CONSUMERS)
+                           seqlen_q, qk_scale, dropout, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
+                           NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)
             else:    # rows past the end of the sequence: only the tile's turns
                 wait_turn(turns, c, round0)
                 pass_turn(turns, c, NUM_CONSUMERS)
-                _pass_blocks(c, bars, 0, n_blocks, first, round0, KV_STAGES, NUM_CONSUMERS)
+                pass_blocks(c, bars, 0, n_blocks, first, round0, KV_STAGES, NUM_CONSUMERS)
                 mbarrier.arrive(q_empty.index(buffer), count=1)
         else:
             _tile_rows(c, q, buffers, bars, out_args, place, (n_blocks, n_blocks, n_full),
-                       seqlen_q, qk_scale, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL, NUM_CONSUMERS)
+                       seqlen_q, qk_scale, dropout, HEAD_DIM, BLOCK_N, KV_STAGES, CAUSAL,
+                       NUM_CONSUMERS, DROPOUT, N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)
         first += n_blocks
         round0 += n_blocks + 1
         it += 1
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["seed", "counter_base"])
 def _forward_pingpong_kernel(
     Q, K, V, Out, Lse, cu_seqlens, seed, counter_base,
     stride_qb, stride_qn, stride_qh,
@@ -298,10 +254,12 @@ def _forward_pingpong_kernel(
     UPPER: gl.constexpr, LOWER: gl.constexpr, DROPOUT: gl.constexpr, VARLEN: gl.constexpr,
     PRECISION: gl.constexpr, N_ROUNDS: gl.constexpr, KV_STAGES: gl.constexpr,
     HEAD_MAJOR: gl.constexpr, num_warps: gl.constexpr, SEED_IN_MEMORY: gl.constexpr = False,
+    SCHEDULE: gl.constexpr = 0,
 ):
     # UPPER is the causal mask here (no window: _hopper.pingpong_call), as many queries as keys.
-    gl.static_assert(not (LOWER or VARLEN or DROPOUT),
-                     "windows, packed input and dropout run the other kernels")
+    gl.static_assert(not (LOWER or VARLEN), "windows and packed input run the other kernels")
+    # The keep-mask's counters cover 16-row pairs (a consumer has 64 rows) and 32-column blocks.
+    gl.static_assert(not DROPOUT or BLOCK_N % 32 == 0, "dropout needs key blocks of 32 columns")
     gl.static_assert(HEAD_DIM == BLOCK_D, "head_dim must be a power of two (64 or 128)")
     gl.static_assert(num_warps == 4, "the default partition is consumer 0: one warpgroup")
     NUM_CONSUMERS: gl.constexpr = BLOCK_M // ROWS
@@ -355,25 +313,31 @@ def _forward_pingpong_kernel(
                                         [stride_on, 1], [ROWS, HEAD_DIM], q_layout)
     out_args = (o_desc, Lse, stride_lse_b, stride_lse_h)
     geometry = (n_tiles, n_query_blocks, heads_q, group_size, seqlen_q, seqlen_k)
+    dropout = (seed, counter_base, counters_per_row, drop_threshold, drop_rescale, heads_q)
     # The argument tuples are written out in each call: Gluon passes a tuple's constexprs (the
     # consumer's index among them) through only when the tuple is built in the call.
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
+            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
-            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
-            (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, HEAD_DIM, BLOCK_N,
-                         KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR)),
+            (_consumer, (0, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
+            (_consumer, (1, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
+            (_consumer, (2, buffers, bars, out_args, geometry, qk_scale, dropout, HEAD_DIM,
+                         BLOCK_N, KV_STAGES, UPPER, NUM_CONSUMERS, HEAD_MAJOR, DROPOUT,
+                         N_ROUNDS, SEED_IN_MEMORY, SCHEDULE)),
             (_producer, (descs, buffers, bars, geometry, BLOCK_N, HEAD_DIM, KV_STAGES, UPPER,
                          NUM_CONSUMERS, HEAD_MAJOR)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

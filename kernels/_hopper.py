@@ -71,10 +71,11 @@ def gluon_call(causal: bool, window, dropout_p: float, seqlen_q: int, seqlen_k: 
 def pingpong_supported(tensors, varlen: bool, causal: bool, window, dropout_p: float,
                        seqlen_q: int, seqlen_k: int, head_dim: int, block_n: int) -> bool:
     """Whether a call can take the ping-pong forward (``_forward_pingpong.py``): the Gluon
-    forward's calls without dropout, on sm_90, with q, k and v each readable as one matrix of
-    (batch x seqlen) rows and (heads x head_dim) columns (one TMA descriptor per tensor), and
-    queries in whole 64-row blocks (each consumer's block of O leaves by one TMA store)."""
-    return (dropout_p == 0 and seqlen_q % 64 == 0
+    forward's calls, on sm_90, with q, k and v each readable as one matrix of (batch x seqlen)
+    rows and (heads x head_dim) columns (one TMA descriptor per tensor), and queries in whole
+    64-row blocks (each consumer's block of O leaves by one TMA store); with dropout, key blocks
+    of whole 32-column counter blocks (``_philox.py``)."""
+    return (seqlen_q % 64 == 0 and (dropout_p == 0 or block_n % 32 == 0)
             and gluon_call(causal, window, 0.0, seqlen_q, seqlen_k, head_dim, block_n)
             and gluon_device(tensors, varlen)
             and all(rows_of_one_matrix(t) for t in tensors))

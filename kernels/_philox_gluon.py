@@ -96,6 +96,18 @@ def _keep_tile_auto(seed, counter_base, first_pair, counters_per_row, col_start,
 
 
 @gluon.jit
+def dropped(p, block, dropout, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+            N_ROUNDS: gl.constexpr, layout: gl.constexpr):
+    """Probabilities ``p`` (BLOCK_M rows, key block ``block`` of BLOCK_N columns, in ``layout``)
+    with the dropped entries 0; ``dropout`` is ``dropout_arguments``' tuple for the tile's first
+    row. The forwards' P for P.V; the row sums take the undropped ``p``."""
+    seed, counter_base, first_pair, counters_per_row, threshold = dropout
+    keep = keep_tile(seed, counter_base, first_pair, counters_per_row, block * BLOCK_N, threshold,
+                     BLOCK_M, BLOCK_N, N_ROUNDS, layout)
+    return gl.where(keep, p, 0.0)
+
+
+@gluon.jit
 def keep_tile_transposed(seed, counter_base, first_pair, counters_per_row, col_start,
                          drop_threshold, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                          N_ROUNDS: gl.constexpr, MASK_LAYOUT: gl.constexpr,
