@@ -47,8 +47,8 @@ Gluon; the GPU-marked tests run it.
 ``default_tiles`` chooses it where it was measured faster than the previous default, in the same
 process (``_tile_rules.pingpong_forward_tiles``: without dropout, head dim 128 from 512 tokens,
 64 causal from 2048, 64 without a mask from 512 (two consumers to 4K); attention_notes v19, v21,
-v22, v31, v32); elsewhere, and with dropout, it runs for tiles a caller passes
-(``Tiles(..., gluon=True, pingpong=True)``).
+v22, v31, v32; with dropout, head dim 64 causal from 4K, v43); elsewhere it runs for tiles a
+caller passes (``Tiles(..., gluon=True, pingpong=True)``).
 """
 
 from triton.experimental import gluon
