@@ -147,7 +147,7 @@ def launch(launcher, portable, grid, args, options: dict, portable_launch=None):
 # Constexprs of the Hopper kernels that the portable ones do not take: a fallback leaves them out,
 # since Triton refuses a keyword argument its kernel does not have.
 HOPPER_ONLY_OPTIONS = ("MASKED", "KV_STAGES", "STAGES", "KV_BUFFERS", "TMA_GRADS", "MASK_PARTITION",
-                       "ORDER_GROUP", "HEAD_MAJOR")
+                       "ORDER_GROUP", "HEAD_MAJOR", "SCHEDULE")
 
 
 def fell_back(launcher, options: dict) -> bool:
