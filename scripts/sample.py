@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import generate  # noqa: E402
-from trainer.data.tokenizer import EOS_NAMES  # noqa: E402
+from trainer.data.tokenizer import end_of_text_id  # noqa: E402
 from trainer.model_source import ModelSourceError, find_model  # noqa: E402
 
 
@@ -55,8 +55,7 @@ def main():
     model.to(args.device)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     ids = tokenizer.encode(args.prompt).ids or [0]
-    eos = next((tokenizer.token_to_id(name) for name in EOS_NAMES
-                if tokenizer.token_to_id(name) is not None), None)
+    eos = end_of_text_id(tokenizer)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
         out = generate(model, torch.tensor([ids], device=args.device), args.max_new_tokens,

@@ -92,12 +92,18 @@ def get_tokenizer(config: DataConfig, corpus: Corpus, log=print) -> tuple[Tokeni
     return tokenizer, key
 
 
+def end_of_text_id(tokenizer: Tokenizer) -> int | None:
+    """The id of the first of ``EOS_NAMES`` the tokenizer has, or None."""
+    ids = (tokenizer.token_to_id(name) for name in EOS_NAMES)
+    return next((i for i in ids if i is not None), None)
+
+
 def special_ids(tokenizer: Tokenizer) -> dict:
     """Ids of the special tokens the samplers need (None where the tokenizer has none)."""
     names = {"pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
     ids = {key: tokenizer.token_to_id(token) for key, token in names.items()}
-    ends = [tokenizer.token_to_id(name) for name in EOS_NAMES if tokenizer.token_to_id(name) is not None]
-    ids["eos"] = ends[0] if ends else ids["sep"]      # BERT's WordPiece ends documents with [SEP]
+    end = end_of_text_id(tokenizer)
+    ids["eos"] = ids["sep"] if end is None else end      # BERT's WordPiece ends documents with [SEP]
     return ids
 
 
